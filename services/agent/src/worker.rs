@@ -1,0 +1,433 @@
+//! The job loop: pull, run, and acknowledge only once the outcome is stored.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use parley_platform::events::{AiJob, MessageEvent, UsageEvent};
+use parley_platform::grpc::ClientChannel;
+use parley_platform::nats::Names;
+use parley_platform::telemetry::{self, NatsHeaderCarrier, NatsHeaderReader};
+use parley_platform::{Config, ErrorCode, ServiceError};
+use parley_proto::chat::v1 as chat_pb;
+use parley_proto::chat::v1::chat_service_client::ChatServiceClient;
+use parley_proto::quota::v1 as quota_pb;
+use parley_proto::quota::v1::quota_service_client::QuotaServiceClient;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::AgentError;
+use crate::context::build_prompt;
+use crate::provider::{Completion, OpenAiCompatible, ProviderError};
+
+/// What to do with a job's JetStream message once its run ends.
+#[derive(Debug)]
+enum Outcome {
+    /// The outcome is stored: acknowledge.
+    Done,
+    /// Try again later (the message is redelivered after the delay).
+    Retry(Duration),
+}
+
+#[derive(Clone)]
+pub struct Agent {
+    config: Arc<Config>,
+    nats: async_nats::Client,
+    jetstream: jetstream::Context,
+    names: Names,
+    chat: ChatServiceClient<ClientChannel>,
+    quota: QuotaServiceClient<ClientChannel>,
+    providers: Arc<BTreeMap<String, OpenAiCompatible>>,
+}
+
+/// A successful model call, with where it was made.
+struct Answer {
+    completion: Completion,
+    provider: String,
+    elapsed: Duration,
+}
+
+impl Agent {
+    pub fn new(
+        config: Arc<Config>,
+        nats: async_nats::Client,
+        chat: ChatServiceClient<ClientChannel>,
+        quota: QuotaServiceClient<ClientChannel>,
+        providers: BTreeMap<String, OpenAiCompatible>,
+    ) -> Self {
+        let names = Names::new(&config.nats.prefix);
+        let jetstream = jetstream::new(nats.clone());
+        Self { config, nats, jetstream, names, chat, quota, providers: Arc::new(providers) }
+    }
+
+    /// Pulls and runs jobs until `shutdown`; then hands back (naks) what it holds and returns once every
+    /// job task has ended.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let concurrency = self.config.agent.concurrency;
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let mut tasks = JoinSet::new();
+        let mut backoff = Duration::from_millis(200);
+        'connect: while !shutdown.is_cancelled() {
+            let messages = match self.subscribe(concurrency).await {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::warn!(%error, "job consumer not ready; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(200);
+            tokio::pin!(messages);
+            loop {
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => break 'connect,
+                    permit = permits.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break 'connect,
+                    },
+                };
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => break 'connect,
+                    next = messages.next() => next,
+                };
+                match next {
+                    Some(Ok(message)) => {
+                        let agent = self.clone();
+                        let shutdown = shutdown.clone();
+                        tasks.spawn(async move {
+                            agent.handle(message, shutdown).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(error)) => tracing::warn!(%error, "pulling jobs failed"),
+                    None => continue 'connect,
+                }
+                while tasks.try_join_next().is_some() {}
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        tracing::debug!("agent stopped");
+    }
+
+    async fn subscribe(&self, batch: usize) -> Result<jetstream::consumer::pull::Stream, async_nats::Error> {
+        parley_platform::nats::ensure_usage_stream(&self.jetstream, &self.names).await?;
+        let consumer = parley_platform::nats::ensure_agent_consumer(&self.jetstream, &self.names, &self.config.nats).await?;
+        Ok(consumer.stream().max_messages_per_batch(batch).messages().await?)
+    }
+
+    /// Runs one job, keeping it alive with progress acks, and acks or naks it by the outcome.
+    async fn handle(&self, message: jetstream::Message, shutdown: CancellationToken) {
+        let job: AiJob = match serde_json::from_slice(&message.payload) {
+            Ok(job) => job,
+            Err(error) => {
+                tracing::error!(%error, "dropping a malformed job");
+                let _ignored = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+        let span = tracing::info_span!(
+            "agent.job",
+            service = "agent",
+            job_id = %job.job_id,
+            message_id = %job.message_id,
+            delivered,
+            trace_id = tracing::field::Empty,
+        );
+        if let Some(headers) = &message.headers {
+            telemetry::set_parent_from(&span, &NatsHeaderReader(headers));
+        }
+        span.record("trace_id", telemetry::trace_id_of(&span));
+        async {
+            let work = self.run_job(&job, delivered);
+            tokio::pin!(work);
+            let mut keepalive = tokio::time::interval(Duration::from_secs(self.config.nats.job_ack_wait_secs).div_f64(3.0));
+            keepalive.tick().await;
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut work => break Some(outcome),
+                    _ = keepalive.tick() => {
+                        if let Err(error) = message.ack_with(AckKind::Progress).await {
+                            tracing::warn!(%error, "progress ack failed");
+                        }
+                    }
+                    _ = shutdown.cancelled() => break None,
+                }
+            };
+            let (ack, label) = match outcome {
+                Some(Outcome::Done) => (AckKind::Ack, "done"),
+                Some(Outcome::Retry(delay)) => (AckKind::Nak(Some(delay)), "retry"),
+                None => (AckKind::Nak(None), "handed_back"),
+            };
+            metrics::counter!("parley_agent_jobs_total", "outcome" => label).increment(1);
+            if let Err(error) = message.ack_with(ack).await {
+                tracing::warn!(%error, outcome = label, "acknowledging the job failed; it will be redelivered");
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn run_job(&self, job: &AiJob, delivered: i64) -> Outcome {
+        let retry = Outcome::Retry(retry_delay(delivered));
+        let request = chat_pb::GetJobContextRequest { message_id: job.message_id.to_string(), history_limit: 0 };
+        let context = match self.chat.clone().get_job_context(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                let error = ServiceError::from(status);
+                if error.code == ErrorCode::NotFound {
+                    tracing::info!("the message is gone (conversation deleted); dropping the job");
+                    return Outcome::Done;
+                }
+                tracing::warn!(%error, "could not load the job's context");
+                return retry;
+            }
+        };
+        let status = context.assistant_message.as_ref().map(|m| m.status.as_str()).unwrap_or_default();
+        match status {
+            "completed" => {
+                tracing::info!("reply already stored (redelivered job); finishing its accounting");
+                let message = context.assistant_message.unwrap_or_default();
+                let usage = message.usage.unwrap_or_default();
+                let completion = Completion {
+                    content: message.content,
+                    input_tokens: usage.input_tokens,
+                    output_tokens: usage.output_tokens,
+                    time_to_first_token: None,
+                };
+                let answer = Answer { completion, provider: "unknown".to_owned(), elapsed: Duration::ZERO };
+                return self.account(job, &context.model, &answer).await.map_or(retry, |()| Outcome::Done);
+            }
+            "failed" => return Outcome::Done,
+            _ => {}
+        }
+        let Some(model) = self.config.models.get(&context.model) else {
+            let detail = format!("model {:?} is not configured", context.model);
+            return self.fail(job, "invalid_request", &detail).await.map_or(retry, |()| Outcome::Done);
+        };
+        let prompt = build_prompt(
+            context.system_prompt.as_deref(),
+            &context.history,
+            model.context_window,
+            self.config.agent.max_output_tokens,
+        );
+        match self.call_chain(job, &context.model, &prompt).await {
+            Ok(answer) => match self.store(job, &context.model, &answer).await {
+                Ok(()) => Outcome::Done,
+                Err(error) => {
+                    tracing::warn!(%error, "could not store the reply; retrying the job");
+                    retry
+                }
+            },
+            Err(error) if error.is_retryable() && delivered < self.config.nats.job_max_deliver => {
+                tracing::warn!(%error, "every provider failed; the job will be retried");
+                retry
+            }
+            Err(error) => {
+                tracing::warn!(%error, "giving up on the job");
+                let detail = format!("the model could not answer: {error}");
+                self.fail(job, ErrorCode::UpstreamUnavailable.as_str(), &detail).await.map_or(retry, |()| Outcome::Done)
+            }
+        }
+    }
+
+    /// Tries each provider/model pair of the model's chain in order.
+    async fn call_chain(
+        &self,
+        job: &AiJob,
+        model_name: &str,
+        prompt: &[crate::provider::PromptMessage],
+    ) -> Result<Answer, ProviderError> {
+        let chain = self.config.models.get(model_name).map(|model| model.chain.as_slice()).unwrap_or_default();
+        let mut last_error = ProviderError::Misconfigured(format!("model {model_name} has no providers"));
+        let mut delta_index = 0u64;
+        for target in chain {
+            let Some(provider) = self.providers.get(&target.provider) else {
+                continue;
+            };
+            let span = tracing::info_span!(
+                "gen_ai.chat",
+                otel.kind = "client",
+                gen_ai.operation.name = "chat",
+                gen_ai.system = %target.provider,
+                gen_ai.request.model = %target.model,
+                gen_ai.usage.input_tokens = tracing::field::Empty,
+                gen_ai.usage.output_tokens = tracing::field::Empty,
+            );
+            let started = Instant::now();
+            let result = self
+                .call_streaming(provider, &target.model, prompt, job.message_id, &mut delta_index)
+                .instrument(span.clone())
+                .await;
+            let elapsed = started.elapsed();
+            let labels = [("provider", target.provider.clone()), ("model", target.model.clone())];
+            metrics::histogram!("parley_llm_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+            match result {
+                Ok(completion) => {
+                    span.record("gen_ai.usage.input_tokens", completion.input_tokens);
+                    span.record("gen_ai.usage.output_tokens", completion.output_tokens);
+                    metrics::counter!("parley_llm_requests_total", "provider" => target.provider.clone(), "model" => target.model.clone(), "outcome" => "ok").increment(1);
+                    if let Some(ttft) = completion.time_to_first_token {
+                        metrics::histogram!("parley_llm_time_to_first_token_seconds", &labels).record(ttft.as_secs_f64());
+                    }
+                    metrics::counter!("parley_llm_tokens_total", "provider" => target.provider.clone(), "model" => target.model.clone(), "direction" => "input").increment(completion.input_tokens.max(0) as u64);
+                    metrics::counter!("parley_llm_tokens_total", "provider" => target.provider.clone(), "model" => target.model.clone(), "direction" => "output").increment(completion.output_tokens.max(0) as u64);
+                    return Ok(Answer { completion, provider: target.provider.clone(), elapsed });
+                }
+                Err(error) => {
+                    metrics::counter!("parley_llm_requests_total", "provider" => target.provider.clone(), "model" => target.model.clone(), "outcome" => "error").increment(1);
+                    tracing::warn!(%error, provider = %target.provider, model = %target.model, "provider call failed");
+                    let retryable = error.is_retryable();
+                    last_error = error;
+                    if !retryable {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    /// One streaming call; each delta is published on the message's subject as it arrives.
+    async fn call_streaming(
+        &self,
+        provider: &OpenAiCompatible,
+        model: &str,
+        prompt: &[crate::provider::PromptMessage],
+        message_id: Uuid,
+        delta_index: &mut u64,
+    ) -> Result<Completion, ProviderError> {
+        let (deltas, mut received) = mpsc::unbounded_channel::<String>();
+        let max_tokens = self.config.agent.max_output_tokens;
+        let call = async move {
+            let mut on_delta = move |text: &str| {
+                let _receiver_gone = deltas.send(text.to_owned());
+            };
+            provider.stream_chat(model, prompt, max_tokens, &mut on_delta).await
+        };
+        let subject = self.names.message_events_subject(message_id);
+        let forward = async {
+            while let Some(text) = received.recv().await {
+                let event = MessageEvent::Delta { message_id, index: *delta_index, text };
+                *delta_index += 1;
+                self.publish_event(&subject, &event).await;
+            }
+        };
+        let (result, ()) = tokio::join!(call, forward);
+        result
+    }
+
+    async fn publish_event(&self, subject: &str, event: &MessageEvent) {
+        let Ok(payload) = serde_json::to_vec(event) else {
+            return;
+        };
+        if let Err(error) = self.nats.publish(subject.to_owned(), payload.into()).await {
+            tracing::debug!(%error, "could not publish a message event");
+        }
+    }
+
+    /// Stores the reply, then charges and reports it.
+    async fn store(&self, job: &AiJob, model: &str, answer: &Answer) -> Result<(), AgentError> {
+        let request = chat_pb::CompleteMessageRequest {
+            message_id: job.message_id.to_string(),
+            content: answer.completion.content.clone(),
+            usage: Some(chat_pb::Usage {
+                input_tokens: answer.completion.input_tokens,
+                output_tokens: answer.completion.output_tokens,
+            }),
+            model: model.to_owned(),
+        };
+        let stored = self.chat.clone().complete_message(request).await.map_err(ServiceError::from)?.into_inner();
+        if !stored.changed {
+            tracing::info!("another agent stored this reply first; keeping theirs");
+        }
+        self.account(job, model, answer).await
+    }
+
+    /// Charges the tokens, reports the usage event and announces completion. Every step is idempotent
+    /// by message id, so a redelivered job may run it again safely.
+    async fn account(&self, job: &AiJob, model: &str, answer: &Answer) -> Result<(), AgentError> {
+        let tokens = answer.completion.input_tokens + answer.completion.output_tokens;
+        let charge = quota_pb::ChargeRequest {
+            user_id: job.user_id.to_string(),
+            tokens,
+            reference_id: job.message_id.to_string(),
+        };
+        self.quota.clone().charge(charge).await.map_err(ServiceError::from)?;
+        let event = UsageEvent {
+            event_id: job.message_id,
+            user_id: job.user_id,
+            conversation_id: job.conversation_id,
+            message_id: job.message_id,
+            model: model.to_owned(),
+            provider: answer.provider.clone(),
+            input_tokens: answer.completion.input_tokens,
+            output_tokens: answer.completion.output_tokens,
+            latency_ms: answer.elapsed.as_millis() as i64,
+            time_to_first_token_ms: answer.completion.time_to_first_token.map(|ttft| ttft.as_millis() as i64),
+            cache_hit: false,
+            outcome: "completed".to_owned(),
+            occurred_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+        };
+        self.publish_usage(&event).await?;
+        let subject = self.names.message_events_subject(job.message_id);
+        self.publish_event(&subject, &MessageEvent::Completed { message_id: job.message_id }).await;
+        Ok(())
+    }
+
+    async fn publish_usage(&self, event: &UsageEvent) -> Result<(), AgentError> {
+        let payload = serde_json::to_vec(event).map_err(|error| AgentError::Nats(error.to_string()))?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.event_id.to_string().as_str());
+        telemetry::inject_current(&mut NatsHeaderCarrier(&mut headers));
+        let ack = self
+            .jetstream
+            .publish_with_headers(self.names.usage_subject(), headers, payload.into())
+            .await
+            .map_err(|error| AgentError::Nats(error.to_string()))?;
+        ack.await.map_err(|error| AgentError::Nats(error.to_string()))?;
+        Ok(())
+    }
+
+    /// Ends the message `failed` with a reason, and announces it.
+    async fn fail(&self, job: &AiJob, code: &str, detail: &str) -> Result<(), AgentError> {
+        let request = chat_pb::FailMessageRequest {
+            message_id: job.message_id.to_string(),
+            code: code.to_owned(),
+            detail: detail.to_owned(),
+        };
+        self.chat.clone().fail_message(request).await.map_err(ServiceError::from)?;
+        let subject = self.names.message_events_subject(job.message_id);
+        let event = MessageEvent::Failed { message_id: job.message_id, code: code.to_owned(), detail: detail.to_owned() };
+        self.publish_event(&subject, &event).await;
+        Ok(())
+    }
+}
+
+/// Exponential redelivery delay: 1 s, 2 s, 4 s ... capped at 30 s.
+fn retry_delay(delivered: i64) -> Duration {
+    let exponent = delivered.clamp(1, 6) - 1;
+    Duration::from_secs(1u64 << exponent).min(Duration::from_secs(30))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_and_are_capped() {
+        assert_eq!(retry_delay(1), Duration::from_secs(1));
+        assert_eq!(retry_delay(2), Duration::from_secs(2));
+        assert_eq!(retry_delay(5), Duration::from_secs(16));
+        assert_eq!(retry_delay(50), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,64 @@
+//! The analytics service: consumes usage events from JetStream into the `analytics` schema (idempotent
+//! by event id), prices them with the configured per-model prices, and answers usage queries over gRPC
+//! (`parley.analytics.v1.AnalyticsService`).
+//!
+//! It must never lose an acknowledged event: a message is acknowledged only after its row is stored.
+
+mod ingest;
+mod service;
+
+use std::sync::Arc;
+
+use parley_platform::Config;
+use parley_proto::analytics::v1::analytics_service_server::AnalyticsServiceServer;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use service::AnalyticsService;
+
+/// The name this service reports in `grpc.health.v1`.
+pub const HEALTH_NAME: &str = "parley.analytics.v1.AnalyticsService";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/analytics");
+
+/// Applies the `analytics` schema's migrations.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    parley_platform::db::migrate_schema(pool, "analytics", &MIGRATOR).await
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AnalyticsError {
+    #[error(transparent)]
+    Client(#[from] parley_platform::ServiceError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl From<AnalyticsError> for tonic::Status {
+    fn from(error: AnalyticsError) -> Self {
+        let service_error = match error {
+            AnalyticsError::Client(error) => error,
+            AnalyticsError::Database(error) => error.into(),
+        };
+        service_error.into()
+    }
+}
+
+/// Serves usage queries and runs the event ingester until `shutdown` is cancelled.
+pub async fn serve(
+    config: Arc<Config>,
+    pool: PgPool,
+    nats: async_nats::Client,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let ingester = ingest::Ingester::new(config.clone(), pool.clone(), async_nats::jetstream::new(nats));
+    let ingest_task = tokio::spawn(ingester.run(shutdown.clone()));
+    let routes = tonic::service::Routes::new(AnalyticsServiceServer::new(AnalyticsService::new(pool)));
+    let served = parley_platform::grpc::serve("analytics", listener, routes, &[HEALTH_NAME], shutdown.clone()).await;
+    shutdown.cancel();
+    ingest_task.await?;
+    served?;
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! The chat service: conversations and messages, and the transactional outbox that turns a sent message
+//! into an AI job on JetStream. It owns the `chat` schema and serves `parley.chat.v1.ChatService`.
+//!
+//! Every user-facing call is scoped by the caller's user id: another user's conversation or message is
+//! NOT_FOUND, never PERMISSION_DENIED. A message is stored before its job exists, and its job is
+//! published at least once ([`relay`]); completing a message twice changes nothing.
+
+mod cursor;
+pub mod relay;
+mod service;
+mod storage;
+
+use std::sync::Arc;
+
+use parley_platform::Config;
+use parley_platform::nats::Names;
+use parley_proto::chat::v1::chat_service_server::ChatServiceServer;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use service::ChatService;
+
+/// The name this service reports in `grpc.health.v1`.
+pub const HEALTH_NAME: &str = "parley.chat.v1.ChatService";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/chat");
+
+/// Applies the `chat` schema's migrations.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    parley_platform::db::migrate_schema(pool, "chat", &MIGRATOR).await
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error(transparent)]
+    Client(#[from] parley_platform::ServiceError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("stored data is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+impl From<ChatError> for tonic::Status {
+    fn from(error: ChatError) -> Self {
+        let service_error = match error {
+            ChatError::Client(error) => error,
+            ChatError::Database(error) => error.into(),
+            ChatError::Inconsistent(detail) => {
+                tracing::error!(%detail, "chat data inconsistent");
+                parley_platform::ServiceError::internal()
+            }
+        };
+        service_error.into()
+    }
+}
+
+/// Serves the chat service and runs its outbox relay until `shutdown` is cancelled.
+pub async fn serve(
+    config: Arc<Config>,
+    pool: PgPool,
+    nats: async_nats::Client,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let names = Names::new(&config.nats.prefix);
+    let relay = relay::OutboxRelay::new(pool.clone(), async_nats::jetstream::new(nats), names.clone());
+    let service = ChatService::new(config, pool, names, relay.waker());
+    let routes = tonic::service::Routes::new(ChatServiceServer::new(service));
+    let relay_task = tokio::spawn(relay.run(shutdown.clone()));
+    let served = parley_platform::grpc::serve("chat", listener, routes, &[HEALTH_NAME], shutdown.clone()).await;
+    shutdown.cancel();
+    relay_task.await?;
+    served?;
+    Ok(())
+}

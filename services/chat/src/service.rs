@@ -1,0 +1,374 @@
+//! `parley.chat.v1.ChatService`.
+
+use std::sync::Arc;
+
+use parley_platform::nats::Names;
+use parley_platform::{Config, ErrorCode, ServiceError, telemetry, timestamps};
+use parley_proto::chat::v1 as pb;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::ChatError;
+use crate::cursor::{CursorCodec, CursorKind, Position};
+use crate::storage::{ConversationChanges, ConversationRow, MessageRow, NewExchange, Storage, UpdateOutcome};
+
+const MAX_TITLE_CHARS: usize = 200;
+const MAX_SYSTEM_PROMPT_CHARS: usize = 32_000;
+const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+const DEFAULT_PAGE: u32 = 20;
+const MAX_PAGE: u32 = 100;
+
+#[derive(Clone)]
+pub struct ChatService {
+    config: Arc<Config>,
+    storage: Storage,
+    cursors: CursorCodec,
+    names: Names,
+    relay_wake: Arc<Notify>,
+}
+
+impl ChatService {
+    pub fn new(config: Arc<Config>, pool: PgPool, names: Names, relay_wake: Arc<Notify>) -> Self {
+        let cursors = CursorCodec::new(&config.chat.cursor_secret);
+        Self { config, storage: Storage::new(pool), cursors, names, relay_wake }
+    }
+
+    fn check_model(&self, model: Option<&str>) -> Result<(), ChatError> {
+        match model {
+            Some(model) if !self.config.models.contains_key(model) => {
+                Err(ServiceError::invalid_field("model", format!("unknown model {model:?}")).into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn decode_cursor(&self, kind: CursorKind, cursor: Option<&str>) -> Result<Option<Position>, ChatError> {
+        match cursor.filter(|cursor| !cursor.is_empty()) {
+            None => Ok(None),
+            Some(cursor) => self
+                .cursors
+                .decode(kind, cursor)
+                .map(Some)
+                .ok_or_else(|| ServiceError::invalid_field("cursor", "is not a cursor this list issued").into()),
+        }
+    }
+
+    async fn owned_conversation(&self, user_id: Uuid, conversation_id: &str) -> Result<ConversationRow, ChatError> {
+        let Some(id) = parse_id_or_not_found(conversation_id) else {
+            return Err(ServiceError::not_found("conversation").into());
+        };
+        self.storage.conversation(user_id, id).await?.ok_or_else(|| ServiceError::not_found("conversation").into())
+    }
+}
+
+fn parse_user(user_id: &str) -> Result<Uuid, ChatError> {
+    Uuid::parse_str(user_id).map_err(|_| ServiceError::invalid_field("user_id", "must be a UUID").into())
+}
+
+/// Ids in paths come from clients: one that is not even a UUID names nothing, so it is not found.
+fn parse_id_or_not_found(id: &str) -> Option<Uuid> {
+    Uuid::parse_str(id).ok()
+}
+
+fn page_size(limit: u32) -> u32 {
+    match limit {
+        0 => DEFAULT_PAGE,
+        limit => limit.min(MAX_PAGE),
+    }
+}
+
+fn bounded_text(field: &str, value: Option<&str>, max_chars: usize) -> Result<(), ChatError> {
+    match value {
+        Some(text) if text.chars().count() > max_chars => {
+            Err(ServiceError::invalid_field(field, format!("must be at most {max_chars} characters")).into())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn conversation_to_proto(row: ConversationRow) -> pb::Conversation {
+    pb::Conversation {
+        id: row.id.to_string(),
+        user_id: row.user_id.to_string(),
+        title: row.title,
+        model: row.model,
+        system_prompt: row.system_prompt,
+        created_at: Some(timestamps::to_proto(row.created_at)),
+        updated_at: Some(timestamps::to_proto(row.updated_at)),
+        version: row.version,
+    }
+}
+
+fn message_to_proto(row: MessageRow) -> pb::Message {
+    let usage = match (row.input_tokens, row.output_tokens) {
+        (Some(input_tokens), Some(output_tokens)) => Some(pb::Usage { input_tokens, output_tokens }),
+        _ => None,
+    };
+    pb::Message {
+        id: row.id.to_string(),
+        conversation_id: row.conversation_id.to_string(),
+        role: row.role,
+        content: row.content,
+        status: row.status,
+        model: row.model,
+        usage,
+        created_at: Some(timestamps::to_proto(row.created_at)),
+        completed_at: row.completed_at.map(timestamps::to_proto),
+        error_code: row.error_code,
+        error_detail: row.error_detail,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::chat_service_server::ChatService for ChatService {
+    async fn create_conversation(
+        &self,
+        request: Request<pb::CreateConversationRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        bounded_text("title", request.title.as_deref(), MAX_TITLE_CHARS)?;
+        bounded_text("system_prompt", request.system_prompt.as_deref(), MAX_SYSTEM_PROMPT_CHARS)?;
+        self.check_model(request.model.as_deref())?;
+        let model = request.model.as_deref().unwrap_or(&self.config.default_model);
+        let row = self
+            .storage
+            .create_conversation(user_id, request.title.as_deref(), model, request.system_prompt.as_deref())
+            .await
+            .map_err(ChatError::from)?;
+        tracing::info!(conversation_id = %row.id, "conversation created");
+        Ok(Response::new(conversation_to_proto(row)))
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<pb::ListConversationsRequest>,
+    ) -> Result<Response<pb::ListConversationsResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let after = self.decode_cursor(CursorKind::Conversations, request.cursor.as_deref())?;
+        let limit = page_size(request.limit);
+        let mut rows =
+            self.storage.list_conversations(user_id, after, i64::from(limit) + 1).await.map_err(ChatError::from)?;
+        let next_cursor = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            rows.last().map(|last| {
+                self.cursors.encode(CursorKind::Conversations, Position { at: last.updated_at, id: last.id })
+            })
+        } else {
+            None
+        };
+        let conversations = rows.into_iter().map(conversation_to_proto).collect();
+        Ok(Response::new(pb::ListConversationsResponse { conversations, next_cursor }))
+    }
+
+    async fn get_conversation(
+        &self,
+        request: Request<pb::GetConversationRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let row = self.owned_conversation(user_id, &request.conversation_id).await?;
+        Ok(Response::new(conversation_to_proto(row)))
+    }
+
+    async fn update_conversation(
+        &self,
+        request: Request<pb::UpdateConversationRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let Some(id) = parse_id_or_not_found(&request.conversation_id) else {
+            return Err(ChatError::from(ServiceError::not_found("conversation")).into());
+        };
+        bounded_text("title", request.title.as_deref(), MAX_TITLE_CHARS)?;
+        bounded_text("system_prompt", request.system_prompt.as_deref(), MAX_SYSTEM_PROMPT_CHARS)?;
+        self.check_model(request.model.as_deref())?;
+        let changes = ConversationChanges {
+            title: request.title.as_deref(),
+            model: request.model.as_deref(),
+            system_prompt: request.system_prompt.as_deref(),
+        };
+        match self
+            .storage
+            .update_conversation(user_id, id, request.expected_version, changes)
+            .await
+            .map_err(ChatError::from)?
+        {
+            UpdateOutcome::Updated(row) => Ok(Response::new(conversation_to_proto(row))),
+            UpdateOutcome::NotFound => Err(ChatError::from(ServiceError::not_found("conversation")).into()),
+            UpdateOutcome::VersionMismatch => Err(ChatError::from(ServiceError::new(
+                ErrorCode::PreconditionFailed,
+                "the conversation was changed since that version; fetch it again",
+            ))
+            .into()),
+        }
+    }
+
+    async fn delete_conversation(
+        &self,
+        request: Request<pb::DeleteConversationRequest>,
+    ) -> Result<Response<pb::DeleteConversationResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let deleted = match parse_id_or_not_found(&request.conversation_id) {
+            Some(id) => self.storage.delete_conversation(user_id, id).await.map_err(ChatError::from)?,
+            None => false,
+        };
+        if !deleted {
+            return Err(ChatError::from(ServiceError::not_found("conversation")).into());
+        }
+        Ok(Response::new(pb::DeleteConversationResponse {}))
+    }
+
+    async fn send_message(
+        &self,
+        request: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let Some(conversation_id) = parse_id_or_not_found(&request.conversation_id) else {
+            return Err(ChatError::from(ServiceError::not_found("conversation")).into());
+        };
+        if request.content.trim().is_empty() {
+            return Err(ChatError::from(ServiceError::invalid_field("content", "must not be empty")).into());
+        }
+        bounded_text("content", Some(&request.content), self.config.chat.max_message_chars)?;
+        self.check_model(request.model.as_deref())?;
+        if let Some(key) = &request.idempotency_key {
+            if key.is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS {
+                return Err(ChatError::from(ServiceError::invalid_field(
+                    "Idempotency-Key",
+                    format!("must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"),
+                ))
+                .into());
+            }
+        }
+        let jobs_subject = self.names.jobs_subject();
+        let exchange = NewExchange {
+            user_id,
+            conversation_id,
+            content: &request.content,
+            model: request.model.as_deref(),
+            idempotency_key: request.idempotency_key.as_deref(),
+            tier: &request.tier,
+            jobs_subject: &jobs_subject,
+            traceparent: telemetry::current_traceparent(),
+        };
+        let Some(sent) = self.storage.send(exchange).await.map_err(ChatError::from)? else {
+            return Err(ChatError::from(ServiceError::not_found("conversation")).into());
+        };
+        if !sent.replayed {
+            self.relay_wake.notify_one();
+            metrics::counter!("parley_chat_messages_sent_total").increment(1);
+        }
+        tracing::info!(
+            %conversation_id,
+            message_id = %sent.assistant_message.id,
+            replayed = sent.replayed,
+            "message stored"
+        );
+        Ok(Response::new(pb::SendMessageResponse {
+            user_message: Some(message_to_proto(sent.user_message)),
+            assistant_message: Some(message_to_proto(sent.assistant_message)),
+            replayed: sent.replayed,
+        }))
+    }
+
+    async fn get_message(&self, request: Request<pb::GetMessageRequest>) -> Result<Response<pb::Message>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let row = match parse_id_or_not_found(&request.message_id) {
+            Some(id) => self.storage.message_for_user(user_id, id).await.map_err(ChatError::from)?,
+            None => None,
+        };
+        let row = row.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
+        Ok(Response::new(message_to_proto(row)))
+    }
+
+    async fn list_messages(
+        &self,
+        request: Request<pb::ListMessagesRequest>,
+    ) -> Result<Response<pb::ListMessagesResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let conversation = self.owned_conversation(user_id, &request.conversation_id).await?;
+        let after = self.decode_cursor(CursorKind::Messages, request.cursor.as_deref())?;
+        let limit = page_size(request.limit);
+        let mut rows =
+            self.storage.list_messages(conversation.id, after, i64::from(limit) + 1).await.map_err(ChatError::from)?;
+        let next_cursor = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            rows.last().map(|last| self.cursors.encode(CursorKind::Messages, Position { at: last.created_at, id: last.id }))
+        } else {
+            None
+        };
+        let messages = rows.into_iter().map(message_to_proto).collect();
+        Ok(Response::new(pb::ListMessagesResponse { messages, next_cursor }))
+    }
+
+    async fn get_job_context(
+        &self,
+        request: Request<pb::GetJobContextRequest>,
+    ) -> Result<Response<pb::JobContext>, Status> {
+        let request = request.into_inner();
+        let id = Uuid::parse_str(&request.message_id)
+            .map_err(|_| ChatError::from(ServiceError::invalid_field("message_id", "must be a UUID")))?;
+        let message = self.storage.message(id).await.map_err(ChatError::from)?;
+        let message = message.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
+        let conversation = self.storage.conversation_of(&message).await.map_err(ChatError::from)?;
+        let conversation = conversation.ok_or_else(|| ChatError::from(ServiceError::not_found("conversation")))?;
+        let limit = match request.history_limit {
+            0 => self.config.chat.history_limit,
+            limit => limit,
+        };
+        let history = self.storage.history_before(&message, i64::from(limit)).await.map_err(ChatError::from)?;
+        let model = message.model.clone().unwrap_or_else(|| conversation.model.clone());
+        Ok(Response::new(pb::JobContext {
+            user_id: message.user_id.to_string(),
+            assistant_message: Some(message_to_proto(message)),
+            model,
+            system_prompt: conversation.system_prompt,
+            history: history.into_iter().map(message_to_proto).collect(),
+        }))
+    }
+
+    async fn complete_message(
+        &self,
+        request: Request<pb::CompleteMessageRequest>,
+    ) -> Result<Response<pb::CompleteMessageResponse>, Status> {
+        let request = request.into_inner();
+        let id = Uuid::parse_str(&request.message_id)
+            .map_err(|_| ChatError::from(ServiceError::invalid_field("message_id", "must be a UUID")))?;
+        let usage = request.usage.unwrap_or_default();
+        let outcome = self
+            .storage
+            .complete_message(id, &request.content, &request.model, usage.input_tokens, usage.output_tokens)
+            .await
+            .map_err(ChatError::from)?;
+        let (row, changed) = outcome.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
+        if changed {
+            metrics::counter!("parley_chat_messages_completed_total").increment(1);
+        } else {
+            tracing::info!(message_id = %id, "completion ignored: message already finished");
+        }
+        Ok(Response::new(pb::CompleteMessageResponse { message: Some(message_to_proto(row)), changed }))
+    }
+
+    async fn fail_message(
+        &self,
+        request: Request<pb::FailMessageRequest>,
+    ) -> Result<Response<pb::CompleteMessageResponse>, Status> {
+        let request = request.into_inner();
+        let id = Uuid::parse_str(&request.message_id)
+            .map_err(|_| ChatError::from(ServiceError::invalid_field("message_id", "must be a UUID")))?;
+        let outcome = self.storage.fail_message(id, &request.code, &request.detail).await.map_err(ChatError::from)?;
+        let (row, changed) = outcome.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
+        if changed {
+            metrics::counter!("parley_chat_messages_failed_total").increment(1);
+        }
+        Ok(Response::new(pb::CompleteMessageResponse { message: Some(message_to_proto(row)), changed }))
+    }
+}

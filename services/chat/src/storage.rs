@@ -1,0 +1,476 @@
+//! Reads and writes of the `chat` schema.
+
+use parley_platform::events::AiJob;
+use sqlx::{PgPool, Postgres, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::cursor::Position;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ConversationRow {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub title: Option<String>,
+    pub model: String,
+    pub system_prompt: Option<String>,
+    pub version: i64,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MessageRow {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    pub user_id: Uuid,
+    pub role: String,
+    pub content: String,
+    pub status: String,
+    pub model: Option<String>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub error_code: Option<String>,
+    pub error_detail: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub completed_at: Option<OffsetDateTime>,
+}
+
+const CONVERSATION_COLUMNS: &str = "id, user_id, title, model, system_prompt, version, created_at, updated_at";
+const MESSAGE_COLUMNS: &str = "id, conversation_id, user_id, role, content, status, model, input_tokens, \
+                               output_tokens, error_code, error_detail, created_at, completed_at";
+
+/// What a send stored (or found, for a repeated idempotency key).
+pub struct SentExchange {
+    pub user_message: MessageRow,
+    pub assistant_message: MessageRow,
+    pub replayed: bool,
+}
+
+pub struct NewExchange<'a> {
+    pub user_id: Uuid,
+    pub conversation_id: Uuid,
+    pub content: &'a str,
+    pub model: Option<&'a str>,
+    pub idempotency_key: Option<&'a str>,
+    pub tier: &'a str,
+    pub jobs_subject: &'a str,
+    pub traceparent: Option<String>,
+}
+
+/// What an update of a conversation found.
+pub enum UpdateOutcome {
+    Updated(ConversationRow),
+    NotFound,
+    VersionMismatch,
+}
+
+pub struct ConversationChanges<'a> {
+    pub title: Option<&'a str>,
+    pub model: Option<&'a str>,
+    pub system_prompt: Option<&'a str>,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub job_id: Uuid,
+    pub subject: String,
+    pub payload: sqlx::types::Json<serde_json::Value>,
+    pub traceparent: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Storage {
+    pool: PgPool,
+}
+
+fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(text)
+}
+
+impl Storage {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub async fn create_conversation(
+        &self,
+        user_id: Uuid,
+        title: Option<&str>,
+        model: &str,
+        system_prompt: Option<&str>,
+    ) -> Result<ConversationRow, sqlx::Error> {
+        sqlx::query_as(sql(format!(
+            "INSERT INTO chat.conversations (id, user_id, title, model, system_prompt)
+             VALUES ($1, $2, $3, $4, $5) RETURNING {CONVERSATION_COLUMNS}"
+        )))
+        .bind(Uuid::now_v7())
+        .bind(user_id)
+        .bind(title)
+        .bind(model)
+        .bind(system_prompt)
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    pub async fn conversation(&self, user_id: Uuid, id: Uuid) -> Result<Option<ConversationRow>, sqlx::Error> {
+        sqlx::query_as(sql(format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM chat.conversations WHERE id = $1 AND user_id = $2"
+        )))
+        .bind(id)
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// A user's conversations, most recently updated first, after `after` (exclusive).
+    pub async fn list_conversations(
+        &self,
+        user_id: Uuid,
+        after: Option<Position>,
+        limit: i64,
+    ) -> Result<Vec<ConversationRow>, sqlx::Error> {
+        match after {
+            None => {
+                sqlx::query_as(sql(format!(
+                    "SELECT {CONVERSATION_COLUMNS} FROM chat.conversations WHERE user_id = $1
+                     ORDER BY updated_at DESC, id DESC LIMIT $2"
+                )))
+                .bind(user_id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+            Some(position) => {
+                sqlx::query_as(sql(format!(
+                    "SELECT {CONVERSATION_COLUMNS} FROM chat.conversations
+                     WHERE user_id = $1 AND (updated_at, id) < ($2, $3)
+                     ORDER BY updated_at DESC, id DESC LIMIT $4"
+                )))
+                .bind(user_id)
+                .bind(position.at)
+                .bind(position.id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+    }
+
+    pub async fn update_conversation(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        expected_version: i64,
+        changes: ConversationChanges<'_>,
+    ) -> Result<UpdateOutcome, sqlx::Error> {
+        let updated: Option<ConversationRow> = sqlx::query_as(sql(format!(
+            "UPDATE chat.conversations
+             SET title = COALESCE($4, title), model = COALESCE($5, model),
+                 system_prompt = COALESCE($6, system_prompt), version = version + 1, updated_at = now()
+             WHERE id = $1 AND user_id = $2 AND version = $3
+             RETURNING {CONVERSATION_COLUMNS}"
+        )))
+        .bind(id)
+        .bind(user_id)
+        .bind(expected_version)
+        .bind(changes.title)
+        .bind(changes.model)
+        .bind(changes.system_prompt)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = updated {
+            return Ok(UpdateOutcome::Updated(row));
+        }
+        Ok(match self.conversation(user_id, id).await? {
+            Some(_) => UpdateOutcome::VersionMismatch,
+            None => UpdateOutcome::NotFound,
+        })
+    }
+
+    /// Deletes a conversation and its messages; false when the user has no such conversation.
+    pub async fn delete_conversation(&self, user_id: Uuid, id: Uuid) -> Result<bool, sqlx::Error> {
+        let result = sqlx::query("DELETE FROM chat.conversations WHERE id = $1 AND user_id = $2")
+            .bind(id)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// Stores the user message, a pending assistant message and the job in one transaction; with an
+    /// idempotency key seen in the last 24 hours, stores nothing and returns the first exchange.
+    /// `Ok(None)`: the user has no such conversation.
+    pub async fn send(&self, exchange: NewExchange<'_>) -> Result<Option<SentExchange>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        // Locking the conversation serialises sends into it, which also settles two concurrent
+        // requests carrying the same idempotency key.
+        let conversation: Option<(String,)> =
+            sqlx::query_as("SELECT model FROM chat.conversations WHERE id = $1 AND user_id = $2 FOR UPDATE")
+                .bind(exchange.conversation_id)
+                .bind(exchange.user_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((conversation_model,)) = conversation else {
+            return Ok(None);
+        };
+        if let Some(key) = exchange.idempotency_key {
+            if let Some(previous) = replay_exchange(&mut tx, exchange.user_id, key).await? {
+                tx.commit().await?;
+                return Ok(Some(previous));
+            }
+        }
+        let model = exchange.model.unwrap_or(&conversation_model);
+        // clock_timestamp() (not now()) so the reply sorts after the question within one transaction.
+        let user_message: MessageRow = sqlx::query_as(sql(format!(
+            "INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, created_at, completed_at)
+             VALUES ($1, $2, $3, 'user', $4, 'completed', clock_timestamp(), clock_timestamp())
+             RETURNING {MESSAGE_COLUMNS}"
+        )))
+        .bind(Uuid::now_v7())
+        .bind(exchange.conversation_id)
+        .bind(exchange.user_id)
+        .bind(exchange.content)
+        .fetch_one(&mut *tx)
+        .await?;
+        let assistant_message: MessageRow = sqlx::query_as(sql(format!(
+            "INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, model, created_at)
+             VALUES ($1, $2, $3, 'assistant', '', 'pending', $4, clock_timestamp())
+             RETURNING {MESSAGE_COLUMNS}"
+        )))
+        .bind(Uuid::now_v7())
+        .bind(exchange.conversation_id)
+        .bind(exchange.user_id)
+        .bind(model)
+        .fetch_one(&mut *tx)
+        .await?;
+        let job = AiJob {
+            job_id: Uuid::now_v7(),
+            message_id: assistant_message.id,
+            conversation_id: exchange.conversation_id,
+            user_id: exchange.user_id,
+            model: model.to_owned(),
+            tier: exchange.tier.to_owned(),
+        };
+        sqlx::query("INSERT INTO chat.outbox (job_id, subject, payload, traceparent) VALUES ($1, $2, $3, $4)")
+            .bind(job.job_id)
+            .bind(exchange.jobs_subject)
+            .bind(sqlx::types::Json(&job))
+            .bind(exchange.traceparent)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(key) = exchange.idempotency_key {
+            sqlx::query(
+                "INSERT INTO chat.idempotency_keys (user_id, key, conversation_id, user_message_id, assistant_message_id)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (user_id, key) DO UPDATE
+                 SET conversation_id = EXCLUDED.conversation_id, user_message_id = EXCLUDED.user_message_id,
+                     assistant_message_id = EXCLUDED.assistant_message_id, created_at = now()",
+            )
+            .bind(exchange.user_id)
+            .bind(key)
+            .bind(exchange.conversation_id)
+            .bind(user_message.id)
+            .bind(assistant_message.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE chat.conversations SET updated_at = now() WHERE id = $1")
+            .bind(exchange.conversation_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(SentExchange { user_message, assistant_message, replayed: false }))
+    }
+
+    pub async fn message_for_user(&self, user_id: Uuid, id: Uuid) -> Result<Option<MessageRow>, sqlx::Error> {
+        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1 AND user_id = $2")))
+            .bind(id)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    pub async fn message(&self, id: Uuid) -> Result<Option<MessageRow>, sqlx::Error> {
+        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// A conversation's messages, oldest first, after `after` (exclusive).
+    pub async fn list_messages(
+        &self,
+        conversation_id: Uuid,
+        after: Option<Position>,
+        limit: i64,
+    ) -> Result<Vec<MessageRow>, sqlx::Error> {
+        match after {
+            None => {
+                sqlx::query_as(sql(format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE conversation_id = $1
+                     ORDER BY created_at, id LIMIT $2"
+                )))
+                .bind(conversation_id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+            Some(position) => {
+                sqlx::query_as(sql(format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM chat.messages
+                     WHERE conversation_id = $1 AND (created_at, id) > ($2, $3)
+                     ORDER BY created_at, id LIMIT $4"
+                )))
+                .bind(conversation_id)
+                .bind(position.at)
+                .bind(position.id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+    }
+
+    /// The finished messages before `message`, newest `limit` of them, returned oldest first.
+    pub async fn history_before(&self, message: &MessageRow, limit: i64) -> Result<Vec<MessageRow>, sqlx::Error> {
+        let mut rows: Vec<MessageRow> = sqlx::query_as(sql(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM chat.messages
+             WHERE conversation_id = $1 AND (created_at, id) < ($2, $3) AND status = 'completed'
+             ORDER BY created_at DESC, id DESC LIMIT $4"
+        )))
+        .bind(message.conversation_id)
+        .bind(message.created_at)
+        .bind(message.id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.reverse();
+        Ok(rows)
+    }
+
+    /// The conversation a message belongs to, whoever owns it (for agents).
+    pub async fn conversation_of(&self, message: &MessageRow) -> Result<Option<ConversationRow>, sqlx::Error> {
+        self.conversation(message.user_id, message.conversation_id).await
+    }
+
+    /// Completes a pending or streaming assistant message. `Ok((row, false))` when it was already
+    /// finished: the stored reply is never replaced.
+    pub async fn complete_message(
+        &self,
+        id: Uuid,
+        content: &str,
+        model: &str,
+        input_tokens: i64,
+        output_tokens: i64,
+    ) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
+        let updated: Option<MessageRow> = sqlx::query_as(sql(format!(
+            "UPDATE chat.messages
+             SET content = $2, model = $3, input_tokens = $4, output_tokens = $5, status = 'completed',
+                 completed_at = now()
+             WHERE id = $1 AND role = 'assistant' AND status IN ('pending', 'streaming')
+             RETURNING {MESSAGE_COLUMNS}"
+        )))
+        .bind(id)
+        .bind(content)
+        .bind(model)
+        .bind(input_tokens)
+        .bind(output_tokens)
+        .fetch_optional(&self.pool)
+        .await?;
+        self.finished(id, updated).await
+    }
+
+    /// Marks a pending or streaming assistant message failed; a finished message stays as it is.
+    pub async fn fail_message(&self, id: Uuid, code: &str, detail: &str) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
+        let updated: Option<MessageRow> = sqlx::query_as(sql(format!(
+            "UPDATE chat.messages
+             SET status = 'failed', error_code = $2, error_detail = $3, completed_at = now()
+             WHERE id = $1 AND role = 'assistant' AND status IN ('pending', 'streaming')
+             RETURNING {MESSAGE_COLUMNS}"
+        )))
+        .bind(id)
+        .bind(code)
+        .bind(detail)
+        .fetch_optional(&self.pool)
+        .await?;
+        self.finished(id, updated).await
+    }
+
+    async fn finished(&self, id: Uuid, updated: Option<MessageRow>) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
+        match updated {
+            Some(row) => {
+                sqlx::query("UPDATE chat.conversations SET updated_at = now() WHERE id = $1")
+                    .bind(row.conversation_id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(Some((row, true)))
+            }
+            None => Ok(self.message(id).await?.map(|row| (row, false))),
+        }
+    }
+
+    /// Locks up to `limit` unpublished outbox rows (skipping rows another relay holds).
+    pub async fn lock_unpublished(
+        tx: &mut Transaction<'static, Postgres>,
+        limit: i64,
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT id, job_id, subject, payload, traceparent FROM chat.outbox
+             WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit)
+        .fetch_all(&mut **tx)
+        .await
+    }
+
+    pub async fn mark_published(tx: &mut Transaction<'static, Postgres>, ids: &[i64]) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE chat.outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Drops outbox rows published long enough ago that JetStream's dedup window has passed.
+    pub async fn purge_published(&self) -> Result<u64, sqlx::Error> {
+        let result = sqlx::query("DELETE FROM chat.outbox WHERE published_at < now() - interval '1 hour'")
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected())
+    }
+}
+
+async fn replay_exchange(
+    tx: &mut Transaction<'static, Postgres>,
+    user_id: Uuid,
+    key: &str,
+) -> Result<Option<SentExchange>, sqlx::Error> {
+    let ids: Option<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT user_message_id, assistant_message_id FROM chat.idempotency_keys
+         WHERE user_id = $1 AND key = $2 AND created_at > now() - interval '24 hours'",
+    )
+    .bind(user_id)
+    .bind(key)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((user_message_id, assistant_message_id)) = ids else {
+        return Ok(None);
+    };
+    let rows: Vec<MessageRow> = sqlx::query_as(sql(format!(
+        "SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = ANY($1) AND user_id = $2"
+    )))
+    .bind(vec![user_message_id, assistant_message_id])
+    .bind(user_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    let find = |id: Uuid| rows.iter().find(|row| row.id == id).cloned();
+    // The first exchange's conversation may have been deleted since: then the key is free again.
+    Ok(match (find(user_message_id), find(assistant_message_id)) {
+        (Some(user_message), Some(assistant_message)) => {
+            Some(SentExchange { user_message, assistant_message, replayed: true })
+        }
+        _ => None,
+    })
+}

@@ -1,0 +1,144 @@
+//! Authentication at the gateway. Access tokens are verified locally against the signing keys the user
+//! service publishes, cached here: no call to the user service per request, and tokens keep verifying
+//! while the user service is down. An unknown `kid` triggers a refresh (at most one per
+//! [`REFRESH_COOLDOWN`]), so a newly rotated key is picked up at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::FromRequestParts;
+use axum::http::header;
+use axum::http::request::Parts;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use parley_platform::access_token::AccessClaims;
+use parley_platform::grpc::ClientChannel;
+use parley_proto::user::v1 as pb;
+use parley_proto::user::v1::user_service_client::UserServiceClient;
+use tokio::sync::{Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::problem::ApiError;
+
+const REFRESH_COOLDOWN: Duration = Duration::from_secs(10);
+const REFRESH_EVERY: Duration = Duration::from_secs(300);
+const LEEWAY_SECS: u64 = 30;
+
+struct CachedKeys {
+    published: Vec<pb::SigningKey>,
+    decoding: HashMap<String, DecodingKey>,
+}
+
+/// The signing keys, as last fetched from the user service.
+pub struct KeyCache {
+    user: UserServiceClient<ClientChannel>,
+    keys: RwLock<CachedKeys>,
+    last_fetch: Mutex<Option<Instant>>,
+    validation: Validation,
+}
+
+impl KeyCache {
+    pub fn new(user: UserServiceClient<ClientChannel>, issuer: &str, audience: &str) -> Self {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = LEEWAY_SECS;
+        Self {
+            user,
+            keys: RwLock::new(CachedKeys { published: Vec::new(), decoding: HashMap::new() }),
+            last_fetch: Mutex::new(None),
+            validation,
+        }
+    }
+
+    /// Fetches the keys unless that was done within the cooldown. Keeps the old keys on failure.
+    pub async fn refresh(&self, force: bool) -> Result<(), tonic::Status> {
+        let mut last_fetch = self.last_fetch.lock().await;
+        if !force && last_fetch.is_some_and(|at| at.elapsed() < REFRESH_COOLDOWN) {
+            return Ok(());
+        }
+        *last_fetch = Some(Instant::now());
+        let published = self.user.clone().get_signing_keys(pb::GetSigningKeysRequest {}).await?.into_inner().keys;
+        let decoding = published
+            .iter()
+            .filter(|key| key.alg == parley_platform::access_token::ALGORITHM)
+            .filter_map(|key| DecodingKey::from_ed_components(&key.x).ok().map(|decoding| (key.kid.clone(), decoding)))
+            .collect();
+        *self.keys.write().await = CachedKeys { published, decoding };
+        Ok(())
+    }
+
+    /// Keeps the cache fresh until `shutdown`.
+    pub async fn run_refresher(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            if let Err(status) = self.refresh(true).await {
+                tracing::warn!(code = ?status.code(), "could not refresh signing keys; keeping the cached ones");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(REFRESH_EVERY) => {}
+            }
+        }
+    }
+
+    pub async fn published(&self) -> Vec<pb::SigningKey> {
+        if self.keys.read().await.published.is_empty() {
+            let _keep_empty = self.refresh(false).await;
+        }
+        self.keys.read().await.published.clone()
+    }
+
+    /// The claims of a valid access token; `None` for anything else (forged, expired, wrong key,
+    /// wrong algorithm, `alg: none`, wrong audience or issuer).
+    pub async fn verify(&self, token: &str) -> Option<AccessClaims> {
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        if header.alg != Algorithm::EdDSA {
+            return None;
+        }
+        let kid = header.kid?;
+        if !self.keys.read().await.decoding.contains_key(&kid) {
+            let _stale_is_fine = self.refresh(false).await;
+        }
+        let keys = self.keys.read().await;
+        let key = keys.decoding.get(&kid)?;
+        jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation).ok().map(|data| data.claims)
+    }
+}
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user_id: Uuid,
+    pub role: String,
+    pub tier: String,
+}
+
+impl Caller {
+    pub fn is_admin(&self) -> bool {
+        self.role == "admin"
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
+        let Some(token) = header.and_then(|value| value.strip_prefix("Bearer ")).map(str::trim) else {
+            return Err(ApiError::unauthorized("missing bearer credentials"));
+        };
+        if token.starts_with("pk_") {
+            return Err(ApiError::unauthorized("invalid API key"));
+        }
+        let Some(claims) = state.keys.verify(token).await else {
+            return Err(ApiError::unauthorized("invalid or expired access token"));
+        };
+        let Ok(user_id) = Uuid::parse_str(&claims.sub) else {
+            return Err(ApiError::unauthorized("invalid access token"));
+        };
+        Ok(Caller { user_id, role: claims.role, tier: claims.tier })
+    }
+}

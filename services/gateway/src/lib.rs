@@ -1,0 +1,81 @@
+//! The API gateway: Parley's public REST API (shared/API.md). It authenticates callers (access tokens
+//! verified locally against cached keys), checks budgets with quota, forwards to the services over gRPC,
+//! and waits for (or streams) replies via their NATS subjects.
+//!
+//! It owns no data. It must never answer a client mistake with a 500, reveal another user's resource
+//! (that is a 404), or leak internals in an error.
+
+mod auth;
+mod middleware;
+mod openapi;
+mod problem;
+mod routes;
+mod views;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use parley_platform::Config;
+use parley_platform::grpc::ClientChannel;
+use parley_platform::health::Readiness;
+use parley_platform::nats::Names;
+use parley_proto::analytics::v1::analytics_service_client::AnalyticsServiceClient;
+use parley_proto::chat::v1::chat_service_client::ChatServiceClient;
+use parley_proto::quota::v1::quota_service_client::QuotaServiceClient;
+use parley_proto::user::v1::user_service_client::UserServiceClient;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use openapi::openapi_document;
+
+/// Clients of the services behind the gateway.
+#[derive(Clone)]
+pub struct Backends {
+    pub user: UserServiceClient<ClientChannel>,
+    pub chat: ChatServiceClient<ClientChannel>,
+    pub quota: QuotaServiceClient<ClientChannel>,
+    pub analytics: AnalyticsServiceClient<ClientChannel>,
+}
+
+/// Everything a request handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub backends: Backends,
+    pub nats: async_nats::Client,
+    pub names: Names,
+    keys: Arc<auth::KeyCache>,
+    readiness: Arc<Readiness>,
+}
+
+impl AppState {
+    pub fn new(config: Arc<Config>, backends: Backends, nats: async_nats::Client, readiness: Readiness) -> Self {
+        let keys = Arc::new(auth::KeyCache::new(backends.user.clone(), &config.auth.issuer, &config.auth.audience));
+        let names = Names::new(&config.nats.prefix);
+        Self { config, backends, nats, names, keys, readiness: Arc::new(readiness) }
+    }
+}
+
+/// The whole public API, with its middleware.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.http.body_limit_bytes;
+    routes::routes()
+        .route_layer(axum::middleware::from_fn(middleware::label_route))
+        .fallback(routes::ops::not_found)
+        .method_not_allowed_fallback(routes::ops::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(middleware::observe))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then lets in-flight requests finish.
+pub async fn serve(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let refresher = tokio::spawn(state.keys.clone().run_refresher(shutdown.clone()));
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+    shutdown.cancel();
+    refresher.await?;
+    served?;
+    Ok(())
+}

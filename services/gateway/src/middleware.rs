@@ -1,0 +1,98 @@
+//! What wraps every request: request id, trace span, security headers, `Server-Timing` and metrics.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use parley_platform::grpc::REQUEST_ID;
+use parley_platform::telemetry;
+use tracing::Instrument;
+use uuid::Uuid;
+
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+
+/// Time a handler spent waiting on the model, reported as `llm;dur=` and left out of `gateway;dur=`.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelWait(pub Duration);
+
+/// A client's request id is kept when it is reasonable (1 to 128 of `[A-Za-z0-9._-]`); else a new one.
+fn request_id_from(request: &Request) -> String {
+    request
+        .headers()
+        .get(&REQUEST_ID_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| {
+            (1..=128).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        })
+        .map_or_else(|| Uuid::now_v7().to_string(), str::to_owned)
+}
+
+/// The route template that served a request, for metrics and spans.
+#[derive(Debug, Clone)]
+struct RouteLabel(String);
+
+/// Runs inside routing (as a route layer), where the matched route template is known, and hands it to
+/// [`observe`], which runs outside routing so that it also wraps unmatched requests.
+pub async fn label_route(request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map(|path| path.as_str().to_owned());
+    let mut response = next.run(request).await;
+    if let Some(route) = route {
+        response.extensions_mut().insert(RouteLabel(route));
+    }
+    response
+}
+
+pub async fn observe(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = request_id_from(&request);
+    let method = request.method().clone();
+    let authenticated = request.headers().contains_key(header::AUTHORIZATION);
+    let span = tracing::info_span!(
+        "http.request",
+        otel.kind = "server",
+        service = "api-gateway",
+        http.request.method = %method,
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        request_id = %request_id,
+        trace_id = tracing::field::Empty,
+    );
+    telemetry::set_parent_from(&span, &telemetry::HeaderCarrier(request.headers()));
+    span.record("trace_id", telemetry::trace_id_of(&span));
+
+    let mut response = REQUEST_ID.scope(request_id.clone(), next.run(request).instrument(span.clone())).await;
+
+    let status = response.status().as_u16();
+    let route = response.extensions().get::<RouteLabel>().map_or("unmatched", |label| label.0.as_str()).to_owned();
+    span.record("http.response.status_code", status);
+    span.record("http.route", route.as_str());
+    let model_wait = response.extensions().get::<ModelWait>().map_or(Duration::ZERO, |wait| wait.0);
+    let total = started.elapsed();
+    let gateway_time = total.saturating_sub(model_wait);
+    let mut timing = format!("gateway;dur={:.1}", gateway_time.as_secs_f64() * 1000.0);
+    if !model_wait.is_zero() {
+        timing.push_str(&format!(", llm;dur={:.1}", model_wait.as_secs_f64() * 1000.0));
+    }
+
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        headers.insert(REQUEST_ID_HEADER, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&timing) {
+        headers.insert(SERVER_TIMING, value);
+    }
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if authenticated {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+
+    let labels = [("method", method.to_string()), ("route", route), ("status", status.to_string())];
+    metrics::counter!("parley_http_requests_total", &labels).increment(1);
+    metrics::histogram!("parley_http_request_duration_seconds", &labels[..2]).record(gateway_time.as_secs_f64());
+    response
+}

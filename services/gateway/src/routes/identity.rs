@@ -1,0 +1,124 @@
+//! Registration, login, token refresh and logout, the caller's profile, the JWKS, and tier changes.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use parley_proto::user::v1 as pb;
+use serde_json::json;
+
+use super::ClientIp;
+use crate::AppState;
+use crate::auth::Caller;
+use crate::problem::{ApiError, ApiJson, ApiResult, Problem};
+use crate::views::{AuthView, LoginBody, RefreshBody, RegisterBody, TierBody, UserView};
+
+/// Create an account. Returns the user and a first token pair.
+#[utoipa::path(post, path = "/v1/auth/register", tag = "identity", request_body = RegisterBody, responses(
+    (status = 201, body = AuthView),
+    (status = 400, description = "Malformed email or password under 10 characters; `field` names it", body = Problem),
+    (status = 409, description = "The email is taken", body = Problem),
+))]
+pub async fn register(
+    State(state): State<AppState>,
+    ClientIp(client_ip): ClientIp,
+    ApiJson(body): ApiJson<RegisterBody>,
+) -> ApiResult<Response> {
+    let request = pb::RegisterRequest {
+        email: body.email,
+        password: body.password,
+        display_name: body.display_name,
+        client_ip,
+    };
+    let response = state.backends.user.clone().register(request).await?.into_inner();
+    Ok((StatusCode::CREATED, Json(AuthView::from(response))).into_response())
+}
+
+/// Exchange credentials for a token pair. Wrong email and wrong password get the same 401.
+#[utoipa::path(post, path = "/v1/auth/login", tag = "identity", request_body = LoginBody, responses(
+    (status = 200, body = AuthView),
+    (status = 401, body = Problem),
+))]
+pub async fn login(
+    State(state): State<AppState>,
+    ClientIp(client_ip): ClientIp,
+    ApiJson(body): ApiJson<LoginBody>,
+) -> ApiResult<Json<AuthView>> {
+    let request = pb::LoginRequest { email: body.email, password: body.password, client_ip };
+    let response = state.backends.user.clone().login(request).await?.into_inner();
+    Ok(Json(AuthView::from(response)))
+}
+
+/// Rotate a refresh token. Presenting an already rotated token revokes its whole family.
+#[utoipa::path(post, path = "/v1/auth/refresh", tag = "identity", request_body = RefreshBody, responses(
+    (status = 200, body = AuthView),
+    (status = 401, body = Problem),
+))]
+pub async fn refresh(
+    State(state): State<AppState>,
+    ClientIp(client_ip): ClientIp,
+    ApiJson(body): ApiJson<RefreshBody>,
+) -> ApiResult<Json<AuthView>> {
+    let request = pb::RefreshRequest { refresh_token: body.refresh_token, client_ip };
+    let response = state.backends.user.clone().refresh(request).await?.into_inner();
+    Ok(Json(AuthView::from(response)))
+}
+
+/// End the session the refresh token belongs to.
+#[utoipa::path(post, path = "/v1/auth/logout", tag = "identity", request_body = RefreshBody, responses((status = 204)))]
+pub async fn logout(State(state): State<AppState>, ApiJson(body): ApiJson<RefreshBody>) -> ApiResult<StatusCode> {
+    state.backends.user.clone().logout(pb::LogoutRequest { refresh_token: body.refresh_token }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's own profile.
+#[utoipa::path(get, path = "/v1/me", tag = "identity", security(("bearer" = [])), responses(
+    (status = 200, body = UserView),
+    (status = 401, body = Problem),
+))]
+pub async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<UserView>> {
+    let user = state.backends.user.clone().get_user(pb::GetUserRequest { user_id: caller.user_id.to_string() }).await?;
+    Ok(Json(UserView::from(user.into_inner())))
+}
+
+/// The public keys that verify access tokens, by `kid`.
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "identity", responses((status = 200, description = "A JWK set")))]
+pub async fn jwks(State(state): State<AppState>) -> Response {
+    let keys: Vec<serde_json::Value> = state
+        .keys
+        .published()
+        .await
+        .into_iter()
+        .map(|key| json!({"kty": "OKP", "crv": key.crv, "x": key.x, "kid": key.kid, "alg": key.alg, "use": "sig"}))
+        .collect();
+    let mut response = Json(json!({"keys": keys})).into_response();
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("public, max-age=300"),
+    );
+    response
+}
+
+/// Change a user's tier (admins only). Applies from the user's next access token.
+#[utoipa::path(put, path = "/v1/admin/users/{id}/tier", tag = "admin", security(("bearer" = [])), request_body = TierBody,
+    params(("id" = String, Path, description = "User id")), responses(
+    (status = 200, body = UserView),
+    (status = 403, body = Problem),
+    (status = 404, body = Problem),
+))]
+pub async fn set_tier(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(user_id): Path<String>,
+    ApiJson(body): ApiJson<TierBody>,
+) -> ApiResult<Json<UserView>> {
+    if !caller.is_admin() {
+        return Err(ApiError::new(parley_platform::ErrorCode::Forbidden, "admin role required"));
+    }
+    if uuid::Uuid::parse_str(&user_id).is_err() {
+        return Err(ApiError::not_found("user"));
+    }
+    let request = pb::SetTierRequest { email: String::new(), user_id, tier: body.tier };
+    let user = state.backends.user.clone().set_tier(request).await?.into_inner();
+    Ok(Json(UserView::from(user)))
+}

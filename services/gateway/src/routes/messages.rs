@@ -1,0 +1,193 @@
+//! Sending messages and reading them back.
+//!
+//! A send checks the caller's budget, has chat store the user message, a pending reply and the AI job
+//! in one transaction, then waits for the reply on the message's NATS subject (with a slow poll of the
+//! stored message as a safety net, since core NATS may drop an event). Past the configured wait the
+//! answer is 202 with the reply still pending; it is finished in the background all the same.
+
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use parley_platform::events::MessageEvent;
+use parley_platform::{ErrorCode, ServiceError};
+use parley_proto::chat::v1 as pb;
+use parley_proto::quota::v1 as quota_pb;
+use uuid::Uuid;
+
+use super::{PageQuery, page_limit, query_rejection};
+use crate::AppState;
+use crate::auth::Caller;
+use crate::middleware::ModelWait;
+use crate::problem::{ApiError, ApiJson, ApiResult, Problem};
+use crate::views::{ExchangeView, MessageView, Page, SendMessageBody};
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// How often a waiting send re-reads the stored reply in case its completion event was lost.
+const SAFETY_POLL: Duration = Duration::from_secs(2);
+
+fn is_finished(message: &pb::Message) -> bool {
+    matches!(message.status.as_str(), "completed" | "failed")
+}
+
+/// A rough token count of a prompt, for the budget check before the job is queued.
+fn estimate_tokens(text: &str) -> i64 {
+    (text.chars().count() as i64 + 3) / 4
+}
+
+/// Send a message and get the assistant's reply.
+#[utoipa::path(post, path = "/v1/conversations/{id}/messages", tag = "messages", security(("bearer" = [])),
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key within 24 h return the first result")),
+    request_body = SendMessageBody, responses(
+    (status = 200, description = "The reply is finished", body = ExchangeView),
+    (status = 202, description = "The reply is still pending after the wait", body = ExchangeView),
+    (status = 400, body = Problem),
+    (status = 404, body = Problem),
+    (status = 429, description = "Token budget exhausted (`quota_exceeded`)", body = Problem),
+))]
+pub async fn send(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(conversation_id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<SendMessageBody>,
+) -> ApiResult<Response> {
+    let idempotency_key = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::invalid_field("Idempotency-Key", "must be printable ASCII"))?,
+        ),
+    };
+    let estimated_tokens = estimate_tokens(&body.content) + i64::from(state.config.agent.max_output_tokens);
+    let budget = state
+        .backends
+        .quota
+        .clone()
+        .check_budget(quota_pb::CheckBudgetRequest {
+            user_id: caller.user_id.to_string(),
+            tier: caller.tier.clone(),
+            estimated_tokens,
+        })
+        .await?
+        .into_inner();
+    if !budget.allowed {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let retry_after = (budget.resets_at - now).max(1) as u64;
+        return Err(ServiceError::new(
+            ErrorCode::QuotaExceeded,
+            format!("daily token budget of {} exhausted ({} used)", budget.limit, budget.used),
+        )
+        .retry_after(retry_after)
+        .into());
+    }
+    let request = pb::SendMessageRequest {
+        user_id: caller.user_id.to_string(),
+        conversation_id,
+        content: body.content,
+        model: body.model,
+        idempotency_key,
+        tier: caller.tier,
+    };
+    let sent = state.backends.chat.clone().send_message(request).await?.into_inner();
+    let assistant = sent.assistant_message.ok_or_else(|| ApiError(ServiceError::internal()))?;
+    let wait = Duration::from_secs(state.config.http.message_wait_secs);
+    let (assistant, waited) = wait_for_reply(&state, caller.user_id, assistant, wait).await;
+    let status = if is_finished(&assistant) { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let exchange = ExchangeView {
+        user_message: sent.user_message.map(MessageView::from),
+        assistant_message: Some(MessageView::from(assistant)),
+    };
+    let mut response = (status, Json(exchange)).into_response();
+    response.extensions_mut().insert(ModelWait(waited));
+    Ok(response)
+}
+
+/// Waits until `message` is finished or `wait` has passed; returns its latest state and the time spent.
+async fn wait_for_reply(state: &AppState, user_id: Uuid, message: pb::Message, wait: Duration) -> (pb::Message, Duration) {
+    let started = Instant::now();
+    if is_finished(&message) {
+        return (message, Duration::ZERO);
+    }
+    let Ok(message_id) = Uuid::parse_str(&message.id) else {
+        return (message, Duration::ZERO);
+    };
+    // Subscribe before reading, so a completion between the read and the subscription is not missed.
+    let subject = state.names.message_events_subject(message_id);
+    let mut events = match state.nats.subscribe(subject).await {
+        Ok(subscriber) => Some(subscriber),
+        Err(error) => {
+            tracing::warn!(%error, "cannot subscribe to message events; polling instead");
+            None
+        }
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut latest = message;
+    loop {
+        let request = pb::GetMessageRequest { user_id: user_id.to_string(), message_id: message_id.to_string() };
+        match state.backends.chat.clone().get_message(request).await {
+            Ok(current) => latest = current.into_inner(),
+            Err(status) => tracing::warn!(code = ?status.code(), "could not re-read a pending reply"),
+        }
+        if is_finished(&latest) || tokio::time::Instant::now() >= deadline {
+            return (latest, started.elapsed());
+        }
+        let next_poll = (tokio::time::Instant::now() + SAFETY_POLL).min(deadline);
+        match events.as_mut() {
+            Some(subscriber) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next_poll) => {}
+                    _ = async {
+                        while let Some(event) = subscriber.next().await {
+                            if let Ok(MessageEvent::Completed { .. } | MessageEvent::Failed { .. }) =
+                                serde_json::from_slice::<MessageEvent>(&event.payload)
+                            {
+                                break;
+                            }
+                        }
+                    } => {}
+                }
+            }
+            None => tokio::time::sleep_until(next_poll).await,
+        }
+    }
+}
+
+/// A conversation's messages, oldest first.
+#[utoipa::path(get, path = "/v1/conversations/{id}/messages", tag = "messages", security(("bearer" = [])),
+    params(("id" = String, Path), PageQuery), responses(
+    (status = 200, body = Page<MessageView>),
+    (status = 400, body = Problem),
+    (status = 404, body = Problem),
+))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(conversation_id): Path<String>,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> ApiResult<Json<Page<MessageView>>> {
+    let Query(query) = query.map_err(query_rejection)?;
+    let request = pb::ListMessagesRequest {
+        user_id: caller.user_id.to_string(),
+        conversation_id,
+        limit: page_limit(query.limit.as_deref())?,
+        cursor: query.cursor,
+    };
+    let page = state.backends.chat.clone().list_messages(request).await?.into_inner();
+    Ok(Json(Page { data: page.messages.into_iter().map(MessageView::from).collect(), next_cursor: page.next_cursor }))
+}
+
+/// One message.
+#[utoipa::path(get, path = "/v1/messages/{id}", tag = "messages", security(("bearer" = [])),
+    params(("id" = String, Path)), responses((status = 200, body = MessageView), (status = 404, body = Problem)))]
+pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<MessageView>> {
+    let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: id };
+    let message = state.backends.chat.clone().get_message(request).await?.into_inner();
+    Ok(Json(MessageView::from(message)))
+}

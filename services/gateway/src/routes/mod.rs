@@ -1,0 +1,77 @@
+//! The routes of the public API, one module per area of shared/API.md.
+
+pub mod conversations;
+pub mod identity;
+pub mod messages;
+pub mod ops;
+pub mod usage;
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::routing::{get, post, put};
+
+use crate::AppState;
+use crate::problem::ApiError;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .route("/.well-known/jwks.json", get(identity::jwks))
+        .route("/v1/auth/register", post(identity::register))
+        .route("/v1/auth/login", post(identity::login))
+        .route("/v1/auth/refresh", post(identity::refresh))
+        .route("/v1/auth/logout", post(identity::logout))
+        .route("/v1/me", get(identity::me))
+        .route("/v1/conversations", post(conversations::create).get(conversations::list))
+        .route(
+            "/v1/conversations/{id}",
+            get(conversations::get).patch(conversations::update).delete(conversations::delete),
+        )
+        .route("/v1/conversations/{id}/messages", post(messages::send).get(messages::list))
+        .route("/v1/messages/{id}", get(messages::get))
+        .route("/v1/usage", get(usage::own))
+        .route("/v1/admin/usage", get(usage::admin))
+        .route("/v1/admin/users/{id}/tier", put(identity::set_tier))
+}
+
+/// The client's address as the gateway saw it (the peer of the TCP connection).
+pub struct ClientIp(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string());
+        Ok(ClientIp(ip.unwrap_or_default()))
+    }
+}
+
+/// `?limit=` for lists: 1 to 100, 20 when absent.
+pub fn page_limit(limit: Option<&str>) -> Result<u32, ApiError> {
+    match limit {
+        None | Some("") => Ok(20),
+        Some(text) => match text.parse::<u32>() {
+            Ok(limit) if (1..=100).contains(&limit) => Ok(limit),
+            _ => Err(ApiError::invalid_field("limit", "must be an integer from 1 to 100")),
+        },
+    }
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct PageQuery {
+    /// Page size, 1 to 100 (default 20).
+    pub limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A query string that could not be read is a 400, like any other malformed input.
+pub fn query_rejection(rejection: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::new(parley_platform::ErrorCode::InvalidRequest, rejection.body_text())
+}

@@ -1,0 +1,217 @@
+//! The JSON shapes of the public API (shared/API.md), and their conversions from the services' messages.
+
+use parley_platform::timestamps::proto_to_rfc3339;
+use parley_proto::{chat::v1 as chat_pb, user::v1 as user_pb};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserView {
+    pub id: String,
+    pub email: String,
+    pub display_name: Option<String>,
+    pub tier: String,
+    pub role: String,
+    pub created_at: Option<String>,
+}
+
+impl From<user_pb::User> for UserView {
+    fn from(user: user_pb::User) -> Self {
+        Self {
+            created_at: proto_to_rfc3339(user.created_at.as_ref()),
+            id: user.id,
+            email: user.email,
+            display_name: user.display_name,
+            tier: user.tier,
+            role: user.role,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuthView {
+    pub user: Option<UserView>,
+    pub access_token: String,
+    pub refresh_token: String,
+    /// Always "Bearer".
+    pub token_type: &'static str,
+    /// Seconds until the access token expires.
+    pub expires_in: i64,
+}
+
+impl From<user_pb::AuthResponse> for AuthView {
+    fn from(response: user_pb::AuthResponse) -> Self {
+        Self {
+            user: response.user.map(UserView::from),
+            access_token: response.access_token,
+            refresh_token: response.refresh_token,
+            token_type: "Bearer",
+            expires_in: response.expires_in,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConversationView {
+    pub id: String,
+    pub title: Option<String>,
+    pub model: String,
+    pub system_prompt: Option<String>,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+    pub version: i64,
+}
+
+impl From<chat_pb::Conversation> for ConversationView {
+    fn from(conversation: chat_pb::Conversation) -> Self {
+        Self {
+            created_at: proto_to_rfc3339(conversation.created_at.as_ref()),
+            updated_at: proto_to_rfc3339(conversation.updated_at.as_ref()),
+            id: conversation.id,
+            title: conversation.title,
+            model: conversation.model,
+            system_prompt: conversation.system_prompt,
+            version: conversation.version,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageView {
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageErrorView {
+    pub code: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageView {
+    pub id: String,
+    pub conversation_id: String,
+    /// "user", "assistant" or "system".
+    pub role: String,
+    pub content: String,
+    /// "pending", "streaming", "completed" or "failed".
+    pub status: String,
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageView>,
+    pub created_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    /// Why the message failed, when its status is "failed".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<MessageErrorView>,
+}
+
+impl From<chat_pb::Message> for MessageView {
+    fn from(message: chat_pb::Message) -> Self {
+        let error = match (message.error_code, message.error_detail) {
+            (Some(code), detail) => Some(MessageErrorView { code, detail: detail.unwrap_or_default() }),
+            _ => None,
+        };
+        Self {
+            created_at: proto_to_rfc3339(message.created_at.as_ref()),
+            completed_at: proto_to_rfc3339(message.completed_at.as_ref()),
+            usage: message.usage.map(|usage| UsageView { input_tokens: usage.input_tokens, output_tokens: usage.output_tokens }),
+            id: message.id,
+            conversation_id: message.conversation_id,
+            role: message.role,
+            content: message.content,
+            status: message.status,
+            model: message.model,
+            error,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExchangeView {
+    pub user_message: Option<MessageView>,
+    pub assistant_message: Option<MessageView>,
+}
+
+/// A page of a list. `next_cursor` is null on the last page.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Page<T> {
+    pub data: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterBody {
+    pub email: String,
+    pub password: String,
+    #[serde(default)]
+    pub display_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginBody {
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshBody {
+    pub refresh_token: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationBody {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendMessageBody {
+    pub content: String,
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TierBody {
+    pub tier: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageRowView {
+    /// The day (YYYY-MM-DD), with group_by=day.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub day: Option<String>,
+    /// The model, with group_by=model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The user, with group_by=user (admin only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub total_tokens: i64,
+    pub requests: i64,
+    pub cost_usd: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageReportView {
+    pub from: String,
+    pub to: String,
+    pub group_by: String,
+    pub data: Vec<UsageRowView>,
+    pub totals: UsageRowView,
+}

@@ -1,0 +1,231 @@
+//! The `parley` command: parses the command line and starts what was asked. Nothing else lives here.
+
+#![allow(clippy::print_stdout)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use parley::{GrpcBind, LaunchOptions, Platform, Service};
+use parley_platform::Config;
+use parley_proto::user::v1::user_service_server::UserService as _;
+use parley_proto::user::v1::{SetRoleRequest, SetTierRequest};
+
+#[derive(Debug, Parser)]
+#[command(name = "parley", version, about = "Parley: a self-hosted backend for AI chat products")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run all six services and the fake LLM in one process, for trying Parley out.
+    Dev,
+    /// Run one service (one per Kubernetes Deployment).
+    Serve {
+        #[arg(value_enum)]
+        service: Service,
+    },
+    /// Apply every schema's migrations, then exit.
+    Migrate,
+    /// Validate the configuration, then exit.
+    CheckConfig,
+    /// Run the fake OpenAI-compatible LLM on its own.
+    FakeLlm(FakeLlmArgs),
+    /// Operator commands.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Args)]
+struct FakeLlmArgs {
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    addr: String,
+    #[arg(long)]
+    time_to_first_token_ms: Option<u64>,
+    #[arg(long)]
+    tokens_per_second: Option<f64>,
+    #[arg(long)]
+    error_rate: Option<f64>,
+    #[arg(long)]
+    rate_limit_rate: Option<f64>,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Give an account role `user` or `admin`.
+    SetRole {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        role: String,
+    },
+    /// Move an account to another tier.
+    SetTier {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        tier: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: failed to start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::CheckConfig => check_config(),
+        Command::Migrate => migrate().await,
+        Command::Dev => dev().await,
+        Command::Serve { service } => serve(service).await,
+        Command::FakeLlm(args) => fake_llm(args).await,
+        Command::Admin(command) => admin(command).await,
+    }
+}
+
+fn check_config() -> anyhow::Result<()> {
+    let config = Config::load()?;
+    println!("configuration is valid");
+    println!("  models: {}", config.models.keys().cloned().collect::<Vec<_>>().join(", "));
+    println!("  default model: {}", config.default_model);
+    println!("  tiers: {}", config.tiers.keys().cloned().collect::<Vec<_>>().join(", "));
+    Ok(())
+}
+
+async fn migrate() -> anyhow::Result<()> {
+    let config = Config::load()?;
+    let _telemetry = parley_platform::telemetry::init("parley-migrate", &config.telemetry)?;
+    let pool = sqlx::PgPool::connect(&config.database.url).await.context("failed to connect to postgres")?;
+    parley::migrate(&pool).await?;
+    println!("migrations applied");
+    Ok(())
+}
+
+async fn dev() -> anyhow::Result<()> {
+    let config = Config::load()?;
+    let telemetry = parley_platform::telemetry::init("parley-dev", &config.telemetry)?;
+    let options = LaunchOptions {
+        services: Service::ALL.to_vec(),
+        grpc_bind: GrpcBind::EphemeralLoopback,
+        http_listener: None,
+        admin_server: false,
+        fake_llm: true,
+        migrate: true,
+    };
+    let platform = Platform::launch(config, options).await?;
+    let shutdown = parley_platform::shutdown::on_signal();
+    let stop = platform.shutdown_token();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        stop.cancel();
+    });
+    if let Some(addr) = platform.http_addr {
+        print_walkthrough(&format!("http://{addr}"), &platform.config.default_model);
+    }
+    let result = platform.wait().await;
+    telemetry.shutdown();
+    result
+}
+
+fn print_walkthrough(base: &str, model: &str) {
+    println!(
+        r#"
+Parley is running: all six services in this process, each on its own gRPC port.
+  REST API     {base}   (OpenAPI at {base}/openapi.json)
+  health       {base}/healthz  {base}/readyz
+  metrics      {base}/metrics
+  model        {model} (the built-in fake LLM; no API key needed)
+
+Try it:
+  TOKEN=$(curl -s {base}/v1/auth/register -H 'content-type: application/json' \
+      -d '{{"email":"ada@example.com","password":"correct horse battery"}}' | jq -r .access_token)
+  # (already registered? use /v1/auth/login with the same body)
+  CONV=$(curl -s {base}/v1/conversations -H "authorization: Bearer $TOKEN" \
+      -H 'content-type: application/json' -d '{{"title":"First chat"}}' | jq -r .id)
+  curl -s {base}/v1/conversations/$CONV/messages -H "authorization: Bearer $TOKEN" \
+      -H 'content-type: application/json' -d '{{"content":"Hello, Parley!"}}' | jq
+  curl -s {base}/v1/usage -H "authorization: Bearer $TOKEN" | jq
+
+Stop with Ctrl-C."#
+    );
+}
+
+async fn serve(service: Service) -> anyhow::Result<()> {
+    let config = Config::load()?;
+    let telemetry = parley_platform::telemetry::init(&format!("parley-{}", service.name()), &config.telemetry)?;
+    let options = LaunchOptions {
+        services: vec![service],
+        grpc_bind: GrpcBind::Configured,
+        http_listener: None,
+        admin_server: service != Service::Gateway,
+        fake_llm: false,
+        migrate: false,
+    };
+    let platform = Platform::launch(config, options).await?;
+    tracing::info!(service = service.name(), "service started");
+    let shutdown = parley_platform::shutdown::on_signal();
+    let stop = platform.shutdown_token();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        stop.cancel();
+    });
+    let result = platform.wait().await;
+    telemetry.shutdown();
+    result
+}
+
+async fn fake_llm(args: FakeLlmArgs) -> anyhow::Result<()> {
+    let mut config = Config::load()?.fake_llm;
+    config.time_to_first_token_ms = args.time_to_first_token_ms.unwrap_or(config.time_to_first_token_ms);
+    config.tokens_per_second = args.tokens_per_second.unwrap_or(config.tokens_per_second);
+    config.error_rate = args.error_rate.unwrap_or(config.error_rate);
+    config.rate_limit_rate = args.rate_limit_rate.unwrap_or(config.rate_limit_rate);
+    let listener = tokio::net::TcpListener::bind(&args.addr).await.with_context(|| format!("failed to bind {}", args.addr))?;
+    println!("fake LLM listening on http://{}/v1", listener.local_addr()?);
+    let shutdown = parley_platform::shutdown::on_signal();
+    parley_fake_llm::serve(parley_fake_llm::FakeLlm::from_config(&config), listener, shutdown).await?;
+    Ok(())
+}
+
+/// Runs the user service's own handlers in-process, so the command line follows the API's rules.
+async fn admin(command: AdminCommand) -> anyhow::Result<()> {
+    let config = Arc::new(Config::load()?);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&config.database.url)
+        .await
+        .context("failed to connect to postgres")?;
+    let users = parley_user::build(config, pool).await?;
+    let user = match command {
+        AdminCommand::SetRole { email, role } => {
+            let request = SetRoleRequest { email, user_id: String::new(), role };
+            users.set_role(tonic::Request::new(request)).await
+        }
+        AdminCommand::SetTier { email, tier } => {
+            let request = SetTierRequest { email, user_id: String::new(), tier };
+            users.set_tier(tonic::Request::new(request)).await
+        }
+    };
+    let user = user.map_err(|status| anyhow::anyhow!("{}", parley_platform::ServiceError::from(status).message))?;
+    let user = user.into_inner();
+    println!("{}: role {}, tier {}", user.email, user.role, user.tier);
+    Ok(())
+}

@@ -1,0 +1,666 @@
+//! Configuration: built-in defaults, then the TOML file named by `PARLEY_CONFIG`, then environment
+//! variables. Unknown keys are errors, and [`Config::validate`] names the field that is wrong.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Every environment variable Parley reads, with what it sets. The README's table comes from here.
+pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
+    ("PARLEY_CONFIG", "path to the TOML file with structured settings (providers, models, tiers)"),
+    ("DATABASE_URL", "PostgreSQL primary, e.g. postgres://parley@127.0.0.1:5432/parley"),
+    ("DATABASE_REPLICA_URLS", "comma-separated PostgreSQL read replicas"),
+    ("REDIS_URL", "Redis, e.g. redis://127.0.0.1:6379"),
+    ("NATS_URL", "NATS with JetStream, e.g. nats://127.0.0.1:4222"),
+    ("PARLEY_HTTP_ADDR", "address the gateway's REST API listens on (default 127.0.0.1:8080)"),
+    ("PARLEY_GRPC_ADDR", "address a service's gRPC server listens on under `parley serve`"),
+    ("PARLEY_ADMIN_ADDR", "address of /healthz, /readyz and /metrics under `parley serve`"),
+    ("PARLEY_USER_URL", "gRPC address of the user service"),
+    ("PARLEY_CHAT_URL", "gRPC address of the chat service"),
+    ("PARLEY_QUOTA_URL", "gRPC address of the quota service"),
+    ("PARLEY_ANALYTICS_URL", "gRPC address of the analytics service"),
+    ("PARLEY_ADMIN_EMAILS", "comma-separated emails whose accounts have role admin"),
+    ("PARLEY_CURSOR_SECRET", "key that makes pagination cursors tamper-evident (same on every replica)"),
+    ("PARLEY_NATS_PREFIX", "prefix of every JetStream stream and subject (default parley)"),
+    ("PARLEY_REDIS_PREFIX", "prefix of every Redis key (default parley)"),
+    ("PARLEY_DEFAULT_MODEL", "model used when a request names none"),
+    ("PARLEY_LOG", "log filter, e.g. info or parley_chat=debug (default info)"),
+    ("PARLEY_LOG_FORMAT", "json (default) or pretty"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTLP gRPC endpoint for traces; unset means no export"),
+    ("OTEL_SERVICE_NAME", "service name on exported spans (default parley-<service>)"),
+    ("OPENAI_API_KEY", "API key for providers configured with api_key_env = \"OPENAI_API_KEY\""),
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub nats: NatsConfig,
+    pub http: HttpConfig,
+    pub grpc: GrpcConfig,
+    pub auth: AuthConfig,
+    pub chat: ChatConfig,
+    pub agent: AgentConfig,
+    pub telemetry: TelemetryConfig,
+    pub fake_llm: FakeLlmConfig,
+    /// The model used when a conversation or request names none.
+    pub default_model: String,
+    pub models: BTreeMap<String, ModelConfig>,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub tiers: BTreeMap<String, TierConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub replica_urls: Vec<String>,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Every key starts with `<prefix>:`, so several deployments (or tests) can share one Redis.
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    pub url: String,
+    /// Streams are named `<PREFIX>_JOBS`, subjects `<prefix>.jobs.*`, and so on.
+    pub prefix: String,
+    /// How long an agent may hold a job without acknowledging it before JetStream redelivers it.
+    pub job_ack_wait_secs: u64,
+    /// Deliveries of one job before it is given up and its message marked failed.
+    pub job_max_deliver: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub addr: String,
+    pub body_limit_bytes: usize,
+    /// How long a non-streaming send waits for the reply before answering 202.
+    pub message_wait_secs: u64,
+    /// Address of /healthz, /readyz and /metrics for services without a public HTTP port.
+    pub admin_addr: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    pub addr: String,
+    pub user_url: String,
+    pub chat_url: String,
+    pub quota_url: String,
+    pub analytics_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub issuer: String,
+    pub audience: String,
+    pub access_token_ttl_secs: i64,
+    pub refresh_token_ttl_secs: i64,
+    pub admin_emails: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatConfig {
+    pub cursor_secret: String,
+    /// Longest accepted message, in characters.
+    pub max_message_chars: usize,
+    /// How many earlier messages an agent gets as context.
+    pub history_limit: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Jobs one agent replica runs at once.
+    pub concurrency: usize,
+    pub connect_timeout_ms: u64,
+    pub request_timeout_secs: u64,
+    /// Most tokens a reply may use; also what a budget check reserves for the reply.
+    pub max_output_tokens: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub otlp_endpoint: Option<String>,
+    pub log_filter: String,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FakeLlmConfig {
+    pub addr: String,
+    /// Delay before the response starts (non-streaming) or before the first token (streaming).
+    pub time_to_first_token_ms: u64,
+    pub tokens_per_second: f64,
+    /// Fraction of requests answered 500.
+    pub error_rate: f64,
+    /// Fraction of requests answered 429 with `Retry-After`.
+    pub rate_limit_rate: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Provider/model pairs tried in order.
+    pub chain: Vec<ModelTarget>,
+    #[serde(default = "default_context_window")]
+    pub context_window: u32,
+    /// USD per million input tokens.
+    #[serde(default)]
+    pub input_price_per_mtok: f64,
+    /// USD per million output tokens.
+    #[serde(default)]
+    pub output_price_per_mtok: f64,
+}
+
+fn default_context_window() -> u32 {
+    8192
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelTarget {
+    pub provider: String,
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    /// Base URL up to and including `/v1`. For `fake` under `parley dev`, filled in with the built-in
+    /// fake LLM's address when left empty.
+    #[serde(default)]
+    pub base_url: String,
+    /// Name of the environment variable holding the API key, if the provider needs one.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Anything speaking the OpenAI Chat Completions API.
+    Openai,
+    /// The built-in fake LLM (OpenAI wire format).
+    Fake,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    pub requests_per_minute: u32,
+    pub tokens_per_day: i64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/parley".to_owned(),
+            replica_urls: Vec::new(),
+            max_connections: 10,
+            acquire_timeout_ms: 3_000,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self { url: "redis://127.0.0.1:6379".to_owned(), key_prefix: "parley".to_owned() }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            prefix: "parley".to_owned(),
+            job_ack_wait_secs: 30,
+            job_max_deliver: 5,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:8080".to_owned(),
+            body_limit_bytes: 1024 * 1024,
+            message_wait_secs: 60,
+            admin_addr: "0.0.0.0:9090".to_owned(),
+        }
+    }
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:50051".to_owned(),
+            user_url: "http://parley-user:50051".to_owned(),
+            chat_url: "http://parley-chat:50051".to_owned(),
+            quota_url: "http://parley-quota:50051".to_owned(),
+            analytics_url: "http://parley-analytics:50051".to_owned(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "parley".to_owned(),
+            audience: "parley-api".to_owned(),
+            access_token_ttl_secs: 15 * 60,
+            refresh_token_ttl_secs: 30 * 24 * 3600,
+            admin_emails: Vec::new(),
+        }
+    }
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            cursor_secret: "parley-development-cursor-secret".to_owned(),
+            max_message_chars: 100_000,
+            history_limit: 50,
+        }
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self { concurrency: 32, connect_timeout_ms: 5_000, request_timeout_secs: 120, max_output_tokens: 1024 }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { otlp_endpoint: None, log_filter: "info".to_owned(), log_format: LogFormat::Json }
+    }
+}
+
+impl Default for FakeLlmConfig {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:0".to_owned(),
+            time_to_first_token_ms: 50,
+            tokens_per_second: 200.0,
+            error_rate: 0.0,
+            rate_limit_rate: 0.0,
+        }
+    }
+}
+
+/// The model every fresh install has: answered by the built-in fake LLM, so Parley runs offline.
+pub const FAKE_MODEL: &str = "parley-fake";
+
+impl Default for Config {
+    fn default() -> Self {
+        let providers = BTreeMap::from([(
+            "fake".to_owned(),
+            ProviderConfig { kind: ProviderKind::Fake, base_url: String::new(), api_key_env: None },
+        )]);
+        let models = BTreeMap::from([(
+            FAKE_MODEL.to_owned(),
+            ModelConfig {
+                chain: vec![ModelTarget { provider: "fake".to_owned(), model: "fake-echo".to_owned() }],
+                context_window: 8192,
+                input_price_per_mtok: 0.5,
+                output_price_per_mtok: 1.5,
+            },
+        )]);
+        let tiers = BTreeMap::from([
+            ("free".to_owned(), TierConfig { requests_per_minute: 20, tokens_per_day: 50_000 }),
+            ("pro".to_owned(), TierConfig { requests_per_minute: 120, tokens_per_day: 1_000_000 }),
+            ("enterprise".to_owned(), TierConfig { requests_per_minute: 600, tokens_per_day: 20_000_000 }),
+        ]);
+        Self {
+            database: DatabaseConfig::default(),
+            redis: RedisConfig::default(),
+            nats: NatsConfig::default(),
+            http: HttpConfig::default(),
+            grpc: GrpcConfig::default(),
+            auth: AuthConfig::default(),
+            chat: ChatConfig::default(),
+            agent: AgentConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            fake_llm: FakeLlmConfig::default(),
+            default_model: FAKE_MODEL.to_owned(),
+            models,
+            providers,
+            tiers,
+        }
+    }
+}
+
+/// A configuration that cannot be used, naming the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("failed to read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid config file {path}: {source}")]
+    Parse { path: String, source: Box<toml::de::Error> },
+    #[error("invalid value for {field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), message: message.into() }
+}
+
+impl Config {
+    /// Defaults, then the file named by `PARLEY_CONFIG` (if set), then the environment; validated.
+    pub fn load() -> Result<Self, ConfigError> {
+        let lookup = |name: &str| std::env::var(name).ok();
+        let mut config = match lookup("PARLEY_CONFIG") {
+            Some(path) if !path.is_empty() => Self::from_file(Path::new(&path))?,
+            _ => Self::default(),
+        };
+        config.apply_env(lookup)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: display.clone(), source })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: display, source: Box::new(source) })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Applies environment overrides read through `lookup`, so tests need not touch the process env.
+    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+        if let Some(v) = get("DATABASE_URL") {
+            self.database.url = v;
+        }
+        if let Some(v) = get("DATABASE_REPLICA_URLS") {
+            self.database.replica_urls = split_list(&v);
+        }
+        if let Some(v) = get("REDIS_URL") {
+            self.redis.url = v;
+        }
+        if let Some(v) = get("NATS_URL") {
+            self.nats.url = v;
+        }
+        if let Some(v) = get("PARLEY_HTTP_ADDR") {
+            self.http.addr = v;
+        }
+        if let Some(v) = get("PARLEY_GRPC_ADDR") {
+            self.grpc.addr = v;
+        }
+        if let Some(v) = get("PARLEY_ADMIN_ADDR") {
+            self.http.admin_addr = v;
+        }
+        if let Some(v) = get("PARLEY_USER_URL") {
+            self.grpc.user_url = v;
+        }
+        if let Some(v) = get("PARLEY_CHAT_URL") {
+            self.grpc.chat_url = v;
+        }
+        if let Some(v) = get("PARLEY_QUOTA_URL") {
+            self.grpc.quota_url = v;
+        }
+        if let Some(v) = get("PARLEY_ANALYTICS_URL") {
+            self.grpc.analytics_url = v;
+        }
+        if let Some(v) = get("PARLEY_ADMIN_EMAILS") {
+            self.auth.admin_emails = split_list(&v);
+        }
+        if let Some(v) = get("PARLEY_CURSOR_SECRET") {
+            self.chat.cursor_secret = v;
+        }
+        if let Some(v) = get("PARLEY_NATS_PREFIX") {
+            self.nats.prefix = v;
+        }
+        if let Some(v) = get("PARLEY_REDIS_PREFIX") {
+            self.redis.key_prefix = v;
+        }
+        if let Some(v) = get("PARLEY_DEFAULT_MODEL") {
+            self.default_model = v;
+        }
+        if let Some(v) = get("PARLEY_LOG") {
+            self.telemetry.log_filter = v;
+        }
+        if let Some(v) = get("PARLEY_LOG_FORMAT") {
+            self.telemetry.log_format = match v.as_str() {
+                "json" => LogFormat::Json,
+                "pretty" => LogFormat::Pretty,
+                other => return Err(invalid("PARLEY_LOG_FORMAT", format!("expected json or pretty, got {other:?}"))),
+            };
+        }
+        if let Some(v) = get("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            self.telemetry.otlp_endpoint = Some(v);
+        }
+        Ok(())
+    }
+
+    /// Checks everything that can be checked without connecting anywhere.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_url("database.url", &self.database.url, &["postgres", "postgresql"])?;
+        for (index, url) in self.database.replica_urls.iter().enumerate() {
+            check_url(&format!("database.replica_urls[{index}]"), url, &["postgres", "postgresql"])?;
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        check_url("redis.url", &self.redis.url, &["redis", "rediss"])?;
+        check_url("nats.url", &self.nats.url, &["nats", "tls"])?;
+        check_name("nats.prefix", &self.nats.prefix)?;
+        check_name("redis.key_prefix", &self.redis.key_prefix)?;
+        if self.nats.job_max_deliver < 1 {
+            return Err(invalid("nats.job_max_deliver", "must be at least 1"));
+        }
+        if self.nats.job_ack_wait_secs == 0 {
+            return Err(invalid("nats.job_ack_wait_secs", "must be at least 1"));
+        }
+        check_socket_addr("http.addr", &self.http.addr)?;
+        check_socket_addr("http.admin_addr", &self.http.admin_addr)?;
+        check_socket_addr("grpc.addr", &self.grpc.addr)?;
+        for (field, url) in [
+            ("grpc.user_url", &self.grpc.user_url),
+            ("grpc.chat_url", &self.grpc.chat_url),
+            ("grpc.quota_url", &self.grpc.quota_url),
+            ("grpc.analytics_url", &self.grpc.analytics_url),
+        ] {
+            check_url(field, url, &["http", "https"])?;
+        }
+        if self.http.body_limit_bytes == 0 {
+            return Err(invalid("http.body_limit_bytes", "must be greater than 0"));
+        }
+        if self.auth.access_token_ttl_secs <= 0 {
+            return Err(invalid("auth.access_token_ttl_secs", "must be positive"));
+        }
+        if self.auth.refresh_token_ttl_secs <= 0 {
+            return Err(invalid("auth.refresh_token_ttl_secs", "must be positive"));
+        }
+        if self.chat.cursor_secret.len() < 16 {
+            return Err(invalid("chat.cursor_secret", "must be at least 16 characters"));
+        }
+        if self.agent.concurrency == 0 {
+            return Err(invalid("agent.concurrency", "must be at least 1"));
+        }
+        for (field, rate) in
+            [("fake_llm.error_rate", self.fake_llm.error_rate), ("fake_llm.rate_limit_rate", self.fake_llm.rate_limit_rate)]
+        {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(invalid(field, "must be between 0 and 1"));
+            }
+        }
+        if self.fake_llm.tokens_per_second <= 0.0 {
+            return Err(invalid("fake_llm.tokens_per_second", "must be positive"));
+        }
+        for (name, provider) in &self.providers {
+            if provider.kind == ProviderKind::Openai {
+                check_url(&format!("providers.{name}.base_url"), &provider.base_url, &["http", "https"])?;
+            } else if !provider.base_url.is_empty() {
+                check_url(&format!("providers.{name}.base_url"), &provider.base_url, &["http", "https"])?;
+            }
+        }
+        if self.models.is_empty() {
+            return Err(invalid("models", "at least one model is required"));
+        }
+        for (name, model) in &self.models {
+            if model.chain.is_empty() {
+                return Err(invalid(format!("models.{name}.chain"), "needs at least one provider/model pair"));
+            }
+            for (index, target) in model.chain.iter().enumerate() {
+                if !self.providers.contains_key(&target.provider) {
+                    return Err(invalid(
+                        format!("models.{name}.chain[{index}].provider"),
+                        format!("no provider named {:?}", target.provider),
+                    ));
+                }
+            }
+            if model.input_price_per_mtok < 0.0 || model.output_price_per_mtok < 0.0 {
+                return Err(invalid(format!("models.{name}"), "prices cannot be negative"));
+            }
+        }
+        if !self.models.contains_key(&self.default_model) {
+            return Err(invalid("default_model", format!("no model named {:?}", self.default_model)));
+        }
+        if !self.tiers.contains_key(DEFAULT_TIER) {
+            return Err(invalid("tiers", format!("the {DEFAULT_TIER:?} tier must exist")));
+        }
+        for (name, tier) in &self.tiers {
+            if tier.tokens_per_day < 0 {
+                return Err(invalid(format!("tiers.{name}.tokens_per_day"), "cannot be negative"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn tier(&self, name: &str) -> Option<&TierConfig> {
+        self.tiers.get(name)
+    }
+}
+
+/// The tier a new account starts on.
+pub const DEFAULT_TIER: &str = "free";
+
+fn split_list(value: &str) -> Vec<String> {
+    value.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_owned).collect()
+}
+
+fn check_url(field: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return Err(invalid(field, format!("{value:?} is not a URL")));
+    };
+    if !schemes.contains(&scheme) {
+        return Err(invalid(field, format!("scheme must be one of {schemes:?}, got {scheme:?}")));
+    }
+    if rest.is_empty() {
+        return Err(invalid(field, "has no host"));
+    }
+    Ok(())
+}
+
+fn check_socket_addr(field: &str, value: &str) -> Result<(), ConfigError> {
+    value
+        .parse::<SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| invalid(field, format!("{value:?} is not an address like 127.0.0.1:8080")))
+}
+
+fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
+    let valid = !value.is_empty() && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if valid { Ok(()) } else { Err(invalid(field, "use only letters, digits, '-' and '_'")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(error: ConfigError) -> String {
+        match error {
+            ConfigError::Invalid { field, .. } => field,
+            other => panic!("expected an invalid field, got {other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn environment_overrides_file_and_defaults() {
+        let mut config = Config::from_toml("[database]\nurl = \"postgres://file/db\"\n").unwrap();
+        assert_eq!(config.database.url, "postgres://file/db");
+        config
+            .apply_env(|name| match name {
+                "DATABASE_URL" => Some("postgres://env/db".to_owned()),
+                "DATABASE_REPLICA_URLS" => Some("postgres://r1/db, postgres://r2/db".to_owned()),
+                "PARLEY_ADMIN_EMAILS" => Some("a@example.com,b@example.com".to_owned()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(config.database.url, "postgres://env/db");
+        assert_eq!(config.database.replica_urls, vec!["postgres://r1/db", "postgres://r2/db"]);
+        assert_eq!(config.auth.admin_emails.len(), 2);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let error = Config::from_toml("[database]\nurll = \"x\"\n").unwrap_err();
+        assert!(error.to_string().contains("urll"), "{error}");
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        let mut config = Config::default();
+        config.redis.url = "http://localhost".to_owned();
+        assert_eq!(field_of(config.validate().unwrap_err()), "redis.url");
+
+        let mut config = Config::default();
+        config.default_model = "missing".to_owned();
+        assert_eq!(field_of(config.validate().unwrap_err()), "default_model");
+
+        let mut config = Config::default();
+        config.models.get_mut(FAKE_MODEL).unwrap().chain[0].provider = "nope".to_owned();
+        assert_eq!(field_of(config.validate().unwrap_err()), "models.parley-fake.chain[0].provider");
+
+        let mut config = Config::default();
+        config.fake_llm.error_rate = 1.5;
+        assert_eq!(field_of(config.validate().unwrap_err()), "fake_llm.error_rate");
+
+        let mut config = Config::default();
+        config.http.addr = "localhost".to_owned();
+        assert_eq!(field_of(config.validate().unwrap_err()), "http.addr");
+    }
+
+    #[test]
+    fn bad_log_format_names_the_variable() {
+        let mut config = Config::default();
+        let error = config.apply_env(|name| (name == "PARLEY_LOG_FORMAT").then(|| "xml".to_owned())).unwrap_err();
+        assert_eq!(field_of(error), "PARLEY_LOG_FORMAT");
+    }
+}

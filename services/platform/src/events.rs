@@ -1,0 +1,46 @@
+//! Messages that services exchange over NATS. JSON, so they can be read with `nats sub`.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// An AI job: answer the pending assistant message `message_id`. Published by chat's outbox relay with
+/// `Nats-Msg-Id` = `job_id`, consumed by agents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AiJob {
+    pub job_id: Uuid,
+    pub message_id: Uuid,
+    pub conversation_id: Uuid,
+    pub user_id: Uuid,
+    pub model: String,
+    pub tier: String,
+}
+
+/// What an agent reports after a model call. Idempotent by `event_id` (the assistant message id).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UsageEvent {
+    pub event_id: Uuid,
+    pub user_id: Uuid,
+    pub conversation_id: Uuid,
+    pub message_id: Uuid,
+    pub model: String,
+    pub provider: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub latency_ms: i64,
+    pub time_to_first_token_ms: Option<i64>,
+    pub cache_hit: bool,
+    /// "completed" or "failed".
+    pub outcome: String,
+    /// Unix milliseconds.
+    pub occurred_at_ms: i64,
+}
+
+/// Live progress of one assistant message, on its own core NATS subject. Gateways relay these to
+/// waiting clients; the stored message stays the source of truth.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MessageEvent {
+    Delta { message_id: Uuid, index: u64, text: String },
+    Completed { message_id: Uuid },
+    Failed { message_id: Uuid, code: String, detail: String },
+}

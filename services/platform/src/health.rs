@@ -1,0 +1,152 @@
+//! Liveness, readiness and the admin routes (`/healthz`, `/readyz`, `/metrics`).
+//!
+//! Liveness checks nothing. Readiness runs every dependency check concurrently, each bounded by a
+//! timeout, and names the ones that fail.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::future::BoxFuture;
+use serde_json::json;
+
+type CheckFn = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The named dependency checks that decide readiness.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    checks: Vec<(String, CheckFn)>,
+}
+
+impl Readiness {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_check<F, Fut>(mut self, name: impl Into<String>, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        self.checks.push((name.into(), Arc::new(move || Box::pin(check()))));
+        self
+    }
+
+    pub fn merge(mut self, other: Readiness) -> Self {
+        for (name, check) in other.checks {
+            if !self.checks.iter().any(|(existing, _)| *existing == name) {
+                self.checks.push((name, check));
+            }
+        }
+        self
+    }
+
+    /// Runs every check concurrently; the map holds "ok" or the failure for each.
+    pub async fn check(&self) -> (bool, BTreeMap<String, String>) {
+        let runs = self.checks.iter().map(|(name, check)| {
+            let check = check.clone();
+            async move {
+                let outcome = match tokio::time::timeout(CHECK_TIMEOUT, check()).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(error),
+                    Err(_) => Err(format!("no answer within {} ms", CHECK_TIMEOUT.as_millis())),
+                };
+                (name.clone(), outcome)
+            }
+        });
+        let outcomes = futures::future::join_all(runs).await;
+        let ready = outcomes.iter().all(|(_, outcome)| outcome.is_ok());
+        let report = outcomes
+            .into_iter()
+            .map(|(name, outcome)| (name, outcome.err().unwrap_or_else(|| "ok".to_owned())))
+            .collect();
+        (ready, report)
+    }
+
+    pub async fn response(&self) -> Response {
+        let (ready, checks) = self.check().await;
+        if ready {
+            (StatusCode::OK, Json(json!({"status": "ready", "checks": checks}))).into_response()
+        } else {
+            let failing: Vec<&String> = checks.iter().filter(|(_, v)| *v != "ok").map(|(k, _)| k).collect();
+            tracing::warn!(?failing, "not ready");
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not_ready", "checks": checks}))).into_response()
+        }
+    }
+}
+
+pub fn postgres_check(pool: sqlx::PgPool) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+    move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()).map_err(|error| error.to_string())
+        })
+    }
+}
+
+pub fn nats_check(client: async_nats::Client) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+    move || {
+        let state = client.connection_state();
+        Box::pin(async move {
+            match state {
+                async_nats::connection::State::Connected => Ok(()),
+                other => Err(format!("connection {other}")),
+            }
+        })
+    }
+}
+
+pub fn redis_check(
+    connection: redis::aio::ConnectionManager,
+) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+    move || {
+        let mut connection = connection.clone();
+        Box::pin(async move {
+            redis::cmd("PING").query_async::<String>(&mut connection).await.map(|_| ()).map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Checks a peer's `grpc.health.v1` status for one service name.
+pub fn grpc_check(
+    channel: tonic::transport::Channel,
+    service: &'static str,
+) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+    move || {
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        Box::pin(async move {
+            let request = tonic_health::pb::HealthCheckRequest { service: service.to_owned() };
+            let response = client.check(request).await.map_err(|status| status.code().to_string())?;
+            match response.into_inner().status() {
+                tonic_health::pb::health_check_response::ServingStatus::Serving => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+    }
+}
+
+/// `/healthz`, `/readyz` and `/metrics`, for services whose main port speaks gRPC.
+pub fn admin_router(readiness: Readiness) -> axum::Router {
+    let readiness = Arc::new(readiness);
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(move || {
+            let readiness = readiness.clone();
+            async move { readiness.response().await }
+        }))
+        .route("/metrics", get(metrics))
+}
+
+pub async fn healthz() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+pub async fn metrics() -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::render_metrics()).into_response()
+}

@@ -1,0 +1,139 @@
+//! NATS connections, and the names of every stream, consumer and subject Parley uses, derived from one
+//! prefix so that deployments (and tests) sharing a NATS server never see each other's messages.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use uuid::Uuid;
+
+use crate::config::NatsConfig;
+
+/// Stream, consumer and subject names for one deployment.
+#[derive(Debug, Clone)]
+pub struct Names {
+    prefix: String,
+    stream_prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.to_owned(), stream_prefix: prefix.to_ascii_uppercase().replace('-', "_") }
+    }
+
+    /// Work queue of AI jobs.
+    pub fn jobs_stream(&self) -> String {
+        format!("{}_JOBS", self.stream_prefix)
+    }
+
+    pub fn jobs_subject(&self) -> String {
+        format!("{}.jobs.chat", self.prefix)
+    }
+
+    /// The durable consumer every agent replica pulls from.
+    pub fn agent_consumer(&self) -> &'static str {
+        "agent"
+    }
+
+    /// Usage events, kept for replay by analytics.
+    pub fn usage_stream(&self) -> String {
+        format!("{}_USAGE", self.stream_prefix)
+    }
+
+    pub fn usage_subject(&self) -> String {
+        format!("{}.usage.events", self.prefix)
+    }
+
+    pub fn analytics_consumer(&self) -> &'static str {
+        "analytics"
+    }
+
+    /// Core NATS subject carrying the live events of one assistant message.
+    pub fn message_events_subject(&self, message_id: Uuid) -> String {
+        format!("{}.messages.{message_id}", self.prefix)
+    }
+}
+
+pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::new()
+        .name(client_name)
+        .connection_timeout(Duration::from_secs(5))
+        .retry_on_initial_connect()
+        .connect(&config.url)
+        .await
+}
+
+/// The AI job stream: a work queue (each job is removed once an agent acknowledges it), with a
+/// deduplication window that drops a job the outbox relay publishes twice.
+pub async fn ensure_jobs_stream(js: &jetstream::Context, names: &Names) -> Result<stream::Stream, async_nats::Error> {
+    let config = stream::Config {
+        name: names.jobs_stream(),
+        subjects: vec![names.jobs_subject()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    Ok(js.get_or_create_stream(config).await?)
+}
+
+/// The agents' durable pull consumer on the job stream.
+pub async fn ensure_agent_consumer(
+    js: &jetstream::Context,
+    names: &Names,
+    config: &NatsConfig,
+) -> Result<consumer::Consumer<consumer::pull::Config>, async_nats::Error> {
+    let stream = ensure_jobs_stream(js, names).await?;
+    let consumer_config = consumer::pull::Config {
+        durable_name: Some(names.agent_consumer().to_owned()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(config.job_ack_wait_secs),
+        // One more than the agent's own limit, so the agent sees the last delivery and can mark the
+        // message failed instead of JetStream silently dropping it.
+        max_deliver: config.job_max_deliver + 1,
+        max_ack_pending: 10_000,
+        ..Default::default()
+    };
+    Ok(stream.get_or_create_consumer(names.agent_consumer(), consumer_config).await?)
+}
+
+/// The usage event stream: kept (limits retention) so analytics can replay it.
+pub async fn ensure_usage_stream(js: &jetstream::Context, names: &Names) -> Result<stream::Stream, async_nats::Error> {
+    let config = stream::Config {
+        name: names.usage_stream(),
+        subjects: vec![names.usage_subject()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    Ok(js.get_or_create_stream(config).await?)
+}
+
+/// Analytics' durable pull consumer on the usage stream.
+pub async fn ensure_analytics_consumer(
+    js: &jetstream::Context,
+    names: &Names,
+) -> Result<consumer::Consumer<consumer::pull::Config>, async_nats::Error> {
+    let stream = ensure_usage_stream(js, names).await?;
+    let consumer_config = consumer::pull::Config {
+        durable_name: Some(names.analytics_consumer().to_owned()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        ..Default::default()
+    };
+    Ok(stream.get_or_create_consumer(names.analytics_consumer(), consumer_config).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_prefix() {
+        let names = Names::new("t-1a2b");
+        assert_eq!(names.jobs_stream(), "T_1A2B_JOBS");
+        assert_eq!(names.jobs_subject(), "t-1a2b.jobs.chat");
+        assert_eq!(names.usage_stream(), "T_1A2B_USAGE");
+    }
+}

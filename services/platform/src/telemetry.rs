@@ -1,0 +1,207 @@
+//! Logs, traces and metrics, set up once per process by [`init`].
+//!
+//! - Logs are JSON lines (or human-readable with `PARLEY_LOG_FORMAT=pretty`); every request span
+//!   carries `request_id`, `trace_id` and `service`, and the JSON lines list the spans they happened in.
+//! - Traces use W3C trace context. Every process has a tracer provider, so trace ids exist and flow
+//!   across gRPC metadata and NATS headers even when nothing is exported; spans are exported with OTLP
+//!   only when an endpoint is configured.
+//! - Metrics go to a Prometheus recorder rendered by [`render_metrics`] on each `/metrics` route.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::{LogFormat, TelemetryConfig};
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+static TRACER_PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// Flushes exported spans when dropped (or on [`TelemetryGuard::shutdown`]); keep it alive in `main`.
+#[must_use = "dropping the guard stops span export"]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    pub fn shutdown(mut self) {
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(error) = provider.shutdown() {
+                tracing::warn!(%error, "failed to flush spans on shutdown");
+            }
+        }
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Sets up logging, tracing and metrics for this process. Calling it again is harmless (tests start
+/// many services in one process): the first call wins.
+pub fn init(service_name: &str, config: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
+    install_metrics_recorder();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+
+    let mut exporting = false;
+    let provider = TRACER_PROVIDER.get_or_init(|| {
+        let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name.to_owned()).build();
+        let mut builder = SdkTracerProvider::builder().with_resource(resource);
+        if let Some(endpoint) = &config.otlp_endpoint {
+            match opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build() {
+                Ok(exporter) => {
+                    builder = builder.with_batch_exporter(exporter);
+                    exporting = true;
+                }
+                Err(error) => eprintln_warning(&format!("OTLP exporter disabled: {error}")),
+            }
+        }
+        builder.build()
+    });
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    let tracer = provider.tracer("parley");
+
+    let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let otel_layer = tracing_opentelemetry::layer().with_tracer(tracer);
+    let fmt_layer = match config.log_format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .with_target(true)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer().with_target(false).boxed(),
+    };
+    // A second call in one process finds a subscriber already set; that is fine.
+    let _already_set = tracing_subscriber::registry().with(filter).with(otel_layer).with(fmt_layer).try_init();
+
+    Ok(TelemetryGuard { provider: exporting.then(|| provider.clone()) })
+}
+
+fn eprintln_warning(message: &str) {
+    // Logging is not set up yet at this point, and stdout belongs to the program's output.
+    use std::io::Write;
+    let _ignored = writeln!(std::io::stderr(), "warning: {message}");
+}
+
+/// Latency buckets in seconds, from 1 ms to 2 minutes: API calls live at the low end, model calls at the
+/// high end.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+fn install_metrics_recorder() {
+    if PROMETHEUS.get().is_some() {
+        return;
+    }
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
+        .unwrap_or_else(|_| PrometheusBuilder::new());
+    match builder.install_recorder() {
+        Ok(handle) => {
+            let _lost_race = PROMETHEUS.set(handle);
+            metrics::gauge!("parley_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        }
+        Err(error) => eprintln_warning(&format!("metrics recorder not installed: {error}")),
+    }
+}
+
+/// The Prometheus text exposition of every metric this process recorded.
+pub fn render_metrics() -> String {
+    install_metrics_recorder();
+    PROMETHEUS.get().map(PrometheusHandle::render).unwrap_or_default()
+}
+
+/// The trace id of the current span, as 32 hex digits (all zeros when there is none).
+pub fn current_trace_id() -> String {
+    let context = tracing::Span::current().context();
+    context.span().span_context().trace_id().to_string()
+}
+
+/// The trace id of a span, as 32 hex digits.
+pub fn trace_id_of(span: &tracing::Span) -> String {
+    span.context().span().span_context().trace_id().to_string()
+}
+
+/// Makes `span` a child of the trace context found in `carrier` (when there is one).
+pub fn set_parent_from(span: &tracing::Span, carrier: &dyn Extractor) {
+    let parent = TraceContextPropagator::new().extract(carrier);
+    if parent.span().span_context().is_valid() {
+        let _ignored = span.set_parent(parent);
+    }
+}
+
+/// Writes the current span's trace context into `carrier`.
+pub fn inject_current(carrier: &mut dyn Injector) {
+    let context = tracing::Span::current().context();
+    TraceContextPropagator::new().inject_context(&context, carrier);
+}
+
+/// Trace context in gRPC metadata.
+pub struct MetadataCarrier<'a>(pub &'a mut tonic::metadata::MetadataMap);
+
+impl Injector for MetadataCarrier<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+/// Trace context in HTTP headers (incoming gRPC and REST requests).
+pub struct HeaderCarrier<'a>(pub &'a http::HeaderMap);
+
+impl Extractor for HeaderCarrier<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// Trace context in NATS message headers.
+pub struct NatsHeaderCarrier<'a>(pub &'a mut async_nats::HeaderMap);
+
+impl Injector for NatsHeaderCarrier<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+/// Reads trace context from NATS headers.
+pub struct NatsHeaderReader<'a>(pub &'a async_nats::HeaderMap);
+
+impl Extractor for NatsHeaderReader<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(async_nats::HeaderValue::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(name, _)| name.as_ref()).collect()
+    }
+}
+
+/// Trace context as a plain `traceparent` string, for carriers that are database rows.
+pub fn current_traceparent() -> Option<String> {
+    let mut carrier = std::collections::HashMap::<String, String>::new();
+    inject_current(&mut carrier);
+    carrier.remove("traceparent")
+}

@@ -1,0 +1,239 @@
+//! `parley.user.v1.UserService`.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use parley_platform::access_token::{ALGORITHM, AccessClaims};
+use parley_platform::config::DEFAULT_TIER;
+use parley_platform::{Config, ErrorCode, ServiceError, timestamps};
+use parley_proto::user::v1 as pb;
+use ring::rand::SecureRandom;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+use tokio::sync::RwLock;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::signing::{self, ActiveKey};
+use crate::storage::{RefreshOutcome, Storage, UserRow};
+use crate::{UserError, passwords, validation};
+
+const REFRESH_TOKEN_PREFIX: &str = "prt_";
+
+#[derive(Clone)]
+pub struct UserService {
+    config: Arc<Config>,
+    storage: Storage,
+    active_key: Arc<RwLock<Arc<ActiveKey>>>,
+}
+
+impl UserService {
+    /// Loads the newest signing key, creating the first one on a fresh database.
+    pub async fn new(config: Arc<Config>, pool: PgPool) -> Result<Self, UserError> {
+        let storage = Storage::new(pool);
+        let active = load_or_create_active_key(&storage).await?;
+        Ok(Self { config, storage, active_key: Arc::new(RwLock::new(Arc::new(active))) })
+    }
+
+    fn is_admin_email(&self, email: &str) -> bool {
+        self.config.auth.admin_emails.iter().any(|admin| admin.eq_ignore_ascii_case(email))
+    }
+
+    /// Issues an access token and a new refresh token in `family_id`.
+    async fn issue(&self, user: &UserRow, family_id: Uuid) -> Result<pb::AuthResponse, UserError> {
+        let (refresh_token, refresh_hash) = new_refresh_token()?;
+        let now = OffsetDateTime::now_utc();
+        let expires_at = now + time::Duration::seconds(self.config.auth.refresh_token_ttl_secs);
+        self.storage.insert_refresh_token(user.id, family_id, &refresh_hash, expires_at).await?;
+        self.issue_with_refresh(user, refresh_token).await
+    }
+
+    async fn issue_with_refresh(&self, user: &UserRow, refresh_token: String) -> Result<pb::AuthResponse, UserError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let ttl = self.config.auth.access_token_ttl_secs;
+        let claims = AccessClaims {
+            sub: user.id.to_string(),
+            iss: self.config.auth.issuer.clone(),
+            aud: self.config.auth.audience.clone(),
+            iat: now,
+            exp: now + ttl,
+            jti: Uuid::now_v7().to_string(),
+            role: user.role.clone(),
+            tier: user.tier.clone(),
+        };
+        let key = self.active_key.read().await.clone();
+        let access_token = key.sign(&claims)?;
+        Ok(pb::AuthResponse { user: Some(to_proto(user)), access_token, refresh_token, expires_in: ttl })
+    }
+
+    async fn find_user(&self, email: &str, user_id: &str) -> Result<UserRow, UserError> {
+        let user = if !user_id.is_empty() {
+            let id = Uuid::parse_str(user_id).map_err(|_| ServiceError::invalid_field("user_id", "must be a UUID"))?;
+            self.storage.user_by_id(id).await?
+        } else if !email.is_empty() {
+            self.storage.user_by_email(email.trim()).await?
+        } else {
+            return Err(ServiceError::invalid_field("email", "name the account by email or id").into());
+        };
+        user.ok_or_else(|| ServiceError::not_found("user").into())
+    }
+}
+
+async fn load_or_create_active_key(storage: &Storage) -> Result<ActiveKey, UserError> {
+    if storage.signing_keys().await?.is_empty() {
+        let key = signing::generate()?;
+        storage.insert_signing_key(&key.kid, &key.private_pkcs8, &key.public_key).await?;
+        tracing::info!(kid = %key.kid, "created the first access-token signing key");
+    }
+    let keys = storage.signing_keys().await?;
+    let newest = keys.first().ok_or_else(|| UserError::SigningKey("no signing key after creating one".into()))?;
+    ActiveKey::from_pkcs8(newest.kid.clone(), &newest.private_key)
+}
+
+fn new_refresh_token() -> Result<(String, Vec<u8>), UserError> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| UserError::SigningKey("no randomness".into()))?;
+    let token = format!("{REFRESH_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
+    let hash = hash_token(&token);
+    Ok((token, hash))
+}
+
+fn hash_token(token: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().to_vec()
+}
+
+fn to_proto(user: &UserRow) -> pb::User {
+    pb::User {
+        id: user.id.to_string(),
+        email: user.email.clone(),
+        display_name: user.display_name.clone(),
+        tier: user.tier.clone(),
+        role: user.role.clone(),
+        created_at: Some(timestamps::to_proto(user.created_at)),
+    }
+}
+
+fn wrong_credentials() -> UserError {
+    ServiceError::new(ErrorCode::Unauthorized, "invalid email or password").into()
+}
+
+fn invalid_refresh_token() -> UserError {
+    ServiceError::new(ErrorCode::Unauthorized, "invalid or expired refresh token").into()
+}
+
+#[tonic::async_trait]
+impl pb::user_service_server::UserService for UserService {
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::AuthResponse>, Status> {
+        let request = request.into_inner();
+        let email = validation::email(&request.email).map_err(UserError::from)?;
+        validation::password(&request.password).map_err(UserError::from)?;
+        let display_name = validation::display_name(request.display_name.as_deref()).map_err(UserError::from)?;
+        let password_hash = passwords::hash(request.password).await?;
+        let role = if self.is_admin_email(&email) { "admin" } else { "user" };
+        let Some(user) =
+            self.storage.insert_user(&email, display_name.as_deref(), &password_hash, role, DEFAULT_TIER).await.map_err(UserError::from)?
+        else {
+            return Err(ServiceError::new(ErrorCode::Conflict, "an account with this email already exists").into());
+        };
+        tracing::info!(user_id = %user.id, client_ip = %request.client_ip, "user registered");
+        Ok(Response::new(self.issue(&user, Uuid::now_v7()).await?))
+    }
+
+    async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::AuthResponse>, Status> {
+        let request = request.into_inner();
+        let user = self.storage.user_by_email(request.email.trim()).await.map_err(UserError::from)?;
+        let stored_hash = user.as_ref().map(|user| user.password_hash.clone());
+        let matches = passwords::verify(request.password, stored_hash).await?;
+        let Some(mut user) = user.filter(|_| matches) else {
+            tracing::info!(client_ip = %request.client_ip, "login failed");
+            return Err(wrong_credentials().into());
+        };
+        if user.role != "admin" && self.is_admin_email(&user.email) {
+            if let Some(promoted) = self.storage.set_role(user.id, "admin").await.map_err(UserError::from)? {
+                user = promoted;
+            }
+        }
+        tracing::info!(user_id = %user.id, client_ip = %request.client_ip, "login succeeded");
+        Ok(Response::new(self.issue(&user, Uuid::now_v7()).await?))
+    }
+
+    async fn refresh(&self, request: Request<pb::RefreshRequest>) -> Result<Response<pb::AuthResponse>, Status> {
+        let request = request.into_inner();
+        if !request.refresh_token.starts_with(REFRESH_TOKEN_PREFIX) {
+            return Err(invalid_refresh_token().into());
+        }
+        let (new_token, new_hash) = new_refresh_token()?;
+        let expires_at =
+            OffsetDateTime::now_utc() + time::Duration::seconds(self.config.auth.refresh_token_ttl_secs);
+        let outcome = self
+            .storage
+            .rotate_refresh_token(&hash_token(&request.refresh_token), &new_hash, expires_at)
+            .await
+            .map_err(UserError::from)?;
+        match outcome {
+            RefreshOutcome::Rotated { user, family_id } => {
+                tracing::debug!(user_id = %user.id, %family_id, "refresh token rotated");
+                Ok(Response::new(self.issue_with_refresh(&user, new_token).await?))
+            }
+            RefreshOutcome::Reused { user_id } => {
+                tracing::warn!(%user_id, client_ip = %request.client_ip, "refresh token reused; family revoked");
+                Err(invalid_refresh_token().into())
+            }
+            RefreshOutcome::Invalid => Err(invalid_refresh_token().into()),
+        }
+    }
+
+    async fn logout(&self, request: Request<pb::LogoutRequest>) -> Result<Response<pb::LogoutResponse>, Status> {
+        let token = request.into_inner().refresh_token;
+        if token.starts_with(REFRESH_TOKEN_PREFIX) {
+            self.storage.revoke_refresh_family(&hash_token(&token)).await.map_err(UserError::from)?;
+        }
+        Ok(Response::new(pb::LogoutResponse {}))
+    }
+
+    async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::User>, Status> {
+        let user = self.find_user("", &request.into_inner().user_id).await?;
+        Ok(Response::new(to_proto(&user)))
+    }
+
+    async fn get_signing_keys(
+        &self,
+        _request: Request<pb::GetSigningKeysRequest>,
+    ) -> Result<Response<pb::SigningKeys>, Status> {
+        let keys = self.storage.signing_keys().await.map_err(UserError::from)?;
+        let keys = keys
+            .into_iter()
+            .map(|key| pb::SigningKey {
+                kid: key.kid,
+                alg: ALGORITHM.to_owned(),
+                crv: "Ed25519".to_owned(),
+                x: signing::public_key_x(&key.public_key),
+            })
+            .collect();
+        Ok(Response::new(pb::SigningKeys { keys }))
+    }
+
+    async fn set_role(&self, request: Request<pb::SetRoleRequest>) -> Result<Response<pb::User>, Status> {
+        let request = request.into_inner();
+        let role = validation::role(&request.role).map_err(UserError::from)?;
+        let user = self.find_user(&request.email, &request.user_id).await?;
+        let updated = self.storage.set_role(user.id, role).await.map_err(UserError::from)?;
+        let updated = updated.ok_or_else(|| UserError::from(ServiceError::not_found("user")))?;
+        tracing::info!(user_id = %updated.id, role, "role changed");
+        Ok(Response::new(to_proto(&updated)))
+    }
+
+    async fn set_tier(&self, request: Request<pb::SetTierRequest>) -> Result<Response<pb::User>, Status> {
+        let request = request.into_inner();
+        if self.config.tier(&request.tier).is_none() {
+            let known: Vec<&String> = self.config.tiers.keys().collect();
+            return Err(ServiceError::invalid_field("tier", format!("must be one of {known:?}")).into());
+        }
+        let user = self.find_user(&request.email, &request.user_id).await?;
+        let updated = self.storage.set_tier(user.id, &request.tier).await.map_err(UserError::from)?;
+        let updated = updated.ok_or_else(|| UserError::from(ServiceError::not_found("user")))?;
+        tracing::info!(user_id = %updated.id, tier = %updated.tier, "tier changed");
+        Ok(Response::new(to_proto(&updated)))
+    }
+}

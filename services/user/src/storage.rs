@@ -1,0 +1,202 @@
+//! Reads and writes of the `identity` schema.
+
+use sqlx::PgPool;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserRow {
+    pub id: Uuid,
+    pub email: String,
+    pub display_name: Option<String>,
+    pub password_hash: String,
+    pub role: String,
+    pub tier: String,
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct SigningKeyRow {
+    pub kid: String,
+    pub private_key: Vec<u8>,
+    pub public_key: Vec<u8>,
+}
+
+/// What presenting a refresh token led to.
+pub enum RefreshOutcome {
+    Rotated { user: UserRow, family_id: Uuid },
+    /// Unknown, expired or revoked.
+    Invalid,
+    /// Already rotated: the family has now been revoked.
+    Reused { user_id: Uuid },
+}
+
+const USER_COLUMNS: &str = "id, email, display_name, password_hash, role, tier, created_at";
+
+#[derive(Clone)]
+pub struct Storage {
+    pool: PgPool,
+}
+
+impl Storage {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Inserts a user; `Ok(None)` when the email is taken.
+    pub async fn insert_user(
+        &self,
+        email: &str,
+        display_name: Option<&str>,
+        password_hash: &str,
+        role: &str,
+        tier: &str,
+    ) -> Result<Option<UserRow>, sqlx::Error> {
+        let sql = format!(
+            "INSERT INTO identity.users (id, email, display_name, password_hash, role, tier)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT ((lower(email))) DO NOTHING
+             RETURNING {USER_COLUMNS}"
+        );
+        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql))
+            .bind(Uuid::now_v7())
+            .bind(email)
+            .bind(display_name)
+            .bind(password_hash)
+            .bind(role)
+            .bind(tier)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    pub async fn user_by_email(&self, email: &str) -> Result<Option<UserRow>, sqlx::Error> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM identity.users WHERE lower(email) = lower($1)");
+        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(email).fetch_optional(&self.pool).await
+    }
+
+    pub async fn user_by_id(&self, id: Uuid) -> Result<Option<UserRow>, sqlx::Error> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM identity.users WHERE id = $1");
+        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await
+    }
+
+    pub async fn set_role(&self, id: Uuid, role: &str) -> Result<Option<UserRow>, sqlx::Error> {
+        let sql = format!("UPDATE identity.users SET role = $2, updated_at = now() WHERE id = $1 RETURNING {USER_COLUMNS}");
+        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(id).bind(role).fetch_optional(&self.pool).await
+    }
+
+    pub async fn set_tier(&self, id: Uuid, tier: &str) -> Result<Option<UserRow>, sqlx::Error> {
+        let sql = format!("UPDATE identity.users SET tier = $2, updated_at = now() WHERE id = $1 RETURNING {USER_COLUMNS}");
+        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(id).bind(tier).fetch_optional(&self.pool).await
+    }
+
+    pub async fn insert_refresh_token(
+        &self,
+        user_id: Uuid,
+        family_id: Uuid,
+        token_hash: &[u8],
+        expires_at: OffsetDateTime,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO identity.refresh_tokens (id, user_id, family_id, token_hash, expires_at)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(user_id)
+        .bind(family_id)
+        .bind(token_hash)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Rotates the token with `old_hash` to `new_hash` in one transaction, or revokes its whole family
+    /// when it was already rotated (a stolen token being replayed, or the thief's copy).
+    pub async fn rotate_refresh_token(
+        &self,
+        old_hash: &[u8],
+        new_hash: &[u8],
+        new_expires_at: OffsetDateTime,
+    ) -> Result<RefreshOutcome, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(Uuid, Uuid, OffsetDateTime, Option<OffsetDateTime>, Option<OffsetDateTime>)> = sqlx::query_as(
+            "SELECT user_id, family_id, expires_at, rotated_at, revoked_at
+             FROM identity.refresh_tokens WHERE token_hash = $1 FOR UPDATE",
+        )
+        .bind(old_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((user_id, family_id, expires_at, rotated_at, revoked_at)) = row else {
+            return Ok(RefreshOutcome::Invalid);
+        };
+        if revoked_at.is_some() || expires_at <= OffsetDateTime::now_utc() {
+            return Ok(RefreshOutcome::Invalid);
+        }
+        if rotated_at.is_some() {
+            sqlx::query("UPDATE identity.refresh_tokens SET revoked_at = now() WHERE family_id = $1 AND revoked_at IS NULL")
+                .bind(family_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(RefreshOutcome::Reused { user_id });
+        }
+        sqlx::query("UPDATE identity.refresh_tokens SET rotated_at = now() WHERE token_hash = $1")
+            .bind(old_hash)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO identity.refresh_tokens (id, user_id, family_id, token_hash, expires_at)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(user_id)
+        .bind(family_id)
+        .bind(new_hash)
+        .bind(new_expires_at)
+        .execute(&mut *tx)
+        .await?;
+        let sql = format!("SELECT {USER_COLUMNS} FROM identity.users WHERE id = $1");
+        let user = sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(user_id).fetch_optional(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(match user {
+            Some(user) => RefreshOutcome::Rotated { user, family_id },
+            None => RefreshOutcome::Invalid,
+        })
+    }
+
+    /// Revokes the family of the token with `hash` (logout ends the whole session, not one link).
+    pub async fn revoke_refresh_family(&self, hash: &[u8]) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE identity.refresh_tokens SET revoked_at = now()
+             WHERE revoked_at IS NULL
+               AND family_id = (SELECT family_id FROM identity.refresh_tokens WHERE token_hash = $1)",
+        )
+        .bind(hash)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Unretired signing keys, newest first.
+    pub async fn signing_keys(&self) -> Result<Vec<SigningKeyRow>, sqlx::Error> {
+        sqlx::query_as::<_, SigningKeyRow>(
+            "SELECT kid, private_key, public_key FROM identity.signing_keys
+             WHERE retired_at IS NULL ORDER BY created_at DESC, kid",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub async fn insert_signing_key(&self, kid: &str, private_key: &[u8], public_key: &[u8]) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO identity.signing_keys (kid, algorithm, private_key, public_key) VALUES ($1, 'EdDSA', $2, $3)
+             ON CONFLICT (kid) DO NOTHING",
+        )
+        .bind(kid)
+        .bind(private_key)
+        .bind(public_key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
