@@ -17,10 +17,12 @@ pub fn build_prompt(
     reserved_for_reply: u32,
 ) -> Vec<PromptMessage> {
     let mut budget = context_window.saturating_sub(reserved_for_reply);
-    let system = system_prompt.filter(|prompt| !prompt.trim().is_empty()).map(|prompt| PromptMessage {
-        role: "system".to_owned(),
-        content: prompt.to_owned(),
-    });
+    let system = system_prompt
+        .filter(|prompt| !prompt.trim().is_empty())
+        .map(|prompt| PromptMessage {
+            role: "system".to_owned(),
+            content: prompt.to_owned(),
+        });
     if let Some(system) = &system {
         budget = budget.saturating_sub(estimate_tokens(&system.content));
     }
@@ -32,7 +34,10 @@ pub fn build_prompt(
             break;
         }
         budget = budget.saturating_sub(cost);
-        kept.push(PromptMessage { role: message.role.clone(), content: message.content.clone() });
+        kept.push(PromptMessage {
+            role: message.role.clone(),
+            content: message.content.clone(),
+        });
     }
     kept.reverse();
     system.into_iter().chain(kept).collect()
@@ -43,7 +48,11 @@ mod tests {
     use super::*;
 
     fn message(role: &str, content: &str) -> pb::Message {
-        pb::Message { role: role.to_owned(), content: content.to_owned(), ..Default::default() }
+        pb::Message {
+            role: role.to_owned(),
+            content: content.to_owned(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -56,7 +65,10 @@ mod tests {
         let prompt = build_prompt(Some("be brief"), &history, 200, 100);
         assert_eq!(prompt[0].role, "system");
         assert_eq!(prompt.last().map(|m| m.content.as_str()), Some("newest question"));
-        assert!(prompt.iter().all(|m| !m.content.starts_with("old ")), "the oldest message does not fit");
+        assert!(
+            prompt.iter().all(|m| !m.content.starts_with("old ")),
+            "the oldest message does not fit"
+        );
     }
 
     #[test]

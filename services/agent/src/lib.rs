@@ -32,21 +32,27 @@ pub enum AgentError {
     Nats(String),
 }
 
-/// The providers every model's chain may use, built once from the configuration.
-pub fn build_providers(config: &Config) -> Result<BTreeMap<String, provider::OpenAiCompatible>, provider::ProviderError> {
+/// The providers every model's chain may use, built once from the configuration. A provider that cannot
+/// be used (its API key variable is unset, say) is left out with an error in the log, and chains skip it.
+pub fn build_providers(
+    config: &Config,
+) -> Result<BTreeMap<String, provider::OpenAiCompatible>, provider::ProviderError> {
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(config.agent.connect_timeout_ms))
         .pool_idle_timeout(Duration::from_secs(90))
         .build()
         .map_err(|error| provider::ProviderError::Misconfigured(error.to_string()))?;
     let total = Duration::from_secs(config.agent.request_timeout_secs);
-    config
-        .providers
-        .iter()
-        .map(|(name, provider_config)| {
-            provider::OpenAiCompatible::new(name, provider_config, http.clone(), total).map(|p| (name.clone(), p))
-        })
-        .collect()
+    let mut providers = BTreeMap::new();
+    for (name, provider_config) in &config.providers {
+        match provider::OpenAiCompatible::new(name, provider_config, http.clone(), total) {
+            Ok(provider) => {
+                providers.insert(name.clone(), provider);
+            }
+            Err(error) => tracing::error!(provider = %name, %error, "provider left out"),
+        }
+    }
+    Ok(providers)
 }
 
 /// Runs the agent until `shutdown` is cancelled; jobs in flight then are handed back to JetStream.

@@ -27,7 +27,11 @@ pub struct Completion {
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     #[error("provider answered HTTP {status}: {message}")]
-    Status { status: u16, message: String, retry_after: Option<Duration> },
+    Status {
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+    },
     #[error("could not reach the provider: {0}")]
     Transport(String),
     #[error("provider timed out after {0:?}")]
@@ -114,11 +118,17 @@ impl OpenAiCompatible {
             "stream_options": {"include_usage": true},
             "max_tokens": max_tokens,
         });
-        let mut request = self.http.post(format!("{}/chat/completions", self.base_url)).json(&body);
+        let mut request = self
+            .http
+            .post(format!("{}/chat/completions", self.base_url))
+            .json(&body);
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key);
         }
-        let response = request.send().await.map_err(|error| ProviderError::Transport(without_url(&error)))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|error| ProviderError::Transport(without_url(&error)))?;
         let status = response.status();
         if !status.is_success() {
             let retry_after = response
@@ -128,7 +138,11 @@ impl OpenAiCompatible {
                 .and_then(|value| value.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
             let text = response.text().await.unwrap_or_default();
-            return Err(ProviderError::Status { status: status.as_u16(), message: error_message(&text), retry_after });
+            return Err(ProviderError::Status {
+                status: status.as_u16(),
+                message: error_message(&text),
+                retry_after,
+            });
         }
         let mut content = String::new();
         let mut usage: Option<(i64, i64)> = None;
@@ -139,18 +153,22 @@ impl OpenAiCompatible {
             let chunk = chunk.map_err(|error| ProviderError::Transport(without_url(&error)))?;
             buffer.extend_from_slice(&chunk);
             while let Some(event) = take_event(&mut buffer) {
-                for data in event.lines().filter_map(|line| line.strip_prefix("data:")).map(str::trim) {
+                for data in event
+                    .lines()
+                    .filter_map(|line| line.strip_prefix("data:"))
+                    .map(str::trim)
+                {
                     if data == "[DONE]" {
                         continue;
                     }
                     let value: Value =
                         serde_json::from_str(data).map_err(|error| ProviderError::Protocol(error.to_string()))?;
-                    if let Some(text) = value.pointer("/choices/0/delta/content").and_then(Value::as_str) {
-                        if !text.is_empty() {
-                            time_to_first_token.get_or_insert_with(|| started.elapsed());
-                            content.push_str(text);
-                            on_delta(text);
-                        }
+                    if let Some(text) = value.pointer("/choices/0/delta/content").and_then(Value::as_str)
+                        && !text.is_empty()
+                    {
+                        time_to_first_token.get_or_insert_with(|| started.elapsed());
+                        content.push_str(text);
+                        on_delta(text);
                     }
                     if let Some(reported) = value.get("usage").filter(|usage| !usage.is_null()) {
                         let tokens = |key: &str| reported.get(key).and_then(Value::as_i64).unwrap_or(0);
@@ -164,7 +182,12 @@ impl OpenAiCompatible {
             let prompt: usize = messages.iter().map(|message| message.content.chars().count()).sum();
             (prompt.div_ceil(4) as i64, content.chars().count().div_ceil(4) as i64)
         });
-        Ok(Completion { content, input_tokens, output_tokens, time_to_first_token })
+        Ok(Completion {
+            content,
+            input_tokens,
+            output_tokens,
+            time_to_first_token,
+        })
     }
 }
 
@@ -179,7 +202,12 @@ fn take_event(buffer: &mut Vec<u8>) -> Option<String> {
 fn error_message(body: &str) -> String {
     serde_json::from_str::<Value>(body)
         .ok()
-        .and_then(|value| value.pointer("/error/message").and_then(Value::as_str).map(str::to_owned))
+        .and_then(|value| {
+            value
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| body.chars().take(200).collect())
 }
 
@@ -207,7 +235,11 @@ mod tests {
 
     #[test]
     fn retryable_failures_are_transient_ones() {
-        let status = |status| ProviderError::Status { status, message: String::new(), retry_after: None };
+        let status = |status| ProviderError::Status {
+            status,
+            message: String::new(),
+            retry_after: None,
+        };
         assert!(status(429).is_retryable());
         assert!(status(503).is_retryable());
         assert!(!status(400).is_retryable());

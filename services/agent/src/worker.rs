@@ -62,7 +62,15 @@ impl Agent {
     ) -> Self {
         let names = Names::new(&config.nats.prefix);
         let jetstream = jetstream::new(nats.clone());
-        Self { config, nats, jetstream, names, chat, quota, providers: Arc::new(providers) }
+        Self {
+            config,
+            nats,
+            jetstream,
+            names,
+            chat,
+            quota,
+            providers: Arc::new(providers),
+        }
     }
 
     /// Pulls and runs jobs until `shutdown`; then hands back (naks) what it holds and returns once every
@@ -120,7 +128,8 @@ impl Agent {
 
     async fn subscribe(&self, batch: usize) -> Result<jetstream::consumer::pull::Stream, async_nats::Error> {
         parley_platform::nats::ensure_usage_stream(&self.jetstream, &self.names).await?;
-        let consumer = parley_platform::nats::ensure_agent_consumer(&self.jetstream, &self.names, &self.config.nats).await?;
+        let consumer =
+            parley_platform::nats::ensure_agent_consumer(&self.jetstream, &self.names, &self.config.nats).await?;
         Ok(consumer.stream().max_messages_per_batch(batch).messages().await?)
     }
 
@@ -150,7 +159,8 @@ impl Agent {
         async {
             let work = self.run_job(&job, delivered);
             tokio::pin!(work);
-            let mut keepalive = tokio::time::interval(Duration::from_secs(self.config.nats.job_ack_wait_secs).div_f64(3.0));
+            let mut keepalive =
+                tokio::time::interval(Duration::from_secs(self.config.nats.job_ack_wait_secs).div_f64(3.0));
             keepalive.tick().await;
             let outcome = loop {
                 tokio::select! {
@@ -179,7 +189,10 @@ impl Agent {
 
     async fn run_job(&self, job: &AiJob, delivered: i64) -> Outcome {
         let retry = Outcome::Retry(retry_delay(delivered));
-        let request = chat_pb::GetJobContextRequest { message_id: job.message_id.to_string(), history_limit: 0 };
+        let request = chat_pb::GetJobContextRequest {
+            message_id: job.message_id.to_string(),
+            history_limit: 0,
+        };
         let context = match self.chat.clone().get_job_context(request).await {
             Ok(response) => response.into_inner(),
             Err(status) => {
@@ -192,7 +205,11 @@ impl Agent {
                 return retry;
             }
         };
-        let status = context.assistant_message.as_ref().map(|m| m.status.as_str()).unwrap_or_default();
+        let status = context
+            .assistant_message
+            .as_ref()
+            .map(|m| m.status.as_str())
+            .unwrap_or_default();
         match status {
             "completed" => {
                 tracing::info!("reply already stored (redelivered job); finishing its accounting");
@@ -204,15 +221,25 @@ impl Agent {
                     output_tokens: usage.output_tokens,
                     time_to_first_token: None,
                 };
-                let answer = Answer { completion, provider: "unknown".to_owned(), elapsed: Duration::ZERO };
-                return self.account(job, &context.model, &answer).await.map_or(retry, |()| Outcome::Done);
+                let answer = Answer {
+                    completion,
+                    provider: "unknown".to_owned(),
+                    elapsed: Duration::ZERO,
+                };
+                return self
+                    .account(job, &context.model, &answer)
+                    .await
+                    .map_or(retry, |()| Outcome::Done);
             }
             "failed" => return Outcome::Done,
             _ => {}
         }
         let Some(model) = self.config.models.get(&context.model) else {
             let detail = format!("model {:?} is not configured", context.model);
-            return self.fail(job, "invalid_request", &detail).await.map_or(retry, |()| Outcome::Done);
+            return self
+                .fail(job, "invalid_request", &detail)
+                .await
+                .map_or(retry, |()| Outcome::Done);
         };
         let prompt = build_prompt(
             context.system_prompt.as_deref(),
@@ -235,7 +262,9 @@ impl Agent {
             Err(error) => {
                 tracing::warn!(%error, "giving up on the job");
                 let detail = format!("the model could not answer: {error}");
-                self.fail(job, ErrorCode::UpstreamUnavailable.as_str(), &detail).await.map_or(retry, |()| Outcome::Done)
+                self.fail(job, ErrorCode::UpstreamUnavailable.as_str(), &detail)
+                    .await
+                    .map_or(retry, |()| Outcome::Done)
             }
         }
     }
@@ -247,7 +276,12 @@ impl Agent {
         model_name: &str,
         prompt: &[crate::provider::PromptMessage],
     ) -> Result<Answer, ProviderError> {
-        let chain = self.config.models.get(model_name).map(|model| model.chain.as_slice()).unwrap_or_default();
+        let chain = self
+            .config
+            .models
+            .get(model_name)
+            .map(|model| model.chain.as_slice())
+            .unwrap_or_default();
         let mut last_error = ProviderError::Misconfigured(format!("model {model_name} has no providers"));
         let mut delta_index = 0u64;
         for target in chain {
@@ -277,11 +311,16 @@ impl Agent {
                     span.record("gen_ai.usage.output_tokens", completion.output_tokens);
                     metrics::counter!("parley_llm_requests_total", "provider" => target.provider.clone(), "model" => target.model.clone(), "outcome" => "ok").increment(1);
                     if let Some(ttft) = completion.time_to_first_token {
-                        metrics::histogram!("parley_llm_time_to_first_token_seconds", &labels).record(ttft.as_secs_f64());
+                        metrics::histogram!("parley_llm_time_to_first_token_seconds", &labels)
+                            .record(ttft.as_secs_f64());
                     }
                     metrics::counter!("parley_llm_tokens_total", "provider" => target.provider.clone(), "model" => target.model.clone(), "direction" => "input").increment(completion.input_tokens.max(0) as u64);
                     metrics::counter!("parley_llm_tokens_total", "provider" => target.provider.clone(), "model" => target.model.clone(), "direction" => "output").increment(completion.output_tokens.max(0) as u64);
-                    return Ok(Answer { completion, provider: target.provider.clone(), elapsed });
+                    return Ok(Answer {
+                        completion,
+                        provider: target.provider.clone(),
+                        elapsed,
+                    });
                 }
                 Err(error) => {
                     metrics::counter!("parley_llm_requests_total", "provider" => target.provider.clone(), "model" => target.model.clone(), "outcome" => "error").increment(1);
@@ -317,7 +356,11 @@ impl Agent {
         let subject = self.names.message_events_subject(message_id);
         let forward = async {
             while let Some(text) = received.recv().await {
-                let event = MessageEvent::Delta { message_id, index: *delta_index, text };
+                let event = MessageEvent::Delta {
+                    message_id,
+                    index: *delta_index,
+                    text,
+                };
                 *delta_index += 1;
                 self.publish_event(&subject, &event).await;
             }
@@ -346,7 +389,13 @@ impl Agent {
             }),
             model: model.to_owned(),
         };
-        let stored = self.chat.clone().complete_message(request).await.map_err(ServiceError::from)?.into_inner();
+        let stored = self
+            .chat
+            .clone()
+            .complete_message(request)
+            .await
+            .map_err(ServiceError::from)?
+            .into_inner();
         if !stored.changed {
             tracing::info!("another agent stored this reply first; keeping theirs");
         }
@@ -373,14 +422,23 @@ impl Agent {
             input_tokens: answer.completion.input_tokens,
             output_tokens: answer.completion.output_tokens,
             latency_ms: answer.elapsed.as_millis() as i64,
-            time_to_first_token_ms: answer.completion.time_to_first_token.map(|ttft| ttft.as_millis() as i64),
+            time_to_first_token_ms: answer
+                .completion
+                .time_to_first_token
+                .map(|ttft| ttft.as_millis() as i64),
             cache_hit: false,
             outcome: "completed".to_owned(),
             occurred_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
         };
         self.publish_usage(&event).await?;
         let subject = self.names.message_events_subject(job.message_id);
-        self.publish_event(&subject, &MessageEvent::Completed { message_id: job.message_id }).await;
+        self.publish_event(
+            &subject,
+            &MessageEvent::Completed {
+                message_id: job.message_id,
+            },
+        )
+        .await;
         Ok(())
     }
 
@@ -405,9 +463,17 @@ impl Agent {
             code: code.to_owned(),
             detail: detail.to_owned(),
         };
-        self.chat.clone().fail_message(request).await.map_err(ServiceError::from)?;
+        self.chat
+            .clone()
+            .fail_message(request)
+            .await
+            .map_err(ServiceError::from)?;
         let subject = self.names.message_events_subject(job.message_id);
-        let event = MessageEvent::Failed { message_id: job.message_id, code: code.to_owned(), detail: detail.to_owned() };
+        let event = MessageEvent::Failed {
+            message_id: job.message_id,
+            code: code.to_owned(),
+            detail: detail.to_owned(),
+        };
         self.publish_event(&subject, &event).await;
         Ok(())
     }

@@ -22,7 +22,12 @@ pub struct Ingester {
 impl Ingester {
     pub fn new(config: Arc<Config>, pool: PgPool, jetstream: jetstream::Context) -> Self {
         let names = Names::new(&config.nats.prefix);
-        Self { config, pool, jetstream, names }
+        Self {
+            config,
+            pool,
+            jetstream,
+            names,
+        }
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -115,7 +120,8 @@ pub fn cost_micros(config: &Config, model: &str, input_tokens: i64, output_token
         return 0;
     };
     // USD per million tokens × tokens = micro-USD.
-    let micros = prices.input_price_per_mtok * input_tokens as f64 + prices.output_price_per_mtok * output_tokens as f64;
+    let micros =
+        prices.input_price_per_mtok * input_tokens as f64 + prices.output_price_per_mtok * output_tokens as f64;
     micros.round() as i64
 }
 

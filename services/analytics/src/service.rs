@@ -60,16 +60,16 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsService {
         let key = match group_by {
             pb::GroupBy::Model => "model",
             pb::GroupBy::User => "user_id::text",
-            pb::GroupBy::Day | pb::GroupBy::Unspecified => {
-                "to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
-            }
+            pb::GroupBy::Day | pb::GroupBy::Unspecified => "to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
         };
         let aggregates = "COALESCE(SUM(input_tokens), 0)::bigint AS input_tokens,
                           COALESCE(SUM(output_tokens), 0)::bigint AS output_tokens,
                           COUNT(*)::bigint AS requests,
                           COALESCE(SUM(cost_micros), 0)::bigint AS cost_micros";
         let filter = "occurred_at >= $1 AND occurred_at < $2 AND ($3::uuid IS NULL OR user_id = $3)";
-        let grouped = format!("SELECT {key} AS key, {aggregates} FROM analytics.usage_events WHERE {filter} GROUP BY 1 ORDER BY 1");
+        let grouped = format!(
+            "SELECT {key} AS key, {aggregates} FROM analytics.usage_events WHERE {filter} GROUP BY 1 ORDER BY 1"
+        );
         let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(grouped))
             .bind(from)
             .bind(to)
@@ -85,6 +85,9 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsService {
             .fetch_one(&self.pool)
             .await
             .map_err(AnalyticsError::from)?;
-        Ok(Response::new(pb::UsageReport { rows: rows.into_iter().map(Into::into).collect(), totals: Some(totals.into()) }))
+        Ok(Response::new(pb::UsageReport {
+            rows: rows.into_iter().map(Into::into).collect(),
+            totals: Some(totals.into()),
+        }))
     }
 }

@@ -31,7 +31,12 @@ pub struct OutboxRelay {
 
 impl OutboxRelay {
     pub fn new(pool: PgPool, jetstream: jetstream::Context, names: Names) -> Self {
-        Self { pool, jetstream, names, wake: Arc::new(Notify::new()) }
+        Self {
+            pool,
+            jetstream,
+            names,
+            wake: Arc::new(Notify::new()),
+        }
     }
 
     /// Wakes the relay right after a send commits, instead of at its next poll.
@@ -47,10 +52,16 @@ impl OutboxRelay {
             if !stream_ready {
                 match parley_platform::nats::ensure_jobs_stream(&self.jetstream, &self.names).await {
                     Ok(_) => stream_ready = true,
-                    Err(error) => tracing::warn!(%error, "job stream not ready; jobs wait in the outbox"),
+                    Err(error) => {
+                        tracing::warn!(%error, "job stream not ready; jobs wait in the outbox")
+                    }
                 }
             }
-            let outcome = if stream_ready { self.publish_batch().await } else { Err("job stream not ready".into()) };
+            let outcome = if stream_ready {
+                self.publish_batch().await
+            } else {
+                Err("job stream not ready".into())
+            };
             let wait = match outcome {
                 Ok(published) if published as i64 == BATCH => Duration::ZERO,
                 Ok(_) => {
@@ -103,7 +114,10 @@ impl OutboxRelay {
                 parley_platform::telemetry::inject_current(&mut NatsHeaderCarrier(&mut headers));
             }
             let payload = serde_json::to_vec(&row.payload.0)?;
-            let ack = self.jetstream.publish_with_headers(row.subject.clone(), headers, payload.into()).await?;
+            let ack = self
+                .jetstream
+                .publish_with_headers(row.subject.clone(), headers, payload.into())
+                .await?;
             acks.push((row.id, ack));
         }
         let mut published = Vec::with_capacity(acks.len());

@@ -32,7 +32,13 @@ pub struct ChatService {
 impl ChatService {
     pub fn new(config: Arc<Config>, pool: PgPool, names: Names, relay_wake: Arc<Notify>) -> Self {
         let cursors = CursorCodec::new(&config.chat.cursor_secret);
-        Self { config, storage: Storage::new(pool), cursors, names, relay_wake }
+        Self {
+            config,
+            storage: Storage::new(pool),
+            cursors,
+            names,
+            relay_wake,
+        }
     }
 
     fn check_model(&self, model: Option<&str>) -> Result<(), ChatError> {
@@ -59,7 +65,10 @@ impl ChatService {
         let Some(id) = parse_id_or_not_found(conversation_id) else {
             return Err(ServiceError::not_found("conversation").into());
         };
-        self.storage.conversation(user_id, id).await?.ok_or_else(|| ServiceError::not_found("conversation").into())
+        self.storage
+            .conversation(user_id, id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("conversation").into())
     }
 }
 
@@ -103,7 +112,10 @@ fn conversation_to_proto(row: ConversationRow) -> pb::Conversation {
 
 fn message_to_proto(row: MessageRow) -> pb::Message {
     let usage = match (row.input_tokens, row.output_tokens) {
-        (Some(input_tokens), Some(output_tokens)) => Some(pb::Usage { input_tokens, output_tokens }),
+        (Some(input_tokens), Some(output_tokens)) => Some(pb::Usage {
+            input_tokens,
+            output_tokens,
+        }),
         _ => None,
     };
     pb::Message {
@@ -130,12 +142,21 @@ impl pb::chat_service_server::ChatService for ChatService {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
         bounded_text("title", request.title.as_deref(), MAX_TITLE_CHARS)?;
-        bounded_text("system_prompt", request.system_prompt.as_deref(), MAX_SYSTEM_PROMPT_CHARS)?;
+        bounded_text(
+            "system_prompt",
+            request.system_prompt.as_deref(),
+            MAX_SYSTEM_PROMPT_CHARS,
+        )?;
         self.check_model(request.model.as_deref())?;
         let model = request.model.as_deref().unwrap_or(&self.config.default_model);
         let row = self
             .storage
-            .create_conversation(user_id, request.title.as_deref(), model, request.system_prompt.as_deref())
+            .create_conversation(
+                user_id,
+                request.title.as_deref(),
+                model,
+                request.system_prompt.as_deref(),
+            )
             .await
             .map_err(ChatError::from)?;
         tracing::info!(conversation_id = %row.id, "conversation created");
@@ -150,18 +171,30 @@ impl pb::chat_service_server::ChatService for ChatService {
         let user_id = parse_user(&request.user_id)?;
         let after = self.decode_cursor(CursorKind::Conversations, request.cursor.as_deref())?;
         let limit = page_size(request.limit);
-        let mut rows =
-            self.storage.list_conversations(user_id, after, i64::from(limit) + 1).await.map_err(ChatError::from)?;
+        let mut rows = self
+            .storage
+            .list_conversations(user_id, after, i64::from(limit) + 1)
+            .await
+            .map_err(ChatError::from)?;
         let next_cursor = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
             rows.last().map(|last| {
-                self.cursors.encode(CursorKind::Conversations, Position { at: last.updated_at, id: last.id })
+                self.cursors.encode(
+                    CursorKind::Conversations,
+                    Position {
+                        at: last.updated_at,
+                        id: last.id,
+                    },
+                )
             })
         } else {
             None
         };
         let conversations = rows.into_iter().map(conversation_to_proto).collect();
-        Ok(Response::new(pb::ListConversationsResponse { conversations, next_cursor }))
+        Ok(Response::new(pb::ListConversationsResponse {
+            conversations,
+            next_cursor,
+        }))
     }
 
     async fn get_conversation(
@@ -184,7 +217,11 @@ impl pb::chat_service_server::ChatService for ChatService {
             return Err(ChatError::from(ServiceError::not_found("conversation")).into());
         };
         bounded_text("title", request.title.as_deref(), MAX_TITLE_CHARS)?;
-        bounded_text("system_prompt", request.system_prompt.as_deref(), MAX_SYSTEM_PROMPT_CHARS)?;
+        bounded_text(
+            "system_prompt",
+            request.system_prompt.as_deref(),
+            MAX_SYSTEM_PROMPT_CHARS,
+        )?;
         self.check_model(request.model.as_deref())?;
         let changes = ConversationChanges {
             title: request.title.as_deref(),
@@ -214,7 +251,11 @@ impl pb::chat_service_server::ChatService for ChatService {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
         let deleted = match parse_id_or_not_found(&request.conversation_id) {
-            Some(id) => self.storage.delete_conversation(user_id, id).await.map_err(ChatError::from)?,
+            Some(id) => self
+                .storage
+                .delete_conversation(user_id, id)
+                .await
+                .map_err(ChatError::from)?,
             None => false,
         };
         if !deleted {
@@ -237,14 +278,14 @@ impl pb::chat_service_server::ChatService for ChatService {
         }
         bounded_text("content", Some(&request.content), self.config.chat.max_message_chars)?;
         self.check_model(request.model.as_deref())?;
-        if let Some(key) = &request.idempotency_key {
-            if key.is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS {
-                return Err(ChatError::from(ServiceError::invalid_field(
-                    "Idempotency-Key",
-                    format!("must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"),
-                ))
-                .into());
-            }
+        if let Some(key) = &request.idempotency_key
+            && (key.is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS)
+        {
+            return Err(ChatError::from(ServiceError::invalid_field(
+                "Idempotency-Key",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"),
+            ))
+            .into());
         }
         let jobs_subject = self.names.jobs_subject();
         let exchange = NewExchange {
@@ -281,7 +322,11 @@ impl pb::chat_service_server::ChatService for ChatService {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
         let row = match parse_id_or_not_found(&request.message_id) {
-            Some(id) => self.storage.message_for_user(user_id, id).await.map_err(ChatError::from)?,
+            Some(id) => self
+                .storage
+                .message_for_user(user_id, id)
+                .await
+                .map_err(ChatError::from)?,
             None => None,
         };
         let row = row.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
@@ -297,11 +342,22 @@ impl pb::chat_service_server::ChatService for ChatService {
         let conversation = self.owned_conversation(user_id, &request.conversation_id).await?;
         let after = self.decode_cursor(CursorKind::Messages, request.cursor.as_deref())?;
         let limit = page_size(request.limit);
-        let mut rows =
-            self.storage.list_messages(conversation.id, after, i64::from(limit) + 1).await.map_err(ChatError::from)?;
+        let mut rows = self
+            .storage
+            .list_messages(conversation.id, after, i64::from(limit) + 1)
+            .await
+            .map_err(ChatError::from)?;
         let next_cursor = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
-            rows.last().map(|last| self.cursors.encode(CursorKind::Messages, Position { at: last.created_at, id: last.id }))
+            rows.last().map(|last| {
+                self.cursors.encode(
+                    CursorKind::Messages,
+                    Position {
+                        at: last.created_at,
+                        id: last.id,
+                    },
+                )
+            })
         } else {
             None
         };
@@ -324,7 +380,11 @@ impl pb::chat_service_server::ChatService for ChatService {
             0 => self.config.chat.history_limit,
             limit => limit,
         };
-        let history = self.storage.history_before(&message, i64::from(limit)).await.map_err(ChatError::from)?;
+        let history = self
+            .storage
+            .history_before(&message, i64::from(limit))
+            .await
+            .map_err(ChatError::from)?;
         let model = message.model.clone().unwrap_or_else(|| conversation.model.clone());
         Ok(Response::new(pb::JobContext {
             user_id: message.user_id.to_string(),
@@ -345,7 +405,13 @@ impl pb::chat_service_server::ChatService for ChatService {
         let usage = request.usage.unwrap_or_default();
         let outcome = self
             .storage
-            .complete_message(id, &request.content, &request.model, usage.input_tokens, usage.output_tokens)
+            .complete_message(
+                id,
+                &request.content,
+                &request.model,
+                usage.input_tokens,
+                usage.output_tokens,
+            )
             .await
             .map_err(ChatError::from)?;
         let (row, changed) = outcome.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
@@ -354,7 +420,10 @@ impl pb::chat_service_server::ChatService for ChatService {
         } else {
             tracing::info!(message_id = %id, "completion ignored: message already finished");
         }
-        Ok(Response::new(pb::CompleteMessageResponse { message: Some(message_to_proto(row)), changed }))
+        Ok(Response::new(pb::CompleteMessageResponse {
+            message: Some(message_to_proto(row)),
+            changed,
+        }))
     }
 
     async fn fail_message(
@@ -364,11 +433,18 @@ impl pb::chat_service_server::ChatService for ChatService {
         let request = request.into_inner();
         let id = Uuid::parse_str(&request.message_id)
             .map_err(|_| ChatError::from(ServiceError::invalid_field("message_id", "must be a UUID")))?;
-        let outcome = self.storage.fail_message(id, &request.code, &request.detail).await.map_err(ChatError::from)?;
+        let outcome = self
+            .storage
+            .fail_message(id, &request.code, &request.detail)
+            .await
+            .map_err(ChatError::from)?;
         let (row, changed) = outcome.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
         if changed {
             metrics::counter!("parley_chat_messages_failed_total").increment(1);
         }
-        Ok(Response::new(pb::CompleteMessageResponse { message: Some(message_to_proto(row)), changed }))
+        Ok(Response::new(pb::CompleteMessageResponse {
+            message: Some(message_to_proto(row)),
+            changed,
+        }))
     }
 }

@@ -215,11 +215,11 @@ impl Storage {
         let Some((conversation_model,)) = conversation else {
             return Ok(None);
         };
-        if let Some(key) = exchange.idempotency_key {
-            if let Some(previous) = replay_exchange(&mut tx, exchange.user_id, key).await? {
-                tx.commit().await?;
-                return Ok(Some(previous));
-            }
+        if let Some(key) = exchange.idempotency_key
+            && let Some(previous) = replay_exchange(&mut tx, exchange.user_id, key).await?
+        {
+            tx.commit().await?;
+            return Ok(Some(previous));
         }
         let model = exchange.model.unwrap_or(&conversation_model);
         // clock_timestamp() (not now()) so the reply sorts after the question within one transaction.
@@ -281,22 +281,30 @@ impl Storage {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(Some(SentExchange { user_message, assistant_message, replayed: false }))
+        Ok(Some(SentExchange {
+            user_message,
+            assistant_message,
+            replayed: false,
+        }))
     }
 
     pub async fn message_for_user(&self, user_id: Uuid, id: Uuid) -> Result<Option<MessageRow>, sqlx::Error> {
-        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1 AND user_id = $2")))
-            .bind(id)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await
+        sqlx::query_as(sql(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1 AND user_id = $2"
+        )))
+        .bind(id)
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await
     }
 
     pub async fn message(&self, id: Uuid) -> Result<Option<MessageRow>, sqlx::Error> {
-        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1")))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
+        sqlx::query_as(sql(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
     }
 
     /// A conversation's messages, oldest first, after `after` (exclusive).
@@ -383,7 +391,12 @@ impl Storage {
     }
 
     /// Marks a pending or streaming assistant message failed; a finished message stays as it is.
-    pub async fn fail_message(&self, id: Uuid, code: &str, detail: &str) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
+    pub async fn fail_message(
+        &self,
+        id: Uuid,
+        code: &str,
+        detail: &str,
+    ) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
         let updated: Option<MessageRow> = sqlx::query_as(sql(format!(
             "UPDATE chat.messages
              SET status = 'failed', error_code = $2, error_detail = $3, completed_at = now()
@@ -468,9 +481,11 @@ async fn replay_exchange(
     let find = |id: Uuid| rows.iter().find(|row| row.id == id).cloned();
     // The first exchange's conversation may have been deleted since: then the key is free again.
     Ok(match (find(user_message_id), find(assistant_message_id)) {
-        (Some(user_message), Some(assistant_message)) => {
-            Some(SentExchange { user_message, assistant_message, replayed: true })
-        }
+        (Some(user_message), Some(assistant_message)) => Some(SentExchange {
+            user_message,
+            assistant_message,
+            replayed: true,
+        }),
         _ => None,
     })
 }

@@ -37,7 +37,12 @@ pub struct Knobs {
 
 impl Default for Knobs {
     fn default() -> Self {
-        Self { time_to_first_token: Duration::from_millis(50), tokens_per_second: 200.0, error_rate: 0.0, rate_limit_rate: 0.0 }
+        Self {
+            time_to_first_token: Duration::from_millis(50),
+            tokens_per_second: 200.0,
+            error_rate: 0.0,
+            rate_limit_rate: 0.0,
+        }
     }
 }
 
@@ -89,11 +94,19 @@ impl FakeLlm {
     }
 
     pub fn knobs(&self) -> Knobs {
-        *self.shared.knobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        *self
+            .shared
+            .knobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn set_knobs(&self, knobs: Knobs) {
-        *self.shared.knobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = knobs;
+        *self
+            .shared
+            .knobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = knobs;
     }
 
     pub fn router(&self) -> axum::Router {
@@ -116,7 +129,9 @@ impl FakeLlm {
 
 /// Serves `fake` on `listener` until `shutdown` is cancelled.
 pub async fn serve(fake: FakeLlm, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, fake.router()).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    axum::serve(listener, fake.router())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,8 +162,10 @@ struct StreamOptions {
 }
 
 async fn list_models() -> Json<Value> {
-    let data: Vec<Value> =
-        MODELS.iter().map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "parley-fake"})).collect();
+    let data: Vec<Value> = MODELS
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "parley-fake"}))
+        .collect();
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -156,7 +173,11 @@ fn text_of(content: &Value) -> String {
     match content {
         Value::String(text) => text.clone(),
         // The array form: [{"type": "text", "text": "..."}].
-        Value::Array(parts) => parts.iter().filter_map(|part| part.get("text")?.as_str()).collect::<Vec<_>>().join(" "),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|part| part.get("text")?.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
         _ => String::new(),
     }
 }
@@ -171,7 +192,11 @@ pub fn reply_for(last_user_message: &str) -> String {
 pub fn tokens_of(reply: &str) -> Vec<String> {
     let mut tokens = Vec::new();
     for (index, word) in reply.split(' ').enumerate() {
-        tokens.push(if index == 0 { word.to_owned() } else { format!(" {word}") });
+        tokens.push(if index == 0 {
+            word.to_owned()
+        } else {
+            format!(" {word}")
+        });
     }
     tokens
 }
@@ -182,29 +207,54 @@ pub fn estimate_tokens(text: &str) -> u64 {
 }
 
 fn openai_error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (status, Json(json!({"error": {"message": message, "type": kind, "code": kind}}))).into_response()
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "code": kind}})),
+    )
+        .into_response()
 }
 
 async fn chat_completions(State(fake): State<FakeLlm>, body: Bytes) -> Response {
     fake.shared.requests.fetch_add(1, Ordering::SeqCst);
     let request: ChatRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
-        Err(error) => return openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", &error.to_string()),
+        Err(error) => {
+            return openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", &error.to_string());
+        }
     };
     if request.messages.is_empty() {
-        return openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", "messages must not be empty");
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "messages must not be empty",
+        );
     }
     let knobs = fake.knobs();
     if fake.draw() < knobs.rate_limit_rate {
         let mut response = openai_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "fake rate limit");
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     }
     if fake.draw() < knobs.error_rate {
-        return openai_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "fake upstream failure");
+        return openai_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "fake upstream failure",
+        );
     }
-    let last_user = request.messages.iter().rev().find(|m| m.role == "user").map(|m| text_of(&m.content));
-    let prompt_tokens: u64 = request.messages.iter().map(|m| estimate_tokens(&text_of(&m.content))).sum();
+    let last_user = request
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map(|m| text_of(&m.content));
+    let prompt_tokens: u64 = request
+        .messages
+        .iter()
+        .map(|m| estimate_tokens(&text_of(&m.content)))
+        .sum();
     let mut tokens = tokens_of(&reply_for(last_user.as_deref().unwrap_or("")));
     let max_tokens = request.max_completion_tokens.or(request.max_tokens).unwrap_or(u32::MAX) as usize;
     let finish_reason = if tokens.len() > max_tokens {
@@ -300,8 +350,11 @@ fn stream_completion(completion: Completion, include_usage: bool) -> Response {
         async move {
             let (event, next) = match step {
                 Step::Token(index) if index < completion.tokens.len() => {
-                    let wait =
-                        if index == 0 { completion.knobs.time_to_first_token } else { completion.token_interval() };
+                    let wait = if index == 0 {
+                        completion.knobs.time_to_first_token
+                    } else {
+                        completion.token_interval()
+                    };
                     tokio::time::sleep(wait).await;
                     let delta = if index == 0 {
                         json!({"role": "assistant", "content": completion.tokens[index]})

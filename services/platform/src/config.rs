@@ -9,28 +9,64 @@ use serde::{Deserialize, Serialize};
 
 /// Every environment variable Parley reads, with what it sets. The README's table comes from here.
 pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
-    ("PARLEY_CONFIG", "path to the TOML file with structured settings (providers, models, tiers)"),
-    ("DATABASE_URL", "PostgreSQL primary, e.g. postgres://parley@127.0.0.1:5432/parley"),
+    (
+        "PARLEY_CONFIG",
+        "path to the TOML file with structured settings (providers, models, tiers)",
+    ),
+    (
+        "DATABASE_URL",
+        "PostgreSQL primary, e.g. postgres://parley@127.0.0.1:5432/parley",
+    ),
     ("DATABASE_REPLICA_URLS", "comma-separated PostgreSQL read replicas"),
     ("REDIS_URL", "Redis, e.g. redis://127.0.0.1:6379"),
     ("NATS_URL", "NATS with JetStream, e.g. nats://127.0.0.1:4222"),
-    ("PARLEY_HTTP_ADDR", "address the gateway's REST API listens on (default 127.0.0.1:8080)"),
-    ("PARLEY_GRPC_ADDR", "address a service's gRPC server listens on under `parley serve`"),
-    ("PARLEY_ADMIN_ADDR", "address of /healthz, /readyz and /metrics under `parley serve`"),
+    (
+        "PARLEY_HTTP_ADDR",
+        "address the gateway's REST API listens on (default 127.0.0.1:8080)",
+    ),
+    (
+        "PARLEY_GRPC_ADDR",
+        "address a service's gRPC server listens on under `parley serve`",
+    ),
+    (
+        "PARLEY_ADMIN_ADDR",
+        "address of /healthz, /readyz and /metrics under `parley serve`",
+    ),
     ("PARLEY_USER_URL", "gRPC address of the user service"),
     ("PARLEY_CHAT_URL", "gRPC address of the chat service"),
     ("PARLEY_QUOTA_URL", "gRPC address of the quota service"),
     ("PARLEY_ANALYTICS_URL", "gRPC address of the analytics service"),
-    ("PARLEY_ADMIN_EMAILS", "comma-separated emails whose accounts have role admin"),
-    ("PARLEY_CURSOR_SECRET", "key that makes pagination cursors tamper-evident (same on every replica)"),
-    ("PARLEY_NATS_PREFIX", "prefix of every JetStream stream and subject (default parley)"),
+    (
+        "PARLEY_ADMIN_EMAILS",
+        "comma-separated emails whose accounts have role admin",
+    ),
+    (
+        "PARLEY_CURSOR_SECRET",
+        "key that makes pagination cursors tamper-evident (same on every replica)",
+    ),
+    (
+        "PARLEY_NATS_PREFIX",
+        "prefix of every JetStream stream and subject (default parley)",
+    ),
     ("PARLEY_REDIS_PREFIX", "prefix of every Redis key (default parley)"),
     ("PARLEY_DEFAULT_MODEL", "model used when a request names none"),
-    ("PARLEY_LOG", "log filter, e.g. info or parley_chat=debug (default info)"),
+    (
+        "PARLEY_LOG",
+        "log filter, e.g. info or parley_chat=debug (default info)",
+    ),
     ("PARLEY_LOG_FORMAT", "json (default) or pretty"),
-    ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTLP gRPC endpoint for traces; unset means no export"),
-    ("OTEL_SERVICE_NAME", "service name on exported spans (default parley-<service>)"),
-    ("OPENAI_API_KEY", "API key for providers configured with api_key_env = \"OPENAI_API_KEY\""),
+    (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTLP gRPC endpoint for traces; unset means no export",
+    ),
+    (
+        "OTEL_SERVICE_NAME",
+        "service name on exported spans (default parley-<service>)",
+    ),
+    (
+        "OPENAI_API_KEY",
+        "API key for providers configured with api_key_env = \"OPENAI_API_KEY\"",
+    ),
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -230,7 +266,10 @@ impl Default for DatabaseConfig {
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self { url: "redis://127.0.0.1:6379".to_owned(), key_prefix: "parley".to_owned() }
+        Self {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            key_prefix: "parley".to_owned(),
+        }
     }
 }
 
@@ -292,13 +331,22 @@ impl Default for ChatConfig {
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        Self { concurrency: 32, connect_timeout_ms: 5_000, request_timeout_secs: 120, max_output_tokens: 1024 }
+        Self {
+            concurrency: 32,
+            connect_timeout_ms: 5_000,
+            request_timeout_secs: 120,
+            max_output_tokens: 1024,
+        }
     }
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { otlp_endpoint: None, log_filter: "info".to_owned(), log_format: LogFormat::Json }
+        Self {
+            otlp_endpoint: None,
+            log_filter: "info".to_owned(),
+            log_format: LogFormat::Json,
+        }
     }
 }
 
@@ -321,21 +369,46 @@ impl Default for Config {
     fn default() -> Self {
         let providers = BTreeMap::from([(
             "fake".to_owned(),
-            ProviderConfig { kind: ProviderKind::Fake, base_url: String::new(), api_key_env: None },
+            ProviderConfig {
+                kind: ProviderKind::Fake,
+                base_url: String::new(),
+                api_key_env: None,
+            },
         )]);
         let models = BTreeMap::from([(
             FAKE_MODEL.to_owned(),
             ModelConfig {
-                chain: vec![ModelTarget { provider: "fake".to_owned(), model: "fake-echo".to_owned() }],
+                chain: vec![ModelTarget {
+                    provider: "fake".to_owned(),
+                    model: "fake-echo".to_owned(),
+                }],
                 context_window: 8192,
                 input_price_per_mtok: 0.5,
                 output_price_per_mtok: 1.5,
             },
         )]);
         let tiers = BTreeMap::from([
-            ("free".to_owned(), TierConfig { requests_per_minute: 20, tokens_per_day: 50_000 }),
-            ("pro".to_owned(), TierConfig { requests_per_minute: 120, tokens_per_day: 1_000_000 }),
-            ("enterprise".to_owned(), TierConfig { requests_per_minute: 600, tokens_per_day: 20_000_000 }),
+            (
+                "free".to_owned(),
+                TierConfig {
+                    requests_per_minute: 20,
+                    tokens_per_day: 50_000,
+                },
+            ),
+            (
+                "pro".to_owned(),
+                TierConfig {
+                    requests_per_minute: 120,
+                    tokens_per_day: 1_000_000,
+                },
+            ),
+            (
+                "enterprise".to_owned(),
+                TierConfig {
+                    requests_per_minute: 600,
+                    tokens_per_day: 20_000_000,
+                },
+            ),
         ]);
         Self {
             database: DatabaseConfig::default(),
@@ -368,7 +441,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), message: message.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 impl Config {
@@ -386,9 +462,14 @@ impl Config {
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let display = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: display.clone(), source })?;
-        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: display, source: Box::new(source) })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: display,
+            source: Box::new(source),
+        })
     }
 
     pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
@@ -453,7 +534,12 @@ impl Config {
             self.telemetry.log_format = match v.as_str() {
                 "json" => LogFormat::Json,
                 "pretty" => LogFormat::Pretty,
-                other => return Err(invalid("PARLEY_LOG_FORMAT", format!("expected json or pretty, got {other:?}"))),
+                other => {
+                    return Err(invalid(
+                        "PARLEY_LOG_FORMAT",
+                        format!("expected json or pretty, got {other:?}"),
+                    ));
+                }
             };
         }
         if let Some(v) = get("OTEL_EXPORTER_OTLP_ENDPOINT") {
@@ -466,7 +552,11 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_url("database.url", &self.database.url, &["postgres", "postgresql"])?;
         for (index, url) in self.database.replica_urls.iter().enumerate() {
-            check_url(&format!("database.replica_urls[{index}]"), url, &["postgres", "postgresql"])?;
+            check_url(
+                &format!("database.replica_urls[{index}]"),
+                url,
+                &["postgres", "postgresql"],
+            )?;
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
@@ -507,9 +597,10 @@ impl Config {
         if self.agent.concurrency == 0 {
             return Err(invalid("agent.concurrency", "must be at least 1"));
         }
-        for (field, rate) in
-            [("fake_llm.error_rate", self.fake_llm.error_rate), ("fake_llm.rate_limit_rate", self.fake_llm.rate_limit_rate)]
-        {
+        for (field, rate) in [
+            ("fake_llm.error_rate", self.fake_llm.error_rate),
+            ("fake_llm.rate_limit_rate", self.fake_llm.rate_limit_rate),
+        ] {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(invalid(field, "must be between 0 and 1"));
             }
@@ -518,10 +609,13 @@ impl Config {
             return Err(invalid("fake_llm.tokens_per_second", "must be positive"));
         }
         for (name, provider) in &self.providers {
-            if provider.kind == ProviderKind::Openai {
-                check_url(&format!("providers.{name}.base_url"), &provider.base_url, &["http", "https"])?;
-            } else if !provider.base_url.is_empty() {
-                check_url(&format!("providers.{name}.base_url"), &provider.base_url, &["http", "https"])?;
+            // The fake's address may be filled in at start-up; every other provider needs one now.
+            if provider.kind == ProviderKind::Openai || !provider.base_url.is_empty() {
+                check_url(
+                    &format!("providers.{name}.base_url"),
+                    &provider.base_url,
+                    &["http", "https"],
+                )?;
             }
         }
         if self.models.is_empty() {
@@ -529,7 +623,10 @@ impl Config {
         }
         for (name, model) in &self.models {
             if model.chain.is_empty() {
-                return Err(invalid(format!("models.{name}.chain"), "needs at least one provider/model pair"));
+                return Err(invalid(
+                    format!("models.{name}.chain"),
+                    "needs at least one provider/model pair",
+                ));
             }
             for (index, target) in model.chain.iter().enumerate() {
                 if !self.providers.contains_key(&target.provider) {
@@ -544,7 +641,10 @@ impl Config {
             }
         }
         if !self.models.contains_key(&self.default_model) {
-            return Err(invalid("default_model", format!("no model named {:?}", self.default_model)));
+            return Err(invalid(
+                "default_model",
+                format!("no model named {:?}", self.default_model),
+            ));
         }
         if !self.tiers.contains_key(DEFAULT_TIER) {
             return Err(invalid("tiers", format!("the {DEFAULT_TIER:?} tier must exist")));
@@ -566,7 +666,12 @@ impl Config {
 pub const DEFAULT_TIER: &str = "free";
 
 fn split_list(value: &str) -> Vec<String> {
-    value.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_owned).collect()
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn check_url(field: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError> {
@@ -574,7 +679,10 @@ fn check_url(field: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigErr
         return Err(invalid(field, format!("{value:?} is not a URL")));
     };
     if !schemes.contains(&scheme) {
-        return Err(invalid(field, format!("scheme must be one of {schemes:?}, got {scheme:?}")));
+        return Err(invalid(
+            field,
+            format!("scheme must be one of {schemes:?}, got {scheme:?}"),
+        ));
     }
     if rest.is_empty() {
         return Err(invalid(field, "has no host"));
@@ -591,7 +699,11 @@ fn check_socket_addr(field: &str, value: &str) -> Result<(), ConfigError> {
 
 fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
     let valid = !value.is_empty() && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if valid { Ok(()) } else { Err(invalid(field, "use only letters, digits, '-' and '_'")) }
+    if valid {
+        Ok(())
+    } else {
+        Err(invalid(field, "use only letters, digits, '-' and '_'"))
+    }
 }
 
 #[cfg(test)]
@@ -623,9 +735,19 @@ mod tests {
             })
             .unwrap();
         assert_eq!(config.database.url, "postgres://env/db");
-        assert_eq!(config.database.replica_urls, vec!["postgres://r1/db", "postgres://r2/db"]);
+        assert_eq!(
+            config.database.replica_urls,
+            vec!["postgres://r1/db", "postgres://r2/db"]
+        );
         assert_eq!(config.auth.admin_emails.len(), 2);
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let config = Config::from_toml(include_str!("../../../config/parley.example.toml")).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.models["gpt-4o-mini"].chain.len(), 2);
     }
 
     #[test]
@@ -640,13 +762,18 @@ mod tests {
         config.redis.url = "http://localhost".to_owned();
         assert_eq!(field_of(config.validate().unwrap_err()), "redis.url");
 
-        let mut config = Config::default();
-        config.default_model = "missing".to_owned();
+        let config = Config {
+            default_model: "missing".to_owned(),
+            ..Config::default()
+        };
         assert_eq!(field_of(config.validate().unwrap_err()), "default_model");
 
         let mut config = Config::default();
         config.models.get_mut(FAKE_MODEL).unwrap().chain[0].provider = "nope".to_owned();
-        assert_eq!(field_of(config.validate().unwrap_err()), "models.parley-fake.chain[0].provider");
+        assert_eq!(
+            field_of(config.validate().unwrap_err()),
+            "models.parley-fake.chain[0].provider"
+        );
 
         let mut config = Config::default();
         config.fake_llm.error_rate = 1.5;
@@ -660,7 +787,9 @@ mod tests {
     #[test]
     fn bad_log_format_names_the_variable() {
         let mut config = Config::default();
-        let error = config.apply_env(|name| (name == "PARLEY_LOG_FORMAT").then(|| "xml".to_owned())).unwrap_err();
+        let error = config
+            .apply_env(|name| (name == "PARLEY_LOG_FORMAT").then(|| "xml".to_owned()))
+            .unwrap_err();
         assert_eq!(field_of(error), "PARLEY_LOG_FORMAT");
     }
 }

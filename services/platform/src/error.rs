@@ -128,9 +128,7 @@ impl ErrorCode {
             tonic::Code::AlreadyExists | tonic::Code::Aborted => ErrorCode::Conflict,
             tonic::Code::FailedPrecondition => ErrorCode::PreconditionFailed,
             tonic::Code::ResourceExhausted => ErrorCode::RateLimited,
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                ErrorCode::Unavailable
-            }
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => ErrorCode::Unavailable,
             tonic::Code::Ok
             | tonic::Code::Unknown
             | tonic::Code::Unimplemented
@@ -162,13 +160,23 @@ pub struct ServiceError {
 
 impl ServiceError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: None, retry_after_secs: None }
+        Self {
+            code,
+            message: message.into(),
+            field: None,
+            retry_after_secs: None,
+        }
     }
 
     pub fn invalid_field(field: impl Into<String>, message: impl Into<String>) -> Self {
         let field = field.into();
         let message = format!("{field}: {}", message.into());
-        Self { code: ErrorCode::InvalidRequest, message, field: Some(field), retry_after_secs: None }
+        Self {
+            code: ErrorCode::InvalidRequest,
+            message,
+            field: Some(field),
+            retry_after_secs: None,
+        }
     }
 
     pub fn not_found(what: &str) -> Self {
@@ -180,7 +188,11 @@ impl ServiceError {
     }
 
     pub fn unavailable(what: &str) -> Self {
-        Self::new(ErrorCode::Unavailable, format!("{what} is unavailable; try again shortly")).retry_after(1)
+        Self::new(
+            ErrorCode::Unavailable,
+            format!("{what} is unavailable; try again shortly"),
+        )
+        .retry_after(1)
     }
 
     pub fn retry_after(mut self, secs: u64) -> Self {
@@ -215,7 +227,12 @@ impl From<ServiceError> for tonic::Status {
 impl From<tonic::Status> for ServiceError {
     fn from(status: tonic::Status) -> Self {
         let metadata = status.metadata();
-        let text = |key: &str| metadata.get(key).and_then(|value| value.to_str().ok()).map(str::to_owned);
+        let text = |key: &str| {
+            metadata
+                .get(key)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
         let tagged = text(CODE_KEY).and_then(|code| ErrorCode::parse(&code));
         let code = tagged.unwrap_or_else(|| ErrorCode::from_grpc_code(status.code()));
         // A status without our tag was made by the transport, not by a Parley service: its message may
@@ -231,7 +248,26 @@ impl From<tonic::Status> for ServiceError {
         let retry_after_secs = text(RETRY_AFTER_KEY)
             .and_then(|secs| secs.parse().ok())
             .or((code == ErrorCode::Unavailable).then_some(1));
-        ServiceError { code, message, field: text(FIELD_KEY), retry_after_secs }
+        ServiceError {
+            code,
+            message,
+            field: text(FIELD_KEY),
+            retry_after_secs,
+        }
+    }
+}
+
+impl From<sqlx::Error> for ServiceError {
+    /// A database that cannot be reached is a 503 the client may retry; anything else is a bug, logged
+    /// here with its detail and shown to the client as a bare 500.
+    fn from(error: sqlx::Error) -> Self {
+        if crate::db::is_unavailable(&error) {
+            tracing::warn!(%error, "database unavailable");
+            ServiceError::unavailable("the database")
+        } else {
+            tracing::error!(%error, "database error");
+            ServiceError::internal()
+        }
     }
 }
 
@@ -288,21 +324,10 @@ mod tests {
     #[test]
     fn untagged_grpc_codes_map_sensibly() {
         assert_eq!(ErrorCode::from_grpc_code(tonic::Code::NotFound), ErrorCode::NotFound);
-        assert_eq!(ErrorCode::from_grpc_code(tonic::Code::DeadlineExceeded), ErrorCode::Unavailable);
+        assert_eq!(
+            ErrorCode::from_grpc_code(tonic::Code::DeadlineExceeded),
+            ErrorCode::Unavailable
+        );
         assert_eq!(ErrorCode::from_grpc_code(tonic::Code::Unknown), ErrorCode::Internal);
-    }
-}
-
-impl From<sqlx::Error> for ServiceError {
-    /// A database that cannot be reached is a 503 the client may retry; anything else is a bug, logged
-    /// here with its detail and shown to the client as a bare 500.
-    fn from(error: sqlx::Error) -> Self {
-        if crate::db::is_unavailable(&error) {
-            tracing::warn!(%error, "database unavailable");
-            ServiceError::unavailable("the database")
-        } else {
-            tracing::error!(%error, "database error");
-            ServiceError::internal()
-        }
     }
 }

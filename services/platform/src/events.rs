@@ -40,7 +40,17 @@ pub struct UsageEvent {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum MessageEvent {
-    Delta { message_id: Uuid, index: u64, text: String },
-    Completed { message_id: Uuid },
-    Failed { message_id: Uuid, code: String, detail: String },
+    Delta {
+        message_id: Uuid,
+        index: u64,
+        text: String,
+    },
+    Completed {
+        message_id: Uuid,
+    },
+    Failed {
+        message_id: Uuid,
+        code: String,
+        detail: String,
+    },
 }

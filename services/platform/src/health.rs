@@ -76,7 +76,11 @@ impl Readiness {
         } else {
             let failing: Vec<&String> = checks.iter().filter(|(_, v)| *v != "ok").map(|(k, _)| k).collect();
             tracing::warn!(?failing, "not ready");
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not_ready", "checks": checks}))).into_response()
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "not_ready", "checks": checks})),
+            )
+                .into_response()
         }
     }
 }
@@ -85,7 +89,11 @@ pub fn postgres_check(pool: sqlx::PgPool) -> impl Fn() -> BoxFuture<'static, Res
     move || {
         let pool = pool.clone();
         Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()).map_err(|error| error.to_string())
+            sqlx::query("SELECT 1")
+                .execute(&pool)
+                .await
+                .map(|_| ())
+                .map_err(|error| error.to_string())
         })
     }
 }
@@ -108,7 +116,11 @@ pub fn redis_check(
     move || {
         let mut connection = connection.clone();
         Box::pin(async move {
-            redis::cmd("PING").query_async::<String>(&mut connection).await.map(|_| ()).map_err(|e| e.to_string())
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         })
     }
 }
@@ -121,8 +133,13 @@ pub fn grpc_check(
     move || {
         let mut client = tonic_health::pb::health_client::HealthClient::new(channel.clone());
         Box::pin(async move {
-            let request = tonic_health::pb::HealthCheckRequest { service: service.to_owned() };
-            let response = client.check(request).await.map_err(|status| status.code().to_string())?;
+            let request = tonic_health::pb::HealthCheckRequest {
+                service: service.to_owned(),
+            };
+            let response = client
+                .check(request)
+                .await
+                .map_err(|status| status.code().to_string())?;
             match response.into_inner().status() {
                 tonic_health::pb::health_check_response::ServingStatus::Serving => Ok(()),
                 other => Err(format!("{other:?}")),
@@ -136,10 +153,13 @@ pub fn admin_router(readiness: Readiness) -> axum::Router {
     let readiness = Arc::new(readiness);
     axum::Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(move || {
-            let readiness = readiness.clone();
-            async move { readiness.response().await }
-        }))
+        .route(
+            "/readyz",
+            get(move || {
+                let readiness = readiness.clone();
+                async move { readiness.response().await }
+            }),
+        )
         .route("/metrics", get(metrics))
 }
 
@@ -148,5 +168,9 @@ pub async fn healthz() -> Response {
 }
 
 pub async fn metrics() -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::render_metrics()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::render_metrics(),
+    )
+        .into_response()
 }

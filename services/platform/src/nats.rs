@@ -17,7 +17,10 @@ pub struct Names {
 
 impl Names {
     pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.to_owned(), stream_prefix: prefix.to_ascii_uppercase().replace('-', "_") }
+        Self {
+            prefix: prefix.to_owned(),
+            stream_prefix: prefix.to_ascii_uppercase().replace('-', "_"),
+        }
     }
 
     /// Work queue of AI jobs.
@@ -93,7 +96,9 @@ pub async fn ensure_agent_consumer(
         max_ack_pending: 10_000,
         ..Default::default()
     };
-    Ok(stream.get_or_create_consumer(names.agent_consumer(), consumer_config).await?)
+    Ok(stream
+        .get_or_create_consumer(names.agent_consumer(), consumer_config)
+        .await?)
 }
 
 /// The usage event stream: kept (limits retention) so analytics can replay it.
@@ -122,7 +127,9 @@ pub async fn ensure_analytics_consumer(
         ack_wait: Duration::from_secs(30),
         ..Default::default()
     };
-    Ok(stream.get_or_create_consumer(names.analytics_consumer(), consumer_config).await?)
+    Ok(stream
+        .get_or_create_consumer(names.analytics_consumer(), consumer_config)
+        .await?)
 }
 
 #[cfg(test)]

@@ -23,7 +23,12 @@ pub struct QuotaService {
 
 impl QuotaService {
     pub fn new(config: Arc<Config>, pool: PgPool, redis: ConnectionManager) -> Self {
-        Self { config, pool, redis, charge_script: Arc::new(redis::Script::new(CHARGE_SCRIPT)) }
+        Self {
+            config,
+            pool,
+            redis,
+            charge_script: Arc::new(redis::Script::new(CHARGE_SCRIPT)),
+        }
     }
 
     fn daily_limit(&self, tier: &str) -> i64 {
@@ -31,7 +36,9 @@ impl QuotaService {
             Some(tier) => tier.tokens_per_day,
             None => {
                 tracing::warn!(tier, "unknown tier; using the default tier's budget");
-                self.config.tier(parley_platform::config::DEFAULT_TIER).map_or(0, |tier| tier.tokens_per_day)
+                self.config
+                    .tier(parley_platform::config::DEFAULT_TIER)
+                    .map_or(0, |tier| tier.tokens_per_day)
             }
         }
     }
@@ -47,7 +54,12 @@ impl QuotaService {
     }
 
     /// Tokens used today from Redis, rebuilding the counter from the ledger when Redis has none.
-    async fn used_from_redis(&self, key: &str, user_id: Uuid, day: Date) -> Result<Result<i64, redis::RedisError>, sqlx::Error> {
+    async fn used_from_redis(
+        &self,
+        key: &str,
+        user_id: Uuid,
+        day: Date,
+    ) -> Result<Result<i64, redis::RedisError>, sqlx::Error> {
         let mut redis = self.redis.clone();
         let cached: Option<i64> = match redis::cmd("GET").arg(key).query_async(&mut redis).await {
             Ok(value) => value,
@@ -79,14 +91,21 @@ fn parse_user(user_id: &str) -> Result<Uuid, QuotaError> {
 
 #[tonic::async_trait]
 impl pb::quota_service_server::QuotaService for QuotaService {
-    async fn check_budget(&self, request: Request<pb::CheckBudgetRequest>) -> Result<Response<pb::BudgetStatus>, Status> {
+    async fn check_budget(
+        &self,
+        request: Request<pb::CheckBudgetRequest>,
+    ) -> Result<Response<pb::BudgetStatus>, Status> {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
         let now = OffsetDateTime::now_utc();
         let day = budget::current_day(now);
         let key = budget::counter_key(&self.config.redis.key_prefix, user_id, day);
         let limit = self.daily_limit(&request.tier);
-        let (used, effective_limit) = match self.used_from_redis(&key, user_id, day).await.map_err(QuotaError::from)? {
+        let (used, effective_limit) = match self
+            .used_from_redis(&key, user_id, day)
+            .await
+            .map_err(QuotaError::from)?
+        {
             Ok(used) => (used, limit),
             Err(error) => {
                 tracing::warn!(%error, "redis unavailable; answering budgets from the ledger, conservatively");
@@ -134,8 +153,12 @@ impl pb::quota_service_server::QuotaService for QuotaService {
         if inserted {
             let key = budget::counter_key(&self.config.redis.key_prefix, user_id, day);
             let mut redis = self.redis.clone();
-            let counted: Result<i64, _> =
-                self.charge_script.key(&key).arg(request.tokens).invoke_async(&mut redis).await;
+            let counted: Result<i64, _> = self
+                .charge_script
+                .key(&key)
+                .arg(request.tokens)
+                .invoke_async(&mut redis)
+                .await;
             if let Err(error) = counted {
                 // The ledger has the charge; the counter is rebuilt from it when Redis answers again.
                 tracing::warn!(%error, "redis unavailable; charge recorded in the ledger only");

@@ -1,9 +1,9 @@
 //! Password hashing with Argon2id (the argon2 crate's defaults: 19 MiB, 2 passes, 1 lane, as OWASP
 //! recommends). Hashing runs on the blocking pool so it never stalls the async workers.
 
+use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 
 use crate::UserError;
 
@@ -33,7 +33,8 @@ pub async fn verify(password: String, stored: Option<String>) -> Result<bool, Us
 }
 
 /// An Argon2id hash of a random string nobody knows, with the same parameters as real hashes.
-const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0YJ4Bd1JGOqtPUe7hVnEqkf9nlZ3W6pQ8dDuMf9Nf3o";
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0YJ4Bd1JGOqtPUe7hVnEqkf9nlZ3W6pQ8dDuMf9Nf3o";
 
 #[cfg(test)]
 mod tests {
@@ -43,7 +44,11 @@ mod tests {
     async fn a_hash_verifies_only_its_password() {
         let stored = hash("correct horse battery".to_owned()).await.unwrap();
         assert!(stored.starts_with("$argon2id$"));
-        assert!(verify("correct horse battery".to_owned(), Some(stored.clone())).await.unwrap());
+        assert!(
+            verify("correct horse battery".to_owned(), Some(stored.clone()))
+                .await
+                .unwrap()
+        );
         assert!(!verify("wrong horse battery".to_owned(), Some(stored)).await.unwrap());
         assert!(!verify("anything at all".to_owned(), None).await.unwrap());
     }

@@ -24,12 +24,26 @@ pub struct SigningKeyRow {
 
 /// What presenting a refresh token led to.
 pub enum RefreshOutcome {
-    Rotated { user: UserRow, family_id: Uuid },
+    Rotated {
+        user: UserRow,
+        family_id: Uuid,
+    },
     /// Unknown, expired or revoked.
     Invalid,
     /// Already rotated: the family has now been revoked.
-    Reused { user_id: Uuid },
+    Reused {
+        user_id: Uuid,
+    },
 }
+
+/// user_id, family_id, expires_at, rotated_at, revoked_at of a refresh token.
+type TokenState = (
+    Uuid,
+    Uuid,
+    OffsetDateTime,
+    Option<OffsetDateTime>,
+    Option<OffsetDateTime>,
+);
 
 const USER_COLUMNS: &str = "id, email, display_name, password_hash, role, tier, created_at";
 
@@ -71,22 +85,38 @@ impl Storage {
 
     pub async fn user_by_email(&self, email: &str) -> Result<Option<UserRow>, sqlx::Error> {
         let sql = format!("SELECT {USER_COLUMNS} FROM identity.users WHERE lower(email) = lower($1)");
-        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(email).fetch_optional(&self.pool).await
+        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql))
+            .bind(email)
+            .fetch_optional(&self.pool)
+            .await
     }
 
     pub async fn user_by_id(&self, id: Uuid) -> Result<Option<UserRow>, sqlx::Error> {
         let sql = format!("SELECT {USER_COLUMNS} FROM identity.users WHERE id = $1");
-        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await
+        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
     }
 
     pub async fn set_role(&self, id: Uuid, role: &str) -> Result<Option<UserRow>, sqlx::Error> {
-        let sql = format!("UPDATE identity.users SET role = $2, updated_at = now() WHERE id = $1 RETURNING {USER_COLUMNS}");
-        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(id).bind(role).fetch_optional(&self.pool).await
+        let sql =
+            format!("UPDATE identity.users SET role = $2, updated_at = now() WHERE id = $1 RETURNING {USER_COLUMNS}");
+        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(role)
+            .fetch_optional(&self.pool)
+            .await
     }
 
     pub async fn set_tier(&self, id: Uuid, tier: &str) -> Result<Option<UserRow>, sqlx::Error> {
-        let sql = format!("UPDATE identity.users SET tier = $2, updated_at = now() WHERE id = $1 RETURNING {USER_COLUMNS}");
-        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(id).bind(tier).fetch_optional(&self.pool).await
+        let sql =
+            format!("UPDATE identity.users SET tier = $2, updated_at = now() WHERE id = $1 RETURNING {USER_COLUMNS}");
+        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(tier)
+            .fetch_optional(&self.pool)
+            .await
     }
 
     pub async fn insert_refresh_token(
@@ -119,7 +149,7 @@ impl Storage {
         new_expires_at: OffsetDateTime,
     ) -> Result<RefreshOutcome, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let row: Option<(Uuid, Uuid, OffsetDateTime, Option<OffsetDateTime>, Option<OffsetDateTime>)> = sqlx::query_as(
+        let row: Option<TokenState> = sqlx::query_as(
             "SELECT user_id, family_id, expires_at, rotated_at, revoked_at
              FROM identity.refresh_tokens WHERE token_hash = $1 FOR UPDATE",
         )
@@ -133,10 +163,12 @@ impl Storage {
             return Ok(RefreshOutcome::Invalid);
         }
         if rotated_at.is_some() {
-            sqlx::query("UPDATE identity.refresh_tokens SET revoked_at = now() WHERE family_id = $1 AND revoked_at IS NULL")
-                .bind(family_id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE identity.refresh_tokens SET revoked_at = now() WHERE family_id = $1 AND revoked_at IS NULL",
+            )
+            .bind(family_id)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
             return Ok(RefreshOutcome::Reused { user_id });
         }
@@ -156,7 +188,10 @@ impl Storage {
         .execute(&mut *tx)
         .await?;
         let sql = format!("SELECT {USER_COLUMNS} FROM identity.users WHERE id = $1");
-        let user = sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(user_id).fetch_optional(&mut *tx).await?;
+        let user = sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql))
+            .bind(user_id)
+            .fetch_optional(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(match user {
             Some(user) => RefreshOutcome::Rotated { user, family_id },
@@ -187,7 +222,12 @@ impl Storage {
         .await
     }
 
-    pub async fn insert_signing_key(&self, kid: &str, private_key: &[u8], public_key: &[u8]) -> Result<(), sqlx::Error> {
+    pub async fn insert_signing_key(
+        &self,
+        kid: &str,
+        private_key: &[u8],
+        public_key: &[u8],
+    ) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO identity.signing_keys (kid, algorithm, private_key, public_key) VALUES ($1, 'EdDSA', $2, $3)
              ON CONFLICT (kid) DO NOTHING",

@@ -37,7 +37,10 @@ pub fn password(raw: &str) -> Result<(), ServiceError> {
         ));
     }
     if length > MAX_PASSWORD_CHARS {
-        return Err(ServiceError::invalid_field("password", format!("must be at most {MAX_PASSWORD_CHARS} characters")));
+        return Err(ServiceError::invalid_field(
+            "password",
+            format!("must be at most {MAX_PASSWORD_CHARS} characters"),
+        ));
     }
     Ok(())
 }
@@ -53,7 +56,10 @@ pub fn display_name(raw: Option<&str>) -> Result<Option<String>, ServiceError> {
         ));
     }
     if name.chars().any(char::is_control) {
-        return Err(ServiceError::invalid_field("display_name", "must not contain control characters"));
+        return Err(ServiceError::invalid_field(
+            "display_name",
+            "must not contain control characters",
+        ));
     }
     Ok(Some(name.to_owned()))
 }
@@ -74,7 +80,16 @@ mod tests {
     #[test]
     fn emails_are_normalised_and_checked() {
         assert_eq!(email("  Ada@Example.COM ").unwrap(), "ada@example.com");
-        for bad in ["", "ada", "ada@", "@example.com", "ada@example", "a b@example.com", "ada@@example.com", "ada@.com"] {
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "a b@example.com",
+            "ada@@example.com",
+            "ada@.com",
+        ] {
             let error = email(bad).unwrap_err();
             assert_eq!(error.field.as_deref(), Some("email"), "{bad:?}");
         }

@@ -1,8 +1,8 @@
 //! Conversations: create, list, read, update (optimistic locking with ETag / If-Match), delete.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
 use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use parley_platform::ErrorCode;
@@ -41,7 +41,13 @@ pub async fn create(
         model: body.model,
         system_prompt: body.system_prompt,
     };
-    let conversation = state.backends.chat.clone().create_conversation(request).await?.into_inner();
+    let conversation = state
+        .backends
+        .chat
+        .clone()
+        .create_conversation(request)
+        .await?
+        .into_inner();
     let location = format!("/v1/conversations/{}", conversation.id);
     let mut response = with_etag(StatusCode::CREATED, conversation);
     if let Ok(value) = HeaderValue::from_str(&location) {
@@ -67,7 +73,13 @@ pub async fn list(
         limit: page_limit(query.limit.as_deref())?,
         cursor: query.cursor,
     };
-    let page = state.backends.chat.clone().list_conversations(request).await?.into_inner();
+    let page = state
+        .backends
+        .chat
+        .clone()
+        .list_conversations(request)
+        .await?
+        .into_inner();
     Ok(Json(Page {
         data: page.conversations.into_iter().map(ConversationView::from).collect(),
         next_cursor: page.next_cursor,
@@ -81,8 +93,17 @@ pub async fn list(
     (status = 404, body = Problem),
 ))]
 pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
-    let request = pb::GetConversationRequest { user_id: caller.user_id.to_string(), conversation_id: id };
-    let conversation = state.backends.chat.clone().get_conversation(request).await?.into_inner();
+    let request = pb::GetConversationRequest {
+        user_id: caller.user_id.to_string(),
+        conversation_id: id,
+    };
+    let conversation = state
+        .backends
+        .chat
+        .clone()
+        .get_conversation(request)
+        .await?
+        .into_inner();
     Ok(with_etag(StatusCode::OK, conversation))
 }
 
@@ -94,7 +115,10 @@ enum Precondition {
 
 fn if_match(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     let Some(value) = headers.get(header::IF_MATCH) else {
-        return Err(ApiError::new(ErrorCode::PreconditionRequired, "If-Match with the conversation's ETag is required"));
+        return Err(ApiError::new(
+            ErrorCode::PreconditionRequired,
+            "If-Match with the conversation's ETag is required",
+        ));
     };
     let text = value.to_str().unwrap_or_default().trim();
     if text == "*" {
@@ -126,8 +150,18 @@ pub async fn update(
     let expected_version = match if_match(&headers)? {
         Precondition::Version(version) => version,
         Precondition::Any => {
-            let request = pb::GetConversationRequest { user_id: caller.user_id.to_string(), conversation_id: id.clone() };
-            state.backends.chat.clone().get_conversation(request).await?.into_inner().version
+            let request = pb::GetConversationRequest {
+                user_id: caller.user_id.to_string(),
+                conversation_id: id.clone(),
+            };
+            state
+                .backends
+                .chat
+                .clone()
+                .get_conversation(request)
+                .await?
+                .into_inner()
+                .version
         }
     };
     let request = pb::UpdateConversationRequest {
@@ -138,7 +172,13 @@ pub async fn update(
         model: body.model,
         system_prompt: body.system_prompt,
     };
-    let conversation = state.backends.chat.clone().update_conversation(request).await?.into_inner();
+    let conversation = state
+        .backends
+        .chat
+        .clone()
+        .update_conversation(request)
+        .await?
+        .into_inner();
     Ok(with_etag(StatusCode::OK, conversation))
 }
 
@@ -146,7 +186,10 @@ pub async fn update(
 #[utoipa::path(delete, path = "/v1/conversations/{id}", tag = "conversations", security(("bearer" = [])),
     params(("id" = String, Path)), responses((status = 204), (status = 404, body = Problem)))]
 pub async fn delete(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    let request = pb::DeleteConversationRequest { user_id: caller.user_id.to_string(), conversation_id: id };
+    let request = pb::DeleteConversationRequest {
+        user_id: caller.user_id.to_string(),
+        conversation_id: id,
+    };
     state.backends.chat.clone().delete_conversation(request).await?;
     Ok(StatusCode::NO_CONTENT)
 }

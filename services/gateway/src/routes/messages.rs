@@ -82,7 +82,10 @@ pub async fn send(
         let retry_after = (budget.resets_at - now).max(1) as u64;
         return Err(ServiceError::new(
             ErrorCode::QuotaExceeded,
-            format!("daily token budget of {} exhausted ({} used)", budget.limit, budget.used),
+            format!(
+                "daily token budget of {} exhausted ({} used)",
+                budget.limit, budget.used
+            ),
         )
         .retry_after(retry_after)
         .into());
@@ -96,10 +99,16 @@ pub async fn send(
         tier: caller.tier,
     };
     let sent = state.backends.chat.clone().send_message(request).await?.into_inner();
-    let assistant = sent.assistant_message.ok_or_else(|| ApiError(ServiceError::internal()))?;
+    let assistant = sent
+        .assistant_message
+        .ok_or_else(|| ApiError(ServiceError::internal()))?;
     let wait = Duration::from_secs(state.config.http.message_wait_secs);
     let (assistant, waited) = wait_for_reply(&state, caller.user_id, assistant, wait).await;
-    let status = if is_finished(&assistant) { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let status = if is_finished(&assistant) {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
     let exchange = ExchangeView {
         user_message: sent.user_message.map(MessageView::from),
         assistant_message: Some(MessageView::from(assistant)),
@@ -110,7 +119,12 @@ pub async fn send(
 }
 
 /// Waits until `message` is finished or `wait` has passed; returns its latest state and the time spent.
-async fn wait_for_reply(state: &AppState, user_id: Uuid, message: pb::Message, wait: Duration) -> (pb::Message, Duration) {
+async fn wait_for_reply(
+    state: &AppState,
+    user_id: Uuid,
+    message: pb::Message,
+    wait: Duration,
+) -> (pb::Message, Duration) {
     let started = Instant::now();
     if is_finished(&message) {
         return (message, Duration::ZERO);
@@ -130,10 +144,15 @@ async fn wait_for_reply(state: &AppState, user_id: Uuid, message: pb::Message, w
     let deadline = tokio::time::Instant::now() + wait;
     let mut latest = message;
     loop {
-        let request = pb::GetMessageRequest { user_id: user_id.to_string(), message_id: message_id.to_string() };
+        let request = pb::GetMessageRequest {
+            user_id: user_id.to_string(),
+            message_id: message_id.to_string(),
+        };
         match state.backends.chat.clone().get_message(request).await {
             Ok(current) => latest = current.into_inner(),
-            Err(status) => tracing::warn!(code = ?status.code(), "could not re-read a pending reply"),
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), "could not re-read a pending reply")
+            }
         }
         if is_finished(&latest) || tokio::time::Instant::now() >= deadline {
             return (latest, started.elapsed());
@@ -180,14 +199,24 @@ pub async fn list(
         cursor: query.cursor,
     };
     let page = state.backends.chat.clone().list_messages(request).await?.into_inner();
-    Ok(Json(Page { data: page.messages.into_iter().map(MessageView::from).collect(), next_cursor: page.next_cursor }))
+    Ok(Json(Page {
+        data: page.messages.into_iter().map(MessageView::from).collect(),
+        next_cursor: page.next_cursor,
+    }))
 }
 
 /// One message.
 #[utoipa::path(get, path = "/v1/messages/{id}", tag = "messages", security(("bearer" = [])),
     params(("id" = String, Path)), responses((status = 200, body = MessageView), (status = 404, body = Problem)))]
-pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<MessageView>> {
-    let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: id };
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<MessageView>> {
+    let request = pb::GetMessageRequest {
+        user_id: caller.user_id.to_string(),
+        message_id: id,
+    };
     let message = state.backends.chat.clone().get_message(request).await?.into_inner();
     Ok(Json(MessageView::from(message)))
 }

@@ -28,12 +28,20 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/auth/refresh", post(identity::refresh))
         .route("/v1/auth/logout", post(identity::logout))
         .route("/v1/me", get(identity::me))
-        .route("/v1/conversations", post(conversations::create).get(conversations::list))
+        .route(
+            "/v1/conversations",
+            post(conversations::create).get(conversations::list),
+        )
         .route(
             "/v1/conversations/{id}",
-            get(conversations::get).patch(conversations::update).delete(conversations::delete),
+            get(conversations::get)
+                .patch(conversations::update)
+                .delete(conversations::delete),
         )
-        .route("/v1/conversations/{id}/messages", post(messages::send).get(messages::list))
+        .route(
+            "/v1/conversations/{id}/messages",
+            post(messages::send).get(messages::list),
+        )
         .route("/v1/messages/{id}", get(messages::get))
         .route("/v1/usage", get(usage::own))
         .route("/v1/admin/usage", get(usage::admin))
@@ -47,7 +55,10 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string());
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|info| info.0.ip().to_string());
         Ok(ClientIp(ip.unwrap_or_default()))
     }
 }

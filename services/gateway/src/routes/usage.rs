@@ -3,8 +3,8 @@
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use parley_platform::timestamps::{parse_rfc3339, rfc3339, to_proto};
 use parley_platform::ErrorCode;
+use parley_platform::timestamps::{parse_rfc3339, rfc3339, to_proto};
 use parley_proto::analytics::v1 as pb;
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -52,10 +52,17 @@ fn parse_range(query: &UsageQuery, allow_user: bool) -> Result<Range, ApiError> 
         None | Some("") | Some("day") => (pb::GroupBy::Day, "day"),
         Some("model") => (pb::GroupBy::Model, "model"),
         Some("user") if allow_user => (pb::GroupBy::User, "user"),
-        Some(_) if allow_user => return Err(ApiError::invalid_field("group_by", "must be day, model or user")),
+        Some(_) if allow_user => {
+            return Err(ApiError::invalid_field("group_by", "must be day, model or user"));
+        }
         Some(_) => return Err(ApiError::invalid_field("group_by", "must be day or model")),
     };
-    Ok(Range { from, to, group_by, group_name })
+    Ok(Range {
+        from,
+        to,
+        group_by,
+        group_name,
+    })
 }
 
 fn row_view(row: pb::UsageRow, group_by: Option<pb::GroupBy>) -> UsageRowView {
@@ -90,7 +97,11 @@ async fn report(state: &AppState, user_id: Option<String>, range: Range) -> ApiR
         from: rfc3339(range.from),
         to: rfc3339(range.to),
         group_by: range.group_name.to_owned(),
-        data: report.rows.into_iter().map(|row| row_view(row, Some(range.group_by))).collect(),
+        data: report
+            .rows
+            .into_iter()
+            .map(|row| row_view(row, Some(range.group_by)))
+            .collect(),
         totals: row_view(report.totals.unwrap_or_default(), None),
     }))
 }

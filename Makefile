@@ -1,0 +1,29 @@
+# Parley's two commands: `make run` and `make test`. Both bring up PostgreSQL, Redis and NATS first.
+SHELL := /bin/bash
+export PATH := $(CURDIR)/.tools/bin:$(HOME)/.cargo/bin:$(PATH)
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: run test lint unit services tools build
+
+## Build and start the whole platform locally (parley dev, gateway on http://127.0.0.1:8080).
+run: services
+	cargo build --bin parley
+	./target/debug/parley dev
+
+## Every test: lint, unit, integration and end to end.
+test: services tools lint
+	cargo nextest run --workspace --no-fail-fast
+
+## Formatting and clippy, warnings denied.
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+build:
+	cargo build --workspace
+
+services:
+	@scripts/ensure-services.sh
+
+tools:
+	@scripts/install-tools.sh

@@ -1,0 +1,226 @@
+//! Starting a platform for one test, and the client helpers every test uses.
+
+use std::future::Future;
+use std::time::Duration;
+
+use parley::{GrpcBind, LaunchOptions, Platform, Service};
+use parley_platform::Config;
+use parley_platform::config::TelemetryConfig;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+pub const ALL_BUT_AGENT: &[Service] = &[
+    Service::User,
+    Service::Chat,
+    Service::Quota,
+    Service::Analytics,
+    Service::Gateway,
+];
+
+fn server_url() -> String {
+    std::env::var("PARLEY_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+pub struct TestPlatform {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub config: Config,
+    pub fake: parley_fake_llm::FakeLlm,
+    platforms: Vec<Platform>,
+    database: String,
+}
+
+pub struct Session {
+    pub token: String,
+    pub refresh_token: String,
+    pub user_id: String,
+}
+
+impl TestPlatform {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}, &Service::ALL).await
+    }
+
+    /// Starts `services` with a fresh database and private NATS and Redis prefixes; `tweak` adjusts
+    /// the configuration first.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config), services: &[Service]) -> Self {
+        let _telemetry = parley_platform::telemetry::init(
+            "parley-test",
+            &TelemetryConfig {
+                log_filter: "info,sqlx=warn,async_nats=warn".to_owned(),
+                ..TelemetryConfig::default()
+            },
+        );
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let tag = &id[id.len() - 12..];
+        let database = format!("parley_test_{tag}");
+        let mut config = Config::default();
+        config.database.url = format!("{}/{database}", server_url());
+        config.nats.prefix = format!("t{tag}");
+        config.redis.key_prefix = format!("t{tag}");
+        config.http.message_wait_secs = 15;
+        config.fake_llm.time_to_first_token_ms = 5;
+        config.fake_llm.tokens_per_second = 2000.0;
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let options = LaunchOptions {
+            services: services.to_vec(),
+            grpc_bind: GrpcBind::EphemeralLoopback,
+            http_listener: Some(listener),
+            admin_server: false,
+            fake_llm: true,
+            migrate: true,
+        };
+        let platform = Platform::launch(config, options).await.unwrap();
+        let fake = platform.fake_llm.as_ref().unwrap().0.clone();
+        let config = (*platform.config).clone();
+        let test = TestPlatform {
+            base,
+            http: reqwest::Client::new(),
+            config,
+            fake,
+            platforms: vec![platform],
+            database,
+        };
+        test.wait_until_ready().await;
+        test
+    }
+
+    /// Starts more services in this process, wired to the ones already running.
+    pub async fn launch(&mut self, services: &[Service]) {
+        let options = LaunchOptions {
+            services: services.to_vec(),
+            grpc_bind: GrpcBind::EphemeralLoopback,
+            http_listener: None,
+            admin_server: false,
+            fake_llm: false,
+            migrate: false,
+        };
+        let platform = Platform::launch(self.config.clone(), options).await.unwrap();
+        self.platforms.push(platform);
+    }
+
+    async fn wait_until_ready(&self) {
+        eventually("the gateway to be ready", Duration::from_secs(20), || async {
+            let response = self.http.get(self.url("/readyz")).send().await.ok()?;
+            (response.status() == StatusCode::OK).then_some(())
+        })
+        .await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn register(&self, email: &str) -> Session {
+        let response = self
+            .http
+            .post(self.url("/v1/auth/register"))
+            .json(&json!({"email": email, "password": "correct horse battery"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body: Value = response.json().await.unwrap();
+        Session {
+            token: body["access_token"].as_str().unwrap().to_owned(),
+            refresh_token: body["refresh_token"].as_str().unwrap().to_owned(),
+            user_id: body["user"]["id"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub async fn get(&self, session: &Session, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&session.token)
+            .send()
+            .await
+            .unwrap();
+        read(response).await
+    }
+
+    pub async fn post(&self, session: &Session, path: &str, body: Value) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&session.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        read(response).await
+    }
+
+    pub async fn delete(&self, session: &Session, path: &str) -> StatusCode {
+        self.http
+            .delete(self.url(path))
+            .bearer_auth(&session.token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
+    pub async fn create_conversation(&self, session: &Session, title: &str) -> String {
+        let (status, body) = self.post(session, "/v1/conversations", json!({"title": title})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Stops every service and removes the test's database and streams.
+    pub async fn stop(mut self) {
+        for platform in self.platforms.drain(..).rev() {
+            platform.stop().await.unwrap();
+        }
+        if let Ok(client) = async_nats::connect(&self.config.nats.url).await {
+            let jetstream = async_nats::jetstream::new(client);
+            let names = parley_platform::nats::Names::new(&self.config.nats.prefix);
+            let _ = jetstream.delete_stream(names.jobs_stream()).await;
+            let _ = jetstream.delete_stream(names.usage_stream()).await;
+        }
+        let admin = sqlx::PgPool::connect(&format!("{}/postgres", server_url()))
+            .await
+            .unwrap();
+        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database);
+        sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&admin).await.unwrap();
+    }
+}
+
+pub async fn read(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, body)
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `limit`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        poll.tick().await;
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+    }
+}
+
+/// Asserts an RFC 9457 problem with `code`, and returns its body.
+pub fn assert_problem(status: StatusCode, body: &Value, expected_status: u16, code: &str) {
+    assert_eq!(status.as_u16(), expected_status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], expected_status, "{body}");
+    assert_eq!(body["type"], format!("https://parley.dev/errors/{code}"), "{body}");
+    assert!(body["request_id"].as_str().is_some_and(|id| !id.is_empty()), "{body}");
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests: the services run in this process on ephemeral ports, against the real PostgreSQL,
+//! Redis and NATS of this machine, with the fake LLM as the only stand-in. Each test gets its own
+//! database, NATS prefix and Redis prefix, so tests run in parallel without seeing each other.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod contract;
+mod harness;
+mod isolation;
+mod journey;
+mod redelivery;
