@@ -8,4 +8,5 @@ mod contract;
 mod harness;
 mod isolation;
 mod journey;
+mod operator;
 mod redelivery;
