@@ -43,6 +43,13 @@ pub struct Agent {
     chat: ChatServiceClient<ClientChannel>,
     quota: QuotaServiceClient<ClientChannel>,
     providers: Arc<BTreeMap<String, OpenAiCompatible>>,
+    events: Arc<tokio::sync::OnceCell<jetstream::stream::Stream>>,
+}
+
+/// A failed model call, with the text that had already been streamed to clients.
+struct Failure {
+    error: ProviderError,
+    streamed: String,
 }
 
 /// A successful model call, with where it was made.
@@ -70,6 +77,7 @@ impl Agent {
             chat,
             quota,
             providers: Arc::new(providers),
+            events: Arc::new(tokio::sync::OnceCell::new()),
         }
     }
 
@@ -128,6 +136,8 @@ impl Agent {
 
     async fn subscribe(&self, batch: usize) -> Result<jetstream::consumer::pull::Stream, async_nats::Error> {
         parley_platform::nats::ensure_usage_stream(&self.jetstream, &self.names).await?;
+        let events = parley_platform::nats::ensure_events_stream(&self.jetstream, &self.names).await?;
+        let _already_set = self.events.set(events);
         let consumer =
             parley_platform::nats::ensure_agent_consumer(&self.jetstream, &self.names, &self.config.nats).await?;
         Ok(consumer.stream().max_messages_per_batch(batch).messages().await?)
@@ -237,7 +247,7 @@ impl Agent {
         let Some(model) = self.config.models.get(&context.model) else {
             let detail = format!("model {:?} is not configured", context.model);
             return self
-                .fail(job, "invalid_request", &detail)
+                .fail(job, "invalid_request", &detail, None)
                 .await
                 .map_or(retry, |()| Outcome::Done);
         };
@@ -255,14 +265,23 @@ impl Agent {
                     retry
                 }
             },
-            Err(error) if error.is_retryable() && delivered < self.config.nats.job_max_deliver => {
+            // Clients have already seen part of a reply: another attempt would contradict it, so the
+            // message ends failed, keeping what was generated.
+            Err(Failure { error, streamed }) if !streamed.is_empty() => {
+                tracing::warn!(%error, "the model failed mid-reply");
+                let detail = format!("the model stopped mid-reply: {error}");
+                self.fail(job, ErrorCode::UpstreamUnavailable.as_str(), &detail, Some(streamed))
+                    .await
+                    .map_or(retry, |()| Outcome::Done)
+            }
+            Err(Failure { error, .. }) if error.is_retryable() && delivered < self.config.nats.job_max_deliver => {
                 tracing::warn!(%error, "every provider failed; the job will be retried");
                 retry
             }
-            Err(error) => {
+            Err(Failure { error, .. }) => {
                 tracing::warn!(%error, "giving up on the job");
                 let detail = format!("the model could not answer: {error}");
-                self.fail(job, ErrorCode::UpstreamUnavailable.as_str(), &detail)
+                self.fail(job, ErrorCode::UpstreamUnavailable.as_str(), &detail, None)
                     .await
                     .map_or(retry, |()| Outcome::Done)
             }
@@ -275,7 +294,7 @@ impl Agent {
         job: &AiJob,
         model_name: &str,
         prompt: &[crate::provider::PromptMessage],
-    ) -> Result<Answer, ProviderError> {
+    ) -> Result<Answer, Failure> {
         let chain = self
             .config
             .models
@@ -283,7 +302,7 @@ impl Agent {
             .map(|model| model.chain.as_slice())
             .unwrap_or_default();
         let mut last_error = ProviderError::Misconfigured(format!("model {model_name} has no providers"));
-        let mut delta_index = 0u64;
+        let mut delta_index = self.next_delta_index(job.message_id).await;
         for target in chain {
             let Some(provider) = self.providers.get(&target.provider) else {
                 continue;
@@ -298,7 +317,7 @@ impl Agent {
                 gen_ai.usage.output_tokens = tracing::field::Empty,
             );
             let started = Instant::now();
-            let result = self
+            let (result, streamed) = self
                 .call_streaming(provider, &target.model, prompt, job.message_id, &mut delta_index)
                 .instrument(span.clone())
                 .await;
@@ -325,6 +344,9 @@ impl Agent {
                 Err(error) => {
                     metrics::counter!("parley_llm_requests_total", "provider" => target.provider.clone(), "model" => target.model.clone(), "outcome" => "error").increment(1);
                     tracing::warn!(%error, provider = %target.provider, model = %target.model, "provider call failed");
+                    if !streamed.is_empty() {
+                        return Err(Failure { error, streamed });
+                    }
                     let retryable = error.is_retryable();
                     last_error = error;
                     if !retryable {
@@ -333,7 +355,26 @@ impl Agent {
                 }
             }
         }
-        Err(last_error)
+        Err(Failure {
+            error: last_error,
+            streamed: String::new(),
+        })
+    }
+
+    /// Where this attempt's delta numbering starts: after the last delta an earlier attempt published
+    /// (an agent that died mid-reply), so clients resuming by `Last-Event-ID` never see an index twice.
+    async fn next_delta_index(&self, message_id: Uuid) -> u64 {
+        let Some(events) = self.events.get() else {
+            return 0;
+        };
+        let subject = self.names.message_events_subject(message_id);
+        match events.get_last_raw_message_by_subject(&subject).await {
+            Ok(last) => match serde_json::from_slice::<MessageEvent>(&last.payload) {
+                Ok(MessageEvent::Delta { index, .. }) => index + 1,
+                _ => 0,
+            },
+            Err(_) => 0,
+        }
     }
 
     /// One streaming call; each delta is published on the message's subject as it arrives.
@@ -344,7 +385,7 @@ impl Agent {
         prompt: &[crate::provider::PromptMessage],
         message_id: Uuid,
         delta_index: &mut u64,
-    ) -> Result<Completion, ProviderError> {
+    ) -> (Result<Completion, ProviderError>, String) {
         let (deltas, mut received) = mpsc::unbounded_channel::<String>();
         let max_tokens = self.config.agent.max_output_tokens;
         let call = async move {
@@ -355,7 +396,9 @@ impl Agent {
         };
         let subject = self.names.message_events_subject(message_id);
         let forward = async {
+            let mut streamed = String::new();
             while let Some(text) = received.recv().await {
+                streamed.push_str(&text);
                 let event = MessageEvent::Delta {
                     message_id,
                     index: *delta_index,
@@ -364,9 +407,9 @@ impl Agent {
                 *delta_index += 1;
                 self.publish_event(&subject, &event).await;
             }
+            streamed
         };
-        let (result, ()) = tokio::join!(call, forward);
-        result
+        tokio::join!(call, forward)
     }
 
     async fn publish_event(&self, subject: &str, event: &MessageEvent) {
@@ -457,11 +500,18 @@ impl Agent {
     }
 
     /// Ends the message `failed` with a reason, and announces it.
-    async fn fail(&self, job: &AiJob, code: &str, detail: &str) -> Result<(), AgentError> {
+    async fn fail(
+        &self,
+        job: &AiJob,
+        code: &str,
+        detail: &str,
+        partial_content: Option<String>,
+    ) -> Result<(), AgentError> {
         let request = chat_pb::FailMessageRequest {
             message_id: job.message_id.to_string(),
             code: code.to_owned(),
             detail: detail.to_owned(),
+            partial_content,
         };
         self.chat
             .clone()

@@ -318,6 +318,64 @@ impl pb::chat_service_server::ChatService for ChatService {
         }))
     }
 
+    async fn create_completion(
+        &self,
+        request: Request<pb::CreateCompletionRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        self.check_model(Some(&request.model))?;
+        if request.messages.is_empty() {
+            return Err(ChatError::from(ServiceError::invalid_field("messages", "must not be empty")).into());
+        }
+        let mut messages = Vec::with_capacity(request.messages.len());
+        let mut total_chars = 0;
+        for (index, message) in request.messages.into_iter().enumerate() {
+            let role = match message.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                _ => {
+                    return Err(ChatError::from(ServiceError::invalid_field(
+                        format!("messages[{index}].role"),
+                        "must be system, developer, user or assistant",
+                    ))
+                    .into());
+                }
+            };
+            total_chars += message.content.chars().count();
+            messages.push((role.to_owned(), message.content));
+        }
+        if total_chars > self.config.chat.max_message_chars {
+            let limit = self.config.chat.max_message_chars;
+            return Err(ChatError::from(ServiceError::invalid_field(
+                "messages",
+                format!("must total at most {limit} characters"),
+            ))
+            .into());
+        }
+        let traceparent = telemetry::current_traceparent();
+        let sent = self
+            .storage
+            .create_completion(
+                user_id,
+                &request.model,
+                &messages,
+                &request.tier,
+                &self.names.jobs_subject(),
+                traceparent.as_deref(),
+            )
+            .await
+            .map_err(ChatError::from)?;
+        self.relay_wake.notify_one();
+        metrics::counter!("parley_chat_completions_created_total").increment(1);
+        Ok(Response::new(pb::SendMessageResponse {
+            user_message: Some(message_to_proto(sent.user_message)),
+            assistant_message: Some(message_to_proto(sent.assistant_message)),
+            replayed: false,
+        }))
+    }
+
     async fn get_message(&self, request: Request<pb::GetMessageRequest>) -> Result<Response<pb::Message>, Status> {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
@@ -435,7 +493,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             .map_err(|_| ChatError::from(ServiceError::invalid_field("message_id", "must be a UUID")))?;
         let outcome = self
             .storage
-            .fail_message(id, &request.code, &request.detail)
+            .fail_message(id, &request.code, &request.detail, request.partial_content.as_deref())
             .await
             .map_err(ChatError::from)?;
         let (row, changed) = outcome.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;

@@ -134,7 +134,7 @@ impl Storage {
         match after {
             None => {
                 sqlx::query_as(sql(format!(
-                    "SELECT {CONVERSATION_COLUMNS} FROM chat.conversations WHERE user_id = $1
+                    "SELECT {CONVERSATION_COLUMNS} FROM chat.conversations WHERE user_id = $1 AND kind = 'chat'
                      ORDER BY updated_at DESC, id DESC LIMIT $2"
                 )))
                 .bind(user_id)
@@ -145,7 +145,7 @@ impl Storage {
             Some(position) => {
                 sqlx::query_as(sql(format!(
                     "SELECT {CONVERSATION_COLUMNS} FROM chat.conversations
-                     WHERE user_id = $1 AND (updated_at, id) < ($2, $3)
+                     WHERE user_id = $1 AND kind = 'chat' AND (updated_at, id) < ($2, $3)
                      ORDER BY updated_at DESC, id DESC LIMIT $4"
                 )))
                 .bind(user_id)
@@ -222,44 +222,16 @@ impl Storage {
             return Ok(Some(previous));
         }
         let model = exchange.model.unwrap_or(&conversation_model);
-        // clock_timestamp() (not now()) so the reply sorts after the question within one transaction.
-        let user_message: MessageRow = sqlx::query_as(sql(format!(
-            "INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, created_at, completed_at)
-             VALUES ($1, $2, $3, 'user', $4, 'completed', clock_timestamp(), clock_timestamp())
-             RETURNING {MESSAGE_COLUMNS}"
-        )))
-        .bind(Uuid::now_v7())
-        .bind(exchange.conversation_id)
-        .bind(exchange.user_id)
-        .bind(exchange.content)
-        .fetch_one(&mut *tx)
-        .await?;
-        let assistant_message: MessageRow = sqlx::query_as(sql(format!(
-            "INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, model, created_at)
-             VALUES ($1, $2, $3, 'assistant', '', 'pending', $4, clock_timestamp())
-             RETURNING {MESSAGE_COLUMNS}"
-        )))
-        .bind(Uuid::now_v7())
-        .bind(exchange.conversation_id)
-        .bind(exchange.user_id)
-        .bind(model)
-        .fetch_one(&mut *tx)
-        .await?;
-        let job = AiJob {
-            job_id: Uuid::now_v7(),
-            message_id: assistant_message.id,
-            conversation_id: exchange.conversation_id,
+        let target = JobTarget {
             user_id: exchange.user_id,
-            model: model.to_owned(),
-            tier: exchange.tier.to_owned(),
+            conversation_id: exchange.conversation_id,
+            model,
+            tier: exchange.tier,
+            jobs_subject: exchange.jobs_subject,
+            traceparent: exchange.traceparent.as_deref(),
         };
-        sqlx::query("INSERT INTO chat.outbox (job_id, subject, payload, traceparent) VALUES ($1, $2, $3, $4)")
-            .bind(job.job_id)
-            .bind(exchange.jobs_subject)
-            .bind(sqlx::types::Json(&job))
-            .bind(exchange.traceparent)
-            .execute(&mut *tx)
-            .await?;
+        let user_message = insert_finished_message(&mut tx, &target, "user", exchange.content).await?;
+        let assistant_message = insert_reply_and_job(&mut tx, &target).await?;
         if let Some(key) = exchange.idempotency_key {
             sqlx::query(
                 "INSERT INTO chat.idempotency_keys (user_id, key, conversation_id, user_message_id, assistant_message_id)
@@ -286,6 +258,47 @@ impl Storage {
             assistant_message,
             replayed: false,
         }))
+    }
+
+    /// Stores a stateless completion: a hidden conversation with the given messages, a pending reply and
+    /// its job, in one transaction. Returns the last given message and the pending reply.
+    pub async fn create_completion(
+        &self,
+        user_id: Uuid,
+        model: &str,
+        messages: &[(String, String)],
+        tier: &str,
+        jobs_subject: &str,
+        traceparent: Option<&str>,
+    ) -> Result<SentExchange, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let conversation_id = Uuid::now_v7();
+        sqlx::query("INSERT INTO chat.conversations (id, user_id, model, kind) VALUES ($1, $2, $3, 'completion')")
+            .bind(conversation_id)
+            .bind(user_id)
+            .bind(model)
+            .execute(&mut *tx)
+            .await?;
+        let target = JobTarget {
+            user_id,
+            conversation_id,
+            model,
+            tier,
+            jobs_subject,
+            traceparent,
+        };
+        let mut last = None;
+        for (role, content) in messages {
+            last = Some(insert_finished_message(&mut tx, &target, role, content).await?);
+        }
+        let assistant_message = insert_reply_and_job(&mut tx, &target).await?;
+        tx.commit().await?;
+        let user_message = last.unwrap_or_else(|| assistant_message.clone());
+        Ok(SentExchange {
+            user_message,
+            assistant_message,
+            replayed: false,
+        })
     }
 
     pub async fn message_for_user(&self, user_id: Uuid, id: Uuid) -> Result<Option<MessageRow>, sqlx::Error> {
@@ -396,16 +409,19 @@ impl Storage {
         id: Uuid,
         code: &str,
         detail: &str,
+        partial_content: Option<&str>,
     ) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
         let updated: Option<MessageRow> = sqlx::query_as(sql(format!(
             "UPDATE chat.messages
-             SET status = 'failed', error_code = $2, error_detail = $3, completed_at = now()
+             SET status = 'failed', error_code = $2, error_detail = $3, completed_at = now(),
+                 content = COALESCE($4, content)
              WHERE id = $1 AND role = 'assistant' AND status IN ('pending', 'streaming')
              RETURNING {MESSAGE_COLUMNS}"
         )))
         .bind(id)
         .bind(code)
         .bind(detail)
+        .bind(partial_content)
         .fetch_optional(&self.pool)
         .await?;
         self.finished(id, updated).await
@@ -453,6 +469,72 @@ impl Storage {
             .await?;
         Ok(result.rows_affected())
     }
+}
+
+/// Where a new reply goes and what its job says.
+struct JobTarget<'a> {
+    user_id: Uuid,
+    conversation_id: Uuid,
+    model: &'a str,
+    tier: &'a str,
+    jobs_subject: &'a str,
+    traceparent: Option<&'a str>,
+}
+
+/// Inserts a finished (user, system or given assistant) message. `clock_timestamp()`, not `now()`, so
+/// messages inserted in one transaction keep their order.
+async fn insert_finished_message(
+    tx: &mut Transaction<'static, Postgres>,
+    target: &JobTarget<'_>,
+    role: &str,
+    content: &str,
+) -> Result<MessageRow, sqlx::Error> {
+    sqlx::query_as(sql(format!(
+        "INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, created_at, completed_at)
+         VALUES ($1, $2, $3, $4, $5, 'completed', clock_timestamp(), clock_timestamp())
+         RETURNING {MESSAGE_COLUMNS}"
+    )))
+    .bind(Uuid::now_v7())
+    .bind(target.conversation_id)
+    .bind(target.user_id)
+    .bind(role)
+    .bind(content)
+    .fetch_one(&mut **tx)
+    .await
+}
+
+/// Inserts the pending reply and its job in the outbox.
+async fn insert_reply_and_job(
+    tx: &mut Transaction<'static, Postgres>,
+    target: &JobTarget<'_>,
+) -> Result<MessageRow, sqlx::Error> {
+    let assistant_message: MessageRow = sqlx::query_as(sql(format!(
+        "INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, model, created_at)
+         VALUES ($1, $2, $3, 'assistant', '', 'pending', $4, clock_timestamp())
+         RETURNING {MESSAGE_COLUMNS}"
+    )))
+    .bind(Uuid::now_v7())
+    .bind(target.conversation_id)
+    .bind(target.user_id)
+    .bind(target.model)
+    .fetch_one(&mut **tx)
+    .await?;
+    let job = AiJob {
+        job_id: Uuid::now_v7(),
+        message_id: assistant_message.id,
+        conversation_id: target.conversation_id,
+        user_id: target.user_id,
+        model: target.model.to_owned(),
+        tier: target.tier.to_owned(),
+    };
+    sqlx::query("INSERT INTO chat.outbox (job_id, subject, payload, traceparent) VALUES ($1, $2, $3, $4)")
+        .bind(job.job_id)
+        .bind(target.jobs_subject)
+        .bind(sqlx::types::Json(&job))
+        .bind(target.traceparent)
+        .execute(&mut **tx)
+        .await?;
+    Ok(assistant_message)
 }
 
 async fn replay_exchange(

@@ -47,6 +47,7 @@ pub struct AppState {
     pub names: Names,
     keys: Arc<auth::KeyCache>,
     readiness: Arc<Readiness>,
+    events_stream: Arc<tokio::sync::OnceCell<async_nats::jetstream::stream::Stream>>,
 }
 
 impl AppState {
@@ -64,6 +65,7 @@ impl AppState {
             names,
             keys,
             readiness: Arc::new(readiness),
+            events_stream: Arc::new(tokio::sync::OnceCell::new()),
         }
     }
 }

@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{conversations, identity, messages, ops, usage};
+use crate::routes::{conversations, identity, messages, openai, ops, streaming, usage};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -13,8 +13,9 @@ use crate::routes::{conversations, identity, messages, ops, usage};
         identity::register, identity::login, identity::refresh, identity::logout, identity::me, identity::jwks,
         identity::set_tier,
         conversations::create, conversations::list, conversations::get, conversations::update, conversations::delete,
-        messages::send, messages::list, messages::get,
+        messages::send, messages::list, messages::get, streaming::events,
         usage::own, usage::admin,
+        openai::chat_completions, openai::models,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -23,6 +24,7 @@ use crate::routes::{conversations, identity, messages, ops, usage};
         (name = "messages", description = "Messages and replies"),
         (name = "usage", description = "Tokens, requests and cost"),
         (name = "admin", description = "Operator endpoints (role admin)"),
+        (name = "openai", description = "OpenAI-compatible Chat Completions"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]

@@ -50,10 +50,39 @@ impl Names {
         "analytics"
     }
 
-    /// Core NATS subject carrying the live events of one assistant message.
+    /// The subject carrying the events of one assistant message (deltas, then completed or failed).
     pub fn message_events_subject(&self, message_id: Uuid) -> String {
         format!("{}.messages.{message_id}", self.prefix)
     }
+
+    /// Short-lived record of every message's events, so any gateway can replay a reply from its start.
+    pub fn events_stream(&self) -> String {
+        format!("{}_EVENTS", self.stream_prefix)
+    }
+
+    fn all_message_events(&self) -> String {
+        format!("{}.messages.>", self.prefix)
+    }
+}
+
+/// How long a message's events stay replayable. A client that reconnects later still gets the stored
+/// reply in its `message.completed` event.
+pub const EVENTS_RETENTION: Duration = Duration::from_secs(3600);
+
+/// The message event stream: in memory (the events are a convenience; the stored message is the
+/// truth), kept an hour, capped in size with the oldest events dropped first.
+pub async fn ensure_events_stream(js: &jetstream::Context, names: &Names) -> Result<stream::Stream, async_nats::Error> {
+    let config = stream::Config {
+        name: names.events_stream(),
+        subjects: vec![names.all_message_events()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::Memory,
+        max_age: EVENTS_RETENTION,
+        max_bytes: 512 * 1024 * 1024,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    };
+    Ok(js.get_or_create_stream(config).await?)
 }
 
 pub async fn connect(config: &NatsConfig, client_name: &str) -> Result<async_nats::Client, async_nats::ConnectError> {

@@ -35,15 +35,16 @@ fn is_finished(message: &pb::Message) -> bool {
 }
 
 /// A rough token count of a prompt, for the budget check before the job is queued.
-fn estimate_tokens(text: &str) -> i64 {
+pub fn estimate_tokens(text: &str) -> i64 {
     (text.chars().count() as i64 + 3) / 4
 }
 
-/// Send a message and get the assistant's reply.
+/// Send a message and get the assistant's reply: streamed as server-sent events with
+/// `Accept: text/event-stream`, else in one response once finished.
 #[utoipa::path(post, path = "/v1/conversations/{id}/messages", tag = "messages", security(("bearer" = [])),
     params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key within 24 h return the first result")),
     request_body = SendMessageBody, responses(
-    (status = 200, description = "The reply is finished", body = ExchangeView),
+    (status = 200, description = "The reply is finished (or, with Accept: text/event-stream, the event stream)", body = ExchangeView),
     (status = 202, description = "The reply is still pending after the wait", body = ExchangeView),
     (status = 400, body = Problem),
     (status = 404, body = Problem),
@@ -102,6 +103,9 @@ pub async fn send(
     let assistant = sent
         .assistant_message
         .ok_or_else(|| ApiError(ServiceError::internal()))?;
+    if super::streaming::wants_event_stream(&headers) {
+        return super::streaming::respond(state, caller.user_id, sent.user_message, assistant, None).await;
+    }
     let wait = Duration::from_secs(state.config.http.message_wait_secs);
     let (assistant, waited) = wait_for_reply(&state, caller.user_id, assistant, wait).await;
     let status = if is_finished(&assistant) {
@@ -119,7 +123,7 @@ pub async fn send(
 }
 
 /// Waits until `message` is finished or `wait` has passed; returns its latest state and the time spent.
-async fn wait_for_reply(
+pub async fn wait_for_reply(
     state: &AppState,
     user_id: Uuid,
     message: pb::Message,

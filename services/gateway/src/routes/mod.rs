@@ -3,7 +3,9 @@
 pub mod conversations;
 pub mod identity;
 pub mod messages;
+pub mod openai;
 pub mod ops;
+pub mod streaming;
 pub mod usage;
 
 use std::net::SocketAddr;
@@ -43,6 +45,9 @@ pub fn routes() -> Router<AppState> {
             post(messages::send).get(messages::list),
         )
         .route("/v1/messages/{id}", get(messages::get))
+        .route("/v1/messages/{id}/events", get(streaming::events))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
         .route("/v1/usage", get(usage::own))
         .route("/v1/admin/usage", get(usage::admin))
         .route("/v1/admin/users/{id}/tier", put(identity::set_tier))

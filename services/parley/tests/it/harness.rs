@@ -59,6 +59,7 @@ impl TestPlatform {
         config.nats.prefix = format!("t{tag}");
         config.redis.key_prefix = format!("t{tag}");
         config.http.message_wait_secs = 15;
+        config.http.addr = "127.0.0.1:0".to_owned();
         config.fake_llm.time_to_first_token_ms = 5;
         config.fake_llm.tokens_per_second = 2000.0;
         tweak(&mut config);
@@ -87,8 +88,9 @@ impl TestPlatform {
         test
     }
 
-    /// Starts more services in this process, wired to the ones already running.
-    pub async fn launch(&mut self, services: &[Service]) {
+    /// Starts more services in this process, wired to the ones already running; the base URL of the
+    /// new gateway, when one was started.
+    pub async fn launch(&mut self, services: &[Service]) -> Option<String> {
         let options = LaunchOptions {
             services: services.to_vec(),
             grpc_bind: GrpcBind::EphemeralLoopback,
@@ -98,7 +100,9 @@ impl TestPlatform {
             migrate: false,
         };
         let platform = Platform::launch(self.config.clone(), options).await.unwrap();
+        let base = platform.http_addr.map(|addr| format!("http://{addr}"));
         self.platforms.push(platform);
+        base
     }
 
     async fn wait_until_ready(&self) {
@@ -223,4 +227,65 @@ pub fn assert_problem(status: StatusCode, body: &Value, expected_status: u16, co
     assert_eq!(body["status"], expected_status, "{body}");
     assert_eq!(body["type"], format!("https://parley.dev/errors/{code}"), "{body}");
     assert!(body["request_id"].as_str().is_some_and(|id| !id.is_empty()), "{body}");
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: Value,
+}
+
+/// Reads server-sent events from a streaming response.
+pub struct SseReader {
+    bytes: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl SseReader {
+    pub fn new(response: reqwest::Response) -> Self {
+        assert_eq!(response.status(), StatusCode::OK);
+        let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+        Self {
+            bytes: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event (comments such as heartbeats are skipped); `None` when the stream ends.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        use futures::StreamExt;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = SseEvent {
+                    event: "message".to_owned(),
+                    id: None,
+                    data: Value::Null,
+                };
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(value) = line.strip_prefix("event:") {
+                        event.event = value.trim().to_owned();
+                    } else if let Some(value) = line.strip_prefix("id:") {
+                        event.id = Some(value.trim().to_owned());
+                    } else if let Some(value) = line.strip_prefix("data:") {
+                        data.push_str(value.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                event.data = serde_json::from_str(&data).unwrap_or(Value::String(data));
+                return Some(event);
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(30), self.bytes.next())
+                .await
+                .expect("an event within 30 s")?;
+            self.buffer
+                .push_str(&String::from_utf8_lossy(&chunk.unwrap()).replace('\r', ""));
+        }
+    }
 }

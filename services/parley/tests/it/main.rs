@@ -8,5 +8,7 @@ mod contract;
 mod harness;
 mod isolation;
 mod journey;
+mod openai;
 mod operator;
 mod redelivery;
+mod streaming;

@@ -1,0 +1,417 @@
+//! The OpenAI-compatible API: `POST /v1/chat/completions` (whole, or streamed with `stream: true` and
+//! `stream_options.include_usage`) and `GET /v1/models`, so the official OpenAI SDKs work unchanged
+//! against `http://<gateway>/v1`.
+//!
+//! A completion travels the same path as a chat message (budget check, chat's outbox, an agent, the
+//! provider chain, accounting), stored as a hidden conversation of kind `completion`. Errors here use
+//! OpenAI's shape, `{"error": {"message", "type", "code"}}`, instead of problem+json.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use parley_platform::{ErrorCode, ServiceError};
+use parley_proto::chat::v1 as pb;
+use parley_proto::quota::v1 as quota_pb;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::messages::{estimate_tokens, wait_for_reply};
+use super::streaming::{ReplyFeed, ReplyItem, heartbeat, unbuffered};
+use crate::AppState;
+use crate::auth::Caller;
+use crate::middleware::ModelWait;
+use crate::problem::ApiError;
+
+/// An error in OpenAI's wire shape.
+pub struct OpenAiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    code: String,
+    retry_after: Option<u64>,
+}
+
+impl OpenAiError {
+    fn new(status: StatusCode, kind: &'static str, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            code: code.to_owned(),
+            retry_after: None,
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_request",
+            message,
+        )
+    }
+}
+
+impl From<ServiceError> for OpenAiError {
+    fn from(error: ServiceError) -> Self {
+        let status = StatusCode::from_u16(error.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let kind = match error.code {
+            ErrorCode::InvalidRequest
+            | ErrorCode::NotFound
+            | ErrorCode::Conflict
+            | ErrorCode::PreconditionFailed
+            | ErrorCode::PreconditionRequired
+            | ErrorCode::PayloadTooLarge => "invalid_request_error",
+            ErrorCode::Unauthorized => "authentication_error",
+            ErrorCode::Forbidden => "permission_error",
+            ErrorCode::RateLimited | ErrorCode::QuotaExceeded => "rate_limit_error",
+            ErrorCode::UpstreamUnavailable | ErrorCode::Unavailable | ErrorCode::Internal => "api_error",
+        };
+        let code = match error.code {
+            ErrorCode::QuotaExceeded => "insufficient_quota".to_owned(),
+            other => other.as_str().to_owned(),
+        };
+        Self {
+            status,
+            message: error.message,
+            kind,
+            code,
+            retry_after: error.retry_after_secs,
+        }
+    }
+}
+
+impl From<ApiError> for OpenAiError {
+    fn from(error: ApiError) -> Self {
+        error.0.into()
+    }
+}
+
+impl From<tonic::Status> for OpenAiError {
+    fn from(status: tonic::Status) -> Self {
+        ServiceError::from(status).into()
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.message, "type": self.kind, "code": self.code, "param": null}});
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+type OpenAiResult<T> = Result<T, OpenAiError>;
+
+/// The models this deployment serves, by the names clients use.
+#[utoipa::path(get, path = "/v1/models", tag = "openai", security(("bearer" = [])), responses(
+    (status = 200, description = "An OpenAI model list"),
+    (status = 401, description = "OpenAI error shape"),
+))]
+pub async fn models(State(state): State<AppState>, caller: Result<Caller, ApiError>) -> OpenAiResult<Json<Value>> {
+    caller?;
+    let data: Vec<Value> = state
+        .config
+        .models
+        .keys()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "parley"}))
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    model: String,
+    messages: Vec<InputMessage>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InputMessage {
+    role: String,
+    #[serde(default)]
+    content: Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Text of an OpenAI message content: a string, or an array of parts of which the text ones count.
+fn text_of(index: usize, content: &Value) -> OpenAiResult<String> {
+    match content {
+        Value::String(text) => Ok(text.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for part in parts {
+                match (
+                    part.get("type").and_then(Value::as_str),
+                    part.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text"), Some(piece)) => text.push_str(piece),
+                    _ => {
+                        return Err(OpenAiError::invalid(format!(
+                            "messages[{index}].content: only text parts are supported"
+                        )));
+                    }
+                }
+            }
+            Ok(text)
+        }
+        _ => Err(OpenAiError::invalid(format!(
+            "messages[{index}].content must be a string or an array of parts"
+        ))),
+    }
+}
+
+/// Create a chat completion (OpenAI wire format).
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", security(("bearer" = [])), responses(
+    (status = 200, description = "A chat.completion object, or with stream=true a stream of chat.completion.chunk"),
+    (status = 400, description = "OpenAI error shape"),
+    (status = 404, description = "Unknown model (OpenAI error shape, code model_not_found)"),
+    (status = 429, description = "Rate limit or token budget (OpenAI error shape)"),
+))]
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    caller: Result<Caller, ApiError>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> OpenAiResult<Response> {
+    let caller = caller?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !is_json {
+        return Err(OpenAiError::invalid("Content-Type must be application/json"));
+    }
+    let request: CompletionRequest =
+        serde_json::from_slice(&body).map_err(|error| OpenAiError::invalid(format!("invalid body: {error}")))?;
+    if !state.config.models.contains_key(&request.model) {
+        return Err(OpenAiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("The model `{}` does not exist", request.model),
+        ));
+    }
+    if request.n.is_some_and(|n| n != 1) {
+        return Err(OpenAiError::invalid("only n = 1 is supported"));
+    }
+    let mut messages = Vec::with_capacity(request.messages.len());
+    for (index, message) in request.messages.iter().enumerate() {
+        messages.push(pb::PromptMessage {
+            role: message.role.clone(),
+            content: text_of(index, &message.content)?,
+        });
+    }
+    let prompt_chars: String = messages.iter().map(|message| message.content.as_str()).collect();
+    let estimated_tokens = estimate_tokens(&prompt_chars) + i64::from(state.config.agent.max_output_tokens);
+    let budget = state
+        .backends
+        .quota
+        .clone()
+        .check_budget(quota_pb::CheckBudgetRequest {
+            user_id: caller.user_id.to_string(),
+            tier: caller.tier.clone(),
+            estimated_tokens,
+        })
+        .await?
+        .into_inner();
+    if !budget.allowed {
+        let retry_after = (budget.resets_at - time::OffsetDateTime::now_utc().unix_timestamp()).max(1) as u64;
+        return Err(
+            ServiceError::new(ErrorCode::QuotaExceeded, "daily token budget exhausted")
+                .retry_after(retry_after)
+                .into(),
+        );
+    }
+    let create = pb::CreateCompletionRequest {
+        user_id: caller.user_id.to_string(),
+        model: request.model.clone(),
+        messages,
+        tier: caller.tier.clone(),
+    };
+    let sent = state
+        .backends
+        .chat
+        .clone()
+        .create_completion(create)
+        .await?
+        .into_inner();
+    let assistant = sent
+        .assistant_message
+        .ok_or_else(|| OpenAiError::from(ServiceError::internal()))?;
+    let created = time::OffsetDateTime::now_utc().unix_timestamp();
+    let id = format!("chatcmpl-{}", assistant.id);
+    if request.stream {
+        let include_usage = request.stream_options.is_some_and(|options| options.include_usage);
+        let feed = ReplyFeed::open(state, caller.user_id, &assistant, 0)
+            .await
+            .ok_or_else(|| OpenAiError::from(ServiceError::internal()))?;
+        return Ok(stream(
+            feed,
+            Chunk {
+                id,
+                created,
+                model: request.model,
+            },
+            include_usage,
+        ));
+    }
+    let wait = Duration::from_secs(state.config.http.message_wait_secs);
+    let (reply, waited) = wait_for_reply(&state, caller.user_id, assistant, wait).await;
+    let mut response = match reply.status.as_str() {
+        "completed" => Json(completion(&id, created, &request.model, &reply)).into_response(),
+        "failed" => OpenAiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "upstream_unavailable",
+            reply
+                .error_detail
+                .unwrap_or_else(|| "the model could not answer".to_owned()),
+        )
+        .into_response(),
+        _ => OpenAiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "api_error",
+            "timeout",
+            "the model did not finish in time; the reply is still being generated",
+        )
+        .into_response(),
+    };
+    response.extensions_mut().insert(ModelWait(waited));
+    Ok(response)
+}
+
+fn usage_of(message: &pb::Message) -> Value {
+    let usage = message.usage.unwrap_or_default();
+    json!({
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+    })
+}
+
+fn completion(id: &str, created: i64, model: &str, reply: &pb::Message) -> Value {
+    json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": reply.content, "refusal": null},
+            "logprobs": null,
+            "finish_reason": "stop",
+        }],
+        "usage": usage_of(reply),
+    })
+}
+
+/// What every chunk of one completion shares.
+struct Chunk {
+    id: String,
+    created: i64,
+    model: String,
+}
+
+impl Chunk {
+    fn with(&self, choices: Value, usage: Option<Value>) -> Event {
+        let mut chunk = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        Event::default().data(chunk.to_string())
+    }
+}
+
+/// Where a streamed completion stands.
+enum Phase {
+    Streaming {
+        first: bool,
+    },
+    /// Events still to send after the reply finished.
+    Closing(Vec<Event>),
+    Done,
+}
+
+fn stream(feed: ReplyFeed, chunk: Chunk, include_usage: bool) -> Response {
+    let state = (feed, chunk, Phase::Streaming { first: true });
+    let events = futures::stream::unfold(state, move |(mut feed, chunk, phase)| async move {
+        match phase {
+            Phase::Done => None,
+            Phase::Closing(mut rest) => {
+                if rest.is_empty() {
+                    return None;
+                }
+                let event = rest.remove(0);
+                let phase = if rest.is_empty() {
+                    Phase::Done
+                } else {
+                    Phase::Closing(rest)
+                };
+                Some((Ok::<_, Infallible>(event), (feed, chunk, phase)))
+            }
+            Phase::Streaming { first } => match feed.next().await {
+                Some(ReplyItem::Delta { text, .. }) => {
+                    let delta = if first {
+                        json!({"role": "assistant", "content": text})
+                    } else {
+                        json!({"content": text})
+                    };
+                    let event = chunk.with(json!([{"index": 0, "delta": delta, "finish_reason": null}]), None);
+                    Some((Ok(event), (feed, chunk, Phase::Streaming { first: false })))
+                }
+                Some(ReplyItem::Finished(reply)) if reply.status == "completed" => {
+                    let mut rest = Vec::new();
+                    if include_usage {
+                        rest.push(chunk.with(json!([]), Some(usage_of(&reply))));
+                    }
+                    rest.push(Event::default().data("[DONE]"));
+                    let finish = chunk.with(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]), None);
+                    Some((Ok(finish), (feed, chunk, Phase::Closing(rest))))
+                }
+                Some(ReplyItem::Finished(reply)) => {
+                    let detail = reply
+                        .error_detail
+                        .unwrap_or_else(|| "the model could not answer".to_owned());
+                    let error =
+                        json!({"error": {"message": detail, "type": "api_error", "code": "upstream_unavailable"}});
+                    let rest = vec![Event::default().data("[DONE]")];
+                    Some((
+                        Ok(Event::default().data(error.to_string())),
+                        (feed, chunk, Phase::Closing(rest)),
+                    ))
+                }
+                None => None,
+            },
+        }
+    });
+    unbuffered(Sse::new(events).keep_alive(heartbeat()).into_response())
+}

@@ -1,0 +1,305 @@
+//! Replies as server-sent events: `message.created`, `message.delta` (many), then `message.completed` or
+//! `message.failed`, each with an `id:`.
+//!
+//! Agents publish a reply's events on its NATS subject, which the `<PREFIX>_EVENTS` JetStream stream
+//! records for an hour. Each SSE connection reads them through its own ordered consumer from the first
+//! event, so the gateway holding the connection need not be anywhere near the agent doing the work, and
+//! a client that reconnects with `Last-Event-ID` gets every event after that id, and nothing twice.
+//! The final event is built from the stored message, the source of truth; a slow poll of the stored
+//! message ends the stream even if NATS lost the events.
+//!
+//! Event ids: `message.created` is 0, the delta with index `i` is `i + 1`, the final event follows the
+//! last delta.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use parley_platform::events::MessageEvent;
+use parley_proto::chat::v1 as pb;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::problem::{ApiError, ApiResult, Problem};
+use crate::views::MessageView;
+
+const HEARTBEAT: Duration = Duration::from_secs(15);
+/// How often an open stream re-reads the stored reply, in case its events were lost.
+const SAFETY_POLL: Duration = Duration::from_secs(5);
+/// For a reply already finished when the stream opens: how long to wait for recorded events.
+const REPLAY_IDLE: Duration = Duration::from_millis(300);
+
+/// Whether the client asked for an event stream.
+pub fn wants_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|accept| {
+            accept
+                .split(',')
+                .any(|part| part.trim().starts_with("text/event-stream"))
+        })
+}
+
+type EventSource = Pin<Box<dyn Stream<Item = Option<MessageEvent>> + Send>>;
+
+/// Opens an ordered consumer over the message's recorded events, from the first one.
+async fn open_source(state: &AppState, message_id: Uuid) -> Option<EventSource> {
+    let stream = state
+        .events_stream
+        .get_or_try_init(|| {
+            let jetstream = jetstream::new(state.nats.clone());
+            let names = state.names.clone();
+            async move { parley_platform::nats::ensure_events_stream(&jetstream, &names).await }
+        })
+        .await;
+    let stream = match stream {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(%error, "message events unavailable; the stream will end with the stored reply");
+            return None;
+        }
+    };
+    let config = jetstream::consumer::pull::OrderedConfig {
+        filter_subject: state.names.message_events_subject(message_id),
+        deliver_policy: DeliverPolicy::All,
+        ..Default::default()
+    };
+    let consumer = match stream.create_consumer(config).await {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            tracing::warn!(%error, "could not follow message events");
+            return None;
+        }
+    };
+    let messages = match consumer.messages().await {
+        Ok(messages) => messages,
+        Err(error) => {
+            tracing::warn!(%error, "could not follow message events");
+            return None;
+        }
+    };
+    Some(Box::pin(messages.map(|message| match message {
+        Ok(message) => serde_json::from_slice::<MessageEvent>(&message.payload).ok(),
+        Err(error) => {
+            tracing::debug!(%error, "message event stream hiccup");
+            None
+        }
+    })))
+}
+
+/// What a reply feed yields.
+pub enum ReplyItem {
+    Delta {
+        index: u64,
+        text: String,
+    },
+    /// The stored reply, completed or failed; the last item.
+    Finished(Box<pb::Message>),
+}
+
+/// A reply's progress: its deltas after a given id, then the stored reply once finished.
+pub struct ReplyFeed {
+    state: AppState,
+    user_id: Uuid,
+    message_id: Uuid,
+    /// The highest event id already delivered (delta index + 1).
+    after: u64,
+    source: Option<EventSource>,
+    poll: Duration,
+    done: bool,
+}
+
+impl ReplyFeed {
+    /// Follows `assistant` from the first event after `after` (0: from the start).
+    pub async fn open(state: AppState, user_id: Uuid, assistant: &pb::Message, after: u64) -> Option<Self> {
+        let message_id = Uuid::parse_str(&assistant.id).ok()?;
+        let finished = matches!(assistant.status.as_str(), "completed" | "failed");
+        let source = open_source(&state, message_id).await;
+        let poll = if finished { REPLAY_IDLE } else { SAFETY_POLL };
+        Some(Self {
+            state,
+            user_id,
+            message_id,
+            after,
+            source,
+            poll,
+            done: false,
+        })
+    }
+
+    pub fn message_id(&self) -> Uuid {
+        self.message_id
+    }
+
+    /// The highest event id delivered so far.
+    pub fn last_event_id(&self) -> u64 {
+        self.after
+    }
+
+    pub async fn next(&mut self) -> Option<ReplyItem> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let next = match self.source.as_mut() {
+                Some(source) => tokio::time::timeout(self.poll, source.next()).await.ok(),
+                None => {
+                    tokio::time::sleep(self.poll).await;
+                    None
+                }
+            };
+            match next {
+                Some(Some(Some(MessageEvent::Delta { index, text, .. }))) => {
+                    if index < self.after {
+                        continue;
+                    }
+                    self.after = index + 1;
+                    return Some(ReplyItem::Delta { index, text });
+                }
+                // An unreadable event: skip it.
+                Some(Some(None)) => continue,
+                // The consumer ended: rely on the stored message from now on.
+                Some(None) => self.source = None,
+                // The end was announced, or all was quiet for a while: is the stored reply finished?
+                Some(Some(Some(MessageEvent::Completed { .. } | MessageEvent::Failed { .. }))) | None => {}
+            }
+            if let Some(message) = finished_reply(&self.state, self.user_id, self.message_id).await {
+                self.done = true;
+                return Some(ReplyItem::Finished(Box::new(message)));
+            }
+        }
+    }
+}
+/// The stored reply, if it is finished.
+async fn finished_reply(state: &AppState, user_id: Uuid, message_id: Uuid) -> Option<pb::Message> {
+    let request = pb::GetMessageRequest {
+        user_id: user_id.to_string(),
+        message_id: message_id.to_string(),
+    };
+    match state.backends.chat.clone().get_message(request).await {
+        Ok(message) => {
+            let message = message.into_inner();
+            matches!(message.status.as_str(), "completed" | "failed").then_some(message)
+        }
+        Err(status) => {
+            tracing::warn!(code = ?status.code(), "could not read the reply being streamed");
+            None
+        }
+    }
+}
+
+/// Parley's SSE events for one feed item.
+fn to_event(feed: &ReplyFeed, item: ReplyItem) -> Event {
+    let id = feed.last_event_id();
+    match item {
+        ReplyItem::Delta { index, text } => {
+            let data = json!({"message_id": feed.message_id(), "index": index, "text": text});
+            Event::default()
+                .event("message.delta")
+                .id(id.to_string())
+                .data(data.to_string())
+        }
+        ReplyItem::Finished(message) if message.status == "completed" => {
+            let view = serde_json::to_string(&MessageView::from(*message)).unwrap_or_default();
+            Event::default()
+                .event("message.completed")
+                .id((id + 1).to_string())
+                .data(view)
+        }
+        ReplyItem::Finished(message) => {
+            let data = json!({
+                "message_id": feed.message_id(),
+                "code": message.error_code.unwrap_or_else(|| "upstream_unavailable".to_owned()),
+                "detail": message.error_detail.unwrap_or_default(),
+            });
+            Event::default()
+                .event("message.failed")
+                .id((id + 1).to_string())
+                .data(data.to_string())
+        }
+    }
+}
+
+/// Marks a response as an event stream proxies must not buffer.
+pub fn unbuffered(mut response: Response) -> Response {
+    // Tell buffering proxies (nginx) to pass events through as they come.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+pub fn heartbeat() -> KeepAlive {
+    KeepAlive::new().interval(HEARTBEAT).text("keep-alive")
+}
+
+/// The SSE response for `assistant`, preceded by `message.created` for `created` when given.
+pub async fn respond(
+    state: AppState,
+    user_id: Uuid,
+    created: Option<pb::Message>,
+    assistant: pb::Message,
+    after: Option<u64>,
+) -> ApiResult<Response> {
+    let created = created.filter(|_| after.is_none()).map(|created| {
+        let data = serde_json::to_string(&MessageView::from(created)).unwrap_or_default();
+        Event::default().event("message.created").id("0").data(data)
+    });
+    let feed = ReplyFeed::open(state, user_id, &assistant, after.unwrap_or(0))
+        .await
+        .ok_or_else(|| ApiError::not_found("message"))?;
+    let created = futures::stream::iter(created.map(Ok::<_, Infallible>));
+    let replies = futures::stream::unfold(feed, |mut feed| async move {
+        let item = feed.next().await?;
+        let event = to_event(&feed, item);
+        Some((Ok::<_, Infallible>(event), feed))
+    });
+    Ok(unbuffered(
+        Sse::new(created.chain(replies)).keep_alive(heartbeat()).into_response(),
+    ))
+}
+
+/// Follow (or replay) a reply's events; with `Last-Event-ID`, resume after that event.
+#[utoipa::path(get, path = "/v1/messages/{id}/events", tag = "messages", security(("bearer" = [])),
+    params(("id" = String, Path), ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event")),
+    responses(
+        (status = 200, description = "An event stream: message.delta events, then message.completed or message.failed", content_type = "text/event-stream"),
+        (status = 400, description = "Malformed Last-Event-ID", body = Problem),
+        (status = 404, body = Problem),
+    ))]
+pub async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let after = match headers.get("last-event-id") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::invalid_field("Last-Event-ID", "must be an event id from this stream"))?,
+        ),
+    };
+    let request = pb::GetMessageRequest {
+        user_id: caller.user_id.to_string(),
+        message_id: id,
+    };
+    let message = state.backends.chat.clone().get_message(request).await?.into_inner();
+    if message.role != "assistant" {
+        return Err(ApiError::not_found("reply"));
+    }
+    respond(state, caller.user_id, None, message, after).await
+}

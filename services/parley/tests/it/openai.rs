@@ -1,0 +1,101 @@
+//! The OpenAI-compatible API, driven by the official OpenAI Python SDK and by hand for error shapes.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::harness::{TestPlatform, read};
+
+fn sdk_python() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools/venv/bin/python")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_sdk_works_unchanged() {
+    let t = TestPlatform::start().await;
+    let session = t.register("sdk@example.com").await;
+    let python = sdk_python();
+    assert!(
+        python.exists(),
+        "the OpenAI SDK is not installed: run `make tools` ({})",
+        python.display()
+    );
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/openai_client.py");
+    let base = t.base.clone();
+    let token = session.token.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .env("PARLEY_BASE_URL", base)
+            .env("PARLEY_TOKEN", token)
+            .env("PARLEY_MODEL", "parley-fake")
+            .env("PARLEY_EXPECTED", parley_fake_llm::reply_for("hello from the sdk"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Completions are accounted like chat messages, and do not show up as conversations.
+    let (_, conversations) = t.get(&session, "/v1/conversations").await;
+    assert_eq!(conversations["data"].as_array().unwrap().len(), 0);
+    let usage = crate::harness::eventually("usage of the SDK calls", std::time::Duration::from_secs(10), || async {
+        let (_, usage) = t.get(&session, "/v1/usage").await;
+        (usage["totals"]["requests"].as_i64()? >= 2).then_some(usage)
+    })
+    .await;
+    assert_eq!(usage["totals"]["requests"], 2);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_errors_use_the_openai_shape() {
+    let t = TestPlatform::start().await;
+    let session = t.register("shape@example.com").await;
+    let post = |body: serde_json::Value| {
+        t.http
+            .post(t.url("/v1/chat/completions"))
+            .bearer_auth(&session.token)
+            .json(&body)
+            .send()
+    };
+    let (status, body) = read(
+        post(json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "model_not_found");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let (status, body) = read(post(json!({"model": "parley-fake"})).await.unwrap()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("messages"),
+        "{body}"
+    );
+    let (status, body) = read(
+        post(json!({"model": "parley-fake", "messages": [{"role": "wizard", "content": "x"}]}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("messages[0].role"),
+        "{body}"
+    );
+    let response = t.http.get(t.url("/v1/models")).send().await.unwrap();
+    let (status, body) = read(response).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"]["type"], "authentication_error");
+    t.stop().await;
+}

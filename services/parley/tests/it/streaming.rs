@@ -1,0 +1,183 @@
+//! Replies streamed as server-sent events, resumed by `Last-Event-ID`, and relayed by any gateway.
+
+use std::time::Duration;
+
+use parley::Service;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::harness::{SseEvent, SseReader, TestPlatform, assert_problem, eventually};
+
+async fn read_to_end(reader: &mut SseReader) -> (Vec<SseEvent>, SseEvent) {
+    let mut deltas = Vec::new();
+    while let Some(event) = reader.next().await {
+        match event.event.as_str() {
+            "message.delta" => deltas.push(event),
+            "message.completed" | "message.failed" => return (deltas, event),
+            other => panic!("unexpected event {other}: {event:?}"),
+        }
+    }
+    panic!("the stream ended without a final event");
+}
+
+fn text_of(deltas: &[SseEvent]) -> String {
+    deltas
+        .iter()
+        .map(|event| event.data["text"].as_str().unwrap())
+        .collect()
+}
+
+fn ids_of(deltas: &[SseEvent]) -> Vec<u64> {
+    deltas
+        .iter()
+        .map(|event| event.id.as_deref().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_streams_as_it_is_generated_and_a_dropped_client_resumes_where_it_left() {
+    let mut t = TestPlatform::start_with(|config| config.fake_llm.tokens_per_second = 25.0, &Service::ALL).await;
+    let session = t.register("stream@example.com").await;
+    let conversation = t.create_conversation(&session, "streaming").await;
+    let prompt = "please stream this answer";
+    let expected = parley_fake_llm::reply_for(prompt);
+
+    let response = t
+        .http
+        .post(t.url(&format!("/v1/conversations/{conversation}/messages")))
+        .bearer_auth(&session.token)
+        .header("accept", "text/event-stream")
+        .json(&json!({"content": prompt}))
+        .send()
+        .await
+        .unwrap();
+    let mut reader = SseReader::new(response);
+    let created = reader.next().await.unwrap();
+    assert_eq!(created.event, "message.created");
+    assert_eq!(created.id.as_deref(), Some("0"));
+    assert_eq!(created.data["content"], prompt);
+    assert_eq!(created.data["role"], "user");
+
+    // The first delta arrives while the model is still generating: the stored reply is not finished.
+    let first = reader.next().await.unwrap();
+    assert_eq!(first.event, "message.delta");
+    assert_eq!(first.id.as_deref(), Some("1"));
+    assert_eq!(first.data["index"], 0);
+    let reply_id = first.data["message_id"].as_str().unwrap().to_owned();
+    let (_, stored) = t.get(&session, &format!("/v1/messages/{reply_id}")).await;
+    assert_ne!(
+        stored["status"], "completed",
+        "deltas must arrive before the reply is finished"
+    );
+
+    // Read two more deltas, then drop the connection.
+    let mut seen = vec![first];
+    for _ in 0..2 {
+        let delta = reader.next().await.unwrap();
+        assert_eq!(delta.event, "message.delta");
+        seen.push(delta);
+    }
+    drop(reader);
+
+    // Reconnect with Last-Event-ID: every remaining delta, nothing twice, then the stored reply.
+    let response = t
+        .http
+        .get(t.url(&format!("/v1/messages/{reply_id}/events")))
+        .bearer_auth(&session.token)
+        .header("last-event-id", "3")
+        .send()
+        .await
+        .unwrap();
+    let (rest, last) = read_to_end(&mut SseReader::new(response)).await;
+    assert_eq!(ids_of(&rest).first(), Some(&4));
+    assert!(
+        ids_of(&rest).windows(2).all(|pair| pair[1] == pair[0] + 1),
+        "{:?}",
+        ids_of(&rest)
+    );
+    assert_eq!(last.event, "message.completed");
+    assert_eq!(format!("{}{}", text_of(&seen), text_of(&rest)), expected);
+    assert_eq!(last.data["content"], expected);
+    assert_eq!(last.data["status"], "completed");
+    assert!(last.data["usage"]["output_tokens"].as_i64().unwrap() > 0);
+
+    // After completion the endpoint replays the whole reply, on any gateway replica.
+    let other_gateway = t.launch(&[Service::Gateway]).await.unwrap();
+    for base in [t.base.clone(), other_gateway] {
+        let response = t
+            .http
+            .get(format!("{base}/v1/messages/{reply_id}/events"))
+            .bearer_auth(&session.token)
+            .send()
+            .await
+            .unwrap();
+        let (deltas, last) = read_to_end(&mut SseReader::new(response)).await;
+        assert_eq!(ids_of(&deltas).first(), Some(&1));
+        assert_eq!(text_of(&deltas), expected);
+        assert_eq!(last.event, "message.completed");
+    }
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_relays_a_reply_sent_through_another_and_disconnects_cancel_nothing() {
+    let mut t = TestPlatform::start_with(|config| config.fake_llm.tokens_per_second = 40.0, &Service::ALL).await;
+    let second_gateway = t.launch(&[Service::Gateway]).await.unwrap();
+    let session = t.register("relay@example.com").await;
+    let conversation = t.create_conversation(&session, "relay").await;
+
+    // Send through the first gateway and hang up at once.
+    let response = t
+        .http
+        .post(t.url(&format!("/v1/conversations/{conversation}/messages")))
+        .bearer_auth(&session.token)
+        .header("accept", "text/event-stream")
+        .json(&json!({"content": "relay me"}))
+        .send()
+        .await
+        .unwrap();
+    let mut reader = SseReader::new(response);
+    assert_eq!(reader.next().await.unwrap().event, "message.created");
+    drop(reader);
+    let (_, messages) = t
+        .get(&session, &format!("/v1/conversations/{conversation}/messages"))
+        .await;
+    let reply_id = messages["data"][1]["id"].as_str().unwrap().to_owned();
+
+    // Follow it live from the second gateway.
+    let response = t
+        .http
+        .get(format!("{second_gateway}/v1/messages/{reply_id}/events"))
+        .bearer_auth(&session.token)
+        .send()
+        .await
+        .unwrap();
+    let (deltas, last) = read_to_end(&mut SseReader::new(response)).await;
+    assert_eq!(last.event, "message.completed");
+    assert_eq!(text_of(&deltas), parley_fake_llm::reply_for("relay me"));
+
+    // The hang-up did not cancel the stored reply.
+    let stored = eventually("the reply to be stored", Duration::from_secs(10), || async {
+        let (_, message) = t.get(&session, &format!("/v1/messages/{reply_id}")).await;
+        (message["status"] == "completed").then_some(message)
+    })
+    .await;
+    assert_eq!(stored["content"], parley_fake_llm::reply_for("relay me"));
+
+    // Someone else's reply has no events for them; a malformed Last-Event-ID is a 400.
+    let stranger = t.register("stranger-stream@example.com").await;
+    let (status, body) = t.get(&stranger, &format!("/v1/messages/{reply_id}/events")).await;
+    assert_problem(status, &body, 404, "not_found");
+    let response = t
+        .http
+        .get(t.url(&format!("/v1/messages/{reply_id}/events")))
+        .bearer_auth(&session.token)
+        .header("last-event-id", "three")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = crate::harness::read(response).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "Last-Event-ID");
+    t.stop().await;
+}

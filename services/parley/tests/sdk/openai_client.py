@@ -1,0 +1,65 @@
+"""The official OpenAI Python SDK, unchanged, against Parley's gateway.
+
+Run by the end-to-end tests with PARLEY_BASE_URL, PARLEY_TOKEN, PARLEY_MODEL and PARLEY_EXPECTED (the
+reply the fake model gives to "hello from the sdk"). Exits non-zero on the first broken promise.
+"""
+
+import os
+import sys
+
+import openai
+
+base_url = os.environ["PARLEY_BASE_URL"] + "/v1"
+client = openai.OpenAI(base_url=base_url, api_key=os.environ["PARLEY_TOKEN"], max_retries=0)
+model = os.environ["PARLEY_MODEL"]
+expected = os.environ["PARLEY_EXPECTED"]
+messages = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "hello from the sdk"},
+]
+
+
+def check(condition, what):
+    if not condition:
+        print(f"FAILED: {what}", file=sys.stderr)
+        sys.exit(1)
+
+
+ids = [m.id for m in client.models.list().data]
+check(model in ids, f"models.list includes {model}: {ids}")
+
+completion = client.chat.completions.create(model=model, messages=messages)
+check(completion.object == "chat.completion", f"object: {completion.object}")
+check(completion.choices[0].message.role == "assistant", "role")
+check(completion.choices[0].message.content == expected, f"content: {completion.choices[0].message.content!r}")
+check(completion.choices[0].finish_reason == "stop", "finish_reason")
+check(completion.usage.completion_tokens > 0, f"usage: {completion.usage}")
+
+stream = client.chat.completions.create(
+    model=model, messages=messages, stream=True, stream_options={"include_usage": True}
+)
+text, usage, chunks = "", None, 0
+for chunk in stream:
+    chunks += 1
+    if chunk.choices:
+        text += chunk.choices[0].delta.content or ""
+    if chunk.usage:
+        usage = chunk.usage
+check(text == expected, f"streamed text: {text!r}")
+check(chunks > 3, f"the reply came in pieces, not one: {chunks} chunks")
+check(usage is not None and usage.completion_tokens > 0, f"streamed usage: {usage}")
+
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages)
+    check(False, "an unknown model raised no error")
+except openai.NotFoundError as error:
+    check(error.status_code == 404, f"status {error.status_code}")
+    check(error.code == "model_not_found", f"code {error.code}")
+
+try:
+    openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0).models.list()
+    check(False, "a bad key raised no error")
+except openai.AuthenticationError as error:
+    check(error.status_code == 401, f"status {error.status_code}")
+
+print("openai sdk: all checks passed")
