@@ -8,6 +8,7 @@
 
 mod context;
 pub mod provider;
+mod resilience;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -32,22 +33,44 @@ pub enum AgentError {
     Nats(String),
 }
 
+/// A provider as the agent uses it: the HTTP client, its circuit breaker and its key pool.
+pub struct ProviderHandle {
+    pub client: provider::HttpProvider,
+    pub breaker: resilience::Breaker,
+    pub keys: resilience::KeyPool,
+}
+
 /// The providers every model's chain may use, built once from the configuration. A provider that cannot
-/// be used (its API key variable is unset, say) is left out with an error in the log, and chains skip it.
-pub fn build_providers(
-    config: &Config,
-) -> Result<BTreeMap<String, provider::OpenAiCompatible>, provider::ProviderError> {
+/// be used (none of its key variables is set, say) is left out with an error in the log; chains skip it.
+pub fn build_providers(config: &Config) -> Result<BTreeMap<String, ProviderHandle>, provider::ProviderError> {
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(config.agent.connect_timeout_ms))
         .pool_idle_timeout(Duration::from_secs(90))
         .build()
         .map_err(|error| provider::ProviderError::Misconfigured(error.to_string()))?;
-    let total = Duration::from_secs(config.agent.request_timeout_secs);
+    let timeouts = provider::Timeouts {
+        first_token: Duration::from_millis(config.agent.time_to_first_token_timeout_ms),
+        total: Duration::from_secs(config.agent.request_timeout_secs),
+    };
     let mut providers = BTreeMap::new();
     for (name, provider_config) in &config.providers {
-        match provider::OpenAiCompatible::new(name, provider_config, http.clone(), total) {
-            Ok(provider) => {
-                providers.insert(name.clone(), provider);
+        let variables = provider_config.key_variables();
+        let keys: Vec<String> = variables
+            .iter()
+            .filter_map(|variable| std::env::var(variable).ok())
+            .collect();
+        if !variables.is_empty() && keys.is_empty() {
+            tracing::error!(provider = %name, ?variables, "provider left out: none of its API key variables is set");
+            continue;
+        }
+        match provider::HttpProvider::new(name, provider_config, http.clone(), timeouts) {
+            Ok(client) => {
+                let handle = ProviderHandle {
+                    client,
+                    breaker: resilience::Breaker::new(name, config.agent.breaker.clone()),
+                    keys: resilience::KeyPool::new(name, keys),
+                };
+                providers.insert(name.clone(), handle);
             }
             Err(error) => tracing::error!(provider = %name, %error, "provider left out"),
         }

@@ -1,14 +1,15 @@
-//! LLM providers. One client speaks the OpenAI Chat Completions API with streaming, which covers OpenAI
-//! itself, OpenRouter, vLLM, Ollama, llama.cpp's server, Together, Groq and Parley's fake LLM.
+//! LLM providers over HTTP, streaming. Two wire formats: the OpenAI Chat Completions API (OpenAI itself,
+//! OpenRouter, vLLM, Ollama, llama.cpp's server, Together, Groq and Parley's fake LLM) and Anthropic's
+//! Messages API.
 
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use parley_platform::config::{ProviderConfig, ProviderKind};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
-/// One message of a prompt, in the provider's wire format.
+/// One message of a prompt.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct PromptMessage {
     pub role: String,
@@ -34,8 +35,12 @@ pub enum ProviderError {
     },
     #[error("could not reach the provider: {0}")]
     Transport(String),
+    #[error("no first token within {0:?}")]
+    FirstTokenTimeout(Duration),
     #[error("provider timed out after {0:?}")]
     Timeout(Duration),
+    #[error("provider reported an error mid-stream: {0}")]
+    Stream(String),
     #[error("provider sent something unreadable: {0}")]
     Protocol(String),
     #[error("provider is not configured: {0}")]
@@ -46,89 +51,169 @@ impl ProviderError {
     /// Worth trying again (here or at the next provider): the provider may answer differently later.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ProviderError::Status { status, .. } => *status == 429 || *status == 408 || *status >= 500,
-            ProviderError::Transport(_) | ProviderError::Timeout(_) => true,
+            ProviderError::Status { status, .. } => matches!(status, 401 | 403 | 408 | 429) || *status >= 500,
+            ProviderError::Transport(_)
+            | ProviderError::FirstTokenTimeout(_)
+            | ProviderError::Timeout(_)
+            | ProviderError::Stream(_) => true,
             ProviderError::Protocol(_) | ProviderError::Misconfigured(_) => false,
+        }
+    }
+
+    /// Whether this failure says the provider is unhealthy (it counts towards its circuit breaker);
+    /// 4xx answers, including 429, are about the request or the key, not the provider.
+    pub fn is_provider_fault(&self) -> bool {
+        match self {
+            ProviderError::Status { status, .. } => *status >= 500,
+            ProviderError::Transport(_)
+            | ProviderError::FirstTokenTimeout(_)
+            | ProviderError::Timeout(_)
+            | ProviderError::Stream(_) => true,
+            ProviderError::Protocol(_) | ProviderError::Misconfigured(_) => false,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ProviderError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Status { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 }
 
-#[derive(Clone)]
-pub struct OpenAiCompatible {
-    pub name: String,
-    base_url: String,
-    api_key: Option<String>,
-    http: reqwest::Client,
-    total_timeout: Duration,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    OpenAi,
+    Anthropic,
 }
 
-impl OpenAiCompatible {
+/// The deadlines of one call.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub first_token: Duration,
+    pub total: Duration,
+}
+
+#[derive(Clone)]
+pub struct HttpProvider {
+    pub name: String,
+    wire: Wire,
+    base_url: String,
+    http: reqwest::Client,
+    timeouts: Timeouts,
+}
+
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+impl HttpProvider {
     pub fn new(
         name: &str,
         config: &ProviderConfig,
         http: reqwest::Client,
-        total_timeout: Duration,
+        timeouts: Timeouts,
     ) -> Result<Self, ProviderError> {
-        debug_assert!(matches!(config.kind, ProviderKind::Openai | ProviderKind::Fake));
         if config.base_url.is_empty() {
             return Err(ProviderError::Misconfigured(format!("provider {name} has no base_url")));
         }
-        let api_key = match &config.api_key_env {
-            Some(variable) => Some(std::env::var(variable).map_err(|_| {
-                ProviderError::Misconfigured(format!("provider {name} needs the environment variable {variable}"))
-            })?),
-            None => None,
+        let wire = match config.kind {
+            ProviderKind::Openai | ProviderKind::Fake => Wire::OpenAi,
+            ProviderKind::Anthropic => Wire::Anthropic,
         };
         Ok(Self {
             name: name.to_owned(),
+            wire,
             base_url: config.base_url.trim_end_matches('/').to_owned(),
-            api_key,
             http,
-            total_timeout,
+            timeouts,
         })
     }
 
-    /// Streams a completion, calling `on_delta` with each piece of text as it arrives.
+    /// Streams a completion with `key`, calling `on_delta` with each piece of text as it arrives.
     pub async fn stream_chat(
         &self,
+        key: Option<&str>,
         model: &str,
         messages: &[PromptMessage],
         max_tokens: u32,
         on_delta: &mut (dyn FnMut(&str) + Send),
     ) -> Result<Completion, ProviderError> {
-        let deadline = self.total_timeout;
-        match tokio::time::timeout(deadline, self.stream_chat_inner(model, messages, max_tokens, on_delta)).await {
+        let total = self.timeouts.total;
+        match tokio::time::timeout(total, self.call(key, model, messages, max_tokens, on_delta)).await {
             Ok(result) => result,
-            Err(_) => Err(ProviderError::Timeout(deadline)),
+            Err(_) => Err(ProviderError::Timeout(total)),
         }
     }
 
-    async fn stream_chat_inner(
+    fn request(
         &self,
+        key: Option<&str>,
+        model: &str,
+        messages: &[PromptMessage],
+        max_tokens: u32,
+    ) -> reqwest::RequestBuilder {
+        match self.wire {
+            Wire::OpenAi => {
+                let body = json!({
+                    "model": model,
+                    "messages": messages,
+                    "stream": true,
+                    "stream_options": {"include_usage": true},
+                    "max_tokens": max_tokens,
+                });
+                let request = self
+                    .http
+                    .post(format!("{}/chat/completions", self.base_url))
+                    .json(&body);
+                match key {
+                    Some(key) => request.bearer_auth(key),
+                    None => request,
+                }
+            }
+            Wire::Anthropic => {
+                let (system, turns) = anthropic_messages(messages);
+                let mut body = json!({"model": model, "messages": turns, "max_tokens": max_tokens, "stream": true});
+                if !system.is_empty() {
+                    body["system"] = Value::String(system);
+                }
+                let request = self
+                    .http
+                    .post(format!("{}/messages", self.base_url))
+                    .header("anthropic-version", ANTHROPIC_VERSION)
+                    .json(&body);
+                match key {
+                    Some(key) => request.header("x-api-key", key),
+                    None => request,
+                }
+            }
+        }
+    }
+
+    async fn call(
+        &self,
+        key: Option<&str>,
         model: &str,
         messages: &[PromptMessage],
         max_tokens: u32,
         on_delta: &mut (dyn FnMut(&str) + Send),
     ) -> Result<Completion, ProviderError> {
         let started = Instant::now();
-        let body = serde_json::json!({
-            "model": model,
-            "messages": messages,
-            "stream": true,
-            "stream_options": {"include_usage": true},
-            "max_tokens": max_tokens,
-        });
-        let mut request = self
-            .http
-            .post(format!("{}/chat/completions", self.base_url))
-            .json(&body);
-        if let Some(key) = &self.api_key {
-            request = request.bearer_auth(key);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|error| ProviderError::Transport(without_url(&error)))?;
+        let first_token_deadline = tokio::time::Instant::now() + self.timeouts.first_token;
+        let first_token_timeout = ProviderError::FirstTokenTimeout(self.timeouts.first_token);
+        let sent = tokio::time::timeout_at(
+            first_token_deadline,
+            self.request(key, model, messages, max_tokens).send(),
+        );
+        let response = match sent.await {
+            Ok(response) => response.map_err(|error| ProviderError::Transport(without_url(&error)))?,
+            Err(_) => return Err(first_token_timeout),
+        };
         let status = response.status();
         if !status.is_success() {
             let retry_after = response
@@ -144,12 +229,21 @@ impl OpenAiCompatible {
                 retry_after,
             });
         }
-        let mut content = String::new();
-        let mut usage: Option<(i64, i64)> = None;
-        let mut time_to_first_token = None;
+        let mut state = StreamState::default();
         let mut buffer = Vec::<u8>::new();
         let mut bytes = response.bytes_stream();
-        while let Some(chunk) = bytes.next().await {
+        loop {
+            let next = if state.time_to_first_token.is_none() {
+                match tokio::time::timeout_at(first_token_deadline, bytes.next()).await {
+                    Ok(next) => next,
+                    Err(_) => return Err(first_token_timeout),
+                }
+            } else {
+                bytes.next().await
+            };
+            let Some(chunk) = next else {
+                break;
+            };
             let chunk = chunk.map_err(|error| ProviderError::Transport(without_url(&error)))?;
             buffer.extend_from_slice(&chunk);
             while let Some(event) = take_event(&mut buffer) {
@@ -158,37 +252,131 @@ impl OpenAiCompatible {
                     .filter_map(|line| line.strip_prefix("data:"))
                     .map(str::trim)
                 {
-                    if data == "[DONE]" {
+                    if data == "[DONE]" || data.is_empty() {
                         continue;
                     }
                     let value: Value =
                         serde_json::from_str(data).map_err(|error| ProviderError::Protocol(error.to_string()))?;
-                    if let Some(text) = value.pointer("/choices/0/delta/content").and_then(Value::as_str)
-                        && !text.is_empty()
-                    {
-                        time_to_first_token.get_or_insert_with(|| started.elapsed());
-                        content.push_str(text);
+                    let text = match self.wire {
+                        Wire::OpenAi => state.read_openai(&value)?,
+                        Wire::Anthropic => state.read_anthropic(&value)?,
+                    };
+                    if let Some(text) = text.filter(|text| !text.is_empty()) {
+                        state.time_to_first_token.get_or_insert_with(|| started.elapsed());
+                        state.content.push_str(text);
                         on_delta(text);
-                    }
-                    if let Some(reported) = value.get("usage").filter(|usage| !usage.is_null()) {
-                        let tokens = |key: &str| reported.get(key).and_then(Value::as_i64).unwrap_or(0);
-                        usage = Some((tokens("prompt_tokens"), tokens("completion_tokens")));
                     }
                 }
             }
         }
+        if self.wire == Wire::Anthropic && !state.finished {
+            return Err(ProviderError::Stream("the stream ended before message_stop".to_owned()));
+        }
         // Providers that do not report usage get an estimate of about four characters a token.
-        let (input_tokens, output_tokens) = usage.unwrap_or_else(|| {
-            let prompt: usize = messages.iter().map(|message| message.content.chars().count()).sum();
-            (prompt.div_ceil(4) as i64, content.chars().count().div_ceil(4) as i64)
-        });
+        let estimated_input = || {
+            messages
+                .iter()
+                .map(|message| message.content.chars().count())
+                .sum::<usize>()
+                .div_ceil(4) as i64
+        };
+        let input_tokens = state.input_tokens.unwrap_or_else(estimated_input);
+        let output_tokens = state
+            .output_tokens
+            .unwrap_or_else(|| state.content.chars().count().div_ceil(4) as i64);
         Ok(Completion {
-            content,
+            content: state.content,
             input_tokens,
             output_tokens,
-            time_to_first_token,
+            time_to_first_token: state.time_to_first_token,
         })
     }
+}
+
+#[derive(Default)]
+struct StreamState {
+    content: String,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    time_to_first_token: Option<Duration>,
+    finished: bool,
+}
+
+impl StreamState {
+    fn read_openai<'v>(&mut self, value: &'v Value) -> Result<Option<&'v str>, ProviderError> {
+        if let Some(error) = value.get("error") {
+            return Err(ProviderError::Stream(
+                error
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("error")
+                    .to_owned(),
+            ));
+        }
+        if let Some(usage) = value.get("usage").filter(|usage| !usage.is_null()) {
+            self.input_tokens = usage.get("prompt_tokens").and_then(Value::as_i64);
+            self.output_tokens = usage.get("completion_tokens").and_then(Value::as_i64);
+        }
+        Ok(value.pointer("/choices/0/delta/content").and_then(Value::as_str))
+    }
+
+    fn read_anthropic<'v>(&mut self, value: &'v Value) -> Result<Option<&'v str>, ProviderError> {
+        match value.get("type").and_then(Value::as_str) {
+            Some("message_start") => {
+                self.input_tokens = value.pointer("/message/usage/input_tokens").and_then(Value::as_i64);
+                Ok(None)
+            }
+            Some("content_block_delta") => Ok(value.pointer("/delta/text").and_then(Value::as_str)),
+            Some("message_delta") => {
+                if let Some(output) = value.pointer("/usage/output_tokens").and_then(Value::as_i64) {
+                    self.output_tokens = Some(output);
+                }
+                Ok(None)
+            }
+            Some("message_stop") => {
+                self.finished = true;
+                Ok(None)
+            }
+            Some("error") => {
+                let message = value
+                    .pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("error");
+                Err(ProviderError::Stream(message.to_owned()))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Anthropic takes the system prompt apart, and turns that alternate between user and assistant,
+/// starting with the user: consecutive messages of one role are joined.
+fn anthropic_messages(messages: &[PromptMessage]) -> (String, Vec<Value>) {
+    let mut system = Vec::new();
+    let mut turns: Vec<(String, String)> = Vec::new();
+    for message in messages {
+        match message.role.as_str() {
+            "system" => system.push(message.content.as_str()),
+            role => {
+                let role = if role == "assistant" { "assistant" } else { "user" };
+                match turns.last_mut() {
+                    Some((last_role, content)) if last_role == role => {
+                        content.push_str("\n\n");
+                        content.push_str(&message.content);
+                    }
+                    _ => turns.push((role.to_owned(), message.content.clone())),
+                }
+            }
+        }
+    }
+    if turns.first().is_some_and(|(role, _)| role == "assistant") {
+        turns.insert(0, ("user".to_owned(), "(conversation continues)".to_owned()));
+    }
+    let turns = turns
+        .into_iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
+    (system.join("\n\n"), turns)
 }
 
 /// Removes and returns the first complete server-sent event (up to a blank line) from `buffer`.
@@ -198,7 +386,7 @@ fn take_event(buffer: &mut Vec<u8>) -> Option<String> {
     Some(String::from_utf8_lossy(&event).replace('\r', ""))
 }
 
-/// The `error.message` of an OpenAI-style error body, else a short prefix of the body.
+/// The error message of an OpenAI- or Anthropic-style error body, else a short prefix of the body.
 fn error_message(body: &str) -> String {
     serde_json::from_str::<Value>(body)
         .ok()
@@ -242,15 +430,58 @@ mod tests {
         };
         assert!(status(429).is_retryable());
         assert!(status(503).is_retryable());
+        assert!(status(401).is_retryable(), "another key may work");
         assert!(!status(400).is_retryable());
-        assert!(!status(401).is_retryable());
-        assert!(ProviderError::Timeout(Duration::from_secs(1)).is_retryable());
+        assert!(!status(429).is_provider_fault());
+        assert!(status(502).is_provider_fault());
+        assert!(ProviderError::FirstTokenTimeout(Duration::from_secs(1)).is_retryable());
         assert!(!ProviderError::Protocol("x".into()).is_retryable());
     }
 
     #[test]
-    fn error_messages_come_from_the_openai_shape() {
+    fn error_messages_come_from_the_provider_shapes() {
         assert_eq!(error_message(r#"{"error":{"message":"bad model"}}"#), "bad model");
+        assert_eq!(
+            error_message(r#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#),
+            "busy"
+        );
         assert_eq!(error_message("plain text"), "plain text");
+    }
+
+    #[test]
+    fn anthropic_turns_alternate_and_the_system_prompt_is_apart() {
+        let message = |role: &str, content: &str| PromptMessage {
+            role: role.into(),
+            content: content.into(),
+        };
+        let (system, turns) = anthropic_messages(&[
+            message("system", "be brief"),
+            message("assistant", "hello"),
+            message("user", "a"),
+            message("user", "b"),
+        ]);
+        assert_eq!(system, "be brief");
+        assert_eq!(turns.len(), 3);
+        assert_eq!(turns[0]["role"], "user");
+        assert_eq!(turns[1]["role"], "assistant");
+        assert_eq!(turns[2]["content"], "a\n\nb");
+    }
+
+    #[test]
+    fn anthropic_events_give_text_and_usage() {
+        let mut state = StreamState::default();
+        let start = json!({"type": "message_start", "message": {"usage": {"input_tokens": 12}}});
+        assert_eq!(state.read_anthropic(&start).unwrap(), None);
+        let delta = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}});
+        assert_eq!(state.read_anthropic(&delta).unwrap(), Some("Hi"));
+        let end = json!({"type": "message_delta", "usage": {"output_tokens": 3}});
+        state.read_anthropic(&end).unwrap();
+        state.read_anthropic(&json!({"type": "message_stop"})).unwrap();
+        assert_eq!(
+            (state.input_tokens, state.output_tokens, state.finished),
+            (Some(12), Some(3), true)
+        );
+        let error = json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
+        assert!(state.read_anthropic(&error).is_err());
     }
 }

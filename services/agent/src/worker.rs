@@ -22,8 +22,10 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::AgentError;
+use crate::ProviderHandle;
 use crate::context::build_prompt;
-use crate::provider::{Completion, OpenAiCompatible, ProviderError};
+use crate::provider::{Completion, ProviderError};
+use crate::resilience::{KeyOutcome, backoff};
 
 /// What to do with a job's JetStream message once its run ends.
 #[derive(Debug)]
@@ -42,7 +44,7 @@ pub struct Agent {
     names: Names,
     chat: ChatServiceClient<ClientChannel>,
     quota: QuotaServiceClient<ClientChannel>,
-    providers: Arc<BTreeMap<String, OpenAiCompatible>>,
+    providers: Arc<BTreeMap<String, ProviderHandle>>,
     events: Arc<tokio::sync::OnceCell<jetstream::stream::Stream>>,
 }
 
@@ -65,7 +67,7 @@ impl Agent {
         nats: async_nats::Client,
         chat: ChatServiceClient<ClientChannel>,
         quota: QuotaServiceClient<ClientChannel>,
-        providers: BTreeMap<String, OpenAiCompatible>,
+        providers: BTreeMap<String, ProviderHandle>,
     ) -> Self {
         let names = Names::new(&config.nats.prefix);
         let jetstream = jetstream::new(nats.clone());
@@ -136,7 +138,9 @@ impl Agent {
 
     async fn subscribe(&self, batch: usize) -> Result<jetstream::consumer::pull::Stream, async_nats::Error> {
         parley_platform::nats::ensure_usage_stream(&self.jetstream, &self.names).await?;
-        let events = parley_platform::nats::ensure_events_stream(&self.jetstream, &self.names).await?;
+        parley_platform::nats::ensure_dead_jobs_stream(&self.jetstream, &self.names).await?;
+        let events =
+            parley_platform::nats::ensure_events_stream(&self.jetstream, &self.names, &self.config.nats).await?;
         let _already_set = self.events.set(events);
         let consumer =
             parley_platform::nats::ensure_agent_consumer(&self.jetstream, &self.names, &self.config.nats).await?;
@@ -148,8 +152,14 @@ impl Agent {
         let job: AiJob = match serde_json::from_slice(&message.payload) {
             Ok(job) => job,
             Err(error) => {
-                tracing::error!(%error, "dropping a malformed job");
-                let _ignored = message.ack_with(AckKind::Term).await;
+                tracing::error!(%error, "a malformed job goes to the dead-letter stream");
+                if self
+                    .dead_letter(&message.payload, &format!("malformed job: {error}"))
+                    .await
+                    .is_ok()
+                {
+                    let _ignored = message.ack_with(AckKind::Term).await;
+                }
                 return;
             }
         };
@@ -288,7 +298,8 @@ impl Agent {
         }
     }
 
-    /// Tries each provider/model pair of the model's chain in order.
+    /// Tries each provider/model pair of the model's chain in order, retrying each on retryable failures
+    /// with backoff, skipping providers whose circuit is open.
     async fn call_chain(
         &self,
         job: &AiJob,
@@ -301,52 +312,19 @@ impl Agent {
             .get(model_name)
             .map(|model| model.chain.as_slice())
             .unwrap_or_default();
-        let mut last_error = ProviderError::Misconfigured(format!("model {model_name} has no providers"));
+        let mut last_error = ProviderError::Misconfigured(format!("model {model_name} has no usable provider"));
         let mut delta_index = self.next_delta_index(job.message_id).await;
         for target in chain {
             let Some(provider) = self.providers.get(&target.provider) else {
                 continue;
             };
-            let span = tracing::info_span!(
-                "gen_ai.chat",
-                otel.kind = "client",
-                gen_ai.operation.name = "chat",
-                gen_ai.system = %target.provider,
-                gen_ai.request.model = %target.model,
-                gen_ai.usage.input_tokens = tracing::field::Empty,
-                gen_ai.usage.output_tokens = tracing::field::Empty,
-            );
-            let started = Instant::now();
-            let (result, streamed) = self
-                .call_streaming(provider, &target.model, prompt, job.message_id, &mut delta_index)
-                .instrument(span.clone())
-                .await;
-            let elapsed = started.elapsed();
-            let labels = [("provider", target.provider.clone()), ("model", target.model.clone())];
-            metrics::histogram!("parley_llm_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
-            match result {
-                Ok(completion) => {
-                    span.record("gen_ai.usage.input_tokens", completion.input_tokens);
-                    span.record("gen_ai.usage.output_tokens", completion.output_tokens);
-                    metrics::counter!("parley_llm_requests_total", "provider" => target.provider.clone(), "model" => target.model.clone(), "outcome" => "ok").increment(1);
-                    if let Some(ttft) = completion.time_to_first_token {
-                        metrics::histogram!("parley_llm_time_to_first_token_seconds", &labels)
-                            .record(ttft.as_secs_f64());
-                    }
-                    metrics::counter!("parley_llm_tokens_total", "provider" => target.provider.clone(), "model" => target.model.clone(), "direction" => "input").increment(completion.input_tokens.max(0) as u64);
-                    metrics::counter!("parley_llm_tokens_total", "provider" => target.provider.clone(), "model" => target.model.clone(), "direction" => "output").increment(completion.output_tokens.max(0) as u64);
-                    return Ok(Answer {
-                        completion,
-                        provider: target.provider.clone(),
-                        elapsed,
-                    });
-                }
-                Err(error) => {
-                    metrics::counter!("parley_llm_requests_total", "provider" => target.provider.clone(), "model" => target.model.clone(), "outcome" => "error").increment(1);
-                    tracing::warn!(%error, provider = %target.provider, model = %target.model, "provider call failed");
-                    if !streamed.is_empty() {
-                        return Err(Failure { error, streamed });
-                    }
+            match self
+                .call_with_retries(provider, &target.model, prompt, job.message_id, &mut delta_index)
+                .await
+            {
+                Ok(answer) => return Ok(answer),
+                Err(failure) if !failure.streamed.is_empty() => return Err(failure),
+                Err(Failure { error, .. }) => {
                     let retryable = error.is_retryable();
                     last_error = error;
                     if !retryable {
@@ -359,6 +337,122 @@ impl Agent {
             error: last_error,
             streamed: String::new(),
         })
+    }
+
+    /// Calls one provider, retrying retryable failures with jittered exponential backoff (or the
+    /// provider's `Retry-After`), and moving to the next key on 401, 403 and 429.
+    async fn call_with_retries(
+        &self,
+        provider: &ProviderHandle,
+        model: &str,
+        prompt: &[crate::provider::PromptMessage],
+        message_id: Uuid,
+        delta_index: &mut u64,
+    ) -> Result<Answer, Failure> {
+        let retry = &self.config.agent.retry;
+        let started = Instant::now();
+        let name = provider.client.name.clone();
+        let mut attempt = 0;
+        loop {
+            if !provider.breaker.allow() {
+                metrics::counter!("parley_llm_requests_total", "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "circuit_open").increment(1);
+                let error = ProviderError::Status {
+                    status: 503,
+                    message: format!("circuit open for {name}"),
+                    retry_after: None,
+                };
+                return Err(Failure {
+                    error,
+                    streamed: String::new(),
+                });
+            }
+            attempt += 1;
+            let key = provider.keys.pick();
+            let span = tracing::info_span!(
+                "gen_ai.chat",
+                otel.kind = "client",
+                gen_ai.operation.name = "chat",
+                gen_ai.system = %name,
+                gen_ai.request.model = %model,
+                gen_ai.usage.input_tokens = tracing::field::Empty,
+                gen_ai.usage.output_tokens = tracing::field::Empty,
+                attempt,
+            );
+            let call_started = Instant::now();
+            let (result, streamed) = self
+                .call_streaming(
+                    provider,
+                    key.as_ref().map(|(_, secret)| secret.as_str()),
+                    model,
+                    prompt,
+                    message_id,
+                    delta_index,
+                )
+                .instrument(span.clone())
+                .await;
+            let elapsed = call_started.elapsed();
+            let labels = [("provider", name.clone()), ("model", model.to_owned())];
+            metrics::histogram!("parley_llm_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+            let error = match result {
+                Ok(completion) => {
+                    provider.breaker.record_success();
+                    if let Some((index, _)) = &key {
+                        provider.keys.report(*index, KeyOutcome::Worked);
+                    }
+                    span.record("gen_ai.usage.input_tokens", completion.input_tokens);
+                    span.record("gen_ai.usage.output_tokens", completion.output_tokens);
+                    metrics::counter!("parley_llm_requests_total", "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "ok").increment(1);
+                    if let Some(ttft) = completion.time_to_first_token {
+                        metrics::histogram!("parley_llm_time_to_first_token_seconds", &labels)
+                            .record(ttft.as_secs_f64());
+                    }
+                    metrics::counter!("parley_llm_tokens_total", "provider" => name.clone(), "model" => model.to_owned(), "direction" => "input").increment(completion.input_tokens.max(0) as u64);
+                    metrics::counter!("parley_llm_tokens_total", "provider" => name.clone(), "model" => model.to_owned(), "direction" => "output").increment(completion.output_tokens.max(0) as u64);
+                    return Ok(Answer {
+                        completion,
+                        provider: name,
+                        elapsed,
+                    });
+                }
+                Err(error) => error,
+            };
+            metrics::counter!("parley_llm_requests_total", "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "error").increment(1);
+            tracing::warn!(%error, provider = %name, %model, attempt, "provider call failed");
+            if error.is_provider_fault() {
+                provider.breaker.record_failure();
+            } else {
+                // A 4xx says nothing about the provider's health: a probe that got one is over.
+                provider.breaker.record_success_if_probing();
+            }
+            let key_outcome = match error.status() {
+                Some(401 | 403) => Some(KeyOutcome::Rejected),
+                Some(429) => Some(KeyOutcome::Throttled),
+                _ => None,
+            };
+            if let (Some((index, _)), Some(outcome)) = (&key, key_outcome) {
+                provider.keys.report(*index, outcome);
+            }
+            // Clients saw part of this reply: no retry may contradict it.
+            if !streamed.is_empty() || !error.is_retryable() {
+                return Err(Failure { error, streamed });
+            }
+            // A rejected key with no other key to try will not start working on a retry.
+            if key_outcome == Some(KeyOutcome::Rejected) && provider.keys.len() <= 1 {
+                return Err(Failure { error, streamed });
+            }
+            let another_key = key_outcome.is_some() && provider.keys.len() > 1;
+            let delay = if another_key {
+                Duration::ZERO
+            } else {
+                backoff(retry, attempt, error.retry_after())
+            };
+            let out_of_time = started.elapsed() + delay > Duration::from_millis(retry.max_elapsed_ms);
+            if attempt >= retry.max_attempts || out_of_time {
+                return Err(Failure { error, streamed });
+            }
+            metrics::counter!("parley_llm_retries_total", "provider" => name.clone()).increment(1);
+            tokio::time::sleep(delay).await;
+        }
     }
 
     /// Where this attempt's delta numbering starts: after the last delta an earlier attempt published
@@ -380,7 +474,8 @@ impl Agent {
     /// One streaming call; each delta is published on the message's subject as it arrives.
     async fn call_streaming(
         &self,
-        provider: &OpenAiCompatible,
+        provider: &ProviderHandle,
+        key: Option<&str>,
         model: &str,
         prompt: &[crate::provider::PromptMessage],
         message_id: Uuid,
@@ -392,7 +487,10 @@ impl Agent {
             let mut on_delta = move |text: &str| {
                 let _receiver_gone = deltas.send(text.to_owned());
             };
-            provider.stream_chat(model, prompt, max_tokens, &mut on_delta).await
+            provider
+                .client
+                .stream_chat(key, model, prompt, max_tokens, &mut on_delta)
+                .await
         };
         let subject = self.names.message_events_subject(message_id);
         let forward = async {
@@ -499,7 +597,22 @@ impl Agent {
         Ok(())
     }
 
-    /// Ends the message `failed` with a reason, and announces it.
+    /// Keeps a job that was given up on in the dead-letter stream, with the reason in a header.
+    async fn dead_letter(&self, payload: &[u8], reason: &str) -> Result<(), AgentError> {
+        let mut headers = async_nats::HeaderMap::new();
+        let reason: String = reason.chars().filter(|c| !c.is_control()).take(500).collect();
+        headers.insert("Parley-Dead-Reason", reason.as_str());
+        let ack = self
+            .jetstream
+            .publish_with_headers(self.names.dead_jobs_subject(), headers, payload.to_vec().into())
+            .await
+            .map_err(|error| AgentError::Nats(error.to_string()))?;
+        ack.await.map_err(|error| AgentError::Nats(error.to_string()))?;
+        metrics::counter!("parley_agent_dead_jobs_total").increment(1);
+        Ok(())
+    }
+
+    /// Ends the message `failed` with a reason, announces it, and keeps the job in the dead-letter stream.
     async fn fail(
         &self,
         job: &AiJob,
@@ -518,6 +631,9 @@ impl Agent {
             .fail_message(request)
             .await
             .map_err(ServiceError::from)?;
+        if let Ok(payload) = serde_json::to_vec(job) {
+            self.dead_letter(&payload, &format!("{code}: {detail}")).await?;
+        }
         let subject = self.names.message_events_subject(job.message_id);
         let event = MessageEvent::Failed {
             message_id: job.message_id,

@@ -1,11 +1,12 @@
-//! A fake LLM that speaks the OpenAI Chat Completions wire format (`POST /v1/chat/completions`,
-//! streaming and not, and `GET /v1/models`). Its answer is derived from the prompt, so tests can assert
-//! on it, and knobs set its time to first token, tokens per second, error rate and 429 rate.
+//! A fake LLM that speaks two wire formats: the OpenAI Chat Completions API (`POST /v1/chat/completions`,
+//! streaming and not, and `GET /v1/models`) and Anthropic's Messages API (`POST /v1/messages`,
+//! streaming and not). Its answer is derived from the prompt, so tests can assert on it, and knobs set
+//! its time to first token, tokens per second, error rate, 429 rate, a required API key, and a stream
+//! that breaks off mid-reply.
 //!
 //! It is the default provider of `parley dev` (Parley runs offline with no key) and the upstream of the
 //! tests and load tests. It must never be configured as a production provider.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,36 +14,38 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
+use futures::StreamExt;
 use parley_platform::config::FakeLlmConfig;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// The model names the fake serves; any other name is answered too (it is a fake), under that name.
+/// The model names the fake lists; any other name is answered too (it is a fake), under that name.
 pub const MODELS: &[&str] = &["fake-echo", "fake-small"];
 
 /// How the fake behaves. Rates are fractions of requests in 0..=1.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Knobs {
     pub time_to_first_token: Duration,
     pub tokens_per_second: f64,
     pub error_rate: f64,
     pub rate_limit_rate: f64,
+    /// The `Retry-After` of its 429 answers, in seconds.
+    pub retry_after_secs: u64,
+    /// Streams break off (the connection drops) after this many tokens.
+    pub fail_after_tokens: Option<usize>,
+    /// When set, requests without this key (bearer or `x-api-key`) are answered 401.
+    pub required_api_key: Option<String>,
 }
 
 impl Default for Knobs {
     fn default() -> Self {
-        Self {
-            time_to_first_token: Duration::from_millis(50),
-            tokens_per_second: 200.0,
-            error_rate: 0.0,
-            rate_limit_rate: 0.0,
-        }
+        Self::from(&FakeLlmConfig::default())
     }
 }
 
@@ -53,6 +56,9 @@ impl From<&FakeLlmConfig> for Knobs {
             tokens_per_second: config.tokens_per_second,
             error_rate: config.error_rate,
             rate_limit_rate: config.rate_limit_rate,
+            retry_after_secs: 1,
+            fail_after_tokens: None,
+            required_api_key: None,
         }
     }
 }
@@ -75,12 +81,13 @@ impl FakeLlm {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x9E37_79B9_7F4A_7C15, |elapsed| elapsed.as_nanos() as u64)
             | 1;
+        let shared = Shared {
+            knobs: Mutex::new(knobs),
+            requests: AtomicU64::new(0),
+            random_state: AtomicU64::new(seed),
+        };
         Self {
-            shared: Arc::new(Shared {
-                knobs: Mutex::new(knobs),
-                requests: AtomicU64::new(0),
-                random_state: AtomicU64::new(seed),
-            }),
+            shared: Arc::new(shared),
         }
     }
 
@@ -88,17 +95,17 @@ impl FakeLlm {
         Self::new(Knobs::from(config))
     }
 
-    /// Chat completion requests received so far.
+    /// Completion requests received so far (either wire format).
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
     pub fn knobs(&self) -> Knobs {
-        *self
-            .shared
+        self.shared
             .knobs
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     pub fn set_knobs(&self, knobs: Knobs) {
@@ -112,7 +119,8 @@ impl FakeLlm {
     pub fn router(&self) -> axum::Router {
         axum::Router::new()
             .route("/v1/models", get(list_models))
-            .route("/v1/chat/completions", post(chat_completions))
+            .route("/v1/chat/completions", post(openai_completions))
+            .route("/v1/messages", post(anthropic_messages))
             .with_state(self.clone())
     }
 
@@ -134,10 +142,45 @@ pub async fn serve(fake: FakeLlm, listener: TcpListener, shutdown: CancellationT
         .await
 }
 
+/// The reply: it quotes the last user message, so a caller can tell which prompt it answers.
+pub fn reply_for(last_user_message: &str) -> String {
+    let quoted: String = last_user_message.chars().take(500).collect();
+    format!("You said: {quoted}. This is Parley's fake model, answering offline.")
+}
+
+/// Splits a reply into tokens the way a model streams them: words with their leading space.
+pub fn tokens_of(reply: &str) -> Vec<String> {
+    reply
+        .split(' ')
+        .enumerate()
+        .map(|(index, word)| {
+            if index == 0 {
+                word.to_owned()
+            } else {
+                format!(" {word}")
+            }
+        })
+        .collect()
+}
+
+/// Rough token count of a prompt (about four characters a token), as providers report usage.
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4).max(1)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    OpenAi,
+    Anthropic,
+}
+
 #[derive(Debug, Deserialize)]
 struct ChatRequest {
     model: String,
+    #[serde(default)]
     messages: Vec<ChatMessage>,
+    #[serde(default)]
+    system: Option<Value>,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -182,65 +225,79 @@ fn text_of(content: &Value) -> String {
     }
 }
 
-/// The reply: it quotes the last user message, so a caller can tell which prompt it answers.
-pub fn reply_for(last_user_message: &str) -> String {
-    let quoted: String = last_user_message.chars().take(500).collect();
-    format!("You said: {quoted}. This is Parley's fake model, answering offline.")
+fn wire_error(wire: Wire, status: StatusCode, kind: &str, message: &str) -> Response {
+    let body = match wire {
+        Wire::OpenAi => json!({"error": {"message": message, "type": kind, "code": kind}}),
+        Wire::Anthropic => json!({"type": "error", "error": {"type": kind, "message": message}}),
+    };
+    (status, Json(body)).into_response()
 }
 
-/// Splits a reply into tokens the way a model streams them: words with their leading space.
-pub fn tokens_of(reply: &str) -> Vec<String> {
-    let mut tokens = Vec::new();
-    for (index, word) in reply.split(' ').enumerate() {
-        tokens.push(if index == 0 {
-            word.to_owned()
-        } else {
-            format!(" {word}")
-        });
-    }
-    tokens
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
 }
 
-/// Rough token count of a prompt (about four characters a token), as providers report usage.
-pub fn estimate_tokens(text: &str) -> u64 {
-    (text.chars().count() as u64).div_ceil(4).max(1)
+async fn openai_completions(State(fake): State<FakeLlm>, headers: HeaderMap, body: Bytes) -> Response {
+    complete(fake, Wire::OpenAi, &headers, &body).await
 }
 
-fn openai_error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (
-        status,
-        Json(json!({"error": {"message": message, "type": kind, "code": kind}})),
-    )
-        .into_response()
+async fn anthropic_messages(State(fake): State<FakeLlm>, headers: HeaderMap, body: Bytes) -> Response {
+    complete(fake, Wire::Anthropic, &headers, &body).await
 }
 
-async fn chat_completions(State(fake): State<FakeLlm>, body: Bytes) -> Response {
+async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: &[u8]) -> Response {
     fake.shared.requests.fetch_add(1, Ordering::SeqCst);
-    let request: ChatRequest = match serde_json::from_slice(&body) {
+    let request: ChatRequest = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(error) => {
-            return openai_error(StatusCode::BAD_REQUEST, "invalid_request_error", &error.to_string());
+            return wire_error(
+                wire,
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &error.to_string(),
+            );
         }
     };
     if request.messages.is_empty() {
-        return openai_error(
+        return wire_error(
+            wire,
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "messages must not be empty",
         );
     }
     let knobs = fake.knobs();
+    if let Some(required) = &knobs.required_api_key
+        && presented_key(headers) != Some(required.as_str())
+    {
+        return wire_error(
+            wire,
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid API key",
+        );
+    }
     if fake.draw() < knobs.rate_limit_rate {
-        let mut response = openai_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "fake rate limit");
+        let mut response = wire_error(
+            wire,
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "fake rate limit",
+        );
         response
             .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            .insert(header::RETRY_AFTER, HeaderValue::from(knobs.retry_after_secs));
         return response;
     }
     if fake.draw() < knobs.error_rate {
-        return openai_error(
+        return wire_error(
+            wire,
             StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
+            "api_error",
             "fake upstream failure",
         );
     }
@@ -250,26 +307,28 @@ async fn chat_completions(State(fake): State<FakeLlm>, body: Bytes) -> Response 
         .rev()
         .find(|m| m.role == "user")
         .map(|m| text_of(&m.content));
-    let prompt_tokens: u64 = request
-        .messages
-        .iter()
-        .map(|m| estimate_tokens(&text_of(&m.content)))
-        .sum();
+    let system_tokens = request
+        .system
+        .as_ref()
+        .map_or(0, |system| estimate_tokens(&text_of(system)));
+    let prompt_tokens = system_tokens
+        + request
+            .messages
+            .iter()
+            .map(|m| estimate_tokens(&text_of(&m.content)))
+            .sum::<u64>();
     let mut tokens = tokens_of(&reply_for(last_user.as_deref().unwrap_or("")));
     let max_tokens = request.max_completion_tokens.or(request.max_tokens).unwrap_or(u32::MAX) as usize;
-    let finish_reason = if tokens.len() > max_tokens {
-        tokens.truncate(max_tokens);
-        "length"
-    } else {
-        "stop"
-    };
+    let truncated = tokens.len() > max_tokens;
+    tokens.truncate(max_tokens);
     let completion = Completion {
-        id: format!("chatcmpl-fake-{}", uuid::Uuid::now_v7().simple()),
+        wire,
+        id: format!("fake-{}", uuid::Uuid::now_v7().simple()),
         created: time::OffsetDateTime::now_utc().unix_timestamp(),
         model: request.model,
         tokens,
         prompt_tokens,
-        finish_reason,
+        truncated,
         knobs,
     };
     if request.stream {
@@ -282,12 +341,13 @@ async fn chat_completions(State(fake): State<FakeLlm>, body: Bytes) -> Response 
 }
 
 struct Completion {
+    wire: Wire,
     id: String,
     created: i64,
     model: String,
     tokens: Vec<String>,
     prompt_tokens: u64,
-    finish_reason: &'static str,
+    truncated: bool,
     knobs: Knobs,
 }
 
@@ -300,99 +360,193 @@ impl Completion {
         self.token_interval() * self.tokens.len().saturating_sub(1) as u32
     }
 
-    fn usage(&self) -> Value {
-        let completion_tokens = self.tokens.len() as u64;
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": self.prompt_tokens + completion_tokens,
-        })
+    fn finish_reason(&self) -> &'static str {
+        match (self.wire, self.truncated) {
+            (Wire::OpenAi, false) => "stop",
+            (Wire::OpenAi, true) => "length",
+            (Wire::Anthropic, false) => "end_turn",
+            (Wire::Anthropic, true) => "max_tokens",
+        }
     }
 
     fn whole(&self) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": self.tokens.concat()},
-                "finish_reason": self.finish_reason,
-            }],
-            "usage": self.usage(),
-        })
+        let text = self.tokens.concat();
+        let completion_tokens = self.tokens.len() as u64;
+        match self.wire {
+            Wire::OpenAi => json!({
+                "id": format!("chatcmpl-{}", self.id),
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": self.finish_reason(),
+                }],
+                "usage": {
+                    "prompt_tokens": self.prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": self.prompt_tokens + completion_tokens,
+                },
+            }),
+            Wire::Anthropic => json!({
+                "id": format!("msg_{}", self.id),
+                "type": "message",
+                "role": "assistant",
+                "model": self.model,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": self.finish_reason(),
+                "usage": {"input_tokens": self.prompt_tokens, "output_tokens": completion_tokens},
+            }),
+        }
     }
 
-    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Value {
-        json!({
-            "id": self.id,
+    /// The events before the first token.
+    fn opening(&self) -> Vec<Bytes> {
+        match self.wire {
+            Wire::OpenAi => Vec::new(),
+            Wire::Anthropic => vec![
+                anthropic_event(
+                    "message_start",
+                    &json!({
+                        "type": "message_start",
+                        "message": {
+                            "id": format!("msg_{}", self.id), "type": "message", "role": "assistant", "model": self.model,
+                            "content": [], "stop_reason": null, "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0},
+                        },
+                    }),
+                ),
+                anthropic_event(
+                    "content_block_start",
+                    &json!({
+                        "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""},
+                    }),
+                ),
+            ],
+        }
+    }
+
+    fn token_event(&self, index: usize) -> Bytes {
+        let text = &self.tokens[index];
+        match self.wire {
+            Wire::OpenAi => {
+                let delta = if index == 0 {
+                    json!({"role": "assistant", "content": text})
+                } else {
+                    json!({"content": text})
+                };
+                openai_event(&self.openai_chunk(json!([{"index": 0, "delta": delta, "finish_reason": null}]), None))
+            }
+            Wire::Anthropic => anthropic_event(
+                "content_block_delta",
+                &json!({
+                    "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text},
+                }),
+            ),
+        }
+    }
+
+    /// The events after the last token.
+    fn closing(&self, include_usage: bool) -> Vec<Bytes> {
+        let completion_tokens = self.tokens.len() as u64;
+        match self.wire {
+            Wire::OpenAi => {
+                let finish = json!([{"index": 0, "delta": {}, "finish_reason": self.finish_reason()}]);
+                let mut events = vec![openai_event(&self.openai_chunk(finish, None))];
+                if include_usage {
+                    let usage = json!({
+                        "prompt_tokens": self.prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": self.prompt_tokens + completion_tokens,
+                    });
+                    events.push(openai_event(&self.openai_chunk(json!([]), Some(usage))));
+                }
+                events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                events
+            }
+            Wire::Anthropic => vec![
+                anthropic_event("content_block_stop", &json!({"type": "content_block_stop", "index": 0})),
+                anthropic_event(
+                    "message_delta",
+                    &json!({
+                        "type": "message_delta",
+                        "delta": {"stop_reason": self.finish_reason(), "stop_sequence": null},
+                        "usage": {"output_tokens": completion_tokens},
+                    }),
+                ),
+                anthropic_event("message_stop", &json!({"type": "message_stop"})),
+            ],
+        }
+    }
+
+    fn openai_chunk(&self, choices: Value, usage: Option<Value>) -> Value {
+        let mut chunk = json!({
+            "id": format!("chatcmpl-{}", self.id),
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-        })
+            "choices": choices,
+        });
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        chunk
     }
 }
 
 /// What the stream sends next.
 enum Step {
     Token(usize),
-    Usage,
-    Done,
+    Closing(Vec<Bytes>),
     End,
 }
 
 fn stream_completion(completion: Completion, include_usage: bool) -> Response {
     let completion = Arc::new(completion);
-    let events = futures::stream::unfold(Step::Token(0), move |step| {
+    let opening = futures::stream::iter(completion.opening().into_iter().map(Ok::<_, std::io::Error>));
+    let body = futures::stream::unfold(Step::Token(0), move |step| {
         let completion = completion.clone();
         async move {
-            let (event, next) = match step {
+            match step {
                 Step::Token(index) if index < completion.tokens.len() => {
+                    if completion.knobs.fail_after_tokens.is_some_and(|limit| index >= limit) {
+                        // An error in the body makes the server drop the connection mid-reply.
+                        return Some((Err(std::io::Error::other("fake stream failure")), Step::End));
+                    }
                     let wait = if index == 0 {
                         completion.knobs.time_to_first_token
                     } else {
                         completion.token_interval()
                     };
                     tokio::time::sleep(wait).await;
-                    let delta = if index == 0 {
-                        json!({"role": "assistant", "content": completion.tokens[index]})
-                    } else {
-                        json!({"content": completion.tokens[index]})
-                    };
-                    (sse(&completion.chunk(delta, None)), Step::Token(index + 1))
+                    Some((Ok(completion.token_event(index)), Step::Token(index + 1)))
                 }
                 Step::Token(_) => {
-                    let next = if include_usage { Step::Usage } else { Step::Done };
-                    (sse(&completion.chunk(json!({}), Some(completion.finish_reason))), next)
+                    let mut closing = completion.closing(include_usage);
+                    let first = closing.remove(0);
+                    Some((Ok(first), Step::Closing(closing)))
                 }
-                Step::Usage => {
-                    let chunk = json!({
-                        "id": completion.id,
-                        "object": "chat.completion.chunk",
-                        "created": completion.created,
-                        "model": completion.model,
-                        "choices": [],
-                        "usage": completion.usage(),
-                    });
-                    (sse(&chunk), Step::Done)
+                Step::Closing(mut rest) if !rest.is_empty() => {
+                    let next = rest.remove(0);
+                    Some((Ok(next), Step::Closing(rest)))
                 }
-                Step::Done => (Bytes::from_static(b"data: [DONE]\n\n"), Step::End),
-                Step::End => return None,
-            };
-            Some((Ok::<_, Infallible>(event), next))
+                Step::Closing(_) | Step::End => None,
+            }
         }
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(events))
+        .body(Body::from_stream(opening.chain(body)))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-fn sse(value: &Value) -> Bytes {
+fn openai_event(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
+}
+
+fn anthropic_event(name: &str, value: &Value) -> Bytes {
+    Bytes::from(format!("event: {name}\ndata: {value}\n\n"))
 }
 
 #[cfg(test)]

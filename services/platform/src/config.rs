@@ -116,6 +116,8 @@ pub struct NatsConfig {
     pub job_ack_wait_secs: u64,
     /// Deliveries of one job before it is given up and its message marked failed.
     pub job_max_deliver: i64,
+    /// Size cap of the stream that records replies' events for replay.
+    pub events_max_bytes: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,9 +167,56 @@ pub struct AgentConfig {
     /// Jobs one agent replica runs at once.
     pub concurrency: usize,
     pub connect_timeout_ms: u64,
+    /// Longest a provider may take to send the first token (including connecting).
+    pub time_to_first_token_timeout_ms: u64,
+    /// Longest one provider call may take in all.
     pub request_timeout_secs: u64,
     /// Most tokens a reply may use; also what a budget check reserves for the reply.
     pub max_output_tokens: u32,
+    pub retry: RetryConfig,
+    pub breaker: BreakerConfig,
+}
+
+/// Retries of one provider before the chain moves on: exponential backoff with full jitter, on
+/// retryable failures only, bounded in count and in time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Calls to one provider per job, the first included.
+    pub max_attempts: u32,
+    pub base_delay_ms: u64,
+    pub max_delay_ms: u64,
+    /// No retry starts after this long on one provider.
+    pub max_elapsed_ms: u64,
+}
+
+/// A circuit breaker per provider: open after `failure_threshold` consecutive failures, half-open (one
+/// probe) after `cool_down_secs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    pub failure_threshold: u32,
+    pub cool_down_secs: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            base_delay_ms: 200,
+            max_delay_ms: 5_000,
+            max_elapsed_ms: 15_000,
+        }
+    }
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            cool_down_secs: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -235,6 +284,21 @@ pub struct ProviderConfig {
     /// Name of the environment variable holding the API key, if the provider needs one.
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// More keys, by environment variable name: with several, a key answered 401 or 429 is set aside
+    /// and the next one used.
+    #[serde(default)]
+    pub api_key_envs: Vec<String>,
+}
+
+impl ProviderConfig {
+    /// Every key variable, `api_key_env` first.
+    pub fn key_variables(&self) -> Vec<&str> {
+        self.api_key_env
+            .iter()
+            .chain(self.api_key_envs.iter())
+            .map(String::as_str)
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,6 +306,8 @@ pub struct ProviderConfig {
 pub enum ProviderKind {
     /// Anything speaking the OpenAI Chat Completions API.
     Openai,
+    /// Anthropic's Messages API.
+    Anthropic,
     /// The built-in fake LLM (OpenAI wire format).
     Fake,
 }
@@ -280,6 +346,7 @@ impl Default for NatsConfig {
             prefix: "parley".to_owned(),
             job_ack_wait_secs: 30,
             job_max_deliver: 5,
+            events_max_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -334,8 +401,11 @@ impl Default for AgentConfig {
         Self {
             concurrency: 32,
             connect_timeout_ms: 5_000,
+            time_to_first_token_timeout_ms: 30_000,
             request_timeout_secs: 120,
             max_output_tokens: 1024,
+            retry: RetryConfig::default(),
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -373,6 +443,7 @@ impl Default for Config {
                 kind: ProviderKind::Fake,
                 base_url: String::new(),
                 api_key_env: None,
+                api_key_envs: Vec::new(),
             },
         )]);
         let models = BTreeMap::from([(
@@ -597,6 +668,12 @@ impl Config {
         if self.agent.concurrency == 0 {
             return Err(invalid("agent.concurrency", "must be at least 1"));
         }
+        if self.agent.retry.max_attempts == 0 {
+            return Err(invalid("agent.retry.max_attempts", "must be at least 1"));
+        }
+        if self.agent.breaker.failure_threshold == 0 {
+            return Err(invalid("agent.breaker.failure_threshold", "must be at least 1"));
+        }
         for (field, rate) in [
             ("fake_llm.error_rate", self.fake_llm.error_rate),
             ("fake_llm.rate_limit_rate", self.fake_llm.rate_limit_rate),
@@ -610,7 +687,7 @@ impl Config {
         }
         for (name, provider) in &self.providers {
             // The fake's address may be filled in at start-up; every other provider needs one now.
-            if provider.kind == ProviderKind::Openai || !provider.base_url.is_empty() {
+            if provider.kind != ProviderKind::Fake || !provider.base_url.is_empty() {
                 check_url(
                     &format!("providers.{name}.base_url"),
                     &provider.base_url,

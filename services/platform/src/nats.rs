@@ -32,6 +32,25 @@ impl Names {
         format!("{}.jobs.chat", self.prefix)
     }
 
+    /// Every stream of this deployment (for tests that clean up after themselves).
+    pub fn all_streams(&self) -> [String; 4] {
+        [
+            self.jobs_stream(),
+            self.usage_stream(),
+            self.events_stream(),
+            self.dead_jobs_stream(),
+        ]
+    }
+
+    /// Jobs given up on, kept for inspection and replay.
+    pub fn dead_jobs_stream(&self) -> String {
+        format!("{}_JOBS_DEAD", self.stream_prefix)
+    }
+
+    pub fn dead_jobs_subject(&self) -> String {
+        format!("{}.jobs-dead.chat", self.prefix)
+    }
+
     /// The durable consumer every agent replica pulls from.
     pub fn agent_consumer(&self) -> &'static str {
         "agent"
@@ -69,16 +88,21 @@ impl Names {
 /// reply in its `message.completed` event.
 pub const EVENTS_RETENTION: Duration = Duration::from_secs(3600);
 
-/// The message event stream: in memory (the events are a convenience; the stored message is the
-/// truth), kept an hour, capped in size with the oldest events dropped first.
-pub async fn ensure_events_stream(js: &jetstream::Context, names: &Names) -> Result<stream::Stream, async_nats::Error> {
+/// The message event stream: kept an hour and capped in size (`nats.events_max_bytes`), the oldest
+/// events dropped first. File-backed: JetStream reserves a stream's whole cap up front, and memory is
+/// the scarcer of the two; the events are a convenience anyway (the stored message is the truth).
+pub async fn ensure_events_stream(
+    js: &jetstream::Context,
+    names: &Names,
+    config: &NatsConfig,
+) -> Result<stream::Stream, async_nats::Error> {
     let config = stream::Config {
         name: names.events_stream(),
         subjects: vec![names.all_message_events()],
         retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::Memory,
+        storage: stream::StorageType::File,
         max_age: EVENTS_RETENTION,
-        max_bytes: 512 * 1024 * 1024,
+        max_bytes: config.events_max_bytes,
         discard: stream::DiscardPolicy::Old,
         ..Default::default()
     };
@@ -103,6 +127,22 @@ pub async fn ensure_jobs_stream(js: &jetstream::Context, names: &Names) -> Resul
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    Ok(js.get_or_create_stream(config).await?)
+}
+
+/// The dead-letter stream: jobs an agent gave up on, with the reason in their headers, kept 14 days.
+pub async fn ensure_dead_jobs_stream(
+    js: &jetstream::Context,
+    names: &Names,
+) -> Result<stream::Stream, async_nats::Error> {
+    let config = stream::Config {
+        name: names.dead_jobs_stream(),
+        subjects: vec![names.dead_jobs_subject()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(14 * 24 * 3600),
         ..Default::default()
     };
     Ok(js.get_or_create_stream(config).await?)

@@ -59,7 +59,8 @@ async fn open_source(state: &AppState, message_id: Uuid) -> Option<EventSource> 
         .get_or_try_init(|| {
             let jetstream = jetstream::new(state.nats.clone());
             let names = state.names.clone();
-            async move { parley_platform::nats::ensure_events_stream(&jetstream, &names).await }
+            let config = state.config.nats.clone();
+            async move { parley_platform::nats::ensure_events_stream(&jetstream, &names, &config).await }
         })
         .await;
     let stream = match stream {

@@ -60,6 +60,7 @@ impl TestPlatform {
         config.redis.key_prefix = format!("t{tag}");
         config.http.message_wait_secs = 15;
         config.http.addr = "127.0.0.1:0".to_owned();
+        config.nats.events_max_bytes = 16 * 1024 * 1024;
         config.fake_llm.time_to_first_token_ms = 5;
         config.fake_llm.tokens_per_second = 2000.0;
         tweak(&mut config);
@@ -181,8 +182,9 @@ impl TestPlatform {
         if let Ok(client) = async_nats::connect(&self.config.nats.url).await {
             let jetstream = async_nats::jetstream::new(client);
             let names = parley_platform::nats::Names::new(&self.config.nats.prefix);
-            let _ = jetstream.delete_stream(names.jobs_stream()).await;
-            let _ = jetstream.delete_stream(names.usage_stream()).await;
+            for stream in names.all_streams() {
+                let _ = jetstream.delete_stream(stream).await;
+            }
         }
         let admin = sqlx::PgPool::connect(&format!("{}/postgres", server_url()))
             .await

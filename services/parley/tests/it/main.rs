@@ -11,4 +11,5 @@ mod journey;
 mod openai;
 mod operator;
 mod redelivery;
+mod resilience;
 mod streaming;

@@ -1,0 +1,401 @@
+//! Providers that fail: retries, fail-over along the chain, circuit breakers, key pools, replies that
+//! break off mid-stream, dead-lettered jobs, and the Anthropic wire format.
+
+use std::time::Duration;
+
+use parley::Service;
+use parley_fake_llm::{FakeLlm, Knobs, reply_for};
+use parley_platform::Config;
+use parley_platform::config::{ModelConfig, ModelTarget, ProviderConfig, ProviderKind};
+use reqwest::StatusCode;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{Session, SseReader, TestPlatform, eventually};
+
+/// A fake provider of its own, on an ephemeral port; its base URL.
+async fn spawn_fake(knobs: Knobs) -> (FakeLlm, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let fake = FakeLlm::new(Knobs {
+        time_to_first_token: Duration::from_millis(5),
+        tokens_per_second: 2000.0,
+        ..knobs
+    });
+    tokio::spawn(parley_fake_llm::serve(fake.clone(), listener, CancellationToken::new()));
+    (fake, url)
+}
+
+fn add_provider(config: &mut Config, name: &str, kind: ProviderKind, url: &str, key_envs: &[&str]) {
+    let provider = ProviderConfig {
+        kind,
+        base_url: url.to_owned(),
+        api_key_env: None,
+        api_key_envs: key_envs.iter().map(|name| (*name).to_owned()).collect(),
+    };
+    config.providers.insert(name.to_owned(), provider);
+}
+
+/// A model whose chain is the given providers, in order (each serving "fake-echo").
+fn add_model(config: &mut Config, name: &str, providers: &[&str]) {
+    let chain = providers
+        .iter()
+        .map(|provider| ModelTarget {
+            provider: (*provider).to_owned(),
+            model: "fake-echo".to_owned(),
+        })
+        .collect();
+    config.models.insert(
+        name.to_owned(),
+        ModelConfig {
+            chain,
+            context_window: 8192,
+            input_price_per_mtok: 1.0,
+            output_price_per_mtok: 1.0,
+        },
+    );
+}
+
+async fn ask(t: &TestPlatform, session: &Session, conversation: &str, model: &str, content: &str) -> serde_json::Value {
+    let (status, exchange) = t
+        .post(
+            session,
+            &format!("/v1/conversations/{conversation}/messages"),
+            json!({"content": content, "model": model}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{exchange}");
+    exchange["assistant_message"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_fails_over_on_500_on_429_and_on_a_slow_first_token() {
+    let (failing, failing_url) = spawn_fake(Knobs {
+        error_rate: 1.0,
+        ..Knobs::default()
+    })
+    .await;
+    let (limited, limited_url) = spawn_fake(Knobs {
+        rate_limit_rate: 1.0,
+        retry_after_secs: 1,
+        ..Knobs::default()
+    })
+    .await;
+    let (slow, slow_url) = spawn_fake(Knobs::default()).await;
+    slow.set_knobs(Knobs {
+        time_to_first_token: Duration::from_secs(10),
+        ..slow.knobs()
+    });
+    let t = TestPlatform::start_with(
+        |config| {
+            config.agent.retry.max_attempts = 2;
+            config.agent.retry.base_delay_ms = 10;
+            config.agent.time_to_first_token_timeout_ms = 300;
+            config.agent.breaker.failure_threshold = 100;
+            add_provider(config, "failing", ProviderKind::Openai, &failing_url, &[]);
+            add_provider(config, "limited", ProviderKind::Openai, &limited_url, &[]);
+            add_provider(config, "slow", ProviderKind::Openai, &slow_url, &[]);
+            add_model(config, "after-500", &["failing", "fake"]);
+            add_model(config, "after-429", &["limited", "fake"]);
+            add_model(config, "after-slow", &["slow", "fake"]);
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("failover@example.com").await;
+    let conversation = t.create_conversation(&session, "fail-over").await;
+
+    let reply = ask(&t, &session, &conversation, "after-500", "first").await;
+    assert_eq!(reply["content"], reply_for("first"));
+    assert_eq!(failing.requests(), 2, "a 500 is retried, up to max_attempts");
+
+    let reply = ask(&t, &session, &conversation, "after-429", "second").await;
+    assert_eq!(reply["content"], reply_for("second"));
+    assert_eq!(limited.requests(), 2, "a 429 is retried after its Retry-After");
+
+    let reply = ask(&t, &session, &conversation, "after-slow", "third").await;
+    assert_eq!(reply["content"], reply_for("third"));
+    assert_eq!(
+        slow.requests(),
+        2,
+        "a missed first-token deadline is retried, then the chain moves on"
+    );
+
+    assert_eq!(t.fake.requests(), 3, "the fallback answered each time");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_after_failures_and_half_opens_after_its_cool_down() {
+    let (flaky, flaky_url) = spawn_fake(Knobs {
+        error_rate: 1.0,
+        ..Knobs::default()
+    })
+    .await;
+    let t = TestPlatform::start_with(
+        |config| {
+            config.agent.retry.max_attempts = 1;
+            config.agent.breaker.failure_threshold = 2;
+            config.agent.breaker.cool_down_secs = 1;
+            add_provider(config, "flaky", ProviderKind::Openai, &flaky_url, &[]);
+            add_model(config, "guarded", &["flaky", "fake"]);
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("breaker@example.com").await;
+    let conversation = t.create_conversation(&session, "breaker").await;
+
+    ask(&t, &session, &conversation, "guarded", "one").await;
+    ask(&t, &session, &conversation, "guarded", "two").await;
+    assert_eq!(flaky.requests(), 2);
+    // Open: the third reply does not even try the failing provider.
+    let reply = ask(&t, &session, &conversation, "guarded", "three").await;
+    assert_eq!(reply["content"], reply_for("three"));
+    assert_eq!(flaky.requests(), 2);
+    let metrics = t
+        .http
+        .get(t.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("parley_llm_breaker_state{provider=\"flaky\"} 2"),
+        "{metrics}"
+    );
+
+    // The provider recovers; after the cool-down a probe goes through and closes the circuit.
+    flaky.set_knobs(Knobs {
+        error_rate: 0.0,
+        ..flaky.knobs()
+    });
+    let mut asked = 3;
+    eventually("the breaker to let a probe through", Duration::from_secs(10), || {
+        asked += 1;
+        let content = format!("probe {asked}");
+        let (t, session, conversation, flaky) = (&t, &session, &conversation, &flaky);
+        async move {
+            ask(t, session, conversation, "guarded", &content).await;
+            (flaky.requests() > 2).then_some(())
+        }
+    })
+    .await;
+    let fallback_calls = t.fake.requests();
+    ask(&t, &session, &conversation, "guarded", "closed again").await;
+    assert_eq!(
+        t.fake.requests(),
+        fallback_calls,
+        "a closed circuit sends calls to the primary again"
+    );
+    let metrics = t
+        .http
+        .get(t.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("parley_llm_breaker_state{provider=\"flaky\"} 0"),
+        "{metrics}"
+    );
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(unsafe_code)]
+async fn a_rejected_key_gives_way_to_the_next_and_a_failing_key_is_benched() {
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let (bad_var, good_var) = (
+        format!("PARLEY_TEST_BAD_KEY_{tag}"),
+        format!("PARLEY_TEST_GOOD_KEY_{tag}"),
+    );
+    // SAFETY: the variables' names are unique to this test, and they are set before any thread reads them.
+    unsafe {
+        std::env::set_var(&bad_var, "revoked-key");
+        std::env::set_var(&good_var, "good-key");
+    }
+    let (keyed, keyed_url) = spawn_fake(Knobs {
+        required_api_key: Some("good-key".to_owned()),
+        ..Knobs::default()
+    })
+    .await;
+    let t = TestPlatform::start_with(
+        |config| {
+            add_provider(
+                config,
+                "keyed",
+                ProviderKind::Openai,
+                &keyed_url,
+                &[bad_var.as_str(), good_var.as_str()],
+            );
+            add_model(config, "keyed-model", &["keyed"]);
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("keys@example.com").await;
+    let conversation = t.create_conversation(&session, "keys").await;
+    // Keys are used in turn: each of the first three replies tries the revoked key, gets 401 and
+    // moves straight to the good one. After three rejections the revoked key is benched, so the fourth
+    // reply uses only the good key.
+    for round in 1..=4 {
+        let reply = ask(&t, &session, &conversation, "keyed-model", &format!("round {round}")).await;
+        assert_eq!(reply["content"], reply_for(&format!("round {round}")));
+    }
+    assert_eq!(keyed.requests(), 3 * 2 + 1);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_breaks_off_mid_stream_fails_keeping_what_was_said() {
+    let (backup, backup_url) = spawn_fake(Knobs::default()).await;
+    let t = TestPlatform::start_with(
+        |config| {
+            add_provider(config, "backup", ProviderKind::Openai, &backup_url, &[]);
+            add_model(config, "breaks", &["fake", "backup"]);
+        },
+        &Service::ALL,
+    )
+    .await;
+    t.fake.set_knobs(Knobs {
+        fail_after_tokens: Some(3),
+        ..t.fake.knobs()
+    });
+    let session = t.register("midstream@example.com").await;
+    let conversation = t.create_conversation(&session, "mid-stream").await;
+    let response = t
+        .http
+        .post(t.url(&format!("/v1/conversations/{conversation}/messages")))
+        .bearer_auth(&session.token)
+        .header("accept", "text/event-stream")
+        .json(&json!({"content": "break please", "model": "breaks"}))
+        .send()
+        .await
+        .unwrap();
+    let mut reader = SseReader::new(response);
+    let mut streamed = String::new();
+    let last = loop {
+        let event = reader.next().await.unwrap();
+        match event.event.as_str() {
+            "message.created" => {}
+            "message.delta" => streamed.push_str(event.data["text"].as_str().unwrap()),
+            _ => break event,
+        }
+    };
+    assert_eq!(last.event, "message.failed", "{last:?}");
+    assert_eq!(last.data["code"], "upstream_unavailable");
+    // The fake breaks off after three tokens; what reached the agent before the break is a prefix.
+    let whole = reply_for("break please");
+    let at_most: String = parley_fake_llm::tokens_of(&whole)[..3].concat();
+    assert!(!streamed.is_empty() && at_most.starts_with(&streamed), "{streamed:?}");
+    let expected = streamed.clone();
+    let (_, stored) = t
+        .get(
+            &session,
+            &format!("/v1/messages/{}", last.data["message_id"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(stored["status"], "failed");
+    assert_eq!(stored["content"], expected, "what was generated is kept");
+    assert_eq!(stored["error"]["code"], "upstream_unavailable");
+    assert_eq!(
+        backup.requests(),
+        0,
+        "no fail-over once the client has seen part of a reply"
+    );
+    t.stop().await;
+}
+
+async fn dead_jobs(t: &TestPlatform) -> u64 {
+    let client = async_nats::connect(&t.config.nats.url).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let names = parley_platform::nats::Names::new(&t.config.nats.prefix);
+    match jetstream.get_stream(names.dead_jobs_stream()).await {
+        Ok(mut stream) => stream.info().await.unwrap().state.messages,
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_keeps_failing_ends_failed_and_dead_lettered() {
+    let t = TestPlatform::start_with(
+        |config| {
+            config.nats.job_max_deliver = 2;
+            config.agent.retry.max_attempts = 1;
+            config.http.message_wait_secs = 1;
+            config.fake_llm.error_rate = 1.0;
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("poison@example.com").await;
+    let conversation = t.create_conversation(&session, "poison").await;
+    let (status, exchange) = t
+        .post(
+            &session,
+            &format!("/v1/conversations/{conversation}/messages"),
+            json!({"content": "never answered"}),
+        )
+        .await;
+    assert!(status == StatusCode::OK || status == StatusCode::ACCEPTED, "{exchange}");
+    let reply_id = exchange["assistant_message"]["id"].as_str().unwrap().to_owned();
+    let failed = eventually("the message to end failed", Duration::from_secs(20), || async {
+        let (_, message) = t.get(&session, &format!("/v1/messages/{reply_id}")).await;
+        (message["status"] == "failed").then_some(message)
+    })
+    .await;
+    assert_eq!(failed["error"]["code"], "upstream_unavailable");
+    assert_eq!(t.fake.requests(), 2, "one call per delivery, two deliveries");
+    eventually("the job in the dead-letter stream", Duration::from_secs(10), || async {
+        (dead_jobs(&t).await == 1).then_some(())
+    })
+    .await;
+
+    // A job that cannot even be read goes straight to the dead-letter stream.
+    let client = async_nats::connect(&t.config.nats.url).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let names = parley_platform::nats::Names::new(&t.config.nats.prefix);
+    jetstream
+        .publish(names.jobs_subject(), "{not a job".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    eventually(
+        "the poison job in the dead-letter stream",
+        Duration::from_secs(10),
+        || async { (dead_jobs(&t).await == 2).then_some(()) },
+    )
+    .await;
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anthropic_provider_streams_replies_too() {
+    let (anthropic, anthropic_url) = spawn_fake(Knobs::default()).await;
+    let t = TestPlatform::start_with(
+        |config| {
+            add_provider(config, "anthropic", ProviderKind::Anthropic, &anthropic_url, &[]);
+            add_model(config, "claude-fake", &["anthropic"]);
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("anthropic@example.com").await;
+    let conversation = t.create_conversation(&session, "anthropic").await;
+    let reply = ask(&t, &session, &conversation, "claude-fake", "hello claude").await;
+    assert_eq!(reply["content"], reply_for("hello claude"));
+    assert!(reply["usage"]["input_tokens"].as_i64().unwrap() > 0);
+    assert_eq!(
+        reply["usage"]["output_tokens"],
+        parley_fake_llm::tokens_of(&reply_for("hello claude")).len()
+    );
+    assert_eq!(anthropic.requests(), 1);
+    assert_eq!(t.fake.requests(), 0);
+    t.stop().await;
+}
