@@ -12,9 +12,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let file_descriptors = protox::compile(PROTOS, ["."])?;
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .compile_fds(file_descriptors)?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(file_descriptors)?;
     Ok(())
 }

@@ -19,10 +19,7 @@ pub fn build_prompt(
     let mut budget = context_window.saturating_sub(reserved_for_reply);
     let system = system_prompt
         .filter(|prompt| !prompt.trim().is_empty())
-        .map(|prompt| PromptMessage {
-            role: "system".to_owned(),
-            content: prompt.to_owned(),
-        });
+        .map(|prompt| PromptMessage { role: "system".to_owned(), content: prompt.to_owned() });
     if let Some(system) = &system {
         budget = budget.saturating_sub(estimate_tokens(&system.content));
     }
@@ -34,10 +31,7 @@ pub fn build_prompt(
             break;
         }
         budget = budget.saturating_sub(cost);
-        kept.push(PromptMessage {
-            role: message.role.clone(),
-            content: message.content.clone(),
-        });
+        kept.push(PromptMessage { role: message.role.clone(), content: message.content.clone() });
     }
     kept.reverse();
     system.into_iter().chain(kept).collect()
@@ -48,11 +42,7 @@ mod tests {
     use super::*;
 
     fn message(role: &str, content: &str) -> pb::Message {
-        pb::Message {
-            role: role.to_owned(),
-            content: content.to_owned(),
-            ..Default::default()
-        }
+        pb::Message { role: role.to_owned(), content: content.to_owned(), ..Default::default() }
     }
 
     #[test]
@@ -65,10 +55,7 @@ mod tests {
         let prompt = build_prompt(Some("be brief"), &history, 200, 100);
         assert_eq!(prompt[0].role, "system");
         assert_eq!(prompt.last().map(|m| m.content.as_str()), Some("newest question"));
-        assert!(
-            prompt.iter().all(|m| !m.content.starts_with("old ")),
-            "the oldest message does not fit"
-        );
+        assert!(prompt.iter().all(|m| !m.content.starts_with("old ")), "the oldest message does not fit");
     }
 
     #[test]

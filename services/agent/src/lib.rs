@@ -6,6 +6,7 @@
 //! It owns no data. It must never acknowledge a job before its outcome is stored: an agent that dies
 //! mid-job leaves the job to be redelivered and finished by another.
 
+mod cache;
 mod context;
 pub mod provider;
 mod resilience;
@@ -55,10 +56,7 @@ pub fn build_providers(config: &Config) -> Result<BTreeMap<String, ProviderHandl
     let mut providers = BTreeMap::new();
     for (name, provider_config) in &config.providers {
         let variables = provider_config.key_variables();
-        let keys: Vec<String> = variables
-            .iter()
-            .filter_map(|variable| std::env::var(variable).ok())
-            .collect();
+        let keys: Vec<String> = variables.iter().filter_map(|variable| std::env::var(variable).ok()).collect();
         if !variables.is_empty() && keys.is_empty() {
             tracing::error!(provider = %name, ?variables, "provider left out: none of its API key variables is set");
             continue;
@@ -81,12 +79,28 @@ pub fn build_providers(config: &Config) -> Result<BTreeMap<String, ProviderHandl
 /// Runs the agent until `shutdown` is cancelled; jobs in flight then are handed back to JetStream.
 pub async fn run(
     config: Arc<Config>,
+    providers: Arc<BTreeMap<String, ProviderHandle>>,
     nats: async_nats::Client,
+    redis: Option<redis::aio::ConnectionManager>,
     chat: ChatServiceClient<ClientChannel>,
     quota: QuotaServiceClient<ClientChannel>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let providers = build_providers(&config)?;
-    Agent::new(config, nats, chat, quota, providers).run(shutdown).await;
+    Agent::new(config, nats, chat, quota, providers, redis).run(shutdown).await;
     Ok(())
+}
+
+impl From<&provider::Completion> for cache::CachedReply {
+    fn from(completion: &provider::Completion) -> Self {
+        cache::CachedReply {
+            content: completion.content.clone(),
+            input_tokens: completion.input_tokens,
+            output_tokens: completion.output_tokens,
+        }
+    }
+}
+
+/// The state of every provider's circuit breaker, for readiness reports.
+pub fn breaker_states(providers: &BTreeMap<String, ProviderHandle>) -> BTreeMap<String, &'static str> {
+    providers.iter().map(|(name, handle)| (name.clone(), handle.breaker.state().as_str())).collect()
 }

@@ -28,11 +28,7 @@ pub struct Completion {
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     #[error("provider answered HTTP {status}: {message}")]
-    Status {
-        status: u16,
-        message: String,
-        retry_after: Option<Duration>,
-    },
+    Status { status: u16, message: String, retry_after: Option<Duration> },
     #[error("could not reach the provider: {0}")]
     Transport(String),
     #[error("no first token within {0:?}")]
@@ -167,10 +163,7 @@ impl HttpProvider {
                     "stream_options": {"include_usage": true},
                     "max_tokens": max_tokens,
                 });
-                let request = self
-                    .http
-                    .post(format!("{}/chat/completions", self.base_url))
-                    .json(&body);
+                let request = self.http.post(format!("{}/chat/completions", self.base_url)).json(&body);
                 match key {
                     Some(key) => request.bearer_auth(key),
                     None => request,
@@ -206,10 +199,7 @@ impl HttpProvider {
         let started = Instant::now();
         let first_token_deadline = tokio::time::Instant::now() + self.timeouts.first_token;
         let first_token_timeout = ProviderError::FirstTokenTimeout(self.timeouts.first_token);
-        let sent = tokio::time::timeout_at(
-            first_token_deadline,
-            self.request(key, model, messages, max_tokens).send(),
-        );
+        let sent = tokio::time::timeout_at(first_token_deadline, self.request(key, model, messages, max_tokens).send());
         let response = match sent.await {
             Ok(response) => response.map_err(|error| ProviderError::Transport(without_url(&error)))?,
             Err(_) => return Err(first_token_timeout),
@@ -223,11 +213,7 @@ impl HttpProvider {
                 .and_then(|value| value.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
             let text = response.text().await.unwrap_or_default();
-            return Err(ProviderError::Status {
-                status: status.as_u16(),
-                message: error_message(&text),
-                retry_after,
-            });
+            return Err(ProviderError::Status { status: status.as_u16(), message: error_message(&text), retry_after });
         }
         let mut state = StreamState::default();
         let mut buffer = Vec::<u8>::new();
@@ -247,11 +233,7 @@ impl HttpProvider {
             let chunk = chunk.map_err(|error| ProviderError::Transport(without_url(&error)))?;
             buffer.extend_from_slice(&chunk);
             while let Some(event) = take_event(&mut buffer) {
-                for data in event
-                    .lines()
-                    .filter_map(|line| line.strip_prefix("data:"))
-                    .map(str::trim)
-                {
+                for data in event.lines().filter_map(|line| line.strip_prefix("data:")).map(str::trim) {
                     if data == "[DONE]" || data.is_empty() {
                         continue;
                     }
@@ -273,17 +255,10 @@ impl HttpProvider {
             return Err(ProviderError::Stream("the stream ended before message_stop".to_owned()));
         }
         // Providers that do not report usage get an estimate of about four characters a token.
-        let estimated_input = || {
-            messages
-                .iter()
-                .map(|message| message.content.chars().count())
-                .sum::<usize>()
-                .div_ceil(4) as i64
-        };
+        let estimated_input =
+            || messages.iter().map(|message| message.content.chars().count()).sum::<usize>().div_ceil(4) as i64;
         let input_tokens = state.input_tokens.unwrap_or_else(estimated_input);
-        let output_tokens = state
-            .output_tokens
-            .unwrap_or_else(|| state.content.chars().count().div_ceil(4) as i64);
+        let output_tokens = state.output_tokens.unwrap_or_else(|| state.content.chars().count().div_ceil(4) as i64);
         Ok(Completion {
             content: state.content,
             input_tokens,
@@ -306,11 +281,7 @@ impl StreamState {
     fn read_openai<'v>(&mut self, value: &'v Value) -> Result<Option<&'v str>, ProviderError> {
         if let Some(error) = value.get("error") {
             return Err(ProviderError::Stream(
-                error
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("error")
-                    .to_owned(),
+                error.get("message").and_then(Value::as_str).unwrap_or("error").to_owned(),
             ));
         }
         if let Some(usage) = value.get("usage").filter(|usage| !usage.is_null()) {
@@ -338,10 +309,7 @@ impl StreamState {
                 Ok(None)
             }
             Some("error") => {
-                let message = value
-                    .pointer("/error/message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("error");
+                let message = value.pointer("/error/message").and_then(Value::as_str).unwrap_or("error");
                 Err(ProviderError::Stream(message.to_owned()))
             }
             _ => Ok(None),
@@ -372,10 +340,7 @@ fn anthropic_messages(messages: &[PromptMessage]) -> (String, Vec<Value>) {
     if turns.first().is_some_and(|(role, _)| role == "assistant") {
         turns.insert(0, ("user".to_owned(), "(conversation continues)".to_owned()));
     }
-    let turns = turns
-        .into_iter()
-        .map(|(role, content)| json!({"role": role, "content": content}))
-        .collect();
+    let turns = turns.into_iter().map(|(role, content)| json!({"role": role, "content": content})).collect();
     (system.join("\n\n"), turns)
 }
 
@@ -390,12 +355,7 @@ fn take_event(buffer: &mut Vec<u8>) -> Option<String> {
 fn error_message(body: &str) -> String {
     serde_json::from_str::<Value>(body)
         .ok()
-        .and_then(|value| {
-            value
-                .pointer("/error/message")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
+        .and_then(|value| value.pointer("/error/message").and_then(Value::as_str).map(str::to_owned))
         .unwrap_or_else(|| body.chars().take(200).collect())
 }
 
@@ -423,11 +383,7 @@ mod tests {
 
     #[test]
     fn retryable_failures_are_transient_ones() {
-        let status = |status| ProviderError::Status {
-            status,
-            message: String::new(),
-            retry_after: None,
-        };
+        let status = |status| ProviderError::Status { status, message: String::new(), retry_after: None };
         assert!(status(429).is_retryable());
         assert!(status(503).is_retryable());
         assert!(status(401).is_retryable(), "another key may work");
@@ -441,19 +397,13 @@ mod tests {
     #[test]
     fn error_messages_come_from_the_provider_shapes() {
         assert_eq!(error_message(r#"{"error":{"message":"bad model"}}"#), "bad model");
-        assert_eq!(
-            error_message(r#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#),
-            "busy"
-        );
+        assert_eq!(error_message(r#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#), "busy");
         assert_eq!(error_message("plain text"), "plain text");
     }
 
     #[test]
     fn anthropic_turns_alternate_and_the_system_prompt_is_apart() {
-        let message = |role: &str, content: &str| PromptMessage {
-            role: role.into(),
-            content: content.into(),
-        };
+        let message = |role: &str, content: &str| PromptMessage { role: role.into(), content: content.into() };
         let (system, turns) = anthropic_messages(&[
             message("system", "be brief"),
             message("assistant", "hello"),
@@ -477,10 +427,7 @@ mod tests {
         let end = json!({"type": "message_delta", "usage": {"output_tokens": 3}});
         state.read_anthropic(&end).unwrap();
         state.read_anthropic(&json!({"type": "message_stop"})).unwrap();
-        assert_eq!(
-            (state.input_tokens, state.output_tokens, state.finished),
-            (Some(12), Some(3), true)
-        );
+        assert_eq!((state.input_tokens, state.output_tokens, state.finished), (Some(12), Some(3), true));
         let error = json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
         assert!(state.read_anthropic(&error).is_err());
     }

@@ -84,9 +84,8 @@ impl Breaker {
         match inner.state {
             BreakerState::Closed => true,
             BreakerState::Open => {
-                let cooled = inner
-                    .opened_at
-                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(self.config.cool_down_secs));
+                let cooled =
+                    inner.opened_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(self.config.cool_down_secs));
                 if cooled {
                     inner.state = BreakerState::HalfOpen;
                     inner.probe_in_flight = true;
@@ -175,17 +174,9 @@ impl KeyPool {
     pub fn new(provider: &str, secrets: Vec<String>) -> Self {
         let keys = secrets
             .into_iter()
-            .map(|secret| PooledKey {
-                secret,
-                consecutive_failures: 0,
-                benched_until: None,
-            })
+            .map(|secret| PooledKey { secret, consecutive_failures: 0, benched_until: None })
             .collect();
-        Self {
-            provider: provider.to_owned(),
-            keys: Mutex::new(keys),
-            next: AtomicUsize::new(0),
-        }
+        Self { provider: provider.to_owned(), keys: Mutex::new(keys), next: AtomicUsize::new(0) }
     }
 
     pub fn len(&self) -> usize {
@@ -203,11 +194,8 @@ impl KeyPool {
         let available = (0..keys.len())
             .map(|offset| (start + offset) % keys.len())
             .find(|&index| keys[index].benched_until.is_none_or(|until| until <= now));
-        let index = available.unwrap_or_else(|| {
-            (0..keys.len())
-                .min_by_key(|&index| keys[index].benched_until)
-                .unwrap_or(0)
-        });
+        let index =
+            available.unwrap_or_else(|| (0..keys.len()).min_by_key(|&index| keys[index].benched_until).unwrap_or(0));
         Some((index, keys[index].secret.clone()))
     }
 
@@ -240,10 +228,8 @@ pub fn backoff(config: &RetryConfig, attempt: u32, retry_after: Option<Duration>
     if let Some(asked) = retry_after {
         return asked.min(Duration::from_millis(config.max_delay_ms));
     }
-    let ceiling = config
-        .base_delay_ms
-        .saturating_mul(1u64 << attempt.saturating_sub(1).min(20))
-        .min(config.max_delay_ms);
+    let ceiling =
+        config.base_delay_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(20)).min(config.max_delay_ms);
     Duration::from_millis(random_below(ceiling + 1))
 }
 
@@ -261,13 +247,7 @@ mod tests {
 
     #[test]
     fn the_breaker_opens_after_the_threshold_and_half_opens_after_the_cool_down() {
-        let breaker = Breaker::new(
-            "p",
-            BreakerConfig {
-                failure_threshold: 2,
-                cool_down_secs: 0,
-            },
-        );
+        let breaker = Breaker::new("p", BreakerConfig { failure_threshold: 2, cool_down_secs: 0 });
         assert!(breaker.allow());
         breaker.record_failure();
         assert_eq!(breaker.state(), BreakerState::Closed);
@@ -288,13 +268,7 @@ mod tests {
 
     #[test]
     fn an_open_breaker_refuses_calls_during_its_cool_down() {
-        let breaker = Breaker::new(
-            "p",
-            BreakerConfig {
-                failure_threshold: 1,
-                cool_down_secs: 3600,
-            },
-        );
+        let breaker = Breaker::new("p", BreakerConfig { failure_threshold: 1, cool_down_secs: 3600 });
         breaker.record_failure();
         assert!(!breaker.allow());
         assert_eq!(breaker.state(), BreakerState::Open);
@@ -320,25 +294,14 @@ mod tests {
 
     #[test]
     fn backoff_is_jittered_below_a_growing_ceiling_and_honours_retry_after() {
-        let config = RetryConfig {
-            max_attempts: 5,
-            base_delay_ms: 100,
-            max_delay_ms: 1000,
-            max_elapsed_ms: 10_000,
-        };
+        let config = RetryConfig { max_attempts: 5, base_delay_ms: 100, max_delay_ms: 1000, max_elapsed_ms: 10_000 };
         for attempt in 1..=6 {
             let ceiling = (100u64 << (attempt - 1)).min(1000);
             for _ in 0..50 {
                 assert!(backoff(&config, attempt, None) <= Duration::from_millis(ceiling));
             }
         }
-        assert_eq!(
-            backoff(&config, 1, Some(Duration::from_millis(700))),
-            Duration::from_millis(700)
-        );
-        assert_eq!(
-            backoff(&config, 1, Some(Duration::from_secs(60))),
-            Duration::from_millis(1000)
-        );
+        assert_eq!(backoff(&config, 1, Some(Duration::from_millis(700))), Duration::from_millis(700));
+        assert_eq!(backoff(&config, 1, Some(Duration::from_secs(60))), Duration::from_millis(1000));
     }
 }

@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::AgentError;
 use crate::ProviderHandle;
+use crate::cache::{CachedReply, ResponseCache};
 use crate::context::build_prompt;
 use crate::provider::{Completion, ProviderError};
 use crate::resilience::{KeyOutcome, backoff};
@@ -46,6 +47,7 @@ pub struct Agent {
     quota: QuotaServiceClient<ClientChannel>,
     providers: Arc<BTreeMap<String, ProviderHandle>>,
     events: Arc<tokio::sync::OnceCell<jetstream::stream::Stream>>,
+    cache: Arc<ResponseCache>,
 }
 
 /// A failed model call, with the text that had already been streamed to clients.
@@ -59,6 +61,7 @@ struct Answer {
     completion: Completion,
     provider: String,
     elapsed: Duration,
+    cache_hit: bool,
 }
 
 impl Agent {
@@ -67,10 +70,12 @@ impl Agent {
         nats: async_nats::Client,
         chat: ChatServiceClient<ClientChannel>,
         quota: QuotaServiceClient<ClientChannel>,
-        providers: BTreeMap<String, ProviderHandle>,
+        providers: Arc<BTreeMap<String, ProviderHandle>>,
+        redis: Option<redis::aio::ConnectionManager>,
     ) -> Self {
         let names = Names::new(&config.nats.prefix);
         let jetstream = jetstream::new(nats.clone());
+        let cache = Arc::new(ResponseCache::new(&config.agent.cache, redis, &config.redis.key_prefix));
         Self {
             config,
             nats,
@@ -78,8 +83,9 @@ impl Agent {
             names,
             chat,
             quota,
-            providers: Arc::new(providers),
+            providers,
             events: Arc::new(tokio::sync::OnceCell::new()),
+            cache,
         }
     }
 
@@ -153,11 +159,7 @@ impl Agent {
             Ok(job) => job,
             Err(error) => {
                 tracing::error!(%error, "a malformed job goes to the dead-letter stream");
-                if self
-                    .dead_letter(&message.payload, &format!("malformed job: {error}"))
-                    .await
-                    .is_ok()
-                {
+                if self.dead_letter(&message.payload, &format!("malformed job: {error}")).await.is_ok() {
                     let _ignored = message.ack_with(AckKind::Term).await;
                 }
                 return;
@@ -209,10 +211,7 @@ impl Agent {
 
     async fn run_job(&self, job: &AiJob, delivered: i64) -> Outcome {
         let retry = Outcome::Retry(retry_delay(delivered));
-        let request = chat_pb::GetJobContextRequest {
-            message_id: job.message_id.to_string(),
-            history_limit: 0,
-        };
+        let request = chat_pb::GetJobContextRequest { message_id: job.message_id.to_string(), history_limit: 0 };
         let context = match self.chat.clone().get_job_context(request).await {
             Ok(response) => response.into_inner(),
             Err(status) => {
@@ -225,11 +224,7 @@ impl Agent {
                 return retry;
             }
         };
-        let status = context
-            .assistant_message
-            .as_ref()
-            .map(|m| m.status.as_str())
-            .unwrap_or_default();
+        let status = context.assistant_message.as_ref().map(|m| m.status.as_str()).unwrap_or_default();
         match status {
             "completed" => {
                 tracing::info!("reply already stored (redelivered job); finishing its accounting");
@@ -241,25 +236,16 @@ impl Agent {
                     output_tokens: usage.output_tokens,
                     time_to_first_token: None,
                 };
-                let answer = Answer {
-                    completion,
-                    provider: "unknown".to_owned(),
-                    elapsed: Duration::ZERO,
-                };
-                return self
-                    .account(job, &context.model, &answer)
-                    .await
-                    .map_or(retry, |()| Outcome::Done);
+                let answer =
+                    Answer { completion, provider: "unknown".to_owned(), cache_hit: false, elapsed: Duration::ZERO };
+                return self.account(job, &context.model, &answer).await.map_or(retry, |()| Outcome::Done);
             }
             "failed" => return Outcome::Done,
             _ => {}
         }
         let Some(model) = self.config.models.get(&context.model) else {
             let detail = format!("model {:?} is not configured", context.model);
-            return self
-                .fail(job, "invalid_request", &detail, None)
-                .await
-                .map_or(retry, |()| Outcome::Done);
+            return self.fail(job, "invalid_request", &detail, None).await.map_or(retry, |()| Outcome::Done);
         };
         let prompt = build_prompt(
             context.system_prompt.as_deref(),
@@ -267,14 +253,50 @@ impl Agent {
             model.context_window,
             self.config.agent.max_output_tokens,
         );
-        match self.call_chain(job, &context.model, &prompt).await {
-            Ok(answer) => match self.store(job, &context.model, &answer).await {
-                Ok(()) => Outcome::Done,
-                Err(error) => {
-                    tracing::warn!(%error, "could not store the reply; retrying the job");
-                    retry
+        let answering_model = self.route(&context.model, model, &prompt);
+        let max_tokens = self.config.agent.max_output_tokens;
+        let cache_key = crate::cache::key(&context.model, &prompt, max_tokens);
+        let cache_on = self.config.agent.cache.enabled;
+        let cacheable = cache_on && job.is_cacheable();
+        if cacheable
+            && job.cache.read
+            && let Some(hit) = self.cache.get(&cache_key).await
+        {
+            return self.answer_from_cache(job, &answering_model, hit, "hit").await.map_or(retry, |()| Outcome::Done);
+        }
+        let outcome = if cacheable {
+            let call = || async {
+                let result = self.call_chain(job, &answering_model, &prompt).await;
+                let reply = result.as_ref().ok().map(|answer| CachedReply::from(&answer.completion));
+                (result, reply)
+            };
+            match self.cache.coalesce(&cache_key, call).await {
+                Ok(result) => result,
+                Err(Some(shared)) => {
+                    return self
+                        .answer_from_cache(job, &answering_model, shared, "coalesced")
+                        .await
+                        .map_or(retry, |()| Outcome::Done);
                 }
-            },
+                Err(None) => self.call_chain(job, &answering_model, &prompt).await,
+            }
+        } else {
+            metrics::counter!("parley_llm_cache_requests_total", "outcome" => "not_cacheable").increment(1);
+            self.call_chain(job, &answering_model, &prompt).await
+        };
+        match outcome {
+            Ok(answer) => {
+                if cacheable && job.cache.write {
+                    self.cache.put(&cache_key, &CachedReply::from(&answer.completion)).await;
+                }
+                match self.store(job, &answering_model, &answer).await {
+                    Ok(()) => Outcome::Done,
+                    Err(error) => {
+                        tracing::warn!(%error, "could not store the reply; retrying the job");
+                        retry
+                    }
+                }
+            }
             // Clients have already seen part of a reply: another attempt would contradict it, so the
             // message ends failed, keeping what was generated.
             Err(Failure { error, streamed }) if !streamed.is_empty() => {
@@ -284,11 +306,23 @@ impl Agent {
                     .await
                     .map_or(retry, |()| Outcome::Done)
             }
-            Err(Failure { error, .. }) if error.is_retryable() && delivered < self.config.nats.job_max_deliver => {
-                tracing::warn!(%error, "every provider failed; the job will be retried");
-                retry
-            }
             Err(Failure { error, .. }) => {
+                // Fail-open: with every provider down, a cached answer to the same prompt beats none,
+                // whatever the temperature, unless the client forbade caching (no-store).
+                if cache_on
+                    && job.cache.write
+                    && let Some(stale) = self.cache.get(&cache_key).await
+                {
+                    tracing::warn!(%error, "every provider failed; answering from the cache");
+                    return self
+                        .answer_from_cache(job, &answering_model, stale, "fail_open")
+                        .await
+                        .map_or(retry, |()| Outcome::Done);
+                }
+                if error.is_retryable() && delivered < self.config.nats.job_max_deliver {
+                    tracing::warn!(%error, "every provider failed; the job will be retried");
+                    return retry;
+                }
                 tracing::warn!(%error, "giving up on the job");
                 let detail = format!("the model could not answer: {error}");
                 self.fail(job, ErrorCode::UpstreamUnavailable.as_str(), &detail, None)
@@ -296,6 +330,51 @@ impl Agent {
                     .map_or(retry, |()| Outcome::Done)
             }
         }
+    }
+
+    /// The model that answers: the requested one, or its router's cheaper model for a simple request.
+    fn route(
+        &self,
+        requested: &str,
+        model: &parley_platform::config::ModelConfig,
+        prompt: &[crate::provider::PromptMessage],
+    ) -> String {
+        let Some(router) = &model.router else {
+            return requested.to_owned();
+        };
+        let chars: usize = prompt.iter().map(|message| message.content.chars().count()).sum();
+        let messages = prompt.iter().filter(|message| message.role != "system").count();
+        if chars <= router.max_prompt_chars && messages <= router.max_messages {
+            metrics::counter!("parley_llm_routed_total", "from" => requested.to_owned(), "to" => router.model.clone())
+                .increment(1);
+            tracing::debug!(from = requested, to = %router.model, "simple request routed to the cheaper model");
+            return router.model.clone();
+        }
+        requested.to_owned()
+    }
+
+    /// Answers a job with a cached reply: one delta with the whole text, then the usual storing and
+    /// accounting (no tokens are charged for a reply nobody generated).
+    async fn answer_from_cache(
+        &self,
+        job: &AiJob,
+        model: &str,
+        reply: CachedReply,
+        how: &'static str,
+    ) -> Result<(), AgentError> {
+        metrics::counter!("parley_llm_cache_requests_total", "outcome" => how).increment(1);
+        let index = self.next_delta_index(job.message_id).await;
+        let subject = self.names.message_events_subject(job.message_id);
+        let delta = MessageEvent::Delta { message_id: job.message_id, index, text: reply.content.clone() };
+        self.publish_event(&subject, &delta).await;
+        let completion = Completion {
+            content: reply.content,
+            input_tokens: reply.input_tokens,
+            output_tokens: reply.output_tokens,
+            time_to_first_token: None,
+        };
+        let answer = Answer { completion, provider: "cache".to_owned(), elapsed: Duration::ZERO, cache_hit: true };
+        self.store(job, model, &answer).await
     }
 
     /// Tries each provider/model pair of the model's chain in order, retrying each on retryable failures
@@ -306,22 +385,14 @@ impl Agent {
         model_name: &str,
         prompt: &[crate::provider::PromptMessage],
     ) -> Result<Answer, Failure> {
-        let chain = self
-            .config
-            .models
-            .get(model_name)
-            .map(|model| model.chain.as_slice())
-            .unwrap_or_default();
+        let chain = self.config.models.get(model_name).map(|model| model.chain.as_slice()).unwrap_or_default();
         let mut last_error = ProviderError::Misconfigured(format!("model {model_name} has no usable provider"));
         let mut delta_index = self.next_delta_index(job.message_id).await;
         for target in chain {
             let Some(provider) = self.providers.get(&target.provider) else {
                 continue;
             };
-            match self
-                .call_with_retries(provider, &target.model, prompt, job.message_id, &mut delta_index)
-                .await
-            {
+            match self.call_with_retries(provider, &target.model, prompt, job.message_id, &mut delta_index).await {
                 Ok(answer) => return Ok(answer),
                 Err(failure) if !failure.streamed.is_empty() => return Err(failure),
                 Err(Failure { error, .. }) => {
@@ -333,10 +404,7 @@ impl Agent {
                 }
             }
         }
-        Err(Failure {
-            error: last_error,
-            streamed: String::new(),
-        })
+        Err(Failure { error: last_error, streamed: String::new() })
     }
 
     /// Calls one provider, retrying retryable failures with jittered exponential backoff (or the
@@ -361,10 +429,7 @@ impl Agent {
                     message: format!("circuit open for {name}"),
                     retry_after: None,
                 };
-                return Err(Failure {
-                    error,
-                    streamed: String::new(),
-                });
+                return Err(Failure { error, streamed: String::new() });
             }
             attempt += 1;
             let key = provider.keys.pick();
@@ -408,11 +473,7 @@ impl Agent {
                     }
                     metrics::counter!("parley_llm_tokens_total", "provider" => name.clone(), "model" => model.to_owned(), "direction" => "input").increment(completion.input_tokens.max(0) as u64);
                     metrics::counter!("parley_llm_tokens_total", "provider" => name.clone(), "model" => model.to_owned(), "direction" => "output").increment(completion.output_tokens.max(0) as u64);
-                    return Ok(Answer {
-                        completion,
-                        provider: name,
-                        elapsed,
-                    });
+                    return Ok(Answer { completion, provider: name, elapsed, cache_hit: false });
                 }
                 Err(error) => error,
             };
@@ -441,11 +502,7 @@ impl Agent {
                 return Err(Failure { error, streamed });
             }
             let another_key = key_outcome.is_some() && provider.keys.len() > 1;
-            let delay = if another_key {
-                Duration::ZERO
-            } else {
-                backoff(retry, attempt, error.retry_after())
-            };
+            let delay = if another_key { Duration::ZERO } else { backoff(retry, attempt, error.retry_after()) };
             let out_of_time = started.elapsed() + delay > Duration::from_millis(retry.max_elapsed_ms);
             if attempt >= retry.max_attempts || out_of_time {
                 return Err(Failure { error, streamed });
@@ -487,21 +544,14 @@ impl Agent {
             let mut on_delta = move |text: &str| {
                 let _receiver_gone = deltas.send(text.to_owned());
             };
-            provider
-                .client
-                .stream_chat(key, model, prompt, max_tokens, &mut on_delta)
-                .await
+            provider.client.stream_chat(key, model, prompt, max_tokens, &mut on_delta).await
         };
         let subject = self.names.message_events_subject(message_id);
         let forward = async {
             let mut streamed = String::new();
             while let Some(text) = received.recv().await {
                 streamed.push_str(&text);
-                let event = MessageEvent::Delta {
-                    message_id,
-                    index: *delta_index,
-                    text,
-                };
+                let event = MessageEvent::Delta { message_id, index: *delta_index, text };
                 *delta_index += 1;
                 self.publish_event(&subject, &event).await;
             }
@@ -530,13 +580,7 @@ impl Agent {
             }),
             model: model.to_owned(),
         };
-        let stored = self
-            .chat
-            .clone()
-            .complete_message(request)
-            .await
-            .map_err(ServiceError::from)?
-            .into_inner();
+        let stored = self.chat.clone().complete_message(request).await.map_err(ServiceError::from)?.into_inner();
         if !stored.changed {
             tracing::info!("another agent stored this reply first; keeping theirs");
         }
@@ -546,7 +590,9 @@ impl Agent {
     /// Charges the tokens, reports the usage event and announces completion. Every step is idempotent
     /// by message id, so a redelivered job may run it again safely.
     async fn account(&self, job: &AiJob, model: &str, answer: &Answer) -> Result<(), AgentError> {
-        let tokens = answer.completion.input_tokens + answer.completion.output_tokens;
+        // A cached reply cost no model tokens, so it costs the user none of their budget either.
+        let tokens =
+            if answer.cache_hit { 0 } else { answer.completion.input_tokens + answer.completion.output_tokens };
         let charge = quota_pb::ChargeRequest {
             user_id: job.user_id.to_string(),
             tokens,
@@ -563,23 +609,14 @@ impl Agent {
             input_tokens: answer.completion.input_tokens,
             output_tokens: answer.completion.output_tokens,
             latency_ms: answer.elapsed.as_millis() as i64,
-            time_to_first_token_ms: answer
-                .completion
-                .time_to_first_token
-                .map(|ttft| ttft.as_millis() as i64),
-            cache_hit: false,
+            time_to_first_token_ms: answer.completion.time_to_first_token.map(|ttft| ttft.as_millis() as i64),
+            cache_hit: answer.cache_hit,
             outcome: "completed".to_owned(),
             occurred_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
         };
         self.publish_usage(&event).await?;
         let subject = self.names.message_events_subject(job.message_id);
-        self.publish_event(
-            &subject,
-            &MessageEvent::Completed {
-                message_id: job.message_id,
-            },
-        )
-        .await;
+        self.publish_event(&subject, &MessageEvent::Completed { message_id: job.message_id }).await;
         Ok(())
     }
 
@@ -626,20 +663,13 @@ impl Agent {
             detail: detail.to_owned(),
             partial_content,
         };
-        self.chat
-            .clone()
-            .fail_message(request)
-            .await
-            .map_err(ServiceError::from)?;
+        self.chat.clone().fail_message(request).await.map_err(ServiceError::from)?;
         if let Ok(payload) = serde_json::to_vec(job) {
             self.dead_letter(&payload, &format!("{code}: {detail}")).await?;
         }
         let subject = self.names.message_events_subject(job.message_id);
-        let event = MessageEvent::Failed {
-            message_id: job.message_id,
-            code: code.to_owned(),
-            detail: detail.to_owned(),
-        };
+        let event =
+            MessageEvent::Failed { message_id: job.message_id, code: code.to_owned(), detail: detail.to_owned() };
         self.publish_event(&subject, &event).await;
         Ok(())
     }

@@ -22,12 +22,7 @@ pub struct Ingester {
 impl Ingester {
     pub fn new(config: Arc<Config>, pool: PgPool, jetstream: jetstream::Context) -> Self {
         let names = Names::new(&config.nats.prefix);
-        Self {
-            config,
-            pool,
-            jetstream,
-            names,
-        }
+        Self { config, pool, jetstream, names }
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -84,7 +79,12 @@ impl Ingester {
 
     /// Stores one event; false when it was already stored (a redelivery).
     async fn store(&self, event: &UsageEvent) -> Result<bool, sqlx::Error> {
-        let cost_micros = cost_micros(&self.config, &event.model, event.input_tokens, event.output_tokens);
+        // A reply served from the response cache cost no model tokens.
+        let cost_micros = if event.cache_hit {
+            0
+        } else {
+            cost_micros(&self.config, &event.model, event.input_tokens, event.output_tokens)
+        };
         let occurred_at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(event.occurred_at_ms) * 1_000_000)
             .unwrap_or_else(|_| OffsetDateTime::now_utc());
         let result = sqlx::query(

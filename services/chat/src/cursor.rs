@@ -30,9 +30,7 @@ pub struct CursorCodec {
 
 impl CursorCodec {
     pub fn new(secret: &str) -> Self {
-        Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes()),
-        }
+        Self { key: hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes()) }
     }
 
     pub fn encode(&self, kind: CursorKind, position: Position) -> String {
@@ -90,10 +88,7 @@ mod tests {
         bytes[5] ^= 1;
         assert_eq!(codec.decode(CursorKind::Messages, &URL_SAFE_NO_PAD.encode(bytes)), None);
         assert_eq!(codec.decode(CursorKind::Conversations, &cursor), None);
-        assert_eq!(
-            CursorCodec::new("another secret, sixteen+").decode(CursorKind::Messages, &cursor),
-            None
-        );
+        assert_eq!(CursorCodec::new("another secret, sixteen+").decode(CursorKind::Messages, &cursor), None);
         assert_eq!(codec.decode(CursorKind::Messages, "not-a-cursor"), None);
         assert_eq!(codec.decode(CursorKind::Messages, ""), None);
     }

@@ -31,12 +31,7 @@ pub struct OutboxRelay {
 
 impl OutboxRelay {
     pub fn new(pool: PgPool, jetstream: jetstream::Context, names: Names) -> Self {
-        Self {
-            pool,
-            jetstream,
-            names,
-            wake: Arc::new(Notify::new()),
-        }
+        Self { pool, jetstream, names, wake: Arc::new(Notify::new()) }
     }
 
     /// Wakes the relay right after a send commits, instead of at its next poll.
@@ -57,11 +52,7 @@ impl OutboxRelay {
                     }
                 }
             }
-            let outcome = if stream_ready {
-                self.publish_batch().await
-            } else {
-                Err("job stream not ready".into())
-            };
+            let outcome = if stream_ready { self.publish_batch().await } else { Err("job stream not ready".into()) };
             let wait = match outcome {
                 Ok(published) if published as i64 == BATCH => Duration::ZERO,
                 Ok(_) => {
@@ -114,10 +105,7 @@ impl OutboxRelay {
                 parley_platform::telemetry::inject_current(&mut NatsHeaderCarrier(&mut headers));
             }
             let payload = serde_json::to_vec(&row.payload.0)?;
-            let ack = self
-                .jetstream
-                .publish_with_headers(row.subject.clone(), headers, payload.into())
-                .await?;
+            let ack = self.jetstream.publish_with_headers(row.subject.clone(), headers, payload.into()).await?;
             acks.push((row.id, ack));
         }
         let mut published = Vec::with_capacity(acks.len());

@@ -12,7 +12,9 @@ use uuid::Uuid;
 
 use crate::ChatError;
 use crate::cursor::{CursorCodec, CursorKind, Position};
-use crate::storage::{ConversationChanges, ConversationRow, MessageRow, NewExchange, Storage, UpdateOutcome};
+use crate::storage::{
+    ConversationChanges, ConversationRow, Generation, MessageRow, NewCompletion, NewExchange, Storage, UpdateOutcome,
+};
 
 const MAX_TITLE_CHARS: usize = 200;
 const MAX_SYSTEM_PROMPT_CHARS: usize = 32_000;
@@ -32,13 +34,7 @@ pub struct ChatService {
 impl ChatService {
     pub fn new(config: Arc<Config>, pool: PgPool, names: Names, relay_wake: Arc<Notify>) -> Self {
         let cursors = CursorCodec::new(&config.chat.cursor_secret);
-        Self {
-            config,
-            storage: Storage::new(pool),
-            cursors,
-            names,
-            relay_wake,
-        }
+        Self { config, storage: Storage::new(pool), cursors, names, relay_wake }
     }
 
     fn check_model(&self, model: Option<&str>) -> Result<(), ChatError> {
@@ -65,10 +61,7 @@ impl ChatService {
         let Some(id) = parse_id_or_not_found(conversation_id) else {
             return Err(ServiceError::not_found("conversation").into());
         };
-        self.storage
-            .conversation(user_id, id)
-            .await?
-            .ok_or_else(|| ServiceError::not_found("conversation").into())
+        self.storage.conversation(user_id, id).await?.ok_or_else(|| ServiceError::not_found("conversation").into())
     }
 }
 
@@ -79,6 +72,25 @@ fn parse_user(user_id: &str) -> Result<Uuid, ChatError> {
 /// Ids in paths come from clients: one that is not even a UUID names nothing, so it is not found.
 fn parse_id_or_not_found(id: &str) -> Option<Uuid> {
     Uuid::parse_str(id).ok()
+}
+
+/// The generation options of a request, checked.
+fn generation(options: Option<&pb::GenerationOptions>) -> Result<Generation, ChatError> {
+    let Some(options) = options else {
+        return Ok(Generation::default());
+    };
+    if let Some(temperature) = options.temperature
+        && !(0.0..=2.0).contains(&temperature)
+    {
+        return Err(ServiceError::invalid_field("temperature", "must be between 0 and 2").into());
+    }
+    Ok(Generation {
+        temperature: options.temperature,
+        cache: parley_platform::events::CacheDirective {
+            read: !options.skip_cache_read,
+            write: !options.skip_cache_write,
+        },
+    })
 }
 
 fn page_size(limit: u32) -> u32 {
@@ -112,10 +124,7 @@ fn conversation_to_proto(row: ConversationRow) -> pb::Conversation {
 
 fn message_to_proto(row: MessageRow) -> pb::Message {
     let usage = match (row.input_tokens, row.output_tokens) {
-        (Some(input_tokens), Some(output_tokens)) => Some(pb::Usage {
-            input_tokens,
-            output_tokens,
-        }),
+        (Some(input_tokens), Some(output_tokens)) => Some(pb::Usage { input_tokens, output_tokens }),
         _ => None,
     };
     pb::Message {
@@ -142,21 +151,12 @@ impl pb::chat_service_server::ChatService for ChatService {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
         bounded_text("title", request.title.as_deref(), MAX_TITLE_CHARS)?;
-        bounded_text(
-            "system_prompt",
-            request.system_prompt.as_deref(),
-            MAX_SYSTEM_PROMPT_CHARS,
-        )?;
+        bounded_text("system_prompt", request.system_prompt.as_deref(), MAX_SYSTEM_PROMPT_CHARS)?;
         self.check_model(request.model.as_deref())?;
         let model = request.model.as_deref().unwrap_or(&self.config.default_model);
         let row = self
             .storage
-            .create_conversation(
-                user_id,
-                request.title.as_deref(),
-                model,
-                request.system_prompt.as_deref(),
-            )
+            .create_conversation(user_id, request.title.as_deref(), model, request.system_prompt.as_deref())
             .await
             .map_err(ChatError::from)?;
         tracing::info!(conversation_id = %row.id, "conversation created");
@@ -171,30 +171,18 @@ impl pb::chat_service_server::ChatService for ChatService {
         let user_id = parse_user(&request.user_id)?;
         let after = self.decode_cursor(CursorKind::Conversations, request.cursor.as_deref())?;
         let limit = page_size(request.limit);
-        let mut rows = self
-            .storage
-            .list_conversations(user_id, after, i64::from(limit) + 1)
-            .await
-            .map_err(ChatError::from)?;
+        let mut rows =
+            self.storage.list_conversations(user_id, after, i64::from(limit) + 1).await.map_err(ChatError::from)?;
         let next_cursor = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
             rows.last().map(|last| {
-                self.cursors.encode(
-                    CursorKind::Conversations,
-                    Position {
-                        at: last.updated_at,
-                        id: last.id,
-                    },
-                )
+                self.cursors.encode(CursorKind::Conversations, Position { at: last.updated_at, id: last.id })
             })
         } else {
             None
         };
         let conversations = rows.into_iter().map(conversation_to_proto).collect();
-        Ok(Response::new(pb::ListConversationsResponse {
-            conversations,
-            next_cursor,
-        }))
+        Ok(Response::new(pb::ListConversationsResponse { conversations, next_cursor }))
     }
 
     async fn get_conversation(
@@ -217,11 +205,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             return Err(ChatError::from(ServiceError::not_found("conversation")).into());
         };
         bounded_text("title", request.title.as_deref(), MAX_TITLE_CHARS)?;
-        bounded_text(
-            "system_prompt",
-            request.system_prompt.as_deref(),
-            MAX_SYSTEM_PROMPT_CHARS,
-        )?;
+        bounded_text("system_prompt", request.system_prompt.as_deref(), MAX_SYSTEM_PROMPT_CHARS)?;
         self.check_model(request.model.as_deref())?;
         let changes = ConversationChanges {
             title: request.title.as_deref(),
@@ -251,11 +235,7 @@ impl pb::chat_service_server::ChatService for ChatService {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
         let deleted = match parse_id_or_not_found(&request.conversation_id) {
-            Some(id) => self
-                .storage
-                .delete_conversation(user_id, id)
-                .await
-                .map_err(ChatError::from)?,
+            Some(id) => self.storage.delete_conversation(user_id, id).await.map_err(ChatError::from)?,
             None => false,
         };
         if !deleted {
@@ -297,6 +277,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             tier: &request.tier,
             jobs_subject: &jobs_subject,
             traceparent: telemetry::current_traceparent(),
+            generation: generation(request.options.as_ref())?,
         };
         let Some(sent) = self.storage.send(exchange).await.map_err(ChatError::from)? else {
             return Err(ChatError::from(ServiceError::not_found("conversation")).into());
@@ -355,18 +336,18 @@ impl pb::chat_service_server::ChatService for ChatService {
             .into());
         }
         let traceparent = telemetry::current_traceparent();
-        let sent = self
-            .storage
-            .create_completion(
-                user_id,
-                &request.model,
-                &messages,
-                &request.tier,
-                &self.names.jobs_subject(),
-                traceparent.as_deref(),
-            )
-            .await
-            .map_err(ChatError::from)?;
+        let generation = generation(request.options.as_ref())?;
+        let jobs_subject = self.names.jobs_subject();
+        let completion = NewCompletion {
+            user_id,
+            model: &request.model,
+            messages: &messages,
+            tier: &request.tier,
+            jobs_subject: &jobs_subject,
+            traceparent: traceparent.as_deref(),
+            generation,
+        };
+        let sent = self.storage.create_completion(completion).await.map_err(ChatError::from)?;
         self.relay_wake.notify_one();
         metrics::counter!("parley_chat_completions_created_total").increment(1);
         Ok(Response::new(pb::SendMessageResponse {
@@ -380,11 +361,7 @@ impl pb::chat_service_server::ChatService for ChatService {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
         let row = match parse_id_or_not_found(&request.message_id) {
-            Some(id) => self
-                .storage
-                .message_for_user(user_id, id)
-                .await
-                .map_err(ChatError::from)?,
+            Some(id) => self.storage.message_for_user(user_id, id).await.map_err(ChatError::from)?,
             None => None,
         };
         let row = row.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
@@ -400,22 +377,12 @@ impl pb::chat_service_server::ChatService for ChatService {
         let conversation = self.owned_conversation(user_id, &request.conversation_id).await?;
         let after = self.decode_cursor(CursorKind::Messages, request.cursor.as_deref())?;
         let limit = page_size(request.limit);
-        let mut rows = self
-            .storage
-            .list_messages(conversation.id, after, i64::from(limit) + 1)
-            .await
-            .map_err(ChatError::from)?;
+        let mut rows =
+            self.storage.list_messages(conversation.id, after, i64::from(limit) + 1).await.map_err(ChatError::from)?;
         let next_cursor = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
-            rows.last().map(|last| {
-                self.cursors.encode(
-                    CursorKind::Messages,
-                    Position {
-                        at: last.created_at,
-                        id: last.id,
-                    },
-                )
-            })
+            rows.last()
+                .map(|last| self.cursors.encode(CursorKind::Messages, Position { at: last.created_at, id: last.id }))
         } else {
             None
         };
@@ -438,11 +405,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             0 => self.config.chat.history_limit,
             limit => limit,
         };
-        let history = self
-            .storage
-            .history_before(&message, i64::from(limit))
-            .await
-            .map_err(ChatError::from)?;
+        let history = self.storage.history_before(&message, i64::from(limit)).await.map_err(ChatError::from)?;
         let model = message.model.clone().unwrap_or_else(|| conversation.model.clone());
         Ok(Response::new(pb::JobContext {
             user_id: message.user_id.to_string(),
@@ -463,13 +426,7 @@ impl pb::chat_service_server::ChatService for ChatService {
         let usage = request.usage.unwrap_or_default();
         let outcome = self
             .storage
-            .complete_message(
-                id,
-                &request.content,
-                &request.model,
-                usage.input_tokens,
-                usage.output_tokens,
-            )
+            .complete_message(id, &request.content, &request.model, usage.input_tokens, usage.output_tokens)
             .await
             .map_err(ChatError::from)?;
         let (row, changed) = outcome.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
@@ -478,10 +435,7 @@ impl pb::chat_service_server::ChatService for ChatService {
         } else {
             tracing::info!(message_id = %id, "completion ignored: message already finished");
         }
-        Ok(Response::new(pb::CompleteMessageResponse {
-            message: Some(message_to_proto(row)),
-            changed,
-        }))
+        Ok(Response::new(pb::CompleteMessageResponse { message: Some(message_to_proto(row)), changed }))
     }
 
     async fn fail_message(
@@ -500,9 +454,6 @@ impl pb::chat_service_server::ChatService for ChatService {
         if changed {
             metrics::counter!("parley_chat_messages_failed_total").increment(1);
         }
-        Ok(Response::new(pb::CompleteMessageResponse {
-            message: Some(message_to_proto(row)),
-            changed,
-        }))
+        Ok(Response::new(pb::CompleteMessageResponse { message: Some(message_to_proto(row)), changed }))
     }
 }

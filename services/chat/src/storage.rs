@@ -1,6 +1,6 @@
 //! Reads and writes of the `chat` schema.
 
-use parley_platform::events::AiJob;
+use parley_platform::events::{AiJob, CacheDirective};
 use sqlx::{PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -56,6 +56,18 @@ pub struct NewExchange<'a> {
     pub tier: &'a str,
     pub jobs_subject: &'a str,
     pub traceparent: Option<String>,
+    pub generation: Generation,
+}
+
+/// A stateless completion to store: the caller's messages, as (role, content).
+pub struct NewCompletion<'a> {
+    pub user_id: Uuid,
+    pub model: &'a str,
+    pub messages: &'a [(String, String)],
+    pub tier: &'a str,
+    pub jobs_subject: &'a str,
+    pub traceparent: Option<&'a str>,
+    pub generation: Generation,
 }
 
 /// What an update of a conversation found.
@@ -229,6 +241,7 @@ impl Storage {
             tier: exchange.tier,
             jobs_subject: exchange.jobs_subject,
             traceparent: exchange.traceparent.as_deref(),
+            generation: exchange.generation,
         };
         let user_message = insert_finished_message(&mut tx, &target, "user", exchange.content).await?;
         let assistant_message = insert_reply_and_job(&mut tx, &target).await?;
@@ -253,24 +266,13 @@ impl Storage {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(Some(SentExchange {
-            user_message,
-            assistant_message,
-            replayed: false,
-        }))
+        Ok(Some(SentExchange { user_message, assistant_message, replayed: false }))
     }
 
     /// Stores a stateless completion: a hidden conversation with the given messages, a pending reply and
     /// its job, in one transaction. Returns the last given message and the pending reply.
-    pub async fn create_completion(
-        &self,
-        user_id: Uuid,
-        model: &str,
-        messages: &[(String, String)],
-        tier: &str,
-        jobs_subject: &str,
-        traceparent: Option<&str>,
-    ) -> Result<SentExchange, sqlx::Error> {
+    pub async fn create_completion(&self, completion: NewCompletion<'_>) -> Result<SentExchange, sqlx::Error> {
+        let NewCompletion { user_id, model, messages, tier, jobs_subject, traceparent, generation } = completion;
         let mut tx = self.pool.begin().await?;
         let conversation_id = Uuid::now_v7();
         sqlx::query("INSERT INTO chat.conversations (id, user_id, model, kind) VALUES ($1, $2, $3, 'completion')")
@@ -279,14 +281,7 @@ impl Storage {
             .bind(model)
             .execute(&mut *tx)
             .await?;
-        let target = JobTarget {
-            user_id,
-            conversation_id,
-            model,
-            tier,
-            jobs_subject,
-            traceparent,
-        };
+        let target = JobTarget { user_id, conversation_id, model, tier, jobs_subject, traceparent, generation };
         let mut last = None;
         for (role, content) in messages {
             last = Some(insert_finished_message(&mut tx, &target, role, content).await?);
@@ -294,30 +289,22 @@ impl Storage {
         let assistant_message = insert_reply_and_job(&mut tx, &target).await?;
         tx.commit().await?;
         let user_message = last.unwrap_or_else(|| assistant_message.clone());
-        Ok(SentExchange {
-            user_message,
-            assistant_message,
-            replayed: false,
-        })
+        Ok(SentExchange { user_message, assistant_message, replayed: false })
     }
 
     pub async fn message_for_user(&self, user_id: Uuid, id: Uuid) -> Result<Option<MessageRow>, sqlx::Error> {
-        sqlx::query_as(sql(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1 AND user_id = $2"
-        )))
-        .bind(id)
-        .bind(user_id)
-        .fetch_optional(&self.pool)
-        .await
+        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1 AND user_id = $2")))
+            .bind(id)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await
     }
 
     pub async fn message(&self, id: Uuid) -> Result<Option<MessageRow>, sqlx::Error> {
-        sqlx::query_as(sql(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1"
-        )))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
+        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
     }
 
     /// A conversation's messages, oldest first, after `after` (exclusive).
@@ -479,6 +466,14 @@ struct JobTarget<'a> {
     tier: &'a str,
     jobs_subject: &'a str,
     traceparent: Option<&'a str>,
+    generation: Generation,
+}
+
+/// How a reply is to be generated: carried on its job.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Generation {
+    pub temperature: Option<f32>,
+    pub cache: CacheDirective,
 }
 
 /// Inserts a finished (user, system or given assistant) message. `clock_timestamp()`, not `now()`, so
@@ -526,6 +521,8 @@ async fn insert_reply_and_job(
         user_id: target.user_id,
         model: target.model.to_owned(),
         tier: target.tier.to_owned(),
+        temperature: target.generation.temperature,
+        cache: target.generation.cache,
     };
     sqlx::query("INSERT INTO chat.outbox (job_id, subject, payload, traceparent) VALUES ($1, $2, $3, $4)")
         .bind(job.job_id)
@@ -553,21 +550,18 @@ async fn replay_exchange(
     let Some((user_message_id, assistant_message_id)) = ids else {
         return Ok(None);
     };
-    let rows: Vec<MessageRow> = sqlx::query_as(sql(format!(
-        "SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = ANY($1) AND user_id = $2"
-    )))
-    .bind(vec![user_message_id, assistant_message_id])
-    .bind(user_id)
-    .fetch_all(&mut **tx)
-    .await?;
+    let rows: Vec<MessageRow> =
+        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = ANY($1) AND user_id = $2")))
+            .bind(vec![user_message_id, assistant_message_id])
+            .bind(user_id)
+            .fetch_all(&mut **tx)
+            .await?;
     let find = |id: Uuid| rows.iter().find(|row| row.id == id).cloned();
     // The first exchange's conversation may have been deleted since: then the key is free again.
     Ok(match (find(user_message_id), find(assistant_message_id)) {
-        (Some(user_message), Some(assistant_message)) => Some(SentExchange {
-            user_message,
-            assistant_message,
-            replayed: true,
-        }),
+        (Some(user_message), Some(assistant_message)) => {
+            Some(SentExchange { user_message, assistant_message, replayed: true })
+        }
         _ => None,
     })
 }

@@ -81,14 +81,9 @@ impl FakeLlm {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x9E37_79B9_7F4A_7C15, |elapsed| elapsed.as_nanos() as u64)
             | 1;
-        let shared = Shared {
-            knobs: Mutex::new(knobs),
-            requests: AtomicU64::new(0),
-            random_state: AtomicU64::new(seed),
-        };
-        Self {
-            shared: Arc::new(shared),
-        }
+        let shared =
+            Shared { knobs: Mutex::new(knobs), requests: AtomicU64::new(0), random_state: AtomicU64::new(seed) };
+        Self { shared: Arc::new(shared) }
     }
 
     pub fn from_config(config: &FakeLlmConfig) -> Self {
@@ -101,19 +96,11 @@ impl FakeLlm {
     }
 
     pub fn knobs(&self) -> Knobs {
-        self.shared
-            .knobs
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.shared.knobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
     pub fn set_knobs(&self, knobs: Knobs) {
-        *self
-            .shared
-            .knobs
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = knobs;
+        *self.shared.knobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = knobs;
     }
 
     pub fn router(&self) -> axum::Router {
@@ -137,9 +124,7 @@ impl FakeLlm {
 
 /// Serves `fake` on `listener` until `shutdown` is cancelled.
 pub async fn serve(fake: FakeLlm, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, fake.router())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    axum::serve(listener, fake.router()).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
 /// The reply: it quotes the last user message, so a caller can tell which prompt it answers.
@@ -153,13 +138,7 @@ pub fn tokens_of(reply: &str) -> Vec<String> {
     reply
         .split(' ')
         .enumerate()
-        .map(|(index, word)| {
-            if index == 0 {
-                word.to_owned()
-            } else {
-                format!(" {word}")
-            }
-        })
+        .map(|(index, word)| if index == 0 { word.to_owned() } else { format!(" {word}") })
         .collect()
 }
 
@@ -205,10 +184,8 @@ struct StreamOptions {
 }
 
 async fn list_models() -> Json<Value> {
-    let data: Vec<Value> = MODELS
-        .iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "parley-fake"}))
-        .collect();
+    let data: Vec<Value> =
+        MODELS.iter().map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "parley-fake"})).collect();
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -216,11 +193,7 @@ fn text_of(content: &Value) -> String {
     match content {
         Value::String(text) => text.clone(),
         // The array form: [{"type": "text", "text": "..."}].
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|part| part.get("text")?.as_str())
-            .collect::<Vec<_>>()
-            .join(" "),
+        Value::Array(parts) => parts.iter().filter_map(|part| part.get("text")?.as_str()).collect::<Vec<_>>().join(" "),
         _ => String::new(),
     }
 }
@@ -234,10 +207,8 @@ fn wire_error(wire: Wire, status: StatusCode, kind: &str, message: &str) -> Resp
 }
 
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let bearer =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
 }
 
@@ -254,69 +225,30 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: &[u8]) -
     let request: ChatRequest = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(error) => {
-            return wire_error(
-                wire,
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                &error.to_string(),
-            );
+            return wire_error(wire, StatusCode::BAD_REQUEST, "invalid_request_error", &error.to_string());
         }
     };
     if request.messages.is_empty() {
-        return wire_error(
-            wire,
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "messages must not be empty",
-        );
+        return wire_error(wire, StatusCode::BAD_REQUEST, "invalid_request_error", "messages must not be empty");
     }
     let knobs = fake.knobs();
     if let Some(required) = &knobs.required_api_key
         && presented_key(headers) != Some(required.as_str())
     {
-        return wire_error(
-            wire,
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            "invalid API key",
-        );
+        return wire_error(wire, StatusCode::UNAUTHORIZED, "authentication_error", "invalid API key");
     }
     if fake.draw() < knobs.rate_limit_rate {
-        let mut response = wire_error(
-            wire,
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "fake rate limit",
-        );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(knobs.retry_after_secs));
+        let mut response = wire_error(wire, StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "fake rate limit");
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(knobs.retry_after_secs));
         return response;
     }
     if fake.draw() < knobs.error_rate {
-        return wire_error(
-            wire,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "api_error",
-            "fake upstream failure",
-        );
+        return wire_error(wire, StatusCode::INTERNAL_SERVER_ERROR, "api_error", "fake upstream failure");
     }
-    let last_user = request
-        .messages
-        .iter()
-        .rev()
-        .find(|m| m.role == "user")
-        .map(|m| text_of(&m.content));
-    let system_tokens = request
-        .system
-        .as_ref()
-        .map_or(0, |system| estimate_tokens(&text_of(system)));
-    let prompt_tokens = system_tokens
-        + request
-            .messages
-            .iter()
-            .map(|m| estimate_tokens(&text_of(&m.content)))
-            .sum::<u64>();
+    let last_user = request.messages.iter().rev().find(|m| m.role == "user").map(|m| text_of(&m.content));
+    let system_tokens = request.system.as_ref().map_or(0, |system| estimate_tokens(&text_of(system)));
+    let prompt_tokens =
+        system_tokens + request.messages.iter().map(|m| estimate_tokens(&text_of(&m.content))).sum::<u64>();
     let mut tokens = tokens_of(&reply_for(last_user.as_deref().unwrap_or("")));
     let max_tokens = request.max_completion_tokens.or(request.max_tokens).unwrap_or(u32::MAX) as usize;
     let truncated = tokens.len() > max_tokens;
@@ -430,11 +362,8 @@ impl Completion {
         let text = &self.tokens[index];
         match self.wire {
             Wire::OpenAi => {
-                let delta = if index == 0 {
-                    json!({"role": "assistant", "content": text})
-                } else {
-                    json!({"content": text})
-                };
+                let delta =
+                    if index == 0 { json!({"role": "assistant", "content": text}) } else { json!({"content": text}) };
                 openai_event(&self.openai_chunk(json!([{"index": 0, "delta": delta, "finish_reason": null}]), None))
             }
             Wire::Anthropic => anthropic_event(
@@ -513,11 +442,8 @@ fn stream_completion(completion: Completion, include_usage: bool) -> Response {
                         // An error in the body makes the server drop the connection mid-reply.
                         return Some((Err(std::io::Error::other("fake stream failure")), Step::End));
                     }
-                    let wait = if index == 0 {
-                        completion.knobs.time_to_first_token
-                    } else {
-                        completion.token_interval()
-                    };
+                    let wait =
+                        if index == 0 { completion.knobs.time_to_first_token } else { completion.token_interval() };
                     tokio::time::sleep(wait).await;
                     Some((Ok(completion.token_event(index)), Step::Token(index + 1)))
                 }

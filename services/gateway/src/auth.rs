@@ -48,10 +48,7 @@ impl KeyCache {
         validation.leeway = LEEWAY_SECS;
         Self {
             user,
-            keys: RwLock::new(CachedKeys {
-                published: Vec::new(),
-                decoding: HashMap::new(),
-            }),
+            keys: RwLock::new(CachedKeys { published: Vec::new(), decoding: HashMap::new() }),
             last_fetch: Mutex::new(None),
             validation,
         }
@@ -64,21 +61,11 @@ impl KeyCache {
             return Ok(());
         }
         *last_fetch = Some(Instant::now());
-        let published = self
-            .user
-            .clone()
-            .get_signing_keys(pb::GetSigningKeysRequest {})
-            .await?
-            .into_inner()
-            .keys;
+        let published = self.user.clone().get_signing_keys(pb::GetSigningKeysRequest {}).await?.into_inner().keys;
         let decoding = published
             .iter()
             .filter(|key| key.alg == parley_platform::access_token::ALGORITHM)
-            .filter_map(|key| {
-                DecodingKey::from_ed_components(&key.x)
-                    .ok()
-                    .map(|decoding| (key.kid.clone(), decoding))
-            })
+            .filter_map(|key| DecodingKey::from_ed_components(&key.x).ok().map(|decoding| (key.kid.clone(), decoding)))
             .collect();
         *self.keys.write().await = CachedKeys { published, decoding };
         Ok(())
@@ -117,9 +104,7 @@ impl KeyCache {
         }
         let keys = self.keys.read().await;
         let key = keys.decoding.get(&kid)?;
-        jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation)
-            .ok()
-            .map(|data| data.claims)
+        jsonwebtoken::decode::<AccessClaims>(token, key, &self.validation).ok().map(|data| data.claims)
     }
 }
 
@@ -141,10 +126,7 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok());
+        let header = parts.headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
         let Some(token) = header.and_then(|value| value.strip_prefix("Bearer ")).map(str::trim) else {
             return Err(ApiError::unauthorized("missing bearer credentials"));
         };
@@ -157,10 +139,6 @@ impl FromRequestParts<AppState> for Caller {
         let Ok(user_id) = Uuid::parse_str(&claims.sub) else {
             return Err(ApiError::unauthorized("invalid access token"));
         };
-        Ok(Caller {
-            user_id,
-            role: claims.role,
-            tier: claims.tier,
-        })
+        Ok(Caller { user_id, role: claims.role, tier: claims.tier })
     }
 }

@@ -52,11 +52,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Arc<Config>, backends: Backends, nats: async_nats::Client, readiness: Readiness) -> Self {
-        let keys = Arc::new(auth::KeyCache::new(
-            backends.user.clone(),
-            &config.auth.issuer,
-            &config.auth.audience,
-        ));
+        let keys = Arc::new(auth::KeyCache::new(backends.user.clone(), &config.auth.issuer, &config.auth.audience));
         let names = Names::new(&config.nats.prefix);
         Self {
             config,
@@ -86,9 +82,7 @@ pub fn router(state: AppState) -> Router {
 pub async fn serve(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let refresher = tokio::spawn(state.keys.clone().run_refresher(shutdown.clone()));
     let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
     refresher.await?;
     served?;

@@ -26,9 +26,7 @@ fn request_id_from(request: &Request) -> String {
         .and_then(|value| value.to_str().ok())
         .filter(|id| {
             (1..=128).contains(&id.len())
-                && id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         })
         .map_or_else(|| Uuid::now_v7().to_string(), str::to_owned)
 }
@@ -40,10 +38,7 @@ struct RouteLabel(String);
 /// Runs inside routing (as a route layer), where the matched route template is known, and hands it to
 /// [`observe`], which runs outside routing so that it also wraps unmatched requests.
 pub async fn label_route(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|path| path.as_str().to_owned());
+    let route = request.extensions().get::<MatchedPath>().map(|path| path.as_str().to_owned());
     let mut response = next.run(request).await;
     if let Some(route) = route {
         response.extensions_mut().insert(RouteLabel(route));
@@ -69,22 +64,13 @@ pub async fn observe(request: Request, next: Next) -> Response {
     telemetry::set_parent_from(&span, &telemetry::HeaderCarrier(request.headers()));
     span.record("trace_id", telemetry::trace_id_of(&span));
 
-    let mut response = REQUEST_ID
-        .scope(request_id.clone(), next.run(request).instrument(span.clone()))
-        .await;
+    let mut response = REQUEST_ID.scope(request_id.clone(), next.run(request).instrument(span.clone())).await;
 
     let status = response.status().as_u16();
-    let route = response
-        .extensions()
-        .get::<RouteLabel>()
-        .map_or("unmatched", |label| label.0.as_str())
-        .to_owned();
+    let route = response.extensions().get::<RouteLabel>().map_or("unmatched", |label| label.0.as_str()).to_owned();
     span.record("http.response.status_code", status);
     span.record("http.route", route.as_str());
-    let model_wait = response
-        .extensions()
-        .get::<ModelWait>()
-        .map_or(Duration::ZERO, |wait| wait.0);
+    let model_wait = response.extensions().get::<ModelWait>().map_or(Duration::ZERO, |wait| wait.0);
     let total = started.elapsed();
     let gateway_time = total.saturating_sub(model_wait);
     let mut timing = format!("gateway;dur={:.1}", gateway_time.as_secs_f64() * 1000.0);
@@ -106,11 +92,7 @@ pub async fn observe(request: Request, next: Next) -> Response {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
 
-    let labels = [
-        ("method", method.to_string()),
-        ("route", route),
-        ("status", status.to_string()),
-    ];
+    let labels = [("method", method.to_string()), ("route", route), ("status", status.to_string())];
     metrics::counter!("parley_http_requests_total", &labels).increment(1);
     metrics::histogram!("parley_http_request_duration_seconds", &labels[..2]).record(gateway_time.as_secs_f64());
     response

@@ -64,9 +64,7 @@ impl From<tonic::Status> for ApiError {
 }
 
 pub fn current_request_id() -> String {
-    parley_platform::grpc::REQUEST_ID
-        .try_with(Clone::clone)
-        .unwrap_or_default()
+    parley_platform::grpc::REQUEST_ID.try_with(Clone::clone).unwrap_or_default()
 }
 
 impl IntoResponse for ApiError {
@@ -85,10 +83,7 @@ impl IntoResponse for ApiError {
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if let Some(secs) = error.retry_after_secs {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -136,10 +131,7 @@ where
         let bytes = match bytes::Bytes::from_request(request, state).await {
             Ok(bytes) => bytes,
             Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(ApiError::new(
-                    ErrorCode::PayloadTooLarge,
-                    "the request body is larger than the limit",
-                ));
+                return Err(ApiError::new(ErrorCode::PayloadTooLarge, "the request body is larger than the limit"));
             }
             Err(rejection) => {
                 return Err(ApiError::new(ErrorCode::InvalidRequest, rejection.body_text()));
@@ -151,25 +143,19 @@ where
         if !is_json {
             return Err(ApiError::invalid_field("Content-Type", "must be application/json"));
         }
-        axum::Json::<T>::from_bytes(&bytes)
-            .map(|axum::Json(value)| Some(Self(value)))
-            .map_err(json_rejection)
+        axum::Json::<T>::from_bytes(&bytes).map(|axum::Json(value)| Some(Self(value))).map_err(json_rejection)
     }
 }
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     match rejection {
         JsonRejection::MissingJsonContentType(_) => ApiError::invalid_field("Content-Type", "must be application/json"),
-        JsonRejection::JsonSyntaxError(error) => ApiError::new(
-            ErrorCode::InvalidRequest,
-            format!("the body is not valid JSON: {}", source_text(&error)),
-        ),
+        JsonRejection::JsonSyntaxError(error) => {
+            ApiError::new(ErrorCode::InvalidRequest, format!("the body is not valid JSON: {}", source_text(&error)))
+        }
         JsonRejection::JsonDataError(error) => {
             let body = error.body_text();
-            let text = body
-                .split_once("target type: ")
-                .map_or(body.as_str(), |(_, rest)| rest)
-                .to_owned();
+            let text = body.split_once("target type: ").map_or(body.as_str(), |(_, rest)| rest).to_owned();
             match field_of(&text) {
                 Some(field) => ApiError::invalid_field(&field, text),
                 None => ApiError::new(ErrorCode::InvalidRequest, text),
@@ -201,9 +187,7 @@ fn field_of(message: &str) -> Option<String> {
     }
     let (path, _) = message.split_once(": ")?;
     let valid = !path.is_empty()
-        && path
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '[' || c == ']');
+        && path.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '[' || c == ']');
     valid.then(|| path.to_owned())
 }
 
@@ -213,18 +197,9 @@ mod tests {
 
     #[test]
     fn fields_are_found_in_serde_messages() {
-        assert_eq!(
-            field_of("missing field `email` at line 1 column 2").as_deref(),
-            Some("email")
-        );
-        assert_eq!(
-            field_of("password: invalid type: integer `5`, expected a string").as_deref(),
-            Some("password")
-        );
-        assert_eq!(
-            field_of("unknown field `emial`, expected one of `email`").as_deref(),
-            Some("emial")
-        );
+        assert_eq!(field_of("missing field `email` at line 1 column 2").as_deref(), Some("email"));
+        assert_eq!(field_of("password: invalid type: integer `5`, expected a string").as_deref(), Some("password"));
+        assert_eq!(field_of("unknown field `emial`, expected one of `email`").as_deref(), Some("emial"));
         assert_eq!(field_of("expected value at line 1 column 1"), None);
     }
 }

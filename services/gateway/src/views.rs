@@ -111,19 +111,15 @@ pub struct MessageView {
 impl From<chat_pb::Message> for MessageView {
     fn from(message: chat_pb::Message) -> Self {
         let error = match (message.error_code, message.error_detail) {
-            (Some(code), detail) => Some(MessageErrorView {
-                code,
-                detail: detail.unwrap_or_default(),
-            }),
+            (Some(code), detail) => Some(MessageErrorView { code, detail: detail.unwrap_or_default() }),
             _ => None,
         };
         Self {
             created_at: proto_to_rfc3339(message.created_at.as_ref()),
             completed_at: proto_to_rfc3339(message.completed_at.as_ref()),
-            usage: message.usage.map(|usage| UsageView {
-                input_tokens: usage.input_tokens,
-                output_tokens: usage.output_tokens,
-            }),
+            usage: message
+                .usage
+                .map(|usage| UsageView { input_tokens: usage.input_tokens, output_tokens: usage.output_tokens }),
             id: message.id,
             conversation_id: message.conversation_id,
             role: message.role,
@@ -187,6 +183,9 @@ pub struct SendMessageBody {
     pub content: String,
     #[serde(default)]
     pub model: Option<String>,
+    /// Sampling temperature, 0 to 2; 0 makes the reply deterministic and eligible for the response cache.
+    #[serde(default)]
+    pub temperature: Option<f32>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -34,14 +34,8 @@ pub enum Service {
 }
 
 impl Service {
-    pub const ALL: [Service; 6] = [
-        Service::User,
-        Service::Chat,
-        Service::Quota,
-        Service::Analytics,
-        Service::Agent,
-        Service::Gateway,
-    ];
+    pub const ALL: [Service; 6] =
+        [Service::User, Service::Chat, Service::Quota, Service::Analytics, Service::Agent, Service::Gateway];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -59,10 +53,7 @@ impl Service {
     }
 
     fn uses_postgres(self) -> bool {
-        matches!(
-            self,
-            Service::User | Service::Chat | Service::Quota | Service::Analytics
-        )
+        matches!(self, Service::User | Service::Chat | Service::Quota | Service::Analytics)
     }
 }
 
@@ -101,18 +92,10 @@ pub struct Platform {
 
 /// Applies every schema's migrations (idempotent).
 pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
-    parley_user::migrate(pool)
-        .await
-        .context("failed to migrate the identity schema")?;
-    parley_chat::migrate(pool)
-        .await
-        .context("failed to migrate the chat schema")?;
-    parley_quota::migrate(pool)
-        .await
-        .context("failed to migrate the quota schema")?;
-    parley_analytics::migrate(pool)
-        .await
-        .context("failed to migrate the analytics schema")?;
+    parley_user::migrate(pool).await.context("failed to migrate the identity schema")?;
+    parley_chat::migrate(pool).await.context("failed to migrate the chat schema")?;
+    parley_quota::migrate(pool).await.context("failed to migrate the quota schema")?;
+    parley_analytics::migrate(pool).await.context("failed to migrate the analytics schema")?;
     Ok(())
 }
 
@@ -127,18 +110,14 @@ impl Platform {
             parley_platform::db::ensure_database(&config.database.url)
                 .await
                 .context("failed to create the database")?;
-            let pool = sqlx::PgPool::connect(&config.database.url)
-                .await
-                .context("failed to connect to postgres")?;
+            let pool = sqlx::PgPool::connect(&config.database.url).await.context("failed to connect to postgres")?;
             migrate(&pool).await?;
             pool.close().await;
         }
 
         let mut tasks = JoinSet::new();
         let fake_llm = if options.fake_llm {
-            let listener = TcpListener::bind(&config.fake_llm.addr)
-                .await
-                .context("failed to bind the fake LLM")?;
+            let listener = TcpListener::bind(&config.fake_llm.addr).await.context("failed to bind the fake LLM")?;
             let addr = listener.local_addr()?;
             let fake = parley_fake_llm::FakeLlm::from_config(&config.fake_llm);
             for provider in config.providers.values_mut() {
@@ -148,9 +127,7 @@ impl Platform {
             }
             let (server, stop) = (fake.clone(), shutdown.clone());
             tasks.spawn(async move {
-                let result = parley_fake_llm::serve(server, listener, stop)
-                    .await
-                    .map_err(anyhow::Error::from);
+                let result = parley_fake_llm::serve(server, listener, stop).await.map_err(anyhow::Error::from);
                 (Service::Agent, result.context("fake LLM failed"))
             });
             Some((fake, addr))
@@ -165,9 +142,7 @@ impl Platform {
                 GrpcBind::EphemeralLoopback => "127.0.0.1:0",
                 GrpcBind::Configured => config.grpc.addr.as_str(),
             };
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("failed to bind {addr}"))?;
+            let listener = TcpListener::bind(addr).await.with_context(|| format!("failed to bind {addr}"))?;
             let url = format!("http://{}", listener.local_addr()?);
             match service {
                 Service::User => config.grpc.user_url = url,
@@ -187,25 +162,26 @@ impl Platform {
             None
         };
         let nats = if needs(&[Service::Chat, Service::Analytics, Service::Agent, Service::Gateway]) {
-            Some(
-                parley_platform::nats::connect(&config.nats, "parley")
-                    .await
-                    .context("failed to connect to NATS")?,
-            )
+            Some(parley_platform::nats::connect(&config.nats, "parley").await.context("failed to connect to NATS")?)
         } else {
             None
         };
-        let redis = if needs(&[Service::Quota]) {
+        let redis = if needs(&[Service::Quota, Service::Agent]) {
             let client = redis::Client::open(config.redis.url.as_str()).context("invalid REDIS_URL")?;
-            Some(
-                client
-                    .get_connection_manager()
-                    .await
-                    .context("failed to connect to redis")?,
-            )
+            match client.get_connection_manager().await {
+                Ok(connection) => Some(connection),
+                // The agent only caches in Redis and can start without it; quota cannot.
+                Err(error) if !needs(&[Service::Quota]) => {
+                    tracing::warn!(%error, "redis unavailable; the response cache is local to this process");
+                    None
+                }
+                Err(error) => return Err(anyhow::Error::from(error).context("failed to connect to redis")),
+            }
         } else {
             None
         };
+        let providers =
+            if needs(&[Service::Agent]) { Some(Arc::new(parley_agent::build_providers(&config)?)) } else { None };
 
         let channel = |url: &str| lazy_channel(url).with_context(|| format!("invalid gRPC address {url}"));
         let user_channel = channel(&config.grpc.user_url)?;
@@ -225,32 +201,19 @@ impl Platform {
         }
         if needs(&[Service::Gateway]) {
             readiness = readiness
-                .with_check(
-                    "user",
-                    health::grpc_check(user_channel.clone(), parley_user::HEALTH_NAME),
-                )
-                .with_check(
-                    "chat",
-                    health::grpc_check(chat_channel.clone(), parley_chat::HEALTH_NAME),
-                )
-                .with_check(
-                    "quota",
-                    health::grpc_check(quota_channel.clone(), parley_quota::HEALTH_NAME),
-                )
-                .with_check(
-                    "analytics",
-                    health::grpc_check(analytics_channel.clone(), parley_analytics::HEALTH_NAME),
-                );
+                .with_check("user", health::grpc_check(user_channel.clone(), parley_user::HEALTH_NAME))
+                .with_check("chat", health::grpc_check(chat_channel.clone(), parley_chat::HEALTH_NAME))
+                .with_check("quota", health::grpc_check(quota_channel.clone(), parley_quota::HEALTH_NAME))
+                .with_check("analytics", health::grpc_check(analytics_channel.clone(), parley_analytics::HEALTH_NAME));
         } else if needs(&[Service::Agent]) {
             readiness = readiness
-                .with_check(
-                    "chat",
-                    health::grpc_check(chat_channel.clone(), parley_chat::HEALTH_NAME),
-                )
-                .with_check(
-                    "quota",
-                    health::grpc_check(quota_channel.clone(), parley_quota::HEALTH_NAME),
-                );
+                .with_check("chat", health::grpc_check(chat_channel.clone(), parley_chat::HEALTH_NAME))
+                .with_check("quota", health::grpc_check(quota_channel.clone(), parley_quota::HEALTH_NAME));
+        }
+        if let Some(providers) = &providers {
+            let providers = providers.clone();
+            readiness =
+                readiness.with_info("providers", move || serde_json::json!(parley_agent::breaker_states(&providers)));
         }
 
         let missing = |what: &str| anyhow::anyhow!("{what} is required but was not set up");
@@ -260,9 +223,7 @@ impl Platform {
             let pool = pool.clone().ok_or_else(|| missing("postgres"))?;
             match service {
                 Service::User => {
-                    let user = parley_user::build(config, pool)
-                        .await
-                        .context("failed to start the user service")?;
+                    let user = parley_user::build(config, pool).await.context("failed to start the user service")?;
                     tasks.spawn(async move { (service, parley_user::serve(user, listener, stop).await) });
                 }
                 Service::Chat => {
@@ -277,23 +238,22 @@ impl Platform {
                 }
                 Service::Analytics => {
                     let nats = nats.clone().ok_or_else(|| missing("NATS"))?;
-                    tasks.spawn(async move {
-                        (
-                            service,
-                            parley_analytics::serve(config, pool, nats, listener, stop).await,
-                        )
-                    });
+                    tasks.spawn(
+                        async move { (service, parley_analytics::serve(config, pool, nats, listener, stop).await) },
+                    );
                 }
                 Service::Gateway | Service::Agent => {}
             }
         }
 
-        if services.contains(&Service::Agent) {
+        if let Some(providers) = providers {
             let nats = nats.clone().ok_or_else(|| missing("NATS"))?;
             let chat = ChatServiceClient::new(with_context(chat_channel.clone()));
             let quota = QuotaServiceClient::new(with_context(quota_channel.clone()));
-            let (config, stop) = (config.clone(), shutdown.child_token());
-            tasks.spawn(async move { (Service::Agent, parley_agent::run(config, nats, chat, quota, stop).await) });
+            let (config, stop, redis) = (config.clone(), shutdown.child_token(), redis.clone());
+            tasks.spawn(async move {
+                (Service::Agent, parley_agent::run(config, providers, nats, redis, chat, quota, stop).await)
+            });
         }
 
         let mut http_addr = None;
@@ -327,22 +287,12 @@ impl Platform {
             let stop = shutdown.child_token();
             let service = services.first().copied().unwrap_or(Service::Gateway);
             tasks.spawn(async move {
-                let result = axum::serve(listener, router)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
+                let result = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
                 (service, result.context("admin server failed"))
             });
         }
 
-        Ok(Platform {
-            config,
-            http_addr,
-            admin_addr,
-            fake_llm,
-            readiness,
-            shutdown,
-            tasks,
-        })
+        Ok(Platform { config, http_addr, admin_addr, fake_llm, readiness, shutdown, tasks })
     }
 
     /// A token that, once cancelled, stops every service.

@@ -14,11 +14,7 @@ use parley_proto::user::v1::user_service_server::UserService as _;
 use parley_proto::user::v1::{SetRoleRequest, SetTierRequest};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "parley",
-    version,
-    about = "Parley: a self-hosted backend for AI chat products"
-)]
+#[command(name = "parley", version, about = "Parley: a self-hosted backend for AI chat products")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -108,24 +104,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
 fn check_config() -> anyhow::Result<()> {
     let config = Config::load()?;
     println!("configuration is valid");
-    println!(
-        "  models: {}",
-        config.models.keys().cloned().collect::<Vec<_>>().join(", ")
-    );
+    println!("  models: {}", config.models.keys().cloned().collect::<Vec<_>>().join(", "));
     println!("  default model: {}", config.default_model);
-    println!(
-        "  tiers: {}",
-        config.tiers.keys().cloned().collect::<Vec<_>>().join(", ")
-    );
+    println!("  tiers: {}", config.tiers.keys().cloned().collect::<Vec<_>>().join(", "));
     Ok(())
 }
 
 async fn migrate() -> anyhow::Result<()> {
     let config = Config::load()?;
     let _telemetry = parley_platform::telemetry::init("parley-migrate", &config.telemetry)?;
-    let pool = sqlx::PgPool::connect(&config.database.url)
-        .await
-        .context("failed to connect to postgres")?;
+    let pool = sqlx::PgPool::connect(&config.database.url).await.context("failed to connect to postgres")?;
     parley::migrate(&pool).await?;
     println!("migrations applied");
     Ok(())
@@ -210,9 +198,8 @@ async fn fake_llm(args: FakeLlmArgs) -> anyhow::Result<()> {
     config.tokens_per_second = args.tokens_per_second.unwrap_or(config.tokens_per_second);
     config.error_rate = args.error_rate.unwrap_or(config.error_rate);
     config.rate_limit_rate = args.rate_limit_rate.unwrap_or(config.rate_limit_rate);
-    let listener = tokio::net::TcpListener::bind(&args.addr)
-        .await
-        .with_context(|| format!("failed to bind {}", args.addr))?;
+    let listener =
+        tokio::net::TcpListener::bind(&args.addr).await.with_context(|| format!("failed to bind {}", args.addr))?;
     println!("fake LLM listening on http://{}/v1", listener.local_addr()?);
     let shutdown = parley_platform::shutdown::on_signal();
     parley_fake_llm::serve(parley_fake_llm::FakeLlm::from_config(&config), listener, shutdown).await?;
@@ -230,19 +217,11 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
     let users = parley_user::build(config, pool).await?;
     let user = match command {
         AdminCommand::SetRole { email, role } => {
-            let request = SetRoleRequest {
-                email,
-                user_id: String::new(),
-                role,
-            };
+            let request = SetRoleRequest { email, user_id: String::new(), role };
             users.set_role(tonic::Request::new(request)).await
         }
         AdminCommand::SetTier { email, tier } => {
-            let request = SetTierRequest {
-                email,
-                user_id: String::new(),
-                tier,
-            };
+            let request = SetTierRequest { email, user_id: String::new(), tier };
             users.set_tier(tonic::Request::new(request)).await
         }
     };

@@ -9,64 +9,28 @@ use serde::{Deserialize, Serialize};
 
 /// Every environment variable Parley reads, with what it sets. The README's table comes from here.
 pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
-    (
-        "PARLEY_CONFIG",
-        "path to the TOML file with structured settings (providers, models, tiers)",
-    ),
-    (
-        "DATABASE_URL",
-        "PostgreSQL primary, e.g. postgres://parley@127.0.0.1:5432/parley",
-    ),
+    ("PARLEY_CONFIG", "path to the TOML file with structured settings (providers, models, tiers)"),
+    ("DATABASE_URL", "PostgreSQL primary, e.g. postgres://parley@127.0.0.1:5432/parley"),
     ("DATABASE_REPLICA_URLS", "comma-separated PostgreSQL read replicas"),
     ("REDIS_URL", "Redis, e.g. redis://127.0.0.1:6379"),
     ("NATS_URL", "NATS with JetStream, e.g. nats://127.0.0.1:4222"),
-    (
-        "PARLEY_HTTP_ADDR",
-        "address the gateway's REST API listens on (default 127.0.0.1:8080)",
-    ),
-    (
-        "PARLEY_GRPC_ADDR",
-        "address a service's gRPC server listens on under `parley serve`",
-    ),
-    (
-        "PARLEY_ADMIN_ADDR",
-        "address of /healthz, /readyz and /metrics under `parley serve`",
-    ),
+    ("PARLEY_HTTP_ADDR", "address the gateway's REST API listens on (default 127.0.0.1:8080)"),
+    ("PARLEY_GRPC_ADDR", "address a service's gRPC server listens on under `parley serve`"),
+    ("PARLEY_ADMIN_ADDR", "address of /healthz, /readyz and /metrics under `parley serve`"),
     ("PARLEY_USER_URL", "gRPC address of the user service"),
     ("PARLEY_CHAT_URL", "gRPC address of the chat service"),
     ("PARLEY_QUOTA_URL", "gRPC address of the quota service"),
     ("PARLEY_ANALYTICS_URL", "gRPC address of the analytics service"),
-    (
-        "PARLEY_ADMIN_EMAILS",
-        "comma-separated emails whose accounts have role admin",
-    ),
-    (
-        "PARLEY_CURSOR_SECRET",
-        "key that makes pagination cursors tamper-evident (same on every replica)",
-    ),
-    (
-        "PARLEY_NATS_PREFIX",
-        "prefix of every JetStream stream and subject (default parley)",
-    ),
+    ("PARLEY_ADMIN_EMAILS", "comma-separated emails whose accounts have role admin"),
+    ("PARLEY_CURSOR_SECRET", "key that makes pagination cursors tamper-evident (same on every replica)"),
+    ("PARLEY_NATS_PREFIX", "prefix of every JetStream stream and subject (default parley)"),
     ("PARLEY_REDIS_PREFIX", "prefix of every Redis key (default parley)"),
     ("PARLEY_DEFAULT_MODEL", "model used when a request names none"),
-    (
-        "PARLEY_LOG",
-        "log filter, e.g. info or parley_chat=debug (default info)",
-    ),
+    ("PARLEY_LOG", "log filter, e.g. info or parley_chat=debug (default info)"),
     ("PARLEY_LOG_FORMAT", "json (default) or pretty"),
-    (
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "OTLP gRPC endpoint for traces; unset means no export",
-    ),
-    (
-        "OTEL_SERVICE_NAME",
-        "service name on exported spans (default parley-<service>)",
-    ),
-    (
-        "OPENAI_API_KEY",
-        "API key for providers configured with api_key_env = \"OPENAI_API_KEY\"",
-    ),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTLP gRPC endpoint for traces; unset means no export"),
+    ("OTEL_SERVICE_NAME", "service name on exported spans (default parley-<service>)"),
+    ("OPENAI_API_KEY", "API key for providers configured with api_key_env = \"OPENAI_API_KEY\""),
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -175,6 +139,23 @@ pub struct AgentConfig {
     pub max_output_tokens: u32,
     pub retry: RetryConfig,
     pub breaker: BreakerConfig,
+    pub cache: CacheConfig,
+}
+
+/// The response cache: exact matches of deterministic requests, in Redis behind an in-process LRU.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    pub ttl_secs: u64,
+    /// Entries the in-process LRU keeps (it also answers while Redis is down).
+    pub local_entries: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { enabled: true, ttl_secs: 24 * 3600, local_entries: 1024 }
+    }
 }
 
 /// Retries of one provider before the chain moves on: exponential backoff with full jitter, on
@@ -201,21 +182,13 @@ pub struct BreakerConfig {
 
 impl Default for RetryConfig {
     fn default() -> Self {
-        Self {
-            max_attempts: 3,
-            base_delay_ms: 200,
-            max_delay_ms: 5_000,
-            max_elapsed_ms: 15_000,
-        }
+        Self { max_attempts: 3, base_delay_ms: 200, max_delay_ms: 5_000, max_elapsed_ms: 15_000 }
     }
 }
 
 impl Default for BreakerConfig {
     fn default() -> Self {
-        Self {
-            failure_threshold: 5,
-            cool_down_secs: 30,
-        }
+        Self { failure_threshold: 5, cool_down_secs: 30 }
     }
 }
 
@@ -260,6 +233,24 @@ pub struct ModelConfig {
     /// USD per million output tokens.
     #[serde(default)]
     pub output_price_per_mtok: f64,
+    /// Sends simple requests for this model to a cheaper one.
+    #[serde(default)]
+    pub router: Option<RouterConfig>,
+}
+
+/// A request is simple, and goes to `model`, when its prompt is at most `max_prompt_chars` characters
+/// in at most `max_messages` messages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    pub model: String,
+    pub max_prompt_chars: usize,
+    #[serde(default = "default_router_messages")]
+    pub max_messages: usize,
+}
+
+fn default_router_messages() -> usize {
+    2
 }
 
 fn default_context_window() -> u32 {
@@ -293,11 +284,7 @@ pub struct ProviderConfig {
 impl ProviderConfig {
     /// Every key variable, `api_key_env` first.
     pub fn key_variables(&self) -> Vec<&str> {
-        self.api_key_env
-            .iter()
-            .chain(self.api_key_envs.iter())
-            .map(String::as_str)
-            .collect()
+        self.api_key_env.iter().chain(self.api_key_envs.iter()).map(String::as_str).collect()
     }
 }
 
@@ -332,10 +319,7 @@ impl Default for DatabaseConfig {
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self {
-            url: "redis://127.0.0.1:6379".to_owned(),
-            key_prefix: "parley".to_owned(),
-        }
+        Self { url: "redis://127.0.0.1:6379".to_owned(), key_prefix: "parley".to_owned() }
     }
 }
 
@@ -406,17 +390,14 @@ impl Default for AgentConfig {
             max_output_tokens: 1024,
             retry: RetryConfig::default(),
             breaker: BreakerConfig::default(),
+            cache: CacheConfig::default(),
         }
     }
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self {
-            otlp_endpoint: None,
-            log_filter: "info".to_owned(),
-            log_format: LogFormat::Json,
-        }
+        Self { otlp_endpoint: None, log_filter: "info".to_owned(), log_format: LogFormat::Json }
     }
 }
 
@@ -449,37 +430,17 @@ impl Default for Config {
         let models = BTreeMap::from([(
             FAKE_MODEL.to_owned(),
             ModelConfig {
-                chain: vec![ModelTarget {
-                    provider: "fake".to_owned(),
-                    model: "fake-echo".to_owned(),
-                }],
+                chain: vec![ModelTarget { provider: "fake".to_owned(), model: "fake-echo".to_owned() }],
                 context_window: 8192,
                 input_price_per_mtok: 0.5,
                 output_price_per_mtok: 1.5,
+                router: None,
             },
         )]);
         let tiers = BTreeMap::from([
-            (
-                "free".to_owned(),
-                TierConfig {
-                    requests_per_minute: 20,
-                    tokens_per_day: 50_000,
-                },
-            ),
-            (
-                "pro".to_owned(),
-                TierConfig {
-                    requests_per_minute: 120,
-                    tokens_per_day: 1_000_000,
-                },
-            ),
-            (
-                "enterprise".to_owned(),
-                TierConfig {
-                    requests_per_minute: 600,
-                    tokens_per_day: 20_000_000,
-                },
-            ),
+            ("free".to_owned(), TierConfig { requests_per_minute: 20, tokens_per_day: 50_000 }),
+            ("pro".to_owned(), TierConfig { requests_per_minute: 120, tokens_per_day: 1_000_000 }),
+            ("enterprise".to_owned(), TierConfig { requests_per_minute: 600, tokens_per_day: 20_000_000 }),
         ]);
         Self {
             database: DatabaseConfig::default(),
@@ -512,10 +473,7 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.into(),
-        message: message.into(),
-    }
+    ConfigError::Invalid { field: field.into(), message: message.into() }
 }
 
 impl Config {
@@ -533,14 +491,9 @@ impl Config {
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let display = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: display.clone(),
-            source,
-        })?;
-        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
-            path: display,
-            source: Box::new(source),
-        })
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: display.clone(), source })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: display, source: Box::new(source) })
     }
 
     pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
@@ -606,10 +559,7 @@ impl Config {
                 "json" => LogFormat::Json,
                 "pretty" => LogFormat::Pretty,
                 other => {
-                    return Err(invalid(
-                        "PARLEY_LOG_FORMAT",
-                        format!("expected json or pretty, got {other:?}"),
-                    ));
+                    return Err(invalid("PARLEY_LOG_FORMAT", format!("expected json or pretty, got {other:?}")));
                 }
             };
         }
@@ -623,11 +573,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_url("database.url", &self.database.url, &["postgres", "postgresql"])?;
         for (index, url) in self.database.replica_urls.iter().enumerate() {
-            check_url(
-                &format!("database.replica_urls[{index}]"),
-                url,
-                &["postgres", "postgresql"],
-            )?;
+            check_url(&format!("database.replica_urls[{index}]"), url, &["postgres", "postgresql"])?;
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
@@ -688,11 +634,7 @@ impl Config {
         for (name, provider) in &self.providers {
             // The fake's address may be filled in at start-up; every other provider needs one now.
             if provider.kind != ProviderKind::Fake || !provider.base_url.is_empty() {
-                check_url(
-                    &format!("providers.{name}.base_url"),
-                    &provider.base_url,
-                    &["http", "https"],
-                )?;
+                check_url(&format!("providers.{name}.base_url"), &provider.base_url, &["http", "https"])?;
             }
         }
         if self.models.is_empty() {
@@ -700,10 +642,7 @@ impl Config {
         }
         for (name, model) in &self.models {
             if model.chain.is_empty() {
-                return Err(invalid(
-                    format!("models.{name}.chain"),
-                    "needs at least one provider/model pair",
-                ));
+                return Err(invalid(format!("models.{name}.chain"), "needs at least one provider/model pair"));
             }
             for (index, target) in model.chain.iter().enumerate() {
                 if !self.providers.contains_key(&target.provider) {
@@ -713,15 +652,22 @@ impl Config {
                     ));
                 }
             }
+            if let Some(router) = &model.router {
+                let field = format!("models.{name}.router.model");
+                match self.models.get(&router.model) {
+                    None => return Err(invalid(field, format!("no model named {:?}", router.model))),
+                    Some(target) if target.router.is_some() => {
+                        return Err(invalid(field, "the cheaper model cannot have a router of its own"));
+                    }
+                    Some(_) => {}
+                }
+            }
             if model.input_price_per_mtok < 0.0 || model.output_price_per_mtok < 0.0 {
                 return Err(invalid(format!("models.{name}"), "prices cannot be negative"));
             }
         }
         if !self.models.contains_key(&self.default_model) {
-            return Err(invalid(
-                "default_model",
-                format!("no model named {:?}", self.default_model),
-            ));
+            return Err(invalid("default_model", format!("no model named {:?}", self.default_model)));
         }
         if !self.tiers.contains_key(DEFAULT_TIER) {
             return Err(invalid("tiers", format!("the {DEFAULT_TIER:?} tier must exist")));
@@ -743,12 +689,7 @@ impl Config {
 pub const DEFAULT_TIER: &str = "free";
 
 fn split_list(value: &str) -> Vec<String> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
-        .map(str::to_owned)
-        .collect()
+    value.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_owned).collect()
 }
 
 fn check_url(field: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError> {
@@ -756,10 +697,7 @@ fn check_url(field: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigErr
         return Err(invalid(field, format!("{value:?} is not a URL")));
     };
     if !schemes.contains(&scheme) {
-        return Err(invalid(
-            field,
-            format!("scheme must be one of {schemes:?}, got {scheme:?}"),
-        ));
+        return Err(invalid(field, format!("scheme must be one of {schemes:?}, got {scheme:?}")));
     }
     if rest.is_empty() {
         return Err(invalid(field, "has no host"));
@@ -776,11 +714,7 @@ fn check_socket_addr(field: &str, value: &str) -> Result<(), ConfigError> {
 
 fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
     let valid = !value.is_empty() && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if valid {
-        Ok(())
-    } else {
-        Err(invalid(field, "use only letters, digits, '-' and '_'"))
-    }
+    if valid { Ok(()) } else { Err(invalid(field, "use only letters, digits, '-' and '_'")) }
 }
 
 #[cfg(test)]
@@ -812,10 +746,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(config.database.url, "postgres://env/db");
-        assert_eq!(
-            config.database.replica_urls,
-            vec!["postgres://r1/db", "postgres://r2/db"]
-        );
+        assert_eq!(config.database.replica_urls, vec!["postgres://r1/db", "postgres://r2/db"]);
         assert_eq!(config.auth.admin_emails.len(), 2);
         config.validate().unwrap();
     }
@@ -839,18 +770,12 @@ mod tests {
         config.redis.url = "http://localhost".to_owned();
         assert_eq!(field_of(config.validate().unwrap_err()), "redis.url");
 
-        let config = Config {
-            default_model: "missing".to_owned(),
-            ..Config::default()
-        };
+        let config = Config { default_model: "missing".to_owned(), ..Config::default() };
         assert_eq!(field_of(config.validate().unwrap_err()), "default_model");
 
         let mut config = Config::default();
         config.models.get_mut(FAKE_MODEL).unwrap().chain[0].provider = "nope".to_owned();
-        assert_eq!(
-            field_of(config.validate().unwrap_err()),
-            "models.parley-fake.chain[0].provider"
-        );
+        assert_eq!(field_of(config.validate().unwrap_err()), "models.parley-fake.chain[0].provider");
 
         let mut config = Config::default();
         config.fake_llm.error_rate = 1.5;
@@ -864,9 +789,7 @@ mod tests {
     #[test]
     fn bad_log_format_names_the_variable() {
         let mut config = Config::default();
-        let error = config
-            .apply_env(|name| (name == "PARLEY_LOG_FORMAT").then(|| "xml".to_owned()))
-            .unwrap_err();
+        let error = config.apply_env(|name| (name == "PARLEY_LOG_FORMAT").then(|| "xml".to_owned())).unwrap_err();
         assert_eq!(field_of(error), "PARLEY_LOG_FORMAT");
     }
 }

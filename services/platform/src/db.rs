@@ -11,10 +11,8 @@ use crate::config::DatabaseConfig;
 /// A pool that connects on first use, so a service starts (and reports not-ready) while the database
 /// is down instead of crashing.
 pub fn lazy_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = config
-        .url
-        .parse::<PgConnectOptions>()?
-        .log_statements(tracing::log::LevelFilter::Debug);
+    let options: PgConnectOptions =
+        config.url.parse::<PgConnectOptions>()?.log_statements(tracing::log::LevelFilter::Debug);
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
@@ -28,23 +26,15 @@ pub async fn migrate_schema(
     schema: &'static str,
     migrator: &Migrator,
 ) -> Result<(), sqlx::migrate::MigrateError> {
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}")))
-        .execute(pool)
-        .await?;
-    let mut migrator = Migrator {
-        migrations: migrator.migrations.clone(),
-        ..Migrator::DEFAULT
-    };
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}"))).execute(pool).await?;
+    let mut migrator = Migrator { migrations: migrator.migrations.clone(), ..Migrator::DEFAULT };
     migrator.dangerous_set_table_name(format!("{schema}._sqlx_migrations"));
     migrator.run(pool).await
 }
 
 /// Whether a database error means "the database is not reachable right now" (a 503) rather than a bug.
 pub fn is_unavailable(error: &sqlx::Error) -> bool {
-    matches!(
-        error,
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
-    )
+    matches!(error, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_))
 }
 
 /// Whether a database error is a unique-constraint violation.
@@ -67,9 +57,8 @@ pub async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
         .await?;
     if exists.is_none() {
         let quoted = name.replace('"', "\"\"");
-        let created = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{quoted}\"")))
-            .execute(&mut connection)
-            .await;
+        let created =
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{quoted}\""))).execute(&mut connection).await;
         // Another process may have created it in the meantime.
         if let Err(error) = created
             && !matches!(&error, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P04"))

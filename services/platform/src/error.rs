@@ -160,23 +160,13 @@ pub struct ServiceError {
 
 impl ServiceError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-            field: None,
-            retry_after_secs: None,
-        }
+        Self { code, message: message.into(), field: None, retry_after_secs: None }
     }
 
     pub fn invalid_field(field: impl Into<String>, message: impl Into<String>) -> Self {
         let field = field.into();
         let message = format!("{field}: {}", message.into());
-        Self {
-            code: ErrorCode::InvalidRequest,
-            message,
-            field: Some(field),
-            retry_after_secs: None,
-        }
+        Self { code: ErrorCode::InvalidRequest, message, field: Some(field), retry_after_secs: None }
     }
 
     pub fn not_found(what: &str) -> Self {
@@ -188,11 +178,7 @@ impl ServiceError {
     }
 
     pub fn unavailable(what: &str) -> Self {
-        Self::new(
-            ErrorCode::Unavailable,
-            format!("{what} is unavailable; try again shortly"),
-        )
-        .retry_after(1)
+        Self::new(ErrorCode::Unavailable, format!("{what} is unavailable; try again shortly")).retry_after(1)
     }
 
     pub fn retry_after(mut self, secs: u64) -> Self {
@@ -227,12 +213,7 @@ impl From<ServiceError> for tonic::Status {
 impl From<tonic::Status> for ServiceError {
     fn from(status: tonic::Status) -> Self {
         let metadata = status.metadata();
-        let text = |key: &str| {
-            metadata
-                .get(key)
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_owned)
-        };
+        let text = |key: &str| metadata.get(key).and_then(|value| value.to_str().ok()).map(str::to_owned);
         let tagged = text(CODE_KEY).and_then(|code| ErrorCode::parse(&code));
         let code = tagged.unwrap_or_else(|| ErrorCode::from_grpc_code(status.code()));
         // A status without our tag was made by the transport, not by a Parley service: its message may
@@ -245,15 +226,9 @@ impl From<tonic::Status> for ServiceError {
             },
             (Some(_), _) => status.message().to_owned(),
         };
-        let retry_after_secs = text(RETRY_AFTER_KEY)
-            .and_then(|secs| secs.parse().ok())
-            .or((code == ErrorCode::Unavailable).then_some(1));
-        ServiceError {
-            code,
-            message,
-            field: text(FIELD_KEY),
-            retry_after_secs,
-        }
+        let retry_after_secs =
+            text(RETRY_AFTER_KEY).and_then(|secs| secs.parse().ok()).or((code == ErrorCode::Unavailable).then_some(1));
+        ServiceError { code, message, field: text(FIELD_KEY), retry_after_secs }
     }
 }
 
@@ -324,10 +299,7 @@ mod tests {
     #[test]
     fn untagged_grpc_codes_map_sensibly() {
         assert_eq!(ErrorCode::from_grpc_code(tonic::Code::NotFound), ErrorCode::NotFound);
-        assert_eq!(
-            ErrorCode::from_grpc_code(tonic::Code::DeadlineExceeded),
-            ErrorCode::Unavailable
-        );
+        assert_eq!(ErrorCode::from_grpc_code(tonic::Code::DeadlineExceeded), ErrorCode::Unavailable);
         assert_eq!(ErrorCode::from_grpc_code(tonic::Code::Unknown), ErrorCode::Internal);
     }
 }

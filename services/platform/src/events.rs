@@ -13,6 +13,32 @@ pub struct AiJob {
     pub user_id: Uuid,
     pub model: String,
     pub tier: String,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub cache: CacheDirective,
+}
+
+/// What the client allowed the response cache to do with this job.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CacheDirective {
+    /// May a cached reply be served?
+    pub read: bool,
+    /// May this reply be kept?
+    pub write: bool,
+}
+
+impl Default for CacheDirective {
+    fn default() -> Self {
+        Self { read: true, write: true }
+    }
+}
+
+impl AiJob {
+    /// Only deterministic requests (temperature 0) are answered from, or kept in, the response cache.
+    pub fn is_cacheable(&self) -> bool {
+        self.temperature == Some(0.0)
+    }
 }
 
 /// What an agent reports after a model call. Idempotent by `event_id` (the assistant message id).
@@ -40,17 +66,7 @@ pub struct UsageEvent {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum MessageEvent {
-    Delta {
-        message_id: Uuid,
-        index: u64,
-        text: String,
-    },
-    Completed {
-        message_id: Uuid,
-    },
-    Failed {
-        message_id: Uuid,
-        code: String,
-        detail: String,
-    },
+    Delta { message_id: Uuid, index: u64, text: String },
+    Completed { message_id: Uuid },
+    Failed { message_id: Uuid, code: String, detail: String },
 }

@@ -57,11 +57,7 @@ pub fn with_context(channel: Channel) -> ClientChannel {
 /// The span of one incoming call, child of the caller's trace.
 pub fn server_span(service: &'static str) -> impl Fn(&http::Request<()>) -> tracing::Span + Clone {
     move |request| {
-        let request_id = request
-            .headers()
-            .get(REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        let request_id = request.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
         let span = tracing::info_span!(
             "grpc.server",
             otel.kind = "server",
@@ -94,10 +90,7 @@ impl<S> tower::Layer<S> for MetricsLayer {
     type Service = MetricsService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        MetricsService {
-            inner,
-            service: self.service,
-        }
+        MetricsService { inner, service: self.service }
     }
 }
 
@@ -159,13 +152,9 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for name in health_names {
-        health_reporter
-            .set_service_status(*name, tonic_health::ServingStatus::Serving)
-            .await;
+        health_reporter.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
     }
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let routes = routes.add_service(health_service);
     tonic::transport::Server::builder()
         .trace_fn(server_span(service))

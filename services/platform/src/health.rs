@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 use serde_json::json;
 
 type CheckFn = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+type InfoFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -22,6 +23,9 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone, Default)]
 pub struct Readiness {
     checks: Vec<(String, CheckFn)>,
+    /// Reported beside the checks without deciding readiness (an open circuit to one provider must not
+    /// take every replica out of service).
+    infos: Vec<(String, InfoFn)>,
 }
 
 impl Readiness {
@@ -35,6 +39,15 @@ impl Readiness {
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
         self.checks.push((name.into(), Arc::new(move || Box::pin(check()))));
+        self
+    }
+
+    pub fn with_info(
+        mut self,
+        name: impl Into<String>,
+        info: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) -> Self {
+        self.infos.push((name.into(), Arc::new(info)));
         self
     }
 
@@ -71,30 +84,25 @@ impl Readiness {
 
     pub async fn response(&self) -> Response {
         let (ready, checks) = self.check().await;
-        if ready {
-            (StatusCode::OK, Json(json!({"status": "ready", "checks": checks}))).into_response()
-        } else {
-            let failing: Vec<&String> = checks.iter().filter(|(_, v)| *v != "ok").map(|(k, _)| k).collect();
-            tracing::warn!(?failing, "not ready");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "not_ready", "checks": checks})),
-            )
-                .into_response()
+        let mut body = json!({"status": if ready { "ready" } else { "not_ready" }, "checks": checks});
+        for (name, info) in &self.infos {
+            body[name.as_str()] = info();
         }
+        if ready {
+            return (StatusCode::OK, Json(body)).into_response();
+        }
+        let failing: Vec<&String> = checks.iter().filter(|(_, v)| *v != "ok").map(|(k, _)| k).collect();
+        tracing::warn!(?failing, "not ready");
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
 
 pub fn postgres_check(pool: sqlx::PgPool) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
     move || {
         let pool = pool.clone();
-        Box::pin(async move {
-            sqlx::query("SELECT 1")
-                .execute(&pool)
-                .await
-                .map(|_| ())
-                .map_err(|error| error.to_string())
-        })
+        Box::pin(
+            async move { sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()).map_err(|error| error.to_string()) },
+        )
     }
 }
 
@@ -116,11 +124,7 @@ pub fn redis_check(
     move || {
         let mut connection = connection.clone();
         Box::pin(async move {
-            redis::cmd("PING")
-                .query_async::<String>(&mut connection)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            redis::cmd("PING").query_async::<String>(&mut connection).await.map(|_| ()).map_err(|e| e.to_string())
         })
     }
 }
@@ -133,13 +137,8 @@ pub fn grpc_check(
     move || {
         let mut client = tonic_health::pb::health_client::HealthClient::new(channel.clone());
         Box::pin(async move {
-            let request = tonic_health::pb::HealthCheckRequest {
-                service: service.to_owned(),
-            };
-            let response = client
-                .check(request)
-                .await
-                .map_err(|status| status.code().to_string())?;
+            let request = tonic_health::pb::HealthCheckRequest { service: service.to_owned() };
+            let response = client.check(request).await.map_err(|status| status.code().to_string())?;
             match response.into_inner().status() {
                 tonic_health::pb::health_check_response::ServingStatus::Serving => Ok(()),
                 other => Err(format!("{other:?}")),
@@ -168,9 +167,5 @@ pub async fn healthz() -> Response {
 }
 
 pub async fn metrics() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::telemetry::render_metrics(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::render_metrics()).into_response()
 }

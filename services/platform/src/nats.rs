@@ -17,10 +17,7 @@ pub struct Names {
 
 impl Names {
     pub fn new(prefix: &str) -> Self {
-        Self {
-            prefix: prefix.to_owned(),
-            stream_prefix: prefix.to_ascii_uppercase().replace('-', "_"),
-        }
+        Self { prefix: prefix.to_owned(), stream_prefix: prefix.to_ascii_uppercase().replace('-', "_") }
     }
 
     /// Work queue of AI jobs.
@@ -34,12 +31,7 @@ impl Names {
 
     /// Every stream of this deployment (for tests that clean up after themselves).
     pub fn all_streams(&self) -> [String; 4] {
-        [
-            self.jobs_stream(),
-            self.usage_stream(),
-            self.events_stream(),
-            self.dead_jobs_stream(),
-        ]
+        [self.jobs_stream(), self.usage_stream(), self.events_stream(), self.dead_jobs_stream()]
     }
 
     /// Jobs given up on, kept for inspection and replay.
@@ -165,9 +157,7 @@ pub async fn ensure_agent_consumer(
         max_ack_pending: 10_000,
         ..Default::default()
     };
-    Ok(stream
-        .get_or_create_consumer(names.agent_consumer(), consumer_config)
-        .await?)
+    Ok(stream.get_or_create_consumer(names.agent_consumer(), consumer_config).await?)
 }
 
 /// The usage event stream: kept (limits retention) so analytics can replay it.
@@ -196,9 +186,7 @@ pub async fn ensure_analytics_consumer(
         ack_wait: Duration::from_secs(30),
         ..Default::default()
     };
-    Ok(stream
-        .get_or_create_consumer(names.analytics_consumer(), consumer_config)
-        .await?)
+    Ok(stream.get_or_create_consumer(names.analytics_consumer(), consumer_config).await?)
 }
 
 #[cfg(test)]

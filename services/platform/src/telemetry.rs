@@ -59,16 +59,10 @@ pub fn init(service_name: &str, config: &TelemetryConfig) -> anyhow::Result<Tele
 
     let mut exporting = false;
     let provider = TRACER_PROVIDER.get_or_init(|| {
-        let resource = opentelemetry_sdk::Resource::builder()
-            .with_service_name(service_name.to_owned())
-            .build();
+        let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name.to_owned()).build();
         let mut builder = SdkTracerProvider::builder().with_resource(resource);
         if let Some(endpoint) = &config.otlp_endpoint {
-            match opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()
-            {
+            match opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build() {
                 Ok(exporter) => {
                     builder = builder.with_batch_exporter(exporter);
                     exporting = true;
@@ -93,15 +87,9 @@ pub fn init(service_name: &str, config: &TelemetryConfig) -> anyhow::Result<Tele
         LogFormat::Pretty => tracing_subscriber::fmt::layer().with_target(false).boxed(),
     };
     // A second call in one process finds a subscriber already set; that is fine.
-    let _already_set = tracing_subscriber::registry()
-        .with(filter)
-        .with(otel_layer)
-        .with(fmt_layer)
-        .try_init();
+    let _already_set = tracing_subscriber::registry().with(filter).with(otel_layer).with(fmt_layer).try_init();
 
-    Ok(TelemetryGuard {
-        provider: exporting.then(|| provider.clone()),
-    })
+    Ok(TelemetryGuard { provider: exporting.then(|| provider.clone()) })
 }
 
 fn eprintln_warning(message: &str) {
@@ -112,9 +100,8 @@ fn eprintln_warning(message: &str) {
 
 /// Latency buckets in seconds, from 1 ms to 2 minutes: API calls live at the low end, model calls at the
 /// high end.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
 fn install_metrics_recorder() {
     if PROMETHEUS.get().is_some() {
@@ -168,10 +155,9 @@ pub struct MetadataCarrier<'a>(pub &'a mut tonic::metadata::MetadataMap);
 
 impl Injector for MetadataCarrier<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(key), Ok(value)) = (
-            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
-            tonic::metadata::MetadataValue::try_from(value),
-        ) {
+        if let (Ok(key), Ok(value)) =
+            (tonic::metadata::MetadataKey::from_bytes(key.as_bytes()), tonic::metadata::MetadataValue::try_from(value))
+        {
             self.0.insert(key, value);
         }
     }

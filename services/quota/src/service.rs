@@ -23,12 +23,7 @@ pub struct QuotaService {
 
 impl QuotaService {
     pub fn new(config: Arc<Config>, pool: PgPool, redis: ConnectionManager) -> Self {
-        Self {
-            config,
-            pool,
-            redis,
-            charge_script: Arc::new(redis::Script::new(CHARGE_SCRIPT)),
-        }
+        Self { config, pool, redis, charge_script: Arc::new(redis::Script::new(CHARGE_SCRIPT)) }
     }
 
     fn daily_limit(&self, tier: &str) -> i64 {
@@ -36,9 +31,7 @@ impl QuotaService {
             Some(tier) => tier.tokens_per_day,
             None => {
                 tracing::warn!(tier, "unknown tier; using the default tier's budget");
-                self.config
-                    .tier(parley_platform::config::DEFAULT_TIER)
-                    .map_or(0, |tier| tier.tokens_per_day)
+                self.config.tier(parley_platform::config::DEFAULT_TIER).map_or(0, |tier| tier.tokens_per_day)
             }
         }
     }
@@ -101,11 +94,7 @@ impl pb::quota_service_server::QuotaService for QuotaService {
         let day = budget::current_day(now);
         let key = budget::counter_key(&self.config.redis.key_prefix, user_id, day);
         let limit = self.daily_limit(&request.tier);
-        let (used, effective_limit) = match self
-            .used_from_redis(&key, user_id, day)
-            .await
-            .map_err(QuotaError::from)?
-        {
+        let (used, effective_limit) = match self.used_from_redis(&key, user_id, day).await.map_err(QuotaError::from)? {
             Ok(used) => (used, limit),
             Err(error) => {
                 tracing::warn!(%error, "redis unavailable; answering budgets from the ledger, conservatively");
@@ -153,12 +142,8 @@ impl pb::quota_service_server::QuotaService for QuotaService {
         if inserted {
             let key = budget::counter_key(&self.config.redis.key_prefix, user_id, day);
             let mut redis = self.redis.clone();
-            let counted: Result<i64, _> = self
-                .charge_script
-                .key(&key)
-                .arg(request.tokens)
-                .invoke_async(&mut redis)
-                .await;
+            let counted: Result<i64, _> =
+                self.charge_script.key(&key).arg(request.tokens).invoke_async(&mut redis).await;
             if let Err(error) = counted {
                 // The ledger has the charge; the counter is rebuilt from it when Redis answers again.
                 tracing::warn!(%error, "redis unavailable; charge recorded in the ledger only");

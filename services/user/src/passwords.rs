@@ -44,11 +44,7 @@ mod tests {
     async fn a_hash_verifies_only_its_password() {
         let stored = hash("correct horse battery".to_owned()).await.unwrap();
         assert!(stored.starts_with("$argon2id$"));
-        assert!(
-            verify("correct horse battery".to_owned(), Some(stored.clone()))
-                .await
-                .unwrap()
-        );
+        assert!(verify("correct horse battery".to_owned(), Some(stored.clone())).await.unwrap());
         assert!(!verify("wrong horse battery".to_owned(), Some(stored)).await.unwrap());
         assert!(!verify("anything at all".to_owned(), None).await.unwrap());
     }

@@ -33,19 +33,11 @@ impl UserService {
     pub async fn new(config: Arc<Config>, pool: PgPool) -> Result<Self, UserError> {
         let storage = Storage::new(pool);
         let active = load_or_create_active_key(&storage).await?;
-        Ok(Self {
-            config,
-            storage,
-            active_key: Arc::new(RwLock::new(Arc::new(active))),
-        })
+        Ok(Self { config, storage, active_key: Arc::new(RwLock::new(Arc::new(active))) })
     }
 
     fn is_admin_email(&self, email: &str) -> bool {
-        self.config
-            .auth
-            .admin_emails
-            .iter()
-            .any(|admin| admin.eq_ignore_ascii_case(email))
+        self.config.auth.admin_emails.iter().any(|admin| admin.eq_ignore_ascii_case(email))
     }
 
     /// Issues an access token and a new refresh token in `family_id`.
@@ -53,9 +45,7 @@ impl UserService {
         let (refresh_token, refresh_hash) = new_refresh_token()?;
         let now = OffsetDateTime::now_utc();
         let expires_at = now + time::Duration::seconds(self.config.auth.refresh_token_ttl_secs);
-        self.storage
-            .insert_refresh_token(user.id, family_id, &refresh_hash, expires_at)
-            .await?;
+        self.storage.insert_refresh_token(user.id, family_id, &refresh_hash, expires_at).await?;
         self.issue_with_refresh(user, refresh_token).await
     }
 
@@ -74,12 +64,7 @@ impl UserService {
         };
         let key = self.active_key.read().await.clone();
         let access_token = key.sign(&claims)?;
-        Ok(pb::AuthResponse {
-            user: Some(to_proto(user)),
-            access_token,
-            refresh_token,
-            expires_in: ttl,
-        })
+        Ok(pb::AuthResponse { user: Some(to_proto(user)), access_token, refresh_token, expires_in: ttl })
     }
 
     async fn find_user(&self, email: &str, user_id: &str) -> Result<UserRow, UserError> {
@@ -98,32 +83,24 @@ impl UserService {
 async fn load_or_create_active_key(storage: &Storage) -> Result<ActiveKey, UserError> {
     if storage.signing_keys().await?.is_empty() {
         let key = signing::generate()?;
-        storage
-            .insert_signing_key(&key.kid, &key.private_pkcs8, &key.public_key)
-            .await?;
+        storage.insert_signing_key(&key.kid, &key.private_pkcs8, &key.public_key).await?;
         tracing::info!(kid = %key.kid, "created the first access-token signing key");
     }
     let keys = storage.signing_keys().await?;
-    let newest = keys
-        .first()
-        .ok_or_else(|| UserError::SigningKey("no signing key after creating one".into()))?;
+    let newest = keys.first().ok_or_else(|| UserError::SigningKey("no signing key after creating one".into()))?;
     ActiveKey::from_pkcs8(newest.kid.clone(), &newest.private_key)
 }
 
 fn new_refresh_token() -> Result<(String, Vec<u8>), UserError> {
     let mut bytes = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| UserError::SigningKey("no randomness".into()))?;
+    ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| UserError::SigningKey("no randomness".into()))?;
     let token = format!("{REFRESH_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
     let hash = hash_token(&token);
     Ok((token, hash))
 }
 
 fn hash_token(token: &str) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .to_vec()
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().to_vec()
 }
 
 fn to_proto(user: &UserRow) -> pb::User {
@@ -168,11 +145,7 @@ impl pb::user_service_server::UserService for UserService {
 
     async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::AuthResponse>, Status> {
         let request = request.into_inner();
-        let user = self
-            .storage
-            .user_by_email(request.email.trim())
-            .await
-            .map_err(UserError::from)?;
+        let user = self.storage.user_by_email(request.email.trim()).await.map_err(UserError::from)?;
         let stored_hash = user.as_ref().map(|user| user.password_hash.clone());
         let matches = passwords::verify(request.password, stored_hash).await?;
         let Some(mut user) = user.filter(|_| matches) else {
@@ -217,10 +190,7 @@ impl pb::user_service_server::UserService for UserService {
     async fn logout(&self, request: Request<pb::LogoutRequest>) -> Result<Response<pb::LogoutResponse>, Status> {
         let token = request.into_inner().refresh_token;
         if token.starts_with(REFRESH_TOKEN_PREFIX) {
-            self.storage
-                .revoke_refresh_family(&hash_token(&token))
-                .await
-                .map_err(UserError::from)?;
+            self.storage.revoke_refresh_family(&hash_token(&token)).await.map_err(UserError::from)?;
         }
         Ok(Response::new(pb::LogoutResponse {}))
     }
@@ -264,11 +234,7 @@ impl pb::user_service_server::UserService for UserService {
             return Err(ServiceError::invalid_field("tier", format!("must be one of {known:?}")).into());
         }
         let user = self.find_user(&request.email, &request.user_id).await?;
-        let updated = self
-            .storage
-            .set_tier(user.id, &request.tier)
-            .await
-            .map_err(UserError::from)?;
+        let updated = self.storage.set_tier(user.id, &request.tier).await.map_err(UserError::from)?;
         let updated = updated.ok_or_else(|| UserError::from(ServiceError::not_found("user")))?;
         tracing::info!(user_id = %updated.id, tier = %updated.tier, "tier changed");
         Ok(Response::new(to_proto(&updated)))

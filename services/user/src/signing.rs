@@ -26,11 +26,7 @@ pub fn generate() -> Result<NewKey, UserError> {
     // The kid is derived from the public key, so it names the key without revealing anything.
     let digest = ring::digest::digest(&ring::digest::SHA256, &public_key);
     let kid = URL_SAFE_NO_PAD.encode(&digest.as_ref()[..12]);
-    Ok(NewKey {
-        kid,
-        private_pkcs8: document.as_ref().to_vec(),
-        public_key,
-    })
+    Ok(NewKey { kid, private_pkcs8: document.as_ref().to_vec(), public_key })
 }
 
 /// The key that signs new access tokens.
@@ -43,10 +39,7 @@ impl ActiveKey {
     pub fn from_pkcs8(kid: String, private_pkcs8: &[u8]) -> Result<Self, UserError> {
         // Validate now rather than at the first login.
         Ed25519KeyPair::from_pkcs8_maybe_unchecked(private_pkcs8).map_err(|e| UserError::SigningKey(e.to_string()))?;
-        Ok(Self {
-            kid,
-            encoding_key: EncodingKey::from_ed_der(private_pkcs8),
-        })
+        Ok(Self { kid, encoding_key: EncodingKey::from_ed_der(private_pkcs8) })
     }
 
     pub fn sign(&self, claims: &AccessClaims) -> Result<String, UserError> {
@@ -85,21 +78,13 @@ mod tests {
         let key = generate().unwrap();
         let active = ActiveKey::from_pkcs8(key.kid.clone(), &key.private_pkcs8).unwrap();
         let token = active.sign(&claims()).unwrap();
-        assert_eq!(
-            jsonwebtoken::decode_header(&token).unwrap().kid.as_deref(),
-            Some(key.kid.as_str())
-        );
+        assert_eq!(jsonwebtoken::decode_header(&token).unwrap().kid.as_deref(), Some(key.kid.as_str()));
 
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_audience(&["parley-api"]);
         validation.set_issuer(&["parley"]);
         let decoding = DecodingKey::from_ed_components(&public_key_x(&key.public_key)).unwrap();
-        assert_eq!(
-            jsonwebtoken::decode::<AccessClaims>(&token, &decoding, &validation)
-                .unwrap()
-                .claims,
-            claims()
-        );
+        assert_eq!(jsonwebtoken::decode::<AccessClaims>(&token, &decoding, &validation).unwrap().claims, claims());
 
         let other = generate().unwrap();
         let wrong = DecodingKey::from_ed_components(&public_key_x(&other.public_key)).unwrap();

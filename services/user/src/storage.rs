@@ -37,13 +37,7 @@ pub enum RefreshOutcome {
 }
 
 /// user_id, family_id, expires_at, rotated_at, revoked_at of a refresh token.
-type TokenState = (
-    Uuid,
-    Uuid,
-    OffsetDateTime,
-    Option<OffsetDateTime>,
-    Option<OffsetDateTime>,
-);
+type TokenState = (Uuid, Uuid, OffsetDateTime, Option<OffsetDateTime>, Option<OffsetDateTime>);
 
 const USER_COLUMNS: &str = "id, email, display_name, password_hash, role, tier, created_at";
 
@@ -85,38 +79,24 @@ impl Storage {
 
     pub async fn user_by_email(&self, email: &str) -> Result<Option<UserRow>, sqlx::Error> {
         let sql = format!("SELECT {USER_COLUMNS} FROM identity.users WHERE lower(email) = lower($1)");
-        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql))
-            .bind(email)
-            .fetch_optional(&self.pool)
-            .await
+        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(email).fetch_optional(&self.pool).await
     }
 
     pub async fn user_by_id(&self, id: Uuid) -> Result<Option<UserRow>, sqlx::Error> {
         let sql = format!("SELECT {USER_COLUMNS} FROM identity.users WHERE id = $1");
-        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
+        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await
     }
 
     pub async fn set_role(&self, id: Uuid, role: &str) -> Result<Option<UserRow>, sqlx::Error> {
         let sql =
             format!("UPDATE identity.users SET role = $2, updated_at = now() WHERE id = $1 RETURNING {USER_COLUMNS}");
-        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .bind(role)
-            .fetch_optional(&self.pool)
-            .await
+        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(id).bind(role).fetch_optional(&self.pool).await
     }
 
     pub async fn set_tier(&self, id: Uuid, tier: &str) -> Result<Option<UserRow>, sqlx::Error> {
         let sql =
             format!("UPDATE identity.users SET tier = $2, updated_at = now() WHERE id = $1 RETURNING {USER_COLUMNS}");
-        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .bind(tier)
-            .fetch_optional(&self.pool)
-            .await
+        sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(id).bind(tier).fetch_optional(&self.pool).await
     }
 
     pub async fn insert_refresh_token(
@@ -188,10 +168,8 @@ impl Storage {
         .execute(&mut *tx)
         .await?;
         let sql = format!("SELECT {USER_COLUMNS} FROM identity.users WHERE id = $1");
-        let user = sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql))
-            .bind(user_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let user =
+            sqlx::query_as::<_, UserRow>(sqlx::AssertSqlSafe(sql)).bind(user_id).fetch_optional(&mut *tx).await?;
         tx.commit().await?;
         Ok(match user {
             Some(user) => RefreshOutcome::Rotated { user, family_id },

@@ -56,10 +56,7 @@ pub fn display_name(raw: Option<&str>) -> Result<Option<String>, ServiceError> {
         ));
     }
     if name.chars().any(char::is_control) {
-        return Err(ServiceError::invalid_field(
-            "display_name",
-            "must not contain control characters",
-        ));
+        return Err(ServiceError::invalid_field("display_name", "must not contain control characters"));
     }
     Ok(Some(name.to_owned()))
 }
@@ -80,16 +77,8 @@ mod tests {
     #[test]
     fn emails_are_normalised_and_checked() {
         assert_eq!(email("  Ada@Example.COM ").unwrap(), "ada@example.com");
-        for bad in [
-            "",
-            "ada",
-            "ada@",
-            "@example.com",
-            "ada@example",
-            "a b@example.com",
-            "ada@@example.com",
-            "ada@.com",
-        ] {
+        for bad in ["", "ada", "ada@", "@example.com", "ada@example", "a b@example.com", "ada@@example.com", "ada@.com"]
+        {
             let error = email(bad).unwrap_err();
             assert_eq!(error.field.as_deref(), Some("email"), "{bad:?}");
         }

@@ -41,13 +41,7 @@ pub async fn create(
         model: body.model,
         system_prompt: body.system_prompt,
     };
-    let conversation = state
-        .backends
-        .chat
-        .clone()
-        .create_conversation(request)
-        .await?
-        .into_inner();
+    let conversation = state.backends.chat.clone().create_conversation(request).await?.into_inner();
     let location = format!("/v1/conversations/{}", conversation.id);
     let mut response = with_etag(StatusCode::CREATED, conversation);
     if let Ok(value) = HeaderValue::from_str(&location) {
@@ -73,13 +67,7 @@ pub async fn list(
         limit: page_limit(query.limit.as_deref())?,
         cursor: query.cursor,
     };
-    let page = state
-        .backends
-        .chat
-        .clone()
-        .list_conversations(request)
-        .await?
-        .into_inner();
+    let page = state.backends.chat.clone().list_conversations(request).await?.into_inner();
     Ok(Json(Page {
         data: page.conversations.into_iter().map(ConversationView::from).collect(),
         next_cursor: page.next_cursor,
@@ -93,17 +81,8 @@ pub async fn list(
     (status = 404, body = Problem),
 ))]
 pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
-    let request = pb::GetConversationRequest {
-        user_id: caller.user_id.to_string(),
-        conversation_id: id,
-    };
-    let conversation = state
-        .backends
-        .chat
-        .clone()
-        .get_conversation(request)
-        .await?
-        .into_inner();
+    let request = pb::GetConversationRequest { user_id: caller.user_id.to_string(), conversation_id: id };
+    let conversation = state.backends.chat.clone().get_conversation(request).await?.into_inner();
     Ok(with_etag(StatusCode::OK, conversation))
 }
 
@@ -150,18 +129,9 @@ pub async fn update(
     let expected_version = match if_match(&headers)? {
         Precondition::Version(version) => version,
         Precondition::Any => {
-            let request = pb::GetConversationRequest {
-                user_id: caller.user_id.to_string(),
-                conversation_id: id.clone(),
-            };
-            state
-                .backends
-                .chat
-                .clone()
-                .get_conversation(request)
-                .await?
-                .into_inner()
-                .version
+            let request =
+                pb::GetConversationRequest { user_id: caller.user_id.to_string(), conversation_id: id.clone() };
+            state.backends.chat.clone().get_conversation(request).await?.into_inner().version
         }
     };
     let request = pb::UpdateConversationRequest {
@@ -172,13 +142,7 @@ pub async fn update(
         model: body.model,
         system_prompt: body.system_prompt,
     };
-    let conversation = state
-        .backends
-        .chat
-        .clone()
-        .update_conversation(request)
-        .await?
-        .into_inner();
+    let conversation = state.backends.chat.clone().update_conversation(request).await?.into_inner();
     Ok(with_etag(StatusCode::OK, conversation))
 }
 
@@ -186,10 +150,7 @@ pub async fn update(
 #[utoipa::path(delete, path = "/v1/conversations/{id}", tag = "conversations", security(("bearer" = [])),
     params(("id" = String, Path)), responses((status = 204), (status = 404, body = Problem)))]
 pub async fn delete(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    let request = pb::DeleteConversationRequest {
-        user_id: caller.user_id.to_string(),
-        conversation_id: id,
-    };
+    let request = pb::DeleteConversationRequest { user_id: caller.user_id.to_string(), conversation_id: id };
     state.backends.chat.clone().delete_conversation(request).await?;
     Ok(StatusCode::NO_CONTENT)
 }

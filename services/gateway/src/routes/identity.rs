@@ -24,12 +24,8 @@ pub async fn register(
     ClientIp(client_ip): ClientIp,
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> ApiResult<Response> {
-    let request = pb::RegisterRequest {
-        email: body.email,
-        password: body.password,
-        display_name: body.display_name,
-        client_ip,
-    };
+    let request =
+        pb::RegisterRequest { email: body.email, password: body.password, display_name: body.display_name, client_ip };
     let response = state.backends.user.clone().register(request).await?.into_inner();
     Ok((StatusCode::CREATED, Json(AuthView::from(response))).into_response())
 }
@@ -44,11 +40,7 @@ pub async fn login(
     ClientIp(client_ip): ClientIp,
     ApiJson(body): ApiJson<LoginBody>,
 ) -> ApiResult<Json<AuthView>> {
-    let request = pb::LoginRequest {
-        email: body.email,
-        password: body.password,
-        client_ip,
-    };
+    let request = pb::LoginRequest { email: body.email, password: body.password, client_ip };
     let response = state.backends.user.clone().login(request).await?.into_inner();
     Ok(Json(AuthView::from(response)))
 }
@@ -63,10 +55,7 @@ pub async fn refresh(
     ClientIp(client_ip): ClientIp,
     ApiJson(body): ApiJson<RefreshBody>,
 ) -> ApiResult<Json<AuthView>> {
-    let request = pb::RefreshRequest {
-        refresh_token: body.refresh_token,
-        client_ip,
-    };
+    let request = pb::RefreshRequest { refresh_token: body.refresh_token, client_ip };
     let response = state.backends.user.clone().refresh(request).await?.into_inner();
     Ok(Json(AuthView::from(response)))
 }
@@ -74,14 +63,7 @@ pub async fn refresh(
 /// End the session the refresh token belongs to.
 #[utoipa::path(post, path = "/v1/auth/logout", tag = "identity", request_body = RefreshBody, responses((status = 204)))]
 pub async fn logout(State(state): State<AppState>, ApiJson(body): ApiJson<RefreshBody>) -> ApiResult<StatusCode> {
-    state
-        .backends
-        .user
-        .clone()
-        .logout(pb::LogoutRequest {
-            refresh_token: body.refresh_token,
-        })
-        .await?;
+    state.backends.user.clone().logout(pb::LogoutRequest { refresh_token: body.refresh_token }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -91,14 +73,7 @@ pub async fn logout(State(state): State<AppState>, ApiJson(body): ApiJson<Refres
     (status = 401, body = Problem),
 ))]
 pub async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<UserView>> {
-    let user = state
-        .backends
-        .user
-        .clone()
-        .get_user(pb::GetUserRequest {
-            user_id: caller.user_id.to_string(),
-        })
-        .await?;
+    let user = state.backends.user.clone().get_user(pb::GetUserRequest { user_id: caller.user_id.to_string() }).await?;
     Ok(Json(UserView::from(user.into_inner())))
 }
 
@@ -113,10 +88,9 @@ pub async fn jwks(State(state): State<AppState>) -> Response {
         .map(|key| json!({"kty": "OKP", "crv": key.crv, "x": key.x, "kid": key.kid, "alg": key.alg, "use": "sig"}))
         .collect();
     let mut response = Json(json!({"keys": keys})).into_response();
-    response.headers_mut().insert(
-        axum::http::header::CACHE_CONTROL,
-        axum::http::HeaderValue::from_static("public, max-age=300"),
-    );
+    response
+        .headers_mut()
+        .insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("public, max-age=300"));
     response
 }
 
@@ -134,19 +108,12 @@ pub async fn set_tier(
     ApiJson(body): ApiJson<TierBody>,
 ) -> ApiResult<Json<UserView>> {
     if !caller.is_admin() {
-        return Err(ApiError::new(
-            parley_platform::ErrorCode::Forbidden,
-            "admin role required",
-        ));
+        return Err(ApiError::new(parley_platform::ErrorCode::Forbidden, "admin role required"));
     }
     if uuid::Uuid::parse_str(&user_id).is_err() {
         return Err(ApiError::not_found("user"));
     }
-    let request = pb::SetTierRequest {
-        email: String::new(),
-        user_id,
-        tier: body.tier,
-    };
+    let request = pb::SetTierRequest { email: String::new(), user_id, tier: body.tier };
     let user = state.backends.user.clone().set_tier(request).await?.into_inner();
     Ok(Json(UserView::from(user)))
 }

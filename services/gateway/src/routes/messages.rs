@@ -83,10 +83,7 @@ pub async fn send(
         let retry_after = (budget.resets_at - now).max(1) as u64;
         return Err(ServiceError::new(
             ErrorCode::QuotaExceeded,
-            format!(
-                "daily token budget of {} exhausted ({} used)",
-                budget.limit, budget.used
-            ),
+            format!("daily token budget of {} exhausted ({} used)", budget.limit, budget.used),
         )
         .retry_after(retry_after)
         .into());
@@ -98,21 +95,16 @@ pub async fn send(
         model: body.model,
         idempotency_key,
         tier: caller.tier,
+        options: Some(super::generation_options(&headers, body.temperature)),
     };
     let sent = state.backends.chat.clone().send_message(request).await?.into_inner();
-    let assistant = sent
-        .assistant_message
-        .ok_or_else(|| ApiError(ServiceError::internal()))?;
+    let assistant = sent.assistant_message.ok_or_else(|| ApiError(ServiceError::internal()))?;
     if super::streaming::wants_event_stream(&headers) {
         return super::streaming::respond(state, caller.user_id, sent.user_message, assistant, None).await;
     }
     let wait = Duration::from_secs(state.config.http.message_wait_secs);
     let (assistant, waited) = wait_for_reply(&state, caller.user_id, assistant, wait).await;
-    let status = if is_finished(&assistant) {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
-    };
+    let status = if is_finished(&assistant) { StatusCode::OK } else { StatusCode::ACCEPTED };
     let exchange = ExchangeView {
         user_message: sent.user_message.map(MessageView::from),
         assistant_message: Some(MessageView::from(assistant)),
@@ -148,10 +140,7 @@ pub async fn wait_for_reply(
     let deadline = tokio::time::Instant::now() + wait;
     let mut latest = message;
     loop {
-        let request = pb::GetMessageRequest {
-            user_id: user_id.to_string(),
-            message_id: message_id.to_string(),
-        };
+        let request = pb::GetMessageRequest { user_id: user_id.to_string(), message_id: message_id.to_string() };
         match state.backends.chat.clone().get_message(request).await {
             Ok(current) => latest = current.into_inner(),
             Err(status) => {
@@ -203,10 +192,7 @@ pub async fn list(
         cursor: query.cursor,
     };
     let page = state.backends.chat.clone().list_messages(request).await?.into_inner();
-    Ok(Json(Page {
-        data: page.messages.into_iter().map(MessageView::from).collect(),
-        next_cursor: page.next_cursor,
-    }))
+    Ok(Json(Page { data: page.messages.into_iter().map(MessageView::from).collect(), next_cursor: page.next_cursor }))
 }
 
 /// One message.
@@ -217,10 +203,7 @@ pub async fn get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<MessageView>> {
-    let request = pb::GetMessageRequest {
-        user_id: caller.user_id.to_string(),
-        message_id: id,
-    };
+    let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: id };
     let message = state.backends.chat.clone().get_message(request).await?.into_inner();
     Ok(Json(MessageView::from(message)))
 }

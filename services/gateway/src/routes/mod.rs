@@ -30,20 +30,12 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/auth/refresh", post(identity::refresh))
         .route("/v1/auth/logout", post(identity::logout))
         .route("/v1/me", get(identity::me))
-        .route(
-            "/v1/conversations",
-            post(conversations::create).get(conversations::list),
-        )
+        .route("/v1/conversations", post(conversations::create).get(conversations::list))
         .route(
             "/v1/conversations/{id}",
-            get(conversations::get)
-                .patch(conversations::update)
-                .delete(conversations::delete),
+            get(conversations::get).patch(conversations::update).delete(conversations::delete),
         )
-        .route(
-            "/v1/conversations/{id}/messages",
-            post(messages::send).get(messages::list),
-        )
+        .route("/v1/conversations/{id}/messages", post(messages::send).get(messages::list))
         .route("/v1/messages/{id}", get(messages::get))
         .route("/v1/messages/{id}/events", get(streaming::events))
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -60,10 +52,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let ip = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|info| info.0.ip().to_string());
+        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string());
         Ok(ClientIp(ip.unwrap_or_default()))
     }
 }
@@ -90,4 +79,25 @@ pub struct PageQuery {
 /// A query string that could not be read is a 400, like any other malformed input.
 pub fn query_rejection(rejection: axum::extract::rejection::QueryRejection) -> ApiError {
     ApiError::new(parley_platform::ErrorCode::InvalidRequest, rejection.body_text())
+}
+
+/// The generation options of a send: its temperature, and what `Cache-Control` allows the response
+/// cache (`no-cache`: do not answer from it; `no-store`: do not keep the reply).
+pub fn generation_options(
+    headers: &axum::http::HeaderMap,
+    temperature: Option<f32>,
+) -> parley_proto::chat::v1::GenerationOptions {
+    let directives: Vec<String> = headers
+        .get_all(axum::http::header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|directive| directive.trim().to_ascii_lowercase())
+        .collect();
+    let has = |name: &str| directives.iter().any(|directive| directive == name);
+    parley_proto::chat::v1::GenerationOptions {
+        temperature,
+        skip_cache_read: has("no-cache") || has("no-store"),
+        skip_cache_write: has("no-store"),
+    }
 }

@@ -39,22 +39,11 @@ pub struct OpenAiError {
 
 impl OpenAiError {
     fn new(status: StatusCode, kind: &'static str, code: &str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            kind,
-            code: code.to_owned(),
-            retry_after: None,
-        }
+        Self { status, message: message.into(), kind, code: code.to_owned(), retry_after: None }
     }
 
     fn invalid(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_request",
-            message,
-        )
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", message)
     }
 }
 
@@ -77,13 +66,7 @@ impl From<ServiceError> for OpenAiError {
             ErrorCode::QuotaExceeded => "insufficient_quota".to_owned(),
             other => other.as_str().to_owned(),
         };
-        Self {
-            status,
-            message: error.message,
-            kind,
-            code,
-            retry_after: error.retry_after_secs,
-        }
+        Self { status, message: error.message, kind, code, retry_after: error.retry_after_secs }
     }
 }
 
@@ -104,15 +87,16 @@ impl IntoResponse for OpenAiError {
         let body = json!({"error": {"message": self.message, "type": self.kind, "code": self.code, "param": null}});
         let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
 }
 
 type OpenAiResult<T> = Result<T, OpenAiError>;
+
+/// When every provider failed: how long a client should wait before trying again.
+const UPSTREAM_RETRY_AFTER_SECS: u64 = 5;
 
 /// The models this deployment serves, by the names clients use.
 #[utoipa::path(get, path = "/v1/models", tag = "openai", security(("bearer" = [])), responses(
@@ -140,6 +124,8 @@ struct CompletionRequest {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     n: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,10 +149,7 @@ fn text_of(index: usize, content: &Value) -> OpenAiResult<String> {
         Value::Array(parts) => {
             let mut text = String::new();
             for part in parts {
-                match (
-                    part.get("type").and_then(Value::as_str),
-                    part.get("text").and_then(Value::as_str),
-                ) {
+                match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
                     (Some("text"), Some(piece)) => text.push_str(piece),
                     _ => {
                         return Err(OpenAiError::invalid(format!(
@@ -177,9 +160,7 @@ fn text_of(index: usize, content: &Value) -> OpenAiResult<String> {
             }
             Ok(text)
         }
-        _ => Err(OpenAiError::invalid(format!(
-            "messages[{index}].content must be a string or an array of parts"
-        ))),
+        _ => Err(OpenAiError::invalid(format!("messages[{index}].content must be a string or an array of parts"))),
     }
 }
 
@@ -219,10 +200,7 @@ pub async fn chat_completions(
     }
     let mut messages = Vec::with_capacity(request.messages.len());
     for (index, message) in request.messages.iter().enumerate() {
-        messages.push(pb::PromptMessage {
-            role: message.role.clone(),
-            content: text_of(index, &message.content)?,
-        });
+        messages.push(pb::PromptMessage { role: message.role.clone(), content: text_of(index, &message.content)? });
     }
     let prompt_chars: String = messages.iter().map(|message| message.content.as_str()).collect();
     let estimated_tokens = estimate_tokens(&prompt_chars) + i64::from(state.config.agent.max_output_tokens);
@@ -239,28 +217,19 @@ pub async fn chat_completions(
         .into_inner();
     if !budget.allowed {
         let retry_after = (budget.resets_at - time::OffsetDateTime::now_utc().unix_timestamp()).max(1) as u64;
-        return Err(
-            ServiceError::new(ErrorCode::QuotaExceeded, "daily token budget exhausted")
-                .retry_after(retry_after)
-                .into(),
-        );
+        return Err(ServiceError::new(ErrorCode::QuotaExceeded, "daily token budget exhausted")
+            .retry_after(retry_after)
+            .into());
     }
     let create = pb::CreateCompletionRequest {
         user_id: caller.user_id.to_string(),
         model: request.model.clone(),
         messages,
         tier: caller.tier.clone(),
+        options: Some(super::generation_options(&headers, request.temperature)),
     };
-    let sent = state
-        .backends
-        .chat
-        .clone()
-        .create_completion(create)
-        .await?
-        .into_inner();
-    let assistant = sent
-        .assistant_message
-        .ok_or_else(|| OpenAiError::from(ServiceError::internal()))?;
+    let sent = state.backends.chat.clone().create_completion(create).await?.into_inner();
+    let assistant = sent.assistant_message.ok_or_else(|| OpenAiError::from(ServiceError::internal()))?;
     let created = time::OffsetDateTime::now_utc().unix_timestamp();
     let id = format!("chatcmpl-{}", assistant.id);
     if request.stream {
@@ -268,29 +237,17 @@ pub async fn chat_completions(
         let feed = ReplyFeed::open(state, caller.user_id, &assistant, 0)
             .await
             .ok_or_else(|| OpenAiError::from(ServiceError::internal()))?;
-        return Ok(stream(
-            feed,
-            Chunk {
-                id,
-                created,
-                model: request.model,
-            },
-            include_usage,
-        ));
+        return Ok(stream(feed, Chunk { id, created, model: request.model }, include_usage));
     }
     let wait = Duration::from_secs(state.config.http.message_wait_secs);
     let (reply, waited) = wait_for_reply(&state, caller.user_id, assistant, wait).await;
     let mut response = match reply.status.as_str() {
         "completed" => Json(completion(&id, created, &request.model, &reply)).into_response(),
-        "failed" => OpenAiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "api_error",
-            "upstream_unavailable",
-            reply
-                .error_detail
-                .unwrap_or_else(|| "the model could not answer".to_owned()),
-        )
-        .into_response(),
+        "failed" => {
+            let detail = reply.error_detail.unwrap_or_else(|| "the model could not answer".to_owned());
+            let error = OpenAiError::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", "upstream_unavailable", detail);
+            OpenAiError { retry_after: Some(UPSTREAM_RETRY_AFTER_SECS), ..error }.into_response()
+        }
         _ => OpenAiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "api_error",
@@ -371,20 +328,13 @@ fn stream(feed: ReplyFeed, chunk: Chunk, include_usage: bool) -> Response {
                     return None;
                 }
                 let event = rest.remove(0);
-                let phase = if rest.is_empty() {
-                    Phase::Done
-                } else {
-                    Phase::Closing(rest)
-                };
+                let phase = if rest.is_empty() { Phase::Done } else { Phase::Closing(rest) };
                 Some((Ok::<_, Infallible>(event), (feed, chunk, phase)))
             }
             Phase::Streaming { first } => match feed.next().await {
                 Some(ReplyItem::Delta { text, .. }) => {
-                    let delta = if first {
-                        json!({"role": "assistant", "content": text})
-                    } else {
-                        json!({"content": text})
-                    };
+                    let delta =
+                        if first { json!({"role": "assistant", "content": text}) } else { json!({"content": text}) };
                     let event = chunk.with(json!([{"index": 0, "delta": delta, "finish_reason": null}]), None);
                     Some((Ok(event), (feed, chunk, Phase::Streaming { first: false })))
                 }
@@ -398,16 +348,11 @@ fn stream(feed: ReplyFeed, chunk: Chunk, include_usage: bool) -> Response {
                     Some((Ok(finish), (feed, chunk, Phase::Closing(rest))))
                 }
                 Some(ReplyItem::Finished(reply)) => {
-                    let detail = reply
-                        .error_detail
-                        .unwrap_or_else(|| "the model could not answer".to_owned());
+                    let detail = reply.error_detail.unwrap_or_else(|| "the model could not answer".to_owned());
                     let error =
                         json!({"error": {"message": detail, "type": "api_error", "code": "upstream_unavailable"}});
                     let rest = vec![Event::default().data("[DONE]")];
-                    Some((
-                        Ok(Event::default().data(error.to_string())),
-                        (feed, chunk, Phase::Closing(rest)),
-                    ))
+                    Some((Ok(Event::default().data(error.to_string())), (feed, chunk, Phase::Closing(rest))))
                 }
                 None => None,
             },

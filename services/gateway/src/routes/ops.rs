@@ -50,9 +50,8 @@ pub async fn method_not_allowed() -> Response {
         field: None,
     };
     let mut response = (axum::http::StatusCode::METHOD_NOT_ALLOWED, Json(problem)).into_response();
-    response.headers_mut().insert(
-        axum::http::header::CONTENT_TYPE,
-        axum::http::HeaderValue::from_static("application/problem+json"),
-    );
+    response
+        .headers_mut()
+        .insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/problem+json"));
     response
 }

@@ -43,11 +43,7 @@ pub fn wants_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(axum::http::header::ACCEPT)
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|accept| {
-            accept
-                .split(',')
-                .any(|part| part.trim().starts_with("text/event-stream"))
-        })
+        .is_some_and(|accept| accept.split(',').any(|part| part.trim().starts_with("text/event-stream")))
 }
 
 type EventSource = Pin<Box<dyn Stream<Item = Option<MessageEvent>> + Send>>;
@@ -127,15 +123,7 @@ impl ReplyFeed {
         let finished = matches!(assistant.status.as_str(), "completed" | "failed");
         let source = open_source(&state, message_id).await;
         let poll = if finished { REPLAY_IDLE } else { SAFETY_POLL };
-        Some(Self {
-            state,
-            user_id,
-            message_id,
-            after,
-            source,
-            poll,
-            done: false,
-        })
+        Some(Self { state, user_id, message_id, after, source, poll, done: false })
     }
 
     pub fn message_id(&self) -> Uuid {
@@ -183,10 +171,7 @@ impl ReplyFeed {
 }
 /// The stored reply, if it is finished.
 async fn finished_reply(state: &AppState, user_id: Uuid, message_id: Uuid) -> Option<pb::Message> {
-    let request = pb::GetMessageRequest {
-        user_id: user_id.to_string(),
-        message_id: message_id.to_string(),
-    };
+    let request = pb::GetMessageRequest { user_id: user_id.to_string(), message_id: message_id.to_string() };
     match state.backends.chat.clone().get_message(request).await {
         Ok(message) => {
             let message = message.into_inner();
@@ -205,17 +190,11 @@ fn to_event(feed: &ReplyFeed, item: ReplyItem) -> Event {
     match item {
         ReplyItem::Delta { index, text } => {
             let data = json!({"message_id": feed.message_id(), "index": index, "text": text});
-            Event::default()
-                .event("message.delta")
-                .id(id.to_string())
-                .data(data.to_string())
+            Event::default().event("message.delta").id(id.to_string()).data(data.to_string())
         }
         ReplyItem::Finished(message) if message.status == "completed" => {
             let view = serde_json::to_string(&MessageView::from(*message)).unwrap_or_default();
-            Event::default()
-                .event("message.completed")
-                .id((id + 1).to_string())
-                .data(view)
+            Event::default().event("message.completed").id((id + 1).to_string()).data(view)
         }
         ReplyItem::Finished(message) => {
             let data = json!({
@@ -223,10 +202,7 @@ fn to_event(feed: &ReplyFeed, item: ReplyItem) -> Event {
                 "code": message.error_code.unwrap_or_else(|| "upstream_unavailable".to_owned()),
                 "detail": message.error_detail.unwrap_or_default(),
             });
-            Event::default()
-                .event("message.failed")
-                .id((id + 1).to_string())
-                .data(data.to_string())
+            Event::default().event("message.failed").id((id + 1).to_string()).data(data.to_string())
         }
     }
 }
@@ -234,9 +210,7 @@ fn to_event(feed: &ReplyFeed, item: ReplyItem) -> Event {
 /// Marks a response as an event stream proxies must not buffer.
 pub fn unbuffered(mut response: Response) -> Response {
     // Tell buffering proxies (nginx) to pass events through as they come.
-    response
-        .headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
 }
 
@@ -265,9 +239,7 @@ pub async fn respond(
         let event = to_event(&feed, item);
         Some((Ok::<_, Infallible>(event), feed))
     });
-    Ok(unbuffered(
-        Sse::new(created.chain(replies)).keep_alive(heartbeat()).into_response(),
-    ))
+    Ok(unbuffered(Sse::new(created.chain(replies)).keep_alive(heartbeat()).into_response()))
 }
 
 /// Follow (or replay) a reply's events; with `Last-Event-ID`, resume after that event.
@@ -294,10 +266,7 @@ pub async fn events(
                 .ok_or_else(|| ApiError::invalid_field("Last-Event-ID", "must be an event id from this stream"))?,
         ),
     };
-    let request = pb::GetMessageRequest {
-        user_id: caller.user_id.to_string(),
-        message_id: id,
-    };
+    let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: id };
     let message = state.backends.chat.clone().get_message(request).await?.into_inner();
     if message.role != "assistant" {
         return Err(ApiError::not_found("reply"));

@@ -57,12 +57,7 @@ fn parse_range(query: &UsageQuery, allow_user: bool) -> Result<Range, ApiError> 
         }
         Some(_) => return Err(ApiError::invalid_field("group_by", "must be day or model")),
     };
-    Ok(Range {
-        from,
-        to,
-        group_by,
-        group_name,
-    })
+    Ok(Range { from, to, group_by, group_name })
 }
 
 fn row_view(row: pb::UsageRow, group_by: Option<pb::GroupBy>) -> UsageRowView {
@@ -97,11 +92,7 @@ async fn report(state: &AppState, user_id: Option<String>, range: Range) -> ApiR
         from: rfc3339(range.from),
         to: rfc3339(range.to),
         group_by: range.group_name.to_owned(),
-        data: report
-            .rows
-            .into_iter()
-            .map(|row| row_view(row, Some(range.group_by)))
-            .collect(),
+        data: report.rows.into_iter().map(|row| row_view(row, Some(range.group_by))).collect(),
         totals: row_view(report.totals.unwrap_or_default(), None),
     }))
 }

@@ -14,33 +14,16 @@ use crate::harness::{TestPlatform, assert_problem, read};
 async fn operations_endpoints_and_response_headers() {
     let t = TestPlatform::start().await;
 
-    let response = t
-        .http
-        .get(t.url("/healthz"))
-        .header("x-request-id", "client-id-123")
-        .send()
-        .await
-        .unwrap();
+    let response = t.http.get(t.url("/healthz")).header("x-request-id", "client-id-123").send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["x-request-id"], "client-id-123");
-    assert!(
-        response.headers()["server-timing"]
-            .to_str()
-            .unwrap()
-            .starts_with("gateway;dur=")
-    );
+    assert!(response.headers()["server-timing"].to_str().unwrap().starts_with("gateway;dur="));
     assert_eq!(response.headers()["x-content-type-options"], "nosniff");
     assert_eq!(response.headers()["referrer-policy"], "no-referrer");
     assert_eq!(response.headers()["x-frame-options"], "DENY");
 
     // A request id that is not well-formed is replaced by one of ours.
-    let response = t
-        .http
-        .get(t.url("/healthz"))
-        .header("x-request-id", "bad id with spaces")
-        .send()
-        .await
-        .unwrap();
+    let response = t.http.get(t.url("/healthz")).header("x-request-id", "bad id with spaces").send().await.unwrap();
     let id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_ne!(id, "bad id with spaces");
     assert!(uuid::Uuid::parse_str(&id).is_ok());
@@ -52,15 +35,7 @@ async fn operations_endpoints_and_response_headers() {
         assert_eq!(ready["checks"][check], "ok", "{ready}");
     }
 
-    let metrics = t
-        .http
-        .get(t.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = t.http.get(t.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("parley_http_requests_total"), "{metrics}");
     assert!(metrics.contains("parley_grpc_server_requests_total"), "{metrics}");
 
@@ -82,10 +57,7 @@ async fn operations_endpoints_and_response_headers() {
         "/healthz",
         "/readyz",
     ] {
-        assert!(
-            openapi["paths"].get(path).is_some(),
-            "the OpenAPI document lacks {path}"
-        );
+        assert!(openapi["paths"].get(path).is_some(), "the OpenAPI document lacks {path}");
     }
 
     let (status, body) = read(t.http.get(t.url("/v1/nothing-here")).send().await.unwrap()).await;
@@ -104,25 +76,14 @@ async fn operations_endpoints_and_response_headers() {
 
     // Authenticated responses are never cached.
     let session = t.register("headers@example.com").await;
-    let response = t
-        .http
-        .get(t.url("/v1/me"))
-        .bearer_auth(&session.token)
-        .send()
-        .await
-        .unwrap();
+    let response = t.http.get(t.url("/v1/me")).bearer_auth(&session.token).send().await.unwrap();
     assert_eq!(response.headers()["cache-control"], "no-store");
     t.stop().await;
 }
 
 fn forge(header: Value, claims: Value, signature: &[u8]) -> String {
     let encode = |value: &Value| URL_SAFE_NO_PAD.encode(serde_json::to_vec(value).unwrap());
-    format!(
-        "{}.{}.{}",
-        encode(&header),
-        encode(&claims),
-        URL_SAFE_NO_PAD.encode(signature)
-    )
+    format!("{}.{}.{}", encode(&header), encode(&claims), URL_SAFE_NO_PAD.encode(signature))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,22 +102,10 @@ async fn tokens_that_were_not_issued_by_parley_are_refused() {
     tampered.push(if session.token.ends_with('A') { 'B' } else { 'A' });
     let candidates = [
         ("garbage".to_owned(), "not a JWT"),
-        (
-            forge(json!({"alg": "none", "typ": "JWT"}), claims.clone(), b""),
-            "alg none",
-        ),
-        (
-            forge(json!({"alg": "HS256", "kid": kid}), claims.clone(), &[7; 32]),
-            "HMAC with a guessed key",
-        ),
-        (
-            forge(json!({"alg": "EdDSA", "kid": kid}), claims.clone(), &[0; 64]),
-            "forged signature",
-        ),
-        (
-            forge(json!({"alg": "EdDSA", "kid": "unknown-kid"}), claims, &[0; 64]),
-            "unknown kid",
-        ),
+        (forge(json!({"alg": "none", "typ": "JWT"}), claims.clone(), b""), "alg none"),
+        (forge(json!({"alg": "HS256", "kid": kid}), claims.clone(), &[7; 32]), "HMAC with a guessed key"),
+        (forge(json!({"alg": "EdDSA", "kid": kid}), claims.clone(), &[0; 64]), "forged signature"),
+        (forge(json!({"alg": "EdDSA", "kid": "unknown-kid"}), claims, &[0; 64]), "unknown kid"),
         (tampered, "tampered signature"),
         ("pk_not_a_real_key".to_owned(), "unknown API key"),
     ];
@@ -189,13 +138,7 @@ async fn lists_are_paginated_with_tamper_evident_cursors() {
         let (status, page) = t.get(&session, &path).await;
         assert_eq!(status, StatusCode::OK, "{page}");
         assert!(page["data"].as_array().unwrap().len() <= 2);
-        seen.extend(
-            page["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| c["id"].as_str().unwrap().to_owned()),
-        );
+        seen.extend(page["data"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_owned()));
         match page["next_cursor"].as_str() {
             Some(next) => cursor = Some(next.to_owned()),
             None => break,
@@ -213,12 +156,7 @@ async fn lists_are_paginated_with_tamper_evident_cursors() {
     assert_problem(status, &body, 400, "invalid_request");
     assert_eq!(body["field"], "cursor");
     // A cursor of one list is not a cursor of another.
-    let (status, _) = t
-        .get(
-            &session,
-            &format!("/v1/conversations/{}/messages?cursor={cursor}", created[0]),
-        )
-        .await;
+    let (status, _) = t.get(&session, &format!("/v1/conversations/{}/messages?cursor={cursor}", created[0])).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     for limit in ["0", "101", "ten"] {
         let (status, body) = t.get(&session, &format!("/v1/conversations?limit={limit}")).await;
@@ -235,11 +173,7 @@ async fn conversation_updates_need_the_current_version() {
     let conversation = t.create_conversation(&session, "v1").await;
     let path = t.url(&format!("/v1/conversations/{conversation}"));
     let patch = |if_match: Option<&str>, title: &str| {
-        let mut request = t
-            .http
-            .patch(&path)
-            .bearer_auth(&session.token)
-            .json(&json!({"title": title}));
+        let mut request = t.http.patch(&path).bearer_auth(&session.token).json(&json!({"title": title}));
         if let Some(value) = if_match {
             request = request.header("if-match", value);
         }
@@ -294,14 +228,9 @@ async fn a_retried_send_with_the_same_idempotency_key_returns_the_first_reply() 
     assert_eq!(status, StatusCode::OK);
     assert_eq!(first["assistant_message"]["id"], second["assistant_message"]["id"]);
     assert_eq!(first["user_message"]["id"], second["user_message"]["id"]);
-    assert_eq!(
-        second["assistant_message"]["content"],
-        first["assistant_message"]["content"]
-    );
+    assert_eq!(second["assistant_message"]["content"], first["assistant_message"]["content"]);
     assert_eq!(t.fake.requests(), 1, "the retry started no second reply");
-    let (_, messages) = t
-        .get(&session, &format!("/v1/conversations/{conversation}/messages"))
-        .await;
+    let (_, messages) = t.get(&session, &format!("/v1/conversations/{conversation}/messages")).await;
     assert_eq!(messages["data"].as_array().unwrap().len(), 2);
 
     // Keys are scoped per user: another user's identical key is a new message.
@@ -380,19 +309,11 @@ async fn bodies_over_the_limit_bad_input_and_spent_budgets_are_clear_errors() {
     let (status, body) = t.post(&session, &path, json!({"content": 42})).await;
     assert_problem(status, &body, 400, "invalid_request");
     assert_eq!(body["field"], "content");
-    let (status, body) = t
-        .post(&session, &path, json!({"content": "hi", "model": "gpt-nonexistent"}))
-        .await;
+    let (status, body) = t.post(&session, &path, json!({"content": "hi", "model": "gpt-nonexistent"})).await;
     assert_problem(status, &body, 400, "invalid_request");
     assert_eq!(body["field"], "model");
-    let response = t
-        .http
-        .post(t.url(&path))
-        .bearer_auth(&session.token)
-        .body("{\"content\":\"hi\"}")
-        .send()
-        .await
-        .unwrap();
+    let response =
+        t.http.post(t.url(&path)).bearer_auth(&session.token).body("{\"content\":\"hi\"}").send().await.unwrap();
     let (status, body) = read(response).await;
     assert_problem(status, &body, 400, "invalid_request");
     assert_eq!(body["field"], "Content-Type");

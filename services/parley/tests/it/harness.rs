@@ -9,13 +9,8 @@ use parley_platform::config::TelemetryConfig;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-pub const ALL_BUT_AGENT: &[Service] = &[
-    Service::User,
-    Service::Chat,
-    Service::Quota,
-    Service::Analytics,
-    Service::Gateway,
-];
+pub const ALL_BUT_AGENT: &[Service] =
+    &[Service::User, Service::Chat, Service::Quota, Service::Analytics, Service::Gateway];
 
 fn server_url() -> String {
     std::env::var("PARLEY_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
@@ -46,10 +41,7 @@ impl TestPlatform {
     pub async fn start_with(tweak: impl FnOnce(&mut Config), services: &[Service]) -> Self {
         let _telemetry = parley_platform::telemetry::init(
             "parley-test",
-            &TelemetryConfig {
-                log_filter: "info,sqlx=warn,async_nats=warn".to_owned(),
-                ..TelemetryConfig::default()
-            },
+            &TelemetryConfig { log_filter: "info,sqlx=warn,async_nats=warn".to_owned(), ..TelemetryConfig::default() },
         );
         let id = uuid::Uuid::now_v7().simple().to_string();
         let tag = &id[id.len() - 12..];
@@ -77,14 +69,8 @@ impl TestPlatform {
         let platform = Platform::launch(config, options).await.unwrap();
         let fake = platform.fake_llm.as_ref().unwrap().0.clone();
         let config = (*platform.config).clone();
-        let test = TestPlatform {
-            base,
-            http: reqwest::Client::new(),
-            config,
-            fake,
-            platforms: vec![platform],
-            database,
-        };
+        let test =
+            TestPlatform { base, http: reqwest::Client::new(), config, fake, platforms: vec![platform], database };
         test.wait_until_ready().await;
         test
     }
@@ -136,36 +122,17 @@ impl TestPlatform {
     }
 
     pub async fn get(&self, session: &Session, path: &str) -> (StatusCode, Value) {
-        let response = self
-            .http
-            .get(self.url(path))
-            .bearer_auth(&session.token)
-            .send()
-            .await
-            .unwrap();
+        let response = self.http.get(self.url(path)).bearer_auth(&session.token).send().await.unwrap();
         read(response).await
     }
 
     pub async fn post(&self, session: &Session, path: &str, body: Value) -> (StatusCode, Value) {
-        let response = self
-            .http
-            .post(self.url(path))
-            .bearer_auth(&session.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = self.http.post(self.url(path)).bearer_auth(&session.token).json(&body).send().await.unwrap();
         read(response).await
     }
 
     pub async fn delete(&self, session: &Session, path: &str) -> StatusCode {
-        self.http
-            .delete(self.url(path))
-            .bearer_auth(&session.token)
-            .send()
-            .await
-            .unwrap()
-            .status()
+        self.http.delete(self.url(path)).bearer_auth(&session.token).send().await.unwrap().status()
     }
 
     pub async fn create_conversation(&self, session: &Session, title: &str) -> String {
@@ -186,9 +153,7 @@ impl TestPlatform {
                 let _ = jetstream.delete_stream(stream).await;
             }
         }
-        let admin = sqlx::PgPool::connect(&format!("{}/postgres", server_url()))
-            .await
-            .unwrap();
+        let admin = sqlx::PgPool::connect(&format!("{}/postgres", server_url())).await.unwrap();
         let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database);
         sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&admin).await.unwrap();
     }
@@ -197,11 +162,7 @@ impl TestPlatform {
 pub async fn read(response: reqwest::Response) -> (StatusCode, Value) {
     let status = response.status();
     let text = response.text().await.unwrap();
-    let body = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(Value::String(text))
-    };
+    let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
     (status, body)
 }
 
@@ -250,10 +211,7 @@ impl SseReader {
         assert_eq!(response.status(), StatusCode::OK);
         let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
         assert!(content_type.starts_with("text/event-stream"), "{content_type}");
-        Self {
-            bytes: Box::pin(response.bytes_stream()),
-            buffer: String::new(),
-        }
+        Self { bytes: Box::pin(response.bytes_stream()), buffer: String::new() }
     }
 
     /// The next event (comments such as heartbeats are skipped); `None` when the stream ends.
@@ -262,11 +220,7 @@ impl SseReader {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();
-                let mut event = SseEvent {
-                    event: "message".to_owned(),
-                    id: None,
-                    data: Value::Null,
-                };
+                let mut event = SseEvent { event: "message".to_owned(), id: None, data: Value::Null };
                 let mut data = String::new();
                 for line in block.lines() {
                     if let Some(value) = line.strip_prefix("event:") {
@@ -286,8 +240,7 @@ impl SseReader {
             let chunk = tokio::time::timeout(Duration::from_secs(30), self.bytes.next())
                 .await
                 .expect("an event within 30 s")?;
-            self.buffer
-                .push_str(&String::from_utf8_lossy(&chunk.unwrap()).replace('\r', ""));
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk.unwrap()).replace('\r', ""));
         }
     }
 }

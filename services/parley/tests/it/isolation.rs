@@ -11,13 +11,8 @@ async fn another_users_conversations_and_messages_are_not_found() {
     let owner = t.register("owner@example.com").await;
     let stranger = t.register("stranger@example.com").await;
     let conversation = t.create_conversation(&owner, "private").await;
-    let (status, exchange) = t
-        .post(
-            &owner,
-            &format!("/v1/conversations/{conversation}/messages"),
-            json!({"content": "secret"}),
-        )
-        .await;
+    let (status, exchange) =
+        t.post(&owner, &format!("/v1/conversations/{conversation}/messages"), json!({"content": "secret"})).await;
     assert_eq!(status, StatusCode::OK);
     let message = exchange["assistant_message"]["id"].as_str().unwrap().to_owned();
 
@@ -29,13 +24,8 @@ async fn another_users_conversations_and_messages_are_not_found() {
         let (status, body) = t.get(&stranger, &path).await;
         assert_problem(status, &body, 404, "not_found");
     }
-    let (status, body) = t
-        .post(
-            &stranger,
-            &format!("/v1/conversations/{conversation}/messages"),
-            json!({"content": "let me in"}),
-        )
-        .await;
+    let (status, body) =
+        t.post(&stranger, &format!("/v1/conversations/{conversation}/messages"), json!({"content": "let me in"})).await;
     assert_problem(status, &body, 404, "not_found");
     let response = t
         .http
@@ -47,10 +37,7 @@ async fn another_users_conversations_and_messages_are_not_found() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
-    assert_eq!(
-        t.delete(&stranger, &format!("/v1/conversations/{conversation}")).await,
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(t.delete(&stranger, &format!("/v1/conversations/{conversation}")).await, StatusCode::NOT_FOUND);
     let (_, list) = t.get(&stranger, "/v1/conversations").await;
     assert_eq!(list["data"].as_array().unwrap().len(), 0);
     let (_, usage) = t.get(&stranger, "/v1/usage").await;
@@ -61,9 +48,7 @@ async fn another_users_conversations_and_messages_are_not_found() {
     assert_problem(status, &body, 404, "not_found");
 
     // The owner still has everything.
-    let (_, messages) = t
-        .get(&owner, &format!("/v1/conversations/{conversation}/messages"))
-        .await;
+    let (_, messages) = t.get(&owner, &format!("/v1/conversations/{conversation}/messages")).await;
     assert_eq!(messages["data"].as_array().unwrap().len(), 2);
     t.stop().await;
 }

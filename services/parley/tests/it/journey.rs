@@ -15,26 +15,17 @@ async fn a_user_registers_chats_and_sees_their_usage() {
     let session = t.register("ada@example.com").await;
     let register = |body: Value| t.http.post(t.url("/v1/auth/register")).json(&body).send();
     let (status, body) = crate::harness::read(
-        register(json!({"email": "ADA@example.com", "password": "another long one"}))
-            .await
-            .unwrap(),
+        register(json!({"email": "ADA@example.com", "password": "another long one"})).await.unwrap(),
     )
     .await;
     assert_problem(status, &body, 409, "conflict");
-    let (status, body) = crate::harness::read(
-        register(json!({"email": "not-an-email", "password": "long enough pass"}))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        crate::harness::read(register(json!({"email": "not-an-email", "password": "long enough pass"})).await.unwrap())
+            .await;
     assert_problem(status, &body, 400, "invalid_request");
     assert_eq!(body["field"], "email");
-    let (status, body) = crate::harness::read(
-        register(json!({"email": "bob@example.com", "password": "short"}))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        crate::harness::read(register(json!({"email": "bob@example.com", "password": "short"})).await.unwrap()).await;
     assert_problem(status, &body, 400, "invalid_request");
     assert_eq!(body["field"], "password");
     let response = t
@@ -50,10 +41,7 @@ async fn a_user_registers_chats_and_sees_their_usage() {
 
     // Log in; a wrong password and an unknown email get the same answer.
     let login = |email: &str, password: &str| {
-        t.http
-            .post(t.url("/v1/auth/login"))
-            .json(&json!({"email": email, "password": password}))
-            .send()
+        t.http.post(t.url("/v1/auth/login")).json(&json!({"email": email, "password": password})).send()
     };
     let (status, body) = crate::harness::read(login("ada@example.com", "correct horse battery").await.unwrap()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -84,17 +72,8 @@ async fn a_user_registers_chats_and_sees_their_usage() {
     let second = t.create_conversation(&session, "Second chat").await;
     let (status, list) = t.get(&session, "/v1/conversations").await;
     assert_eq!(status, StatusCode::OK);
-    let ids: Vec<&str> = list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        ids,
-        vec![second.as_str(), conversation.as_str()],
-        "most recently updated first"
-    );
+    let ids: Vec<&str> = list["data"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec![second.as_str(), conversation.as_str()], "most recently updated first");
     assert_eq!(list["next_cursor"], Value::Null);
     let response = t
         .http
@@ -110,11 +89,7 @@ async fn a_user_registers_chats_and_sees_their_usage() {
 
     // Send a message and get the model's reply (the waiting form).
     let (status, exchange) = t
-        .post(
-            &session,
-            &format!("/v1/conversations/{conversation}/messages"),
-            json!({"content": "What is Parley?"}),
-        )
+        .post(&session, &format!("/v1/conversations/{conversation}/messages"), json!({"content": "What is Parley?"}))
         .await;
     assert_eq!(status, StatusCode::OK, "{exchange}");
     assert_eq!(exchange["user_message"]["content"], "What is Parley?");
@@ -127,16 +102,12 @@ async fn a_user_registers_chats_and_sees_their_usage() {
     assert_eq!(t.fake.requests(), 1);
 
     // The conversation now lists both messages, oldest first; each can be read alone.
-    let (_, messages) = t
-        .get(&session, &format!("/v1/conversations/{conversation}/messages"))
-        .await;
+    let (_, messages) = t.get(&session, &format!("/v1/conversations/{conversation}/messages")).await;
     let messages = messages["data"].as_array().unwrap().clone();
     assert_eq!(messages.len(), 2);
     assert_eq!(messages[0]["role"], "user");
     assert_eq!(messages[1]["role"], "assistant");
-    let (status, message) = t
-        .get(&session, &format!("/v1/messages/{}", reply["id"].as_str().unwrap()))
-        .await;
+    let (status, message) = t.get(&session, &format!("/v1/messages/{}", reply["id"].as_str().unwrap())).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(message["content"], reply["content"]);
     assert_eq!(message["conversation_id"], conversation.as_str());
@@ -162,20 +133,12 @@ async fn a_user_registers_chats_and_sees_their_usage() {
     assert_eq!(body["field"], "from");
 
     // Delete the conversation: it and its messages are gone.
-    assert_eq!(
-        t.delete(&session, &format!("/v1/conversations/{conversation}")).await,
-        StatusCode::NO_CONTENT
-    );
+    assert_eq!(t.delete(&session, &format!("/v1/conversations/{conversation}")).await, StatusCode::NO_CONTENT);
     let (status, body) = t.get(&session, &format!("/v1/conversations/{conversation}")).await;
     assert_problem(status, &body, 404, "not_found");
-    let (status, _) = t
-        .get(&session, &format!("/v1/messages/{}", reply["id"].as_str().unwrap()))
-        .await;
+    let (status, _) = t.get(&session, &format!("/v1/messages/{}", reply["id"].as_str().unwrap())).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert_eq!(
-        t.delete(&session, &format!("/v1/conversations/{conversation}")).await,
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(t.delete(&session, &format!("/v1/conversations/{conversation}")).await, StatusCode::NOT_FOUND);
 
     t.stop().await;
 }
@@ -184,12 +147,7 @@ async fn a_user_registers_chats_and_sees_their_usage() {
 async fn refresh_tokens_rotate_and_a_reused_one_revokes_the_family() {
     let t = TestPlatform::start().await;
     let session = t.register("rotate@example.com").await;
-    let refresh = |token: &str| {
-        t.http
-            .post(t.url("/v1/auth/refresh"))
-            .json(&json!({"refresh_token": token}))
-            .send()
-    };
+    let refresh = |token: &str| t.http.post(t.url("/v1/auth/refresh")).json(&json!({"refresh_token": token})).send();
 
     let (status, first) = crate::harness::read(refresh(&session.refresh_token).await.unwrap()).await;
     assert_eq!(status, StatusCode::OK, "{first}");

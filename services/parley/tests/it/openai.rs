@@ -17,11 +17,7 @@ async fn the_official_openai_sdk_works_unchanged() {
     let t = TestPlatform::start().await;
     let session = t.register("sdk@example.com").await;
     let python = sdk_python();
-    assert!(
-        python.exists(),
-        "the OpenAI SDK is not installed: run `make tools` ({})",
-        python.display()
-    );
+    assert!(python.exists(), "the OpenAI SDK is not installed: run `make tools` ({})", python.display());
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/openai_client.py");
     let base = t.base.clone();
     let token = session.token.clone();
@@ -61,38 +57,21 @@ async fn openai_errors_use_the_openai_shape() {
     let t = TestPlatform::start().await;
     let session = t.register("shape@example.com").await;
     let post = |body: serde_json::Value| {
-        t.http
-            .post(t.url("/v1/chat/completions"))
-            .bearer_auth(&session.token)
-            .json(&body)
-            .send()
+        t.http.post(t.url("/v1/chat/completions")).bearer_auth(&session.token).json(&body).send()
     };
-    let (status, body) = read(
-        post(json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        read(post(json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]})).await.unwrap()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"]["code"], "model_not_found");
     assert_eq!(body["error"]["type"], "invalid_request_error");
     let (status, body) = read(post(json!({"model": "parley-fake"})).await.unwrap()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("messages"),
-        "{body}"
-    );
-    let (status, body) = read(
-        post(json!({"model": "parley-fake", "messages": [{"role": "wizard", "content": "x"}]}))
-            .await
-            .unwrap(),
-    )
-    .await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("messages"), "{body}");
+    let (status, body) =
+        read(post(json!({"model": "parley-fake", "messages": [{"role": "wizard", "content": "x"}]})).await.unwrap())
+            .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("messages[0].role"),
-        "{body}"
-    );
+    assert!(body["error"]["message"].as_str().unwrap().contains("messages[0].role"), "{body}");
     let response = t.http.get(t.url("/v1/models")).send().await.unwrap();
     let (status, body) = read(response).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);

@@ -29,42 +29,16 @@ async fn migrate_is_idempotent_and_admin_commands_follow_the_api_rules() {
     }
 
     let session = t.register("operator@example.com").await;
-    let output = parley(
-        &env,
-        &["admin", "set-tier", "--email", "operator@example.com", "--tier", "pro"],
-    );
+    let output = parley(&env, &["admin", "set-tier", "--email", "operator@example.com", "--tier", "pro"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let output = parley(
-        &env,
-        &[
-            "admin",
-            "set-role",
-            "--email",
-            "OPERATOR@example.com",
-            "--role",
-            "admin",
-        ],
-    );
+    let output = parley(&env, &["admin", "set-role", "--email", "OPERATOR@example.com", "--role", "admin"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
     // The same rules as the API: unknown tiers and roles are refused, naming what is wrong.
-    let output = parley(
-        &env,
-        &[
-            "admin",
-            "set-tier",
-            "--email",
-            "operator@example.com",
-            "--tier",
-            "platinum",
-        ],
-    );
+    let output = parley(&env, &["admin", "set-tier", "--email", "operator@example.com", "--tier", "platinum"]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("tier"));
-    let output = parley(
-        &env,
-        &["admin", "set-role", "--email", "nobody@example.com", "--role", "admin"],
-    );
+    let output = parley(&env, &["admin", "set-role", "--email", "nobody@example.com", "--role", "admin"]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("not found"));
 
@@ -102,11 +76,7 @@ async fn migrate_is_idempotent_and_admin_commands_follow_the_api_rules() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        response.status(),
-        StatusCode::FORBIDDEN,
-        "a non-admin may not change tiers"
-    );
+    assert_eq!(response.status(), StatusCode::FORBIDDEN, "a non-admin may not change tiers");
     t.stop().await;
 }
 

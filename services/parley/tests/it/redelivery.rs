@@ -29,11 +29,7 @@ async fn a_job_held_by_a_dead_agent_is_redelivered_and_answered_once() {
 
     // No agent runs yet: past the wait the reply is accepted but pending.
     let (status, exchange) = t
-        .post(
-            &session,
-            &format!("/v1/conversations/{conversation}/messages"),
-            json!({"content": "anyone there?"}),
-        )
+        .post(&session, &format!("/v1/conversations/{conversation}/messages"), json!({"content": "anyone there?"}))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{exchange}");
     let reply_id = exchange["assistant_message"]["id"].as_str().unwrap().to_owned();
@@ -43,16 +39,8 @@ async fn a_job_held_by_a_dead_agent_is_redelivered_and_answered_once() {
     let nats = async_nats::connect(&t.config.nats.url).await.unwrap();
     let jetstream = async_nats::jetstream::new(nats);
     let names = Names::new(&t.config.nats.prefix);
-    let consumer = parley_platform::nats::ensure_agent_consumer(&jetstream, &names, &t.config.nats)
-        .await
-        .unwrap();
-    let mut batch = consumer
-        .fetch()
-        .max_messages(1)
-        .expires(Duration::from_secs(5))
-        .messages()
-        .await
-        .unwrap();
+    let consumer = parley_platform::nats::ensure_agent_consumer(&jetstream, &names, &t.config.nats).await.unwrap();
+    let mut batch = consumer.fetch().max_messages(1).expires(Duration::from_secs(5)).messages().await.unwrap();
     let taken = batch.next().await.expect("the job was published").unwrap();
     let job: AiJob = serde_json::from_slice(&taken.payload).unwrap();
     assert_eq!(job.message_id.to_string(), reply_id);
@@ -67,22 +55,13 @@ async fn a_job_held_by_a_dead_agent_is_redelivered_and_answered_once() {
     })
     .await;
     assert_eq!(message["content"], parley_fake_llm::reply_for("anyone there?"));
-    let (_, messages) = t
-        .get(&session, &format!("/v1/conversations/{conversation}/messages"))
-        .await;
-    let assistants = messages["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "assistant")
-        .count();
+    let (_, messages) = t.get(&session, &format!("/v1/conversations/{conversation}/messages")).await;
+    let assistants = messages["data"].as_array().unwrap().iter().filter(|m| m["role"] == "assistant").count();
     assert_eq!(assistants, 1, "exactly one stored reply");
     assert_eq!(t.fake.requests(), 1, "only the living agent called the model");
 
     // Completing an already completed message changes nothing.
-    let mut chat = ChatServiceClient::connect(t.config.grpc.chat_url.clone())
-        .await
-        .unwrap();
+    let mut chat = ChatServiceClient::connect(t.config.grpc.chat_url.clone()).await.unwrap();
     let again = chat
         .complete_message(CompleteMessageRequest {
             message_id: reply_id.clone(),

@@ -6,22 +6,19 @@ use std::time::Duration;
 use parley::Service;
 use parley_fake_llm::{FakeLlm, Knobs, reply_for};
 use parley_platform::Config;
-use parley_platform::config::{ModelConfig, ModelTarget, ProviderConfig, ProviderKind};
+use parley_platform::config::{ModelConfig, ModelTarget, ProviderConfig, ProviderKind, RouterConfig};
 use reqwest::StatusCode;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Session, SseReader, TestPlatform, eventually};
+use crate::harness::{Session, SseReader, TestPlatform, eventually, read};
 
 /// A fake provider of its own, on an ephemeral port; its base URL.
 async fn spawn_fake(knobs: Knobs) -> (FakeLlm, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let fake = FakeLlm::new(Knobs {
-        time_to_first_token: Duration::from_millis(5),
-        tokens_per_second: 2000.0,
-        ..knobs
-    });
+    let fake =
+        FakeLlm::new(Knobs { time_to_first_token: Duration::from_millis(5), tokens_per_second: 2000.0, ..knobs });
     tokio::spawn(parley_fake_llm::serve(fake.clone(), listener, CancellationToken::new()));
     (fake, url)
 }
@@ -40,10 +37,7 @@ fn add_provider(config: &mut Config, name: &str, kind: ProviderKind, url: &str, 
 fn add_model(config: &mut Config, name: &str, providers: &[&str]) {
     let chain = providers
         .iter()
-        .map(|provider| ModelTarget {
-            provider: (*provider).to_owned(),
-            model: "fake-echo".to_owned(),
-        })
+        .map(|provider| ModelTarget { provider: (*provider).to_owned(), model: "fake-echo".to_owned() })
         .collect();
     config.models.insert(
         name.to_owned(),
@@ -52,6 +46,7 @@ fn add_model(config: &mut Config, name: &str, providers: &[&str]) {
             context_window: 8192,
             input_price_per_mtok: 1.0,
             output_price_per_mtok: 1.0,
+            router: None,
         },
     );
 }
@@ -70,22 +65,11 @@ async fn ask(t: &TestPlatform, session: &Session, conversation: &str, model: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chain_fails_over_on_500_on_429_and_on_a_slow_first_token() {
-    let (failing, failing_url) = spawn_fake(Knobs {
-        error_rate: 1.0,
-        ..Knobs::default()
-    })
-    .await;
-    let (limited, limited_url) = spawn_fake(Knobs {
-        rate_limit_rate: 1.0,
-        retry_after_secs: 1,
-        ..Knobs::default()
-    })
-    .await;
+    let (failing, failing_url) = spawn_fake(Knobs { error_rate: 1.0, ..Knobs::default() }).await;
+    let (limited, limited_url) =
+        spawn_fake(Knobs { rate_limit_rate: 1.0, retry_after_secs: 1, ..Knobs::default() }).await;
     let (slow, slow_url) = spawn_fake(Knobs::default()).await;
-    slow.set_knobs(Knobs {
-        time_to_first_token: Duration::from_secs(10),
-        ..slow.knobs()
-    });
+    slow.set_knobs(Knobs { time_to_first_token: Duration::from_secs(10), ..slow.knobs() });
     let t = TestPlatform::start_with(
         |config| {
             config.agent.retry.max_attempts = 2;
@@ -115,11 +99,7 @@ async fn the_chain_fails_over_on_500_on_429_and_on_a_slow_first_token() {
 
     let reply = ask(&t, &session, &conversation, "after-slow", "third").await;
     assert_eq!(reply["content"], reply_for("third"));
-    assert_eq!(
-        slow.requests(),
-        2,
-        "a missed first-token deadline is retried, then the chain moves on"
-    );
+    assert_eq!(slow.requests(), 2, "a missed first-token deadline is retried, then the chain moves on");
 
     assert_eq!(t.fake.requests(), 3, "the fallback answered each time");
     t.stop().await;
@@ -127,11 +107,7 @@ async fn the_chain_fails_over_on_500_on_429_and_on_a_slow_first_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_opens_after_failures_and_half_opens_after_its_cool_down() {
-    let (flaky, flaky_url) = spawn_fake(Knobs {
-        error_rate: 1.0,
-        ..Knobs::default()
-    })
-    .await;
+    let (flaky, flaky_url) = spawn_fake(Knobs { error_rate: 1.0, ..Knobs::default() }).await;
     let t = TestPlatform::start_with(
         |config| {
             config.agent.retry.max_attempts = 1;
@@ -153,25 +129,14 @@ async fn the_breaker_opens_after_failures_and_half_opens_after_its_cool_down() {
     let reply = ask(&t, &session, &conversation, "guarded", "three").await;
     assert_eq!(reply["content"], reply_for("three"));
     assert_eq!(flaky.requests(), 2);
-    let metrics = t
-        .http
-        .get(t.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("parley_llm_breaker_state{provider=\"flaky\"} 2"),
-        "{metrics}"
-    );
+    let metrics = t.http.get(t.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("parley_llm_breaker_state{provider=\"flaky\"} 2"), "{metrics}");
+    let (status, ready) = read(t.http.get(t.url("/readyz")).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "an open circuit to one provider does not make the service unready");
+    assert_eq!(ready["providers"]["flaky"], "open", "{ready}");
 
     // The provider recovers; after the cool-down a probe goes through and closes the circuit.
-    flaky.set_knobs(Knobs {
-        error_rate: 0.0,
-        ..flaky.knobs()
-    });
+    flaky.set_knobs(Knobs { error_rate: 0.0, ..flaky.knobs() });
     let mut asked = 3;
     eventually("the breaker to let a probe through", Duration::from_secs(10), || {
         asked += 1;
@@ -185,24 +150,9 @@ async fn the_breaker_opens_after_failures_and_half_opens_after_its_cool_down() {
     .await;
     let fallback_calls = t.fake.requests();
     ask(&t, &session, &conversation, "guarded", "closed again").await;
-    assert_eq!(
-        t.fake.requests(),
-        fallback_calls,
-        "a closed circuit sends calls to the primary again"
-    );
-    let metrics = t
-        .http
-        .get(t.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("parley_llm_breaker_state{provider=\"flaky\"} 0"),
-        "{metrics}"
-    );
+    assert_eq!(t.fake.requests(), fallback_calls, "a closed circuit sends calls to the primary again");
+    let metrics = t.http.get(t.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("parley_llm_breaker_state{provider=\"flaky\"} 0"), "{metrics}");
     t.stop().await;
 }
 
@@ -210,29 +160,17 @@ async fn the_breaker_opens_after_failures_and_half_opens_after_its_cool_down() {
 #[allow(unsafe_code)]
 async fn a_rejected_key_gives_way_to_the_next_and_a_failing_key_is_benched() {
     let tag = uuid::Uuid::now_v7().simple().to_string();
-    let (bad_var, good_var) = (
-        format!("PARLEY_TEST_BAD_KEY_{tag}"),
-        format!("PARLEY_TEST_GOOD_KEY_{tag}"),
-    );
+    let (bad_var, good_var) = (format!("PARLEY_TEST_BAD_KEY_{tag}"), format!("PARLEY_TEST_GOOD_KEY_{tag}"));
     // SAFETY: the variables' names are unique to this test, and they are set before any thread reads them.
     unsafe {
         std::env::set_var(&bad_var, "revoked-key");
         std::env::set_var(&good_var, "good-key");
     }
-    let (keyed, keyed_url) = spawn_fake(Knobs {
-        required_api_key: Some("good-key".to_owned()),
-        ..Knobs::default()
-    })
-    .await;
+    let (keyed, keyed_url) =
+        spawn_fake(Knobs { required_api_key: Some("good-key".to_owned()), ..Knobs::default() }).await;
     let t = TestPlatform::start_with(
         |config| {
-            add_provider(
-                config,
-                "keyed",
-                ProviderKind::Openai,
-                &keyed_url,
-                &[bad_var.as_str(), good_var.as_str()],
-            );
+            add_provider(config, "keyed", ProviderKind::Openai, &keyed_url, &[bad_var.as_str(), good_var.as_str()]);
             add_model(config, "keyed-model", &["keyed"]);
         },
         &Service::ALL,
@@ -262,10 +200,7 @@ async fn a_reply_that_breaks_off_mid_stream_fails_keeping_what_was_said() {
         &Service::ALL,
     )
     .await;
-    t.fake.set_knobs(Knobs {
-        fail_after_tokens: Some(3),
-        ..t.fake.knobs()
-    });
+    t.fake.set_knobs(Knobs { fail_after_tokens: Some(3), ..t.fake.knobs() });
     let session = t.register("midstream@example.com").await;
     let conversation = t.create_conversation(&session, "mid-stream").await;
     let response = t
@@ -294,20 +229,11 @@ async fn a_reply_that_breaks_off_mid_stream_fails_keeping_what_was_said() {
     let at_most: String = parley_fake_llm::tokens_of(&whole)[..3].concat();
     assert!(!streamed.is_empty() && at_most.starts_with(&streamed), "{streamed:?}");
     let expected = streamed.clone();
-    let (_, stored) = t
-        .get(
-            &session,
-            &format!("/v1/messages/{}", last.data["message_id"].as_str().unwrap()),
-        )
-        .await;
+    let (_, stored) = t.get(&session, &format!("/v1/messages/{}", last.data["message_id"].as_str().unwrap())).await;
     assert_eq!(stored["status"], "failed");
     assert_eq!(stored["content"], expected, "what was generated is kept");
     assert_eq!(stored["error"]["code"], "upstream_unavailable");
-    assert_eq!(
-        backup.requests(),
-        0,
-        "no fail-over once the client has seen part of a reply"
-    );
+    assert_eq!(backup.requests(), 0, "no fail-over once the client has seen part of a reply");
     t.stop().await;
 }
 
@@ -336,11 +262,7 @@ async fn a_job_that_keeps_failing_ends_failed_and_dead_lettered() {
     let session = t.register("poison@example.com").await;
     let conversation = t.create_conversation(&session, "poison").await;
     let (status, exchange) = t
-        .post(
-            &session,
-            &format!("/v1/conversations/{conversation}/messages"),
-            json!({"content": "never answered"}),
-        )
+        .post(&session, &format!("/v1/conversations/{conversation}/messages"), json!({"content": "never answered"}))
         .await;
     assert!(status == StatusCode::OK || status == StatusCode::ACCEPTED, "{exchange}");
     let reply_id = exchange["assistant_message"]["id"].as_str().unwrap().to_owned();
@@ -360,17 +282,10 @@ async fn a_job_that_keeps_failing_ends_failed_and_dead_lettered() {
     let client = async_nats::connect(&t.config.nats.url).await.unwrap();
     let jetstream = async_nats::jetstream::new(client);
     let names = parley_platform::nats::Names::new(&t.config.nats.prefix);
-    jetstream
-        .publish(names.jobs_subject(), "{not a job".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    eventually(
-        "the poison job in the dead-letter stream",
-        Duration::from_secs(10),
-        || async { (dead_jobs(&t).await == 2).then_some(()) },
-    )
+    jetstream.publish(names.jobs_subject(), "{not a job".into()).await.unwrap().await.unwrap();
+    eventually("the poison job in the dead-letter stream", Duration::from_secs(10), || async {
+        (dead_jobs(&t).await == 2).then_some(())
+    })
     .await;
     t.stop().await;
 }
@@ -391,11 +306,37 @@ async fn an_anthropic_provider_streams_replies_too() {
     let reply = ask(&t, &session, &conversation, "claude-fake", "hello claude").await;
     assert_eq!(reply["content"], reply_for("hello claude"));
     assert!(reply["usage"]["input_tokens"].as_i64().unwrap() > 0);
-    assert_eq!(
-        reply["usage"]["output_tokens"],
-        parley_fake_llm::tokens_of(&reply_for("hello claude")).len()
-    );
+    assert_eq!(reply["usage"]["output_tokens"], parley_fake_llm::tokens_of(&reply_for("hello claude")).len());
     assert_eq!(anthropic.requests(), 1);
     assert_eq!(t.fake.requests(), 0);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simple_requests_are_routed_to_the_cheaper_model() {
+    let (cheap, cheap_url) = spawn_fake(Knobs::default()).await;
+    let t = TestPlatform::start_with(
+        |config| {
+            add_provider(config, "cheap-provider", ProviderKind::Openai, &cheap_url, &[]);
+            add_model(config, "cheap", &["cheap-provider"]);
+            add_model(config, "smart", &["fake"]);
+            let router = RouterConfig { model: "cheap".to_owned(), max_prompt_chars: 40, max_messages: 2 };
+            config.models.get_mut("smart").unwrap().router = Some(router);
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("router@example.com").await;
+    let conversation = t.create_conversation(&session, "routing").await;
+    let reply = ask(&t, &session, &conversation, "smart", "hi").await;
+    assert_eq!(reply["content"], reply_for("hi"));
+    assert_eq!(reply["model"], "cheap", "the model that answered is recorded");
+    assert_eq!((cheap.requests(), t.fake.requests()), (1, 0));
+
+    let long = "please think hard about this long and detailed question";
+    let conversation = t.create_conversation(&session, "not simple").await;
+    let reply = ask(&t, &session, &conversation, "smart", long).await;
+    assert_eq!(reply["model"], "smart");
+    assert_eq!((cheap.requests(), t.fake.requests()), (1, 1));
     t.stop().await;
 }

@@ -21,17 +21,11 @@ async fn read_to_end(reader: &mut SseReader) -> (Vec<SseEvent>, SseEvent) {
 }
 
 fn text_of(deltas: &[SseEvent]) -> String {
-    deltas
-        .iter()
-        .map(|event| event.data["text"].as_str().unwrap())
-        .collect()
+    deltas.iter().map(|event| event.data["text"].as_str().unwrap()).collect()
 }
 
 fn ids_of(deltas: &[SseEvent]) -> Vec<u64> {
-    deltas
-        .iter()
-        .map(|event| event.id.as_deref().unwrap().parse().unwrap())
-        .collect()
+    deltas.iter().map(|event| event.id.as_deref().unwrap().parse().unwrap()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,10 +59,7 @@ async fn a_reply_streams_as_it_is_generated_and_a_dropped_client_resumes_where_i
     assert_eq!(first.data["index"], 0);
     let reply_id = first.data["message_id"].as_str().unwrap().to_owned();
     let (_, stored) = t.get(&session, &format!("/v1/messages/{reply_id}")).await;
-    assert_ne!(
-        stored["status"], "completed",
-        "deltas must arrive before the reply is finished"
-    );
+    assert_ne!(stored["status"], "completed", "deltas must arrive before the reply is finished");
 
     // Read two more deltas, then drop the connection.
     let mut seen = vec![first];
@@ -90,11 +81,7 @@ async fn a_reply_streams_as_it_is_generated_and_a_dropped_client_resumes_where_i
         .unwrap();
     let (rest, last) = read_to_end(&mut SseReader::new(response)).await;
     assert_eq!(ids_of(&rest).first(), Some(&4));
-    assert!(
-        ids_of(&rest).windows(2).all(|pair| pair[1] == pair[0] + 1),
-        "{:?}",
-        ids_of(&rest)
-    );
+    assert!(ids_of(&rest).windows(2).all(|pair| pair[1] == pair[0] + 1), "{:?}", ids_of(&rest));
     assert_eq!(last.event, "message.completed");
     assert_eq!(format!("{}{}", text_of(&seen), text_of(&rest)), expected);
     assert_eq!(last.data["content"], expected);
@@ -139,9 +126,7 @@ async fn a_gateway_relays_a_reply_sent_through_another_and_disconnects_cancel_no
     let mut reader = SseReader::new(response);
     assert_eq!(reader.next().await.unwrap().event, "message.created");
     drop(reader);
-    let (_, messages) = t
-        .get(&session, &format!("/v1/conversations/{conversation}/messages"))
-        .await;
+    let (_, messages) = t.get(&session, &format!("/v1/conversations/{conversation}/messages")).await;
     let reply_id = messages["data"][1]["id"].as_str().unwrap().to_owned();
 
     // Follow it live from the second gateway.
