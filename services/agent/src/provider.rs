@@ -90,6 +90,13 @@ enum Wire {
     Anthropic,
 }
 
+/// How to sample a reply.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling {
+    pub max_tokens: u32,
+    pub temperature: Option<f32>,
+}
+
 /// The deadlines of one call.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -137,11 +144,11 @@ impl HttpProvider {
         key: Option<&str>,
         model: &str,
         messages: &[PromptMessage],
-        max_tokens: u32,
+        sampling: Sampling,
         on_delta: &mut (dyn FnMut(&str) + Send),
     ) -> Result<Completion, ProviderError> {
         let total = self.timeouts.total;
-        match tokio::time::timeout(total, self.call(key, model, messages, max_tokens, on_delta)).await {
+        match tokio::time::timeout(total, self.call(key, model, messages, sampling, on_delta)).await {
             Ok(result) => result,
             Err(_) => Err(ProviderError::Timeout(total)),
         }
@@ -152,17 +159,20 @@ impl HttpProvider {
         key: Option<&str>,
         model: &str,
         messages: &[PromptMessage],
-        max_tokens: u32,
+        sampling: Sampling,
     ) -> reqwest::RequestBuilder {
         match self.wire {
             Wire::OpenAi => {
-                let body = json!({
+                let mut body = json!({
                     "model": model,
                     "messages": messages,
                     "stream": true,
                     "stream_options": {"include_usage": true},
-                    "max_tokens": max_tokens,
+                    "max_tokens": sampling.max_tokens,
                 });
+                if let Some(temperature) = sampling.temperature {
+                    body["temperature"] = json!(temperature);
+                }
                 let request = self.http.post(format!("{}/chat/completions", self.base_url)).json(&body);
                 match key {
                     Some(key) => request.bearer_auth(key),
@@ -171,7 +181,12 @@ impl HttpProvider {
             }
             Wire::Anthropic => {
                 let (system, turns) = anthropic_messages(messages);
-                let mut body = json!({"model": model, "messages": turns, "max_tokens": max_tokens, "stream": true});
+                let mut body =
+                    json!({"model": model, "messages": turns, "max_tokens": sampling.max_tokens, "stream": true});
+                if let Some(temperature) = sampling.temperature {
+                    // Anthropic's range is 0 to 1.
+                    body["temperature"] = json!(temperature.min(1.0));
+                }
                 if !system.is_empty() {
                     body["system"] = Value::String(system);
                 }
@@ -193,13 +208,13 @@ impl HttpProvider {
         key: Option<&str>,
         model: &str,
         messages: &[PromptMessage],
-        max_tokens: u32,
+        sampling: Sampling,
         on_delta: &mut (dyn FnMut(&str) + Send),
     ) -> Result<Completion, ProviderError> {
         let started = Instant::now();
         let first_token_deadline = tokio::time::Instant::now() + self.timeouts.first_token;
         let first_token_timeout = ProviderError::FirstTokenTimeout(self.timeouts.first_token);
-        let sent = tokio::time::timeout_at(first_token_deadline, self.request(key, model, messages, max_tokens).send());
+        let sent = tokio::time::timeout_at(first_token_deadline, self.request(key, model, messages, sampling).send());
         let response = match sent.await {
             Ok(response) => response.map_err(|error| ProviderError::Transport(without_url(&error)))?,
             Err(_) => return Err(first_token_timeout),

@@ -25,7 +25,7 @@ use crate::AgentError;
 use crate::ProviderHandle;
 use crate::cache::{CachedReply, ResponseCache};
 use crate::context::build_prompt;
-use crate::provider::{Completion, ProviderError};
+use crate::provider::{Completion, ProviderError, Sampling};
 use crate::resilience::{KeyOutcome, backoff};
 
 /// What to do with a job's JetStream message once its run ends.
@@ -48,6 +48,15 @@ pub struct Agent {
     providers: Arc<BTreeMap<String, ProviderHandle>>,
     events: Arc<tokio::sync::OnceCell<jetstream::stream::Stream>>,
     cache: Arc<ResponseCache>,
+}
+
+/// One call to one provider.
+struct ProviderCall<'a> {
+    provider: &'a ProviderHandle,
+    key: Option<&'a str>,
+    model: &'a str,
+    prompt: &'a [crate::provider::PromptMessage],
+    sampling: Sampling,
 }
 
 /// A failed model call, with the text that had already been streamed to clients.
@@ -392,7 +401,7 @@ impl Agent {
             let Some(provider) = self.providers.get(&target.provider) else {
                 continue;
             };
-            match self.call_with_retries(provider, &target.model, prompt, job.message_id, &mut delta_index).await {
+            match self.call_with_retries(provider, &target.model, prompt, job, &mut delta_index).await {
                 Ok(answer) => return Ok(answer),
                 Err(failure) if !failure.streamed.is_empty() => return Err(failure),
                 Err(Failure { error, .. }) => {
@@ -414,10 +423,11 @@ impl Agent {
         provider: &ProviderHandle,
         model: &str,
         prompt: &[crate::provider::PromptMessage],
-        message_id: Uuid,
+        job: &AiJob,
         delta_index: &mut u64,
     ) -> Result<Answer, Failure> {
         let retry = &self.config.agent.retry;
+        let sampling = Sampling { max_tokens: self.config.agent.max_output_tokens, temperature: job.temperature };
         let started = Instant::now();
         let name = provider.client.name.clone();
         let mut attempt = 0;
@@ -446,11 +456,14 @@ impl Agent {
             let call_started = Instant::now();
             let (result, streamed) = self
                 .call_streaming(
-                    provider,
-                    key.as_ref().map(|(_, secret)| secret.as_str()),
-                    model,
-                    prompt,
-                    message_id,
+                    ProviderCall {
+                        provider,
+                        key: key.as_ref().map(|(_, secret)| secret.as_str()),
+                        model,
+                        prompt,
+                        sampling,
+                    },
+                    job.message_id,
                     delta_index,
                 )
                 .instrument(span.clone())
@@ -531,20 +544,17 @@ impl Agent {
     /// One streaming call; each delta is published on the message's subject as it arrives.
     async fn call_streaming(
         &self,
-        provider: &ProviderHandle,
-        key: Option<&str>,
-        model: &str,
-        prompt: &[crate::provider::PromptMessage],
+        call: ProviderCall<'_>,
         message_id: Uuid,
         delta_index: &mut u64,
     ) -> (Result<Completion, ProviderError>, String) {
+        let ProviderCall { provider, key, model, prompt, sampling } = call;
         let (deltas, mut received) = mpsc::unbounded_channel::<String>();
-        let max_tokens = self.config.agent.max_output_tokens;
         let call = async move {
             let mut on_delta = move |text: &str| {
                 let _receiver_gone = deltas.send(text.to_owned());
             };
-            provider.client.stream_chat(key, model, prompt, max_tokens, &mut on_delta).await
+            provider.client.stream_chat(key, model, prompt, sampling, &mut on_delta).await
         };
         let subject = self.names.message_events_subject(message_id);
         let forward = async {

@@ -65,6 +65,7 @@ impl From<&FakeLlmConfig> for Knobs {
 
 struct Shared {
     knobs: Mutex<Knobs>,
+    last_temperature: Mutex<Option<f64>>,
     requests: AtomicU64,
     random_state: AtomicU64,
 }
@@ -81,8 +82,12 @@ impl FakeLlm {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x9E37_79B9_7F4A_7C15, |elapsed| elapsed.as_nanos() as u64)
             | 1;
-        let shared =
-            Shared { knobs: Mutex::new(knobs), requests: AtomicU64::new(0), random_state: AtomicU64::new(seed) };
+        let shared = Shared {
+            knobs: Mutex::new(knobs),
+            last_temperature: Mutex::new(None),
+            requests: AtomicU64::new(0),
+            random_state: AtomicU64::new(seed),
+        };
         Self { shared: Arc::new(shared) }
     }
 
@@ -93,6 +98,11 @@ impl FakeLlm {
     /// Completion requests received so far (either wire format).
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// The `temperature` of the last completion request (`None` when it had none).
+    pub fn last_temperature(&self) -> Option<f64> {
+        *self.shared.last_temperature.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn knobs(&self) -> Knobs {
@@ -168,6 +178,8 @@ struct ChatRequest {
     max_tokens: Option<u32>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -231,6 +243,7 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: &[u8]) -
     if request.messages.is_empty() {
         return wire_error(wire, StatusCode::BAD_REQUEST, "invalid_request_error", "messages must not be empty");
     }
+    *fake.shared.last_temperature.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = request.temperature;
     let knobs = fake.knobs();
     if let Some(required) = &knobs.required_api_key
         && presented_key(headers) != Some(required.as_str())

@@ -50,6 +50,8 @@ async fn deterministic_replies_come_from_the_cache_unless_the_client_says_no() {
     complete(&t, &session, "creative", Some(0.9), None).await;
     complete(&t, &session, "creative", Some(0.9), None).await;
     assert_eq!(t.fake.requests(), 4);
+    let sent = t.fake.last_temperature().unwrap();
+    assert!((sent - 0.9).abs() < 1e-6, "the temperature reaches the provider: {sent}");
 
     // Conversations share the cache when the whole prompt is the same.
     for title in ["one", "two"] {
