@@ -122,14 +122,9 @@ impl Caller {
     }
 }
 
-impl FromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let header = parts.headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-        let Some(token) = header.and_then(|value| value.strip_prefix("Bearer ")).map(str::trim) else {
-            return Err(ApiError::unauthorized("missing bearer credentials"));
-        };
+impl Caller {
+    /// The caller a bearer credential stands for.
+    pub async fn from_token(state: &AppState, token: &str) -> Result<Self, ApiError> {
         if token.starts_with("pk_") {
             return Err(ApiError::unauthorized("invalid API key"));
         }
@@ -140,5 +135,17 @@ impl FromRequestParts<AppState> for Caller {
             return Err(ApiError::unauthorized("invalid access token"));
         };
         Ok(Caller { user_id, role: claims.role, tier: claims.tier })
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
+        let Some(token) = header.and_then(|value| value.strip_prefix("Bearer ")).map(str::trim) else {
+            return Err(ApiError::unauthorized("missing bearer credentials"));
+        };
+        Caller::from_token(state, token).await
     }
 }

@@ -13,7 +13,7 @@ use crate::routes::{conversations, identity, messages, openai, ops, streaming, u
         identity::register, identity::login, identity::refresh, identity::logout, identity::me, identity::jwks,
         identity::set_tier,
         conversations::create, conversations::list, conversations::get, conversations::update, conversations::delete,
-        messages::send, messages::list, messages::get, streaming::events,
+        messages::send, messages::list, messages::get, streaming::events, streaming::websocket,
         usage::own, usage::admin,
         openai::chat_completions, openai::models,
     ),

@@ -38,6 +38,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/conversations/{id}/messages", post(messages::send).get(messages::list))
         .route("/v1/messages/{id}", get(messages::get))
         .route("/v1/messages/{id}/events", get(streaming::events))
+        .route("/v1/messages/{id}/ws", get(streaming::websocket))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
         .route("/v1/usage", get(usage::own))

@@ -186,15 +186,20 @@ async fn finished_reply(state: &AppState, user_id: Uuid, message_id: Uuid) -> Op
 
 /// Parley's SSE events for one feed item.
 fn to_event(feed: &ReplyFeed, item: ReplyItem) -> Event {
+    let (name, id, data) = event_parts(feed, item);
+    Event::default().event(name).id(id.to_string()).data(data.to_string())
+}
+
+/// The name, id and data of the event for one feed item, shared by SSE and WebSocket.
+fn event_parts(feed: &ReplyFeed, item: ReplyItem) -> (&'static str, u64, serde_json::Value) {
     let id = feed.last_event_id();
     match item {
         ReplyItem::Delta { index, text } => {
-            let data = json!({"message_id": feed.message_id(), "index": index, "text": text});
-            Event::default().event("message.delta").id(id.to_string()).data(data.to_string())
+            ("message.delta", id, json!({"message_id": feed.message_id(), "index": index, "text": text}))
         }
         ReplyItem::Finished(message) if message.status == "completed" => {
-            let view = serde_json::to_string(&MessageView::from(*message)).unwrap_or_default();
-            Event::default().event("message.completed").id((id + 1).to_string()).data(view)
+            let view = serde_json::to_value(MessageView::from(*message)).unwrap_or_default();
+            ("message.completed", id + 1, view)
         }
         ReplyItem::Finished(message) => {
             let data = json!({
@@ -202,7 +207,7 @@ fn to_event(feed: &ReplyFeed, item: ReplyItem) -> Event {
                 "code": message.error_code.unwrap_or_else(|| "upstream_unavailable".to_owned()),
                 "detail": message.error_detail.unwrap_or_default(),
             });
-            Event::default().event("message.failed").id((id + 1).to_string()).data(data.to_string())
+            ("message.failed", id + 1, data)
         }
     }
 }
@@ -272,4 +277,83 @@ pub async fn events(
         return Err(ApiError::not_found("reply"));
     }
     respond(state, caller.user_id, None, message, after).await
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct SocketQuery {
+    /// Resume after this event id.
+    pub last_event_id: Option<u64>,
+    /// The bearer credential, for clients (browsers) that cannot set the Authorization header on a
+    /// WebSocket handshake.
+    pub access_token: Option<String>,
+}
+
+/// How often an idle WebSocket is pinged, for the same reason SSE streams send heartbeats.
+const SOCKET_PING: Duration = Duration::from_secs(15);
+
+/// The same events as `/v1/messages/{id}/events`, over a WebSocket: one JSON text frame per event,
+/// `{"event", "id", "data"}`, then a close frame after the final event.
+#[utoipa::path(get, path = "/v1/messages/{id}/ws", tag = "messages", security(("bearer" = [])),
+    params(("id" = String, Path), SocketQuery),
+    responses(
+        (status = 101, description = "WebSocket: one JSON text frame per event ({event, id, data})"),
+        (status = 401, body = Problem),
+        (status = 404, body = Problem),
+    ))]
+pub async fn websocket(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<axum::extract::Query<SocketQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let axum::extract::Query(query) = query.map_err(super::query_rejection)?;
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let Some(token) = bearer.or(query.access_token) else {
+        return Err(ApiError::unauthorized("missing bearer credentials"));
+    };
+    let caller = Caller::from_token(&state, token.trim()).await?;
+    let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: id };
+    let message = state.backends.chat.clone().get_message(request).await?.into_inner();
+    if message.role != "assistant" {
+        return Err(ApiError::not_found("reply"));
+    }
+    let feed = ReplyFeed::open(state, caller.user_id, &message, query.last_event_id.unwrap_or(0))
+        .await
+        .ok_or_else(|| ApiError::not_found("message"))?;
+    Ok(upgrade.on_upgrade(move |socket| relay_to_socket(socket, feed)))
+}
+
+async fn relay_to_socket(mut socket: axum::extract::ws::WebSocket, mut feed: ReplyFeed) {
+    use axum::extract::ws::Message;
+    let mut ping = tokio::time::interval(SOCKET_PING);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            item = feed.next() => {
+                let Some(item) = item else { break };
+                let finished = matches!(item, ReplyItem::Finished(_));
+                let (event, id, data) = event_parts(&feed, item);
+                let frame = json!({"event": event, "id": id.to_string(), "data": data}).to_string();
+                if socket.send(Message::Text(frame.into())).await.is_err() || finished {
+                    break;
+                }
+            }
+            incoming = socket.recv() => match incoming {
+                // The client left: the reply carries on without it.
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            },
+            _ = ping.tick() => {
+                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _already_gone = socket.send(Message::Close(None)).await;
 }

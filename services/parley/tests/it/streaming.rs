@@ -166,3 +166,52 @@ async fn a_gateway_relays_a_reply_sent_through_another_and_disconnects_cancel_no
     assert_eq!(body["field"], "Last-Event-ID");
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_carries_the_same_events() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let t = TestPlatform::start_with(|config| config.fake_llm.tokens_per_second = 40.0, &Service::ALL).await;
+    let session = t.register("socket@example.com").await;
+    let conversation = t.create_conversation(&session, "socket").await;
+    let (_, exchange) = t
+        .post(&session, &format!("/v1/conversations/{conversation}/messages"), json!({"content": "over a socket"}))
+        .await;
+    let reply_id = exchange["assistant_message"]["id"].as_str().unwrap().to_owned();
+    let ws_base = t.base.replacen("http://", "ws://", 1);
+
+    // Authorization header, resuming after the second delta.
+    let mut request = format!("{ws_base}/v1/messages/{reply_id}/ws?last_event_id=2").into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {}", session.token).parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut events = Vec::new();
+    while let Some(frame) = socket.next().await {
+        match frame.unwrap() {
+            Message::Text(text) => events.push(serde_json::from_str::<serde_json::Value>(&text).unwrap()),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    let (last, deltas) = events.split_last().unwrap();
+    assert_eq!(last["event"], "message.completed");
+    assert_eq!(deltas.first().unwrap()["id"], "3", "resumed after event 2");
+    let expected = parley_fake_llm::reply_for("over a socket");
+    let tokens = parley_fake_llm::tokens_of(&expected);
+    let rest: String = deltas.iter().map(|event| event["data"]["text"].as_str().unwrap()).collect();
+    assert_eq!(format!("{}{rest}", tokens[..2].concat()), expected);
+    assert_eq!(last["data"]["content"], expected);
+
+    // Browsers pass the token in the query; without one the handshake is refused.
+    let url = format!("{ws_base}/v1/messages/{reply_id}/ws?access_token={}", session.token);
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let first = socket.next().await.unwrap().unwrap();
+    assert!(first.to_text().unwrap().contains("message.delta"));
+    let refused = tokio_tungstenite::connect_async(format!("{ws_base}/v1/messages/{reply_id}/ws")).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+        other => panic!("expected a 401, got {other:?}"),
+    }
+    t.stop().await;
+}
