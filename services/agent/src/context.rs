@@ -1,31 +1,87 @@
-//! Assembling the prompt for a job: the system prompt, then as many of the most recent messages as fit
-//! the model's context window after room is kept for the reply.
+//! Assembling the prompt for a job: the system prompt, the running summary of earlier messages (if the
+//! thread has outgrown the window), then as many of the most recent messages as fit the model's context
+//! window after room is kept for the reply. Tokens are counted with the model's own tokenizer for
+//! OpenAI models and estimated (about four characters a token) for the others.
 
+use parley_platform::Config;
+use parley_platform::config::{ModelConfig, ProviderKind};
 use parley_proto::chat::v1 as pb;
+use tiktoken_rs::CoreBPE;
 
 use crate::provider::PromptMessage;
 
-/// About four characters a token: a deliberate over-estimate for English, so prompts stay inside the window.
-pub fn estimate_tokens(text: &str) -> u32 {
-    (text.chars().count() as u32).div_ceil(4) + 4
+/// Tokens a chat format spends on each message beyond its text (role, separators).
+const PER_MESSAGE_OVERHEAD: u32 = 4;
+
+pub enum TokenCounter {
+    Bpe(&'static CoreBPE),
+    Estimate,
 }
 
-pub fn build_prompt(
+impl TokenCounter {
+    /// The tokenizer of the model's first provider/model pair when that is an OpenAI model tiktoken
+    /// knows, else the estimate.
+    pub fn for_model(config: &Config, model: &ModelConfig) -> Self {
+        let Some(target) = model.chain.first() else {
+            return TokenCounter::Estimate;
+        };
+        let is_openai =
+            config.providers.get(&target.provider).is_some_and(|provider| provider.kind == ProviderKind::Openai);
+        if !is_openai {
+            return TokenCounter::Estimate;
+        }
+        match tiktoken_rs::tokenizer::get_tokenizer(&target.model) {
+            Some(tiktoken_rs::tokenizer::Tokenizer::O200kBase) => {
+                TokenCounter::Bpe(tiktoken_rs::o200k_base_singleton())
+            }
+            Some(tiktoken_rs::tokenizer::Tokenizer::Cl100kBase) => {
+                TokenCounter::Bpe(tiktoken_rs::cl100k_base_singleton())
+            }
+            _ => TokenCounter::Estimate,
+        }
+    }
+
+    pub fn count(&self, text: &str) -> u32 {
+        let tokens = match self {
+            TokenCounter::Bpe(bpe) => bpe.count_ordinary(text) as u32,
+            TokenCounter::Estimate => (text.chars().count() as u32).div_ceil(4),
+        };
+        tokens + PER_MESSAGE_OVERHEAD
+    }
+}
+
+/// A prompt that fits, and how many of the oldest history messages it had to leave out.
+pub struct Fitted {
+    pub prompt: Vec<PromptMessage>,
+    pub dropped: usize,
+}
+
+pub fn summary_message(summary: &str) -> PromptMessage {
+    PromptMessage { role: "system".to_owned(), content: format!("Summary of the earlier conversation: {summary}") }
+}
+
+pub fn fit_prompt(
     system_prompt: Option<&str>,
+    summary: Option<&str>,
     history: &[pb::Message],
     context_window: u32,
     reserved_for_reply: u32,
-) -> Vec<PromptMessage> {
+    counter: &TokenCounter,
+) -> Fitted {
     let mut budget = context_window.saturating_sub(reserved_for_reply);
-    let system = system_prompt
-        .filter(|prompt| !prompt.trim().is_empty())
-        .map(|prompt| PromptMessage { role: "system".to_owned(), content: prompt.to_owned() });
-    if let Some(system) = &system {
-        budget = budget.saturating_sub(estimate_tokens(&system.content));
+    let mut head = Vec::new();
+    if let Some(prompt) = system_prompt.filter(|prompt| !prompt.trim().is_empty()) {
+        head.push(PromptMessage { role: "system".to_owned(), content: prompt.to_owned() });
+    }
+    if let Some(summary) = summary.filter(|summary| !summary.trim().is_empty()) {
+        head.push(summary_message(summary));
+    }
+    for message in &head {
+        budget = budget.saturating_sub(counter.count(&message.content));
     }
     let mut kept = Vec::new();
     for message in history.iter().rev() {
-        let cost = estimate_tokens(&message.content);
+        let cost = counter.count(&message.content);
         // The newest message is the question being answered: it is always sent.
         if cost > budget && !kept.is_empty() {
             break;
@@ -34,7 +90,43 @@ pub fn build_prompt(
         kept.push(PromptMessage { role: message.role.clone(), content: message.content.clone() });
     }
     kept.reverse();
-    system.into_iter().chain(kept).collect()
+    let dropped = history.len() - kept.len();
+    Fitted { prompt: head.into_iter().chain(kept).collect(), dropped }
+}
+
+/// The prompt of a system prompt, a summary and messages, in that order.
+pub fn compose(system_prompt: Option<&str>, summary: Option<&str>, messages: &[pb::Message]) -> Vec<PromptMessage> {
+    let system = system_prompt
+        .filter(|prompt| !prompt.trim().is_empty())
+        .map(|prompt| PromptMessage { role: "system".to_owned(), content: prompt.to_owned() });
+    let summary = summary.filter(|summary| !summary.trim().is_empty()).map(summary_message);
+    let messages =
+        messages.iter().map(|message| PromptMessage { role: message.role.clone(), content: message.content.clone() });
+    system.into_iter().chain(summary).chain(messages).collect()
+}
+
+/// The room kept for a running summary: a quarter of the window, at most `limit` tokens.
+pub fn summary_budget(context_window: u32, limit: u32) -> u32 {
+    (context_window / 4).min(limit)
+}
+
+/// The request that folds `dropped` messages into the running summary.
+pub fn summary_request(previous: Option<&str>, dropped: &[pb::Message]) -> Vec<PromptMessage> {
+    let mut transcript = String::new();
+    for message in dropped {
+        transcript.push_str(&format!("{}: {}\n", message.role, message.content));
+    }
+    let instructions = "You keep a running summary of a conversation. Fold the new messages into the current \
+                        summary. Keep facts, names, numbers, decisions and open questions. Answer with the \
+                        updated summary only, in at most 200 words.";
+    let content = format!(
+        "Current summary: {}\n\nNew messages:\n{transcript}",
+        previous.filter(|summary| !summary.is_empty()).unwrap_or("(none yet)")
+    );
+    vec![
+        PromptMessage { role: "system".to_owned(), content: instructions.to_owned() },
+        PromptMessage { role: "user".to_owned(), content },
+    ]
 }
 
 #[cfg(test)]
@@ -46,22 +138,42 @@ mod tests {
     }
 
     #[test]
-    fn keeps_the_system_prompt_and_the_newest_messages_that_fit() {
+    fn keeps_the_system_prompt_the_summary_and_the_newest_messages_that_fit() {
         let history = vec![
             message("user", &"old ".repeat(100)),
             message("assistant", &"older answer ".repeat(10)),
             message("user", "newest question"),
         ];
-        let prompt = build_prompt(Some("be brief"), &history, 200, 100);
-        assert_eq!(prompt[0].role, "system");
-        assert_eq!(prompt.last().map(|m| m.content.as_str()), Some("newest question"));
-        assert!(prompt.iter().all(|m| !m.content.starts_with("old ")), "the oldest message does not fit");
+        let fitted = fit_prompt(Some("be brief"), Some("they talked"), &history, 200, 100, &TokenCounter::Estimate);
+        assert_eq!(fitted.prompt[0].content, "be brief");
+        assert!(fitted.prompt[1].content.contains("they talked"));
+        assert_eq!(fitted.prompt.last().map(|m| m.content.as_str()), Some("newest question"));
+        assert_eq!(fitted.dropped, 1, "the oldest message does not fit");
     }
 
     #[test]
     fn the_question_is_sent_even_when_it_alone_exceeds_the_window() {
         let history = vec![message("user", &"x".repeat(10_000))];
-        let prompt = build_prompt(None, &history, 100, 50);
-        assert_eq!(prompt.len(), 1);
+        let fitted = fit_prompt(None, None, &history, 100, 50, &TokenCounter::Estimate);
+        assert_eq!(fitted.prompt.len(), 1);
+        assert_eq!(fitted.dropped, 0);
+    }
+
+    #[test]
+    fn openai_models_are_counted_with_their_tokenizer() {
+        let config = Config::from_toml(include_str!("../../../config/parley.example.toml")).unwrap();
+        let counter = TokenCounter::for_model(&config, &config.models["gpt-4o-mini"]);
+        assert!(matches!(counter, TokenCounter::Bpe(_)));
+        // "hello world" is two o200k tokens; the estimate would say three.
+        assert_eq!(counter.count("hello world"), 2 + PER_MESSAGE_OVERHEAD);
+        let fake = TokenCounter::for_model(&config, &config.models["parley-fake"]);
+        assert!(matches!(fake, TokenCounter::Estimate));
+    }
+
+    #[test]
+    fn the_summary_request_carries_the_previous_summary_and_the_dropped_messages() {
+        let request = summary_request(Some("Ada likes tea."), &[message("user", "I moved to Paris")]);
+        assert!(request[1].content.contains("Ada likes tea."));
+        assert!(request[1].content.contains("user: I moved to Paris"));
     }
 }

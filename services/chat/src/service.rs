@@ -405,7 +405,9 @@ impl pb::chat_service_server::ChatService for ChatService {
             0 => self.config.chat.history_limit,
             limit => limit,
         };
-        let history = self.storage.history_before(&message, i64::from(limit)).await.map_err(ChatError::from)?;
+        let summary = self.storage.summary(conversation.id).await.map_err(ChatError::from)?;
+        let after = summary.as_ref().map(|(_, position)| *position);
+        let history = self.storage.history_before(&message, after, i64::from(limit)).await.map_err(ChatError::from)?;
         let model = message.model.clone().unwrap_or_else(|| conversation.model.clone());
         Ok(Response::new(pb::JobContext {
             user_id: message.user_id.to_string(),
@@ -413,7 +415,27 @@ impl pb::chat_service_server::ChatService for ChatService {
             model,
             system_prompt: conversation.system_prompt,
             history: history.into_iter().map(message_to_proto).collect(),
+            summary: summary.map(|(text, _)| text),
+            conversation_id: conversation.id.to_string(),
         }))
+    }
+
+    async fn update_summary(
+        &self,
+        request: Request<pb::UpdateSummaryRequest>,
+    ) -> Result<Response<pb::UpdateSummaryResponse>, Status> {
+        let request = request.into_inner();
+        let parse = |field: &str, id: &str| {
+            Uuid::parse_str(id).map_err(|_| ChatError::from(ServiceError::invalid_field(field, "must be a UUID")))
+        };
+        let conversation_id = parse("conversation_id", &request.conversation_id)?;
+        let until = parse("until_message_id", &request.until_message_id)?;
+        let changed =
+            self.storage.update_summary(conversation_id, &request.summary, until).await.map_err(ChatError::from)?;
+        if changed {
+            metrics::counter!("parley_chat_summaries_updated_total").increment(1);
+        }
+        Ok(Response::new(pb::UpdateSummaryResponse { changed }))
     }
 
     async fn complete_message(

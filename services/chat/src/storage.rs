@@ -342,20 +342,63 @@ impl Storage {
     }
 
     /// The finished messages before `message`, newest `limit` of them, returned oldest first.
-    pub async fn history_before(&self, message: &MessageRow, limit: i64) -> Result<Vec<MessageRow>, sqlx::Error> {
+    /// The finished messages before `message` and after `after` (the end of the running summary).
+    pub async fn history_before(
+        &self,
+        message: &MessageRow,
+        after: Option<Position>,
+        limit: i64,
+    ) -> Result<Vec<MessageRow>, sqlx::Error> {
         let mut rows: Vec<MessageRow> = sqlx::query_as(sql(format!(
             "SELECT {MESSAGE_COLUMNS} FROM chat.messages
              WHERE conversation_id = $1 AND (created_at, id) < ($2, $3) AND status = 'completed'
+               AND ($5::timestamptz IS NULL OR (created_at, id) > ($5, $6))
              ORDER BY created_at DESC, id DESC LIMIT $4"
         )))
         .bind(message.conversation_id)
         .bind(message.created_at)
         .bind(message.id)
         .bind(limit)
+        .bind(after.map(|position| position.at))
+        .bind(after.map(|position| position.id))
         .fetch_all(&self.pool)
         .await?;
         rows.reverse();
         Ok(rows)
+    }
+
+    /// A conversation's running summary and the position of the last message it covers.
+    pub async fn summary(&self, conversation_id: Uuid) -> Result<Option<(String, Position)>, sqlx::Error> {
+        let row: Option<(Option<String>, Option<OffsetDateTime>, Option<Uuid>)> =
+            sqlx::query_as("SELECT summary, summary_until_at, summary_until_id FROM chat.conversations WHERE id = $1")
+                .bind(conversation_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(match row {
+            Some((Some(summary), Some(at), Some(id))) => Some((summary, Position { at, id })),
+            _ => None,
+        })
+    }
+
+    /// Replaces the running summary if the new one covers more; false when it does not.
+    pub async fn update_summary(
+        &self,
+        conversation_id: Uuid,
+        summary: &str,
+        until_message_id: Uuid,
+    ) -> Result<bool, sqlx::Error> {
+        let result = sqlx::query(
+            "UPDATE chat.conversations c SET summary = $2, summary_until_at = m.created_at, summary_until_id = m.id
+             FROM chat.messages m
+             WHERE c.id = $1 AND m.id = $3 AND m.conversation_id = c.id
+               AND (c.summary_until_at IS NULL OR (m.created_at, m.id) > (c.summary_until_at, c.summary_until_id))",
+        )
+        .bind(conversation_id)
+        .bind(summary)
+        .bind(until_message_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() > 0)
     }
 
     /// The conversation a message belongs to, whoever owns it (for agents).

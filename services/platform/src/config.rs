@@ -140,6 +140,9 @@ pub struct AgentConfig {
     pub retry: RetryConfig,
     pub breaker: BreakerConfig,
     pub cache: CacheConfig,
+    /// The model that writes running summaries of long threads; by default a model's router target
+    /// (its cheaper model), else the model itself.
+    pub summary_model: Option<String>,
 }
 
 /// The response cache: exact matches of deterministic requests, in Redis behind an in-process LRU.
@@ -391,6 +394,7 @@ impl Default for AgentConfig {
             retry: RetryConfig::default(),
             breaker: BreakerConfig::default(),
             cache: CacheConfig::default(),
+            summary_model: None,
         }
     }
 }
@@ -613,6 +617,11 @@ impl Config {
         }
         if self.agent.concurrency == 0 {
             return Err(invalid("agent.concurrency", "must be at least 1"));
+        }
+        if let Some(model) = &self.agent.summary_model
+            && !self.models.contains_key(model)
+        {
+            return Err(invalid("agent.summary_model", format!("no model named {model:?}")));
         }
         if self.agent.retry.max_attempts == 0 {
             return Err(invalid("agent.retry.max_attempts", "must be at least 1"));

@@ -1,0 +1,54 @@
+//! Threads longer than the model's context window: the messages that fall out are folded into a
+//! running summary, stored with the conversation and reused, so replies keep coming and each prompt
+//! stays bounded however long the thread grows.
+
+use parley::Service;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::harness::TestPlatform;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thread_longer_than_the_window_gets_a_summary_and_still_answers() {
+    let t = TestPlatform::start_with(
+        |config| {
+            config.models.get_mut("parley-fake").unwrap().context_window = 400;
+            config.agent.max_output_tokens = 60;
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("long@example.com").await;
+    let conversation = t.create_conversation(&session, "a long thread").await;
+    let mut input_tokens = Vec::new();
+    for turn in 1..=8 {
+        let content = format!("Turn {turn}: {}", "tell me more about the history of tea in detail please. ".repeat(3));
+        let (status, exchange) =
+            t.post(&session, &format!("/v1/conversations/{conversation}/messages"), json!({"content": content})).await;
+        assert_eq!(status, StatusCode::OK, "{exchange}");
+        let reply = &exchange["assistant_message"];
+        assert_eq!(reply["status"], "completed", "{reply}");
+        assert!(reply["content"].as_str().unwrap().contains(&format!("Turn {turn}:")), "the reply answers this turn");
+        input_tokens.push(reply["usage"]["input_tokens"].as_i64().unwrap());
+    }
+
+    // A summary was written and stored with the conversation.
+    let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
+    let (summary,): (Option<String>,) = sqlx::query_as("SELECT summary FROM chat.conversations WHERE id = $1::uuid")
+        .bind(&conversation)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let summary = summary.expect("a running summary");
+    assert!(summary.contains("Current summary") || summary.contains("New messages"), "{summary}");
+    assert!(t.fake.requests() > 8, "summaries were written by the model: {} calls", t.fake.requests());
+
+    // Each prompt stays within the window, even though the whole thread is far larger.
+    let (_, messages) = t.get(&session, &format!("/v1/conversations/{conversation}/messages?limit=100")).await;
+    let thread_chars: usize =
+        messages["data"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap().chars().count()).sum();
+    assert!(thread_chars / 4 > 2 * 400, "the thread itself is over twice the window: {thread_chars} characters");
+    assert!(input_tokens.iter().all(|tokens| *tokens <= 400), "{input_tokens:?}");
+    pool.close().await;
+    t.stop().await;
+}
