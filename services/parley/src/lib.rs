@@ -320,6 +320,13 @@ impl Platform {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Ends every service at once, without any of the shutdown steps: what a crash looks like to the
+    /// rest of the platform (jobs held are neither finished nor handed back).
+    pub async fn kill(mut self) {
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
     /// Stops every service and waits for them to finish.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();

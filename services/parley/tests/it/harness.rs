@@ -92,6 +92,12 @@ impl TestPlatform {
         base
     }
 
+    /// Kills (without a graceful shutdown) the platform started by the `index`th `launch` call.
+    pub async fn kill_launched(&mut self, index: usize) {
+        let platform = self.platforms.remove(index + 1);
+        platform.kill().await;
+    }
+
     async fn wait_until_ready(&self) {
         eventually("the gateway to be ready", Duration::from_secs(20), || async {
             let response = self.http.get(self.url("/readyz")).send().await.ok()?;

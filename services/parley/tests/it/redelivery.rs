@@ -85,3 +85,56 @@ async fn a_job_held_by_a_dead_agent_is_redelivered_and_answered_once() {
     assert_eq!(usage["totals"]["requests"], 1);
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_stream_leaves_the_job_to_another_and_one_reply_is_stored() {
+    use crate::harness::SseReader;
+
+    let mut t = TestPlatform::start_with(
+        |config| {
+            config.nats.job_ack_wait_secs = 2;
+            config.fake_llm.tokens_per_second = 10.0;
+        },
+        ALL_BUT_AGENT,
+    )
+    .await;
+    t.launch(&[Service::Agent]).await;
+    let session = t.register("killed@example.com").await;
+    let conversation = t.create_conversation(&session, "killed mid-stream").await;
+    let response = t
+        .http
+        .post(t.url(&format!("/v1/conversations/{conversation}/messages")))
+        .bearer_auth(&session.token)
+        .header("accept", "text/event-stream")
+        .json(&json!({"content": "survive a crash"}))
+        .send()
+        .await
+        .unwrap();
+    let mut reader = SseReader::new(response);
+    assert_eq!(reader.next().await.unwrap().event, "message.created");
+    let first = reader.next().await.unwrap();
+    assert_eq!(first.event, "message.delta");
+
+    // The agent dies mid-reply, holding the job; a new one starts.
+    t.kill_launched(0).await;
+    t.launch(&[Service::Agent]).await;
+
+    // The same stream carries on to the end: ids keep increasing, and the final reply is stored once.
+    let mut ids = vec![first.id.clone().unwrap().parse::<u64>().unwrap()];
+    let last = loop {
+        let event = reader.next().await.unwrap();
+        if event.event != "message.delta" {
+            break event;
+        }
+        ids.push(event.id.unwrap().parse().unwrap());
+    };
+    assert_eq!(last.event, "message.completed", "{last:?}");
+    assert!(ids.windows(2).all(|pair| pair[1] > pair[0]), "event ids never repeat: {ids:?}");
+    assert_eq!(last.data["content"], parley_fake_llm::reply_for("survive a crash"));
+    let (_, messages) = t.get(&session, &format!("/v1/conversations/{conversation}/messages")).await;
+    let replies: Vec<_> = messages["data"].as_array().unwrap().iter().filter(|m| m["role"] == "assistant").collect();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0]["status"], "completed");
+    assert_eq!(t.fake.requests(), 2, "the dead agent's call and the new agent's call");
+    t.stop().await;
+}
