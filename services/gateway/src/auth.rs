@@ -126,7 +126,7 @@ impl Caller {
     /// The caller a bearer credential stands for.
     pub async fn from_token(state: &AppState, token: &str) -> Result<Self, ApiError> {
         if token.starts_with("pk_") {
-            return Err(ApiError::unauthorized("invalid API key"));
+            return state.api_keys.verify(token).await;
         }
         let Some(claims) = state.keys.verify(token).await else {
             return Err(ApiError::unauthorized("invalid or expired access token"));
@@ -147,5 +147,84 @@ impl FromRequestParts<AppState> for Caller {
             return Err(ApiError::unauthorized("missing bearer credentials"));
         };
         Caller::from_token(state, token).await
+    }
+}
+
+/// How long a verified API key is trusted without asking the user service again. Revocations are
+/// broadcast, so this only bounds staleness for a gateway that missed the broadcast.
+const API_KEY_TTL: Duration = Duration::from_secs(30);
+const API_KEY_CACHE_ENTRIES: usize = 10_000;
+
+struct CachedKey {
+    api_key_id: String,
+    caller: Caller,
+    verified_at: Instant,
+}
+
+/// API keys verified by the user service, briefly remembered by the hash of the key.
+pub struct ApiKeyCache {
+    user: UserServiceClient<ClientChannel>,
+    entries: std::sync::Mutex<HashMap<Vec<u8>, CachedKey>>,
+}
+
+impl ApiKeyCache {
+    pub fn new(user: UserServiceClient<ClientChannel>) -> Self {
+        Self { user, entries: std::sync::Mutex::new(HashMap::new()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, CachedKey>> {
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub async fn verify(&self, key: &str) -> Result<Caller, ApiError> {
+        let hash = ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref().to_vec();
+        if let Some(entry) = self.lock().get(&hash).filter(|entry| entry.verified_at.elapsed() < API_KEY_TTL) {
+            return Ok(entry.caller.clone());
+        }
+        let verified = self.user.clone().verify_api_key(pb::VerifyApiKeyRequest { key: key.to_owned() }).await?;
+        let verified = verified.into_inner();
+        let user_id = Uuid::parse_str(&verified.user_id).map_err(|_| ApiError::unauthorized("invalid API key"))?;
+        let caller = Caller { user_id, role: verified.role, tier: verified.tier };
+        let mut entries = self.lock();
+        if entries.len() >= API_KEY_CACHE_ENTRIES {
+            entries.retain(|_, entry| entry.verified_at.elapsed() < API_KEY_TTL);
+        }
+        if entries.len() < API_KEY_CACHE_ENTRIES {
+            let entry =
+                CachedKey { api_key_id: verified.api_key_id, caller: caller.clone(), verified_at: Instant::now() };
+            entries.insert(hash, entry);
+        }
+        Ok(caller)
+    }
+
+    /// Forgets a revoked key at once.
+    pub fn forget(&self, api_key_id: &str) {
+        self.lock().retain(|_, entry| entry.api_key_id != api_key_id);
+    }
+
+    /// Forgets keys as their revocation is announced on `subject`, until `shutdown`.
+    pub async fn follow_revocations(
+        self: Arc<Self>,
+        nats: async_nats::Client,
+        subject: String,
+        shutdown: CancellationToken,
+    ) {
+        use futures::StreamExt;
+        let mut subscriber = match nats.subscribe(subject).await {
+            Ok(subscriber) => subscriber,
+            Err(error) => {
+                tracing::error!(%error, "cannot follow API key revocations; revoked keys expire from the cache instead");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                message = subscriber.next() => match message {
+                    Some(message) => self.forget(&String::from_utf8_lossy(&message.payload)),
+                    None => break,
+                },
+            }
+        }
     }
 }

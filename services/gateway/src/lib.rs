@@ -46,6 +46,7 @@ pub struct AppState {
     pub nats: async_nats::Client,
     pub names: Names,
     keys: Arc<auth::KeyCache>,
+    api_keys: Arc<auth::ApiKeyCache>,
     readiness: Arc<Readiness>,
     events_stream: Arc<tokio::sync::OnceCell<async_nats::jetstream::stream::Stream>>,
 }
@@ -54,7 +55,9 @@ impl AppState {
     pub fn new(config: Arc<Config>, backends: Backends, nats: async_nats::Client, readiness: Readiness) -> Self {
         let keys = Arc::new(auth::KeyCache::new(backends.user.clone(), &config.auth.issuer, &config.auth.audience));
         let names = Names::new(&config.nats.prefix);
+        let api_keys = Arc::new(auth::ApiKeyCache::new(backends.user.clone()));
         Self {
+            api_keys,
             config,
             backends,
             nats,
@@ -81,10 +84,16 @@ pub fn router(state: AppState) -> Router {
 /// Serves the API on `listener` until `shutdown` is cancelled, then lets in-flight requests finish.
 pub async fn serve(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let refresher = tokio::spawn(state.keys.clone().run_refresher(shutdown.clone()));
+    let revocations = tokio::spawn(state.api_keys.clone().follow_revocations(
+        state.nats.clone(),
+        state.names.api_key_revocations_subject(),
+        shutdown.clone(),
+    ));
     let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
     refresher.await?;
+    revocations.await?;
     served?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{conversations, identity, messages, openai, ops, streaming, usage};
+use crate::routes::{api_keys, conversations, identity, messages, openai, ops, streaming, usage};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -12,6 +12,7 @@ use crate::routes::{conversations, identity, messages, openai, ops, streaming, u
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
         identity::register, identity::login, identity::refresh, identity::logout, identity::me, identity::jwks,
         identity::set_tier,
+        api_keys::create, api_keys::list, api_keys::revoke,
         conversations::create, conversations::list, conversations::get, conversations::update, conversations::delete,
         messages::send, messages::list, messages::get, streaming::events, streaming::websocket,
         usage::own, usage::admin,

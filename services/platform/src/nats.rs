@@ -29,6 +29,11 @@ impl Names {
         format!("{}.jobs.chat", self.prefix)
     }
 
+    /// Core NATS subject on which a revoked API key's id is announced to every gateway.
+    pub fn api_key_revocations_subject(&self) -> String {
+        format!("{}.identity.api-keys.revoked", self.prefix)
+    }
+
     /// Every stream of this deployment (for tests that clean up after themselves).
     pub fn all_streams(&self) -> [String; 4] {
         [self.jobs_stream(), self.usage_stream(), self.events_stream(), self.dead_jobs_stream()]

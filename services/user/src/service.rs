@@ -16,10 +16,14 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::signing::{self, ActiveKey};
-use crate::storage::{RefreshOutcome, Storage, UserRow};
+use crate::storage::{ApiKeyRow, RefreshOutcome, Storage, UserRow};
 use crate::{UserError, passwords, validation};
 
 const REFRESH_TOKEN_PREFIX: &str = "prt_";
+const API_KEY_PREFIX: &str = "pk_";
+/// How much of a key is kept in clear to tell keys apart: the `pk_` and eight more characters.
+const API_KEY_SHOWN_CHARS: usize = 11;
+const MAX_API_KEY_NAME_CHARS: usize = 100;
 
 #[derive(Clone)]
 pub struct UserService {
@@ -91,12 +95,31 @@ async fn load_or_create_active_key(storage: &Storage) -> Result<ActiveKey, UserE
     ActiveKey::from_pkcs8(newest.kid.clone(), &newest.private_key)
 }
 
-fn new_refresh_token() -> Result<(String, Vec<u8>), UserError> {
+/// A new random secret with `prefix`, and its hash.
+fn new_secret(prefix: &str) -> Result<(String, Vec<u8>), UserError> {
     let mut bytes = [0u8; 32];
     ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| UserError::SigningKey("no randomness".into()))?;
-    let token = format!("{REFRESH_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
-    let hash = hash_token(&token);
-    Ok((token, hash))
+    let secret = format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes));
+    let hash = hash_token(&secret);
+    Ok((secret, hash))
+}
+
+fn new_refresh_token() -> Result<(String, Vec<u8>), UserError> {
+    new_secret(REFRESH_TOKEN_PREFIX)
+}
+
+fn api_key_to_proto(key: ApiKeyRow) -> pb::ApiKey {
+    pb::ApiKey {
+        id: key.id.to_string(),
+        name: key.name,
+        prefix: key.prefix,
+        created_at: Some(timestamps::to_proto(key.created_at)),
+        last_used_at: key.last_used_at.map(timestamps::to_proto),
+    }
+}
+
+fn parse_user_id(user_id: &str) -> Result<Uuid, UserError> {
+    Uuid::parse_str(user_id).map_err(|_| ServiceError::invalid_field("user_id", "must be a UUID").into())
 }
 
 fn hash_token(token: &str) -> Vec<u8> {
@@ -225,6 +248,66 @@ impl pb::user_service_server::UserService for UserService {
         let updated = updated.ok_or_else(|| UserError::from(ServiceError::not_found("user")))?;
         tracing::info!(user_id = %updated.id, role, "role changed");
         Ok(Response::new(to_proto(&updated)))
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreatedApiKey>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user_id(&request.user_id)?;
+        let name = request.name.trim();
+        if name.is_empty() || name.chars().count() > MAX_API_KEY_NAME_CHARS {
+            let message = format!("must be 1 to {MAX_API_KEY_NAME_CHARS} characters");
+            return Err(UserError::from(ServiceError::invalid_field("name", message)).into());
+        }
+        let (key, hash) = new_secret(API_KEY_PREFIX)?;
+        let prefix: String = key.chars().take(API_KEY_SHOWN_CHARS).collect();
+        let row = self.storage.insert_api_key(user_id, name, &prefix, &hash).await.map_err(UserError::from)?;
+        tracing::info!(%user_id, api_key_id = %row.id, "API key created");
+        Ok(Response::new(pb::CreatedApiKey { api_key: Some(api_key_to_proto(row)), key }))
+    }
+
+    async fn list_api_keys(&self, request: Request<pb::ListApiKeysRequest>) -> Result<Response<pb::ApiKeys>, Status> {
+        let user_id = parse_user_id(&request.into_inner().user_id)?;
+        let keys = self.storage.api_keys(user_id).await.map_err(UserError::from)?;
+        Ok(Response::new(pb::ApiKeys { api_keys: keys.into_iter().map(api_key_to_proto).collect() }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user_id(&request.user_id)?;
+        let revoked = match Uuid::parse_str(&request.api_key_id) {
+            Ok(id) => self.storage.revoke_api_key(user_id, id).await.map_err(UserError::from)?,
+            Err(_) => false,
+        };
+        if !revoked {
+            return Err(UserError::from(ServiceError::not_found("API key")).into());
+        }
+        tracing::info!(%user_id, api_key_id = %request.api_key_id, "API key revoked");
+        Ok(Response::new(pb::RevokeApiKeyResponse {}))
+    }
+
+    async fn verify_api_key(
+        &self,
+        request: Request<pb::VerifyApiKeyRequest>,
+    ) -> Result<Response<pb::VerifiedApiKey>, Status> {
+        let key = request.into_inner().key;
+        let invalid = || UserError::from(ServiceError::new(ErrorCode::Unauthorized, "invalid API key"));
+        if !key.starts_with(API_KEY_PREFIX) {
+            return Err(invalid().into());
+        }
+        let owner = self.storage.api_key_owner(&hash_token(&key)).await.map_err(UserError::from)?;
+        let owner = owner.ok_or_else(invalid)?;
+        Ok(Response::new(pb::VerifiedApiKey {
+            api_key_id: owner.api_key_id.to_string(),
+            user_id: owner.user_id.to_string(),
+            role: owner.role,
+            tier: owner.tier,
+        }))
     }
 
     async fn set_tier(&self, request: Request<pb::SetTierRequest>) -> Result<Response<pb::User>, Status> {

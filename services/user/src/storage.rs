@@ -15,6 +15,24 @@ pub struct UserRow {
     pub created_at: OffsetDateTime,
 }
 
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ApiKeyRow {
+    pub id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: OffsetDateTime,
+    pub last_used_at: Option<OffsetDateTime>,
+}
+
+/// The owner of a live API key.
+#[derive(Debug, sqlx::FromRow)]
+pub struct ApiKeyOwner {
+    pub api_key_id: Uuid,
+    pub user_id: Uuid,
+    pub role: String,
+    pub tier: String,
+}
+
 #[derive(Debug, sqlx::FromRow)]
 pub struct SigningKeyRow {
     pub kid: String,
@@ -188,6 +206,67 @@ impl Storage {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    pub async fn insert_api_key(
+        &self,
+        user_id: Uuid,
+        name: &str,
+        prefix: &str,
+        key_hash: &[u8],
+    ) -> Result<ApiKeyRow, sqlx::Error> {
+        sqlx::query_as(
+            "INSERT INTO identity.api_keys (id, user_id, name, prefix, key_hash) VALUES ($1, $2, $3, $4, $5)
+             RETURNING id, name, prefix, created_at, last_used_at",
+        )
+        .bind(Uuid::now_v7())
+        .bind(user_id)
+        .bind(name)
+        .bind(prefix)
+        .bind(key_hash)
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// A user's live keys, newest first.
+    pub async fn api_keys(&self, user_id: Uuid) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT id, name, prefix, created_at, last_used_at FROM identity.api_keys
+             WHERE user_id = $1 AND revoked_at IS NULL ORDER BY created_at DESC LIMIT 100",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Revokes one of the user's keys; false when they have no such live key.
+    pub async fn revoke_api_key(&self, user_id: Uuid, id: Uuid) -> Result<bool, sqlx::Error> {
+        let result = sqlx::query(
+            "UPDATE identity.api_keys SET revoked_at = now() WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(user_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// The owner of the live key with this hash, noting that it was used (at most once a minute).
+    pub async fn api_key_owner(&self, key_hash: &[u8]) -> Result<Option<ApiKeyOwner>, sqlx::Error> {
+        sqlx::query_as(
+            "WITH key AS (
+                 UPDATE identity.api_keys SET last_used_at = now()
+                 WHERE key_hash = $1 AND revoked_at IS NULL
+                   AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')
+                 RETURNING id
+             )
+             SELECT k.id AS api_key_id, u.id AS user_id, u.role, u.tier
+             FROM identity.api_keys k JOIN identity.users u ON u.id = k.user_id
+             WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await
     }
 
     /// Unretired signing keys, newest first.

@@ -1,5 +1,6 @@
 //! The routes of the public API, one module per area of shared/API.md.
 
+pub mod api_keys;
 pub mod conversations;
 pub mod identity;
 pub mod messages;
@@ -30,6 +31,8 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/auth/refresh", post(identity::refresh))
         .route("/v1/auth/logout", post(identity::logout))
         .route("/v1/me", get(identity::me))
+        .route("/v1/api-keys", post(api_keys::create).get(api_keys::list))
+        .route("/v1/api-keys/{id}", axum::routing::delete(api_keys::revoke))
         .route("/v1/conversations", post(conversations::create).get(conversations::list))
         .route(
             "/v1/conversations/{id}",

@@ -16,11 +16,15 @@ fn sdk_python() -> PathBuf {
 async fn the_official_openai_sdk_works_unchanged() {
     let t = TestPlatform::start().await;
     let session = t.register("sdk@example.com").await;
+    // Authenticated by an API key, as SDK users do.
+    let (status, created) = t.post(&session, "/v1/api-keys", serde_json::json!({"name": "sdk"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let api_key = created["key"].as_str().unwrap().to_owned();
     let python = sdk_python();
     assert!(python.exists(), "the OpenAI SDK is not installed: run `make tools` ({})", python.display());
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/openai_client.py");
     let base = t.base.clone();
-    let token = session.token.clone();
+    let token = api_key;
     let output = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg(script)

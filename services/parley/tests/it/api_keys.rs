@@ -1,0 +1,73 @@
+//! API keys: shown once, listed without secrets, usable like an access token, revoked on every
+//! gateway replica within a second.
+
+use std::time::{Duration, Instant};
+
+use parley::Service;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::harness::{Session, TestPlatform, assert_problem, eventually, read};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_shown_once_work_like_tokens_and_are_revoked_everywhere() {
+    let mut t = TestPlatform::start().await;
+    let other_gateway = t.launch(&[Service::Gateway]).await.unwrap();
+    let session = t.register("keys-owner@example.com").await;
+
+    let (status, created) = t.post(&session, "/v1/api-keys", json!({"name": "ci"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("pk_") && key.len() > 40);
+    assert!(key.starts_with(created["prefix"].as_str().unwrap()));
+    let key_id = created["id"].as_str().unwrap().to_owned();
+
+    let (_, list) = t.get(&session, "/v1/api-keys").await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    assert!(!list.to_string().contains(&key), "the key is never shown again");
+    assert_eq!(list["data"][0]["name"], "ci");
+
+    // The key works like an access token, on any gateway.
+    let as_key = Session { token: key.clone(), refresh_token: String::new(), user_id: session.user_id.clone() };
+    let (status, me) = t.get(&as_key, "/v1/me").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(me["email"], "keys-owner@example.com");
+    let on_other = |token: String| {
+        let url = format!("{other_gateway}/v1/me");
+        let http = t.http.clone();
+        async move { http.get(url).bearer_auth(token).send().await.unwrap().status() }
+    };
+    assert_eq!(on_other(key.clone()).await, StatusCode::OK);
+
+    // Someone else cannot see or revoke it; bad names and signing are clear errors.
+    let stranger = t.register("keys-stranger@example.com").await;
+    assert_eq!(t.delete(&stranger, &format!("/v1/api-keys/{key_id}")).await, StatusCode::NOT_FOUND);
+    let (_, theirs) = t.get(&stranger, "/v1/api-keys").await;
+    assert_eq!(theirs["data"].as_array().unwrap().len(), 0);
+    let (status, body) = t.post(&session, "/v1/api-keys", json!({"name": ""})).await;
+    assert_problem(status, &body, 400, "invalid_request");
+    assert_eq!(body["field"], "name");
+
+    // Revoked through one gateway, refused by the other within a second (it had the key cached).
+    assert_eq!(t.delete(&session, &format!("/v1/api-keys/{key_id}")).await, StatusCode::NO_CONTENT);
+    let revoked_at = Instant::now();
+    eventually("the other gateway to refuse the revoked key", Duration::from_secs(1), || {
+        let status = on_other(key.clone());
+        async move { (status.await == StatusCode::UNAUTHORIZED).then_some(()) }
+    })
+    .await;
+    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+    let (status, body) = t.get(&as_key, "/v1/me").await;
+    assert_problem(status, &body, 401, "unauthorized");
+    assert_eq!(t.delete(&session, &format!("/v1/api-keys/{key_id}")).await, StatusCode::NOT_FOUND);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_key_is_refused() {
+    let t = TestPlatform::start().await;
+    let response = t.http.get(t.url("/v1/me")).bearer_auth("pk_made_up_key").send().await.unwrap();
+    let (status, body) = read(response).await;
+    assert_problem(status, &body, 401, "unauthorized");
+    t.stop().await;
+}
