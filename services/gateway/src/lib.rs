@@ -49,6 +49,8 @@ pub struct AppState {
     api_keys: Arc<auth::ApiKeyCache>,
     readiness: Arc<Readiness>,
     events_stream: Arc<tokio::sync::OnceCell<async_nats::jetstream::stream::Stream>>,
+    /// Cancelled when the gateway shuts down: open event streams end so clients reconnect elsewhere.
+    shutdown: CancellationToken,
 }
 
 impl AppState {
@@ -65,6 +67,7 @@ impl AppState {
             keys,
             readiness: Arc::new(readiness),
             events_stream: Arc::new(tokio::sync::OnceCell::new()),
+            shutdown: CancellationToken::new(),
         }
     }
 }
@@ -82,7 +85,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then lets in-flight requests finish.
-pub async fn serve(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(mut state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    state.shutdown = shutdown.clone();
     let refresher = tokio::spawn(state.keys.clone().run_refresher(shutdown.clone()));
     let revocations = tokio::spawn(state.api_keys.clone().follow_revocations(
         state.nats.clone(),

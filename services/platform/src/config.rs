@@ -93,6 +93,8 @@ pub struct HttpConfig {
     pub message_wait_secs: u64,
     /// Address of /healthz, /readyz and /metrics for services without a public HTTP port.
     pub admin_addr: String,
+    /// Seconds between heartbeats on an idle event stream (SSE comment, WebSocket ping).
+    pub stream_heartbeat_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -345,6 +347,7 @@ impl Default for HttpConfig {
             body_limit_bytes: 1024 * 1024,
             message_wait_secs: 60,
             admin_addr: "0.0.0.0:9090".to_owned(),
+            stream_heartbeat_secs: 15,
         }
     }
 }
@@ -602,6 +605,9 @@ impl Config {
             ("grpc.analytics_url", &self.grpc.analytics_url),
         ] {
             check_url(field, url, &["http", "https"])?;
+        }
+        if self.http.stream_heartbeat_secs == 0 {
+            return Err(invalid("http.stream_heartbeat_secs", "must be at least 1"));
         }
         if self.http.body_limit_bytes == 0 {
             return Err(invalid("http.body_limit_bytes", "must be greater than 0"));

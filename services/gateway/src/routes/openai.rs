@@ -319,6 +319,7 @@ enum Phase {
 }
 
 fn stream(feed: ReplyFeed, chunk: Chunk, include_usage: bool) -> Response {
+    let keep_alive = heartbeat(feed.heartbeat_interval());
     let state = (feed, chunk, Phase::Streaming { first: true });
     let events = futures::stream::unfold(state, move |(mut feed, chunk, phase)| async move {
         match phase {
@@ -358,5 +359,5 @@ fn stream(feed: ReplyFeed, chunk: Chunk, include_usage: bool) -> Response {
             },
         }
     });
-    unbuffered(Sse::new(events).keep_alive(heartbeat()).into_response())
+    unbuffered(Sse::new(events).keep_alive(keep_alive).into_response())
 }

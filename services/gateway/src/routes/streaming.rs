@@ -32,7 +32,6 @@ use crate::auth::Caller;
 use crate::problem::{ApiError, ApiResult, Problem};
 use crate::views::MessageView;
 
-const HEARTBEAT: Duration = Duration::from_secs(15);
 /// How often an open stream re-reads the stored reply, in case its events were lost.
 const SAFETY_POLL: Duration = Duration::from_secs(5);
 /// For a reply already finished when the stream opens: how long to wait for recorded events.
@@ -130,6 +129,11 @@ impl ReplyFeed {
         self.message_id
     }
 
+    /// How often an idle stream of this feed sends a heartbeat.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.state.config.http.stream_heartbeat_secs)
+    }
+
     /// The highest event id delivered so far.
     pub fn last_event_id(&self) -> u64 {
         self.after
@@ -140,12 +144,22 @@ impl ReplyFeed {
             return None;
         }
         loop {
-            let next = match self.source.as_mut() {
-                Some(source) => tokio::time::timeout(self.poll, source.next()).await.ok(),
-                None => {
-                    tokio::time::sleep(self.poll).await;
-                    None
+            let wait = async {
+                match self.source.as_mut() {
+                    Some(source) => tokio::time::timeout(self.poll, source.next()).await.ok(),
+                    None => {
+                        tokio::time::sleep(self.poll).await;
+                        None
+                    }
                 }
+            };
+            // A gateway shutting down ends its streams; clients resume elsewhere with Last-Event-ID.
+            let next = tokio::select! {
+                _ = self.state.shutdown.cancelled() => {
+                    self.done = true;
+                    return None;
+                }
+                next = wait => next,
             };
             match next {
                 Some(Some(Some(MessageEvent::Delta { index, text, .. }))) => {
@@ -219,8 +233,8 @@ pub fn unbuffered(mut response: Response) -> Response {
     response
 }
 
-pub fn heartbeat() -> KeepAlive {
-    KeepAlive::new().interval(HEARTBEAT).text("keep-alive")
+pub fn heartbeat(interval: Duration) -> KeepAlive {
+    KeepAlive::new().interval(interval).text("keep-alive")
 }
 
 /// The SSE response for `assistant`, preceded by `message.created` for `created` when given.
@@ -238,13 +252,14 @@ pub async fn respond(
     let feed = ReplyFeed::open(state, user_id, &assistant, after.unwrap_or(0))
         .await
         .ok_or_else(|| ApiError::not_found("message"))?;
+    let keep_alive = heartbeat(feed.heartbeat_interval());
     let created = futures::stream::iter(created.map(Ok::<_, Infallible>));
     let replies = futures::stream::unfold(feed, |mut feed| async move {
         let item = feed.next().await?;
         let event = to_event(&feed, item);
         Some((Ok::<_, Infallible>(event), feed))
     });
-    Ok(unbuffered(Sse::new(created.chain(replies)).keep_alive(heartbeat()).into_response()))
+    Ok(unbuffered(Sse::new(created.chain(replies)).keep_alive(keep_alive).into_response()))
 }
 
 /// Follow (or replay) a reply's events; with `Last-Event-ID`, resume after that event.
@@ -288,9 +303,6 @@ pub struct SocketQuery {
     pub access_token: Option<String>,
 }
 
-/// How often an idle WebSocket is pinged, for the same reason SSE streams send heartbeats.
-const SOCKET_PING: Duration = Duration::from_secs(15);
-
 /// The same events as `/v1/messages/{id}/events`, over a WebSocket: one JSON text frame per event,
 /// `{"event", "id", "data"}`, then a close frame after the final event.
 #[utoipa::path(get, path = "/v1/messages/{id}/ws", tag = "messages", security(("bearer" = [])),
@@ -330,7 +342,7 @@ pub async fn websocket(
 
 async fn relay_to_socket(mut socket: axum::extract::ws::WebSocket, mut feed: ReplyFeed) {
     use axum::extract::ws::Message;
-    let mut ping = tokio::time::interval(SOCKET_PING);
+    let mut ping = tokio::time::interval(feed.heartbeat_interval());
     ping.tick().await;
     loop {
         tokio::select! {

@@ -215,3 +215,38 @@ async fn a_websocket_carries_the_same_events() {
     }
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_carries_heartbeats() {
+    use futures::StreamExt;
+
+    let t = TestPlatform::start_with(
+        |config| {
+            config.http.stream_heartbeat_secs = 1;
+            config.fake_llm.time_to_first_token_ms = 2_500;
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("heartbeat@example.com").await;
+    let conversation = t.create_conversation(&session, "quiet").await;
+    let response = t
+        .http
+        .post(t.url(&format!("/v1/conversations/{conversation}/messages")))
+        .bearer_auth(&session.token)
+        .header("accept", "text/event-stream")
+        .json(&json!({"content": "take a moment"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-accel-buffering"], "no");
+    // While the model thinks, the stream stays alive with comment lines.
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("keep-alive") {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), body.next()).await.expect("a heartbeat").unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        assert!(!seen.contains("message.delta"), "the heartbeat comes before the first token: {seen}");
+    }
+    t.stop().await;
+}
