@@ -146,7 +146,24 @@ impl FromRequestParts<AppState> for Caller {
         let Some(token) = header.and_then(|value| value.strip_prefix("Bearer ")).map(str::trim) else {
             return Err(ApiError::unauthorized("missing bearer credentials"));
         };
-        Caller::from_token(state, token).await
+        let caller = Caller::from_token(state, token).await?;
+        if let Some(slot) = parts.extensions.get::<crate::middleware::LimitSlot>() {
+            let tier =
+                state.config.tier(&caller.tier).or_else(|| state.config.tier(parley_platform::config::DEFAULT_TIER));
+            let limit = tier.map_or(1, |tier| tier.requests_per_minute);
+            let decision = state.limiter.check(&format!("user:{}", caller.user_id), limit).await;
+            slot.set(decision);
+            if !decision.allowed {
+                metrics::counter!("parley_ratelimit_rejections_total", "scope" => "user", "tier" => caller.tier.clone()).increment(1);
+                let error = parley_platform::ServiceError::new(
+                    parley_platform::ErrorCode::RateLimited,
+                    format!("more than {limit} requests a minute; retry after the time in Retry-After"),
+                )
+                .retry_after(decision.retry_after_secs.max(1));
+                return Err(ApiError(error));
+            }
+        }
+        Ok(caller)
     }
 }
 

@@ -6,6 +6,7 @@
 //! (that is a 404), or leak internals in an error.
 
 mod auth;
+mod limits;
 mod middleware;
 mod openapi;
 mod problem;
@@ -47,6 +48,7 @@ pub struct AppState {
     pub names: Names,
     keys: Arc<auth::KeyCache>,
     api_keys: Arc<auth::ApiKeyCache>,
+    limiter: Arc<limits::RateLimiter>,
     readiness: Arc<Readiness>,
     events_stream: Arc<tokio::sync::OnceCell<async_nats::jetstream::stream::Stream>>,
     /// Cancelled when the gateway shuts down: open event streams end so clients reconnect elsewhere.
@@ -58,8 +60,14 @@ impl AppState {
         let keys = Arc::new(auth::KeyCache::new(backends.user.clone(), &config.auth.issuer, &config.auth.audience));
         let names = Names::new(&config.nats.prefix);
         let api_keys = Arc::new(auth::ApiKeyCache::new(backends.user.clone()));
+        let limiter = Arc::new(limits::RateLimiter::new(
+            &config.redis.url,
+            &config.redis.key_prefix,
+            config.http.expected_gateway_replicas,
+        ));
         Self {
             api_keys,
+            limiter,
             config,
             backends,
             nats,
@@ -76,6 +84,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.http.body_limit_bytes;
     routes::routes()
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::rate_limit))
         .route_layer(axum::middleware::from_fn(middleware::label_route))
         .fallback(routes::ops::not_found)
         .method_not_allowed_fallback(routes::ops::method_not_allowed)

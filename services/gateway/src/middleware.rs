@@ -2,9 +2,12 @@
 
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::Next;
+use axum::response::IntoResponse;
 use axum::response::Response;
 use parley_platform::grpc::REQUEST_ID;
 use parley_platform::telemetry;
@@ -95,5 +98,59 @@ pub async fn observe(request: Request, next: Next) -> Response {
     let labels = [("method", method.to_string()), ("route", route), ("status", status.to_string())];
     metrics::counter!("parley_http_requests_total", &labels).increment(1);
     metrics::histogram!("parley_http_request_duration_seconds", &labels[..2]).record(gateway_time.as_secs_f64());
+    response
+}
+
+/// Where the `Caller` extractor leaves its rate-limit decision for [`rate_limit`] to put on the response.
+#[derive(Clone, Default)]
+pub struct LimitSlot(pub Arc<Mutex<Option<crate::limits::Decision>>>);
+
+impl LimitSlot {
+    pub fn set(&self, decision: crate::limits::Decision) {
+        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(decision);
+    }
+
+    fn take(&self) -> Option<crate::limits::Decision> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+    }
+}
+
+/// The unauthenticated routes, limited per client IP.
+const PER_IP_ROUTES: [&str; 3] = ["/v1/auth/register", "/v1/auth/login", "/v1/auth/refresh"];
+
+/// Rate limits with `RateLimit-*` headers on every limited response. The routes that authenticate
+/// are limited per user, by tier, where the caller is known (the `Caller` extractor); the
+/// unauthenticated ones per client IP, here.
+pub async fn rate_limit(State(state): State<crate::AppState>, mut request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map(|path| path.as_str().to_owned()).unwrap_or_default();
+    if PER_IP_ROUTES.contains(&route.as_str()) {
+        let ip = request
+            .extensions()
+            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string());
+        let decision = state.limiter.check(&format!("ip:{ip}"), state.config.http.ip_requests_per_minute).await;
+        if !decision.allowed {
+            metrics::counter!("parley_ratelimit_rejections_total", "scope" => "ip").increment(1);
+            let mut response = crate::problem::ApiError::new(
+                parley_platform::ErrorCode::RateLimited,
+                "too many requests from this address; retry after the time in Retry-After",
+            )
+            .into_response();
+            decision.write_headers(response.headers_mut());
+            return response;
+        }
+        let mut response = next.run(request).await;
+        decision.write_headers(response.headers_mut());
+        return response;
+    }
+    if !route.starts_with("/v1/") {
+        return next.run(request).await;
+    }
+    let slot = LimitSlot::default();
+    request.extensions_mut().insert(slot.clone());
+    let mut response = next.run(request).await;
+    if let Some(decision) = slot.take() {
+        decision.write_headers(response.headers_mut());
+    }
     response
 }

@@ -95,6 +95,11 @@ pub struct HttpConfig {
     pub admin_addr: String,
     /// Seconds between heartbeats on an idle event stream (SSE comment, WebSocket ping).
     pub stream_heartbeat_secs: u64,
+    /// Requests a minute per client IP on the unauthenticated routes (register, login, refresh).
+    pub ip_requests_per_minute: u32,
+    /// Gateway replicas expected to run: while Redis is unreachable each replica enforces its share
+    /// (the limit divided by this), so the total stays near the configured limit.
+    pub expected_gateway_replicas: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -348,6 +353,8 @@ impl Default for HttpConfig {
             message_wait_secs: 60,
             admin_addr: "0.0.0.0:9090".to_owned(),
             stream_heartbeat_secs: 15,
+            ip_requests_per_minute: 30,
+            expected_gateway_replicas: 1,
         }
     }
 }
@@ -605,6 +612,17 @@ impl Config {
             ("grpc.analytics_url", &self.grpc.analytics_url),
         ] {
             check_url(field, url, &["http", "https"])?;
+        }
+        if self.http.ip_requests_per_minute == 0 {
+            return Err(invalid("http.ip_requests_per_minute", "must be at least 1"));
+        }
+        if self.http.expected_gateway_replicas == 0 {
+            return Err(invalid("http.expected_gateway_replicas", "must be at least 1"));
+        }
+        for (name, tier) in &self.tiers {
+            if tier.requests_per_minute == 0 {
+                return Err(invalid(format!("tiers.{name}.requests_per_minute"), "must be at least 1"));
+            }
         }
         if self.http.stream_heartbeat_secs == 0 {
             return Err(invalid("http.stream_heartbeat_secs", "must be at least 1"));

@@ -53,6 +53,11 @@ impl TestPlatform {
         config.http.message_wait_secs = 15;
         config.http.addr = "127.0.0.1:0".to_owned();
         config.nats.events_max_bytes = 16 * 1024 * 1024;
+        // Tests make many requests as one user from one address; the rate-limit tests set their own.
+        config.http.ip_requests_per_minute = 10_000;
+        for tier in config.tiers.values_mut() {
+            tier.requests_per_minute = 10_000;
+        }
         config.fake_llm.time_to_first_token_ms = 5;
         config.fake_llm.tokens_per_second = 2000.0;
         tweak(&mut config);

@@ -1,0 +1,211 @@
+//! Rate limits: GCRA (the generic cell rate algorithm), exact across any number of gateway replicas
+//! because every decision is one atomic Lua script in Redis. Authenticated routes are limited per user
+//! by tier; the unauthenticated ones per client IP. While Redis is unreachable each replica falls back
+//! to the same algorithm in its own memory with its share of the limit, logs it, counts it in a metric,
+//! and goes back to Redis as soon as Redis answers.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, HeaderValue};
+use tokio::sync::Mutex as AsyncMutex;
+
+const PERIOD_MS: u64 = 60_000;
+/// A Redis that takes longer than this to answer is treated as down for the decision at hand.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+/// How often to try reconnecting to a Redis that was down.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+
+/// GCRA in one step. KEYS[1]: the limited key. ARGV[1]: emission interval in ms (period / limit).
+/// ARGV[2]: period in ms. Uses Redis's clock, so replicas' clocks do not matter. Returns
+/// {allowed, remaining, reset_ms, retry_after_ms}.
+const GCRA_SCRIPT: &str = r"
+local interval = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+if new_tat - now > period then
+  return {0, 0, tat - now, new_tat - period - now}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
+return {1, math.floor((period - (new_tat - now)) / interval), new_tat - now, 0}
+";
+
+/// One limiting decision, and the headers it puts on the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub limit: u32,
+    pub remaining: u32,
+    /// Seconds until the allowance is whole again.
+    pub reset_secs: u64,
+    /// Seconds to wait before a retry can succeed (denied requests).
+    pub retry_after_secs: u64,
+}
+
+impl Decision {
+    pub fn write_headers(&self, headers: &mut HeaderMap) {
+        headers.insert("ratelimit-limit", HeaderValue::from(self.limit));
+        headers.insert("ratelimit-remaining", HeaderValue::from(self.remaining));
+        headers.insert("ratelimit-reset", HeaderValue::from(self.reset_secs));
+        if !self.allowed {
+            headers.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(self.retry_after_secs.max(1)));
+        }
+    }
+}
+
+fn ceil_secs(ms: i64) -> u64 {
+    (ms.max(0) as u64).div_ceil(1000)
+}
+
+/// GCRA on a map in this process's memory.
+fn local_decision(tats: &mut HashMap<String, u64>, key: &str, limit: u32, now_ms: u64) -> Decision {
+    let interval = PERIOD_MS / u64::from(limit.max(1));
+    let tat = tats.get(key).copied().unwrap_or(now_ms).max(now_ms);
+    let new_tat = tat + interval;
+    if new_tat - now_ms > PERIOD_MS {
+        let retry = (new_tat - PERIOD_MS - now_ms) as i64;
+        return Decision {
+            allowed: false,
+            limit,
+            remaining: 0,
+            reset_secs: ceil_secs((tat - now_ms) as i64),
+            retry_after_secs: ceil_secs(retry),
+        };
+    }
+    tats.insert(key.to_owned(), new_tat);
+    Decision {
+        allowed: true,
+        limit,
+        remaining: ((PERIOD_MS - (new_tat - now_ms)) / interval) as u32,
+        reset_secs: ceil_secs((new_tat - now_ms) as i64),
+        retry_after_secs: 0,
+    }
+}
+
+pub struct RateLimiter {
+    client: Option<redis::Client>,
+    connection: AsyncMutex<(Option<redis::aio::ConnectionManager>, Option<Instant>)>,
+    script: redis::Script,
+    prefix: String,
+    replicas: u32,
+    started: Instant,
+    local: Mutex<HashMap<String, u64>>,
+    degraded: std::sync::atomic::AtomicBool,
+}
+
+impl RateLimiter {
+    pub fn new(redis_url: &str, prefix: &str, expected_replicas: u32) -> Self {
+        let client = match redis::Client::open(redis_url) {
+            Ok(client) => Some(client),
+            Err(error) => {
+                tracing::error!(%error, "invalid REDIS_URL: rate limits stay in memory");
+                None
+            }
+        };
+        Self {
+            client,
+            connection: AsyncMutex::new((None, None)),
+            script: redis::Script::new(GCRA_SCRIPT),
+            prefix: prefix.to_owned(),
+            replicas: expected_replicas.max(1),
+            started: Instant::now(),
+            local: Mutex::new(HashMap::new()),
+            degraded: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A connection, reconnecting (at most once a second) after Redis was unreachable.
+    async fn connection(&self) -> Option<redis::aio::ConnectionManager> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = &slot.0 {
+            return Some(connection.clone());
+        }
+        if slot.1.is_some_and(|at| at.elapsed() < RECONNECT_EVERY) {
+            return None;
+        }
+        slot.1 = Some(Instant::now());
+        let client = self.client.as_ref()?;
+        match tokio::time::timeout(REDIS_TIMEOUT * 4, client.get_connection_manager()).await {
+            Ok(Ok(connection)) => {
+                slot.0 = Some(connection.clone());
+                Some(connection)
+            }
+            _ => None,
+        }
+    }
+
+    async fn forget_connection(&self) {
+        let mut slot = self.connection.lock().await;
+        slot.0 = None;
+        slot.1 = Some(Instant::now());
+    }
+
+    /// Decides whether one more request for `key` fits `limit` a minute.
+    pub async fn check(&self, key: &str, limit: u32) -> Decision {
+        let limit = limit.max(1);
+        if let Some(mut connection) = self.connection().await {
+            let interval = PERIOD_MS / u64::from(limit);
+            let mut invocation = self.script.key(format!("{}:rl:{key}", self.prefix));
+            invocation.arg(interval).arg(PERIOD_MS);
+            let call = invocation.invoke_async::<(i64, i64, i64, i64)>(&mut connection);
+            match tokio::time::timeout(REDIS_TIMEOUT, call).await {
+                Ok(Ok((allowed, remaining, reset_ms, retry_ms))) => {
+                    if self.degraded.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::info!("redis answers again: rate limits are shared across replicas again");
+                    }
+                    return Decision {
+                        allowed: allowed == 1,
+                        limit,
+                        remaining: remaining.max(0) as u32,
+                        reset_secs: ceil_secs(reset_ms),
+                        retry_after_secs: ceil_secs(retry_ms),
+                    };
+                }
+                Ok(Err(error)) => tracing::debug!(%error, "rate limit script failed"),
+                Err(_) => tracing::debug!("rate limit script timed out"),
+            }
+            self.forget_connection().await;
+        }
+        if !self.degraded.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                replicas = self.replicas,
+                "redis unreachable: each gateway enforces its share of rate limits in memory"
+            );
+        }
+        metrics::counter!("parley_ratelimit_fallback_decisions_total").increment(1);
+        let share = (limit / self.replicas).max(1);
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        let mut tats = self.local.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        local_decision(&mut tats, key, share, now_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_allowance_then_one_request_per_interval() {
+        let mut tats = HashMap::new();
+        let allowed = (0..25).filter(|_| local_decision(&mut tats, "k", 20, 1_000).allowed).count();
+        assert_eq!(allowed, 20, "a burst of exactly the limit");
+        let denied = local_decision(&mut tats, "k", 20, 1_000);
+        assert!(!denied.allowed);
+        assert_eq!(denied.retry_after_secs, 3, "one emission interval (3 s) until the next request fits");
+        assert!(local_decision(&mut tats, "k", 20, 1_000 + 3_000).allowed);
+        assert!(!local_decision(&mut tats, "k", 20, 1_000 + 3_000).allowed);
+    }
+
+    #[test]
+    fn remaining_counts_down_and_keys_are_independent() {
+        let mut tats = HashMap::new();
+        assert_eq!(local_decision(&mut tats, "a", 5, 0).remaining, 4);
+        assert_eq!(local_decision(&mut tats, "a", 5, 0).remaining, 3);
+        assert_eq!(local_decision(&mut tats, "b", 5, 0).remaining, 4);
+    }
+}
