@@ -261,6 +261,13 @@ impl Agent {
         };
         let prompt = self.assemble_prompt(&context, &context.model, model).await;
         let answering_model = self.route(&context.model, model, &prompt);
+        if !self.reserve_for(job, model, &prompt).await {
+            let detail = "the token budget does not cover this prompt and the longest reply";
+            return self
+                .fail(job, ErrorCode::QuotaExceeded.as_str(), detail, None)
+                .await
+                .map_or(retry, |()| Outcome::Done);
+        }
         let max_tokens = self.config.agent.max_output_tokens;
         let cache_key = crate::cache::key(&context.model, &prompt, max_tokens);
         let cache_on = self.config.agent.cache.enabled;
@@ -688,12 +695,7 @@ impl Agent {
         // A cached reply cost no model tokens, so it costs the user none of their budget either.
         let tokens =
             if answer.cache_hit { 0 } else { answer.completion.input_tokens + answer.completion.output_tokens };
-        let charge = quota_pb::ChargeRequest {
-            user_id: job.user_id.to_string(),
-            tokens,
-            reference_id: job.message_id.to_string(),
-        };
-        self.quota.clone().charge(charge).await.map_err(ServiceError::from)?;
+        self.settle(job, tokens).await?;
         let event = UsageEvent {
             event_id: job.message_id,
             user_id: job.user_id,
@@ -712,6 +714,61 @@ impl Agent {
         self.publish_usage(&event).await?;
         let subject = self.names.message_events_subject(job.message_id);
         self.publish_event(&subject, &MessageEvent::Completed { message_id: job.message_id }).await;
+        Ok(())
+    }
+
+    /// Raises the job's reservation to what this call can cost at most (the prompt as counted, plus the
+    /// longest reply), so the budget holds even when the thread's history makes the prompt far longer
+    /// than the gateway's estimate. False when the budget cannot cover it.
+    async fn reserve_for(
+        &self,
+        job: &AiJob,
+        model: &parley_platform::config::ModelConfig,
+        prompt: &[crate::provider::PromptMessage],
+    ) -> bool {
+        let Some(reservation_id) = job.reservation_id else {
+            return true;
+        };
+        let counter = crate::context::TokenCounter::for_model(&self.config, model);
+        let prompt_tokens: i64 = prompt.iter().map(|message| i64::from(counter.count(&message.content))).sum();
+        let request = quota_pb::ReserveRequest {
+            user_id: job.user_id.to_string(),
+            tier: job.tier.clone(),
+            reservation_id: reservation_id.to_string(),
+            tokens: prompt_tokens + i64::from(self.config.agent.max_output_tokens),
+        };
+        match self.quota.clone().reserve(request).await {
+            Ok(reservation) => reservation.into_inner().granted,
+            Err(status) => {
+                // The gateway's reservation stands; the budget store being unreachable must not stop replies.
+                tracing::warn!(code = ?status.code(), "could not raise the reservation");
+                true
+            }
+        }
+    }
+
+    /// Charges `tokens` for the job: settling its reservation (which releases the rest of it), or, for a
+    /// job queued without one, a plain charge. Idempotent either way.
+    async fn settle(&self, job: &AiJob, tokens: i64) -> Result<(), AgentError> {
+        match job.reservation_id {
+            Some(reservation_id) => {
+                let request = quota_pb::SettleRequest {
+                    user_id: job.user_id.to_string(),
+                    reservation_id: reservation_id.to_string(),
+                    tokens,
+                };
+                self.quota.clone().settle(request).await.map_err(ServiceError::from)?;
+            }
+            None if tokens == 0 => {}
+            None => {
+                let request = quota_pb::ChargeRequest {
+                    user_id: job.user_id.to_string(),
+                    tokens,
+                    reference_id: job.message_id.to_string(),
+                };
+                self.quota.clone().charge(request).await.map_err(ServiceError::from)?;
+            }
+        }
         Ok(())
     }
 
@@ -762,6 +819,8 @@ impl Agent {
         if let Ok(payload) = serde_json::to_vec(job) {
             self.dead_letter(&payload, &format!("{code}: {detail}")).await?;
         }
+        // Nothing was delivered: the reservation goes back at once instead of waiting to expire.
+        self.settle(job, 0).await?;
         let subject = self.names.message_events_subject(job.message_id);
         let event =
             MessageEvent::Failed { message_id: job.message_id, code: code.to_owned(), detail: detail.to_owned() };

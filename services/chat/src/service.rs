@@ -75,9 +75,16 @@ fn parse_id_or_not_found(id: &str) -> Option<Uuid> {
 }
 
 /// The generation options of a request, checked.
-fn generation(options: Option<&pb::GenerationOptions>) -> Result<Generation, ChatError> {
+fn generation(options: Option<&pb::GenerationOptions>, reservation_id: Option<&str>) -> Result<Generation, ChatError> {
+    let reservation_id = match reservation_id {
+        Some(id) => Some(
+            Uuid::parse_str(id)
+                .map_err(|_| ChatError::from(ServiceError::invalid_field("reservation_id", "must be a UUID")))?,
+        ),
+        None => None,
+    };
     let Some(options) = options else {
-        return Ok(Generation::default());
+        return Ok(Generation { reservation_id, ..Generation::default() });
     };
     if let Some(temperature) = options.temperature
         && !(0.0..=2.0).contains(&temperature)
@@ -90,6 +97,7 @@ fn generation(options: Option<&pb::GenerationOptions>) -> Result<Generation, Cha
             read: !options.skip_cache_read,
             write: !options.skip_cache_write,
         },
+        reservation_id,
     })
 }
 
@@ -277,7 +285,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             tier: &request.tier,
             jobs_subject: &jobs_subject,
             traceparent: telemetry::current_traceparent(),
-            generation: generation(request.options.as_ref())?,
+            generation: generation(request.options.as_ref(), request.reservation_id.as_deref())?,
         };
         let Some(sent) = self.storage.send(exchange).await.map_err(ChatError::from)? else {
             return Err(ChatError::from(ServiceError::not_found("conversation")).into());
@@ -336,7 +344,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             .into());
         }
         let traceparent = telemetry::current_traceparent();
-        let generation = generation(request.options.as_ref())?;
+        let generation = generation(request.options.as_ref(), request.reservation_id.as_deref())?;
         let jobs_subject = self.names.jobs_subject();
         let completion = NewCompletion {
             user_id,

@@ -517,6 +517,8 @@ struct JobTarget<'a> {
 pub struct Generation {
     pub temperature: Option<f32>,
     pub cache: CacheDirective,
+    /// The quota reservation the agent settles.
+    pub reservation_id: Option<Uuid>,
 }
 
 /// Inserts a finished (user, system or given assistant) message. `clock_timestamp()`, not `now()`, so
@@ -566,6 +568,7 @@ async fn insert_reply_and_job(
         tier: target.tier.to_owned(),
         temperature: target.generation.temperature,
         cache: target.generation.cache,
+        reservation_id: target.generation.reservation_id,
     };
     sqlx::query("INSERT INTO chat.outbox (job_id, subject, payload, traceparent) VALUES ($1, $2, $3, $4)")
         .bind(job.job_id)

@@ -219,4 +219,51 @@ pub struct UsageReportView {
     pub group_by: String,
     pub data: Vec<UsageRowView>,
     pub totals: UsageRowView,
+    /// The caller's token budgets as they stand now (own usage only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BudgetWindowView {
+    pub limit: i64,
+    /// Tokens charged in this window.
+    pub used: i64,
+    /// Tokens held for requests still running.
+    pub reserved: i64,
+    pub remaining: i64,
+    pub resets_at: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BudgetView {
+    pub day: Option<BudgetWindowView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub month: Option<BudgetWindowView>,
+    /// True when the budget store was unreachable and these figures are conservative.
+    pub degraded: bool,
+}
+
+impl From<parley_proto::quota::v1::Window> for BudgetWindowView {
+    fn from(window: parley_proto::quota::v1::Window) -> Self {
+        let resets_at =
+            time::OffsetDateTime::from_unix_timestamp(window.resets_at).ok().map(parley_platform::timestamps::rfc3339);
+        Self {
+            limit: window.limit,
+            used: window.used,
+            reserved: window.reserved,
+            remaining: window.remaining,
+            resets_at,
+        }
+    }
+}
+
+impl From<parley_proto::quota::v1::Budget> for BudgetView {
+    fn from(budget: parley_proto::quota::v1::Budget) -> Self {
+        Self {
+            day: budget.day.map(BudgetWindowView::from),
+            month: budget.month.map(BudgetWindowView::from),
+            degraded: budget.degraded,
+        }
+    }
 }

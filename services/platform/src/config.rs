@@ -43,6 +43,7 @@ pub struct Config {
     pub grpc: GrpcConfig,
     pub auth: AuthConfig,
     pub chat: ChatConfig,
+    pub quota: QuotaConfig,
     pub agent: AgentConfig,
     pub telemetry: TelemetryConfig,
     pub fake_llm: FakeLlmConfig,
@@ -130,6 +131,19 @@ pub struct ChatConfig {
     pub max_message_chars: usize,
     /// How many earlier messages an agent gets as context.
     pub history_limit: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    /// How long a reservation is held when its job never settles it (a job that died).
+    pub reservation_ttl_secs: u64,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self { reservation_ttl_secs: 900 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -314,6 +328,9 @@ pub enum ProviderKind {
 pub struct TierConfig {
     pub requests_per_minute: u32,
     pub tokens_per_day: i64,
+    /// Tokens a calendar month (UTC); none means no monthly budget.
+    #[serde(default)]
+    pub tokens_per_month: Option<i64>,
 }
 
 impl Default for DatabaseConfig {
@@ -452,9 +469,22 @@ impl Default for Config {
             },
         )]);
         let tiers = BTreeMap::from([
-            ("free".to_owned(), TierConfig { requests_per_minute: 20, tokens_per_day: 50_000 }),
-            ("pro".to_owned(), TierConfig { requests_per_minute: 120, tokens_per_day: 1_000_000 }),
-            ("enterprise".to_owned(), TierConfig { requests_per_minute: 600, tokens_per_day: 20_000_000 }),
+            (
+                "free".to_owned(),
+                TierConfig { requests_per_minute: 20, tokens_per_day: 50_000, tokens_per_month: Some(1_000_000) },
+            ),
+            (
+                "pro".to_owned(),
+                TierConfig { requests_per_minute: 120, tokens_per_day: 1_000_000, tokens_per_month: Some(20_000_000) },
+            ),
+            (
+                "enterprise".to_owned(),
+                TierConfig {
+                    requests_per_minute: 600,
+                    tokens_per_day: 20_000_000,
+                    tokens_per_month: Some(400_000_000),
+                },
+            ),
         ]);
         Self {
             database: DatabaseConfig::default(),
@@ -464,6 +494,7 @@ impl Default for Config {
             grpc: GrpcConfig::default(),
             auth: AuthConfig::default(),
             chat: ChatConfig::default(),
+            quota: QuotaConfig::default(),
             agent: AgentConfig::default(),
             telemetry: TelemetryConfig::default(),
             fake_llm: FakeLlmConfig::default(),

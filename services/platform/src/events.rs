@@ -17,6 +17,9 @@ pub struct AiJob {
     pub temperature: Option<f32>,
     #[serde(default)]
     pub cache: CacheDirective,
+    /// The quota reservation to settle with the tokens actually used.
+    #[serde(default)]
+    pub reservation_id: Option<Uuid>,
 }
 
 /// What the client allowed the response cache to do with this job.

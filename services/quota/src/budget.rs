@@ -61,3 +61,100 @@ mod tests {
         assert!(!allows(1000, 0, 1000));
     }
 }
+
+/// The first day of the month containing `day`, and of the next month.
+pub fn month_bounds(day: Date) -> (Date, Date) {
+    let first = day.replace_day(1).unwrap_or(day);
+    let next = match first.month() {
+        time::Month::December => Date::from_calendar_date(first.year() + 1, time::Month::January, 1),
+        month => Date::from_calendar_date(first.year(), month.next(), 1),
+    }
+    .unwrap_or(first);
+    (first, next)
+}
+
+pub fn month_key(prefix: &str, user_id: Uuid, day: Date) -> String {
+    let (first, _) = month_bounds(day);
+    format!("{prefix}:quota:{user_id}:month:{}-{:02}", first.year(), first.month() as u8)
+}
+
+/// Reservations of a user: a hash of id → tokens, and a sorted set of id → expiry (ms).
+pub fn reservation_keys(prefix: &str, user_id: Uuid) -> (String, String) {
+    (format!("{prefix}:quota:{user_id}:reserved"), format!("{prefix}:quota:{user_id}:reserved-until"))
+}
+
+pub const MONTH_COUNTER_TTL_SECS: i64 = 33 * 24 * 3600;
+
+/// Expires dead reservations, then holds ARGV[2] tokens under id ARGV[1] (replacing what that id held)
+/// if the day (ARGV[3]) and
+/// month (ARGV[4], negative: none) budgets allow it, for ARGV[5] ms. KEYS: day counter, month counter,
+/// reservation hash, reservation expiry set. Returns {granted, day used, month used, held}, or {-1}
+/// when a counter is missing and must be rebuilt from the ledger first. Uses Redis's clock.
+pub const RESERVE_SCRIPT: &str = r"
+local day = redis.call('GET', KEYS[1])
+local month = redis.call('GET', KEYS[2])
+if not day or not month then return {-1, 0, 0, 0} end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
+for _, id in ipairs(expired) do redis.call('HDEL', KEYS[3], id) end
+if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now) end
+local held = 0
+for _, tokens in ipairs(redis.call('HVALS', KEYS[3])) do held = held + tonumber(tokens) end
+-- Raising an existing reservation: only the difference has to fit.
+local previous = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or 0)
+local others = held - previous
+local tokens = tonumber(ARGV[2])
+local day_used = tonumber(day)
+local month_used = tonumber(month)
+local day_limit = tonumber(ARGV[3])
+local month_limit = tonumber(ARGV[4])
+local fits = day_used + others + tokens <= day_limit and (month_limit < 0 or month_used + others + tokens <= month_limit)
+if fits then
+  redis.call('HSET', KEYS[3], ARGV[1], tokens)
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[5]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[5]) * 2)
+  redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[5]) * 2)
+  held = others + tokens
+end
+return {fits and 1 or 0, day_used, month_used, held}
+";
+
+/// Releases reservation ARGV[1] and, when ARGV[3] is 1 (the ledger took the charge), adds ARGV[2]
+/// tokens to the day and month counters that exist (a missing counter is rebuilt from the ledger,
+/// which already holds this charge).
+pub const SETTLE_SCRIPT: &str = r"
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if ARGV[3] == '1' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[2]) end
+  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[2], ARGV[2]) end
+end
+return 1
+";
+
+/// The held tokens of live reservations (for budget reports).
+pub const HELD_SCRIPT: &str = r"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local held = 0
+local live = redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')
+for _, id in ipairs(live) do
+  local tokens = redis.call('HGET', KEYS[1], id)
+  if tokens then held = held + tonumber(tokens) end
+end
+return held
+";
+
+#[cfg(test)]
+mod month_tests {
+    use super::*;
+    use time::macros::date;
+
+    #[test]
+    fn months_roll_over_years() {
+        assert_eq!(month_bounds(date!(2026 - 11 - 23)), (date!(2026 - 11 - 01), date!(2026 - 12 - 01)));
+        assert_eq!(month_bounds(date!(2026 - 12 - 31)), (date!(2026 - 12 - 01), date!(2027 - 01 - 01)));
+        assert!(month_key("p", Uuid::nil(), date!(2026 - 03 - 05)).ends_with(":month:2026-03"));
+    }
+}

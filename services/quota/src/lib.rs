@@ -34,6 +34,8 @@ pub enum QuotaError {
     Client(#[from] parley_platform::ServiceError),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("redis error: {0}")]
+    Redis(String),
 }
 
 impl From<QuotaError> for tonic::Status {
@@ -41,6 +43,10 @@ impl From<QuotaError> for tonic::Status {
         let service_error = match error {
             QuotaError::Client(error) => error,
             QuotaError::Database(error) => error.into(),
+            QuotaError::Redis(detail) => {
+                tracing::warn!(%detail, "redis failure");
+                parley_platform::ServiceError::unavailable("the budget store")
+            }
         };
         service_error.into()
     }

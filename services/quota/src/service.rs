@@ -19,11 +19,103 @@ pub struct QuotaService {
     pool: PgPool,
     redis: ConnectionManager,
     charge_script: Arc<redis::Script>,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
+    reserve: redis::Script,
+    settle: redis::Script,
+    held: redis::Script,
+}
+
+/// The Redis keys of one user's budgets on one day.
+struct Keys {
+    day: String,
+    month: String,
+    reserved: String,
+    reserved_until: String,
 }
 
 impl QuotaService {
     pub fn new(config: Arc<Config>, pool: PgPool, redis: ConnectionManager) -> Self {
-        Self { config, pool, redis, charge_script: Arc::new(redis::Script::new(CHARGE_SCRIPT)) }
+        let scripts = Scripts {
+            reserve: redis::Script::new(budget::RESERVE_SCRIPT),
+            settle: redis::Script::new(budget::SETTLE_SCRIPT),
+            held: redis::Script::new(budget::HELD_SCRIPT),
+        };
+        Self {
+            config,
+            pool,
+            redis,
+            charge_script: Arc::new(redis::Script::new(CHARGE_SCRIPT)),
+            scripts: Arc::new(scripts),
+        }
+    }
+
+    fn keys(&self, user_id: Uuid, day: Date) -> Keys {
+        let prefix = &self.config.redis.key_prefix;
+        let (reserved, reserved_until) = budget::reservation_keys(prefix, user_id);
+        Keys {
+            day: budget::counter_key(prefix, user_id, day),
+            month: budget::month_key(prefix, user_id, day),
+            reserved,
+            reserved_until,
+        }
+    }
+
+    fn monthly_limit(&self, tier: &str) -> Option<i64> {
+        self.config
+            .tier(tier)
+            .or_else(|| self.config.tier(parley_platform::config::DEFAULT_TIER))
+            .and_then(|tier| tier.tokens_per_month)
+    }
+
+    async fn ledger_month_total(&self, user_id: Uuid, day: Date) -> Result<i64, sqlx::Error> {
+        let (first, next) = budget::month_bounds(day);
+        let (total,): (Option<i64>,) = sqlx::query_as(
+            "SELECT SUM(tokens)::bigint FROM quota.ledger WHERE user_id = $1 AND day >= $2 AND day < $3",
+        )
+        .bind(user_id)
+        .bind(first)
+        .bind(next)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(total.unwrap_or(0))
+    }
+
+    /// Rebuilds missing day and month counters from the ledger (`SET NX`: a counter another replica
+    /// rebuilt meanwhile is kept).
+    async fn rebuild_counters(&self, keys: &Keys, user_id: Uuid, day: Date) -> Result<(), QuotaError> {
+        let day_total = self.ledger_total(user_id, day).await?;
+        let month_total = self.ledger_month_total(user_id, day).await?;
+        let mut redis = self.redis.clone();
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(&keys.day).arg(day_total).arg("NX").arg("EX").arg(COUNTER_TTL_SECS).ignore();
+        pipe.cmd("SET")
+            .arg(&keys.month)
+            .arg(month_total)
+            .arg("NX")
+            .arg("EX")
+            .arg(budget::MONTH_COUNTER_TTL_SECS)
+            .ignore();
+        let rebuilt: Result<(), redis::RedisError> = pipe.query_async(&mut redis).await;
+        rebuilt.map_err(|error| QuotaError::Redis(error.to_string()))?;
+        metrics::counter!("parley_quota_counter_rebuilds_total").increment(1);
+        Ok(())
+    }
+
+    /// Without Redis: the ledger's totals, against a conservative share of each budget (reservations
+    /// held elsewhere cannot be seen, so part of the budget is kept back).
+    async fn degraded_budget(&self, user_id: Uuid, tier: &str, day: Date) -> Result<pb::Budget, QuotaError> {
+        metrics::counter!("parley_quota_degraded_checks_total").increment(1);
+        let now = OffsetDateTime::now_utc();
+        let day_used = self.ledger_total(user_id, day).await?;
+        let month_used = self.ledger_month_total(user_id, day).await?;
+        let conservative = |limit: i64| (limit as f64 * DEGRADED_SHARE) as i64;
+        let day_window = window(conservative(self.daily_limit(tier)), day_used, 0, budget::window_end(now));
+        let month_window =
+            self.monthly_limit(tier).map(|limit| window(conservative(limit), month_used, 0, month_end(day)));
+        Ok(pb::Budget { day: Some(day_window), month: month_window, degraded: true })
     }
 
     fn daily_limit(&self, tier: &str) -> i64 {
@@ -78,12 +170,161 @@ impl QuotaService {
     }
 }
 
+fn window(limit: i64, used: i64, reserved: i64, resets_at: i64) -> pb::Window {
+    pb::Window { limit, used, reserved, remaining: (limit - used - reserved).max(0), resets_at }
+}
+
+fn month_end(day: Date) -> i64 {
+    let (_, next) = budget::month_bounds(day);
+    next.with_time(time::Time::MIDNIGHT).assume_utc().unix_timestamp()
+}
+
+fn parse_uuid(field: &str, value: &str) -> Result<Uuid, QuotaError> {
+    Uuid::parse_str(value).map_err(|_| ServiceError::invalid_field(field, "must be a UUID").into())
+}
+
 fn parse_user(user_id: &str) -> Result<Uuid, QuotaError> {
     Uuid::parse_str(user_id).map_err(|_| ServiceError::invalid_field("user_id", "must be a UUID").into())
 }
 
 #[tonic::async_trait]
 impl pb::quota_service_server::QuotaService for QuotaService {
+    async fn reserve(&self, request: Request<pb::ReserveRequest>) -> Result<Response<pb::Reservation>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        parse_uuid("reservation_id", &request.reservation_id)?;
+        if request.tokens < 0 {
+            return Err(QuotaError::from(ServiceError::invalid_field("tokens", "cannot be negative")).into());
+        }
+        let now = OffsetDateTime::now_utc();
+        let day = budget::current_day(now);
+        let keys = self.keys(user_id, day);
+        let day_limit = self.daily_limit(&request.tier);
+        let month_limit = self.monthly_limit(&request.tier);
+        let ttl_ms = self.config.quota.reservation_ttl_secs.max(1) * 1000;
+        let mut attempt = 0;
+        let outcome = loop {
+            attempt += 1;
+            let mut redis = self.redis.clone();
+            let mut invocation = self.scripts.reserve.key(&keys.day);
+            invocation
+                .key(&keys.month)
+                .key(&keys.reserved)
+                .key(&keys.reserved_until)
+                .arg(&request.reservation_id)
+                .arg(request.tokens)
+                .arg(day_limit)
+                .arg(month_limit.unwrap_or(-1))
+                .arg(ttl_ms);
+            match invocation.invoke_async::<(i64, i64, i64, i64)>(&mut redis).await {
+                Ok((-1, ..)) if attempt == 1 => self.rebuild_counters(&keys, user_id, day).await?,
+                Ok(outcome) => break Some(outcome),
+                Err(error) => {
+                    tracing::warn!(%error, "redis unavailable; budgets answered from the ledger, conservatively");
+                    break None;
+                }
+            }
+        };
+        let reservation = match outcome {
+            Some((granted, day_used, month_used, held)) => {
+                let day_window = window(day_limit, day_used, held, budget::window_end(now));
+                let month_window = month_limit.map(|limit| window(limit, month_used, held, month_end(day)));
+                let retry_at = match &month_window {
+                    Some(month) if month.used + month.reserved + request.tokens > month.limit => month.resets_at,
+                    _ => day_window.resets_at,
+                };
+                pb::Reservation {
+                    granted: granted == 1,
+                    budget: Some(pb::Budget { day: Some(day_window), month: month_window, degraded: false }),
+                    retry_at,
+                }
+            }
+            None => {
+                let budget = self.degraded_budget(user_id, &request.tier, day).await?;
+                let fits =
+                    |window: &Option<pb::Window>| window.as_ref().is_none_or(|w| w.used + request.tokens <= w.limit);
+                let granted = fits(&budget.day) && fits(&budget.month);
+                let retry_at = budget.day.as_ref().map_or(0, |window| window.resets_at);
+                pb::Reservation { granted, budget: Some(budget), retry_at }
+            }
+        };
+        if !reservation.granted {
+            metrics::counter!("parley_quota_rejections_total", "tier" => request.tier.clone()).increment(1);
+        }
+        Ok(Response::new(reservation))
+    }
+
+    async fn settle(&self, request: Request<pb::SettleRequest>) -> Result<Response<pb::SettleResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        parse_uuid("reservation_id", &request.reservation_id)?;
+        if request.tokens < 0 {
+            return Err(QuotaError::from(ServiceError::invalid_field("tokens", "cannot be negative")).into());
+        }
+        let day = budget::current_day(OffsetDateTime::now_utc());
+        let charged = request.tokens > 0
+            && sqlx::query(
+                "INSERT INTO quota.ledger (reference_id, user_id, day, tokens) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (reference_id) DO NOTHING",
+            )
+            .bind(&request.reservation_id)
+            .bind(user_id)
+            .bind(day)
+            .bind(request.tokens)
+            .execute(&self.pool)
+            .await
+            .map_err(QuotaError::from)?
+            .rows_affected()
+                == 1;
+        let keys = self.keys(user_id, day);
+        let mut redis = self.redis.clone();
+        let mut invocation = self.scripts.settle.key(&keys.day);
+        invocation
+            .key(&keys.month)
+            .key(&keys.reserved)
+            .key(&keys.reserved_until)
+            .arg(&request.reservation_id)
+            .arg(request.tokens)
+            .arg(if charged { "1" } else { "0" });
+        if let Err(error) = invocation.invoke_async::<i64>(&mut redis).await {
+            // The ledger has the charge; counters are rebuilt from it, and the reservation expires.
+            tracing::warn!(%error, "redis unavailable; settlement recorded in the ledger only");
+        }
+        if charged {
+            metrics::counter!("parley_quota_tokens_charged_total").increment(request.tokens as u64);
+        }
+        Ok(Response::new(pb::SettleResponse { charged }))
+    }
+
+    async fn get_budget(&self, request: Request<pb::GetBudgetRequest>) -> Result<Response<pb::Budget>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let now = OffsetDateTime::now_utc();
+        let day = budget::current_day(now);
+        let keys = self.keys(user_id, day);
+        let mut redis = self.redis.clone();
+        let read: Result<(Option<i64>, Option<i64>), redis::RedisError> =
+            redis::cmd("MGET").arg(&keys.day).arg(&keys.month).query_async(&mut redis).await;
+        let (day_used, month_used) = match read {
+            Ok((Some(day_used), Some(month_used))) => (day_used, month_used),
+            Ok(_) => {
+                self.rebuild_counters(&keys, user_id, day).await?;
+                (
+                    self.ledger_total(user_id, day).await.map_err(QuotaError::from)?,
+                    self.ledger_month_total(user_id, day).await.map_err(QuotaError::from)?,
+                )
+            }
+            Err(_) => return Ok(Response::new(self.degraded_budget(user_id, &request.tier, day).await?)),
+        };
+        let mut invocation = self.scripts.held.key(&keys.reserved);
+        invocation.key(&keys.reserved_until);
+        let held = invocation.invoke_async::<i64>(&mut redis).await.unwrap_or(0);
+        let day_window = window(self.daily_limit(&request.tier), day_used, held, budget::window_end(now));
+        let month_window =
+            self.monthly_limit(&request.tier).map(|limit| window(limit, month_used, held, month_end(day)));
+        Ok(Response::new(pb::Budget { day: Some(day_window), month: month_window, degraded: false }))
+    }
+
     async fn check_budget(
         &self,
         request: Request<pb::CheckBudgetRequest>,

@@ -39,6 +39,46 @@ pub fn estimate_tokens(text: &str) -> i64 {
     (text.chars().count() as i64 + 3) / 4
 }
 
+/// Holds the estimated tokens of a request against the caller's budgets: the reservation id, or 429
+/// `quota_exceeded` with `Retry-After` until the window that refused it resets.
+pub async fn reserve_budget(state: &AppState, caller: &Caller, estimated_tokens: i64) -> Result<String, ApiError> {
+    let reservation_id = Uuid::now_v7().to_string();
+    let reservation = state
+        .backends
+        .quota
+        .clone()
+        .reserve(quota_pb::ReserveRequest {
+            user_id: caller.user_id.to_string(),
+            tier: caller.tier.clone(),
+            reservation_id: reservation_id.clone(),
+            tokens: estimated_tokens,
+        })
+        .await?
+        .into_inner();
+    if reservation.granted {
+        return Ok(reservation_id);
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let retry_after = (reservation.retry_at - now).max(1) as u64;
+    let detail = match reservation.budget.and_then(|budget| budget.day) {
+        Some(day) => format!("token budget exhausted ({} of {} used today)", day.used + day.reserved, day.limit),
+        None => "token budget exhausted".to_owned(),
+    };
+    Err(ServiceError::new(ErrorCode::QuotaExceeded, detail).retry_after(retry_after).into())
+}
+
+/// Gives back a reservation whose request queued no job.
+pub async fn release_budget(state: &AppState, caller: &Caller, reservation_id: &str) {
+    let request = quota_pb::SettleRequest {
+        user_id: caller.user_id.to_string(),
+        reservation_id: reservation_id.to_owned(),
+        tokens: 0,
+    };
+    if let Err(status) = state.backends.quota.clone().settle(request).await {
+        tracing::warn!(code = ?status.code(), "could not release a reservation; it expires by itself");
+    }
+}
+
 /// Send a message and get the assistant's reply: streamed as server-sent events with
 /// `Accept: text/event-stream`, else in one response once finished.
 #[utoipa::path(post, path = "/v1/conversations/{id}/messages", tag = "messages", security(("bearer" = [])),
@@ -67,37 +107,28 @@ pub async fn send(
         ),
     };
     let estimated_tokens = estimate_tokens(&body.content) + i64::from(state.config.agent.max_output_tokens);
-    let budget = state
-        .backends
-        .quota
-        .clone()
-        .check_budget(quota_pb::CheckBudgetRequest {
-            user_id: caller.user_id.to_string(),
-            tier: caller.tier.clone(),
-            estimated_tokens,
-        })
-        .await?
-        .into_inner();
-    if !budget.allowed {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let retry_after = (budget.resets_at - now).max(1) as u64;
-        return Err(ServiceError::new(
-            ErrorCode::QuotaExceeded,
-            format!("daily token budget of {} exhausted ({} used)", budget.limit, budget.used),
-        )
-        .retry_after(retry_after)
-        .into());
-    }
+    let reservation = reserve_budget(&state, &caller, estimated_tokens).await?;
     let request = pb::SendMessageRequest {
         user_id: caller.user_id.to_string(),
         conversation_id,
         content: body.content,
         model: body.model,
         idempotency_key,
-        tier: caller.tier,
+        tier: caller.tier.clone(),
         options: Some(super::generation_options(&headers, body.temperature)),
+        reservation_id: Some(reservation.clone()),
     };
-    let sent = state.backends.chat.clone().send_message(request).await?.into_inner();
+    let sent = match state.backends.chat.clone().send_message(request).await {
+        Ok(sent) => sent.into_inner(),
+        Err(status) => {
+            release_budget(&state, &caller, &reservation).await;
+            return Err(status.into());
+        }
+    };
+    if sent.replayed {
+        // The first request's job holds its own reservation; this one queued nothing.
+        release_budget(&state, &caller, &reservation).await;
+    }
     let assistant = sent.assistant_message.ok_or_else(|| ApiError(ServiceError::internal()))?;
     if super::streaming::wants_event_stream(&headers) {
         return super::streaming::respond(state, caller.user_id, sent.user_message, assistant, None).await;

@@ -17,11 +17,10 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use parley_platform::{ErrorCode, ServiceError};
 use parley_proto::chat::v1 as pb;
-use parley_proto::quota::v1 as quota_pb;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::messages::{estimate_tokens, wait_for_reply};
+use super::messages::{estimate_tokens, release_budget, reserve_budget, wait_for_reply};
 use super::streaming::{ReplyFeed, ReplyItem, heartbeat, unbuffered};
 use crate::AppState;
 use crate::auth::Caller;
@@ -204,31 +203,22 @@ pub async fn chat_completions(
     }
     let prompt_chars: String = messages.iter().map(|message| message.content.as_str()).collect();
     let estimated_tokens = estimate_tokens(&prompt_chars) + i64::from(state.config.agent.max_output_tokens);
-    let budget = state
-        .backends
-        .quota
-        .clone()
-        .check_budget(quota_pb::CheckBudgetRequest {
-            user_id: caller.user_id.to_string(),
-            tier: caller.tier.clone(),
-            estimated_tokens,
-        })
-        .await?
-        .into_inner();
-    if !budget.allowed {
-        let retry_after = (budget.resets_at - time::OffsetDateTime::now_utc().unix_timestamp()).max(1) as u64;
-        return Err(ServiceError::new(ErrorCode::QuotaExceeded, "daily token budget exhausted")
-            .retry_after(retry_after)
-            .into());
-    }
+    let reservation = reserve_budget(&state, &caller, estimated_tokens).await?;
     let create = pb::CreateCompletionRequest {
         user_id: caller.user_id.to_string(),
         model: request.model.clone(),
         messages,
         tier: caller.tier.clone(),
         options: Some(super::generation_options(&headers, request.temperature)),
+        reservation_id: Some(reservation.clone()),
     };
-    let sent = state.backends.chat.clone().create_completion(create).await?.into_inner();
+    let sent = match state.backends.chat.clone().create_completion(create).await {
+        Ok(sent) => sent.into_inner(),
+        Err(status) => {
+            release_budget(&state, &caller, &reservation).await;
+            return Err(status.into());
+        }
+    };
     let assistant = sent.assistant_message.ok_or_else(|| OpenAiError::from(ServiceError::internal()))?;
     let created = time::OffsetDateTime::now_utc().unix_timestamp();
     let id = format!("chatcmpl-{}", assistant.id);

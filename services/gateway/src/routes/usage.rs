@@ -94,6 +94,7 @@ async fn report(state: &AppState, user_id: Option<String>, range: Range) -> ApiR
         group_by: range.group_name.to_owned(),
         data: report.rows.into_iter().map(|row| row_view(row, Some(range.group_by))).collect(),
         totals: row_view(report.totals.unwrap_or_default(), None),
+        budget: None,
     }))
 }
 
@@ -109,7 +110,11 @@ pub async fn own(
 ) -> ApiResult<Json<UsageReportView>> {
     let Query(query) = query.map_err(query_rejection)?;
     let range = parse_range(&query, false)?;
-    report(&state, Some(caller.user_id.to_string()), range).await
+    let Json(mut usage) = report(&state, Some(caller.user_id.to_string()), range).await?;
+    let request = parley_proto::quota::v1::GetBudgetRequest { user_id: caller.user_id.to_string(), tier: caller.tier };
+    let budget = state.backends.quota.clone().get_budget(request).await?.into_inner();
+    usage.budget = Some(budget.into());
+    Ok(Json(usage))
 }
 
 /// Usage across every user (admins only); `group_by=user` breaks it down by user.

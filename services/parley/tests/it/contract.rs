@@ -319,11 +319,13 @@ async fn bodies_over_the_limit_bad_input_and_spent_budgets_are_clear_errors() {
     assert_eq!(body["field"], "Content-Type");
 
     // A budget of 40 tokens a day: each exchange costs about 14, so the third is refused until midnight.
+    // (A new conversation each time keeps the prompts as small as the gateway's estimate.)
     let mut refused = None;
-    for _ in 0..5 {
+    for index in 0..5 {
+        let fresh = t.create_conversation(&session, &format!("budget {index}")).await;
         let response = t
             .http
-            .post(t.url(&path))
+            .post(t.url(&format!("/v1/conversations/{fresh}/messages")))
             .bearer_auth(&session.token)
             .json(&json!({"content": "count me"}))
             .send()

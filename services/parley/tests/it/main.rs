@@ -13,6 +13,7 @@ mod isolation;
 mod journey;
 mod openai;
 mod operator;
+mod quota;
 mod rate_limits;
 mod redelivery;
 mod resilience;

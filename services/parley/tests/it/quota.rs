@@ -1,0 +1,155 @@
+//! Token budgets: reserved before a job, settled after it, never overspent under concurrency, rebuilt
+//! from the ledger when Redis loses its counters, released when a job dies, daily and monthly.
+
+use std::time::Duration;
+
+use parley::Service;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::harness::{ALL_BUT_AGENT, TestPlatform, assert_problem, eventually, read};
+
+async fn ledger_total(t: &TestPlatform, user_id: &str) -> i64 {
+    let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
+    let (total,): (Option<i64>,) =
+        sqlx::query_as("SELECT SUM(tokens)::bigint FROM quota.ledger WHERE user_id = $1::uuid")
+            .bind(user_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    total.unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_sends_never_overspend_by_more_than_one_reservation() {
+    let t = TestPlatform::start_with(
+        |config| {
+            config.agent.max_output_tokens = 10;
+            config.tiers.get_mut("free").unwrap().tokens_per_day = 150;
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("budget@example.com").await;
+    let conversation = t.create_conversation(&session, "budget").await;
+    let path = t.url(&format!("/v1/conversations/{conversation}/messages"));
+    let sends = (0..50).map(|index| {
+        let request = t.http.post(&path).bearer_auth(&session.token).json(&json!({"content": format!("send {index}")}));
+        async move { request.send().await.unwrap().status() }
+    });
+    let statuses = futures::future::join_all(sends).await;
+    // Accepted sends end completed, or failed with quota_exceeded when the agent finds the real prompt
+    // (the thread's history included) does not fit what is left.
+    let accepted = statuses.iter().filter(|status| status.is_success()).count();
+    let refused = statuses.iter().filter(|status| **status == StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!(accepted + refused, 50, "{statuses:?}");
+    assert!(accepted >= 5 && refused >= 30, "accepted {accepted}, refused {refused}");
+
+    // Once every reply settled, the tokens charged stay within the budget plus one reservation.
+    let (_, usage) = eventually("every reservation to settle", Duration::from_secs(20), || async {
+        let (status, usage) = t.get(&session, "/v1/usage").await;
+        (status == StatusCode::OK && usage["budget"]["day"]["reserved"] == 0).then_some((status, usage))
+    })
+    .await;
+    let charged = ledger_total(&t, &session.user_id).await;
+    let one_reservation = 2 + 10;
+    assert!(charged <= 150 + one_reservation, "charged {charged}");
+    assert_eq!(usage["budget"]["day"]["used"], charged);
+    assert_eq!(usage["budget"]["day"]["limit"], 150);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_are_rebuilt_from_the_ledger_when_redis_loses_them() {
+    let t = TestPlatform::start().await;
+    let session = t.register("rebuild@example.com").await;
+    let conversation = t.create_conversation(&session, "rebuild").await;
+    for content in ["one", "two"] {
+        let (status, _) =
+            t.post(&session, &format!("/v1/conversations/{conversation}/messages"), json!({"content": content})).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let charged = eventually("the charges", Duration::from_secs(10), || async {
+        let total = ledger_total(&t, &session.user_id).await;
+        (total > 0).then_some(total)
+    })
+    .await;
+
+    // Redis loses every quota counter of this deployment.
+    let client = redis::Client::open(t.config.redis.url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:quota:*", t.config.redis.key_prefix))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut connection).await.unwrap();
+
+    let (_, usage) = t.get(&session, "/v1/usage").await;
+    assert_eq!(usage["budget"]["day"]["used"], charged, "rebuilt from the ledger");
+    assert_eq!(usage["budget"]["month"]["used"], charged);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_whose_job_died_expires() {
+    let t = TestPlatform::start_with(
+        |config| {
+            config.quota.reservation_ttl_secs = 4;
+            config.http.message_wait_secs = 1;
+        },
+        ALL_BUT_AGENT,
+    )
+    .await;
+    let session = t.register("expiry@example.com").await;
+    let conversation = t.create_conversation(&session, "no agent").await;
+    let (status, _) =
+        t.post(&session, &format!("/v1/conversations/{conversation}/messages"), json!({"content": "hold"})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (_, usage) = t.get(&session, "/v1/usage").await;
+    assert!(usage["budget"]["day"]["reserved"].as_i64().unwrap() > 0, "{usage}");
+    eventually("the reservation to expire", Duration::from_secs(10), || async {
+        let (_, usage) = t.get(&session, "/v1/usage").await;
+        (usage["budget"]["day"]["reserved"] == 0).then_some(())
+    })
+    .await;
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monthly_budget_binds_too() {
+    let t = TestPlatform::start_with(
+        |config| {
+            config.agent.max_output_tokens = 10;
+            let free = config.tiers.get_mut("free").unwrap();
+            free.tokens_per_day = 1_000_000;
+            free.tokens_per_month = Some(30);
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("monthly@example.com").await;
+    let mut refused = None;
+    for index in 0..5 {
+        // A new conversation each time keeps every prompt as small as the gateway's estimate.
+        let conversation = t.create_conversation(&session, &format!("monthly {index}")).await;
+        let path = format!("/v1/conversations/{conversation}/messages");
+        let response =
+            t.http.post(t.url(&path)).bearer_auth(&session.token).json(&json!({"content": "x"})).send().await.unwrap();
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some(response);
+            break;
+        }
+        let (_, body) = read(response).await;
+        assert_eq!(body["assistant_message"]["status"], "completed", "{body}");
+    }
+    let refused = refused.expect("the monthly budget ran out");
+    let retry_after: i64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let until_midnight = 86_400 - time::OffsetDateTime::now_utc().time().as_hms().0 as i64 * 3600;
+    assert!(retry_after >= until_midnight - 3600, "waits for the month to reset, not the day: {retry_after}");
+    let (status, body) = read(refused).await;
+    assert_problem(status, &body, 429, "quota_exceeded");
+    t.stop().await;
+}
