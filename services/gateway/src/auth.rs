@@ -23,7 +23,8 @@ use crate::AppState;
 use crate::problem::ApiError;
 
 const REFRESH_COOLDOWN: Duration = Duration::from_secs(10);
-const REFRESH_EVERY: Duration = Duration::from_secs(300);
+/// After a failed fetch (user service down), the next attempt waits only this long.
+const FAILED_FETCH_BACKOFF: Duration = Duration::from_secs(1);
 const LEEWAY_SECS: u64 = 30;
 
 struct CachedKeys {
@@ -35,12 +36,14 @@ struct CachedKeys {
 pub struct KeyCache {
     user: UserServiceClient<ClientChannel>,
     keys: RwLock<CachedKeys>,
-    last_fetch: Mutex<Option<Instant>>,
+    /// When the keys were last fetched successfully, and when a fetch was last attempted.
+    last_fetch: Mutex<(Option<Instant>, Option<Instant>)>,
     validation: Validation,
+    refresh_every: Duration,
 }
 
 impl KeyCache {
-    pub fn new(user: UserServiceClient<ClientChannel>, issuer: &str, audience: &str) -> Self {
+    pub fn new(user: UserServiceClient<ClientChannel>, issuer: &str, audience: &str, refresh_every: Duration) -> Self {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[issuer]);
         validation.set_audience(&[audience]);
@@ -49,19 +52,24 @@ impl KeyCache {
         Self {
             user,
             keys: RwLock::new(CachedKeys { published: Vec::new(), decoding: HashMap::new() }),
-            last_fetch: Mutex::new(None),
+            last_fetch: Mutex::new((None, None)),
             validation,
+            refresh_every,
         }
     }
 
     /// Fetches the keys unless that was done within the cooldown. Keeps the old keys on failure.
     pub async fn refresh(&self, force: bool) -> Result<(), tonic::Status> {
         let mut last_fetch = self.last_fetch.lock().await;
-        if !force && last_fetch.is_some_and(|at| at.elapsed() < REFRESH_COOLDOWN) {
+        let (succeeded, attempted) = *last_fetch;
+        let recently_fetched = succeeded.is_some_and(|at| at.elapsed() < REFRESH_COOLDOWN.min(self.refresh_every));
+        let recently_failed = attempted.is_some_and(|at| at.elapsed() < FAILED_FETCH_BACKOFF);
+        if !force && (recently_fetched || recently_failed) {
             return Ok(());
         }
-        *last_fetch = Some(Instant::now());
+        last_fetch.1 = Some(Instant::now());
         let published = self.user.clone().get_signing_keys(pb::GetSigningKeysRequest {}).await?.into_inner().keys;
+        last_fetch.0 = Some(Instant::now());
         let decoding = published
             .iter()
             .filter(|key| key.alg == parley_platform::access_token::ALGORITHM)
@@ -79,7 +87,7 @@ impl KeyCache {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(REFRESH_EVERY) => {}
+                _ = tokio::time::sleep(self.refresh_every) => {}
             }
         }
     }

@@ -57,7 +57,12 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Arc<Config>, backends: Backends, nats: async_nats::Client, readiness: Readiness) -> Self {
-        let keys = Arc::new(auth::KeyCache::new(backends.user.clone(), &config.auth.issuer, &config.auth.audience));
+        let keys = Arc::new(auth::KeyCache::new(
+            backends.user.clone(),
+            &config.auth.issuer,
+            &config.auth.audience,
+            std::time::Duration::from_secs(config.auth.jwks_refresh_secs),
+        ));
         let names = Names::new(&config.nats.prefix);
         let api_keys = Arc::new(auth::ApiKeyCache::new(backends.user.clone()));
         let limiter = Arc::new(limits::RateLimiter::new(

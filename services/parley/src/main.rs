@@ -70,6 +70,12 @@ enum AdminCommand {
         #[arg(long)]
         tier: String,
     },
+    /// Add a new access-token signing key: published at once, signing after the delay (long enough for
+    /// every gateway to fetch it); older keys stay published until the tokens they signed expire.
+    RotateSigningKey {
+        #[arg(long, default_value_t = 600)]
+        activate_in_secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -217,11 +223,16 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
     let users = parley_user::build(config, pool).await?;
     let user = match command {
         AdminCommand::SetRole { email, role } => {
-            let request = SetRoleRequest { email, user_id: String::new(), role };
+            let request = SetRoleRequest { email, user_id: String::new(), role, actor_id: String::new() };
             users.set_role(tonic::Request::new(request)).await
         }
+        AdminCommand::RotateSigningKey { activate_in_secs } => {
+            let kid = users.rotate_signing_key(Duration::from_secs(activate_in_secs)).await?;
+            println!("new signing key {kid}: published now, signing in {activate_in_secs} s");
+            return Ok(());
+        }
         AdminCommand::SetTier { email, tier } => {
-            let request = SetTierRequest { email, user_id: String::new(), tier };
+            let request = SetTierRequest { email, user_id: String::new(), tier, actor_id: String::new() };
             users.set_tier(tonic::Request::new(request)).await
         }
     };

@@ -121,6 +121,10 @@ pub struct AuthConfig {
     pub access_token_ttl_secs: i64,
     pub refresh_token_ttl_secs: i64,
     pub admin_emails: Vec<String>,
+    /// Failed logins for one account within 15 minutes after which its logins are refused for a while.
+    pub max_failed_logins: i64,
+    /// How often gateways re-read the published signing keys (they also do on an unknown key id).
+    pub jwks_refresh_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -396,6 +400,8 @@ impl Default for AuthConfig {
             access_token_ttl_secs: 15 * 60,
             refresh_token_ttl_secs: 30 * 24 * 3600,
             admin_emails: Vec::new(),
+            max_failed_logins: 10,
+            jwks_refresh_secs: 300,
         }
     }
 }

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::signing::{self, ActiveKey};
-use crate::storage::{ApiKeyRow, RefreshOutcome, Storage, UserRow};
+use crate::storage::{ApiKeyRow, AuditEvent, RefreshOutcome, Storage, UserRow};
 use crate::{UserError, passwords, validation};
 
 const REFRESH_TOKEN_PREFIX: &str = "prt_";
@@ -24,6 +24,10 @@ const API_KEY_PREFIX: &str = "pk_";
 /// How much of a key is kept in clear to tell keys apart: the `pk_` and eight more characters.
 const API_KEY_SHOWN_CHARS: usize = 11;
 const MAX_API_KEY_NAME_CHARS: usize = 100;
+/// The window in which failed logins for one account are counted.
+const FAILED_LOGIN_WINDOW: time::Duration = time::Duration::minutes(15);
+/// Leeway past a token's expiry during which gateways still accept it (clock skew).
+const VERIFY_LEEWAY: time::Duration = time::Duration::seconds(60);
 
 #[derive(Clone)]
 pub struct UserService {
@@ -38,6 +42,36 @@ impl UserService {
         let storage = Storage::new(pool);
         let active = load_or_create_active_key(&storage).await?;
         Ok(Self { config, storage, active_key: Arc::new(RwLock::new(Arc::new(active))) })
+    }
+
+    /// The key that signs now. Read per issuance (logins and refreshes, not per request), so a rotation
+    /// takes effect on every replica at its activation time.
+    async fn signing_key(&self) -> Result<Arc<ActiveKey>, UserError> {
+        match self.storage.active_signing_key().await? {
+            Some(row) => {
+                let cached = self.active_key.read().await.clone();
+                if cached.kid() == row.kid {
+                    return Ok(cached);
+                }
+                let key = Arc::new(ActiveKey::from_pkcs8(row.kid, &row.private_key)?);
+                *self.active_key.write().await = key.clone();
+                Ok(key)
+            }
+            None => Ok(self.active_key.read().await.clone()),
+        }
+    }
+
+    /// Adds a new signing key, published at once and signing after `activate_in`; older keys stay
+    /// published until every token they signed has expired. Returns the new key's id.
+    pub async fn rotate_signing_key(&self, activate_in: std::time::Duration) -> Result<String, UserError> {
+        let key = signing::generate()?;
+        let activate_in = time::Duration::try_from(activate_in).unwrap_or(time::Duration::ZERO);
+        let lifetime = time::Duration::seconds(self.config.auth.access_token_ttl_secs) + VERIFY_LEEWAY;
+        self.storage.rotate_signing_key(&key.kid, &key.private_pkcs8, &key.public_key, activate_in, lifetime).await?;
+        let detail = serde_json::json!({"kid": key.kid, "activates_in_secs": activate_in.whole_seconds()});
+        self.storage.audit(AuditEvent::new("signing_key_rotated").detail(detail)).await;
+        tracing::info!(kid = %key.kid, "signing key rotated");
+        Ok(key.kid)
     }
 
     fn is_admin_email(&self, email: &str) -> bool {
@@ -66,7 +100,7 @@ impl UserService {
             role: user.role.clone(),
             tier: user.tier.clone(),
         };
-        let key = self.active_key.read().await.clone();
+        let key = self.signing_key().await?;
         let access_token = key.sign(&claims)?;
         Ok(pb::AuthResponse { user: Some(to_proto(user)), access_token, refresh_token, expires_in: ttl })
     }
@@ -163,16 +197,30 @@ impl pb::user_service_server::UserService for UserService {
             return Err(ServiceError::new(ErrorCode::Conflict, "an account with this email already exists").into());
         };
         tracing::info!(user_id = %user.id, client_ip = %request.client_ip, "user registered");
+        self.storage.audit(AuditEvent::new("registered").user(user.id).email(&user.email).ip(&request.client_ip)).await;
         Ok(Response::new(self.issue(&user, Uuid::now_v7()).await?))
     }
 
     async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::AuthResponse>, Status> {
         let request = request.into_inner();
-        let user = self.storage.user_by_email(request.email.trim()).await.map_err(UserError::from)?;
+        let email = request.email.trim().to_lowercase();
+        let failures = self.storage.recent_failed_logins(&email, FAILED_LOGIN_WINDOW).await.map_err(UserError::from)?;
+        if failures >= self.config.auth.max_failed_logins {
+            self.storage.audit(AuditEvent::new("login_locked").email(&email).ip(&request.client_ip)).await;
+            let error =
+                ServiceError::new(ErrorCode::RateLimited, "too many failed logins for this account; try again later")
+                    .retry_after(FAILED_LOGIN_WINDOW.whole_seconds() as u64);
+            return Err(UserError::from(error).into());
+        }
+        let user = self.storage.user_by_email(&email).await.map_err(UserError::from)?;
         let stored_hash = user.as_ref().map(|user| user.password_hash.clone());
         let matches = passwords::verify(request.password, stored_hash).await?;
+        let known_user_id = user.as_ref().map(|user| user.id);
         let Some(mut user) = user.filter(|_| matches) else {
             tracing::info!(client_ip = %request.client_ip, "login failed");
+            let mut event = AuditEvent::new("login_failed").email(&email).ip(&request.client_ip);
+            event.user_id = known_user_id;
+            self.storage.audit(event).await;
             return Err(wrong_credentials().into());
         };
         if user.role != "admin"
@@ -182,6 +230,9 @@ impl pb::user_service_server::UserService for UserService {
             user = promoted;
         }
         tracing::info!(user_id = %user.id, client_ip = %request.client_ip, "login succeeded");
+        self.storage
+            .audit(AuditEvent::new("login_succeeded").user(user.id).email(&user.email).ip(&request.client_ip))
+            .await;
         Ok(Response::new(self.issue(&user, Uuid::now_v7()).await?))
     }
 
@@ -204,6 +255,7 @@ impl pb::user_service_server::UserService for UserService {
             }
             RefreshOutcome::Reused { user_id } => {
                 tracing::warn!(%user_id, client_ip = %request.client_ip, "refresh token reused; family revoked");
+                self.storage.audit(AuditEvent::new("refresh_token_reused").user(user_id).ip(&request.client_ip)).await;
                 Err(invalid_refresh_token().into())
             }
             RefreshOutcome::Invalid => Err(invalid_refresh_token().into()),
@@ -247,6 +299,10 @@ impl pb::user_service_server::UserService for UserService {
         let updated = self.storage.set_role(user.id, role).await.map_err(UserError::from)?;
         let updated = updated.ok_or_else(|| UserError::from(ServiceError::not_found("user")))?;
         tracing::info!(user_id = %updated.id, role, "role changed");
+        let mut event =
+            AuditEvent::new("role_changed").user(updated.id).detail(serde_json::json!({"from": user.role, "to": role}));
+        event.actor_id = Uuid::parse_str(&request.actor_id).ok();
+        self.storage.audit(event).await;
         Ok(Response::new(to_proto(&updated)))
     }
 
@@ -265,6 +321,8 @@ impl pb::user_service_server::UserService for UserService {
         let prefix: String = key.chars().take(API_KEY_SHOWN_CHARS).collect();
         let row = self.storage.insert_api_key(user_id, name, &prefix, &hash).await.map_err(UserError::from)?;
         tracing::info!(%user_id, api_key_id = %row.id, "API key created");
+        let detail = serde_json::json!({"api_key_id": row.id, "name": row.name});
+        self.storage.audit(AuditEvent::new("api_key_created").user(user_id).detail(detail)).await;
         Ok(Response::new(pb::CreatedApiKey { api_key: Some(api_key_to_proto(row)), key }))
     }
 
@@ -288,6 +346,8 @@ impl pb::user_service_server::UserService for UserService {
             return Err(UserError::from(ServiceError::not_found("API key")).into());
         }
         tracing::info!(%user_id, api_key_id = %request.api_key_id, "API key revoked");
+        let detail = serde_json::json!({"api_key_id": request.api_key_id});
+        self.storage.audit(AuditEvent::new("api_key_revoked").user(user_id).detail(detail)).await;
         Ok(Response::new(pb::RevokeApiKeyResponse {}))
     }
 
@@ -320,6 +380,11 @@ impl pb::user_service_server::UserService for UserService {
         let updated = self.storage.set_tier(user.id, &request.tier).await.map_err(UserError::from)?;
         let updated = updated.ok_or_else(|| UserError::from(ServiceError::not_found("user")))?;
         tracing::info!(user_id = %updated.id, tier = %updated.tier, "tier changed");
+        let mut event = AuditEvent::new("tier_changed")
+            .user(updated.id)
+            .detail(serde_json::json!({"from": user.tier, "to": updated.tier}));
+        event.actor_id = Uuid::parse_str(&request.actor_id).ok();
+        self.storage.audit(event).await;
         Ok(Response::new(to_proto(&updated)))
     }
 }

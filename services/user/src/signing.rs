@@ -42,6 +42,10 @@ impl ActiveKey {
         Ok(Self { kid, encoding_key: EncodingKey::from_ed_der(private_pkcs8) })
     }
 
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
     pub fn sign(&self, claims: &AccessClaims) -> Result<String, UserError> {
         debug_assert_eq!(ALGORITHM, "EdDSA");
         let mut header = Header::new(Algorithm::EdDSA);

@@ -40,6 +40,42 @@ pub struct SigningKeyRow {
     pub public_key: Vec<u8>,
 }
 
+/// One security event for the audit log.
+pub struct AuditEvent<'a> {
+    pub event: &'static str,
+    pub user_id: Option<Uuid>,
+    pub actor_id: Option<Uuid>,
+    pub email: Option<&'a str>,
+    pub client_ip: Option<&'a str>,
+    pub detail: serde_json::Value,
+}
+
+impl<'a> AuditEvent<'a> {
+    pub fn new(event: &'static str) -> Self {
+        Self { event, user_id: None, actor_id: None, email: None, client_ip: None, detail: serde_json::Value::Null }
+    }
+
+    pub fn user(mut self, user_id: Uuid) -> Self {
+        self.user_id = Some(user_id);
+        self
+    }
+
+    pub fn email(mut self, email: &'a str) -> Self {
+        self.email = Some(email);
+        self
+    }
+
+    pub fn ip(mut self, client_ip: &'a str) -> Self {
+        self.client_ip = Some(client_ip).filter(|ip| !ip.is_empty());
+        self
+    }
+
+    pub fn detail(mut self, detail: serde_json::Value) -> Self {
+        self.detail = detail;
+        self
+    }
+}
+
 /// What presenting a refresh token led to.
 pub enum RefreshOutcome {
     Rotated {
@@ -269,14 +305,90 @@ impl Storage {
         .await
     }
 
-    /// Unretired signing keys, newest first.
+    /// Published signing keys (not yet retired), newest first.
     pub async fn signing_keys(&self) -> Result<Vec<SigningKeyRow>, sqlx::Error> {
         sqlx::query_as::<_, SigningKeyRow>(
             "SELECT kid, private_key, public_key FROM identity.signing_keys
-             WHERE retired_at IS NULL ORDER BY created_at DESC, kid",
+             WHERE retired_at IS NULL OR retired_at > now() ORDER BY created_at DESC, kid",
         )
         .fetch_all(&self.pool)
         .await
+    }
+
+    /// The key that signs now: the newest one already active.
+    pub async fn active_signing_key(&self) -> Result<Option<SigningKeyRow>, sqlx::Error> {
+        sqlx::query_as::<_, SigningKeyRow>(
+            "SELECT kid, private_key, public_key FROM identity.signing_keys
+             WHERE activates_at <= now() AND (retired_at IS NULL OR retired_at > now())
+             ORDER BY activates_at DESC, created_at DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// Adds a key that signs from `activate_in` on, and schedules every older key's retirement for when
+    /// the last token it can still sign has expired.
+    pub async fn rotate_signing_key(
+        &self,
+        kid: &str,
+        private_key: &[u8],
+        public_key: &[u8],
+        activate_in: time::Duration,
+        token_lifetime: time::Duration,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE identity.signing_keys SET retired_at = now() + $1 + $2
+             WHERE retired_at IS NULL OR retired_at > now() + $1 + $2",
+        )
+        .bind(activate_in)
+        .bind(token_lifetime)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO identity.signing_keys (kid, algorithm, private_key, public_key, activates_at)
+             VALUES ($1, 'EdDSA', $2, $3, now() + $4)",
+        )
+        .bind(kid)
+        .bind(private_key)
+        .bind(public_key)
+        .bind(activate_in)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
+    /// Records a security event. Failing to record one is logged, never fatal to the request.
+    pub async fn audit(&self, event: AuditEvent<'_>) {
+        let result = sqlx::query(
+            "INSERT INTO identity.audit_log (id, event, user_id, actor_id, email, client_ip, detail)
+             VALUES ($1, $2, $3, $4, lower($5), $6, $7)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(event.event)
+        .bind(event.user_id)
+        .bind(event.actor_id)
+        .bind(event.email)
+        .bind(event.client_ip)
+        .bind(sqlx::types::Json(event.detail))
+        .execute(&self.pool)
+        .await;
+        if let Err(error) = result {
+            tracing::error!(%error, event = event.event, "could not write the audit log");
+        }
+    }
+
+    /// Failed logins for `email` within `window`.
+    pub async fn recent_failed_logins(&self, email: &str, window: time::Duration) -> Result<i64, sqlx::Error> {
+        let (count,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM identity.audit_log
+             WHERE event = 'login_failed' AND email = lower($1) AND at > now() - $2",
+        )
+        .bind(email)
+        .bind(window)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(count)
     }
 
     pub async fn insert_signing_key(

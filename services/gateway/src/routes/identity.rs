@@ -113,7 +113,8 @@ pub async fn set_tier(
     if uuid::Uuid::parse_str(&user_id).is_err() {
         return Err(ApiError::not_found("user"));
     }
-    let request = pb::SetTierRequest { email: String::new(), user_id, tier: body.tier };
+    let request =
+        pb::SetTierRequest { email: String::new(), user_id, tier: body.tier, actor_id: caller.user_id.to_string() };
     let user = state.backends.user.clone().set_tier(request).await?.into_inner();
     Ok(Json(UserView::from(user)))
 }

@@ -76,7 +76,12 @@ impl TestPlatform {
         let config = (*platform.config).clone();
         let test =
             TestPlatform { base, http: reqwest::Client::new(), config, fake, platforms: vec![platform], database };
-        test.wait_until_ready().await;
+        if services.contains(&Service::User) {
+            test.wait_until_ready().await;
+        } else {
+            // Readiness needs the user service; without it, the gateway being up has to do.
+            test.wait_until_live().await;
+        }
         test
     }
 
@@ -97,10 +102,33 @@ impl TestPlatform {
         base
     }
 
+    /// Starts `services` with their gRPC server on the configured `grpc.addr` (so peers started before
+    /// them can be told where they will be).
+    pub async fn launch_at_configured_address(&mut self, services: &[Service]) {
+        let options = LaunchOptions {
+            services: services.to_vec(),
+            grpc_bind: GrpcBind::Configured,
+            http_listener: None,
+            admin_server: false,
+            fake_llm: false,
+            migrate: false,
+        };
+        let platform = Platform::launch(self.config.clone(), options).await.unwrap();
+        self.platforms.push(platform);
+    }
+
     /// Kills (without a graceful shutdown) the platform started by the `index`th `launch` call.
     pub async fn kill_launched(&mut self, index: usize) {
         let platform = self.platforms.remove(index + 1);
         platform.kill().await;
+    }
+
+    async fn wait_until_live(&self) {
+        eventually("the gateway to be up", Duration::from_secs(20), || async {
+            let response = self.http.get(self.url("/healthz")).send().await.ok()?;
+            (response.status() == StatusCode::OK).then_some(())
+        })
+        .await;
     }
 
     async fn wait_until_ready(&self) {

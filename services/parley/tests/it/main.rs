@@ -9,6 +9,7 @@ mod cache;
 mod context;
 mod contract;
 mod harness;
+mod identity;
 mod isolation;
 mod journey;
 mod openai;

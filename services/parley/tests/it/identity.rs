@@ -1,0 +1,198 @@
+//! Identity under attack and over time: signing-key rotation, tokens that are not quite right, brute
+//! force on login, the audit log, and gateways that keep verifying tokens while the user service is down.
+
+use std::process::Command;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use parley::Service;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::harness::{Session, TestPlatform, assert_problem, eventually, read};
+
+fn parley_admin(database_url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_parley"))
+        .arg("admin")
+        .args(args)
+        .env_remove("PARLEY_CONFIG")
+        .env("DATABASE_URL", database_url)
+        .env("PARLEY_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn kid_of(token: &str) -> String {
+    jsonwebtoken::decode_header(token).unwrap().kid.unwrap()
+}
+
+async fn login(t: &TestPlatform, email: &str, password: &str) -> (StatusCode, Value) {
+    read(
+        t.http.post(t.url("/v1/auth/login")).json(&json!({"email": email, "password": password})).send().await.unwrap(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_signing_key_is_published_before_it_signs_and_old_tokens_stay_valid() {
+    let t = TestPlatform::start_with(|config| config.auth.jwks_refresh_secs = 1, &Service::ALL).await;
+    let old = t.register("rotate-key@example.com").await;
+    let old_kid = kid_of(&old.token);
+
+    let output = parley_admin(&t.config.database.url, &["rotate-signing-key", "--activate-in-secs", "3"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    // Published at once (two keys), while tokens are still signed with the old one.
+    let keys = eventually("the new key in the JWKS", Duration::from_secs(5), || async {
+        let (_, jwks) = read(t.http.get(t.url("/.well-known/jwks.json")).send().await.unwrap()).await;
+        let keys = jwks["keys"].as_array().cloned().unwrap_or_default();
+        (keys.len() == 2).then_some(keys)
+    })
+    .await;
+    let (_, before) = login(&t, "rotate-key@example.com", "correct horse battery").await;
+    assert_eq!(kid_of(before["access_token"].as_str().unwrap()), old_kid, "the new key does not sign yet");
+    let new_kid = keys.iter().map(|key| key["kid"].as_str().unwrap().to_owned()).find(|kid| *kid != old_kid).unwrap();
+
+    // Once active, the new key signs; tokens of both keys verify.
+    let new_token = eventually("the new key to sign", Duration::from_secs(10), || async {
+        let (_, body) = login(&t, "rotate-key@example.com", "correct horse battery").await;
+        let token = body["access_token"].as_str()?.to_owned();
+        (kid_of(&token) == new_kid).then_some(token)
+    })
+    .await;
+    for token in [old.token.clone(), new_token] {
+        let session = Session { token, refresh_token: String::new(), user_id: old.user_id.clone() };
+        let (status, _) = t.get(&session, "/v1/me").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_misaddressed_tokens_are_refused_even_when_properly_signed() {
+    let t = TestPlatform::start().await;
+    let session = t.register("claims@example.com").await;
+    let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
+    let (kid, private_key): (String, Vec<u8>) =
+        sqlx::query_as("SELECT kid, private_key FROM identity.signing_keys LIMIT 1").fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    let key = EncodingKey::from_ed_der(&private_key);
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(kid);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let claims = |iss: &str, aud: &str, exp: i64| json!({"sub": session.user_id, "iss": iss, "aud": aud, "iat": now, "exp": exp, "jti": "t", "role": "user", "tier": "free"});
+    let valid = jsonwebtoken::encode(&header, &claims("parley", "parley-api", now + 60), &key).unwrap();
+    let cases = [
+        (claims("parley", "parley-api", now - 3600), "expired"),
+        (claims("parley", "someone-else", now + 60), "wrong audience"),
+        (claims("not-parley", "parley-api", now + 60), "wrong issuer"),
+    ];
+    for (claims, what) in cases {
+        let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+        let (status, body) = read(t.http.get(t.url("/v1/me")).bearer_auth(token).send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+    }
+    let (status, _) = read(t.http.get(t.url("/v1/me")).bearer_auth(valid).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "the same key with the right claims works");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brute_force_on_an_account_is_stopped_and_everything_is_in_the_audit_log() {
+    let t = TestPlatform::start_with(|config| config.auth.max_failed_logins = 3, &Service::ALL).await;
+    let session = t.register("victim@example.com").await;
+    let (status, _) = login(&t, "victim@example.com", "correct horse battery").await;
+    assert_eq!(status, StatusCode::OK);
+    for _ in 0..3 {
+        let (status, _) = login(&t, "victim@example.com", "guess guess guess").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    // Locked, even with the right password, and the same for an email nobody registered.
+    let (status, body) = login(&t, "victim@example.com", "correct horse battery").await;
+    assert_problem(status, &body, 429, "rate_limited");
+    for _ in 0..3 {
+        login(&t, "nobody@example.com", "guess guess guess").await;
+    }
+    let (status, _) = login(&t, "nobody@example.com", "guess guess guess").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+
+    let (_, key) = t.post(&session, "/v1/api-keys", json!({"name": "audited"})).await;
+    assert_eq!(
+        t.delete(&session, &format!("/v1/api-keys/{}", key["id"].as_str().unwrap())).await,
+        StatusCode::NO_CONTENT
+    );
+
+    let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
+    let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT event, client_ip FROM identity.audit_log WHERE user_id = $1::uuid OR email = 'victim@example.com' ORDER BY at",
+    )
+    .bind(&session.user_id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let events: Vec<&str> = rows.iter().map(|(event, _)| event.as_str()).collect();
+    assert_eq!(
+        events,
+        [
+            "registered",
+            "login_succeeded",
+            "login_failed",
+            "login_failed",
+            "login_failed",
+            "login_locked",
+            "api_key_created",
+            "api_key_revoked"
+        ]
+    );
+    assert_eq!(rows[0].1.as_deref(), Some("127.0.0.1"), "with the address it came from");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_keep_verifying_tokens_while_the_user_service_is_down() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let user_services = [Service::Chat, Service::Quota, Service::Analytics, Service::Agent, Service::Gateway];
+    let mut t = TestPlatform::start_with(
+        |config| {
+            config.grpc.addr = format!("127.0.0.1:{port}");
+            config.grpc.user_url = format!("http://127.0.0.1:{port}");
+        },
+        &user_services,
+    )
+    .await;
+    t.launch_at_configured_address(&[Service::User]).await;
+    let session = eventually("the user service", Duration::from_secs(10), || async {
+        let response = t
+            .http
+            .post(t.url("/v1/auth/register"))
+            .json(&json!({"email": "steady@example.com", "password": "correct horse battery"}))
+            .send()
+            .await
+            .ok()?;
+        let body: Value = response.json().await.ok()?;
+        Some(Session {
+            token: body["access_token"].as_str()?.to_owned(),
+            refresh_token: String::new(),
+            user_id: body["user"]["id"].as_str()?.to_owned(),
+        })
+    })
+    .await;
+
+    // The gateway started before the user service: it picks the keys up within its retry back-off.
+    eventually("the gateway to serve this user", Duration::from_secs(5), || async {
+        (t.get(&session, "/v1/me").await.0 == StatusCode::OK).then_some(())
+    })
+    .await;
+    t.kill_launched(0).await;
+    // Tokens still verify (cached keys): the API keeps working for signed-in users.
+    let conversation = t.create_conversation(&session, "still here").await;
+    let (status, exchange) = t
+        .post(&session, &format!("/v1/conversations/{conversation}/messages"), json!({"content": "are you there?"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{exchange}");
+    // What needs the user service says so clearly.
+    let (status, body) = login(&t, "steady@example.com", "correct horse battery").await;
+    assert_problem(status, &body, 503, "unavailable");
+    t.stop().await;
+}
