@@ -182,8 +182,16 @@ const API_KEY_CACHE_ENTRIES: usize = 10_000;
 
 struct CachedKey {
     api_key_id: String,
-    caller: Caller,
+    grant: KeyGrant,
     verified_at: Instant,
+}
+
+/// What a verified API key grants, and whether its requests must be signed (with which secret).
+#[derive(Debug, Clone)]
+pub struct KeyGrant {
+    pub caller: Caller,
+    pub require_signature: bool,
+    pub signing_secret: Option<String>,
 }
 
 /// API keys verified by the user service, briefly remembered by the hash of the key.
@@ -202,24 +210,30 @@ impl ApiKeyCache {
     }
 
     pub async fn verify(&self, key: &str) -> Result<Caller, ApiError> {
+        Ok(self.lookup(key).await?.caller)
+    }
+
+    pub async fn lookup(&self, key: &str) -> Result<KeyGrant, ApiError> {
         let hash = ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref().to_vec();
         if let Some(entry) = self.lock().get(&hash).filter(|entry| entry.verified_at.elapsed() < API_KEY_TTL) {
-            return Ok(entry.caller.clone());
+            return Ok(entry.grant.clone());
         }
         let verified = self.user.clone().verify_api_key(pb::VerifyApiKeyRequest { key: key.to_owned() }).await?;
         let verified = verified.into_inner();
         let user_id = Uuid::parse_str(&verified.user_id).map_err(|_| ApiError::unauthorized("invalid API key"))?;
         let caller = Caller { user_id, role: verified.role, tier: verified.tier };
+        let grant =
+            KeyGrant { caller, require_signature: verified.require_signature, signing_secret: verified.signing_secret };
         let mut entries = self.lock();
         if entries.len() >= API_KEY_CACHE_ENTRIES {
             entries.retain(|_, entry| entry.verified_at.elapsed() < API_KEY_TTL);
         }
         if entries.len() < API_KEY_CACHE_ENTRIES {
             let entry =
-                CachedKey { api_key_id: verified.api_key_id, caller: caller.clone(), verified_at: Instant::now() };
+                CachedKey { api_key_id: verified.api_key_id, grant: grant.clone(), verified_at: Instant::now() };
             entries.insert(hash, entry);
         }
-        Ok(caller)
+        Ok(grant)
     }
 
     /// Forgets a revoked key at once.

@@ -90,6 +90,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.config.http.body_limit_bytes;
     routes::routes()
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::rate_limit))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::verify_signature))
         .route_layer(axum::middleware::from_fn(middleware::label_route))
         .fallback(routes::ops::not_found)
         .method_not_allowed_fallback(routes::ops::method_not_allowed)

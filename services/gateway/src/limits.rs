@@ -87,6 +87,9 @@ fn local_decision(tats: &mut HashMap<String, u64>, key: &str, limit: u32, now_ms
     }
 }
 
+/// How long a signature is remembered to refuse its replay: past the 300 s skew allowance either way.
+pub const SIGNATURE_MEMORY: Duration = Duration::from_secs(600);
+
 pub struct RateLimiter {
     client: Option<redis::Client>,
     connection: AsyncMutex<(Option<redis::aio::ConnectionManager>, Option<Instant>)>,
@@ -96,6 +99,7 @@ pub struct RateLimiter {
     started: Instant,
     local: Mutex<HashMap<String, u64>>,
     degraded: std::sync::atomic::AtomicBool,
+    seen_locally: Mutex<HashMap<String, Instant>>,
 }
 
 impl RateLimiter {
@@ -116,6 +120,7 @@ impl RateLimiter {
             started: Instant::now(),
             local: Mutex::new(HashMap::new()),
             degraded: std::sync::atomic::AtomicBool::new(false),
+            seen_locally: Mutex::new(HashMap::new()),
         }
     }
 
@@ -143,6 +148,28 @@ impl RateLimiter {
         let mut slot = self.connection.lock().await;
         slot.0 = None;
         slot.1 = Some(Instant::now());
+    }
+
+    /// True the first time `token` is seen (within [`SIGNATURE_MEMORY`]), on any replica: a `SET NX` in
+    /// Redis, or this replica's memory while Redis is unreachable.
+    pub async fn first_use(&self, token: &str) -> bool {
+        if let Some(mut connection) = self.connection().await {
+            let mut command = redis::cmd("SET");
+            command
+                .arg(format!("{}:seen:{token}", self.prefix))
+                .arg(1)
+                .arg("NX")
+                .arg("EX")
+                .arg(SIGNATURE_MEMORY.as_secs());
+            let set = command.query_async::<Option<String>>(&mut connection);
+            match tokio::time::timeout(REDIS_TIMEOUT, set).await {
+                Ok(Ok(stored)) => return stored.is_some(),
+                Ok(Err(_)) | Err(_) => self.forget_connection().await,
+            }
+        }
+        let mut seen = self.seen_locally.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        seen.retain(|_, at| at.elapsed() < SIGNATURE_MEMORY);
+        seen.insert(token.to_owned(), Instant::now()).is_none()
     }
 
     /// Decides whether one more request for `key` fits `limit` a minute.

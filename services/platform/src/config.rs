@@ -22,6 +22,7 @@ pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
     ("PARLEY_QUOTA_URL", "gRPC address of the quota service"),
     ("PARLEY_ANALYTICS_URL", "gRPC address of the analytics service"),
     ("PARLEY_ADMIN_EMAILS", "comma-separated emails whose accounts have role admin"),
+    ("PARLEY_SECRETS_KEY", "32 bytes, base64: encrypts stored secrets such as API keys' signing secrets"),
     ("PARLEY_CURSOR_SECRET", "key that makes pagination cursors tamper-evident (same on every replica)"),
     ("PARLEY_NATS_PREFIX", "prefix of every JetStream stream and subject (default parley)"),
     ("PARLEY_REDIS_PREFIX", "prefix of every Redis key (default parley)"),
@@ -125,7 +126,13 @@ pub struct AuthConfig {
     pub max_failed_logins: i64,
     /// How often gateways re-read the published signing keys (they also do on an unknown key id).
     pub jwks_refresh_secs: u64,
+    /// 32 bytes, base64: the key that encrypts stored secrets (API keys' signing secrets). The same on
+    /// every user-service replica. The development default must be replaced in production.
+    pub secrets_key: String,
 }
+
+/// The development value of `auth.secrets_key`; `parley check-config` warns when it is in use.
+pub const DEVELOPMENT_SECRETS_KEY: &str = "cGFybGV5LWRldmVsb3BtZW50LXNlY3JldHMta2V5ISE=";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -402,6 +409,7 @@ impl Default for AuthConfig {
             admin_emails: Vec::new(),
             max_failed_logins: 10,
             jwks_refresh_secs: 300,
+            secrets_key: DEVELOPMENT_SECRETS_KEY.to_owned(),
         }
     }
 }
@@ -590,6 +598,9 @@ impl Config {
         if let Some(v) = get("PARLEY_ADMIN_EMAILS") {
             self.auth.admin_emails = split_list(&v);
         }
+        if let Some(v) = get("PARLEY_SECRETS_KEY") {
+            self.auth.secrets_key = v;
+        }
         if let Some(v) = get("PARLEY_CURSOR_SECRET") {
             self.chat.cursor_secret = v;
         }
@@ -672,6 +683,13 @@ impl Config {
         }
         if self.auth.refresh_token_ttl_secs <= 0 {
             return Err(invalid("auth.refresh_token_ttl_secs", "must be positive"));
+        }
+        {
+            use base64::Engine;
+            let decoded = base64::engine::general_purpose::STANDARD.decode(self.auth.secrets_key.trim());
+            if decoded.map(|bytes| bytes.len()) != Ok(32) {
+                return Err(invalid("auth.secrets_key", "must be 32 bytes, base64-encoded (openssl rand -base64 32)"));
+            }
         }
         if self.chat.cursor_secret.len() < 16 {
             return Err(invalid("chat.cursor_secret", "must be at least 16 characters"));

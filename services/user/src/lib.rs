@@ -5,6 +5,7 @@
 //! it answers a wrong email and a wrong password identically.
 
 mod passwords;
+mod sealing;
 mod service;
 mod signing;
 mod storage;

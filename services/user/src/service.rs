@@ -15,12 +15,14 @@ use tokio::sync::RwLock;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::sealing::Sealer;
 use crate::signing::{self, ActiveKey};
 use crate::storage::{ApiKeyRow, AuditEvent, RefreshOutcome, Storage, UserRow};
 use crate::{UserError, passwords, validation};
 
 const REFRESH_TOKEN_PREFIX: &str = "prt_";
 const API_KEY_PREFIX: &str = "pk_";
+const SIGNING_SECRET_PREFIX: &str = "pss_";
 /// How much of a key is kept in clear to tell keys apart: the `pk_` and eight more characters.
 const API_KEY_SHOWN_CHARS: usize = 11;
 const MAX_API_KEY_NAME_CHARS: usize = 100;
@@ -34,6 +36,7 @@ pub struct UserService {
     config: Arc<Config>,
     storage: Storage,
     active_key: Arc<RwLock<Arc<ActiveKey>>>,
+    sealer: Arc<Sealer>,
 }
 
 impl UserService {
@@ -41,7 +44,8 @@ impl UserService {
     pub async fn new(config: Arc<Config>, pool: PgPool) -> Result<Self, UserError> {
         let storage = Storage::new(pool);
         let active = load_or_create_active_key(&storage).await?;
-        Ok(Self { config, storage, active_key: Arc::new(RwLock::new(Arc::new(active))) })
+        let sealer = Arc::new(Sealer::new(&config.auth.secrets_key)?);
+        Ok(Self { config, storage, active_key: Arc::new(RwLock::new(Arc::new(active))), sealer })
     }
 
     /// The key that signs now. Read per issuance (logins and refreshes, not per request), so a rotation
@@ -147,6 +151,7 @@ fn api_key_to_proto(key: ApiKeyRow) -> pb::ApiKey {
         id: key.id.to_string(),
         name: key.name,
         prefix: key.prefix,
+        require_signature: key.require_signature,
         created_at: Some(timestamps::to_proto(key.created_at)),
         last_used_at: key.last_used_at.map(timestamps::to_proto),
     }
@@ -319,11 +324,17 @@ impl pb::user_service_server::UserService for UserService {
         }
         let (key, hash) = new_secret(API_KEY_PREFIX)?;
         let prefix: String = key.chars().take(API_KEY_SHOWN_CHARS).collect();
-        let row = self.storage.insert_api_key(user_id, name, &prefix, &hash).await.map_err(UserError::from)?;
+        let signing_secret = if request.require_signature { Some(new_secret(SIGNING_SECRET_PREFIX)?.0) } else { None };
+        let sealed = signing_secret.as_ref().map(|secret| self.sealer.seal(secret.as_bytes())).transpose()?;
+        let row = self
+            .storage
+            .insert_api_key(user_id, name, &prefix, &hash, sealed.as_deref())
+            .await
+            .map_err(UserError::from)?;
         tracing::info!(%user_id, api_key_id = %row.id, "API key created");
         let detail = serde_json::json!({"api_key_id": row.id, "name": row.name});
         self.storage.audit(AuditEvent::new("api_key_created").user(user_id).detail(detail)).await;
-        Ok(Response::new(pb::CreatedApiKey { api_key: Some(api_key_to_proto(row)), key }))
+        Ok(Response::new(pb::CreatedApiKey { api_key: Some(api_key_to_proto(row)), key, signing_secret }))
     }
 
     async fn list_api_keys(&self, request: Request<pb::ListApiKeysRequest>) -> Result<Response<pb::ApiKeys>, Status> {
@@ -362,11 +373,17 @@ impl pb::user_service_server::UserService for UserService {
         }
         let owner = self.storage.api_key_owner(&hash_token(&key)).await.map_err(UserError::from)?;
         let owner = owner.ok_or_else(invalid)?;
+        let signing_secret = match &owner.signing_secret_sealed {
+            Some(sealed) => Some(String::from_utf8_lossy(&self.sealer.open(sealed)?).into_owned()),
+            None => None,
+        };
         Ok(Response::new(pb::VerifiedApiKey {
             api_key_id: owner.api_key_id.to_string(),
             user_id: owner.user_id.to_string(),
             role: owner.role,
             tier: owner.tier,
+            require_signature: owner.require_signature,
+            signing_secret,
         }))
     }
 

@@ -20,6 +20,7 @@ pub struct ApiKeyRow {
     pub id: Uuid,
     pub name: String,
     pub prefix: String,
+    pub require_signature: bool,
     pub created_at: OffsetDateTime,
     pub last_used_at: Option<OffsetDateTime>,
 }
@@ -31,6 +32,8 @@ pub struct ApiKeyOwner {
     pub user_id: Uuid,
     pub role: String,
     pub tier: String,
+    pub require_signature: bool,
+    pub signing_secret_sealed: Option<Vec<u8>>,
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -250,16 +253,20 @@ impl Storage {
         name: &str,
         prefix: &str,
         key_hash: &[u8],
+        signing_secret_sealed: Option<&[u8]>,
     ) -> Result<ApiKeyRow, sqlx::Error> {
         sqlx::query_as(
-            "INSERT INTO identity.api_keys (id, user_id, name, prefix, key_hash) VALUES ($1, $2, $3, $4, $5)
-             RETURNING id, name, prefix, created_at, last_used_at",
+            "INSERT INTO identity.api_keys (id, user_id, name, prefix, key_hash, require_signature, signing_secret_sealed)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             RETURNING id, name, prefix, require_signature, created_at, last_used_at",
         )
         .bind(Uuid::now_v7())
         .bind(user_id)
         .bind(name)
         .bind(prefix)
         .bind(key_hash)
+        .bind(signing_secret_sealed.is_some())
+        .bind(signing_secret_sealed)
         .fetch_one(&self.pool)
         .await
     }
@@ -267,7 +274,7 @@ impl Storage {
     /// A user's live keys, newest first.
     pub async fn api_keys(&self, user_id: Uuid) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT id, name, prefix, created_at, last_used_at FROM identity.api_keys
+            "SELECT id, name, prefix, require_signature, created_at, last_used_at FROM identity.api_keys
              WHERE user_id = $1 AND revoked_at IS NULL ORDER BY created_at DESC LIMIT 100",
         )
         .bind(user_id)
@@ -296,7 +303,7 @@ impl Storage {
                    AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')
                  RETURNING id
              )
-             SELECT k.id AS api_key_id, u.id AS user_id, u.role, u.tier
+             SELECT k.id AS api_key_id, u.id AS user_id, u.role, u.tier, k.require_signature, k.signing_secret_sealed
              FROM identity.api_keys k JOIN identity.users u ON u.id = k.user_id
              WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
         )

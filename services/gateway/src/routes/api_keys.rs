@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::problem::{ApiError, ApiJson, ApiResult, Problem};
+use crate::problem::{ApiJson, ApiResult, Problem};
 use crate::views::Page;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -30,6 +30,7 @@ pub struct ApiKeyView {
     pub name: String,
     /// The first characters of the key, to tell keys apart.
     pub prefix: String,
+    pub require_signature: bool,
     pub created_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<String>,
@@ -41,6 +42,9 @@ pub struct CreatedApiKeyView {
     pub name: String,
     /// The key itself: shown in this response only.
     pub key: String,
+    /// The HMAC secret for request signing, when the key requires it: shown in this response only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing_secret: Option<String>,
     pub prefix: String,
     pub created_at: Option<String>,
 }
@@ -53,6 +57,7 @@ impl From<pb::ApiKey> for ApiKeyView {
             id: key.id,
             name: key.name,
             prefix: key.prefix,
+            require_signature: key.require_signature,
         }
     }
 }
@@ -61,17 +66,18 @@ impl From<pb::ApiKey> for ApiKeyView {
 #[utoipa::path(post, path = "/v1/api-keys", tag = "identity", security(("bearer" = [])), request_body = CreateApiKeyBody,
     responses(
         (status = 201, body = CreatedApiKeyView),
-        (status = 400, description = "Bad name, or signing asked for (not available yet)", body = Problem),
+        (status = 400, description = "Bad name", body = Problem),
     ))]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(body): ApiJson<CreateApiKeyBody>,
 ) -> ApiResult<Response> {
-    if body.require_signature {
-        return Err(ApiError::invalid_field("require_signature", "request signing is not available yet"));
-    }
-    let request = pb::CreateApiKeyRequest { user_id: caller.user_id.to_string(), name: body.name };
+    let request = pb::CreateApiKeyRequest {
+        user_id: caller.user_id.to_string(),
+        name: body.name,
+        require_signature: body.require_signature,
+    };
     let created = state.backends.user.clone().create_api_key(request).await?.into_inner();
     let key = created.api_key.unwrap_or_default();
     let view = CreatedApiKeyView {
@@ -79,6 +85,7 @@ pub async fn create(
         id: key.id,
         name: key.name,
         key: created.key,
+        signing_secret: created.signing_secret,
         prefix: key.prefix,
     };
     Ok((StatusCode::CREATED, Json(view)).into_response())

@@ -18,4 +18,5 @@ mod quota;
 mod rate_limits;
 mod redelivery;
 mod resilience;
+mod signing;
 mod streaming;
