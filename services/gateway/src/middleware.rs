@@ -49,7 +49,25 @@ pub async fn label_route(request: Request, next: Next) -> Response {
     response
 }
 
-pub async fn observe(request: Request, next: Next) -> Response {
+/// Gives up on a request that takes longer than `http.request_timeout_secs` (503 with `Retry-After`).
+/// Only the wait for the response's head counts: an event stream, once started, is not cut.
+pub async fn deadline(State(state): State<crate::AppState>, request: Request, next: Next) -> Response {
+    let limit = Duration::from_secs(state.config.http.request_timeout_secs);
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("parley_http_timeouts_total").increment(1);
+            let error = parley_platform::ServiceError::new(
+                parley_platform::ErrorCode::Unavailable,
+                "the request took too long; try again shortly",
+            )
+            .retry_after(1);
+            crate::problem::ApiError(error).into_response()
+        }
+    }
+}
+
+pub async fn observe(State(state): State<crate::AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let request_id = request_id_from(&request);
     let method = request.method().clone();
@@ -93,6 +111,10 @@ pub async fn observe(request: Request, next: Next) -> Response {
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     if authenticated {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    if state.config.http.hsts {
+        headers
+            .insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000; includeSubDomains"));
     }
 
     let labels = [("method", method.to_string()), ("route", route), ("status", status.to_string())];

@@ -23,6 +23,7 @@ pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
     ("PARLEY_ANALYTICS_URL", "gRPC address of the analytics service"),
     ("PARLEY_ADMIN_EMAILS", "comma-separated emails whose accounts have role admin"),
     ("PARLEY_SECRETS_KEY", "32 bytes, base64: encrypts stored secrets such as API keys' signing secrets"),
+    ("PARLEY_CORS_ALLOWED_ORIGINS", "comma-separated origins browsers may call the API from"),
     ("PARLEY_CURSOR_SECRET", "key that makes pagination cursors tamper-evident (same on every replica)"),
     ("PARLEY_NATS_PREFIX", "prefix of every JetStream stream and subject (default parley)"),
     ("PARLEY_REDIS_PREFIX", "prefix of every Redis key (default parley)"),
@@ -102,6 +103,12 @@ pub struct HttpConfig {
     /// Gateway replicas expected to run: while Redis is unreachable each replica enforces its share
     /// (the limit divided by this), so the total stays near the configured limit.
     pub expected_gateway_replicas: u32,
+    /// Longest a request may take before the gateway gives up on it (must exceed message_wait_secs).
+    pub request_timeout_secs: u64,
+    /// Origins browsers may call the API from (CORS); empty allows none.
+    pub cors_allowed_origins: Vec<String>,
+    /// Send Strict-Transport-Security (when the gateway is served behind TLS).
+    pub hsts: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -383,6 +390,9 @@ impl Default for HttpConfig {
             stream_heartbeat_secs: 15,
             ip_requests_per_minute: 30,
             expected_gateway_replicas: 1,
+            request_timeout_secs: 75,
+            cors_allowed_origins: Vec::new(),
+            hsts: false,
         }
     }
 }
@@ -601,6 +611,9 @@ impl Config {
         if let Some(v) = get("PARLEY_SECRETS_KEY") {
             self.auth.secrets_key = v;
         }
+        if let Some(v) = get("PARLEY_CORS_ALLOWED_ORIGINS") {
+            self.http.cors_allowed_origins = split_list(&v);
+        }
         if let Some(v) = get("PARLEY_CURSOR_SECRET") {
             self.chat.cursor_secret = v;
         }
@@ -671,6 +684,12 @@ impl Config {
             if tier.requests_per_minute == 0 {
                 return Err(invalid(format!("tiers.{name}.requests_per_minute"), "must be at least 1"));
             }
+        }
+        if self.http.request_timeout_secs <= self.http.message_wait_secs {
+            return Err(invalid("http.request_timeout_secs", "must be longer than http.message_wait_secs"));
+        }
+        for (index, origin) in self.http.cors_allowed_origins.iter().enumerate() {
+            check_url(&format!("http.cors_allowed_origins[{index}]"), origin, &["http", "https"])?;
         }
         if self.http.stream_heartbeat_secs == 0 {
             return Err(invalid("http.stream_heartbeat_secs", "must be at least 1"));

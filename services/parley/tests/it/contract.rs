@@ -344,3 +344,55 @@ async fn bodies_over_the_limit_bad_input_and_spent_budgets_are_clear_errors() {
     assert_problem(status, &body, 429, "quota_exceeded");
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_are_compressed_except_streams_and_cors_and_hsts_are_configurable() {
+    let t = TestPlatform::start_with(
+        |config| {
+            config.http.cors_allowed_origins = vec!["https://app.example.com".to_owned()];
+            config.http.hsts = true;
+        },
+        &parley::Service::ALL,
+    )
+    .await;
+
+    for encoding in ["gzip", "br"] {
+        let response = t.http.get(t.url("/openapi.json")).header("accept-encoding", encoding).send().await.unwrap();
+        assert_eq!(response.headers()["content-encoding"], encoding);
+    }
+    let plain = t.http.get(t.url("/openapi.json")).send().await.unwrap();
+    assert!(!plain.headers().contains_key("content-encoding"));
+    assert_eq!(plain.headers()["strict-transport-security"], "max-age=31536000; includeSubDomains");
+
+    // A browser preflight from an allowed origin, and from another.
+    let preflight = |origin: &str| {
+        t.http
+            .request(reqwest::Method::OPTIONS, t.url("/v1/conversations"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization,content-type")
+            .send()
+    };
+    let allowed = preflight("https://app.example.com").await.unwrap();
+    assert_eq!(allowed.headers()["access-control-allow-origin"], "https://app.example.com");
+    let other = preflight("https://evil.example.com").await.unwrap();
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+
+    // Event streams are never compressed, even when the client accepts it.
+    let session = t.register("compress@example.com").await;
+    let conversation = t.create_conversation(&session, "stream").await;
+    let response = t
+        .http
+        .post(t.url(&format!("/v1/conversations/{conversation}/messages")))
+        .bearer_auth(&session.token)
+        .header("accept", "text/event-stream")
+        .header("accept-encoding", "gzip, br")
+        .json(&json!({"content": "no compression please"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(!response.headers().contains_key("content-encoding"));
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    drop(response);
+    t.stop().await;
+}
