@@ -142,7 +142,9 @@ impl Caller {
         let Ok(user_id) = Uuid::parse_str(&claims.sub) else {
             return Err(ApiError::unauthorized("invalid access token"));
         };
-        Ok(Caller { user_id, role: claims.role, tier: claims.tier })
+        let mut caller = Caller { user_id, role: claims.role, tier: claims.tier };
+        state.tier_overrides.apply(&mut caller);
+        Ok(caller)
     }
 }
 
@@ -261,6 +263,61 @@ impl ApiKeyCache {
                 _ = shutdown.cancelled() => break,
                 message = subscriber.next() => match message {
                     Some(message) => self.forget(&String::from_utf8_lossy(&message.payload)),
+                    None => break,
+                },
+            }
+        }
+    }
+}
+
+/// Tier changes announced since tokens were issued, by user. An entry lives as long as a token issued
+/// before the change can (an access token's lifetime), after which tokens carry the new tier anyway.
+pub struct TierOverrides {
+    lifetime: Duration,
+    entries: std::sync::Mutex<HashMap<Uuid, (String, Instant)>>,
+}
+
+impl TierOverrides {
+    pub fn new(lifetime: Duration) -> Self {
+        Self { lifetime, entries: std::sync::Mutex::new(HashMap::new()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (String, Instant)>> {
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn apply(&self, caller: &mut Caller) {
+        if let Some((tier, at)) = self.lock().get(&caller.user_id)
+            && at.elapsed() < self.lifetime
+        {
+            caller.tier = tier.clone();
+        }
+    }
+
+    pub fn record(&self, change: &parley_platform::events::TierChanged) {
+        let mut entries = self.lock();
+        entries.retain(|_, (_, at)| at.elapsed() < self.lifetime);
+        entries.insert(change.user_id, (change.tier.clone(), Instant::now()));
+    }
+
+    /// Records tier changes as they are announced on `subject`, until `shutdown`.
+    pub async fn follow(self: Arc<Self>, nats: async_nats::Client, subject: String, shutdown: CancellationToken) {
+        use futures::StreamExt;
+        let mut subscriber = match nats.subscribe(subject).await {
+            Ok(subscriber) => subscriber,
+            Err(error) => {
+                tracing::error!(%error, "cannot follow tier changes; they apply with the next token instead");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                message = subscriber.next() => match message {
+                    Some(message) => match serde_json::from_slice(&message.payload) {
+                        Ok(change) => self.record(&change),
+                        Err(error) => tracing::warn!(%error, "unreadable tier change"),
+                    },
                     None => break,
                 },
             }

@@ -49,6 +49,7 @@ pub struct AppState {
     keys: Arc<auth::KeyCache>,
     api_keys: Arc<auth::ApiKeyCache>,
     limiter: Arc<limits::RateLimiter>,
+    tier_overrides: Arc<auth::TierOverrides>,
     readiness: Arc<Readiness>,
     events_stream: Arc<tokio::sync::OnceCell<async_nats::jetstream::stream::Stream>>,
     /// Cancelled when the gateway shuts down: open event streams end so clients reconnect elsewhere.
@@ -70,9 +71,11 @@ impl AppState {
             &config.redis.key_prefix,
             config.http.expected_gateway_replicas,
         ));
+        let token_lifetime = std::time::Duration::from_secs(config.auth.access_token_ttl_secs.max(0) as u64 + 60);
         Self {
             api_keys,
             limiter,
+            tier_overrides: Arc::new(auth::TierOverrides::new(token_lifetime)),
             config,
             backends,
             nats,
@@ -137,6 +140,11 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
 pub async fn serve(mut state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     state.shutdown = shutdown.clone();
     let refresher = tokio::spawn(state.keys.clone().run_refresher(shutdown.clone()));
+    let tier_changes = tokio::spawn(state.tier_overrides.clone().follow(
+        state.nats.clone(),
+        state.names.tier_changes_subject(),
+        shutdown.clone(),
+    ));
     let revocations = tokio::spawn(state.api_keys.clone().follow_revocations(
         state.nats.clone(),
         state.names.api_key_revocations_subject(),
@@ -147,6 +155,7 @@ pub async fn serve(mut state: AppState, listener: TcpListener, shutdown: Cancell
     shutdown.cancel();
     refresher.await?;
     revocations.await?;
+    tier_changes.await?;
     served?;
     Ok(())
 }

@@ -215,12 +215,13 @@ async fn fake_llm(args: FakeLlmArgs) -> anyhow::Result<()> {
 /// Runs the user service's own handlers in-process, so the command line follows the API's rules.
 async fn admin(command: AdminCommand) -> anyhow::Result<()> {
     let config = Arc::new(Config::load()?);
+    let users_config = config.clone();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .acquire_timeout(Duration::from_secs(5))
         .connect(&config.database.url)
         .await
         .context("failed to connect to postgres")?;
-    let users = parley_user::build(config, pool).await?;
+    let users = parley_user::build(users_config, pool).await?;
     let user = match command {
         AdminCommand::SetRole { email, role } => {
             let request = SetRoleRequest { email, user_id: String::new(), role, actor_id: String::new() };
@@ -238,6 +239,27 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
     };
     let user = user.map_err(|status| anyhow::anyhow!("{}", parley_platform::ServiceError::from(status).message))?;
     let user = user.into_inner();
+    announce_tier(&config, &user).await;
     println!("{}: role {}, tier {}", user.email, user.role, user.tier);
     Ok(())
+}
+
+/// Tells running gateways about the account's tier, so a change applies on its next request. Best
+/// effort: without NATS the change applies with the user's next token.
+async fn announce_tier(config: &Config, user: &parley_proto::user::v1::User) {
+    let Ok(user_id) = uuid::Uuid::parse_str(&user.id) else {
+        return;
+    };
+    let names = parley_platform::nats::Names::new(&config.nats.prefix);
+    let change = parley_platform::events::TierChanged { user_id, tier: user.tier.clone() };
+    let connect =
+        async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)).connect(&config.nats.url);
+    let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(3), connect).await else {
+        eprintln!("note: NATS unreachable; the change applies with the user's next access token");
+        return;
+    };
+    if let Ok(payload) = serde_json::to_vec(&change) {
+        let _sent = client.publish(names.tier_changes_subject(), payload.into()).await;
+        let _flushed = client.flush().await;
+    }
 }

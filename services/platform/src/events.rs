@@ -73,3 +73,10 @@ pub enum MessageEvent {
     Completed { message_id: Uuid },
     Failed { message_id: Uuid, code: String, detail: String },
 }
+
+/// A user's tier changed: gateways apply it at once, ahead of the claims in tokens issued before.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TierChanged {
+    pub user_id: Uuid,
+    pub tier: String,
+}

@@ -34,6 +34,11 @@ impl Names {
         format!("{}.identity.api-keys.revoked", self.prefix)
     }
 
+    /// Core NATS subject on which tier changes are announced to every gateway (`{"user_id", "tier"}`).
+    pub fn tier_changes_subject(&self) -> String {
+        format!("{}.identity.tier-changed", self.prefix)
+    }
+
     /// Every stream of this deployment (for tests that clean up after themselves).
     pub fn all_streams(&self) -> [String; 4] {
         [self.jobs_stream(), self.usage_stream(), self.events_stream(), self.dead_jobs_stream()]

@@ -153,3 +153,51 @@ async fn the_monthly_budget_binds_too() {
     assert_problem(status, &body, 429, "quota_exceeded");
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admins_tier_change_applies_on_the_next_request() {
+    let mut t = TestPlatform::start_with(
+        |config| {
+            config.agent.max_output_tokens = 10;
+            config.tiers.get_mut("free").unwrap().tokens_per_day = 20;
+            config.auth.admin_emails = vec!["boss@example.com".to_owned()];
+        },
+        &Service::ALL,
+    )
+    .await;
+    let other_gateway = t.launch(&[Service::Gateway]).await.unwrap();
+    let boss = t.register("boss@example.com").await;
+    let user = t.register("upgrade@example.com").await;
+    // The free budget (20 tokens) allows one exchange of about 11 tokens, not two.
+    assert_eq!(send_in_new_conversation(&t, &user, &t.base).await, StatusCode::OK);
+    assert_eq!(send_in_new_conversation(&t, &user, &t.base).await, StatusCode::TOO_MANY_REQUESTS);
+
+    let response = t
+        .http
+        .put(t.url(&format!("/v1/admin/users/{}/tier", user.user_id)))
+        .bearer_auth(&boss.token)
+        .json(&json!({"tier": "pro"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // The same (old) access token, on either gateway: the pro budget applies at once.
+    eventually("the tier change to reach every gateway", Duration::from_secs(1), || async {
+        (send_in_new_conversation(&t, &user, &other_gateway).await == StatusCode::OK).then_some(())
+    })
+    .await;
+    assert_eq!(send_in_new_conversation(&t, &user, &t.base).await, StatusCode::OK);
+    t.stop().await;
+}
+
+async fn send_in_new_conversation(t: &TestPlatform, user: &crate::harness::Session, base: &str) -> StatusCode {
+    let conversation = t.create_conversation(user, "a fresh thread").await;
+    t.http
+        .post(format!("{base}/v1/conversations/{conversation}/messages"))
+        .bearer_auth(&user.token)
+        .json(&json!({"content": "x"}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
