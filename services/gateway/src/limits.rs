@@ -91,7 +91,8 @@ fn local_decision(tats: &mut HashMap<String, u64>, key: &str, limit: u32, now_ms
 pub const SIGNATURE_MEMORY: Duration = Duration::from_secs(600);
 
 pub struct RateLimiter {
-    client: Option<redis::Client>,
+    /// The Redis URL (checked at start), or none when it is invalid.
+    client: Option<String>,
     connection: AsyncMutex<(Option<redis::aio::ConnectionManager>, Option<Instant>)>,
     script: redis::Script,
     prefix: String,
@@ -105,7 +106,7 @@ pub struct RateLimiter {
 impl RateLimiter {
     pub fn new(redis_url: &str, prefix: &str, expected_replicas: u32) -> Self {
         let client = match redis::Client::open(redis_url) {
-            Ok(client) => Some(client),
+            Ok(_) => Some(redis_url.to_owned()),
             Err(error) => {
                 tracing::error!(%error, "invalid REDIS_URL: rate limits stay in memory");
                 None
@@ -134,8 +135,8 @@ impl RateLimiter {
             return None;
         }
         slot.1 = Some(Instant::now());
-        let client = self.client.as_ref()?;
-        match tokio::time::timeout(REDIS_TIMEOUT * 4, client.get_connection_manager()).await {
+        let client = self.client.clone()?;
+        match tokio::time::timeout(REDIS_TIMEOUT * 4, parley_platform::redis_pool::connect(&client)).await {
             Ok(Ok(connection)) => {
                 slot.0 = Some(connection.clone());
                 Some(connection)

@@ -167,8 +167,7 @@ impl Platform {
             None
         };
         let redis = if needs(&[Service::Quota, Service::Agent]) {
-            let client = redis::Client::open(config.redis.url.as_str()).context("invalid REDIS_URL")?;
-            match client.get_connection_manager().await {
+            match parley_platform::redis_pool::connect(&config.redis.url).await {
                 Ok(connection) => Some(connection),
                 // The agent only caches in Redis and can start without it; quota cannot.
                 Err(error) if !needs(&[Service::Quota]) => {

@@ -233,7 +233,13 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             return Ok(());
         }
         AdminCommand::SetTier { email, tier } => {
-            let request = SetTierRequest { email, user_id: String::new(), tier, actor_id: String::new() };
+            let request = SetTierRequest {
+                email,
+                user_id: String::new(),
+                tier,
+                actor_id: String::new(),
+                client_ip: String::new(),
+            };
             users.set_tier(tonic::Request::new(request)).await
         }
     };

@@ -13,6 +13,7 @@ pub mod events;
 pub mod grpc;
 pub mod health;
 pub mod nats;
+pub mod redis_pool;
 pub mod shutdown;
 pub mod telemetry;
 pub mod timestamps;

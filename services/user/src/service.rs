@@ -333,7 +333,9 @@ impl pb::user_service_server::UserService for UserService {
             .map_err(UserError::from)?;
         tracing::info!(%user_id, api_key_id = %row.id, "API key created");
         let detail = serde_json::json!({"api_key_id": row.id, "name": row.name});
-        self.storage.audit(AuditEvent::new("api_key_created").user(user_id).detail(detail)).await;
+        self.storage
+            .audit(AuditEvent::new("api_key_created").user(user_id).ip(&request.client_ip).detail(detail))
+            .await;
         Ok(Response::new(pb::CreatedApiKey { api_key: Some(api_key_to_proto(row)), key, signing_secret }))
     }
 
@@ -358,7 +360,9 @@ impl pb::user_service_server::UserService for UserService {
         }
         tracing::info!(%user_id, api_key_id = %request.api_key_id, "API key revoked");
         let detail = serde_json::json!({"api_key_id": request.api_key_id});
-        self.storage.audit(AuditEvent::new("api_key_revoked").user(user_id).detail(detail)).await;
+        self.storage
+            .audit(AuditEvent::new("api_key_revoked").user(user_id).ip(&request.client_ip).detail(detail))
+            .await;
         Ok(Response::new(pb::RevokeApiKeyResponse {}))
     }
 
@@ -399,6 +403,7 @@ impl pb::user_service_server::UserService for UserService {
         tracing::info!(user_id = %updated.id, tier = %updated.tier, "tier changed");
         let mut event = AuditEvent::new("tier_changed")
             .user(updated.id)
+            .ip(&request.client_ip)
             .detail(serde_json::json!({"from": user.tier, "to": updated.tier}));
         event.actor_id = Uuid::parse_str(&request.actor_id).ok();
         self.storage.audit(event).await;

@@ -10,6 +10,7 @@ use parley_proto::user::v1 as pb;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::ClientIp;
 use crate::AppState;
 use crate::auth::Caller;
 use crate::problem::{ApiJson, ApiResult, Problem};
@@ -71,12 +72,14 @@ impl From<pb::ApiKey> for ApiKeyView {
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
+    ClientIp(client_ip): ClientIp,
     ApiJson(body): ApiJson<CreateApiKeyBody>,
 ) -> ApiResult<Response> {
     let request = pb::CreateApiKeyRequest {
         user_id: caller.user_id.to_string(),
         name: body.name,
         require_signature: body.require_signature,
+        client_ip,
     };
     let created = state.backends.user.clone().create_api_key(request).await?.into_inner();
     let key = created.api_key.unwrap_or_default();
@@ -103,8 +106,13 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
 /// Revoke an API key; every gateway refuses it from then on.
 #[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "identity", security(("bearer" = [])),
     params(("id" = String, Path)), responses((status = 204), (status = 404, body = Problem)))]
-pub async fn revoke(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    let request = pb::RevokeApiKeyRequest { user_id: caller.user_id.to_string(), api_key_id: id.clone() };
+pub async fn revoke(
+    State(state): State<AppState>,
+    caller: Caller,
+    ClientIp(client_ip): ClientIp,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let request = pb::RevokeApiKeyRequest { user_id: caller.user_id.to_string(), api_key_id: id.clone(), client_ip };
     state.backends.user.clone().revoke_api_key(request).await?;
     state.api_keys.forget(&id);
     if let Err(error) = state.nats.publish(state.names.api_key_revocations_subject(), id.into_bytes().into()).await {

@@ -104,6 +104,7 @@ pub async fn jwks(State(state): State<AppState>) -> Response {
 pub async fn set_tier(
     State(state): State<AppState>,
     caller: Caller,
+    ClientIp(client_ip): ClientIp,
     Path(user_id): Path<String>,
     ApiJson(body): ApiJson<TierBody>,
 ) -> ApiResult<Json<UserView>> {
@@ -113,8 +114,13 @@ pub async fn set_tier(
     if uuid::Uuid::parse_str(&user_id).is_err() {
         return Err(ApiError::not_found("user"));
     }
-    let request =
-        pb::SetTierRequest { email: String::new(), user_id, tier: body.tier, actor_id: caller.user_id.to_string() };
+    let request = pb::SetTierRequest {
+        email: String::new(),
+        user_id,
+        tier: body.tier,
+        actor_id: caller.user_id.to_string(),
+        client_ip,
+    };
     let user = state.backends.user.clone().set_tier(request).await?.into_inner();
     announce_tier_change(&state, &user).await;
     Ok(Json(UserView::from(user)))

@@ -201,3 +201,47 @@ async fn send_in_new_conversation(t: &TestPlatform, user: &crate::harness::Sessi
         .unwrap()
         .status()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_budgets_turn_conservative_never_unlimited() {
+    let redis = crate::rate_limits::OwnRedis::start(None).await;
+    let url = redis.url();
+    let t = TestPlatform::start_with(
+        |config| {
+            config.redis.url = url.clone();
+            config.agent.max_output_tokens = 10;
+            config.tiers.get_mut("free").unwrap().tokens_per_day = 100;
+        },
+        &Service::ALL,
+    )
+    .await;
+    let user = t.register("no-redis@example.com").await;
+    redis.stop();
+
+    // Sends go on, answered from the ledger against 80% of the budget, until that share is spent:
+    // then refused, at the gateway (429) or by the agent's exact reservation (failed, quota_exceeded).
+    let mut completed = 0;
+    let mut refused = 0;
+    for _ in 0..12 {
+        let conversation = t.create_conversation(&user, "no redis").await;
+        let (status, exchange) =
+            t.post(&user, &format!("/v1/conversations/{conversation}/messages"), json!({"content": "x"})).await;
+        match (status, exchange["assistant_message"]["status"].as_str()) {
+            (StatusCode::OK, Some("completed")) => completed += 1,
+            (StatusCode::OK, Some("failed")) => {
+                assert_eq!(exchange["assistant_message"]["error"]["code"], "quota_exceeded");
+                refused += 1;
+            }
+            (StatusCode::TOO_MANY_REQUESTS, _) => refused += 1,
+            other => panic!("unexpected {other:?}: {exchange}"),
+        }
+    }
+    assert!(completed >= 3, "sends still work without redis: {completed}");
+    assert!(refused >= 3, "but never without limit: {refused}");
+    let charged = ledger_total(&t, &user.user_id).await;
+    assert!(charged <= 80, "within the conservative share of 100: {charged}");
+    let (_, usage) = t.get(&user, "/v1/usage").await;
+    assert_eq!(usage["budget"]["degraded"], true, "{usage}");
+    assert_eq!(usage["budget"]["day"]["limit"], 80);
+    t.stop().await;
+}

@@ -72,13 +72,13 @@ async fn unauthenticated_routes_are_limited_per_address() {
 }
 
 /// A Redis of this test's own, so stopping it disturbs no other test.
-struct OwnRedis {
+pub struct OwnRedis {
     port: u16,
     child: Child,
 }
 
 impl OwnRedis {
-    async fn start(port: Option<u16>) -> Self {
+    pub async fn start(port: Option<u16>) -> Self {
         let port =
             port.unwrap_or_else(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
         let child = Command::new("redis-server")
@@ -93,11 +93,11 @@ impl OwnRedis {
         Self { port, child }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn stop(mut self) -> u16 {
+    pub fn stop(mut self) -> u16 {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.port
