@@ -113,6 +113,12 @@ fn check_config() -> anyhow::Result<()> {
     println!("  models: {}", config.models.keys().cloned().collect::<Vec<_>>().join(", "));
     println!("  default model: {}", config.default_model);
     println!("  tiers: {}", config.tiers.keys().cloned().collect::<Vec<_>>().join(", "));
+    if config.auth.secrets_key == parley_platform::config::DEVELOPMENT_SECRETS_KEY {
+        println!("warning: PARLEY_SECRETS_KEY is the development default; set your own in production");
+    }
+    if config.chat.cursor_secret == parley_platform::config::ChatConfig::default().cursor_secret {
+        println!("warning: PARLEY_CURSOR_SECRET is the development default; set your own in production");
+    }
     Ok(())
 }
 

@@ -52,6 +52,27 @@ impl QuotaService {
         }
     }
 
+    /// Writes a charge to the ledger; false when a charge with this reference was already recorded.
+    async fn record_charge(
+        &self,
+        reference_id: &str,
+        user_id: Uuid,
+        day: Date,
+        tokens: i64,
+    ) -> Result<bool, QuotaError> {
+        let result = sqlx::query(
+            "INSERT INTO quota.ledger (reference_id, user_id, day, tokens) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (reference_id) DO NOTHING",
+        )
+        .bind(reference_id)
+        .bind(user_id)
+        .bind(day)
+        .bind(tokens)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     fn keys(&self, user_id: Uuid, day: Date) -> Keys {
         let prefix = &self.config.redis.key_prefix;
         let (reserved, reserved_until) = budget::reservation_keys(prefix, user_id);
@@ -262,20 +283,8 @@ impl pb::quota_service_server::QuotaService for QuotaService {
             return Err(QuotaError::from(ServiceError::invalid_field("tokens", "cannot be negative")).into());
         }
         let day = budget::current_day(OffsetDateTime::now_utc());
-        let charged = request.tokens > 0
-            && sqlx::query(
-                "INSERT INTO quota.ledger (reference_id, user_id, day, tokens) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (reference_id) DO NOTHING",
-            )
-            .bind(&request.reservation_id)
-            .bind(user_id)
-            .bind(day)
-            .bind(request.tokens)
-            .execute(&self.pool)
-            .await
-            .map_err(QuotaError::from)?
-            .rows_affected()
-                == 1;
+        let charged =
+            request.tokens > 0 && self.record_charge(&request.reservation_id, user_id, day, request.tokens).await?;
         let keys = self.keys(user_id, day);
         let mut redis = self.redis.clone();
         let mut invocation = self.scripts.settle.key(&keys.day);
@@ -367,19 +376,7 @@ impl pb::quota_service_server::QuotaService for QuotaService {
             return Err(QuotaError::from(ServiceError::invalid_field("reference_id", "is required")).into());
         }
         let day = budget::current_day(OffsetDateTime::now_utc());
-        let inserted = sqlx::query(
-            "INSERT INTO quota.ledger (reference_id, user_id, day, tokens) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (reference_id) DO NOTHING",
-        )
-        .bind(&request.reference_id)
-        .bind(user_id)
-        .bind(day)
-        .bind(request.tokens)
-        .execute(&self.pool)
-        .await
-        .map_err(QuotaError::from)?
-        .rows_affected()
-            == 1;
+        let inserted = self.record_charge(&request.reference_id, user_id, day, request.tokens).await?;
         if inserted {
             let key = budget::counter_key(&self.config.redis.key_prefix, user_id, day);
             let mut redis = self.redis.clone();
