@@ -43,8 +43,8 @@ impl UserService {
     /// Loads the newest signing key, creating the first one on a fresh database.
     pub async fn new(config: Arc<Config>, pool: PgPool) -> Result<Self, UserError> {
         let storage = Storage::new(pool);
-        let active = load_or_create_active_key(&storage).await?;
         let sealer = Arc::new(Sealer::new(&config.auth.secrets_key)?);
+        let active = load_or_create_active_key(&storage, &sealer).await?;
         Ok(Self { config, storage, active_key: Arc::new(RwLock::new(Arc::new(active))), sealer })
     }
 
@@ -57,7 +57,8 @@ impl UserService {
                 if cached.kid() == row.kid {
                     return Ok(cached);
                 }
-                let key = Arc::new(ActiveKey::from_pkcs8(row.kid, &row.private_key)?);
+                let private_key = private_key_of(&self.sealer, &row)?;
+                let key = Arc::new(ActiveKey::from_pkcs8(row.kid, &private_key)?);
                 *self.active_key.write().await = key.clone();
                 Ok(key)
             }
@@ -71,7 +72,8 @@ impl UserService {
         let key = signing::generate()?;
         let activate_in = time::Duration::try_from(activate_in).unwrap_or(time::Duration::ZERO);
         let lifetime = time::Duration::seconds(self.config.auth.access_token_ttl_secs) + VERIFY_LEEWAY;
-        self.storage.rotate_signing_key(&key.kid, &key.private_pkcs8, &key.public_key, activate_in, lifetime).await?;
+        let sealed = self.sealer.seal(&key.private_pkcs8)?;
+        self.storage.rotate_signing_key(&key.kid, &sealed, &key.public_key, activate_in, lifetime).await?;
         let detail = serde_json::json!({"kid": key.kid, "activates_in_secs": activate_in.whole_seconds()});
         self.storage.audit(AuditEvent::new("signing_key_rotated").detail(detail)).await;
         tracing::info!(kid = %key.kid, "signing key rotated");
@@ -122,15 +124,25 @@ impl UserService {
     }
 }
 
-async fn load_or_create_active_key(storage: &Storage) -> Result<ActiveKey, UserError> {
+/// Seals keys stored in clear by earlier versions, creates the first key on a fresh database, and
+/// loads the newest.
+async fn load_or_create_active_key(storage: &Storage, sealer: &Sealer) -> Result<ActiveKey, UserError> {
+    for (kid, private_key) in storage.unsealed_signing_keys().await? {
+        storage.seal_signing_key(&kid, &sealer.seal(&private_key)?).await?;
+        tracing::info!(%kid, "sealed a signing key stored in clear");
+    }
     if storage.signing_keys().await?.is_empty() {
         let key = signing::generate()?;
-        storage.insert_signing_key(&key.kid, &key.private_pkcs8, &key.public_key).await?;
+        storage.insert_signing_key(&key.kid, &sealer.seal(&key.private_pkcs8)?, &key.public_key).await?;
         tracing::info!(kid = %key.kid, "created the first access-token signing key");
     }
     let keys = storage.signing_keys().await?;
     let newest = keys.first().ok_or_else(|| UserError::SigningKey("no signing key after creating one".into()))?;
-    ActiveKey::from_pkcs8(newest.kid.clone(), &newest.private_key)
+    ActiveKey::from_pkcs8(newest.kid.clone(), &private_key_of(sealer, newest)?)
+}
+
+fn private_key_of(sealer: &Sealer, row: &crate::storage::SigningKeyRow) -> Result<Vec<u8>, UserError> {
+    if row.private_key_sealed { sealer.open(&row.private_key) } else { Ok(row.private_key.clone()) }
 }
 
 /// A new random secret with `prefix`, and its hash.

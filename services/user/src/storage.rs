@@ -41,6 +41,7 @@ pub struct SigningKeyRow {
     pub kid: String,
     pub private_key: Vec<u8>,
     pub public_key: Vec<u8>,
+    pub private_key_sealed: bool,
 }
 
 /// One security event for the audit log.
@@ -315,17 +316,36 @@ impl Storage {
     /// Published signing keys (not yet retired), newest first.
     pub async fn signing_keys(&self) -> Result<Vec<SigningKeyRow>, sqlx::Error> {
         sqlx::query_as::<_, SigningKeyRow>(
-            "SELECT kid, private_key, public_key FROM identity.signing_keys
+            "SELECT kid, private_key, public_key, private_key_sealed FROM identity.signing_keys
              WHERE retired_at IS NULL OR retired_at > now() ORDER BY created_at DESC, kid",
         )
         .fetch_all(&self.pool)
         .await
     }
 
+    /// Private keys stored before sealing existed, to seal them.
+    pub async fn unsealed_signing_keys(&self) -> Result<Vec<(String, Vec<u8>)>, sqlx::Error> {
+        sqlx::query_as("SELECT kid, private_key FROM identity.signing_keys WHERE NOT private_key_sealed")
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    pub async fn seal_signing_key(&self, kid: &str, sealed: &[u8]) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE identity.signing_keys SET private_key = $2, private_key_sealed = true
+             WHERE kid = $1 AND NOT private_key_sealed",
+        )
+        .bind(kid)
+        .bind(sealed)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// The key that signs now: the newest one already active.
     pub async fn active_signing_key(&self) -> Result<Option<SigningKeyRow>, sqlx::Error> {
         sqlx::query_as::<_, SigningKeyRow>(
-            "SELECT kid, private_key, public_key FROM identity.signing_keys
+            "SELECT kid, private_key, public_key, private_key_sealed FROM identity.signing_keys
              WHERE activates_at <= now() AND (retired_at IS NULL OR retired_at > now())
              ORDER BY activates_at DESC, created_at DESC LIMIT 1",
         )
@@ -353,8 +373,8 @@ impl Storage {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO identity.signing_keys (kid, algorithm, private_key, public_key, activates_at)
-             VALUES ($1, 'EdDSA', $2, $3, now() + $4)",
+            "INSERT INTO identity.signing_keys (kid, algorithm, private_key, public_key, activates_at, private_key_sealed)
+             VALUES ($1, 'EdDSA', $2, $3, now() + $4, true)",
         )
         .bind(kid)
         .bind(private_key)
@@ -405,7 +425,8 @@ impl Storage {
         public_key: &[u8],
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO identity.signing_keys (kid, algorithm, private_key, public_key) VALUES ($1, 'EdDSA', $2, $3)
+            "INSERT INTO identity.signing_keys (kid, algorithm, private_key, public_key, private_key_sealed)
+             VALUES ($1, 'EdDSA', $2, $3, true)
              ON CONFLICT (kid) DO NOTHING",
         )
         .bind(kid)

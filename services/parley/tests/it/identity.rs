@@ -73,9 +73,14 @@ async fn expired_and_misaddressed_tokens_are_refused_even_when_properly_signed()
     let t = TestPlatform::start().await;
     let session = t.register("claims@example.com").await;
     let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
-    let (kid, private_key): (String, Vec<u8>) =
-        sqlx::query_as("SELECT kid, private_key FROM identity.signing_keys LIMIT 1").fetch_one(&pool).await.unwrap();
+    let (kid, sealed, sealed_flag): (String, Vec<u8>, bool) =
+        sqlx::query_as("SELECT kid, private_key, private_key_sealed FROM identity.signing_keys LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     pool.close().await;
+    assert!(sealed_flag, "private keys are stored sealed");
+    let private_key = open_sealed(&sealed);
     let key = EncodingKey::from_ed_der(&private_key);
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(kid);
@@ -198,4 +203,17 @@ async fn gateways_keep_verifying_tokens_while_the_user_service_is_down() {
     let (status, body) = login(&t, "steady@example.com", "correct horse battery").await;
     assert_problem(status, &body, 503, "unavailable");
     t.stop().await;
+}
+
+/// Opens a key sealed with the development secrets key (AES-256-GCM, nonce first), as the user service does.
+fn open_sealed(stored: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+    let secret =
+        base64::engine::general_purpose::STANDARD.decode(parley_platform::config::DEVELOPMENT_SECRETS_KEY).unwrap();
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &secret).unwrap());
+    let (nonce, sealed) = stored.split_at(12);
+    let mut buffer = sealed.to_vec();
+    let plain = key.open_in_place(Nonce::try_assume_unique_for_key(nonce).unwrap(), Aad::empty(), &mut buffer).unwrap();
+    plain.to_vec()
 }
