@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::IntoResponse;
@@ -146,10 +146,8 @@ const PER_IP_ROUTES: [&str; 3] = ["/v1/auth/register", "/v1/auth/login", "/v1/au
 pub async fn rate_limit(State(state): State<crate::AppState>, mut request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map(|path| path.as_str().to_owned()).unwrap_or_default();
     if PER_IP_ROUTES.contains(&route.as_str()) {
-        let ip = request
-            .extensions()
-            .get::<ConnectInfo<std::net::SocketAddr>>()
-            .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string());
+        let ip =
+            crate::routes::client_ip(request.headers(), request.extensions(), state.config.http.trusted_proxy_hops);
         let decision = state.limiter.check(&format!("ip:{ip}"), state.config.http.ip_requests_per_minute).await;
         if !decision.allowed {
             metrics::counter!("parley_ratelimit_rejections_total", "scope" => "ip").increment(1);

@@ -109,6 +109,9 @@ pub struct HttpConfig {
     pub cors_allowed_origins: Vec<String>,
     /// Send Strict-Transport-Security (when the gateway is served behind TLS).
     pub hsts: bool,
+    /// Proxies in front of the gateway that append to X-Forwarded-For (an ingress: 1). The client
+    /// address is the entry this many places from the right; 0 uses the TCP peer.
+    pub trusted_proxy_hops: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -393,6 +396,7 @@ impl Default for HttpConfig {
             request_timeout_secs: 75,
             cors_allowed_origins: Vec::new(),
             hsts: false,
+            trusted_proxy_hops: 0,
         }
     }
 }

@@ -159,3 +159,30 @@ async fn without_redis_limits_fall_back_to_each_replica_then_return_to_redis() {
     t.stop().await;
     redis.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_each_client_address_has_its_own_limit_and_cannot_be_spoofed() {
+    let t = TestPlatform::start_with(
+        |config| {
+            config.http.ip_requests_per_minute = 2;
+            config.http.trusted_proxy_hops = 1;
+        },
+        &Service::ALL,
+    )
+    .await;
+    let login = |forwarded_for: &str| {
+        t.http
+            .post(t.url("/v1/auth/login"))
+            .header("x-forwarded-for", forwarded_for)
+            .json(&json!({"email": "x@example.com", "password": "wrong password"}))
+            .send()
+    };
+    assert_eq!(login("203.0.113.1").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(login("203.0.113.1").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(login("203.0.113.1").await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+    // A forged entry on the left changes nothing: the proxy's entry (the rightmost) is the client.
+    assert_eq!(login("198.51.100.7, 203.0.113.1").await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+    // Another client behind the same proxy has its own allowance.
+    assert_eq!(login("203.0.113.2").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    t.stop().await;
+}
