@@ -143,7 +143,7 @@ impl Caller {
             return Err(ApiError::unauthorized("invalid access token"));
         };
         let mut caller = Caller { user_id, role: claims.role, tier: claims.tier };
-        state.tier_overrides.apply(&mut caller);
+        state.account_overrides.apply(&mut caller);
         Ok(caller)
     }
 }
@@ -270,43 +270,52 @@ impl ApiKeyCache {
     }
 }
 
-/// Tier changes announced since tokens were issued, by user. An entry lives as long as a token issued
+/// Tier and role changes announced since tokens were issued, by user. An entry lives as long as a token issued
 /// before the change can (an access token's lifetime), after which tokens carry the new tier anyway.
-pub struct TierOverrides {
+pub struct AccountOverrides {
     lifetime: Duration,
-    entries: std::sync::Mutex<HashMap<Uuid, (String, Instant)>>,
+    entries: std::sync::Mutex<HashMap<Uuid, (AccountState, Instant)>>,
 }
 
-impl TierOverrides {
+/// An account's tier and role as last announced.
+#[derive(Debug, Clone)]
+struct AccountState {
+    tier: String,
+    role: String,
+}
+
+impl AccountOverrides {
     pub fn new(lifetime: Duration) -> Self {
         Self { lifetime, entries: std::sync::Mutex::new(HashMap::new()) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (String, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (AccountState, Instant)>> {
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn apply(&self, caller: &mut Caller) {
-        if let Some((tier, at)) = self.lock().get(&caller.user_id)
+        if let Some((state, at)) = self.lock().get(&caller.user_id)
             && at.elapsed() < self.lifetime
         {
-            caller.tier = tier.clone();
+            caller.tier = state.tier.clone();
+            caller.role = state.role.clone();
         }
     }
 
-    pub fn record(&self, change: &parley_platform::events::TierChanged) {
+    pub fn record(&self, change: &parley_platform::events::AccountChanged) {
         let mut entries = self.lock();
         entries.retain(|_, (_, at)| at.elapsed() < self.lifetime);
-        entries.insert(change.user_id, (change.tier.clone(), Instant::now()));
+        let state = AccountState { tier: change.tier.clone(), role: change.role.clone() };
+        entries.insert(change.user_id, (state, Instant::now()));
     }
 
-    /// Records tier changes as they are announced on `subject`, until `shutdown`.
+    /// Records tier and role changes as they are announced on `subject`, until `shutdown`.
     pub async fn follow(self: Arc<Self>, nats: async_nats::Client, subject: String, shutdown: CancellationToken) {
         use futures::StreamExt;
         let mut subscriber = match nats.subscribe(subject).await {
             Ok(subscriber) => subscriber,
             Err(error) => {
-                tracing::error!(%error, "cannot follow tier changes; they apply with the next token instead");
+                tracing::error!(%error, "cannot follow account changes; they apply with the next token instead");
                 return;
             }
         };
@@ -316,7 +325,7 @@ impl TierOverrides {
                 message = subscriber.next() => match message {
                     Some(message) => match serde_json::from_slice(&message.payload) {
                         Ok(change) => self.record(&change),
-                        Err(error) => tracing::warn!(%error, "unreadable tier change"),
+                        Err(error) => tracing::warn!(%error, "unreadable account change"),
                     },
                     None => break,
                 },

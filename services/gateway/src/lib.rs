@@ -49,7 +49,7 @@ pub struct AppState {
     keys: Arc<auth::KeyCache>,
     api_keys: Arc<auth::ApiKeyCache>,
     limiter: Arc<limits::RateLimiter>,
-    tier_overrides: Arc<auth::TierOverrides>,
+    account_overrides: Arc<auth::AccountOverrides>,
     readiness: Arc<Readiness>,
     events_stream: Arc<tokio::sync::OnceCell<async_nats::jetstream::stream::Stream>>,
     /// Cancelled when the gateway shuts down: open event streams end so clients reconnect elsewhere.
@@ -75,7 +75,7 @@ impl AppState {
         Self {
             api_keys,
             limiter,
-            tier_overrides: Arc::new(auth::TierOverrides::new(token_lifetime)),
+            account_overrides: Arc::new(auth::AccountOverrides::new(token_lifetime)),
             config,
             backends,
             nats,
@@ -140,9 +140,9 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
 pub async fn serve(mut state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     state.shutdown = shutdown.clone();
     let refresher = tokio::spawn(state.keys.clone().run_refresher(shutdown.clone()));
-    let tier_changes = tokio::spawn(state.tier_overrides.clone().follow(
+    let account_changes = tokio::spawn(state.account_overrides.clone().follow(
         state.nats.clone(),
-        state.names.tier_changes_subject(),
+        state.names.account_changes_subject(),
         shutdown.clone(),
     ));
     let revocations = tokio::spawn(state.api_keys.clone().follow_revocations(
@@ -155,7 +155,7 @@ pub async fn serve(mut state: AppState, listener: TcpListener, shutdown: Cancell
     shutdown.cancel();
     refresher.await?;
     revocations.await?;
-    tier_changes.await?;
+    account_changes.await?;
     served?;
     Ok(())
 }

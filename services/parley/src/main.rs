@@ -251,19 +251,19 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
     };
     let user = user.map_err(|status| anyhow::anyhow!("{}", parley_platform::ServiceError::from(status).message))?;
     let user = user.into_inner();
-    announce_tier(&config, &user).await;
+    announce_account(&config, &user).await;
     println!("{}: role {}, tier {}", user.email, user.role, user.tier);
     Ok(())
 }
 
 /// Tells running gateways about the account's tier, so a change applies on its next request. Best
 /// effort: without NATS the change applies with the user's next token.
-async fn announce_tier(config: &Config, user: &parley_proto::user::v1::User) {
+async fn announce_account(config: &Config, user: &parley_proto::user::v1::User) {
     let Ok(user_id) = uuid::Uuid::parse_str(&user.id) else {
         return;
     };
     let names = parley_platform::nats::Names::new(&config.nats.prefix);
-    let change = parley_platform::events::TierChanged { user_id, tier: user.tier.clone() };
+    let change = parley_platform::events::AccountChanged { user_id, tier: user.tier.clone(), role: user.role.clone() };
     let connect =
         async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)).connect(&config.nats.url);
     let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(3), connect).await else {
@@ -271,7 +271,7 @@ async fn announce_tier(config: &Config, user: &parley_proto::user::v1::User) {
         return;
     };
     if let Ok(payload) = serde_json::to_vec(&change) {
-        let _sent = client.publish(names.tier_changes_subject(), payload.into()).await;
+        let _sent = client.publish(names.account_changes_subject(), payload.into()).await;
         let _flushed = client.flush().await;
     }
 }

@@ -74,9 +74,11 @@ pub enum MessageEvent {
     Failed { message_id: Uuid, code: String, detail: String },
 }
 
-/// A user's tier changed: gateways apply it at once, ahead of the claims in tokens issued before.
+/// A user's tier or role changed: gateways apply them at once, ahead of the claims in tokens issued
+/// before the change.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TierChanged {
+pub struct AccountChanged {
     pub user_id: Uuid,
     pub tier: String,
+    pub role: String,
 }

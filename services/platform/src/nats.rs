@@ -34,9 +34,9 @@ impl Names {
         format!("{}.identity.api-keys.revoked", self.prefix)
     }
 
-    /// Core NATS subject on which tier changes are announced to every gateway (`{"user_id", "tier"}`).
-    pub fn tier_changes_subject(&self) -> String {
-        format!("{}.identity.tier-changed", self.prefix)
+    /// Core NATS subject on which tier and role changes are announced to every gateway.
+    pub fn account_changes_subject(&self) -> String {
+        format!("{}.identity.account-changed", self.prefix)
     }
 
     /// Every stream of this deployment (for tests that clean up after themselves).

@@ -122,20 +122,20 @@ pub async fn set_tier(
         client_ip,
     };
     let user = state.backends.user.clone().set_tier(request).await?.into_inner();
-    announce_tier_change(&state, &user).await;
+    announce_account_change(&state, &user).await;
     Ok(Json(UserView::from(user)))
 }
 
 /// Tells every gateway, so the change applies on the user's next request, not their next token.
-async fn announce_tier_change(state: &AppState, user: &pb::User) {
+async fn announce_account_change(state: &AppState, user: &pb::User) {
     let Ok(user_id) = uuid::Uuid::parse_str(&user.id) else {
         return;
     };
-    let change = parley_platform::events::TierChanged { user_id, tier: user.tier.clone() };
+    let change = parley_platform::events::AccountChanged { user_id, tier: user.tier.clone(), role: user.role.clone() };
     let Ok(payload) = serde_json::to_vec(&change) else {
         return;
     };
-    if let Err(error) = state.nats.publish(state.names.tier_changes_subject(), payload.into()).await {
-        tracing::warn!(%error, "could not announce a tier change; it applies with the user's next token");
+    if let Err(error) = state.nats.publish(state.names.account_changes_subject(), payload.into()).await {
+        tracing::warn!(%error, "could not announce an account change; it applies with the user's next token");
     }
 }

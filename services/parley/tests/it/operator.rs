@@ -20,7 +20,7 @@ fn parley(envs: &[(&str, &str)], args: &[&str]) -> std::process::Output {
 async fn migrate_is_idempotent_and_admin_commands_follow_the_api_rules() {
     let t = TestPlatform::start().await;
     let database = t.config.database.url.clone();
-    let env = [("DATABASE_URL", database.as_str())];
+    let env = [("DATABASE_URL", database.as_str()), ("PARLEY_NATS_PREFIX", t.config.nats.prefix.as_str())];
 
     // The platform already migrated this database; migrating again changes nothing and succeeds.
     for _ in 0..2 {
@@ -29,10 +29,24 @@ async fn migrate_is_idempotent_and_admin_commands_follow_the_api_rules() {
     }
 
     let session = t.register("operator@example.com").await;
+    let customer = t.register("early-customer@example.com").await;
+    let promote = |token: &str| {
+        t.http
+            .put(t.url(&format!("/v1/admin/users/{}/tier", customer.user_id)))
+            .bearer_auth(token.to_owned())
+            .json(&json!({"tier": "pro"}))
+            .send()
+    };
+    assert_eq!(promote(&session.token).await.unwrap().status(), StatusCode::FORBIDDEN);
     let output = parley(&env, &["admin", "set-tier", "--email", "operator@example.com", "--tier", "pro"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let output = parley(&env, &["admin", "set-role", "--email", "OPERATOR@example.com", "--role", "admin"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // The new role applies to the token issued before it, on the next request.
+    crate::harness::eventually("the role change to reach the gateway", std::time::Duration::from_secs(2), || async {
+        (promote(&session.token).await.unwrap().status() == StatusCode::OK).then_some(())
+    })
+    .await;
 
     // The same rules as the API: unknown tiers and roles are refused, naming what is wrong.
     let output = parley(&env, &["admin", "set-tier", "--email", "operator@example.com", "--tier", "platinum"]);
