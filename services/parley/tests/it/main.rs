@@ -8,6 +8,7 @@ mod api_keys;
 mod cache;
 mod context;
 mod contract;
+mod degraded;
 mod harness;
 mod identity;
 mod isolation;

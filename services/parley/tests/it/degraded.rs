@@ -1,0 +1,93 @@
+//! Degraded modes of shared/DESIGN.md that need a dependency to fail: NATS going away and coming back.
+
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use parley::Service;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::harness::{TestPlatform, eventually, read};
+
+/// A NATS server with JetStream of this test's own, so stopping it disturbs no other test.
+struct OwnNats {
+    port: u16,
+    store: std::path::PathBuf,
+    child: Child,
+}
+
+impl OwnNats {
+    async fn start(port: Option<u16>, store: Option<std::path::PathBuf>) -> Self {
+        let port =
+            port.unwrap_or_else(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+        let store = store
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("parley-nats-{}", uuid::Uuid::now_v7().simple())));
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server is installed by make test");
+        eventually("the test's NATS to answer", Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
+        })
+        .await;
+        Self { port, store, child }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(mut self) -> (u16, std::path::PathBuf) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        (self.port, self.store)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_sends_are_accepted_and_wait_in_the_outbox_until_it_returns() {
+    let nats = OwnNats::start(None, None).await;
+    let url = nats.url();
+    let t = TestPlatform::start_with(
+        |config| {
+            config.nats.url = url.clone();
+            config.http.message_wait_secs = 1;
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("no-nats@example.com").await;
+    let conversation = t.create_conversation(&session, "outage").await;
+
+    let (port, store) = nats.stop();
+    let (status, ready) = eventually("readiness to notice", Duration::from_secs(10), || async {
+        let (status, body) = read(t.http.get(t.url("/readyz")).send().await.ok()?).await;
+        (status == StatusCode::SERVICE_UNAVAILABLE).then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_ne!(ready["checks"]["nats"], "ok", "{ready}");
+
+    // The message is accepted (durable) and its job waits in the outbox.
+    let (status, exchange) = t
+        .post(&session, &format!("/v1/conversations/{conversation}/messages"), json!({"content": "during the outage"}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{exchange}");
+    let reply_id = exchange["assistant_message"]["id"].as_str().unwrap().to_owned();
+
+    // NATS returns: the job is relayed and answered, once.
+    let nats = OwnNats::start(Some(port), Some(store)).await;
+    let reply = eventually("the reply after NATS returns", Duration::from_secs(60), || async {
+        let (_, message) = t.get(&session, &format!("/v1/messages/{reply_id}")).await;
+        (message["status"] == "completed").then_some(message)
+    })
+    .await;
+    assert_eq!(reply["content"], parley_fake_llm::reply_for("during the outage"));
+    assert_eq!(t.fake.requests(), 1);
+    t.stop().await;
+    let (_, store) = nats.stop();
+    let _ = std::fs::remove_dir_all(store);
+}
