@@ -11,6 +11,7 @@ use parley_platform::nats::Names;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub struct Ingester {
     config: Arc<Config>,
@@ -62,7 +63,21 @@ impl Ingester {
                     continue;
                 }
             };
-            match self.store(&event).await {
+            // The event joins the trace of the reply it accounts for.
+            let span = tracing::info_span!(
+                "analytics.ingest",
+                service = "analytics",
+                event_id = %event.event_id,
+                trace_id = tracing::field::Empty,
+            );
+            if let Some(headers) = &message.headers {
+                parley_platform::telemetry::set_parent_from(
+                    &span,
+                    &parley_platform::telemetry::NatsHeaderReader(headers),
+                );
+            }
+            span.record("trace_id", parley_platform::telemetry::trace_id_of(&span));
+            match self.store(&event).instrument(span).await {
                 Ok(inserted) => {
                     if inserted {
                         metrics::counter!("parley_analytics_events_ingested_total").increment(1);

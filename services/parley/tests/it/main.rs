@@ -21,3 +21,4 @@ mod redelivery;
 mod resilience;
 mod signing;
 mod streaming;
+mod traces;
