@@ -183,14 +183,7 @@ const SIGNATURE_SKEW_SECS: i64 = 300;
 /// "\n" hex(SHA256(body))))` with `X-Parley-Timestamp`. A missing, stale (over 300 s), wrong or replayed
 /// signature is 401.
 pub async fn verify_signature(State(state): State<crate::AppState>, request: Request, next: Next) -> Response {
-    let key = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|token| token.starts_with("pk_"))
-        .map(str::to_owned);
+    let key = crate::auth::bearer_token(request.headers()).filter(|token| token.starts_with("pk_")).map(str::to_owned);
     let Some(key) = key else {
         return next.run(request).await;
     };

@@ -263,15 +263,12 @@ async fn announce_account(config: &Config, user: &parley_proto::user::v1::User) 
         return;
     };
     let names = parley_platform::nats::Names::new(&config.nats.prefix);
-    let change = parley_platform::events::AccountChanged { user_id, tier: user.tier.clone(), role: user.role.clone() };
     let connect =
         async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)).connect(&config.nats.url);
     let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(3), connect).await else {
         eprintln!("note: NATS unreachable; the change applies with the user's next access token");
         return;
     };
-    if let Ok(payload) = serde_json::to_vec(&change) {
-        let _sent = client.publish(names.account_changes_subject(), payload.into()).await;
-        let _flushed = client.flush().await;
-    }
+    let _sent = parley_platform::nats::announce_account_change(&client, &names, user_id, &user.tier, &user.role).await;
+    let _flushed = client.flush().await;
 }

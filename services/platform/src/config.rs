@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-/// Every environment variable Parley reads, with what it sets. The README's table comes from here.
+/// Every environment variable Parley reads, with what it sets. A test keeps the README's table in step.
 pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
     ("PARLEY_CONFIG", "path to the TOML file with structured settings (providers, models, tiers)"),
     ("DATABASE_URL", "PostgreSQL primary, e.g. postgres://parley@127.0.0.1:5432/parley"),
@@ -860,6 +860,14 @@ mod tests {
         assert_eq!(config.database.replica_urls, vec!["postgres://r1/db", "postgres://r2/db"]);
         assert_eq!(config.auth.admin_emails.len(), 2);
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn the_readme_documents_every_environment_variable() {
+        let readme = include_str!("../../../README.md");
+        for (name, _) in ENVIRONMENT_VARIABLES {
+            assert!(readme.contains(&format!("`{name}`")), "README.md does not document {name}");
+        }
     }
 
     #[test]

@@ -37,11 +37,6 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_))
 }
 
-/// Whether a database error is a unique-constraint violation.
-pub fn is_unique_violation(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
-}
-
 /// Creates the database named in `url` when it does not exist yet (for `parley dev` and tests on a
 /// fresh machine), connecting to the server's `postgres` database to do it.
 pub async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {

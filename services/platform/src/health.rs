@@ -51,15 +51,6 @@ impl Readiness {
         self
     }
 
-    pub fn merge(mut self, other: Readiness) -> Self {
-        for (name, check) in other.checks {
-            if !self.checks.iter().any(|(existing, _)| *existing == name) {
-                self.checks.push((name, check));
-            }
-        }
-        self
-    }
-
     /// Runs every check concurrently; the map holds "ok" or the failure for each.
     pub async fn check(&self) -> (bool, BTreeMap<String, String>) {
         let runs = self.checks.iter().map(|(name, check)| {

@@ -86,6 +86,20 @@ impl Names {
     }
 }
 
+/// Announces an account's current tier and role to every gateway, which apply them over the claims
+/// of tokens issued before (core NATS: a gateway that misses it catches up with the user's next token).
+pub async fn announce_account_change(
+    client: &async_nats::Client,
+    names: &Names,
+    user_id: Uuid,
+    tier: &str,
+    role: &str,
+) -> Result<(), async_nats::Error> {
+    let change = crate::events::AccountChanged { user_id, tier: tier.to_owned(), role: role.to_owned() };
+    client.publish(names.account_changes_subject(), serde_json::to_vec(&change)?.into()).await?;
+    Ok(())
+}
+
 /// How long a message's events stay replayable. A client that reconnects later still gets the stored
 /// reply in its `message.completed` event.
 pub const EVENTS_RETENTION: Duration = Duration::from_secs(3600);

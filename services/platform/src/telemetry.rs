@@ -59,7 +59,11 @@ pub fn init(service_name: &str, config: &TelemetryConfig) -> anyhow::Result<Tele
 
     let mut exporting = false;
     let provider = TRACER_PROVIDER.get_or_init(|| {
-        let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name.to_owned()).build();
+        // OTEL_SERVICE_NAME, when set, names the service on exported spans (a Deployment's own name).
+        let name = std::env::var("OTEL_SERVICE_NAME").ok().filter(|name| !name.is_empty());
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name(name.unwrap_or_else(|| service_name.to_owned()))
+            .build();
         let mut builder = SdkTracerProvider::builder().with_resource(resource);
         if let Some(endpoint) = &config.otlp_endpoint {
             match opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build() {
@@ -123,12 +127,6 @@ fn install_metrics_recorder() {
 pub fn render_metrics() -> String {
     install_metrics_recorder();
     PROMETHEUS.get().map(PrometheusHandle::render).unwrap_or_default()
-}
-
-/// The trace id of the current span, as 32 hex digits (all zeros when there is none).
-pub fn current_trace_id() -> String {
-    let context = tracing::Span::current().context();
-    context.span().span_context().trace_id().to_string()
 }
 
 /// The trace id of a span, as 32 hex digits.

@@ -158,37 +158,6 @@ impl QuotaService {
                 .await?;
         Ok(total.unwrap_or(0))
     }
-
-    /// Tokens used today from Redis, rebuilding the counter from the ledger when Redis has none.
-    async fn used_from_redis(
-        &self,
-        key: &str,
-        user_id: Uuid,
-        day: Date,
-    ) -> Result<Result<i64, redis::RedisError>, sqlx::Error> {
-        let mut redis = self.redis.clone();
-        let cached: Option<i64> = match redis::cmd("GET").arg(key).query_async(&mut redis).await {
-            Ok(value) => value,
-            Err(error) => return Ok(Err(error)),
-        };
-        if let Some(used) = cached {
-            return Ok(Ok(used));
-        }
-        let total = self.ledger_total(user_id, day).await?;
-        let stored: Result<(), redis::RedisError> = redis::cmd("SET")
-            .arg(key)
-            .arg(total)
-            .arg("NX")
-            .arg("EX")
-            .arg(COUNTER_TTL_SECS)
-            .query_async(&mut redis)
-            .await;
-        if let Err(error) = stored {
-            return Ok(Err(error));
-        }
-        metrics::counter!("parley_quota_counter_rebuilds_total").increment(1);
-        Ok(Ok(total))
-    }
 }
 
 fn window(limit: i64, used: i64, reserved: i64, resets_at: i64) -> pb::Window {
@@ -332,38 +301,6 @@ impl pb::quota_service_server::QuotaService for QuotaService {
         let month_window =
             self.monthly_limit(&request.tier).map(|limit| window(limit, month_used, held, month_end(day)));
         Ok(Response::new(pb::Budget { day: Some(day_window), month: month_window, degraded: false }))
-    }
-
-    async fn check_budget(
-        &self,
-        request: Request<pb::CheckBudgetRequest>,
-    ) -> Result<Response<pb::BudgetStatus>, Status> {
-        let request = request.into_inner();
-        let user_id = parse_user(&request.user_id)?;
-        let now = OffsetDateTime::now_utc();
-        let day = budget::current_day(now);
-        let key = budget::counter_key(&self.config.redis.key_prefix, user_id, day);
-        let limit = self.daily_limit(&request.tier);
-        let (used, effective_limit) = match self.used_from_redis(&key, user_id, day).await.map_err(QuotaError::from)? {
-            Ok(used) => (used, limit),
-            Err(error) => {
-                tracing::warn!(%error, "redis unavailable; answering budgets from the ledger, conservatively");
-                metrics::counter!("parley_quota_degraded_checks_total").increment(1);
-                let used = self.ledger_total(user_id, day).await.map_err(QuotaError::from)?;
-                (used, (limit as f64 * DEGRADED_SHARE) as i64)
-            }
-        };
-        let allowed = budget::allows(used, request.estimated_tokens, effective_limit);
-        if !allowed {
-            metrics::counter!("parley_quota_rejections_total", "tier" => request.tier.clone()).increment(1);
-        }
-        Ok(Response::new(pb::BudgetStatus {
-            allowed,
-            limit,
-            used,
-            remaining: (limit - used).max(0),
-            resets_at: budget::window_end(now),
-        }))
     }
 
     async fn charge(&self, request: Request<pb::ChargeRequest>) -> Result<Response<pb::ChargeResponse>, Status> {

@@ -131,11 +131,10 @@ async fn announce_account_change(state: &AppState, user: &pb::User) {
     let Ok(user_id) = uuid::Uuid::parse_str(&user.id) else {
         return;
     };
-    let change = parley_platform::events::AccountChanged { user_id, tier: user.tier.clone(), role: user.role.clone() };
-    let Ok(payload) = serde_json::to_vec(&change) else {
-        return;
-    };
-    if let Err(error) = state.nats.publish(state.names.account_changes_subject(), payload.into()).await {
+    let announced =
+        parley_platform::nats::announce_account_change(&state.nats, &state.names, user_id, &user.tier, &user.role)
+            .await;
+    if let Err(error) = announced {
         tracing::warn!(%error, "could not announce an account change; it applies with the user's next token");
     }
 }

@@ -320,11 +320,7 @@ pub async fn websocket(
     upgrade: axum::extract::ws::WebSocketUpgrade,
 ) -> ApiResult<Response> {
     let axum::extract::Query(query) = query.map_err(super::query_rejection)?;
-    let bearer = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::to_owned);
+    let bearer = crate::auth::bearer_token(&headers).map(str::to_owned);
     let Some(token) = bearer.or(query.access_token) else {
         return Err(ApiError::unauthorized("missing bearer credentials"));
     };
