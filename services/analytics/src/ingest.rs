@@ -1,29 +1,46 @@
 //! Usage events from JetStream into `analytics.usage_events`, acknowledged only once stored.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use parley_platform::Config;
-use parley_platform::events::UsageEvent;
+use parley_platform::events::{CostAlert, UsageEvent};
 use parley_platform::nats::Names;
 use sqlx::PgPool;
 use time::OffsetDateTime;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use uuid::Uuid;
 
 pub struct Ingester {
     config: Arc<Config>,
     pool: PgPool,
     jetstream: jetstream::Context,
     names: Names,
+    /// Months whose partition is known to exist.
+    partitions: Mutex<HashSet<(i32, u8)>>,
+    wake_alerts: Arc<Notify>,
 }
 
 impl Ingester {
     pub fn new(config: Arc<Config>, pool: PgPool, jetstream: jetstream::Context) -> Self {
         let names = Names::new(&config.nats.prefix);
-        Self { config, pool, jetstream, names }
+        let (partitions, wake_alerts) = (Mutex::default(), Arc::default());
+        Self { config, pool, jetstream, names, partitions, wake_alerts }
+    }
+
+    /// The task that publishes the alerts this ingester raises.
+    pub fn alert_publisher(&self) -> AlertPublisher {
+        AlertPublisher {
+            pool: self.pool.clone(),
+            jetstream: self.jetstream.clone(),
+            names: self.names.clone(),
+            wake: self.wake_alerts.clone(),
+        }
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -55,7 +72,13 @@ impl Ingester {
                     None => return Err("usage consumer closed".into()),
                 },
             };
-            let event: UsageEvent = match serde_json::from_slice(&message.payload) {
+            let event = serde_json::from_slice::<UsageEvent>(&message.payload)
+                .map_err(|error| error.to_string())
+                .and_then(|event| match occurred_at(&event) {
+                    Some(_) => Ok(event),
+                    None => Err("occurred_at_ms is out of range".to_owned()),
+                });
+            let event = match event {
                 Ok(event) => event,
                 Err(error) => {
                     tracing::error!(%error, "dropping a malformed usage event");
@@ -92,7 +115,8 @@ impl Ingester {
         }
     }
 
-    /// Stores one event; false when it was already stored (a redelivery).
+    /// Stores one event with its rollups and any alert it raises, in one transaction; false when it
+    /// was already stored (a redelivery). Raised alerts are published after the commit.
     async fn store(&self, event: &UsageEvent) -> Result<bool, sqlx::Error> {
         // A reply served from the response cache cost no model tokens.
         let cost_micros = if event.cache_hit {
@@ -100,13 +124,15 @@ impl Ingester {
         } else {
             cost_micros(&self.config, &event.model, event.input_tokens, event.output_tokens)
         };
-        let occurred_at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(event.occurred_at_ms) * 1_000_000)
-            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        // Checked when the event was read: an out-of-range time is a malformed event.
+        let occurred_at = occurred_at(event).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        self.ensure_partition(occurred_at).await?;
+        let mut tx = self.pool.begin().await?;
         let result = sqlx::query(
             "INSERT INTO analytics.usage_events (event_id, user_id, conversation_id, message_id, model, provider,
                  input_tokens, output_tokens, cost_micros, latency_ms, ttft_ms, cache_hit, outcome, occurred_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-             ON CONFLICT (event_id) DO NOTHING",
+             ON CONFLICT (event_id, occurred_at) DO NOTHING",
         )
         .bind(event.event_id)
         .bind(event.user_id)
@@ -122,9 +148,178 @@ impl Ingester {
         .bind(event.cache_hit)
         .bind(&event.outcome)
         .bind(occurred_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(result.rows_affected() == 1)
+        if result.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let day = occurred_at.date();
+        sqlx::query(
+            "INSERT INTO analytics.usage_daily AS d
+                 (day, user_id, model, requests, input_tokens, output_tokens, cost_micros, cache_hits, failures)
+             VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $8)
+             ON CONFLICT (day, user_id, model) DO UPDATE
+             SET requests = d.requests + 1, input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+                 output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+                 cost_micros = d.cost_micros + EXCLUDED.cost_micros, cache_hits = d.cache_hits + EXCLUDED.cache_hits,
+                 failures = d.failures + EXCLUDED.failures",
+        )
+        .bind(day)
+        .bind(event.user_id)
+        .bind(&event.model)
+        .bind(event.input_tokens)
+        .bind(event.output_tokens)
+        .bind(cost_micros)
+        .bind(i64::from(event.cache_hit))
+        .bind(i64::from(event.outcome != "completed"))
+        .execute(&mut *tx)
+        .await?;
+        let mut raised = Vec::new();
+        // Spend only rises with a priced call: free events leave the alert state alone.
+        if cost_micros > 0 {
+            let (global,): (i64,) = sqlx::query_as(
+                "INSERT INTO analytics.spend_daily AS s (day, cost_micros) VALUES ($1, $2)
+                 ON CONFLICT (day) DO UPDATE SET cost_micros = s.cost_micros + EXCLUDED.cost_micros
+                 RETURNING cost_micros",
+            )
+            .bind(day)
+            .bind(cost_micros)
+            .fetch_one(&mut *tx)
+            .await?;
+            let (user,): (i64,) = sqlx::query_as(
+                "SELECT COALESCE(SUM(cost_micros), 0)::bigint FROM analytics.usage_daily WHERE day = $1 AND user_id = $2",
+            )
+            .bind(day)
+            .bind(event.user_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let analytics = &self.config.analytics;
+            let checks = [
+                ("user", event.user_id, user, &analytics.user_daily_spend_alerts_usd),
+                ("global", Uuid::nil(), global, &analytics.global_daily_spend_alerts_usd),
+            ];
+            for (scope, user_id, spent, thresholds) in checks {
+                for threshold in thresholds.iter().map(|usd| usd_to_micros(*usd)).filter(|&t| spent >= t) {
+                    let inserted = sqlx::query(
+                        "INSERT INTO analytics.cost_alerts (day, scope, user_id, threshold_micros, alert_id, spent_micros)
+                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(day)
+                    .bind(scope)
+                    .bind(user_id)
+                    .bind(threshold)
+                    .bind(Uuid::now_v7())
+                    .bind(spent)
+                    .execute(&mut *tx)
+                    .await?;
+                    if inserted.rows_affected() == 1 {
+                        raised.push(scope);
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
+        for scope in raised {
+            tracing::warn!(scope, user_id = %event.user_id, "daily spend threshold crossed");
+            metrics::counter!("parley_analytics_cost_alerts_total", "scope" => scope).increment(1);
+            self.wake_alerts.notify_one();
+        }
+        Ok(true)
+    }
+
+    /// Creates the month partition an event belongs in, once per month per process.
+    async fn ensure_partition(&self, at: OffsetDateTime) -> Result<(), sqlx::Error> {
+        let month = (at.year(), u8::from(at.month()));
+        if self.partitions.lock().is_ok_and(|months| months.contains(&month)) {
+            return Ok(());
+        }
+        sqlx::query("SELECT analytics.ensure_usage_partition($1)").bind(at).execute(&self.pool).await?;
+        if let Ok(mut months) = self.partitions.lock() {
+            months.insert(month);
+        }
+        Ok(())
+    }
+}
+
+/// When the event happened; `None` when its timestamp is out of range (a malformed event).
+fn occurred_at(event: &UsageEvent) -> Option<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(event.occurred_at_ms) * 1_000_000).ok()
+}
+
+fn usd_to_micros(usd: f64) -> i64 {
+    (usd * 1_000_000.0).round() as i64
+}
+
+/// Publishes raised alerts that are not on NATS yet, oldest first, until `shutdown`. An alert is
+/// marked published only after JetStream acknowledged it; its id is the message id, so a publish
+/// repeated after a crash is dropped as a duplicate.
+pub struct AlertPublisher {
+    pool: PgPool,
+    jetstream: jetstream::Context,
+    names: Names,
+    wake: Arc<Notify>,
+}
+
+#[derive(sqlx::FromRow)]
+struct AlertRow {
+    alert_id: Uuid,
+    day: time::Date,
+    scope: String,
+    user_id: Uuid,
+    threshold_micros: i64,
+    spent_micros: i64,
+    raised_at: OffsetDateTime,
+}
+
+impl AlertPublisher {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = ticker.tick() => {}
+            }
+            if let Err(error) = self.publish_pending().await {
+                tracing::warn!(%error, "could not publish cost alerts; will retry");
+            }
+        }
+    }
+
+    async fn publish_pending(&self) -> Result<(), async_nats::Error> {
+        let alerts: Vec<AlertRow> = sqlx::query_as(
+            "SELECT alert_id, day, scope, user_id, threshold_micros, spent_micros, raised_at FROM analytics.cost_alerts
+             WHERE published_at IS NULL ORDER BY raised_at LIMIT 100",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        if alerts.is_empty() {
+            return Ok(());
+        }
+        parley_platform::nats::ensure_alerts_stream(&self.jetstream, &self.names).await?;
+        for alert in alerts {
+            let payload = CostAlert {
+                alert_id: alert.alert_id,
+                user_id: (alert.scope == "user").then_some(alert.user_id),
+                scope: alert.scope,
+                day: alert.day.to_string(),
+                threshold_usd: alert.threshold_micros as f64 / 1_000_000.0,
+                spent_usd: alert.spent_micros as f64 / 1_000_000.0,
+                raised_at_ms: (alert.raised_at.unix_timestamp_nanos() / 1_000_000) as i64,
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", alert.alert_id.to_string().as_str());
+            self.jetstream
+                .publish_with_headers(self.names.cost_alerts_subject(), headers, serde_json::to_vec(&payload)?.into())
+                .await?
+                .await?;
+            sqlx::query("UPDATE analytics.cost_alerts SET published_at = now() WHERE alert_id = $1")
+                .bind(alert.alert_id)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@ mod service;
 use std::sync::Arc;
 
 use parley_platform::Config;
+use parley_platform::replicas::Database;
 use parley_proto::analytics::v1::analytics_service_server::AnalyticsServiceServer;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -48,17 +49,20 @@ impl From<AnalyticsError> for tonic::Status {
 /// Serves usage queries and runs the event ingester until `shutdown` is cancelled.
 pub async fn serve(
     config: Arc<Config>,
-    pool: PgPool,
+    database: Arc<Database>,
     nats: async_nats::Client,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ingester = ingest::Ingester::new(config.clone(), pool.clone(), async_nats::jetstream::new(nats));
+    let pool = database.primary().clone();
+    let ingester = ingest::Ingester::new(config.clone(), pool, async_nats::jetstream::new(nats));
+    let alerts_task = tokio::spawn(ingester.alert_publisher().run(shutdown.clone()));
     let ingest_task = tokio::spawn(ingester.run(shutdown.clone()));
-    let routes = tonic::service::Routes::new(AnalyticsServiceServer::new(AnalyticsService::new(pool)));
+    let routes = tonic::service::Routes::new(AnalyticsServiceServer::new(AnalyticsService::new(database)));
     let served = parley_platform::grpc::serve("analytics", listener, routes, &[HEALTH_NAME], shutdown.clone()).await;
     shutdown.cancel();
     ingest_task.await?;
+    alerts_task.await?;
     served?;
     Ok(())
 }

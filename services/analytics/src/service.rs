@@ -2,7 +2,10 @@
 
 use parley_platform::{ServiceError, timestamps};
 use parley_proto::analytics::v1 as pb;
-use sqlx::PgPool;
+use std::sync::Arc;
+
+use parley_platform::replicas::{Database, ReadFloor};
+use time::{Date, OffsetDateTime, Time, UtcOffset};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -10,12 +13,12 @@ use crate::AnalyticsError;
 
 #[derive(Clone)]
 pub struct AnalyticsService {
-    pool: PgPool,
+    database: Arc<Database>,
 }
 
 impl AnalyticsService {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(database: Arc<Database>) -> Self {
+        Self { database }
     }
 }
 
@@ -40,6 +43,91 @@ impl From<Row> for pb::UsageRow {
     }
 }
 
+impl Row {
+    fn total() -> Self {
+        Row { key: "total".to_owned(), input_tokens: 0, output_tokens: 0, requests: 0, cost_micros: 0 }
+    }
+}
+
+impl AnalyticsService {
+    /// Usage in `[from, to)` grouped by `group_by`: whole UTC days from the daily rollup, the partial
+    /// days at either end from the raw events. Read from a replica when one is in rotation (a report
+    /// may trail the newest events by the replica's lag).
+    async fn report(
+        &self,
+        group_by: pb::GroupBy,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        user_id: Option<Uuid>,
+    ) -> Result<Vec<Row>, sqlx::Error> {
+        let (event_key, rollup_key) = match group_by {
+            pb::GroupBy::Model => ("model", "model"),
+            pb::GroupBy::User => ("user_id::text", "user_id::text"),
+            pb::GroupBy::Day | pb::GroupBy::Unspecified => {
+                ("to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')", "to_char(day, 'YYYY-MM-DD')")
+            }
+        };
+        let user_filter = if user_id.is_some() { "user_id = $7" } else { "$7::uuid IS NULL" };
+        let text = format!(
+            "SELECT key, SUM(input_tokens)::bigint AS input_tokens, SUM(output_tokens)::bigint AS output_tokens,
+                    SUM(requests)::bigint AS requests, SUM(cost_micros)::bigint AS cost_micros
+             FROM (
+                 SELECT {event_key} AS key, input_tokens, output_tokens, 1::bigint AS requests, cost_micros
+                 FROM analytics.usage_events
+                 WHERE ((occurred_at >= $1 AND occurred_at < $2) OR (occurred_at >= $3 AND occurred_at < $4))
+                   AND {user_filter}
+                 UNION ALL
+                 SELECT {rollup_key}, input_tokens, output_tokens, requests, cost_micros
+                 FROM analytics.usage_daily WHERE day >= $5 AND day < $6 AND {user_filter}
+             ) parts
+             GROUP BY key ORDER BY key"
+        );
+        let split = DaySplit::of(from, to);
+        self.database
+            .read(ReadFloor::Any, |pool| {
+                let text = text.clone();
+                async move {
+                    sqlx::query_as(sqlx::AssertSqlSafe(text))
+                        .bind(split.head.0)
+                        .bind(split.head.1)
+                        .bind(split.tail.0)
+                        .bind(split.tail.1)
+                        .bind(split.days.0)
+                        .bind(split.days.1)
+                        .bind(user_id)
+                        .fetch_all(&pool)
+                        .await
+                }
+            })
+            .await
+    }
+}
+
+/// A time range cut into the whole UTC days it covers (`days`, end exclusive) and the partial days
+/// before and after them (`head`, `tail`, end exclusive; empty ranges when there are none).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct DaySplit {
+    head: (OffsetDateTime, OffsetDateTime),
+    days: (Date, Date),
+    tail: (OffsetDateTime, OffsetDateTime),
+}
+
+impl DaySplit {
+    fn of(from: OffsetDateTime, to: OffsetDateTime) -> Self {
+        let (from, to) = (from.to_offset(UtcOffset::UTC), to.to_offset(UtcOffset::UTC));
+        let first_whole = if from.time() == Time::MIDNIGHT { from.date() } else { from.date().next_day().unwrap_or(Date::MAX) };
+        let end_whole = to.date();
+        if first_whole >= end_whole {
+            return DaySplit { head: (from, to), days: (end_whole, end_whole), tail: (to, to) };
+        }
+        DaySplit {
+            head: (from, first_whole.midnight().assume_utc()),
+            days: (first_whole, end_whole),
+            tail: (end_whole.midnight().assume_utc(), to),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::analytics_service_server::AnalyticsService for AnalyticsService {
     async fn get_usage(&self, request: Request<pb::GetUsageRequest>) -> Result<Response<pb::UsageReport>, Status> {
@@ -57,37 +145,41 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsService {
         let (Some(from), Some(to)) = (from, to) else {
             return Err(AnalyticsError::from(ServiceError::invalid_field("from", "from and to are required")).into());
         };
-        let key = match group_by {
-            pb::GroupBy::Model => "model",
-            pb::GroupBy::User => "user_id::text",
-            pb::GroupBy::Day | pb::GroupBy::Unspecified => "to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-        };
-        let aggregates = "COALESCE(SUM(input_tokens), 0)::bigint AS input_tokens,
-                          COALESCE(SUM(output_tokens), 0)::bigint AS output_tokens,
-                          COUNT(*)::bigint AS requests,
-                          COALESCE(SUM(cost_micros), 0)::bigint AS cost_micros";
-        let filter = "occurred_at >= $1 AND occurred_at < $2 AND ($3::uuid IS NULL OR user_id = $3)";
-        let grouped = format!(
-            "SELECT {key} AS key, {aggregates} FROM analytics.usage_events WHERE {filter} GROUP BY 1 ORDER BY 1"
-        );
-        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(grouped))
-            .bind(from)
-            .bind(to)
-            .bind(user_id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(AnalyticsError::from)?;
-        let totals_sql = format!("SELECT 'total' AS key, {aggregates} FROM analytics.usage_events WHERE {filter}");
-        let totals: Row = sqlx::query_as(sqlx::AssertSqlSafe(totals_sql))
-            .bind(from)
-            .bind(to)
-            .bind(user_id)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(AnalyticsError::from)?;
+        let rows = self.report(group_by, from, to, user_id).await.map_err(AnalyticsError::from)?;
+        let totals = rows.iter().fold(Row::total(), |mut total, row| {
+            total.input_tokens += row.input_tokens;
+            total.output_tokens += row.output_tokens;
+            total.requests += row.requests;
+            total.cost_micros += row.cost_micros;
+            total
+        });
         Ok(Response::new(pb::UsageReport {
             rows: rows.into_iter().map(Into::into).collect(),
             totals: Some(totals.into()),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+
+    use super::*;
+
+    #[test]
+    fn ranges_split_into_partial_and_whole_days() {
+        let split = DaySplit::of(datetime!(2026-11-01 10:00 UTC), datetime!(2026-11-04 06:00 UTC));
+        assert_eq!(split.head, (datetime!(2026-11-01 10:00 UTC), datetime!(2026-11-02 00:00 UTC)));
+        assert_eq!(split.days, (time::macros::date!(2026-11-02), time::macros::date!(2026-11-04)));
+        assert_eq!(split.tail, (datetime!(2026-11-04 00:00 UTC), datetime!(2026-11-04 06:00 UTC)));
+
+        let aligned = DaySplit::of(datetime!(2026-11-01 00:00 UTC), datetime!(2026-11-03 00:00 UTC));
+        assert_eq!(aligned.days, (time::macros::date!(2026-11-01), time::macros::date!(2026-11-03)));
+        assert_eq!(aligned.head.0, aligned.head.1);
+        assert_eq!(aligned.tail.0, aligned.tail.1);
+
+        let within = DaySplit::of(datetime!(2026-11-01 10:00 UTC), datetime!(2026-11-01 12:00 UTC));
+        assert_eq!(within.head, (datetime!(2026-11-01 10:00 UTC), datetime!(2026-11-01 12:00 UTC)));
+        assert_eq!(within.days.0, within.days.1);
     }
 }

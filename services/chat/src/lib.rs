@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use parley_platform::Config;
 use parley_platform::nats::Names;
+use parley_platform::replicas::WriteMarks;
 use parley_proto::chat::v1::chat_service_server::ChatServiceServer;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -58,14 +59,15 @@ impl From<ChatError> for tonic::Status {
 /// Serves the chat service and runs its outbox relay until `shutdown` is cancelled.
 pub async fn serve(
     config: Arc<Config>,
-    pool: PgPool,
+    marks: WriteMarks,
     nats: async_nats::Client,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let names = Names::new(&config.nats.prefix);
-    let relay = relay::OutboxRelay::new(pool.clone(), async_nats::jetstream::new(nats), names.clone());
-    let service = ChatService::new(config, pool, names, relay.waker());
+    let pool = marks.database().primary().clone();
+    let relay = relay::OutboxRelay::new(pool, async_nats::jetstream::new(nats), names.clone());
+    let service = ChatService::new(config, marks, names, relay.waker());
     let routes = tonic::service::Routes::new(ChatServiceServer::new(service));
     let relay_task = tokio::spawn(relay.run(shutdown.clone()));
     let served = parley_platform::grpc::serve("chat", listener, routes, &[HEALTH_NAME], shutdown.clone()).await;

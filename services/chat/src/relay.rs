@@ -69,7 +69,7 @@ impl OutboxRelay {
             };
             if last_purge.elapsed() >= PURGE_EVERY {
                 last_purge = tokio::time::Instant::now();
-                if let Err(error) = Storage::new(self.pool.clone()).purge_published().await {
+                if let Err(error) = Storage::purge_published(&self.pool).await {
                     tracing::warn!(%error, "outbox purge failed");
                 }
             }

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use parley_platform::nats::Names;
+use parley_platform::replicas::{ReadFloor, WriteMarks};
 use parley_platform::{Config, ErrorCode, ServiceError, telemetry, timestamps};
 use parley_proto::chat::v1 as pb;
-use sqlx::PgPool;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -32,9 +32,9 @@ pub struct ChatService {
 }
 
 impl ChatService {
-    pub fn new(config: Arc<Config>, pool: PgPool, names: Names, relay_wake: Arc<Notify>) -> Self {
+    pub fn new(config: Arc<Config>, marks: WriteMarks, names: Names, relay_wake: Arc<Notify>) -> Self {
         let cursors = CursorCodec::new(&config.chat.cursor_secret);
-        Self { config, storage: Storage::new(pool), cursors, names, relay_wake }
+        Self { config, storage: Storage::new(marks), cursors, names, relay_wake }
     }
 
     fn check_model(&self, model: Option<&str>) -> Result<(), ChatError> {
@@ -57,11 +57,19 @@ impl ChatService {
         }
     }
 
-    async fn owned_conversation(&self, user_id: Uuid, conversation_id: &str) -> Result<ConversationRow, ChatError> {
+    async fn owned_conversation(
+        &self,
+        floor: ReadFloor,
+        user_id: Uuid,
+        conversation_id: &str,
+    ) -> Result<ConversationRow, ChatError> {
         let Some(id) = parse_id_or_not_found(conversation_id) else {
             return Err(ServiceError::not_found("conversation").into());
         };
-        self.storage.conversation(user_id, id).await?.ok_or_else(|| ServiceError::not_found("conversation").into())
+        self.storage
+            .conversation(floor, user_id, id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("conversation").into())
     }
 }
 
@@ -179,8 +187,12 @@ impl pb::chat_service_server::ChatService for ChatService {
         let user_id = parse_user(&request.user_id)?;
         let after = self.decode_cursor(CursorKind::Conversations, request.cursor.as_deref())?;
         let limit = page_size(request.limit);
-        let mut rows =
-            self.storage.list_conversations(user_id, after, i64::from(limit) + 1).await.map_err(ChatError::from)?;
+        let floor = self.storage.floor(user_id).await;
+        let mut rows = self
+            .storage
+            .list_conversations(floor, user_id, after, i64::from(limit) + 1)
+            .await
+            .map_err(ChatError::from)?;
         let next_cursor = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
             rows.last().map(|last| {
@@ -199,7 +211,8 @@ impl pb::chat_service_server::ChatService for ChatService {
     ) -> Result<Response<pb::Conversation>, Status> {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
-        let row = self.owned_conversation(user_id, &request.conversation_id).await?;
+        let floor = self.storage.floor(user_id).await;
+        let row = self.owned_conversation(floor, user_id, &request.conversation_id).await?;
         Ok(Response::new(conversation_to_proto(row)))
     }
 
@@ -369,7 +382,10 @@ impl pb::chat_service_server::ChatService for ChatService {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
         let row = match parse_id_or_not_found(&request.message_id) {
-            Some(id) => self.storage.message_for_user(user_id, id).await.map_err(ChatError::from)?,
+            Some(id) => {
+                let floor = self.storage.floor(user_id).await;
+                self.storage.message_for_user(floor, user_id, id).await.map_err(ChatError::from)?
+            }
             None => None,
         };
         let row = row.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
@@ -382,11 +398,15 @@ impl pb::chat_service_server::ChatService for ChatService {
     ) -> Result<Response<pb::ListMessagesResponse>, Status> {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
-        let conversation = self.owned_conversation(user_id, &request.conversation_id).await?;
+        let floor = self.storage.floor(user_id).await;
+        let conversation = self.owned_conversation(floor, user_id, &request.conversation_id).await?;
         let after = self.decode_cursor(CursorKind::Messages, request.cursor.as_deref())?;
         let limit = page_size(request.limit);
-        let mut rows =
-            self.storage.list_messages(conversation.id, after, i64::from(limit) + 1).await.map_err(ChatError::from)?;
+        let mut rows = self
+            .storage
+            .list_messages(floor, conversation.id, after, i64::from(limit) + 1)
+            .await
+            .map_err(ChatError::from)?;
         let next_cursor = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
             rows.last()

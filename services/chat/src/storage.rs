@@ -1,6 +1,7 @@
 //! Reads and writes of the `chat` schema.
 
 use parley_platform::events::{AiJob, CacheDirective};
+use parley_platform::replicas::{ReadFloor, WriteMarks};
 use sqlx::{PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -92,9 +93,11 @@ pub struct OutboxRow {
     pub traceparent: Option<String>,
 }
 
+/// Writes go to the primary; a user's listings and lookups go to a replica that has their latest
+/// write, or to the primary.
 #[derive(Clone)]
 pub struct Storage {
-    pool: PgPool,
+    marks: WriteMarks,
 }
 
 fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
@@ -102,8 +105,22 @@ fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
 }
 
 impl Storage {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(marks: WriteMarks) -> Self {
+        Self { marks }
+    }
+
+    fn pool(&self) -> &PgPool {
+        self.marks.database().primary()
+    }
+
+    /// Records that `user_id` wrote, so their next reads see it on any chat replica.
+    async fn wrote(&self, user_id: Uuid) {
+        self.marks.wrote(user_id).await;
+    }
+
+    /// How fresh `user_id`'s reads must be.
+    pub async fn floor(&self, user_id: Uuid) -> ReadFloor {
+        self.marks.floor(user_id).await
     }
 
     pub async fn create_conversation(
@@ -113,7 +130,7 @@ impl Storage {
         model: &str,
         system_prompt: Option<&str>,
     ) -> Result<ConversationRow, sqlx::Error> {
-        sqlx::query_as(sql(format!(
+        let row = sqlx::query_as(sql(format!(
             "INSERT INTO chat.conversations (id, user_id, title, model, system_prompt)
              VALUES ($1, $2, $3, $4, $5) RETURNING {CONVERSATION_COLUMNS}"
         )))
@@ -122,52 +139,63 @@ impl Storage {
         .bind(title)
         .bind(model)
         .bind(system_prompt)
-        .fetch_one(&self.pool)
-        .await
+        .fetch_one(self.pool())
+        .await?;
+        self.wrote(user_id).await;
+        Ok(row)
     }
 
-    pub async fn conversation(&self, user_id: Uuid, id: Uuid) -> Result<Option<ConversationRow>, sqlx::Error> {
-        sqlx::query_as(sql(format!(
-            "SELECT {CONVERSATION_COLUMNS} FROM chat.conversations WHERE id = $1 AND user_id = $2"
-        )))
-        .bind(id)
-        .bind(user_id)
-        .fetch_optional(&self.pool)
-        .await
+    /// One of a user's conversations, read as fresh as `floor` demands.
+    pub async fn conversation(
+        &self,
+        floor: ReadFloor,
+        user_id: Uuid,
+        id: Uuid,
+    ) -> Result<Option<ConversationRow>, sqlx::Error> {
+        let text = format!("SELECT {CONVERSATION_COLUMNS} FROM chat.conversations WHERE id = $1 AND user_id = $2");
+        self.marks
+            .database()
+            .read(floor, |pool| {
+                let text = text.clone();
+                async move { sqlx::query_as(sql(text)).bind(id).bind(user_id).fetch_optional(&pool).await }
+            })
+            .await
     }
 
-    /// A user's conversations, most recently updated first, after `after` (exclusive).
+    /// A user's conversations, most recently updated first, after `after` (exclusive). Two statements,
+    /// not one with `$2 IS NULL OR ...`, so a generic plan still seeks straight to the cursor.
     pub async fn list_conversations(
         &self,
+        floor: ReadFloor,
         user_id: Uuid,
         after: Option<Position>,
         limit: i64,
     ) -> Result<Vec<ConversationRow>, sqlx::Error> {
-        match after {
-            None => {
-                sqlx::query_as(sql(format!(
-                    "SELECT {CONVERSATION_COLUMNS} FROM chat.conversations WHERE user_id = $1 AND kind = 'chat'
-                     ORDER BY updated_at DESC, id DESC LIMIT $2"
-                )))
-                .bind(user_id)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await
-            }
-            Some(position) => {
-                sqlx::query_as(sql(format!(
-                    "SELECT {CONVERSATION_COLUMNS} FROM chat.conversations
-                     WHERE user_id = $1 AND kind = 'chat' AND (updated_at, id) < ($2, $3)
-                     ORDER BY updated_at DESC, id DESC LIMIT $4"
-                )))
-                .bind(user_id)
-                .bind(position.at)
-                .bind(position.id)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await
-            }
-        }
+        let text = match after {
+            None => format!(
+                "SELECT {CONVERSATION_COLUMNS} FROM chat.conversations WHERE user_id = $1 AND kind = 'chat'
+                 ORDER BY updated_at DESC, id DESC LIMIT $2"
+            ),
+            Some(_) => format!(
+                "SELECT {CONVERSATION_COLUMNS} FROM chat.conversations
+                 WHERE user_id = $1 AND kind = 'chat' AND (updated_at, id) < ($2, $3)
+                 ORDER BY updated_at DESC, id DESC LIMIT $4"
+            ),
+        };
+        self.marks
+            .database()
+            .read(floor, |pool| {
+                let text = text.clone();
+                async move {
+                    let query = sqlx::query_as(sql(text)).bind(user_id);
+                    let query = match after {
+                        Some(position) => query.bind(position.at).bind(position.id),
+                        None => query,
+                    };
+                    query.bind(limit).fetch_all(&pool).await
+                }
+            })
+            .await
     }
 
     pub async fn update_conversation(
@@ -190,12 +218,13 @@ impl Storage {
         .bind(changes.title)
         .bind(changes.model)
         .bind(changes.system_prompt)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await?;
         if let Some(row) = updated {
+            self.wrote(user_id).await;
             return Ok(UpdateOutcome::Updated(row));
         }
-        Ok(match self.conversation(user_id, id).await? {
+        Ok(match self.conversation(ReadFloor::Primary, user_id, id).await? {
             Some(_) => UpdateOutcome::VersionMismatch,
             None => UpdateOutcome::NotFound,
         })
@@ -206,16 +235,20 @@ impl Storage {
         let result = sqlx::query("DELETE FROM chat.conversations WHERE id = $1 AND user_id = $2")
             .bind(id)
             .bind(user_id)
-            .execute(&self.pool)
+            .execute(self.pool())
             .await?;
-        Ok(result.rows_affected() > 0)
+        let deleted = result.rows_affected() > 0;
+        if deleted {
+            self.wrote(user_id).await;
+        }
+        Ok(deleted)
     }
 
     /// Stores the user message, a pending assistant message and the job in one transaction; with an
     /// idempotency key seen in the last 24 hours, stores nothing and returns the first exchange.
     /// `Ok(None)`: the user has no such conversation.
     pub async fn send(&self, exchange: NewExchange<'_>) -> Result<Option<SentExchange>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool().begin().await?;
         // Locking the conversation serialises sends into it, which also settles two concurrent
         // requests carrying the same idempotency key.
         let conversation: Option<(String,)> =
@@ -266,6 +299,7 @@ impl Storage {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.wrote(exchange.user_id).await;
         Ok(Some(SentExchange { user_message, assistant_message, replayed: false }))
     }
 
@@ -273,7 +307,7 @@ impl Storage {
     /// its job, in one transaction. Returns the last given message and the pending reply.
     pub async fn create_completion(&self, completion: NewCompletion<'_>) -> Result<SentExchange, sqlx::Error> {
         let NewCompletion { user_id, model, messages, tier, jobs_subject, traceparent, generation } = completion;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool().begin().await?;
         let conversation_id = Uuid::now_v7();
         sqlx::query("INSERT INTO chat.conversations (id, user_id, model, kind) VALUES ($1, $2, $3, 'completion')")
             .bind(conversation_id)
@@ -292,53 +326,63 @@ impl Storage {
         Ok(SentExchange { user_message, assistant_message, replayed: false })
     }
 
-    pub async fn message_for_user(&self, user_id: Uuid, id: Uuid) -> Result<Option<MessageRow>, sqlx::Error> {
-        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1 AND user_id = $2")))
-            .bind(id)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
+    /// One of a user's messages, read as fresh as `floor` demands.
+    pub async fn message_for_user(
+        &self,
+        floor: ReadFloor,
+        user_id: Uuid,
+        id: Uuid,
+    ) -> Result<Option<MessageRow>, sqlx::Error> {
+        let text = format!("SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1 AND user_id = $2");
+        self.marks
+            .database()
+            .read(floor, |pool| {
+                let text = text.clone();
+                async move { sqlx::query_as(sql(text)).bind(id).bind(user_id).fetch_optional(&pool).await }
+            })
             .await
     }
 
     pub async fn message(&self, id: Uuid) -> Result<Option<MessageRow>, sqlx::Error> {
         sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1")))
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await
     }
 
     /// A conversation's messages, oldest first, after `after` (exclusive).
     pub async fn list_messages(
         &self,
+        floor: ReadFloor,
         conversation_id: Uuid,
         after: Option<Position>,
         limit: i64,
     ) -> Result<Vec<MessageRow>, sqlx::Error> {
-        match after {
-            None => {
-                sqlx::query_as(sql(format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE conversation_id = $1
-                     ORDER BY created_at, id LIMIT $2"
-                )))
-                .bind(conversation_id)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await
-            }
-            Some(position) => {
-                sqlx::query_as(sql(format!(
-                    "SELECT {MESSAGE_COLUMNS} FROM chat.messages
-                     WHERE conversation_id = $1 AND (created_at, id) > ($2, $3)
-                     ORDER BY created_at, id LIMIT $4"
-                )))
-                .bind(conversation_id)
-                .bind(position.at)
-                .bind(position.id)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await
-            }
-        }
+        let text = match after {
+            None => format!(
+                "SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE conversation_id = $1
+                 ORDER BY created_at, id LIMIT $2"
+            ),
+            Some(_) => format!(
+                "SELECT {MESSAGE_COLUMNS} FROM chat.messages
+                 WHERE conversation_id = $1 AND (created_at, id) > ($2, $3)
+                 ORDER BY created_at, id LIMIT $4"
+            ),
+        };
+        self.marks
+            .database()
+            .read(floor, |pool| {
+                let text = text.clone();
+                async move {
+                    let query = sqlx::query_as(sql(text)).bind(conversation_id);
+                    let query = match after {
+                        Some(position) => query.bind(position.at).bind(position.id),
+                        None => query,
+                    };
+                    query.bind(limit).fetch_all(&pool).await
+                }
+            })
+            .await
     }
 
     /// The finished messages before `message`, newest `limit` of them, returned oldest first.
@@ -361,7 +405,7 @@ impl Storage {
         .bind(limit)
         .bind(after.map(|position| position.at))
         .bind(after.map(|position| position.id))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         rows.reverse();
         Ok(rows)
@@ -372,7 +416,7 @@ impl Storage {
         let row: Option<(Option<String>, Option<OffsetDateTime>, Option<Uuid>)> =
             sqlx::query_as("SELECT summary, summary_until_at, summary_until_id FROM chat.conversations WHERE id = $1")
                 .bind(conversation_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.pool())
                 .await?;
         Ok(match row {
             Some((Some(summary), Some(at), Some(id))) => Some((summary, Position { at, id })),
@@ -396,14 +440,14 @@ impl Storage {
         .bind(conversation_id)
         .bind(summary)
         .bind(until_message_id)
-        .execute(&self.pool)
+        .execute(self.pool())
         .await?;
         Ok(result.rows_affected() > 0)
     }
 
     /// The conversation a message belongs to, whoever owns it (for agents).
     pub async fn conversation_of(&self, message: &MessageRow) -> Result<Option<ConversationRow>, sqlx::Error> {
-        self.conversation(message.user_id, message.conversation_id).await
+        self.conversation(ReadFloor::Primary, message.user_id, message.conversation_id).await
     }
 
     /// Completes a pending or streaming assistant message. `Ok((row, false))` when it was already
@@ -428,7 +472,7 @@ impl Storage {
         .bind(model)
         .bind(input_tokens)
         .bind(output_tokens)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await?;
         self.finished(id, updated).await
     }
@@ -452,7 +496,7 @@ impl Storage {
         .bind(code)
         .bind(detail)
         .bind(partial_content)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await?;
         self.finished(id, updated).await
     }
@@ -462,8 +506,9 @@ impl Storage {
             Some(row) => {
                 sqlx::query("UPDATE chat.conversations SET updated_at = now() WHERE id = $1")
                     .bind(row.conversation_id)
-                    .execute(&self.pool)
+                    .execute(self.pool())
                     .await?;
+                self.wrote(row.user_id).await;
                 Ok(Some((row, true)))
             }
             None => Ok(self.message(id).await?.map(|row| (row, false))),
@@ -493,9 +538,9 @@ impl Storage {
     }
 
     /// Drops outbox rows published long enough ago that JetStream's dedup window has passed.
-    pub async fn purge_published(&self) -> Result<u64, sqlx::Error> {
+    pub async fn purge_published(pool: &PgPool) -> Result<u64, sqlx::Error> {
         let result = sqlx::query("DELETE FROM chat.outbox WHERE published_at < now() - interval '1 hour'")
-            .execute(&self.pool)
+            .execute(pool)
             .await?;
         Ok(result.rows_affected())
     }

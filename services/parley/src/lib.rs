@@ -13,6 +13,7 @@ use parley_platform::Config;
 use parley_platform::config::ProviderKind;
 use parley_platform::grpc::{lazy_channel, with_context};
 use parley_platform::health::{self, Readiness};
+use parley_platform::replicas::{Database, WriteMarks};
 use parley_proto::analytics::v1::analytics_service_client::AnalyticsServiceClient;
 use parley_proto::chat::v1::chat_service_client::ChatServiceClient;
 use parley_proto::quota::v1::quota_service_client::QuotaServiceClient;
@@ -156,22 +157,32 @@ impl Platform {
         let config = Arc::new(config);
 
         let needs = |wanted: &[Service]| services.iter().any(|service| wanted.contains(service));
-        let pool = if services.iter().any(|service| service.uses_postgres()) {
-            Some(parley_platform::db::lazy_pool(&config.database).context("invalid DATABASE_URL")?)
+        let database = if services.iter().any(|service| service.uses_postgres()) {
+            let database = Database::connect_lazy(&config.database).context("invalid database URL")?;
+            let database = Arc::new(database);
+            let (monitored, stop) = (database.clone(), shutdown.child_token());
+            let owner = services.first().copied().unwrap_or(Service::Gateway);
+            tasks.spawn(async move {
+                monitored.monitor(stop).await;
+                (owner, Ok(()))
+            });
+            Some(database)
         } else {
             None
         };
+        let pool = database.as_ref().map(|database| database.primary().clone());
         let nats = if needs(&[Service::Chat, Service::Analytics, Service::Agent, Service::Gateway]) {
             Some(parley_platform::nats::connect(&config.nats, "parley").await.context("failed to connect to NATS")?)
         } else {
             None
         };
-        let redis = if needs(&[Service::Quota, Service::Agent]) {
+        let redis = if needs(&[Service::Quota, Service::Agent, Service::Chat]) {
             match parley_platform::redis_pool::connect(&config.redis.url).await {
                 Ok(connection) => Some(connection),
-                // The agent only caches in Redis and can start without it; quota cannot.
+                // The agent only caches in Redis and chat only keeps write marks there: both can start
+                // without it (a local cache; reads from the primary). Quota cannot.
                 Err(error) if !needs(&[Service::Quota]) => {
-                    tracing::warn!(%error, "redis unavailable; the response cache is local to this process");
+                    tracing::warn!(%error, "redis unavailable; caches are local and reads go to the primary");
                     None
                 }
                 Err(error) => return Err(anyhow::Error::from(error).context("failed to connect to redis")),
@@ -227,7 +238,9 @@ impl Platform {
                 }
                 Service::Chat => {
                     let nats = nats.clone().ok_or_else(|| missing("NATS"))?;
-                    tasks.spawn(async move { (service, parley_chat::serve(config, pool, nats, listener, stop).await) });
+                    let database = database.clone().ok_or_else(|| missing("postgres"))?;
+                    let marks = WriteMarks::new(database, redis.clone(), &config.redis.key_prefix);
+                    tasks.spawn(async move { (service, parley_chat::serve(config, marks, nats, listener, stop).await) });
                 }
                 Service::Quota => {
                     let redis = redis.clone().ok_or_else(|| missing("redis"))?;
@@ -237,8 +250,9 @@ impl Platform {
                 }
                 Service::Analytics => {
                     let nats = nats.clone().ok_or_else(|| missing("NATS"))?;
+                    let database = database.clone().ok_or_else(|| missing("postgres"))?;
                     tasks.spawn(
-                        async move { (service, parley_analytics::serve(config, pool, nats, listener, stop).await) },
+                        async move { (service, parley_analytics::serve(config, database, nats, listener, stop).await) },
                     );
                 }
                 Service::Gateway | Service::Agent => {}

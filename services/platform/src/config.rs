@@ -46,6 +46,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub chat: ChatConfig,
     pub quota: QuotaConfig,
+    pub analytics: AnalyticsConfig,
     pub agent: AgentConfig,
     pub telemetry: TelemetryConfig,
     pub fake_llm: FakeLlmConfig,
@@ -61,8 +62,18 @@ pub struct Config {
 pub struct DatabaseConfig {
     pub url: String,
     pub replica_urls: Vec<String>,
+    /// Connections to the primary per process.
     pub max_connections: u32,
+    /// Longest a query waits for a free primary connection before it fails (503).
     pub acquire_timeout_ms: u64,
+    /// Connections to each replica per process.
+    pub replica_max_connections: u32,
+    /// Longest a read waits for a replica connection before it goes to the primary instead.
+    pub replica_acquire_timeout_ms: u64,
+    /// A replica further behind the primary than this is taken out of rotation until it catches up.
+    pub replica_max_lag_ms: u64,
+    /// How often each replica's position is measured against the primary's.
+    pub replica_check_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,6 +175,21 @@ pub struct QuotaConfig {
 impl Default for QuotaConfig {
     fn default() -> Self {
         Self { reservation_ttl_secs: 900 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalyticsConfig {
+    /// Daily spend (USD, UTC day) of one user at which an alert is raised, once per threshold a day.
+    pub user_daily_spend_alerts_usd: Vec<f64>,
+    /// Daily spend (USD, UTC day) of all users together at which an alert is raised.
+    pub global_daily_spend_alerts_usd: Vec<f64>,
+}
+
+impl Default for AnalyticsConfig {
+    fn default() -> Self {
+        Self { user_daily_spend_alerts_usd: vec![10.0], global_daily_spend_alerts_usd: vec![1_000.0] }
     }
 }
 
@@ -361,6 +387,10 @@ impl Default for DatabaseConfig {
             replica_urls: Vec::new(),
             max_connections: 10,
             acquire_timeout_ms: 3_000,
+            replica_max_connections: 10,
+            replica_acquire_timeout_ms: 500,
+            replica_max_lag_ms: 5_000,
+            replica_check_interval_ms: 1_000,
         }
     }
 }
@@ -523,6 +553,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             chat: ChatConfig::default(),
             quota: QuotaConfig::default(),
+            analytics: AnalyticsConfig::default(),
             agent: AgentConfig::default(),
             telemetry: TelemetryConfig::default(),
             fake_llm: FakeLlmConfig::default(),
@@ -656,6 +687,20 @@ impl Config {
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if self.database.replica_max_connections == 0 {
+            return Err(invalid("database.replica_max_connections", "must be at least 1"));
+        }
+        for (field, thresholds) in [
+            ("analytics.user_daily_spend_alerts_usd", &self.analytics.user_daily_spend_alerts_usd),
+            ("analytics.global_daily_spend_alerts_usd", &self.analytics.global_daily_spend_alerts_usd),
+        ] {
+            if thresholds.iter().any(|usd| !usd.is_finite() || *usd <= 0.0) {
+                return Err(invalid(field, "thresholds must be positive amounts of USD"));
+            }
+        }
+        if self.database.replica_check_interval_ms == 0 {
+            return Err(invalid("database.replica_check_interval_ms", "must be at least 1"));
         }
         check_url("redis.url", &self.redis.url, &["redis", "rediss"])?;
         check_url("nats.url", &self.nats.url, &["nats", "tls"])?;

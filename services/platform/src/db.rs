@@ -6,16 +6,13 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
-use crate::config::DatabaseConfig;
-
 /// A pool that connects on first use, so a service starts (and reports not-ready) while the database
 /// is down instead of crashing.
-pub fn lazy_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions =
-        config.url.parse::<PgConnectOptions>()?.log_statements(tracing::log::LevelFilter::Debug);
+pub fn pool_with(url: &str, max_connections: u32, acquire_timeout_ms: u64) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.log_statements(tracing::log::LevelFilter::Debug);
     Ok(PgPoolOptions::new()
-        .max_connections(config.max_connections)
-        .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_millis(acquire_timeout_ms))
         .connect_lazy_with(options))
 }
 

@@ -64,6 +64,23 @@ pub struct UsageEvent {
     pub occurred_at_ms: i64,
 }
 
+/// A daily spend threshold crossed, published once per threshold, scope and UTC day.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CostAlert {
+    pub alert_id: Uuid,
+    /// "user" (one user's spend) or "global" (everyone's).
+    pub scope: String,
+    /// The user, for scope "user".
+    pub user_id: Option<Uuid>,
+    /// The UTC day, YYYY-MM-DD.
+    pub day: String,
+    pub threshold_usd: f64,
+    /// Spend when the threshold was crossed.
+    pub spent_usd: f64,
+    /// Unix milliseconds.
+    pub raised_at_ms: i64,
+}
+
 /// Live progress of one assistant message, on its own core NATS subject. Gateways relay these to
 /// waiting clients; the stored message stays the source of truth.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

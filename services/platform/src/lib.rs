@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod health;
 pub mod nats;
 pub mod redis_pool;
+pub mod replicas;
 pub mod shutdown;
 pub mod telemetry;
 pub mod timestamps;

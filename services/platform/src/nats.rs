@@ -40,8 +40,18 @@ impl Names {
     }
 
     /// Every stream of this deployment (for tests that clean up after themselves).
-    pub fn all_streams(&self) -> [String; 4] {
-        [self.jobs_stream(), self.usage_stream(), self.events_stream(), self.dead_jobs_stream()]
+    pub fn all_streams(&self) -> [String; 5] {
+        [self.jobs_stream(), self.usage_stream(), self.events_stream(), self.dead_jobs_stream(), self.alerts_stream()]
+    }
+
+    /// Alerts the platform raises for operators (cost thresholds crossed), kept for a month.
+    pub fn alerts_stream(&self) -> String {
+        format!("{}_ALERTS", self.stream_prefix)
+    }
+
+    /// Where a crossed daily spend threshold is announced.
+    pub fn cost_alerts_subject(&self) -> String {
+        format!("{}.alerts.cost", self.prefix)
     }
 
     /// Jobs given up on, kept for inspection and replay.
@@ -193,6 +203,20 @@ pub async fn ensure_usage_stream(js: &jetstream::Context, names: &Names) -> Resu
         storage: stream::StorageType::File,
         max_age: Duration::from_secs(7 * 24 * 3600),
         duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    Ok(js.get_or_create_stream(config).await?)
+}
+
+/// The alerts stream: operators' tools subscribe to it (or read it back) to hear of crossed thresholds.
+pub async fn ensure_alerts_stream(js: &jetstream::Context, names: &Names) -> Result<stream::Stream, async_nats::Error> {
+    let config = stream::Config {
+        name: names.alerts_stream(),
+        subjects: vec![format!("{}.alerts.>", names.prefix)],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(31 * 24 * 3600),
+        duplicate_window: Duration::from_secs(3600),
         ..Default::default()
     };
     Ok(js.get_or_create_stream(config).await?)

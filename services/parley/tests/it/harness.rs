@@ -139,6 +139,12 @@ impl TestPlatform {
         .await;
     }
 
+    /// The value of one series on the gateway's /metrics, e.g. `parley_db_reads_total{target="replica"}`.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.http.get(self.url("/metrics")).send().await.ok()?.text().await.ok()?;
+        text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -18,6 +18,7 @@ mod operator;
 mod quota;
 mod rate_limits;
 mod redelivery;
+mod replicas;
 mod resilience;
 mod signing;
 mod streaming;
