@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(CURDIR)/.tools/bin:$(HOME)/.cargo/bin:$(PATH)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run test lint unit services tools build
+.PHONY: run test lint unit services replica tools build
 
 ## Build and start the whole platform locally (parley dev, gateway on http://127.0.0.1:8080).
 run: services
@@ -11,7 +11,7 @@ run: services
 	./target/debug/parley dev
 
 ## Every test: lint, unit, integration and end to end.
-test: services tools lint
+test: services replica tools lint
 	cargo nextest run --workspace --no-fail-fast
 
 ## Formatting and clippy, warnings denied.
@@ -24,6 +24,10 @@ build:
 
 services:
 	@scripts/ensure-services.sh
+
+## A streaming replica of the local PostgreSQL on port 5433, for the read-replica tests.
+replica: services
+	@scripts/test-replica.sh start
 
 tools:
 	@scripts/install-tools.sh
