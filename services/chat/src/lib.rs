@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use service::ChatService;
+pub use storage::{Archived, archive_idle};
 
 /// The name this service reports in `grpc.health.v1`.
 pub const HEALTH_NAME: &str = "parley.chat.v1.ChatService";

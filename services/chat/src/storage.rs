@@ -294,7 +294,7 @@ impl Storage {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("UPDATE chat.conversations SET updated_at = now() WHERE id = $1")
+        sqlx::query("UPDATE chat.conversations SET updated_at = now(), archived_at = NULL WHERE id = $1")
             .bind(exchange.conversation_id)
             .execute(&mut *tx)
             .await?;
@@ -333,7 +333,7 @@ impl Storage {
         user_id: Uuid,
         id: Uuid,
     ) -> Result<Option<MessageRow>, sqlx::Error> {
-        let text = format!("SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1 AND user_id = $2");
+        let text = format!("SELECT {MESSAGE_COLUMNS} FROM chat.all_messages WHERE id = $1 AND user_id = $2");
         self.marks
             .database()
             .read(floor, |pool| {
@@ -344,7 +344,7 @@ impl Storage {
     }
 
     pub async fn message(&self, id: Uuid) -> Result<Option<MessageRow>, sqlx::Error> {
-        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = $1")))
+        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.all_messages WHERE id = $1")))
             .bind(id)
             .fetch_optional(self.pool())
             .await
@@ -360,11 +360,11 @@ impl Storage {
     ) -> Result<Vec<MessageRow>, sqlx::Error> {
         let text = match after {
             None => format!(
-                "SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE conversation_id = $1
+                "SELECT {MESSAGE_COLUMNS} FROM chat.all_messages WHERE conversation_id = $1
                  ORDER BY created_at, id LIMIT $2"
             ),
             Some(_) => format!(
-                "SELECT {MESSAGE_COLUMNS} FROM chat.messages
+                "SELECT {MESSAGE_COLUMNS} FROM chat.all_messages
                  WHERE conversation_id = $1 AND (created_at, id) > ($2, $3)
                  ORDER BY created_at, id LIMIT $4"
             ),
@@ -394,7 +394,7 @@ impl Storage {
         limit: i64,
     ) -> Result<Vec<MessageRow>, sqlx::Error> {
         let mut rows: Vec<MessageRow> = sqlx::query_as(sql(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM chat.messages
+            "SELECT {MESSAGE_COLUMNS} FROM chat.all_messages
              WHERE conversation_id = $1 AND (created_at, id) < ($2, $3) AND status = 'completed'
                AND ($5::timestamptz IS NULL OR (created_at, id) > ($5, $6))
              ORDER BY created_at DESC, id DESC LIMIT $4"
@@ -433,7 +433,7 @@ impl Storage {
     ) -> Result<bool, sqlx::Error> {
         let result = sqlx::query(
             "UPDATE chat.conversations c SET summary = $2, summary_until_at = m.created_at, summary_until_id = m.id
-             FROM chat.messages m
+             FROM chat.all_messages m
              WHERE c.id = $1 AND m.id = $3 AND m.conversation_id = c.id
                AND (c.summary_until_at IS NULL OR (m.created_at, m.id) > (c.summary_until_at, c.summary_until_id))",
         )
@@ -504,7 +504,7 @@ impl Storage {
     async fn finished(&self, id: Uuid, updated: Option<MessageRow>) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
         match updated {
             Some(row) => {
-                sqlx::query("UPDATE chat.conversations SET updated_at = now() WHERE id = $1")
+                sqlx::query("UPDATE chat.conversations SET updated_at = now(), archived_at = NULL WHERE id = $1")
                     .bind(row.conversation_id)
                     .execute(self.pool())
                     .await?;
@@ -543,6 +543,54 @@ impl Storage {
             .execute(pool)
             .await?;
         Ok(result.rows_affected())
+    }
+}
+
+/// What one `parley archive` run moved.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Archived {
+    pub conversations: u64,
+    pub messages: u64,
+}
+
+/// Moves the messages of conversations idle for `idle_days` (no reply in progress) to the archive
+/// table, `batch` conversations per transaction. Each conversation is locked as a send locks it, so a
+/// send racing the move waits and then lands in the hot table; reads see the messages in one table or
+/// the other, never neither or both.
+pub async fn archive_idle(pool: &PgPool, idle_days: u32, batch: i64) -> Result<Archived, sqlx::Error> {
+    let mut total = Archived::default();
+    loop {
+        let mut tx = pool.begin().await?;
+        let ids: Vec<(Uuid,)> = sqlx::query_as(
+            "SELECT c.id FROM chat.conversations c
+             WHERE c.archived_at IS NULL AND c.updated_at < now() - make_interval(days => $1)
+               AND NOT EXISTS (SELECT 1 FROM chat.messages m
+                               WHERE m.conversation_id = c.id AND m.status IN ('pending', 'streaming'))
+             ORDER BY c.updated_at LIMIT $2 FOR UPDATE OF c SKIP LOCKED",
+        )
+        .bind(i32::try_from(idle_days).unwrap_or(i32::MAX))
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.is_empty() {
+            tx.commit().await?;
+            return Ok(total);
+        }
+        let ids: Vec<Uuid> = ids.into_iter().map(|(id,)| id).collect();
+        let moved = sqlx::query(
+            "WITH moved AS (DELETE FROM chat.messages WHERE conversation_id = ANY($1) RETURNING *)
+             INSERT INTO chat.archived_messages SELECT * FROM moved",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE chat.conversations SET archived_at = now() WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        total.conversations += ids.len() as u64;
+        total.messages += moved.rows_affected();
     }
 }
 
@@ -642,7 +690,7 @@ async fn replay_exchange(
         return Ok(None);
     };
     let rows: Vec<MessageRow> =
-        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.messages WHERE id = ANY($1) AND user_id = $2")))
+        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.all_messages WHERE id = ANY($1) AND user_id = $2")))
             .bind(vec![user_message_id, assistant_message_id])
             .bind(user_id)
             .fetch_all(&mut **tx)

@@ -31,6 +31,8 @@ enum Command {
     },
     /// Apply every schema's migrations, then exit.
     Migrate,
+    /// Move the messages of conversations idle for N days to the archive table (reads keep working).
+    Archive(ArchiveArgs),
     /// Validate the configuration, then exit.
     CheckConfig,
     /// Run the fake OpenAI-compatible LLM on its own.
@@ -38,6 +40,16 @@ enum Command {
     /// Operator commands.
     #[command(subcommand)]
     Admin(AdminCommand),
+}
+
+#[derive(Debug, Args)]
+struct ArchiveArgs {
+    /// Archive conversations with no activity for this many days.
+    #[arg(long, default_value_t = 90)]
+    idle_days: u32,
+    /// Conversations moved per transaction.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    batch: i64,
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +112,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::CheckConfig => check_config(),
         Command::Migrate => migrate().await,
+        Command::Archive(args) => archive(args).await,
         Command::Dev => dev().await,
         Command::Serve { service } => serve(service).await,
         Command::FakeLlm(args) => fake_llm(args).await,
@@ -128,6 +141,18 @@ async fn migrate() -> anyhow::Result<()> {
     let pool = sqlx::PgPool::connect(&config.database.url).await.context("failed to connect to postgres")?;
     parley::migrate(&pool).await?;
     println!("migrations applied");
+    Ok(())
+}
+
+async fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
+    let config = Config::load()?;
+    let _telemetry = parley_platform::telemetry::init("parley-archive", &config.telemetry)?;
+    let pool = sqlx::PgPool::connect(&config.database.url).await.context("failed to connect to postgres")?;
+    let archived = parley_chat::archive_idle(&pool, args.idle_days, args.batch).await.context("archiving failed")?;
+    println!(
+        "archived {} conversations idle for {} days or more ({} messages moved)",
+        archived.conversations, args.idle_days, archived.messages
+    );
     Ok(())
 }
 
