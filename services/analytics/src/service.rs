@@ -115,7 +115,8 @@ struct DaySplit {
 impl DaySplit {
     fn of(from: OffsetDateTime, to: OffsetDateTime) -> Self {
         let (from, to) = (from.to_offset(UtcOffset::UTC), to.to_offset(UtcOffset::UTC));
-        let first_whole = if from.time() == Time::MIDNIGHT { from.date() } else { from.date().next_day().unwrap_or(Date::MAX) };
+        let first_whole =
+            if from.time() == Time::MIDNIGHT { from.date() } else { from.date().next_day().unwrap_or(Date::MAX) };
         let end_whole = to.date();
         if first_whole >= end_whole {
             return DaySplit { head: (from, to), days: (end_whole, end_whole), tail: (to, to) };
@@ -170,11 +171,11 @@ mod tests {
     fn ranges_split_into_partial_and_whole_days() {
         let split = DaySplit::of(datetime!(2026-11-01 10:00 UTC), datetime!(2026-11-04 06:00 UTC));
         assert_eq!(split.head, (datetime!(2026-11-01 10:00 UTC), datetime!(2026-11-02 00:00 UTC)));
-        assert_eq!(split.days, (time::macros::date!(2026-11-02), time::macros::date!(2026-11-04)));
+        assert_eq!(split.days, (time::macros::date!(2026 - 11 - 02), time::macros::date!(2026 - 11 - 04)));
         assert_eq!(split.tail, (datetime!(2026-11-04 00:00 UTC), datetime!(2026-11-04 06:00 UTC)));
 
         let aligned = DaySplit::of(datetime!(2026-11-01 00:00 UTC), datetime!(2026-11-03 00:00 UTC));
-        assert_eq!(aligned.days, (time::macros::date!(2026-11-01), time::macros::date!(2026-11-03)));
+        assert_eq!(aligned.days, (time::macros::date!(2026 - 11 - 01), time::macros::date!(2026 - 11 - 03)));
         assert_eq!(aligned.head.0, aligned.head.1);
         assert_eq!(aligned.tail.0, aligned.tail.1);
 

@@ -539,9 +539,8 @@ impl Storage {
 
     /// Drops outbox rows published long enough ago that JetStream's dedup window has passed.
     pub async fn purge_published(pool: &PgPool) -> Result<u64, sqlx::Error> {
-        let result = sqlx::query("DELETE FROM chat.outbox WHERE published_at < now() - interval '1 hour'")
-            .execute(pool)
-            .await?;
+        let result =
+            sqlx::query("DELETE FROM chat.outbox WHERE published_at < now() - interval '1 hour'").execute(pool).await?;
         Ok(result.rows_affected())
     }
 }
@@ -689,12 +688,13 @@ async fn replay_exchange(
     let Some((user_message_id, assistant_message_id)) = ids else {
         return Ok(None);
     };
-    let rows: Vec<MessageRow> =
-        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.all_messages WHERE id = ANY($1) AND user_id = $2")))
-            .bind(vec![user_message_id, assistant_message_id])
-            .bind(user_id)
-            .fetch_all(&mut **tx)
-            .await?;
+    let rows: Vec<MessageRow> = sqlx::query_as(sql(format!(
+        "SELECT {MESSAGE_COLUMNS} FROM chat.all_messages WHERE id = ANY($1) AND user_id = $2"
+    )))
+    .bind(vec![user_message_id, assistant_message_id])
+    .bind(user_id)
+    .fetch_all(&mut **tx)
+    .await?;
     let find = |id: Uuid| rows.iter().find(|row| row.id == id).cloned();
     // The first exchange's conversation may have been deleted since: then the key is free again.
     Ok(match (find(user_message_id), find(assistant_message_id)) {

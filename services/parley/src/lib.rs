@@ -240,7 +240,8 @@ impl Platform {
                     let nats = nats.clone().ok_or_else(|| missing("NATS"))?;
                     let database = database.clone().ok_or_else(|| missing("postgres"))?;
                     let marks = WriteMarks::new(database, redis.clone(), &config.redis.key_prefix);
-                    tasks.spawn(async move { (service, parley_chat::serve(config, marks, nats, listener, stop).await) });
+                    tasks
+                        .spawn(async move { (service, parley_chat::serve(config, marks, nats, listener, stop).await) });
                 }
                 Service::Quota => {
                     let redis = redis.clone().ok_or_else(|| missing("redis"))?;
@@ -251,9 +252,9 @@ impl Platform {
                 Service::Analytics => {
                     let nats = nats.clone().ok_or_else(|| missing("NATS"))?;
                     let database = database.clone().ok_or_else(|| missing("postgres"))?;
-                    tasks.spawn(
-                        async move { (service, parley_analytics::serve(config, database, nats, listener, stop).await) },
-                    );
+                    tasks.spawn(async move {
+                        (service, parley_analytics::serve(config, database, nats, listener, stop).await)
+                    });
                 }
                 Service::Gateway | Service::Agent => {}
             }

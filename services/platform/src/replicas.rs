@@ -208,8 +208,11 @@ impl Database {
             }
             Err(_) => None,
         };
-        metrics::gauge!("parley_db_replica_up", "replica" => label.clone())
-            .set(if replayed.is_some() { 1.0 } else { 0.0 });
+        metrics::gauge!("parley_db_replica_up", "replica" => label.clone()).set(if replayed.is_some() {
+            1.0
+        } else {
+            0.0
+        });
         let in_rotation = match replayed {
             Some(replayed) => {
                 replica.replayed.store(replayed, Ordering::Relaxed);
@@ -222,8 +225,11 @@ impl Database {
             }
             None => false,
         };
-        metrics::gauge!("parley_db_replica_in_rotation", "replica" => label.clone())
-            .set(if in_rotation { 1.0 } else { 0.0 });
+        metrics::gauge!("parley_db_replica_in_rotation", "replica" => label.clone()).set(if in_rotation {
+            1.0
+        } else {
+            0.0
+        });
         let was = replica.in_rotation.swap(in_rotation, Ordering::Relaxed);
         if was != in_rotation {
             if in_rotation {
@@ -320,7 +326,9 @@ impl WriteMarks {
             redis::cmd("GET").arg(format!("{}:{user_id}", self.prefix)).query_async(&mut redis.clone()).await;
         match mark {
             Ok(None) => ReadFloor::Any,
-            Ok(Some(position)) => position.parse().map_or(ReadFloor::Primary, |position| ReadFloor::AtLeast(Lsn(position))),
+            Ok(Some(position)) => {
+                position.parse().map_or(ReadFloor::Primary, |position| ReadFloor::AtLeast(Lsn(position)))
+            }
             Err(_) => ReadFloor::Primary,
         }
     }

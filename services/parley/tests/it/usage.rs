@@ -79,9 +79,9 @@ async fn usage_is_reported_per_day_model_and_user_from_partitions_and_rollups() 
     let day = |n: i64| today - time::Duration::days(n);
     let events = [
         event(&alice, "parley-fake", 1000, 2000, day(40) + time::Duration::hours(9)), // before the range
-        event(&alice, "parley-fake", 1000, 2000, day(4) + time::Duration::hours(3)), // before `from`, same day
+        event(&alice, "parley-fake", 1000, 2000, day(4) + time::Duration::hours(3)),  // before `from`, same day
         event(&alice, "parley-fake", 1000, 2000, day(4) + time::Duration::hours(18)), // partial first day
-        event(&alice, "parley-big", 100, 10, day(3) + time::Duration::hours(1)), // whole days
+        event(&alice, "parley-big", 100, 10, day(3) + time::Duration::hours(1)),      // whole days
         event(&alice, "parley-fake", 10, 20, day(3) + time::Duration::hours(23)),
         event(&bob, "parley-fake", 500, 500, day(2) + time::Duration::hours(12)),
         event(&alice, "parley-big", 1, 1, day(1) + time::Duration::hours(2)), // partial last day
@@ -105,7 +105,13 @@ async fn usage_is_reported_per_day_model_and_user_from_partitions_and_rollups() 
         .as_array()
         .unwrap()
         .iter()
-        .map(|row| (row["day"].as_str().unwrap().to_owned(), row["requests"].as_i64().unwrap(), row["total_tokens"].as_i64().unwrap()))
+        .map(|row| {
+            (
+                row["day"].as_str().unwrap().to_owned(),
+                row["requests"].as_i64().unwrap(),
+                row["total_tokens"].as_i64().unwrap(),
+            )
+        })
         .collect();
     let date = |n: i64| day(n).date().to_string();
     assert_eq!(days, vec![(date(4), 1, 3000), (date(3), 2, 140), (date(1), 1, 2)], "{by_day}");
@@ -155,7 +161,8 @@ async fn usage_is_reported_per_day_model_and_user_from_partitions_and_rollups() 
     let (in_default,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM analytics.usage_events_default").fetch_one(&pool).await.unwrap();
     assert_eq!(in_default, 0);
-    let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM analytics.usage_events").fetch_one(&pool).await.unwrap();
+    let (stored,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM analytics.usage_events").fetch_one(&pool).await.unwrap();
     assert_eq!(stored, events.len() as i64, "the redelivered event is stored once");
     pool.close().await;
     t.stop().await;
