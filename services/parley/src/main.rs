@@ -35,6 +35,13 @@ enum Command {
     Archive(ArchiveArgs),
     /// Validate the configuration, then exit.
     CheckConfig,
+    /// GET a URL and succeed only on a 2xx answer: a readiness check for images without a shell.
+    Probe {
+        /// For example http://parley-gateway/readyz.
+        url: String,
+        #[arg(long, default_value_t = 5)]
+        timeout_secs: u64,
+    },
     /// Run the fake OpenAI-compatible LLM on its own.
     FakeLlm(FakeLlmArgs),
     /// Operator commands.
@@ -111,6 +118,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::CheckConfig => check_config(),
+        Command::Probe { url, timeout_secs } => probe(&url, Duration::from_secs(timeout_secs)).await,
         Command::Migrate => migrate().await,
         Command::Archive(args) => archive(args).await,
         Command::Dev => dev().await,
@@ -141,6 +149,16 @@ async fn migrate() -> anyhow::Result<()> {
     let pool = sqlx::PgPool::connect(&config.database.url).await.context("failed to connect to postgres")?;
     parley::migrate(&pool).await?;
     println!("migrations applied");
+    Ok(())
+}
+
+async fn probe(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().timeout(timeout).build()?;
+    let response = client.get(url).send().await.with_context(|| format!("{url} did not answer"))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    println!("{status} {body}");
+    anyhow::ensure!(status.is_success(), "{url} answered {status}");
     Ok(())
 }
 

@@ -28,6 +28,7 @@ pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
     ("PARLEY_NATS_PREFIX", "prefix of every JetStream stream and subject (default parley)"),
     ("PARLEY_REDIS_PREFIX", "prefix of every Redis key (default parley)"),
     ("PARLEY_DEFAULT_MODEL", "model used when a request names none"),
+    ("PARLEY_EXPECTED_GATEWAY_REPLICAS", "gateway replicas sharing a rate limit while Redis is unreachable"),
     ("PARLEY_LOG", "log filter, e.g. info or parley_chat=debug (default info)"),
     ("PARLEY_LOG_FORMAT", "json (default) or pretty"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTLP gRPC endpoint for traces; unset means no export"),
@@ -660,6 +661,12 @@ impl Config {
         }
         if let Some(v) = get("PARLEY_DEFAULT_MODEL") {
             self.default_model = v;
+        }
+        if let Some(v) = get("PARLEY_EXPECTED_GATEWAY_REPLICAS") {
+            self.http.expected_gateway_replicas = v
+                .trim()
+                .parse()
+                .map_err(|_| invalid("PARLEY_EXPECTED_GATEWAY_REPLICAS", "must be a whole number of replicas"))?;
         }
         if let Some(v) = get("PARLEY_LOG") {
             self.telemetry.log_filter = v;

@@ -113,3 +113,17 @@ fn check_config_names_the_bad_field() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("databse"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_succeeds_only_on_a_ready_answer() {
+    let t = TestPlatform::start().await;
+    let ready = parley(&[], &["probe", &t.url("/readyz")]);
+    assert!(ready.status.success(), "{}", String::from_utf8_lossy(&ready.stderr));
+    assert!(String::from_utf8_lossy(&ready.stdout).starts_with("200"));
+    let missing = parley(&[], &["probe", &t.url("/no-such-page")]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("404"));
+    t.stop().await;
+    let gone = parley(&[], &["probe", "--timeout-secs", "1", "http://127.0.0.1:9/readyz"]);
+    assert!(!gone.status.success());
+}
