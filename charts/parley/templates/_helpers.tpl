@@ -36,15 +36,15 @@ app.kubernetes.io/component: {{ .component }}
 {{/*
 The services: what `parley serve` calls each, and which ports it has. `grpc`: serves gRPC on 50051 (with
 grpc.health.v1); `http`: the public API on 8080 (with /healthz, /readyz, /metrics); otherwise health
-and metrics are on the admin port 9090.
+and metrics are on the admin port 9090. `calls`: the services whose gRPC it calls (NetworkPolicy).
 */}}
 {{- define "parley.components" -}}
-gateway: {serve: api-gateway, grpc: false, http: true}
-user: {serve: user, grpc: true, http: false}
-chat: {serve: chat, grpc: true, http: false}
-quota: {serve: quota, grpc: true, http: false}
-analytics: {serve: analytics, grpc: true, http: false}
-agent: {serve: agent, grpc: false, http: false}
+gateway: {serve: api-gateway, grpc: false, http: true, calls: [user, chat, quota, analytics]}
+user: {serve: user, grpc: true, http: false, calls: []}
+chat: {serve: chat, grpc: true, http: false, calls: []}
+quota: {serve: quota, grpc: true, http: false, calls: []}
+analytics: {serve: analytics, grpc: true, http: false, calls: []}
+agent: {serve: agent, grpc: false, http: false, calls: [chat, quota]}
 {{- end -}}
 
 {{- define "parley.image" -}}

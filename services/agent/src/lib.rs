@@ -86,7 +86,17 @@ pub async fn run(
     quota: QuotaServiceClient<ClientChannel>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    Agent::new(config, nats, chat, quota, providers, redis).run(shutdown).await;
+    let names = parley_platform::nats::Names::new(&config.nats.prefix);
+    let backlog = tokio::spawn(parley_platform::nats::export_consumer_backlog(
+        async_nats::jetstream::new(nats.clone()),
+        names.jobs_stream(),
+        names.agent_consumer(),
+        std::time::Duration::from_secs(5),
+        shutdown.clone(),
+    ));
+    Agent::new(config, nats, chat, quota, providers, redis).run(shutdown.clone()).await;
+    shutdown.cancel();
+    backlog.await?;
     Ok(())
 }
 

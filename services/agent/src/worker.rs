@@ -285,7 +285,10 @@ impl Agent {
                 (result, reply)
             };
             match self.cache.coalesce(&cache_key, call).await {
-                Ok(result) => result,
+                Ok(result) => {
+                    metrics::counter!("parley_llm_cache_requests_total", "outcome" => "miss").increment(1);
+                    result
+                }
                 Err(Some(shared)) => {
                     return self
                         .answer_from_cache(job, &answering_model, shared, "coalesced")

@@ -33,6 +33,10 @@ impl Ingester {
         Self { config, pool, jetstream, names, partitions, wake_alerts }
     }
 
+    pub fn jetstream(&self) -> jetstream::Context {
+        self.jetstream.clone()
+    }
+
     /// The task that publishes the alerts this ingester raises.
     pub fn alert_publisher(&self) -> AlertPublisher {
         AlertPublisher {
@@ -220,6 +224,10 @@ impl Ingester {
             }
         }
         tx.commit().await?;
+        if cost_micros > 0 {
+            metrics::counter!("parley_analytics_cost_microdollars_total", "model" => event.model.clone())
+                .increment(cost_micros.unsigned_abs());
+        }
         for scope in raised {
             tracing::warn!(scope, user_id = %event.user_id, "daily spend threshold crossed");
             metrics::counter!("parley_analytics_cost_alerts_total", "scope" => scope).increment(1);

@@ -57,12 +57,21 @@ pub async fn serve(
     let pool = database.primary().clone();
     let ingester = ingest::Ingester::new(config.clone(), pool, async_nats::jetstream::new(nats));
     let alerts_task = tokio::spawn(ingester.alert_publisher().run(shutdown.clone()));
+    let names = parley_platform::nats::Names::new(&config.nats.prefix);
+    let backlog_task = tokio::spawn(parley_platform::nats::export_consumer_backlog(
+        ingester.jetstream(),
+        names.usage_stream(),
+        names.analytics_consumer(),
+        std::time::Duration::from_secs(5),
+        shutdown.clone(),
+    ));
     let ingest_task = tokio::spawn(ingester.run(shutdown.clone()));
     let routes = tonic::service::Routes::new(AnalyticsServiceServer::new(AnalyticsService::new(database)));
     let served = parley_platform::grpc::serve("analytics", listener, routes, &[HEALTH_NAME], shutdown.clone()).await;
     shutdown.cancel();
     ingest_task.await?;
     alerts_task.await?;
+    backlog_task.await?;
     served?;
     Ok(())
 }

@@ -222,6 +222,39 @@ pub async fn ensure_alerts_stream(js: &jetstream::Context, names: &Names) -> Res
     Ok(js.get_or_create_stream(config).await?)
 }
 
+/// Exports a durable consumer's backlog every `every` until `shutdown`:
+/// `parley_jetstream_consumer_pending_messages` (published, not yet delivered) and
+/// `parley_jetstream_consumer_ack_pending_messages` (delivered, not yet acknowledged), labelled by
+/// stream and consumer. Every replica exports the same figures; dashboards take the max.
+pub async fn export_consumer_backlog(
+    js: jetstream::Context,
+    stream: String,
+    consumer: &'static str,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let info = async {
+            let mut consumer: consumer::PullConsumer = js.get_consumer_from_stream(consumer, &stream).await?;
+            Ok::<_, async_nats::Error>(consumer.info().await?.clone())
+        };
+        match info.await {
+            Ok(info) => {
+                let labels = [("stream", stream.clone()), ("consumer", consumer.to_owned())];
+                metrics::gauge!("parley_jetstream_consumer_pending_messages", &labels).set(info.num_pending as f64);
+                metrics::gauge!("parley_jetstream_consumer_ack_pending_messages", &labels)
+                    .set(info.num_ack_pending as f64);
+            }
+            Err(error) => tracing::debug!(%error, %stream, consumer, "could not read the consumer's backlog"),
+        }
+    }
+}
+
 /// Analytics' durable pull consumer on the usage stream.
 pub async fn ensure_analytics_consumer(
     js: &jetstream::Context,

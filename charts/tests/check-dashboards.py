@@ -1,0 +1,179 @@
+"""Every Grafana dashboard query, evaluated by a real Prometheus against a real Parley.
+
+Starts `parley dev` (against the local PostgreSQL with its streaming replica on 5433, Redis and
+NATS), drives some traffic through the public API (register, conversations, messages, a cached
+reply, an OpenAI-compatible completion, usage), has Prometheus (Debian's package) scrape the
+gateway's /metrics every second, then runs each query of charts/parley/dashboards/*.json through
+Prometheus' HTTP API. A query that errors or returns no data fails the check.
+
+    python check-dashboards.py [--parley target/debug/parley]
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+DATABASE = "parley_dashboards"
+PRIMARY = "postgres://postgres@127.0.0.1:5432"
+REPLICA = "postgres://postgres@127.0.0.1:5433"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(method, url, body=None, token=None, expect=None):
+    request = urllib.request.Request(url, method=method)
+    request.add_header("content-type", "application/json")
+    if token:
+        request.add_header("authorization", f"Bearer {token}")
+    data = json.dumps(body).encode() if body is not None else None
+    try:
+        with urllib.request.urlopen(request, data, timeout=30) as response:
+            status, text = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read()
+    if expect is not None and status != expect:
+        raise SystemExit(f"{method} {url}: expected {expect}, got {status}: {text[:300]!r}")
+    return json.loads(text) if text else None
+
+
+def wait_for(what, check, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def traffic(base, round_number):
+    email = f"dash{round_number}-{int(time.time() * 1000)}@example.com"
+    session = call("POST", f"{base}/v1/auth/register", {"email": email, "password": "correct horse battery"}, expect=201)
+    token = session["access_token"]
+    conversation = call("POST", f"{base}/v1/conversations", {"title": "dashboards"}, token, expect=201)["id"]
+    for content in ("Hello there", "Tell me about dashboards"):
+        call("POST", f"{base}/v1/conversations/{conversation}/messages", {"content": content}, token, expect=200)
+    # The same deterministic prompt twice: the second answer comes from the response cache.
+    for _ in range(2):
+        call("POST", f"{base}/v1/chat/completions",
+             {"model": "parley-fake", "temperature": 0, "messages": [{"role": "user", "content": "cached question"}]},
+             token, expect=200)
+    call("GET", f"{base}/v1/conversations", token=token, expect=200)
+    call("GET", f"{base}/v1/conversations/{conversation}/messages", token=token, expect=200)
+    call("GET", f"{base}/v1/usage", token=token, expect=200)
+    call("GET", f"{base}/v1/no-such-route", token=token, expect=404)
+
+
+def queries():
+    for path in sorted(glob.glob(os.path.join(ROOT, "charts/parley/dashboards/*.json"))):
+        dashboard = json.load(open(path))
+        for panel in dashboard["panels"]:
+            for target in panel.get("targets", []):
+                yield os.path.basename(path), panel["title"], target["expr"]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parley", default=os.path.join(ROOT, "target/debug/parley"))
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="parley-dashboards-")
+    processes = []
+    try:
+        subprocess.run(["psql", f"{PRIMARY}/postgres", "-qc", f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"],
+                       check=True, capture_output=True)
+        http_port, fake_port, prometheus_port = free_port(), free_port(), free_port()
+        config = os.path.join(work, "parley.toml")
+        with open(config, "w") as f:
+            f.write(f'[fake_llm]\naddr = "127.0.0.1:{fake_port}"\n\n[database]\nreplica_check_interval_ms = 200\n')
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PARLEY_", "DATABASE_", "OTEL_"))}
+        env.update({
+            "PARLEY_CONFIG": config,
+            "DATABASE_URL": f"{PRIMARY}/{DATABASE}",
+            "DATABASE_REPLICA_URLS": f"{REPLICA}/{DATABASE}",
+            "PARLEY_HTTP_ADDR": f"127.0.0.1:{http_port}",
+            "PARLEY_NATS_PREFIX": "parleydash",
+            "PARLEY_REDIS_PREFIX": "parleydash",
+            "PARLEY_LOG": "warn",
+        })
+        log = open(os.path.join(work, "parley.log"), "w")
+        processes.append(subprocess.Popen([args.parley, "dev"], env=env, stdout=log, stderr=log))
+        base = f"http://127.0.0.1:{http_port}"
+        wait_for("parley dev to be ready", lambda: urllib.request.urlopen(f"{base}/readyz", timeout=2).status == 200)
+
+        scrape = os.path.join(work, "prometheus.yml")
+        with open(scrape, "w") as f:
+            f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+                    "scrape_configs:\n  - job_name: parley\n    static_configs:\n"
+                    f"      - targets: ['127.0.0.1:{http_port}']\n")
+        processes.append(subprocess.Popen(
+            ["prometheus", f"--config.file={scrape}", f"--storage.tsdb.path={work}/tsdb",
+             f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "prometheus.log"), "w")))
+        prometheus = f"http://127.0.0.1:{prometheus_port}"
+
+        def query(expr):
+            url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+            try:
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    return json.load(response)
+            except urllib.error.HTTPError as error:
+                return json.load(error)
+
+        wait_for("Prometheus to scrape Parley", lambda: query('up{job="parley"} == 1')["data"]["result"])
+        # Traffic while Prometheus watches, so rates and quantiles have something to work on.
+        for round_number in range(3):
+            traffic(base, round_number)
+            time.sleep(2)
+        # The replica's lag and the JetStream backlogs are sampled every few seconds.
+        wait_for("replica and backlog gauges", lambda: query("parley_db_replica_lag_seconds")["data"]["result"]
+                 and query("parley_jetstream_consumer_pending_messages")["data"]["result"], timeout=30)
+        time.sleep(3)
+
+        failures, count = [], 0
+        for dashboard, title, expr in queries():
+            count += 1
+            answer = query(expr)
+            if answer.get("status") != "success":
+                failures.append(f"{dashboard} / {title}: {answer.get('error')}\n    {expr}")
+                continue
+            values = [sample["value"][1] for sample in answer["data"]["result"]]
+            if not values or all(value == "NaN" for value in values):
+                failures.append(f"{dashboard} / {title}: no data\n    {expr}")
+        for failure in failures:
+            print(f"  dashboard query failed: {failure}")
+        print(f"{count} dashboard queries evaluated, {len(failures)} failed")
+        if failures:
+            print(f"(logs in {work})")
+            sys.exit(1)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        subprocess.run(["psql", f"{PRIMARY}/postgres", "-qc", f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"],
+                       capture_output=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
