@@ -65,6 +65,17 @@ if helm template parley "$chart" >/dev/null 2>"$work/err"; then
 fi
 grep -q "database.url" "$work/err"
 
+echo "== k8s/ example manifests (Kubernetes kinds; CloudNativePG's Cluster is a CRD)"
+"$python" - "$root"/k8s/*.yaml "$work/k8s-core.yaml" <<'PY'
+import sys, yaml
+objects = []
+for path in sys.argv[1:-1]:
+    objects += [o for o in yaml.safe_load_all(open(path)) if o and "apiVersion" in o and "kind" in o]
+core = [o for o in objects if not o["apiVersion"].startswith("postgresql.cnpg.io/")]
+yaml.safe_dump_all(core, open(sys.argv[-1], "w"))
+PY
+"$root/.tools/venv/bin/kubernetes-validate" --strict --quiet -k "$kubernetes_version" "$work/k8s-core.yaml"
+
 echo "== promtool"
 promtool check rules "$chart/rules/parley-alerts.yaml"
 (cd "$chart/rules" && promtool test rules parley-alerts.test.yaml)
