@@ -118,6 +118,35 @@ impl Storage {
         self.marks.wrote(user_id).await;
     }
 
+    /// One keyset page: `text` binds the list's key as $1, then the cursor's position as ($2, $3) when
+    /// there is one, then the page size.
+    async fn page<T>(
+        &self,
+        floor: ReadFloor,
+        text: String,
+        key: Uuid,
+        after: Option<Position>,
+        limit: i64,
+    ) -> Result<Vec<T>, sqlx::Error>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        self.marks
+            .database()
+            .read(floor, |pool| {
+                let text = text.clone();
+                async move {
+                    let query = sqlx::query_as(sql(text)).bind(key);
+                    let query = match after {
+                        Some(position) => query.bind(position.at).bind(position.id),
+                        None => query,
+                    };
+                    query.bind(limit).fetch_all(&pool).await
+                }
+            })
+            .await
+    }
+
     /// How fresh `user_id`'s reads must be.
     pub async fn floor(&self, user_id: Uuid) -> ReadFloor {
         self.marks.floor(user_id).await
@@ -182,20 +211,7 @@ impl Storage {
                  ORDER BY updated_at DESC, id DESC LIMIT $4"
             ),
         };
-        self.marks
-            .database()
-            .read(floor, |pool| {
-                let text = text.clone();
-                async move {
-                    let query = sqlx::query_as(sql(text)).bind(user_id);
-                    let query = match after {
-                        Some(position) => query.bind(position.at).bind(position.id),
-                        None => query,
-                    };
-                    query.bind(limit).fetch_all(&pool).await
-                }
-            })
-            .await
+        self.page(floor, text, user_id, after, limit).await
     }
 
     pub async fn update_conversation(
@@ -369,20 +385,7 @@ impl Storage {
                  ORDER BY created_at, id LIMIT $4"
             ),
         };
-        self.marks
-            .database()
-            .read(floor, |pool| {
-                let text = text.clone();
-                async move {
-                    let query = sqlx::query_as(sql(text)).bind(conversation_id);
-                    let query = match after {
-                        Some(position) => query.bind(position.at).bind(position.id),
-                        None => query,
-                    };
-                    query.bind(limit).fetch_all(&pool).await
-                }
-            })
-            .await
+        self.page(floor, text, conversation_id, after, limit).await
     }
 
     /// The finished messages before `message`, newest `limit` of them, returned oldest first.

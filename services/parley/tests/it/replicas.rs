@@ -84,6 +84,16 @@ async fn titles(t: &TestPlatform, session: &Session) -> Vec<String> {
     body["data"].as_array().unwrap().iter().map(|c| c["title"].as_str().unwrap_or_default().to_owned()).collect()
 }
 
+/// Waits until `session`'s listings are served by the replica.
+async fn listings_reach_the_replica(t: &TestPlatform, session: &Session) {
+    eventually("listings to be served by the replica", Duration::from_secs(10), || async {
+        let reads = replica_reads(t).await;
+        titles(t, session).await;
+        (replica_reads(t).await > reads).then_some(())
+    })
+    .await;
+}
+
 /// A conversation written straight into the primary, as another writer would: no write mark.
 async fn insert_behind_the_platforms_back(t: &TestPlatform, session: &Session, title: &str) {
     let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
@@ -147,12 +157,7 @@ async fn replicas_serve_listings_users_read_their_writes_and_a_lagging_replica_i
     // Replay resumes: the replica catches up and returns to the rotation.
     replica_sql("SELECT pg_wal_replay_resume()");
     wait_in_rotation(&t, true).await;
-    eventually("reads to go to the replica again", Duration::from_secs(10), || async {
-        let reads = replica_reads(&t).await;
-        titles(&t, &bob).await;
-        (replica_reads(&t).await > reads).then_some(())
-    })
-    .await;
+    listings_reach_the_replica(&t, &bob).await;
     t.stop().await;
 }
 
@@ -161,12 +166,7 @@ async fn a_stopped_replica_sends_reads_to_the_primary_without_an_error() {
     let (t, _restore) = start().await;
     let alice = t.register("alice@example.com").await;
     let conversation = t.create_conversation(&alice, "kept").await;
-    eventually("reads to be served by the replica", Duration::from_secs(10), || async {
-        let reads = replica_reads(&t).await;
-        titles(&t, &alice).await;
-        (replica_reads(&t).await > reads).then_some(())
-    })
-    .await;
+    listings_reach_the_replica(&t, &alice).await;
 
     replica("stop");
     // Straight away, before the monitor has noticed: every read still answers, from the primary.
@@ -183,11 +183,6 @@ async fn a_stopped_replica_sends_reads_to_the_primary_without_an_error() {
 
     replica("resume");
     wait_in_rotation(&t, true).await;
-    eventually("reads to go to the replica again", Duration::from_secs(10), || async {
-        let reads = replica_reads(&t).await;
-        titles(&t, &alice).await;
-        (replica_reads(&t).await > reads).then_some(())
-    })
-    .await;
+    listings_reach_the_replica(&t, &alice).await;
     t.stop().await;
 }
