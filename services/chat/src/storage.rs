@@ -118,6 +118,26 @@ impl Storage {
         self.marks.wrote(user_id).await;
     }
 
+    /// One row by id that must belong to `user_id`: `text` binds the id as $1 and the user as $2.
+    async fn owned_row<T>(
+        &self,
+        floor: ReadFloor,
+        text: String,
+        id: Uuid,
+        user_id: Uuid,
+    ) -> Result<Option<T>, sqlx::Error>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
+        self.marks
+            .database()
+            .read(floor, |pool| {
+                let text = text.clone();
+                async move { sqlx::query_as(sql(text)).bind(id).bind(user_id).fetch_optional(&pool).await }
+            })
+            .await
+    }
+
     /// One keyset page: `text` binds the list's key as $1, then the cursor's position as ($2, $3) when
     /// there is one, then the page size.
     async fn page<T>(
@@ -182,13 +202,7 @@ impl Storage {
         id: Uuid,
     ) -> Result<Option<ConversationRow>, sqlx::Error> {
         let text = format!("SELECT {CONVERSATION_COLUMNS} FROM chat.conversations WHERE id = $1 AND user_id = $2");
-        self.marks
-            .database()
-            .read(floor, |pool| {
-                let text = text.clone();
-                async move { sqlx::query_as(sql(text)).bind(id).bind(user_id).fetch_optional(&pool).await }
-            })
-            .await
+        self.owned_row(floor, text, id, user_id).await
     }
 
     /// A user's conversations, most recently updated first, after `after` (exclusive). Two statements,
@@ -350,13 +364,7 @@ impl Storage {
         id: Uuid,
     ) -> Result<Option<MessageRow>, sqlx::Error> {
         let text = format!("SELECT {MESSAGE_COLUMNS} FROM chat.all_messages WHERE id = $1 AND user_id = $2");
-        self.marks
-            .database()
-            .read(floor, |pool| {
-                let text = text.clone();
-                async move { sqlx::query_as(sql(text)).bind(id).bind(user_id).fetch_optional(&pool).await }
-            })
-            .await
+        self.owned_row(floor, text, id, user_id).await
     }
 
     pub async fn message(&self, id: Uuid) -> Result<Option<MessageRow>, sqlx::Error> {
