@@ -136,26 +136,39 @@ def main():
             except urllib.error.HTTPError as error:
                 return json.load(error)
 
-        wait_for("Prometheus to scrape Parley", lambda: query('up{job="parley"} == 1')["data"]["result"])
-        # Traffic while Prometheus watches, so rates and quantiles have something to work on.
+        def scrapes():
+            result = query('count_over_time(up{job="parley"}[10m])')["data"]["result"]
+            return int(result[0]["value"][1]) if result else 0
+
+        wait_for("Prometheus to scrape Parley", lambda: scrapes() > 0)
+        # Traffic while Prometheus watches, each round in a scrape of its own, so rates and quantiles
+        # have increases to work on.
         for round_number in range(3):
             traffic(base, round_number)
-            time.sleep(2)
-        # The replica's lag and the JetStream backlogs are sampled every few seconds.
-        wait_for("replica and backlog gauges", lambda: query("parley_db_replica_lag_seconds")["data"]["result"]
-                 and query("parley_jetstream_consumer_pending_messages")["data"]["result"], timeout=30)
-        time.sleep(3)
+            seen = scrapes()
+            wait_for("the next scrape", lambda: scrapes() > seen)
 
-        failures, count = [], 0
-        for dashboard, title, expr in queries():
-            count += 1
-            answer = query(expr)
-            if answer.get("status") != "success":
-                failures.append(f"{dashboard} / {title}: {answer.get('error')}\n    {expr}")
-                continue
-            values = [sample["value"][1] for sample in answer["data"]["result"]]
-            if not values or all(value == "NaN" for value in values):
-                failures.append(f"{dashboard} / {title}: no data\n    {expr}")
+        def evaluate():
+            failures = []
+            for dashboard, title, expr in queries():
+                answer = query(expr)
+                if answer.get("status") != "success":
+                    failures.append(f"{dashboard} / {title}: {answer.get('error')}\n    {expr}")
+                    continue
+                values = [sample["value"][1] for sample in answer["data"]["result"]]
+                if not values or all(value == "NaN" for value in values):
+                    failures.append(f"{dashboard} / {title}: no data\n    {expr}")
+            return failures
+
+        # Gauges sampled every few seconds (replica lag, JetStream backlogs) may need a moment more:
+        # every query must answer with data within the deadline.
+        failures = evaluate()
+        deadline = time.monotonic() + 30
+        while failures and time.monotonic() < deadline:
+            seen = scrapes()
+            wait_for("the next scrape", lambda: scrapes() > seen)
+            failures = evaluate()
+        count = len(list(queries()))
         for failure in failures:
             print(f"  dashboard query failed: {failure}")
         print(f"{count} dashboard queries evaluated, {len(failures)} failed")
