@@ -37,14 +37,15 @@ app.kubernetes.io/component: {{ .component }}
 The services: what `parley serve` calls each, and which ports it has. `grpc`: serves gRPC on 50051 (with
 grpc.health.v1); `http`: the public API on 8080 (with /healthz, /readyz, /metrics); otherwise health
 and metrics are on the admin port 9090. `calls`: the services whose gRPC it calls (NetworkPolicy).
+`backlog`: the JetStream stream and durable consumer it works through (KEDA can scale on it).
 */}}
 {{- define "parley.components" -}}
 gateway: {serve: api-gateway, grpc: false, http: true, calls: [user, chat, quota, analytics]}
 user: {serve: user, grpc: true, http: false, calls: []}
 chat: {serve: chat, grpc: true, http: false, calls: []}
 quota: {serve: quota, grpc: true, http: false, calls: []}
-analytics: {serve: analytics, grpc: true, http: false, calls: []}
-agent: {serve: agent, grpc: false, http: false, calls: [chat, quota]}
+analytics: {serve: analytics, grpc: true, http: false, calls: [], backlog: {stream: USAGE, consumer: analytics}}
+agent: {serve: agent, grpc: false, http: false, calls: [chat, quota], backlog: {stream: JOBS, consumer: agent}}
 {{- end -}}
 
 {{- define "parley.image" -}}
