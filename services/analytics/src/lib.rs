@@ -5,6 +5,7 @@
 //! It must never lose an acknowledged event: a message is acknowledged only after its row is stored.
 
 mod ingest;
+mod retention;
 mod service;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use retention::drop_old_usage_partitions;
 pub use service::AnalyticsService;
 
 /// The name this service reports in `grpc.health.v1`.

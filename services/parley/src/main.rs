@@ -57,6 +57,10 @@ struct ArchiveArgs {
     /// Conversations moved per transaction.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
     batch: i64,
+    /// Also drop raw usage events older than this many whole months before the current one (their
+    /// daily rollups stay, so reports over whole days are unchanged). Unset: keep them all.
+    #[arg(long)]
+    usage_months: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -171,6 +175,13 @@ async fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
         "archived {} conversations idle for {} days or more ({} messages moved)",
         archived.conversations, args.idle_days, archived.messages
     );
+    if let Some(months) = args.usage_months {
+        let today = time::OffsetDateTime::now_utc().date();
+        let dropped = parley_analytics::drop_old_usage_partitions(&pool, today, months)
+            .await
+            .context("dropping old usage partitions failed")?;
+        println!("dropped {} usage event partitions older than {months} months: {}", dropped.len(), dropped.join(", "));
+    }
     Ok(())
 }
 

@@ -164,6 +164,32 @@ async fn usage_is_reported_per_day_model_and_user_from_partitions_and_rollups() 
     let (stored,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM analytics.usage_events").fetch_one(&pool).await.unwrap();
     assert_eq!(stored, events.len() as i64, "the redelivered event is stored once");
+
+    // Retention: raw events of months before last month are dropped as whole partitions; the day
+    // 40 days ago still reports from its rollup.
+    let old_day = format!("from={}&to={}", rfc3339(day(40)), rfc3339(day(39)));
+    let before = requests(&t, &alice, &format!("{old_day}&group_by=day")).await;
+    assert_eq!(before["totals"]["requests"], 1, "{before}");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["archive", "--usage-months", "0"])
+        .env_remove("PARLEY_CONFIG")
+        .env("PARLEY_LOG", "warn")
+        .env("DATABASE_URL", &t.config.database.url)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report = String::from_utf8_lossy(&output.stdout);
+    let old_month =
+        format!("usage_events_{}", day(40).format(&time::macros::format_description!("[year]_[month]")).unwrap());
+    assert!(report.contains(&old_month), "{report}");
+    let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM analytics.usage_events WHERE occurred_at < $1")
+        .bind(today.replace_day(1).unwrap())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "raw events before this month are gone");
+    let after = requests(&t, &alice, &format!("{old_day}&group_by=day")).await;
+    assert_eq!(after["data"], before["data"], "whole days still report from the rollup");
     pool.close().await;
     t.stop().await;
 }
