@@ -91,3 +91,41 @@ async fn without_nats_sends_are_accepted_and_wait_in_the_outbox_until_it_returns
     let (_, store) = nats.stop();
     let _ = std::fs::remove_dir_all(store);
 }
+
+/// A request that outlives `http.request_timeout_secs` (here: chat accepts the connection and never
+/// answers) ends in a 503 problem with `Retry-After`, long before the gRPC client would give up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_is_a_503_with_retry_after() {
+    let mut t = TestPlatform::start().await;
+    let session = t.register("patient@example.com").await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            connections.push(connection);
+        }
+    });
+    t.config.grpc.chat_url = silent_url;
+    t.config.http.message_wait_secs = 1;
+    t.config.http.request_timeout_secs = 2;
+    let gateway = t.launch(&[Service::Gateway]).await.unwrap();
+
+    let started = std::time::Instant::now();
+    let response = t
+        .http
+        .post(format!("{gateway}/v1/conversations"))
+        .bearer_auth(&session.token)
+        .json(&json!({"title": "never stored"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned()), Some("1".to_owned()));
+    let (status, body) = read(response).await;
+    crate::harness::assert_problem(status, &body, 503, "unavailable");
+    assert!(started.elapsed() < Duration::from_secs(20), "the deadline, not the gRPC timeout, ended it");
+    let timeouts = t.metric("parley_http_timeouts_total").await;
+    assert_eq!(timeouts, Some(1.0));
+    held.abort();
+    t.stop().await;
+}
