@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod health;
+pub mod json_log;
 pub mod nats;
 pub mod redis_pool;
 pub mod replicas;

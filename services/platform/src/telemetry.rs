@@ -1,7 +1,8 @@
 //! Logs, traces and metrics, set up once per process by [`init`].
 //!
 //! - Logs are JSON lines (or human-readable with `PARLEY_LOG_FORMAT=pretty`); every request span
-//!   carries `request_id`, `trace_id` and `service`, and the JSON lines list the spans they happened in.
+//!   carries `request_id`, `trace_id` and `service`, and each JSON line carries them at its top level
+//!   ([`crate::json_log`]).
 //! - Traces use W3C trace context. Every process has a tracer provider, so trace ids exist and flow
 //!   across gRPC metadata and NATS headers even when nothing is exported; spans are exported with OTLP
 //!   only when an endpoint is configured.
@@ -83,10 +84,8 @@ pub fn init(service_name: &str, config: &TelemetryConfig) -> anyhow::Result<Tele
     let otel_layer = tracing_opentelemetry::layer().with_tracer(tracer);
     let fmt_layer = match config.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(false)
-            .with_span_list(true)
-            .with_target(true)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(crate::json_log::JsonLines)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer().with_target(false).boxed(),
     };
