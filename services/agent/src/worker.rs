@@ -259,7 +259,7 @@ impl Agent {
             let detail = format!("model {:?} is not configured", context.model);
             return self.fail(job, "invalid_request", &detail, None).await.map_or(retry, |()| Outcome::Done);
         };
-        let prompt = self.assemble_prompt(&context, &context.model, model).await;
+        let prompt = self.assemble_prompt(job, &context, &context.model, model).await;
         let answering_model = self.route(&context.model, model, &prompt);
         if !self.reserve_for(job, model, &prompt).await {
             let detail = "the token budget does not cover this prompt and the longest reply";
@@ -354,6 +354,7 @@ impl Agent {
     /// long threads keep their gist while each call's prompt stays within the window.
     async fn assemble_prompt(
         &self,
+        job: &AiJob,
         context: &chat_pb::JobContext,
         requested: &str,
         model: &parley_platform::config::ModelConfig,
@@ -371,11 +372,22 @@ impl Agent {
         let refit = fit_prompt(system, None, &context.history, model.context_window, reserved + summary_room, &counter);
         let (dropped, kept) =
             context.history.split_at(refit.dropped.max(1).min(context.history.len().saturating_sub(1)));
-        let Some(summary) = self.summarize(context.summary.as_deref(), dropped, requested, model, summary_room).await
+        let Some((summary, tokens)) =
+            self.summarize(context.summary.as_deref(), dropped, requested, model, summary_room).await
         else {
             return fitted.prompt;
         };
         if let Some(until) = dropped.last() {
+            // The user pays for the summary call too, once per summary (a redelivered job that folds the
+            // same messages again is not charged twice).
+            let charge = quota_pb::ChargeRequest {
+                user_id: job.user_id.to_string(),
+                tokens,
+                reference_id: format!("summary:{}", until.id),
+            };
+            if let Err(status) = self.quota.clone().charge(charge).await {
+                tracing::warn!(code = ?status.code(), "could not charge the summary call");
+            }
             let request = chat_pb::UpdateSummaryRequest {
                 conversation_id: context.conversation_id.clone(),
                 summary: summary.clone(),
@@ -388,8 +400,8 @@ impl Agent {
         compose(system, Some(&summary), kept)
     }
 
-    /// Folds `dropped` into the running summary with the summary model; `None` if no provider answered
-    /// (the prompt then simply leaves those messages out).
+    /// Folds `dropped` into the running summary with the summary model, with the tokens the call used;
+    /// `None` if no provider answered (the prompt then simply leaves those messages out).
     async fn summarize(
         &self,
         previous: Option<&str>,
@@ -397,7 +409,7 @@ impl Agent {
         requested: &str,
         model: &parley_platform::config::ModelConfig,
         max_tokens: u32,
-    ) -> Option<String> {
+    ) -> Option<(String, i64)> {
         let name = self
             .config
             .agent
@@ -421,7 +433,8 @@ impl Agent {
                 Ok(completion) => {
                     provider.breaker.record_success();
                     metrics::counter!("parley_agent_summaries_total", "model" => name.clone()).increment(1);
-                    return Some(completion.content);
+                    let tokens = completion.input_tokens.max(0) + completion.output_tokens.max(0);
+                    return Some((completion.content, tokens));
                 }
                 Err(error) => {
                     if error.is_provider_fault() {

@@ -49,6 +49,16 @@ async fn a_thread_longer_than_the_window_gets_a_summary_and_still_answers() {
         messages["data"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap().chars().count()).sum();
     assert!(thread_chars / 4 > 2 * 400, "the thread itself is over twice the window: {thread_chars} characters");
     assert!(input_tokens.iter().all(|tokens| *tokens <= 400), "{input_tokens:?}");
+
+    // The summary calls are charged to the user's budget, once per summary.
+    let (summary_charges, summary_tokens): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT count(*), sum(tokens)::bigint FROM quota.ledger WHERE user_id = $1::uuid AND reference_id LIKE 'summary:%'",
+    )
+    .bind(&session.user_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(summary_charges >= 1 && summary_tokens.unwrap_or(0) > 0, "{summary_charges} charges");
     pool.close().await;
     t.stop().await;
 }
