@@ -2,21 +2,14 @@
 //! can do with them keeps working: read, page, look up a message, replay an idempotent send, continue
 //! the thread (with its archived history as context), delete.
 
-use std::process::Command;
-
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::harness::{Session, TestPlatform};
+use crate::harness::{Session, TestPlatform, run_parley};
 
 fn archive(t: &TestPlatform, idle_days: &str) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_parley"))
-        .args(["archive", "--idle-days", idle_days, "--batch", "1"])
-        .env_remove("PARLEY_CONFIG")
-        .env("PARLEY_LOG", "warn")
-        .env("DATABASE_URL", &t.config.database.url)
-        .output()
-        .unwrap();
+    let output =
+        run_parley(&[("DATABASE_URL", &t.config.database.url)], &["archive", "--idle-days", idle_days, "--batch", "1"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout).unwrap()
 }

@@ -204,6 +204,17 @@ impl TestPlatform {
     }
 }
 
+/// Runs the real `parley` binary with `args`, without any PARLEY_CONFIG of the caller's, quiet logs,
+/// and `envs` set.
+pub fn run_parley(envs: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_parley"));
+    command.args(args).env_remove("PARLEY_CONFIG").env("PARLEY_LOG", "warn");
+    for (name, value) in envs {
+        command.env(name, value);
+    }
+    command.output().unwrap()
+}
+
 pub async fn read(response: reqwest::Response) -> (StatusCode, Value) {
     let status = response.status();
     let text = response.text().await.unwrap();

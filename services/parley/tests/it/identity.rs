@@ -1,7 +1,6 @@
 //! Identity under attack and over time: signing-key rotation, tokens that are not quite right, brute
 //! force on login, the audit log, and gateways that keep verifying tokens while the user service is down.
 
-use std::process::Command;
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -12,14 +11,8 @@ use serde_json::{Value, json};
 use crate::harness::{Session, TestPlatform, assert_problem, eventually, read};
 
 fn parley_admin(database_url: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_parley"))
-        .arg("admin")
-        .args(args)
-        .env_remove("PARLEY_CONFIG")
-        .env("DATABASE_URL", database_url)
-        .env("PARLEY_LOG", "warn")
-        .output()
-        .unwrap()
+    let args: Vec<&str> = std::iter::once("admin").chain(args.iter().copied()).collect();
+    crate::harness::run_parley(&[("DATABASE_URL", database_url)], &args)
 }
 
 fn kid_of(token: &str) -> String {

@@ -1,20 +1,9 @@
 //! The operator's commands, run as the real `parley` binary: migrate, check-config, admin.
 
-use std::process::Command;
-
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::harness::TestPlatform;
-
-fn parley(envs: &[(&str, &str)], args: &[&str]) -> std::process::Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_parley"));
-    command.args(args).env_remove("PARLEY_CONFIG").env("PARLEY_LOG", "warn");
-    for (name, value) in envs {
-        command.env(name, value);
-    }
-    command.output().unwrap()
-}
+use crate::harness::{TestPlatform, run_parley as parley};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_is_idempotent_and_admin_commands_follow_the_api_rules() {

@@ -13,7 +13,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::harness::{Session, TestPlatform, eventually};
+use crate::harness::{Session, TestPlatform, eventually, run_parley};
 
 /// Publishes a usage event as an agent would (with `msg_id` as the JetStream message id).
 async fn publish(t: &TestPlatform, event: &UsageEvent, msg_id: &str) {
@@ -170,13 +170,7 @@ async fn usage_is_reported_per_day_model_and_user_from_partitions_and_rollups() 
     let old_day = format!("from={}&to={}", rfc3339(day(40)), rfc3339(day(39)));
     let before = requests(&t, &alice, &format!("{old_day}&group_by=day")).await;
     assert_eq!(before["totals"]["requests"], 1, "{before}");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
-        .args(["archive", "--usage-months", "0"])
-        .env_remove("PARLEY_CONFIG")
-        .env("PARLEY_LOG", "warn")
-        .env("DATABASE_URL", &t.config.database.url)
-        .output()
-        .unwrap();
+    let output = run_parley(&[("DATABASE_URL", &t.config.database.url)], &["archive", "--usage-months", "0"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let report = String::from_utf8_lossy(&output.stdout);
     let old_month =
