@@ -1,9 +1,10 @@
-# Parley's two commands: `make run` and `make test`. Both bring up PostgreSQL, Redis and NATS first.
+# Parley's two commands: `make run` and `make test` (and `make bench`, the load tests). All bring up
+# PostgreSQL, Redis and NATS first.
 SHELL := /bin/bash
 export PATH := $(CURDIR)/.tools/bin:$(HOME)/.cargo/bin:$(PATH)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run test lint unit chart services replica tools build
+.PHONY: run test lint unit chart services replica tools build bench
 
 ## Build and start the whole platform locally (parley dev, gateway on http://127.0.0.1:8080).
 run: services
@@ -29,6 +30,11 @@ lint:
 
 build:
 	cargo build --workspace
+
+## Load tests against a release build (wrk and loadtests/streams): throughput, latency, CPU and memory,
+## time to first token, concurrent streams. Results in loadtests/results/. See loadtests/bench.sh.
+bench: services
+	loadtests/bench.sh
 
 services:
 	@scripts/ensure-services.sh

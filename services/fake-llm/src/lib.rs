@@ -134,7 +134,9 @@ impl FakeLlm {
 
 /// Serves `fake` on `listener` until `shutdown` is cancelled.
 pub async fn serve(fake: FakeLlm, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, fake.router()).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    axum::serve(parley_platform::net::without_nagle(listener), fake.router())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 /// The reply: it quotes the last user message, so a caller can tell which prompt it answers.
@@ -280,7 +282,8 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: &[u8]) -
         let include_usage = request.stream_options.is_some_and(|options| options.include_usage);
         stream_completion(completion, include_usage)
     } else {
-        tokio::time::sleep(completion.knobs.time_to_first_token + completion.generation_time()).await;
+        wait_until(tokio::time::Instant::now() + completion.knobs.time_to_first_token + completion.generation_time())
+            .await;
         Json(completion.whole()).into_response()
     }
 }
@@ -443,8 +446,21 @@ enum Step {
     End,
 }
 
+/// How long a stream told to break off waits after its last token before dropping the connection.
+const BREAK_OFF_DELAY: Duration = Duration::from_millis(20);
+
+/// Waits until `due`, and not at all when it has passed: a timer rounds every wait up to a millisecond,
+/// so a fake told to answer at once must not sleep, or it would add a millisecond per token.
+async fn wait_until(due: tokio::time::Instant) {
+    if due > tokio::time::Instant::now() {
+        tokio::time::sleep_until(due).await;
+    }
+}
+
 fn stream_completion(completion: Completion, include_usage: bool) -> Response {
     let completion = Arc::new(completion);
+    // Each token is due at a fixed offset from the start, so the pace holds however late a poll runs.
+    let started = tokio::time::Instant::now();
     let opening = futures::stream::iter(completion.opening().into_iter().map(Ok::<_, std::io::Error>));
     let body = futures::stream::unfold(Step::Token(0), move |step| {
         let completion = completion.clone();
@@ -452,12 +468,15 @@ fn stream_completion(completion: Completion, include_usage: bool) -> Response {
             match step {
                 Step::Token(index) if index < completion.tokens.len() => {
                     if completion.knobs.fail_after_tokens.is_some_and(|limit| index >= limit) {
-                        // An error in the body makes the server drop the connection mid-reply.
+                        // An error in the body makes the server drop the connection mid-reply. It waits a
+                        // moment first, so the tokens before it have reached the client, as they would
+                        // have from a provider that broke off while generating.
+                        tokio::time::sleep(BREAK_OFF_DELAY).await;
                         return Some((Err(std::io::Error::other("fake stream failure")), Step::End));
                     }
-                    let wait =
-                        if index == 0 { completion.knobs.time_to_first_token } else { completion.token_interval() };
-                    tokio::time::sleep(wait).await;
+                    let due =
+                        started + completion.knobs.time_to_first_token + completion.token_interval() * index as u32;
+                    wait_until(due).await;
                     Some((Ok(completion.token_event(index)), Step::Token(index + 1)))
                 }
                 Step::Token(_) => {

@@ -10,6 +10,7 @@ mod limits;
 mod middleware;
 mod openapi;
 mod problem;
+mod replies;
 mod routes;
 mod views;
 
@@ -52,6 +53,8 @@ pub struct AppState {
     account_overrides: Arc<auth::AccountOverrides>,
     readiness: Arc<Readiness>,
     events_stream: Arc<tokio::sync::OnceCell<async_nats::jetstream::stream::Stream>>,
+    /// Every reply's events, through one subscription, for the streams and waiting sends held here.
+    replies: Arc<replies::ReplyHub>,
     /// Cancelled when the gateway shuts down: open event streams end so clients reconnect elsewhere.
     shutdown: CancellationToken,
 }
@@ -83,6 +86,7 @@ impl AppState {
             keys,
             readiness: Arc::new(readiness),
             events_stream: Arc::new(tokio::sync::OnceCell::new()),
+            replies: Arc::new(replies::ReplyHub::new()),
             shutdown: CancellationToken::new(),
         }
     }
@@ -150,10 +154,18 @@ pub async fn serve(mut state: AppState, listener: TcpListener, shutdown: Cancell
         state.names.api_key_revocations_subject(),
         shutdown.clone(),
     ));
+    let replies = tokio::spawn(state.replies.clone().follow(
+        state.nats.clone(),
+        state.names.all_message_events(),
+        shutdown.clone(),
+    ));
     let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+    let served = axum::serve(parley_platform::net::without_nagle(listener), app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
     shutdown.cancel();
     refresher.await?;
+    replies.await?;
     revocations.await?;
     account_changes.await?;
     served?;

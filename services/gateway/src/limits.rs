@@ -11,27 +11,30 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderMap, HeaderValue};
 use tokio::sync::Mutex as AsyncMutex;
 
-const PERIOD_MS: u64 = 60_000;
+/// The window every limit is per, in microseconds: microseconds, not milliseconds, so the emission
+/// interval (period / limit) stays a whole, non-zero number for limits up to 60 million a minute.
+const PERIOD_US: u64 = 60_000_000;
 /// A Redis that takes longer than this to answer is treated as down for the decision at hand.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often to try reconnecting to a Redis that was down.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
-/// GCRA in one step. KEYS[1]: the limited key. ARGV[1]: emission interval in ms (period / limit).
-/// ARGV[2]: period in ms. Uses Redis's clock, so replicas' clocks do not matter. Returns
-/// {allowed, remaining, reset_ms, retry_after_ms}.
+/// GCRA in one step. KEYS[1]: the limited key. ARGV[1]: emission interval in µs (period / limit).
+/// ARGV[2]: period in µs. Uses Redis's clock, so replicas' clocks do not matter. Returns
+/// {allowed, remaining, reset_us, retry_after_us}. (Microsecond times since the epoch stay well inside
+/// the 2^53 that Lua's numbers hold exactly.)
 const GCRA_SCRIPT: &str = r"
 local interval = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
 local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local new_tat = tat + interval
 if new_tat - now > period then
   return {0, 0, tat - now, new_tat - period - now}
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000))
 return {1, math.floor((period - (new_tat - now)) / interval), new_tat - now, 0}
 ";
 
@@ -58,22 +61,27 @@ impl Decision {
     }
 }
 
-fn ceil_secs(ms: i64) -> u64 {
-    (ms.max(0) as u64).div_ceil(1000)
+fn ceil_secs(us: i64) -> u64 {
+    (us.max(0) as u64).div_ceil(1_000_000)
+}
+
+/// The time one request uses up of the window: at least a microsecond.
+fn emission_interval(limit: u32) -> u64 {
+    (PERIOD_US / u64::from(limit.max(1))).max(1)
 }
 
 /// GCRA on a map in this process's memory.
-fn local_decision(tats: &mut HashMap<String, u64>, key: &str, limit: u32, now_ms: u64) -> Decision {
-    let interval = PERIOD_MS / u64::from(limit.max(1));
-    let tat = tats.get(key).copied().unwrap_or(now_ms).max(now_ms);
+fn local_decision(tats: &mut HashMap<String, u64>, key: &str, limit: u32, now_us: u64) -> Decision {
+    let interval = emission_interval(limit);
+    let tat = tats.get(key).copied().unwrap_or(now_us).max(now_us);
     let new_tat = tat + interval;
-    if new_tat - now_ms > PERIOD_MS {
-        let retry = (new_tat - PERIOD_MS - now_ms) as i64;
+    if new_tat - now_us > PERIOD_US {
+        let retry = (new_tat - PERIOD_US - now_us) as i64;
         return Decision {
             allowed: false,
             limit,
             remaining: 0,
-            reset_secs: ceil_secs((tat - now_ms) as i64),
+            reset_secs: ceil_secs((tat - now_us) as i64),
             retry_after_secs: ceil_secs(retry),
         };
     }
@@ -81,8 +89,8 @@ fn local_decision(tats: &mut HashMap<String, u64>, key: &str, limit: u32, now_ms
     Decision {
         allowed: true,
         limit,
-        remaining: ((PERIOD_MS - (new_tat - now_ms)) / interval) as u32,
-        reset_secs: ceil_secs((new_tat - now_ms) as i64),
+        remaining: ((PERIOD_US - (new_tat - now_us)) / interval) as u32,
+        reset_secs: ceil_secs((new_tat - now_us) as i64),
         retry_after_secs: 0,
     }
 }
@@ -177,12 +185,11 @@ impl RateLimiter {
     pub async fn check(&self, key: &str, limit: u32) -> Decision {
         let limit = limit.max(1);
         if let Some(mut connection) = self.connection().await {
-            let interval = PERIOD_MS / u64::from(limit);
             let mut invocation = self.script.key(format!("{}:rl:{key}", self.prefix));
-            invocation.arg(interval).arg(PERIOD_MS);
+            invocation.arg(emission_interval(limit)).arg(PERIOD_US);
             let call = invocation.invoke_async::<(i64, i64, i64, i64)>(&mut connection);
             match tokio::time::timeout(REDIS_TIMEOUT, call).await {
-                Ok(Ok((allowed, remaining, reset_ms, retry_ms))) => {
+                Ok(Ok((allowed, remaining, reset_us, retry_us))) => {
                     if self.degraded.swap(false, std::sync::atomic::Ordering::Relaxed) {
                         tracing::info!("redis answers again: rate limits are shared across replicas again");
                     }
@@ -190,8 +197,8 @@ impl RateLimiter {
                         allowed: allowed == 1,
                         limit,
                         remaining: remaining.max(0) as u32,
-                        reset_secs: ceil_secs(reset_ms),
-                        retry_after_secs: ceil_secs(retry_ms),
+                        reset_secs: ceil_secs(reset_us),
+                        retry_after_secs: ceil_secs(retry_us),
                     };
                 }
                 Ok(Err(error)) => tracing::debug!(%error, "rate limit script failed"),
@@ -207,9 +214,9 @@ impl RateLimiter {
         }
         metrics::counter!("parley_ratelimit_fallback_decisions_total").increment(1);
         let share = (limit / self.replicas).max(1);
-        let now_ms = self.started.elapsed().as_millis() as u64;
+        let now_us = self.started.elapsed().as_micros() as u64;
         let mut tats = self.local.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        local_decision(&mut tats, key, share, now_ms)
+        local_decision(&mut tats, key, share, now_us)
     }
 }
 
@@ -220,13 +227,13 @@ mod tests {
     #[test]
     fn a_full_allowance_then_one_request_per_interval() {
         let mut tats = HashMap::new();
-        let allowed = (0..25).filter(|_| local_decision(&mut tats, "k", 20, 1_000).allowed).count();
+        let allowed = (0..25).filter(|_| local_decision(&mut tats, "k", 20, 1_000_000).allowed).count();
         assert_eq!(allowed, 20, "a burst of exactly the limit");
-        let denied = local_decision(&mut tats, "k", 20, 1_000);
+        let denied = local_decision(&mut tats, "k", 20, 1_000_000);
         assert!(!denied.allowed);
         assert_eq!(denied.retry_after_secs, 3, "one emission interval (3 s) until the next request fits");
-        assert!(local_decision(&mut tats, "k", 20, 1_000 + 3_000).allowed);
-        assert!(!local_decision(&mut tats, "k", 20, 1_000 + 3_000).allowed);
+        assert!(local_decision(&mut tats, "k", 20, 1_000_000 + 3_000_000).allowed);
+        assert!(!local_decision(&mut tats, "k", 20, 1_000_000 + 3_000_000).allowed);
     }
 
     #[test]
@@ -235,5 +242,15 @@ mod tests {
         assert_eq!(local_decision(&mut tats, "a", 5, 0).remaining, 4);
         assert_eq!(local_decision(&mut tats, "a", 5, 0).remaining, 3);
         assert_eq!(local_decision(&mut tats, "b", 5, 0).remaining, 4);
+    }
+
+    #[test]
+    fn limits_above_a_thousand_a_second_still_hold() {
+        // 100,000 a minute: an interval of 600 µs, which whole milliseconds would round to zero.
+        let mut tats = HashMap::new();
+        let allowed = (0..100_010).filter(|_| local_decision(&mut tats, "k", 100_000, 0).allowed).count();
+        assert_eq!(allowed, 100_000);
+        assert!(local_decision(&mut tats, "k", 100_000, 600).allowed);
+        assert_eq!(emission_interval(u32::MAX), 1);
     }
 }

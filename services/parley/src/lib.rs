@@ -301,7 +301,9 @@ impl Platform {
             let stop = shutdown.child_token();
             let service = services.first().copied().unwrap_or(Service::Gateway);
             tasks.spawn(async move {
-                let result = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+                let result = axum::serve(parley_platform::net::without_nagle(listener), router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
                 (service, result.context("admin server failed"))
             });
         }

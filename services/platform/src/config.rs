@@ -472,7 +472,7 @@ impl Default for ChatConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
-            concurrency: 32,
+            concurrency: 1024,
             connect_timeout_ms: 5_000,
             time_to_first_token_timeout_ms: 30_000,
             request_timeout_secs: 120,

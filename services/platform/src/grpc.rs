@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -160,6 +159,6 @@ pub async fn serve(
         .trace_fn(server_span(service))
         .layer(MetricsLayer::new(service))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(crate::net::grpc_incoming(listener), shutdown.cancelled_owned())
         .await
 }

@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod health;
 pub mod json_log;
 pub mod nats;
+pub mod net;
 pub mod redis_pool;
 pub mod replicas;
 pub mod shutdown;

@@ -91,7 +91,8 @@ impl Names {
         format!("{}_EVENTS", self.stream_prefix)
     }
 
-    fn all_message_events(&self) -> String {
+    /// Every message's events: what the events stream records and what each gateway follows.
+    pub fn all_message_events(&self) -> String {
         format!("{}.messages.>", self.prefix)
     }
 }

@@ -24,6 +24,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::middleware::ModelWait;
 use crate::problem::{ApiError, ApiJson, ApiResult, Problem};
+use crate::replies::HubEvent;
 use crate::views::{ExchangeView, MessageView, Page, SendMessageBody};
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -146,6 +147,8 @@ pub async fn send(
 }
 
 /// Waits until `message` is finished or `wait` has passed; returns its latest state and the time spent.
+/// The end is announced by the reply hub; the stored reply is re-read after a quiet spell in case the
+/// announcement was lost, and up front when the hub cannot vouch for having seen every event.
 pub async fn wait_for_reply(
     state: &AppState,
     user_id: Uuid,
@@ -159,46 +162,77 @@ pub async fn wait_for_reply(
     let Ok(message_id) = Uuid::parse_str(&message.id) else {
         return (message, Duration::ZERO);
     };
-    // Subscribe before reading, so a completion between the read and the subscription is not missed.
-    let subject = state.names.message_events_subject(message_id);
-    let mut events = match state.nats.subscribe(subject).await {
-        Ok(subscriber) => Some(subscriber),
-        Err(error) => {
-            tracing::warn!(%error, "cannot subscribe to message events; polling instead");
-            None
-        }
+    let created_at = message.created_at.as_ref().and_then(parley_platform::timestamps::from_proto);
+    let mut ending = match created_at.and_then(|created_at| state.replies.watch(message_id, u64::MAX, created_at)) {
+        Some(watch) => Ending::Hub(watch),
+        // Subscribe before reading, so a completion between the read and the subscription is not missed.
+        None => match state.nats.subscribe(state.names.message_events_subject(message_id)).await {
+            Ok(subscriber) => Ending::Subject(subscriber),
+            Err(error) => {
+                tracing::warn!(%error, "cannot subscribe to message events; polling instead");
+                Ending::Unannounced
+            }
+        },
     };
     let deadline = tokio::time::Instant::now() + wait;
     let mut latest = message;
+    // With the hub watching from before any event, nothing can have ended unseen: skip the first read.
+    let mut read_now = !matches!(&ending, Ending::Hub(watch) if watch.backlog.is_empty());
     loop {
-        let request = pb::GetMessageRequest { user_id: user_id.to_string(), message_id: message_id.to_string() };
-        match state.backends.chat.clone().get_message(request).await {
-            Ok(current) => latest = current.into_inner(),
-            Err(status) => {
-                tracing::warn!(code = ?status.code(), "could not re-read a pending reply")
+        if read_now {
+            let request = pb::GetMessageRequest { user_id: user_id.to_string(), message_id: message_id.to_string() };
+            match state.backends.chat.clone().get_message(request).await {
+                Ok(current) => latest = current.into_inner(),
+                Err(status) => {
+                    tracing::warn!(code = ?status.code(), "could not re-read a pending reply")
+                }
             }
         }
         if is_finished(&latest) || tokio::time::Instant::now() >= deadline {
             return (latest, started.elapsed());
         }
         let next_poll = (tokio::time::Instant::now() + SAFETY_POLL).min(deadline);
-        match events.as_mut() {
-            Some(subscriber) => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(next_poll) => {}
-                    _ = async {
-                        while let Some(event) = subscriber.next().await {
-                            if let Ok(MessageEvent::Completed { .. } | MessageEvent::Failed { .. }) =
-                                serde_json::from_slice::<MessageEvent>(&event.payload)
-                            {
-                                break;
-                            }
-                        }
-                    } => {}
+        tokio::select! {
+            _ = tokio::time::sleep_until(next_poll) => {}
+            _ = ending.announced() => {}
+        }
+        read_now = true;
+    }
+}
+
+/// Where the end of a reply is announced.
+enum Ending {
+    /// This gateway's reply hub, which has seen every event of the reply.
+    Hub(crate::replies::Watch),
+    /// The reply's own subject, for a reply the hub cannot vouch for.
+    Subject(async_nats::Subscriber),
+    /// Nowhere (NATS is unreachable): only re-reading the stored reply tells.
+    Unannounced,
+}
+
+impl Ending {
+    /// Resolves when the reply is announced ended; never, when the announcements stop.
+    async fn announced(&mut self) {
+        match self {
+            Ending::Hub(watch) => {
+                while let Some(event) = watch.live.recv().await {
+                    if event == HubEvent::Ended {
+                        return;
+                    }
                 }
             }
-            None => tokio::time::sleep_until(next_poll).await,
+            Ending::Subject(subscriber) => {
+                while let Some(event) = subscriber.next().await {
+                    if let Ok(MessageEvent::Completed { .. } | MessageEvent::Failed { .. }) =
+                        serde_json::from_slice::<MessageEvent>(&event.payload)
+                    {
+                        return;
+                    }
+                }
+            }
+            Ending::Unannounced => {}
         }
+        futures::future::pending::<()>().await;
     }
 }
 

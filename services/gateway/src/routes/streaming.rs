@@ -1,12 +1,14 @@
 //! Replies as server-sent events: `message.created`, `message.delta` (many), then `message.completed` or
 //! `message.failed`, each with an `id:`.
 //!
-//! Agents publish a reply's events on its NATS subject, which the `<PREFIX>_EVENTS` JetStream stream
-//! records for an hour. Each SSE connection reads them through its own ordered consumer from the first
-//! event, so the gateway holding the connection need not be anywhere near the agent doing the work, and
-//! a client that reconnects with `Last-Event-ID` gets every event after that id, and nothing twice.
-//! The final event is built from the stored message, the source of truth; a slow poll of the stored
-//! message ends the stream even if NATS lost the events.
+//! Agents publish a reply's events on its NATS subject. Each gateway follows all of them through one
+//! subscription (the reply hub, `crate::replies`) and hands them to its open streams from memory, so the
+//! gateway holding the connection need not be anywhere near the agent doing the work. The
+//! `<PREFIX>_EVENTS` JetStream stream records the same events for an hour: a stream the hub cannot
+//! vouch for (a resume on a gateway that started mid-reply, say) reads them from there, so a client
+//! that reconnects with `Last-Event-ID` gets every event after that id, and nothing twice.
+//! The final event is built from the stored message, the source of truth; a re-read of the stored
+//! message after a quiet spell ends the stream even if NATS lost the events.
 //!
 //! Event ids: `message.created` is 0, the delta with index `i` is `i + 1`, the final event follows the
 //! last delta.
@@ -30,6 +32,7 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::auth::Caller;
 use crate::problem::{ApiError, ApiResult, Problem};
+use crate::replies::{HubEvent, Watch};
 use crate::views::MessageView;
 
 /// How often an open stream re-reads the stored reply, in case its events were lost.
@@ -47,7 +50,8 @@ pub fn wants_event_stream(headers: &HeaderMap) -> bool {
 
 type EventSource = Pin<Box<dyn Stream<Item = Option<MessageEvent>> + Send>>;
 
-/// Opens an ordered consumer over the message's recorded events, from the first one.
+/// Opens an ordered consumer over the message's recorded events, from the first one: for the streams
+/// the reply hub cannot serve.
 async fn open_source(state: &AppState, message_id: Uuid) -> Option<EventSource> {
     let stream = state
         .events_stream
@@ -103,6 +107,27 @@ pub enum ReplyItem {
     Finished(Box<pb::Message>),
 }
 
+/// The reply hub's events for one message, in the shape of the recorded ones.
+fn hub_source(message_id: Uuid, watch: Watch) -> EventSource {
+    let to_event = move |event: HubEvent| match event {
+        HubEvent::Delta { index, text } => MessageEvent::Delta { message_id, index, text: text.to_string() },
+        HubEvent::Ended => MessageEvent::Completed { message_id },
+    };
+    let backlog = futures::stream::iter(watch.backlog);
+    let live =
+        futures::stream::unfold(watch.live, |mut live| async move { live.recv().await.map(|event| (event, live)) });
+    Box::pin(backlog.chain(live).map(move |event| Some(to_event(event))))
+}
+
+/// The created time of a reply, for the hub to judge whether it can have missed any of its events.
+fn created_at(message: &pb::Message) -> time::OffsetDateTime {
+    message
+        .created_at
+        .as_ref()
+        .and_then(parley_platform::timestamps::from_proto)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
 /// A reply's progress: its deltas after a given id, then the stored reply once finished.
 pub struct ReplyFeed {
     state: AppState,
@@ -111,18 +136,26 @@ pub struct ReplyFeed {
     /// The highest event id already delivered (delta index + 1).
     after: u64,
     source: Option<EventSource>,
+    /// Whether `source` is the reply hub (which hands over to the recorded events on a gap).
+    from_hub: bool,
     poll: Duration,
     done: bool,
 }
 
 impl ReplyFeed {
-    /// Follows `assistant` from the first event after `after` (0: from the start).
+    /// Follows `assistant` from the first event after `after` (0: from the start): from this gateway's
+    /// reply hub when it holds every event from there, else from the recorded events.
     pub async fn open(state: AppState, user_id: Uuid, assistant: &pb::Message, after: u64) -> Option<Self> {
         let message_id = Uuid::parse_str(&assistant.id).ok()?;
         let finished = matches!(assistant.status.as_str(), "completed" | "failed");
-        let source = open_source(&state, message_id).await;
+        let watch = state.replies.watch(message_id, after, created_at(assistant));
+        let from_hub = watch.is_some();
+        let source = match watch {
+            Some(watch) => Some(hub_source(message_id, watch)),
+            None => open_source(&state, message_id).await,
+        };
         let poll = if finished { REPLAY_IDLE } else { SAFETY_POLL };
-        Some(Self { state, user_id, message_id, after, source, poll, done: false })
+        Some(Self { state, user_id, message_id, after, source, from_hub, poll, done: false })
     }
 
     pub fn message_id(&self) -> Uuid {
@@ -166,6 +199,17 @@ impl ReplyFeed {
                     if index < self.after {
                         continue;
                     }
+                    if index > self.after && self.from_hub {
+                        // The hub missed a delta (a NATS reconnect): the recorded events have it.
+                        tracing::debug!(
+                            index,
+                            expected = self.after,
+                            "gap in the hub's events; reading the recorded ones"
+                        );
+                        self.from_hub = false;
+                        self.source = open_source(&self.state, self.message_id).await;
+                        continue;
+                    }
                     self.after = index + 1;
                     return Some(ReplyItem::Delta { index, text });
                 }
@@ -183,6 +227,7 @@ impl ReplyFeed {
         }
     }
 }
+
 /// The stored reply, if it is finished.
 async fn finished_reply(state: &AppState, user_id: Uuid, message_id: Uuid) -> Option<pb::Message> {
     let request = pb::GetMessageRequest { user_id: user_id.to_string(), message_id: message_id.to_string() };
