@@ -276,11 +276,14 @@ impl Agent {
             && job.cache.read
             && let Some(hit) = self.cache.get(&cache_key).await
         {
-            return self.answer_from_cache(job, &answering_model, hit, "hit").await.map_or(retry, |()| Outcome::Done);
+            return self
+                .answer_from_cache(job, delivered, &answering_model, hit, "hit")
+                .await
+                .map_or(retry, |()| Outcome::Done);
         }
         let outcome = if cacheable {
             let call = || async {
-                let result = self.call_chain(job, &answering_model, &prompt).await;
+                let result = self.call_chain(job, delivered, &answering_model, &prompt).await;
                 let reply = result.as_ref().ok().map(|answer| CachedReply::from(&answer.completion));
                 (result, reply)
             };
@@ -291,15 +294,15 @@ impl Agent {
                 }
                 Err(Some(shared)) => {
                     return self
-                        .answer_from_cache(job, &answering_model, shared, "coalesced")
+                        .answer_from_cache(job, delivered, &answering_model, shared, "coalesced")
                         .await
                         .map_or(retry, |()| Outcome::Done);
                 }
-                Err(None) => self.call_chain(job, &answering_model, &prompt).await,
+                Err(None) => self.call_chain(job, delivered, &answering_model, &prompt).await,
             }
         } else {
             metrics::counter!("parley_llm_cache_requests_total", "outcome" => "not_cacheable").increment(1);
-            self.call_chain(job, &answering_model, &prompt).await
+            self.call_chain(job, delivered, &answering_model, &prompt).await
         };
         match outcome {
             Ok(answer) => {
@@ -332,7 +335,7 @@ impl Agent {
                 {
                     tracing::warn!(%error, "every provider failed; answering from the cache");
                     return self
-                        .answer_from_cache(job, &answering_model, stale, "fail_open")
+                        .answer_from_cache(job, delivered, &answering_model, stale, "fail_open")
                         .await
                         .map_or(retry, |()| Outcome::Done);
                 }
@@ -475,12 +478,13 @@ impl Agent {
     async fn answer_from_cache(
         &self,
         job: &AiJob,
+        delivered: i64,
         model: &str,
         reply: CachedReply,
         how: &'static str,
     ) -> Result<(), AgentError> {
         metrics::counter!("parley_llm_cache_requests_total", "outcome" => how).increment(1);
-        let index = self.next_delta_index(job.message_id).await;
+        let index = self.next_delta_index(job.message_id, delivered).await;
         let subject = self.names.message_events_subject(job.message_id);
         let delta = MessageEvent::Delta { message_id: job.message_id, index, text: reply.content.clone() };
         self.publish_event(&subject, &delta).await;
@@ -499,12 +503,13 @@ impl Agent {
     async fn call_chain(
         &self,
         job: &AiJob,
+        delivered: i64,
         model_name: &str,
         prompt: &[crate::provider::PromptMessage],
     ) -> Result<Answer, Failure> {
         let chain = self.config.models.get(model_name).map(|model| model.chain.as_slice()).unwrap_or_default();
         let mut last_error = ProviderError::Misconfigured(format!("model {model_name} has no usable provider"));
-        let mut delta_index = self.next_delta_index(job.message_id).await;
+        let mut delta_index = self.next_delta_index(job.message_id, delivered).await;
         for target in chain {
             let Some(provider) = self.providers.get(&target.provider) else {
                 continue;
@@ -635,7 +640,11 @@ impl Agent {
 
     /// Where this attempt's delta numbering starts: after the last delta an earlier attempt published
     /// (an agent that died mid-reply), so clients resuming by `Last-Event-ID` never see an index twice.
-    async fn next_delta_index(&self, message_id: Uuid) -> u64 {
+    /// A job's first delivery has no earlier attempt, so it starts at 0 without asking JetStream.
+    async fn next_delta_index(&self, message_id: Uuid, delivered: i64) -> u64 {
+        if delivered <= 1 {
+            return 0;
+        }
         let Some(events) = self.events.get() else {
             return 0;
         };
@@ -711,7 +720,6 @@ impl Agent {
         // A cached reply cost no model tokens, so it costs the user none of their budget either.
         let tokens =
             if answer.cache_hit { 0 } else { answer.completion.input_tokens + answer.completion.output_tokens };
-        self.settle(job, tokens).await?;
         let event = UsageEvent {
             event_id: job.message_id,
             user_id: job.user_id,
@@ -727,7 +735,8 @@ impl Agent {
             outcome: "completed".to_owned(),
             occurred_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
         };
-        self.publish_usage(&event).await?;
+        // Independent and each idempotent: the charge and the report travel side by side.
+        tokio::try_join!(self.settle(job, tokens), self.publish_usage(&event))?;
         let subject = self.names.message_events_subject(job.message_id);
         self.publish_event(&subject, &MessageEvent::Completed { message_id: job.message_id }).await;
         Ok(())
