@@ -5,6 +5,7 @@ const PROTOS: &[&str] = &[
     "parley/chat/v1/chat.proto",
     "parley/quota/v1/quota.proto",
     "parley/analytics/v1/analytics.proto",
+    "parley/agent/v1/agent.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -28,3 +28,9 @@ pub mod analytics {
         tonic::include_proto!("parley.analytics.v1");
     }
 }
+
+pub mod agent {
+    pub mod v1 {
+        tonic::include_proto!("parley.agent.v1");
+    }
+}

@@ -40,12 +40,12 @@ and metrics are on the admin port 9090. `calls`: the services whose gRPC it call
 `backlog`: the JetStream stream and durable consumer it works through (KEDA can scale on it).
 */}}
 {{- define "parley.components" -}}
-gateway: {serve: api-gateway, grpc: false, http: true, calls: [user, chat, quota, analytics]}
+gateway: {serve: api-gateway, grpc: false, http: true, calls: [user, chat, quota, analytics, agent]}
 user: {serve: user, grpc: true, http: false, calls: []}
 chat: {serve: chat, grpc: true, http: false, calls: []}
 quota: {serve: quota, grpc: true, http: false, calls: []}
 analytics: {serve: analytics, grpc: true, http: false, calls: [], backlog: {stream: USAGE, consumer: analytics}}
-agent: {serve: agent, grpc: false, http: false, calls: [chat, quota], backlog: {stream: JOBS, consumer: agent}}
+agent: {serve: agent, grpc: true, http: false, calls: [chat, quota], backlog: {stream: JOBS, consumer: agent}}
 {{- end -}}
 
 {{- define "parley.image" -}}

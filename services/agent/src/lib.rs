@@ -7,6 +7,7 @@
 //! mid-job leaves the job to be redelivered and finished by another.
 
 mod cache;
+mod completions;
 mod context;
 pub mod provider;
 mod resilience;
@@ -76,7 +77,13 @@ pub fn build_providers(config: &Config) -> Result<BTreeMap<String, ProviderHandl
     Ok(providers)
 }
 
-/// Runs the agent until `shutdown` is cancelled; jobs in flight then are handed back to JetStream.
+/// The name the agent's gRPC server reports as serving in `grpc.health.v1`.
+pub const HEALTH_NAME: &str = "parley.agent.v1.AgentService";
+
+/// Runs the agent until `shutdown` is cancelled: the job loop and, on `listener`, the stateless
+/// completions server. Then jobs in flight are handed back to JetStream, and completions in flight
+/// finish and are accounted for.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: Arc<Config>,
     providers: Arc<BTreeMap<String, ProviderHandle>>,
@@ -84,6 +91,7 @@ pub async fn run(
     redis: Option<redis::aio::ConnectionManager>,
     chat: ChatServiceClient<ClientChannel>,
     quota: QuotaServiceClient<ClientChannel>,
+    listener: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let names = parley_platform::nats::Names::new(&config.nats.prefix);
@@ -94,9 +102,23 @@ pub async fn run(
         std::time::Duration::from_secs(5),
         shutdown.clone(),
     ));
-    Agent::new(config, nats, chat, quota, providers, redis).run(shutdown.clone()).await;
+    let agent = Agent::new(config, nats, chat, quota, providers, redis);
+    let completions = completions::Completions::new(agent.clone());
+    let tasks = completions.tasks();
+    let server = listener.map(|listener| {
+        let routes = tonic::service::Routes::new(
+            parley_proto::agent::v1::agent_service_server::AgentServiceServer::new(completions),
+        );
+        tokio::spawn(parley_platform::grpc::serve("agent", listener, routes, &[HEALTH_NAME], shutdown.clone()))
+    });
+    agent.run(shutdown.clone()).await;
     shutdown.cancel();
     backlog.await?;
+    if let Some(server) = server {
+        server.await??;
+    }
+    tasks.close();
+    tasks.wait().await;
     Ok(())
 }
 

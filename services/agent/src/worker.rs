@@ -39,7 +39,7 @@ enum Outcome {
 
 #[derive(Clone)]
 pub struct Agent {
-    config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
     nats: async_nats::Client,
     jetstream: jetstream::Context,
     names: Names,
@@ -47,7 +47,7 @@ pub struct Agent {
     quota: QuotaServiceClient<ClientChannel>,
     providers: Arc<BTreeMap<String, ProviderHandle>>,
     events: Arc<tokio::sync::OnceCell<jetstream::stream::Stream>>,
-    cache: Arc<ResponseCache>,
+    pub(crate) cache: Arc<ResponseCache>,
 }
 
 /// Longest running summary, in tokens: it bounds what every later prompt of a long thread carries.
@@ -63,17 +63,35 @@ struct ProviderCall<'a> {
 }
 
 /// A failed model call, with the text that had already been streamed to clients.
-struct Failure {
-    error: ProviderError,
-    streamed: String,
+pub(crate) struct Failure {
+    pub(crate) error: ProviderError,
+    pub(crate) streamed: String,
+}
+
+/// How a reply was had.
+pub(crate) enum Generated {
+    /// From the model.
+    Fresh(Answer),
+    /// From the response cache, and how (`hit`, `coalesced`, `fail_open`).
+    Cached(CachedReply, &'static str),
+    Failed(Failure),
+}
+
+/// Where a reply's pieces go as they arrive.
+#[derive(Clone, Copy)]
+pub(crate) enum DeltaSink<'a> {
+    /// The message's NATS subject: a job's reply, which any gateway may be streaming.
+    Subject,
+    /// Straight back to the caller of a stateless completion.
+    Caller(&'a mpsc::UnboundedSender<Result<parley_proto::agent::v1::CompleteEvent, tonic::Status>>),
 }
 
 /// A successful model call, with where it was made.
-struct Answer {
-    completion: Completion,
-    provider: String,
-    elapsed: Duration,
-    cache_hit: bool,
+pub(crate) struct Answer {
+    pub(crate) completion: Completion,
+    pub(crate) provider: String,
+    pub(crate) elapsed: Duration,
+    pub(crate) cache_hit: bool,
 }
 
 impl Agent {
@@ -268,77 +286,28 @@ impl Agent {
                 .await
                 .map_or(retry, |()| Outcome::Done);
         }
-        let max_tokens = self.config.agent.max_output_tokens;
-        let cache_key = crate::cache::key(&context.model, &prompt, max_tokens);
-        let cache_on = self.config.agent.cache.enabled;
-        let cacheable = cache_on && job.is_cacheable();
-        if cacheable
-            && job.cache.read
-            && let Some(hit) = self.cache.get(&cache_key).await
-        {
-            return self
-                .answer_from_cache(job, delivered, &answering_model, hit, "hit")
+        match self.generate(job, delivered, &context.model, &answering_model, &prompt, DeltaSink::Subject).await {
+            Generated::Fresh(answer) => match self.store(job, &answering_model, &answer).await {
+                Ok(()) => Outcome::Done,
+                Err(error) => {
+                    tracing::warn!(%error, "could not store the reply; retrying the job");
+                    retry
+                }
+            },
+            Generated::Cached(reply, how) => self
+                .answer_from_cache(job, delivered, &answering_model, reply, how)
                 .await
-                .map_or(retry, |()| Outcome::Done);
-        }
-        let outcome = if cacheable {
-            let call = || async {
-                let result = self.call_chain(job, delivered, &answering_model, &prompt).await;
-                let reply = result.as_ref().ok().map(|answer| CachedReply::from(&answer.completion));
-                (result, reply)
-            };
-            match self.cache.coalesce(&cache_key, call).await {
-                Ok(result) => {
-                    metrics::counter!("parley_llm_cache_requests_total", "outcome" => "miss").increment(1);
-                    result
-                }
-                Err(Some(shared)) => {
-                    return self
-                        .answer_from_cache(job, delivered, &answering_model, shared, "coalesced")
-                        .await
-                        .map_or(retry, |()| Outcome::Done);
-                }
-                Err(None) => self.call_chain(job, delivered, &answering_model, &prompt).await,
-            }
-        } else {
-            metrics::counter!("parley_llm_cache_requests_total", "outcome" => "not_cacheable").increment(1);
-            self.call_chain(job, delivered, &answering_model, &prompt).await
-        };
-        match outcome {
-            Ok(answer) => {
-                if cacheable && job.cache.write {
-                    self.cache.put(&cache_key, &CachedReply::from(&answer.completion)).await;
-                }
-                match self.store(job, &answering_model, &answer).await {
-                    Ok(()) => Outcome::Done,
-                    Err(error) => {
-                        tracing::warn!(%error, "could not store the reply; retrying the job");
-                        retry
-                    }
-                }
-            }
+                .map_or(retry, |()| Outcome::Done),
             // Clients have already seen part of a reply: another attempt would contradict it, so the
             // message ends failed, keeping what was generated.
-            Err(Failure { error, streamed }) if !streamed.is_empty() => {
+            Generated::Failed(Failure { error, streamed }) if !streamed.is_empty() => {
                 tracing::warn!(%error, "the model failed mid-reply");
                 let detail = format!("the model stopped mid-reply: {error}");
                 self.fail(job, ErrorCode::UpstreamUnavailable.as_str(), &detail, Some(streamed))
                     .await
                     .map_or(retry, |()| Outcome::Done)
             }
-            Err(Failure { error, .. }) => {
-                // Fail-open: with every provider down, a cached answer to the same prompt beats none,
-                // whatever the temperature, unless the client forbade caching (no-store).
-                if cache_on
-                    && job.cache.write
-                    && let Some(stale) = self.cache.get(&cache_key).await
-                {
-                    tracing::warn!(%error, "every provider failed; answering from the cache");
-                    return self
-                        .answer_from_cache(job, delivered, &answering_model, stale, "fail_open")
-                        .await
-                        .map_or(retry, |()| Outcome::Done);
-                }
+            Generated::Failed(Failure { error, .. }) => {
                 if error.is_retryable() && delivered < self.config.nats.job_max_deliver {
                     tracing::warn!(%error, "every provider failed; the job will be retried");
                     return retry;
@@ -348,6 +317,68 @@ impl Agent {
                 self.fail(job, ErrorCode::UpstreamUnavailable.as_str(), &detail, None)
                     .await
                     .map_or(retry, |()| Outcome::Done)
+            }
+        }
+    }
+
+    /// A reply to `prompt`: from the response cache when the request allows it, else from the model's
+    /// provider chain (identical cacheable requests in flight sharing one call), else, when every
+    /// provider failed, a cached answer to the same prompt (fail-open) unless the client said no-store.
+    pub(crate) async fn generate(
+        &self,
+        job: &AiJob,
+        delivered: i64,
+        requested_model: &str,
+        answering_model: &str,
+        prompt: &[crate::provider::PromptMessage],
+        sink: DeltaSink<'_>,
+    ) -> Generated {
+        let cache_key = crate::cache::key(requested_model, prompt, self.config.agent.max_output_tokens);
+        let cache_on = self.config.agent.cache.enabled;
+        let cacheable = cache_on && job.is_cacheable();
+        if cacheable
+            && job.cache.read
+            && let Some(hit) = self.cache.get(&cache_key).await
+        {
+            return Generated::Cached(hit, "hit");
+        }
+        let outcome = if cacheable {
+            let call = || async {
+                let result = self.call_chain(job, delivered, answering_model, prompt, sink).await;
+                let reply = result.as_ref().ok().map(|answer| CachedReply::from(&answer.completion));
+                (result, reply)
+            };
+            match self.cache.coalesce(&cache_key, call).await {
+                Ok(result) => {
+                    metrics::counter!("parley_llm_cache_requests_total", "outcome" => "miss").increment(1);
+                    result
+                }
+                Err(Some(shared)) => return Generated::Cached(shared, "coalesced"),
+                Err(None) => self.call_chain(job, delivered, answering_model, prompt, sink).await,
+            }
+        } else {
+            metrics::counter!("parley_llm_cache_requests_total", "outcome" => "not_cacheable").increment(1);
+            self.call_chain(job, delivered, answering_model, prompt, sink).await
+        };
+        match outcome {
+            Ok(answer) => {
+                if cacheable && job.cache.write {
+                    self.cache.put(&cache_key, &CachedReply::from(&answer.completion)).await;
+                }
+                Generated::Fresh(answer)
+            }
+            Err(failure) if !failure.streamed.is_empty() => Generated::Failed(failure),
+            Err(failure) => {
+                // Fail-open: with every provider down, a cached answer to the same prompt beats none,
+                // whatever the temperature, unless the client forbade caching (no-store).
+                if cache_on
+                    && job.cache.write
+                    && let Some(stale) = self.cache.get(&cache_key).await
+                {
+                    tracing::warn!(error = %failure.error, "every provider failed; answering from the cache");
+                    return Generated::Cached(stale, "fail_open");
+                }
+                Generated::Failed(failure)
             }
         }
     }
@@ -453,7 +484,7 @@ impl Agent {
     }
 
     /// The model that answers: the requested one, or its router's cheaper model for a simple request.
-    fn route(
+    pub(crate) fn route(
         &self,
         requested: &str,
         model: &parley_platform::config::ModelConfig,
@@ -500,12 +531,13 @@ impl Agent {
 
     /// Tries each provider/model pair of the model's chain in order, retrying each on retryable failures
     /// with backoff, skipping providers whose circuit is open.
-    async fn call_chain(
+    pub(crate) async fn call_chain(
         &self,
         job: &AiJob,
         delivered: i64,
         model_name: &str,
         prompt: &[crate::provider::PromptMessage],
+        sink: DeltaSink<'_>,
     ) -> Result<Answer, Failure> {
         let chain = self.config.models.get(model_name).map(|model| model.chain.as_slice()).unwrap_or_default();
         let mut last_error = ProviderError::Misconfigured(format!("model {model_name} has no usable provider"));
@@ -514,7 +546,7 @@ impl Agent {
             let Some(provider) = self.providers.get(&target.provider) else {
                 continue;
             };
-            match self.call_with_retries(provider, &target.model, prompt, job, &mut delta_index).await {
+            match self.call_with_retries(provider, &target.model, prompt, job, &mut delta_index, sink).await {
                 Ok(answer) => return Ok(answer),
                 Err(failure) if !failure.streamed.is_empty() => return Err(failure),
                 Err(Failure { error, .. }) => {
@@ -538,6 +570,7 @@ impl Agent {
         prompt: &[crate::provider::PromptMessage],
         job: &AiJob,
         delta_index: &mut u64,
+        sink: DeltaSink<'_>,
     ) -> Result<Answer, Failure> {
         let retry = &self.config.agent.retry;
         let sampling = Sampling { max_tokens: self.config.agent.max_output_tokens, temperature: job.temperature };
@@ -578,6 +611,7 @@ impl Agent {
                     },
                     job.message_id,
                     delta_index,
+                    sink,
                 )
                 .instrument(span.clone())
                 .await;
@@ -664,6 +698,7 @@ impl Agent {
         call: ProviderCall<'_>,
         message_id: Uuid,
         delta_index: &mut u64,
+        sink: DeltaSink<'_>,
     ) -> (Result<Completion, ProviderError>, String) {
         let ProviderCall { provider, key, model, prompt, sampling } = call;
         let (deltas, mut received) = mpsc::unbounded_channel::<String>();
@@ -678,9 +713,17 @@ impl Agent {
             let mut streamed = String::new();
             while let Some(text) = received.recv().await {
                 streamed.push_str(&text);
-                let event = MessageEvent::Delta { message_id, index: *delta_index, text };
+                match sink {
+                    DeltaSink::Subject => {
+                        let event = MessageEvent::Delta { message_id, index: *delta_index, text };
+                        self.publish_event(&subject, &event).await;
+                    }
+                    DeltaSink::Caller(caller) => {
+                        // A caller that hung up cancels nothing: the reply is finished and charged.
+                        let _caller_gone = caller.send(Ok(crate::completions::delta(text)));
+                    }
+                }
                 *delta_index += 1;
-                self.publish_event(&subject, &event).await;
             }
             streamed
         };
@@ -717,6 +760,15 @@ impl Agent {
     /// Charges the tokens, reports the usage event and announces completion. Every step is idempotent
     /// by message id, so a redelivered job may run it again safely.
     async fn account(&self, job: &AiJob, model: &str, answer: &Answer) -> Result<(), AgentError> {
+        self.charge_and_report(job, model, answer).await?;
+        let subject = self.names.message_events_subject(job.message_id);
+        self.publish_event(&subject, &MessageEvent::Completed { message_id: job.message_id }).await;
+        Ok(())
+    }
+
+    /// Settles the reservation with the tokens used and publishes the usage event, both idempotent by
+    /// the job's message id.
+    pub(crate) async fn charge_and_report(&self, job: &AiJob, model: &str, answer: &Answer) -> Result<(), AgentError> {
         // A cached reply cost no model tokens, so it costs the user none of their budget either.
         let tokens =
             if answer.cache_hit { 0 } else { answer.completion.input_tokens + answer.completion.output_tokens };
@@ -737,15 +789,13 @@ impl Agent {
         };
         // Independent and each idempotent: the charge and the report travel side by side.
         tokio::try_join!(self.settle(job, tokens), self.publish_usage(&event))?;
-        let subject = self.names.message_events_subject(job.message_id);
-        self.publish_event(&subject, &MessageEvent::Completed { message_id: job.message_id }).await;
         Ok(())
     }
 
     /// Raises the job's reservation to what this call can cost at most (the prompt as counted, plus the
     /// longest reply), so the budget holds even when the thread's history makes the prompt far longer
     /// than the gateway's estimate. False when the budget cannot cover it.
-    async fn reserve_for(
+    pub(crate) async fn reserve_for(
         &self,
         job: &AiJob,
         model: &parley_platform::config::ModelConfig,
@@ -774,7 +824,7 @@ impl Agent {
 
     /// Charges `tokens` for the job: settling its reservation (which releases the rest of it), or, for a
     /// job queued without one, a plain charge. Idempotent either way.
-    async fn settle(&self, job: &AiJob, tokens: i64) -> Result<(), AgentError> {
+    pub(crate) async fn settle(&self, job: &AiJob, tokens: i64) -> Result<(), AgentError> {
         match job.reservation_id {
             Some(reservation_id) => {
                 let request = quota_pb::SettleRequest {

@@ -22,6 +22,7 @@ use parley_platform::Config;
 use parley_platform::grpc::ClientChannel;
 use parley_platform::health::Readiness;
 use parley_platform::nats::Names;
+use parley_proto::agent::v1::agent_service_client::AgentServiceClient;
 use parley_proto::analytics::v1::analytics_service_client::AnalyticsServiceClient;
 use parley_proto::chat::v1::chat_service_client::ChatServiceClient;
 use parley_proto::quota::v1::quota_service_client::QuotaServiceClient;
@@ -38,6 +39,7 @@ pub struct Backends {
     pub chat: ChatServiceClient<ClientChannel>,
     pub quota: QuotaServiceClient<ClientChannel>,
     pub analytics: AnalyticsServiceClient<ClientChannel>,
+    pub agent: AgentServiceClient<ClientChannel>,
 }
 
 /// Everything a request handler can reach.

@@ -14,6 +14,7 @@ use parley_platform::config::ProviderKind;
 use parley_platform::grpc::{lazy_channel, with_context};
 use parley_platform::health::{self, Readiness};
 use parley_platform::replicas::{Database, WriteMarks};
+use parley_proto::agent::v1::agent_service_client::AgentServiceClient;
 use parley_proto::analytics::v1::analytics_service_client::AnalyticsServiceClient;
 use parley_proto::chat::v1::chat_service_client::ChatServiceClient;
 use parley_proto::quota::v1::quota_service_client::QuotaServiceClient;
@@ -50,7 +51,7 @@ impl Service {
     }
 
     fn serves_grpc(self) -> bool {
-        !matches!(self, Service::Gateway | Service::Agent)
+        !matches!(self, Service::Gateway)
     }
 
     fn uses_postgres(self) -> bool {
@@ -150,7 +151,8 @@ impl Platform {
                 Service::Chat => config.grpc.chat_url = url,
                 Service::Quota => config.grpc.quota_url = url,
                 Service::Analytics => config.grpc.analytics_url = url,
-                Service::Gateway | Service::Agent => {}
+                Service::Agent => config.grpc.agent_url = url,
+                Service::Gateway => {}
             }
             grpc_listeners.insert(service, listener);
         }
@@ -198,6 +200,7 @@ impl Platform {
         let chat_channel = channel(&config.grpc.chat_url)?;
         let quota_channel = channel(&config.grpc.quota_url)?;
         let analytics_channel = channel(&config.grpc.analytics_url)?;
+        let agent_channel = channel(&config.grpc.agent_url)?;
 
         let mut readiness = Readiness::new();
         if let Some(pool) = &pool {
@@ -227,6 +230,8 @@ impl Platform {
         }
 
         let missing = |what: &str| anyhow::anyhow!("{what} is required but was not set up");
+        // The agent serves its completions beside its job loop, started below.
+        let agent_listener = grpc_listeners.remove(&Service::Agent);
         for (service, listener) in grpc_listeners {
             let stop = shutdown.child_token();
             let config = config.clone();
@@ -266,7 +271,8 @@ impl Platform {
             let quota = QuotaServiceClient::new(with_context(quota_channel.clone()));
             let (config, stop, redis) = (config.clone(), shutdown.child_token(), redis.clone());
             tasks.spawn(async move {
-                (Service::Agent, parley_agent::run(config, providers, nats, redis, chat, quota, stop).await)
+                let run = parley_agent::run(config, providers, nats, redis, chat, quota, agent_listener, stop);
+                (Service::Agent, run.await)
             });
         }
 
@@ -284,6 +290,7 @@ impl Platform {
                 chat: ChatServiceClient::new(with_context(chat_channel)),
                 quota: QuotaServiceClient::new(with_context(quota_channel)),
                 analytics: AnalyticsServiceClient::new(with_context(analytics_channel)),
+                agent: AgentServiceClient::new(with_context(agent_channel)),
             };
             let nats = nats.clone().ok_or_else(|| missing("NATS"))?;
             let state = parley_gateway::AppState::new(config.clone(), backends, nats, readiness.clone());

@@ -21,6 +21,7 @@ pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
     ("PARLEY_CHAT_URL", "gRPC address of the chat service"),
     ("PARLEY_QUOTA_URL", "gRPC address of the quota service"),
     ("PARLEY_ANALYTICS_URL", "gRPC address of the analytics service"),
+    ("PARLEY_AGENT_URL", "gRPC address of the agents (stateless completions)"),
     ("PARLEY_ADMIN_EMAILS", "comma-separated emails whose accounts have role admin"),
     ("PARLEY_SECRETS_KEY", "32 bytes, base64: encrypts stored secrets such as API keys' signing secrets"),
     ("PARLEY_CORS_ALLOWED_ORIGINS", "comma-separated origins browsers may call the API from"),
@@ -134,6 +135,7 @@ pub struct GrpcConfig {
     pub chat_url: String,
     pub quota_url: String,
     pub analytics_url: String,
+    pub agent_url: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -440,6 +442,7 @@ impl Default for GrpcConfig {
             chat_url: "http://parley-chat:50051".to_owned(),
             quota_url: "http://parley-quota:50051".to_owned(),
             analytics_url: "http://parley-analytics:50051".to_owned(),
+            agent_url: "http://parley-agent:50051".to_owned(),
         }
     }
 }
@@ -641,6 +644,9 @@ impl Config {
         if let Some(v) = get("PARLEY_ANALYTICS_URL") {
             self.grpc.analytics_url = v;
         }
+        if let Some(v) = get("PARLEY_AGENT_URL") {
+            self.grpc.agent_url = v;
+        }
         if let Some(v) = get("PARLEY_ADMIN_EMAILS") {
             self.auth.admin_emails = split_list(&v);
         }
@@ -727,6 +733,7 @@ impl Config {
             ("grpc.chat_url", &self.grpc.chat_url),
             ("grpc.quota_url", &self.grpc.quota_url),
             ("grpc.analytics_url", &self.grpc.analytics_url),
+            ("grpc.agent_url", &self.grpc.agent_url),
         ] {
             check_url(field, url, &["http", "https"])?;
         }

@@ -2,8 +2,10 @@
 //! `stream_options.include_usage`) and `GET /v1/models`, so the official OpenAI SDKs work unchanged
 //! against `http://<gateway>/v1`.
 //!
-//! A completion travels the same path as a chat message (budget check, chat's outbox, an agent, the
-//! provider chain, accounting), stored as a hidden conversation of kind `completion`. Errors here use
+//! A completion is stateless: after the rate limit and the budget reservation the gateway calls an
+//! agent directly (`parley.agent.v1.AgentService/Complete`), which runs the model's provider chain and
+//! streams the reply back; the agent settles the tokens and reports usage once the reply is whole.
+//! Nothing is stored on the way. Errors here use
 //! OpenAI's shape, `{"error": {"message", "type", "code"}}`, instead of problem+json.
 
 use std::convert::Infallible;
@@ -16,12 +18,13 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use parley_platform::{ErrorCode, ServiceError};
+use parley_proto::agent::v1 as agent_pb;
 use parley_proto::chat::v1 as pb;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::messages::{estimate_tokens, release_budget, reserve_budget, wait_for_reply};
-use super::streaming::{ReplyFeed, ReplyItem, heartbeat, unbuffered};
+use super::messages::{estimate_tokens, release_budget, reserve_budget};
+use super::streaming::{heartbeat, unbuffered};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::middleware::ModelWait;
@@ -204,74 +207,86 @@ pub async fn chat_completions(
     let prompt_chars: String = messages.iter().map(|message| message.content.as_str()).collect();
     let estimated_tokens = estimate_tokens(&prompt_chars) + i64::from(state.config.agent.max_output_tokens);
     let reservation = reserve_budget(&state, &caller, estimated_tokens).await?;
-    let create = pb::CreateCompletionRequest {
+    let completion_id = uuid::Uuid::now_v7();
+    let call = agent_pb::CompleteRequest {
+        completion_id: completion_id.to_string(),
         user_id: caller.user_id.to_string(),
+        tier: caller.tier.clone(),
         model: request.model.clone(),
         messages,
-        tier: caller.tier.clone(),
         options: Some(super::generation_options(&headers, request.temperature)),
-        reservation_id: Some(reservation.clone()),
+        reservation_id: reservation.clone(),
     };
-    let sent = match state.backends.chat.clone().create_completion(create).await {
-        Ok(sent) => sent.into_inner(),
+    let reply = match state.backends.agent.clone().complete(call).await {
+        Ok(reply) => reply.into_inner(),
         Err(status) => {
+            // The agent refused before calling the model: the reservation goes back at once.
             release_budget(&state, &caller, &reservation).await;
             return Err(status.into());
         }
     };
-    let assistant = sent.assistant_message.ok_or_else(|| OpenAiError::from(ServiceError::internal()))?;
-    let created = time::OffsetDateTime::now_utc().unix_timestamp();
-    let id = format!("chatcmpl-{}", assistant.id);
+    let chunk = Chunk {
+        id: format!("chatcmpl-{completion_id}"),
+        created: time::OffsetDateTime::now_utc().unix_timestamp(),
+        model: request.model,
+    };
     if request.stream {
         let include_usage = request.stream_options.is_some_and(|options| options.include_usage);
-        let feed = ReplyFeed::open(state, caller.user_id, &assistant, 0)
-            .await
-            .ok_or_else(|| OpenAiError::from(ServiceError::internal()))?;
-        return Ok(stream(feed, Chunk { id, created, model: request.model }, include_usage));
+        let heartbeat_interval = Duration::from_secs(state.config.http.stream_heartbeat_secs);
+        return Ok(stream(reply, chunk, include_usage, heartbeat_interval));
     }
+    let started = std::time::Instant::now();
     let wait = Duration::from_secs(state.config.http.message_wait_secs);
-    let (reply, waited) = wait_for_reply(&state, caller.user_id, assistant, wait).await;
-    let mut response = match reply.status.as_str() {
-        "completed" => Json(completion(&id, created, &request.model, &reply)).into_response(),
-        "failed" => {
-            let detail = reply.error_detail.unwrap_or_else(|| "the model could not answer".to_owned());
-            let error = OpenAiError::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", "upstream_unavailable", detail);
-            OpenAiError { retry_after: Some(UPSTREAM_RETRY_AFTER_SECS), ..error }.into_response()
+    let mut response = match tokio::time::timeout(wait, collect(reply)).await {
+        Ok(Ok((content, done))) => Json(completion(&chunk, &content, &done)).into_response(),
+        Ok(Err(status)) => OpenAiError::from(status).into_response(),
+        Err(_) => {
+            OpenAiError::new(StatusCode::GATEWAY_TIMEOUT, "api_error", "timeout", "the model did not finish in time")
+                .into_response()
         }
-        _ => OpenAiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "api_error",
-            "timeout",
-            "the model did not finish in time; the reply is still being generated",
-        )
-        .into_response(),
     };
-    response.extensions_mut().insert(ModelWait(waited));
+    response.extensions_mut().insert(ModelWait(started.elapsed()));
     Ok(response)
 }
 
-fn usage_of(message: &pb::Message) -> Value {
-    let usage = message.usage.unwrap_or_default();
+/// The whole reply of a completion: its text and how it ended.
+async fn collect(
+    mut reply: tonic::Streaming<agent_pb::CompleteEvent>,
+) -> Result<(String, agent_pb::CompleteDone), tonic::Status> {
+    let mut content = String::new();
+    while let Some(event) = reply.message().await? {
+        match event.event {
+            Some(agent_pb::complete_event::Event::Delta(text)) => content.push_str(&text),
+            Some(agent_pb::complete_event::Event::Done(done)) => return Ok((content, done)),
+            None => {}
+        }
+    }
+    Err(ServiceError::new(ErrorCode::UpstreamUnavailable, "the reply ended before it was whole")
+        .retry_after(UPSTREAM_RETRY_AFTER_SECS)
+        .into())
+}
+
+fn usage_of(done: &agent_pb::CompleteDone) -> Value {
     json!({
-        "prompt_tokens": usage.input_tokens,
-        "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.input_tokens + usage.output_tokens,
+        "prompt_tokens": done.input_tokens,
+        "completion_tokens": done.output_tokens,
+        "total_tokens": done.input_tokens + done.output_tokens,
     })
 }
 
-fn completion(id: &str, created: i64, model: &str, reply: &pb::Message) -> Value {
+fn completion(chunk: &Chunk, content: &str, done: &agent_pb::CompleteDone) -> Value {
     json!({
-        "id": id,
+        "id": chunk.id,
         "object": "chat.completion",
-        "created": created,
-        "model": model,
+        "created": chunk.created,
+        "model": chunk.model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": reply.content, "refusal": null},
+            "message": {"role": "assistant", "content": content, "refusal": null},
             "logprobs": null,
             "finish_reason": "stop",
         }],
-        "usage": usage_of(reply),
+        "usage": usage_of(done),
     })
 }
 
@@ -308,10 +323,14 @@ enum Phase {
     Done,
 }
 
-fn stream(feed: ReplyFeed, chunk: Chunk, include_usage: bool) -> Response {
-    let keep_alive = heartbeat(feed.heartbeat_interval());
-    let state = (feed, chunk, Phase::Streaming { first: true });
-    let events = futures::stream::unfold(state, move |(mut feed, chunk, phase)| async move {
+fn stream(
+    reply: tonic::Streaming<agent_pb::CompleteEvent>,
+    chunk: Chunk,
+    include_usage: bool,
+    heartbeat_interval: Duration,
+) -> Response {
+    let state = (reply, chunk, Phase::Streaming { first: true });
+    let events = futures::stream::unfold(state, move |(mut reply, chunk, phase)| async move {
         match phase {
             Phase::Done => None,
             Phase::Closing(mut rest) => {
@@ -320,34 +339,37 @@ fn stream(feed: ReplyFeed, chunk: Chunk, include_usage: bool) -> Response {
                 }
                 let event = rest.remove(0);
                 let phase = if rest.is_empty() { Phase::Done } else { Phase::Closing(rest) };
-                Some((Ok::<_, Infallible>(event), (feed, chunk, phase)))
+                Some((Ok::<_, Infallible>(event), (reply, chunk, phase)))
             }
-            Phase::Streaming { first } => match feed.next().await {
-                Some(ReplyItem::Delta { text, .. }) => {
+            Phase::Streaming { first } => match reply.message().await {
+                Ok(Some(agent_pb::CompleteEvent { event: Some(agent_pb::complete_event::Event::Delta(text)) })) => {
                     let delta =
                         if first { json!({"role": "assistant", "content": text}) } else { json!({"content": text}) };
                     let event = chunk.with(json!([{"index": 0, "delta": delta, "finish_reason": null}]), None);
-                    Some((Ok(event), (feed, chunk, Phase::Streaming { first: false })))
+                    Some((Ok(event), (reply, chunk, Phase::Streaming { first: false })))
                 }
-                Some(ReplyItem::Finished(reply)) if reply.status == "completed" => {
+                Ok(Some(agent_pb::CompleteEvent { event: Some(agent_pb::complete_event::Event::Done(done)) })) => {
                     let mut rest = Vec::new();
                     if include_usage {
-                        rest.push(chunk.with(json!([]), Some(usage_of(&reply))));
+                        rest.push(chunk.with(json!([]), Some(usage_of(&done))));
                     }
                     rest.push(Event::default().data("[DONE]"));
                     let finish = chunk.with(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]), None);
-                    Some((Ok(finish), (feed, chunk, Phase::Closing(rest))))
+                    Some((Ok(finish), (reply, chunk, Phase::Closing(rest))))
                 }
-                Some(ReplyItem::Finished(reply)) => {
-                    let detail = reply.error_detail.unwrap_or_else(|| "the model could not answer".to_owned());
+                Ok(Some(_)) => Some((Ok(Event::default().comment("")), (reply, chunk, Phase::Streaming { first }))),
+                outcome => {
+                    let detail = match outcome {
+                        Err(status) => ServiceError::from(status).message,
+                        _ => "the reply ended before it was whole".to_owned(),
+                    };
                     let error =
                         json!({"error": {"message": detail, "type": "api_error", "code": "upstream_unavailable"}});
                     let rest = vec![Event::default().data("[DONE]")];
-                    Some((Ok(Event::default().data(error.to_string())), (feed, chunk, Phase::Closing(rest))))
+                    Some((Ok(Event::default().data(error.to_string())), (reply, chunk, Phase::Closing(rest))))
                 }
-                None => None,
             },
         }
     });
-    unbuffered(Sse::new(events).keep_alive(keep_alive).into_response())
+    unbuffered(Sse::new(events).keep_alive(heartbeat(heartbeat_interval)).into_response())
 }

@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
+use parley_fake_llm::Knobs;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::harness::{TestPlatform, read};
+use crate::harness::{TestPlatform, eventually, read};
 
 fn sdk_python() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools/venv/bin/python")
@@ -47,7 +49,7 @@ async fn the_official_openai_sdk_works_unchanged() {
     // Completions are accounted like chat messages, and do not show up as conversations.
     let (_, conversations) = t.get(&session, "/v1/conversations").await;
     assert_eq!(conversations["data"].as_array().unwrap().len(), 0);
-    let usage = crate::harness::eventually("usage of the SDK calls", std::time::Duration::from_secs(10), || async {
+    let usage = eventually("usage of the SDK calls", std::time::Duration::from_secs(10), || async {
         let (_, usage) = t.get(&session, "/v1/usage").await;
         (usage["totals"]["requests"].as_i64()? >= 2).then_some(usage)
     })
@@ -80,5 +82,40 @@ async fn openai_errors_use_the_openai_shape() {
     let (status, body) = read(response).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body["error"]["type"], "authentication_error");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_is_charged_once_and_a_failed_one_releases_its_reservation() {
+    let t = TestPlatform::start().await;
+    let session = t.register("charge@example.com").await;
+    let ask = |content: &str| {
+        t.post(
+            &session,
+            "/v1/chat/completions",
+            json!({"model": "parley-fake", "messages": [{"role": "user", "content": content}]}),
+        )
+    };
+    let (status, body) = ask("charge me").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], parley_fake_llm::reply_for("charge me"));
+    let tokens = body["usage"]["total_tokens"].as_i64().unwrap();
+    assert!(tokens > 0, "{body}");
+    let settled = |used: i64| {
+        let t = &t;
+        let session = &session;
+        move || async move {
+            let (_, usage) = t.get(session, "/v1/usage").await;
+            (usage["budget"]["day"]["reserved"] == 0 && usage["budget"]["day"]["used"] == used).then_some(())
+        }
+    };
+    eventually("the reply's tokens to be charged", Duration::from_secs(10), settled(tokens)).await;
+
+    // Every provider down: 503, nothing charged, and the reservation is given back at once.
+    t.fake.set_knobs(Knobs { error_rate: 1.0, ..t.fake.knobs() });
+    let (status, body) = ask("this will fail").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_unavailable");
+    eventually("the failed completion's reservation to be released", Duration::from_secs(10), settled(tokens)).await;
     t.stop().await;
 }

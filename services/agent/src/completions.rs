@@ -1,0 +1,192 @@
+//! Stateless completions for the OpenAI-compatible API (`parley.agent.v1.AgentService/Complete`).
+//!
+//! The gateway calls an agent directly and the reply streams back over the call as the provider
+//! generates it: no conversation is stored, no job is queued, no event goes through NATS on the way.
+//! The same provider chain, retries, breakers, key pools, routing and response cache answer it as a
+//! job. The gateway's budget reservation is raised to the real prompt before the provider is called
+//! (a refusal is `quota_exceeded` before anything streams), and once the reply is whole the tokens are
+//! settled and the usage event published (idempotent by the completion id) in a task the agent waits
+//! for at shutdown, so the caller does not wait for the accounting.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use parley_platform::ServiceError;
+use parley_platform::events::{AiJob, CacheDirective};
+use parley_proto::agent::v1 as pb;
+use parley_proto::agent::v1::agent_service_server::AgentService;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::cache::CachedReply;
+use crate::provider::{Completion, PromptMessage};
+use crate::worker::{Agent, Answer, DeltaSink, Failure, Generated};
+
+/// What one call streams back.
+type Events = mpsc::UnboundedSender<Result<pb::CompleteEvent, Status>>;
+
+pub struct Completions {
+    agent: Agent,
+    /// The completions still generating or being accounted for; waited for at shutdown.
+    tasks: TaskTracker,
+}
+
+impl Completions {
+    pub fn new(agent: Agent) -> Self {
+        Self { agent, tasks: TaskTracker::new() }
+    }
+
+    pub fn tasks(&self) -> TaskTracker {
+        self.tasks.clone()
+    }
+
+    /// The request as a job that is never queued: what the provider chain, the cache and the
+    /// accounting take. Refuses what the chat service would refuse for a stored completion.
+    fn job_for(&self, request: &pb::CompleteRequest) -> Result<(AiJob, Vec<PromptMessage>), ServiceError> {
+        let config = &self.agent.config;
+        let uuid = |field: &str, text: &str| {
+            Uuid::parse_str(text).map_err(|_| ServiceError::invalid_field(field, "must be a UUID"))
+        };
+        if !config.models.contains_key(&request.model) {
+            return Err(ServiceError::invalid_field("model", format!("{:?} is not configured", request.model)));
+        }
+        if request.messages.is_empty() {
+            return Err(ServiceError::invalid_field("messages", "must not be empty"));
+        }
+        let mut prompt = Vec::with_capacity(request.messages.len());
+        let mut total_chars = 0;
+        for (index, message) in request.messages.iter().enumerate() {
+            let role = match message.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                _ => {
+                    return Err(ServiceError::invalid_field(
+                        format!("messages[{index}].role"),
+                        "must be system, developer, user or assistant",
+                    ));
+                }
+            };
+            total_chars += message.content.chars().count();
+            prompt.push(PromptMessage { role: role.to_owned(), content: message.content.clone() });
+        }
+        if total_chars > config.chat.max_message_chars {
+            let limit = config.chat.max_message_chars;
+            return Err(ServiceError::invalid_field("messages", format!("must total at most {limit} characters")));
+        }
+        let options = request.options.unwrap_or_default();
+        if let Some(temperature) = options.temperature
+            && !(0.0..=2.0).contains(&temperature)
+        {
+            return Err(ServiceError::invalid_field("temperature", "must be between 0 and 2"));
+        }
+        let completion_id = uuid("completion_id", &request.completion_id)?;
+        let job = AiJob {
+            job_id: completion_id,
+            message_id: completion_id,
+            // A stateless completion belongs to no conversation.
+            conversation_id: Uuid::nil(),
+            user_id: uuid("user_id", &request.user_id)?,
+            model: request.model.clone(),
+            tier: request.tier.clone(),
+            temperature: options.temperature,
+            cache: CacheDirective { read: !options.skip_cache_read, write: !options.skip_cache_write },
+            reservation_id: Some(uuid("reservation_id", &request.reservation_id)?),
+        };
+        Ok((job, prompt))
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Completions {
+    type CompleteStream = Pin<Box<dyn Stream<Item = Result<pb::CompleteEvent, Status>> + Send>>;
+
+    async fn complete(&self, request: Request<pb::CompleteRequest>) -> Result<Response<Self::CompleteStream>, Status> {
+        let (job, prompt) = self.job_for(request.get_ref()).map_err(Status::from)?;
+        let agent = self.agent.clone();
+        let model = agent.config.models.get(&job.model).ok_or_else(|| Status::from(ServiceError::internal()))?;
+        let answering_model = agent.route(&job.model, model, &prompt);
+        if !agent.reserve_for(&job, model, &prompt).await {
+            let detail = "the token budget does not cover this prompt and the longest reply";
+            return Err(ServiceError::new(parley_platform::ErrorCode::QuotaExceeded, detail).into());
+        }
+        let (events, received) = mpsc::unbounded_channel();
+        let span = tracing::info_span!("agent.completion", service = "agent", completion_id = %job.message_id);
+        self.tasks.spawn(async move { agent.complete(job, answering_model, prompt, events).await }.instrument(span));
+        let stream = futures::stream::unfold(received, |mut received| async move {
+            received.recv().await.map(|event| (event, received))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+impl Agent {
+    /// Generates one stateless completion into `events`, then charges and reports it.
+    async fn complete(&self, job: AiJob, answering_model: String, prompt: Vec<PromptMessage>, events: Events) {
+        let generated = self.generate(&job, 1, &job.model, &answering_model, &prompt, DeltaSink::Caller(&events)).await;
+        let answer = match generated {
+            Generated::Fresh(answer) => answer,
+            Generated::Cached(reply, how) => {
+                metrics::counter!("parley_llm_cache_requests_total", "outcome" => how).increment(1);
+                let _caller_gone = events.send(Ok(delta(reply.content.clone())));
+                cached_answer(reply)
+            }
+            Generated::Failed(Failure { error, streamed }) => {
+                tracing::warn!(%error, streamed = streamed.len(), "the completion failed");
+                let detail = format!("the model could not answer: {error}");
+                let error = ServiceError::new(parley_platform::ErrorCode::UpstreamUnavailable, detail).retry_after(5);
+                let _caller_gone = events.send(Err(error.into()));
+                // Nothing was delivered whole: the reservation goes back at once.
+                if let Err(error) = self.settle(&job, 0).await {
+                    tracing::warn!(%error, "could not release the reservation; it expires by itself");
+                }
+                return;
+            }
+        };
+        let done = pb::CompleteDone {
+            input_tokens: answer.completion.input_tokens,
+            output_tokens: answer.completion.output_tokens,
+            model: answering_model.clone(),
+        };
+        let _caller_gone = events.send(Ok(pb::CompleteEvent { event: Some(pb::complete_event::Event::Done(done)) }));
+        drop(events);
+        self.account_completion(&job, &answering_model, &answer).await;
+    }
+
+    /// Charges and reports a completion, retrying a few times: the caller has its reply already, so
+    /// nothing is waiting, and a charge is worth a second try (both steps are idempotent).
+    async fn account_completion(&self, job: &AiJob, model: &str, answer: &Answer) {
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=5 {
+            match self.charge_and_report(job, model, answer).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(%error, attempt, "could not account for a completion; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                }
+            }
+        }
+        tracing::error!("a completion could not be accounted for; its reservation expires by itself");
+        metrics::counter!("parley_agent_unaccounted_completions_total").increment(1);
+    }
+}
+
+pub(crate) fn delta(text: String) -> pb::CompleteEvent {
+    pb::CompleteEvent { event: Some(pb::complete_event::Event::Delta(text)) }
+}
+
+/// A cached reply as an answer: it cost no model tokens, so it costs the user none of their budget.
+fn cached_answer(reply: CachedReply) -> Answer {
+    let completion = Completion {
+        content: reply.content,
+        input_tokens: reply.input_tokens,
+        output_tokens: reply.output_tokens,
+        time_to_first_token: None,
+    };
+    Answer { completion, provider: "cache".to_owned(), elapsed: Duration::ZERO, cache_hit: true }
+}
