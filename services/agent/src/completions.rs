@@ -110,7 +110,7 @@ impl AgentService for Completions {
         let agent = self.agent.clone();
         let model = agent.config.models.get(&job.model).ok_or_else(|| Status::from(ServiceError::internal()))?;
         let answering_model = agent.route(&job.model, model, &prompt);
-        if !agent.reserve_for(&job, model, &prompt).await {
+        if !agent.reserve_for(&job, model, &prompt, Some(request.get_ref().reserved_tokens)).await {
             let detail = "the token budget does not cover this prompt and the longest reply";
             return Err(ServiceError::new(parley_platform::ErrorCode::QuotaExceeded, detail).into());
         }

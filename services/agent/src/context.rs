@@ -11,7 +11,7 @@ use tiktoken_rs::CoreBPE;
 use crate::provider::PromptMessage;
 
 /// Tokens a chat format spends on each message beyond its text (role, separators).
-const PER_MESSAGE_OVERHEAD: u32 = 4;
+use parley_platform::tokens::PER_MESSAGE_OVERHEAD;
 
 pub enum TokenCounter {
     Bpe(&'static CoreBPE),
@@ -44,7 +44,7 @@ impl TokenCounter {
     pub fn count(&self, text: &str) -> u32 {
         let tokens = match self {
             TokenCounter::Bpe(bpe) => bpe.count_ordinary(text) as u32,
-            TokenCounter::Estimate => (text.chars().count() as u32).div_ceil(4),
+            TokenCounter::Estimate => parley_platform::tokens::estimate(text),
         };
         tokens + PER_MESSAGE_OVERHEAD
     }

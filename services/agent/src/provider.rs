@@ -270,10 +270,12 @@ impl HttpProvider {
             return Err(ProviderError::Stream("the stream ended before message_stop".to_owned()));
         }
         // Providers that do not report usage get an estimate of about four characters a token.
-        let estimated_input =
-            || messages.iter().map(|message| message.content.chars().count()).sum::<usize>().div_ceil(4) as i64;
+        let estimated_input = || {
+            messages.iter().map(|message| i64::from(parley_platform::tokens::estimate(&message.content))).sum::<i64>()
+        };
         let input_tokens = state.input_tokens.unwrap_or_else(estimated_input);
-        let output_tokens = state.output_tokens.unwrap_or_else(|| state.content.chars().count().div_ceil(4) as i64);
+        let output_tokens =
+            state.output_tokens.unwrap_or_else(|| i64::from(parley_platform::tokens::estimate(&state.content)));
         Ok(Completion {
             content: state.content,
             input_tokens,

@@ -279,7 +279,7 @@ impl Agent {
         };
         let prompt = self.assemble_prompt(job, &context, &context.model, model).await;
         let answering_model = self.route(&context.model, model, &prompt);
-        if !self.reserve_for(job, model, &prompt).await {
+        if !self.reserve_for(job, model, &prompt, None).await {
             let detail = "the token budget does not cover this prompt and the longest reply";
             return self
                 .fail(job, ErrorCode::QuotaExceeded.as_str(), detail, None)
@@ -800,12 +800,16 @@ impl Agent {
         job: &AiJob,
         model: &parley_platform::config::ModelConfig,
         prompt: &[crate::provider::PromptMessage],
+        held: Option<i64>,
     ) -> bool {
         let Some(reservation_id) = job.reservation_id else {
             return true;
         };
         let counter = crate::context::TokenCounter::for_model(&self.config, model);
         let prompt_tokens: i64 = prompt.iter().map(|message| i64::from(counter.count(&message.content))).sum();
+        if held.is_some_and(|held| prompt_tokens + i64::from(self.config.agent.max_output_tokens) <= held) {
+            return true;
+        }
         let request = quota_pb::ReserveRequest {
             user_id: job.user_id.to_string(),
             tier: job.tier.clone(),

@@ -42,9 +42,20 @@ pub struct Backends {
     pub agent: AgentServiceClient<ClientChannel>,
 }
 
-/// Everything a request handler can reach.
+/// Everything a request handler can reach. Cloned by every layer and extractor of every request, so a
+/// clone is one reference count: the parts live behind one `Arc`.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub config: Arc<Config>,
     pub backends: Backends,
     pub nats: async_nats::Client,
@@ -77,7 +88,7 @@ impl AppState {
             config.http.expected_gateway_replicas,
         ));
         let token_lifetime = std::time::Duration::from_secs(config.auth.access_token_ttl_secs.max(0) as u64 + 60);
-        Self {
+        Self(Arc::new(Shared {
             api_keys,
             limiter,
             account_overrides: Arc::new(auth::AccountOverrides::new(token_lifetime)),
@@ -90,7 +101,7 @@ impl AppState {
             events_stream: Arc::new(tokio::sync::OnceCell::new()),
             replies: Arc::new(replies::ReplyHub::new()),
             shutdown: CancellationToken::new(),
-        }
+        }))
     }
 }
 
@@ -143,8 +154,10 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then lets in-flight requests finish.
-pub async fn serve(mut state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    state.shutdown = shutdown.clone();
+pub async fn serve(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Open event streams end when the gateway starts shutting down (the server's graceful shutdown
+    // waits for them), so clients reconnect to another replica.
+    let streams_end = state.shutdown.clone();
     let refresher = tokio::spawn(state.keys.clone().run_refresher(shutdown.clone()));
     let account_changes = tokio::spawn(state.account_overrides.clone().follow(
         state.nats.clone(),
@@ -163,7 +176,13 @@ pub async fn serve(mut state: AppState, listener: TcpListener, shutdown: Cancell
     ));
     let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = axum::serve(parley_platform::net::without_nagle(listener), app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .with_graceful_shutdown({
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                streams_end.cancel();
+            }
+        })
         .await;
     shutdown.cancel();
     refresher.await?;

@@ -20,6 +20,7 @@ pub mod replicas;
 pub mod shutdown;
 pub mod telemetry;
 pub mod timestamps;
+pub mod tokens;
 
 pub use config::Config;
 pub use error::{ErrorCode, ServiceError};

@@ -35,11 +35,6 @@ fn is_finished(message: &pb::Message) -> bool {
     matches!(message.status.as_str(), "completed" | "failed")
 }
 
-/// A rough token count of a prompt, for the budget check before the job is queued.
-pub fn estimate_tokens(text: &str) -> i64 {
-    (text.chars().count() as i64 + 3) / 4
-}
-
 /// Holds the estimated tokens of a request against the caller's budgets: the reservation id, or 429
 /// `quota_exceeded` with `Retry-After` until the window that refused it resets.
 pub async fn reserve_budget(state: &AppState, caller: &Caller, estimated_tokens: i64) -> Result<String, ApiError> {
@@ -107,7 +102,8 @@ pub async fn send(
                 .map_err(|_| ApiError::invalid_field("Idempotency-Key", "must be printable ASCII"))?,
         ),
     };
-    let estimated_tokens = estimate_tokens(&body.content) + i64::from(state.config.agent.max_output_tokens);
+    let estimated_tokens =
+        i64::from(parley_platform::tokens::estimate(&body.content)) + i64::from(state.config.agent.max_output_tokens);
     let reservation = reserve_budget(&state, &caller, estimated_tokens).await?;
     let request = pb::SendMessageRequest {
         user_id: caller.user_id.to_string(),

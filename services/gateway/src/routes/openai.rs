@@ -23,7 +23,7 @@ use parley_proto::chat::v1 as pb;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::messages::{estimate_tokens, release_budget, reserve_budget};
+use super::messages::{release_budget, reserve_budget};
 use super::streaming::{heartbeat, unbuffered};
 use crate::AppState;
 use crate::auth::Caller;
@@ -204,8 +204,10 @@ pub async fn chat_completions(
     for (index, message) in request.messages.iter().enumerate() {
         messages.push(pb::PromptMessage { role: message.role.clone(), content: text_of(index, &message.content)? });
     }
-    let prompt_chars: String = messages.iter().map(|message| message.content.as_str()).collect();
-    let estimated_tokens = estimate_tokens(&prompt_chars) + i64::from(state.config.agent.max_output_tokens);
+    // Counted as the agent counts a prompt without a tokenizer, so that the agent need not raise it.
+    let prompt_tokens: i64 =
+        messages.iter().map(|message| i64::from(parley_platform::tokens::estimate_message(&message.content))).sum();
+    let estimated_tokens = prompt_tokens + i64::from(state.config.agent.max_output_tokens);
     let reservation = reserve_budget(&state, &caller, estimated_tokens).await?;
     let completion_id = uuid::Uuid::now_v7();
     let call = agent_pb::CompleteRequest {
@@ -216,6 +218,7 @@ pub async fn chat_completions(
         messages,
         options: Some(super::generation_options(&headers, request.temperature)),
         reservation_id: reservation.clone(),
+        reserved_tokens: estimated_tokens,
     };
     let reply = match state.backends.agent.clone().complete(call).await {
         Ok(reply) => reply.into_inner(),
