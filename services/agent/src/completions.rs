@@ -60,17 +60,7 @@ impl Completions {
         let mut prompt = Vec::with_capacity(request.messages.len());
         let mut total_chars = 0;
         for (index, message) in request.messages.iter().enumerate() {
-            let role = match message.role.as_str() {
-                "system" | "developer" => "system",
-                "user" => "user",
-                "assistant" => "assistant",
-                _ => {
-                    return Err(ServiceError::invalid_field(
-                        format!("messages[{index}].role"),
-                        "must be system, developer, user or assistant",
-                    ));
-                }
-            };
+            let role = parley_platform::prompt::role(index, &message.role)?;
             total_chars += message.content.chars().count();
             prompt.push(PromptMessage { role: role.to_owned(), content: message.content.clone() });
         }

@@ -754,16 +754,24 @@ impl Agent {
         if !stored.changed {
             tracing::info!("another agent stored this reply first; keeping theirs");
         }
-        self.account(job, model, answer).await
+        // The reply is stored, so clients may have it at once. The accounting follows before the job
+        // is acknowledged (a crash in between redelivers the job, which redoes it); until it settles,
+        // the user's reservation (at least what the reply cost) still holds their budget.
+        self.announce_completed(job).await;
+        self.charge_and_report(job, model, answer).await
     }
 
-    /// Charges the tokens, reports the usage event and announces completion. Every step is idempotent
-    /// by message id, so a redelivered job may run it again safely.
+    /// Charges the tokens, reports the usage event and announces completion: for a redelivered job
+    /// whose reply is already stored. Every step is idempotent by message id.
     async fn account(&self, job: &AiJob, model: &str, answer: &Answer) -> Result<(), AgentError> {
         self.charge_and_report(job, model, answer).await?;
+        self.announce_completed(job).await;
+        Ok(())
+    }
+
+    async fn announce_completed(&self, job: &AiJob) {
         let subject = self.names.message_events_subject(job.message_id);
         self.publish_event(&subject, &MessageEvent::Completed { message_id: job.message_id }).await;
-        Ok(())
     }
 
     /// Settles the reservation with the tokens used and publishes the usage event, both idempotent by

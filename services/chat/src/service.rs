@@ -333,18 +333,7 @@ impl pb::chat_service_server::ChatService for ChatService {
         let mut messages = Vec::with_capacity(request.messages.len());
         let mut total_chars = 0;
         for (index, message) in request.messages.into_iter().enumerate() {
-            let role = match message.role.as_str() {
-                "system" | "developer" => "system",
-                "user" => "user",
-                "assistant" => "assistant",
-                _ => {
-                    return Err(ChatError::from(ServiceError::invalid_field(
-                        format!("messages[{index}].role"),
-                        "must be system, developer, user or assistant",
-                    ))
-                    .into());
-                }
-            };
+            let role = parley_platform::prompt::role(index, &message.role).map_err(ChatError::from)?;
             total_chars += message.content.chars().count();
             messages.push((role.to_owned(), message.content));
         }
@@ -427,15 +416,16 @@ impl pb::chat_service_server::ChatService for ChatService {
             .map_err(|_| ChatError::from(ServiceError::invalid_field("message_id", "must be a UUID")))?;
         let message = self.storage.message(id).await.map_err(ChatError::from)?;
         let message = message.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
-        let conversation = self.storage.conversation_of(&message).await.map_err(ChatError::from)?;
+        let conversation = self.storage.job_conversation(&message).await.map_err(ChatError::from)?;
         let conversation = conversation.ok_or_else(|| ChatError::from(ServiceError::not_found("conversation")))?;
         let limit = match request.history_limit {
             0 => self.config.chat.history_limit,
             limit => limit,
         };
-        let summary = self.storage.summary(conversation.id).await.map_err(ChatError::from)?;
+        let summary = conversation.summary;
         let after = summary.as_ref().map(|(_, position)| *position);
         let history = self.storage.history_before(&message, after, i64::from(limit)).await.map_err(ChatError::from)?;
+        let message_conversation = message.conversation_id;
         let model = message.model.clone().unwrap_or_else(|| conversation.model.clone());
         Ok(Response::new(pb::JobContext {
             user_id: message.user_id.to_string(),
@@ -444,7 +434,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             system_prompt: conversation.system_prompt,
             history: history.into_iter().map(message_to_proto).collect(),
             summary: summary.map(|(text, _)| text),
-            conversation_id: conversation.id.to_string(),
+            conversation_id: message_conversation.to_string(),
         }))
     }
 

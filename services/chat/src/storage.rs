@@ -423,16 +423,25 @@ impl Storage {
     }
 
     /// A conversation's running summary and the position of the last message it covers.
-    pub async fn summary(&self, conversation_id: Uuid) -> Result<Option<(String, Position)>, sqlx::Error> {
-        let row: Option<(Option<String>, Option<OffsetDateTime>, Option<Uuid>)> =
-            sqlx::query_as("SELECT summary, summary_until_at, summary_until_id FROM chat.conversations WHERE id = $1")
-                .bind(conversation_id)
-                .fetch_optional(self.pool())
-                .await?;
-        Ok(match row {
-            Some((Some(summary), Some(at), Some(id))) => Some((summary, Position { at, id })),
-            _ => None,
-        })
+    /// What a job needs of the conversation its reply belongs to, in one read of the primary: the
+    /// model, the system prompt and the running summary with the position it covers.
+    pub async fn job_conversation(&self, message: &MessageRow) -> Result<Option<JobConversation>, sqlx::Error> {
+        let row: Option<JobConversationRow> = sqlx::query_as(
+            "SELECT model, system_prompt, summary, summary_until_at, summary_until_id
+             FROM chat.conversations WHERE id = $1 AND user_id = $2",
+        )
+        .bind(message.conversation_id)
+        .bind(message.user_id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|row| JobConversation {
+            model: row.model,
+            system_prompt: row.system_prompt,
+            summary: match (row.summary, row.summary_until_at, row.summary_until_id) {
+                (Some(summary), Some(at), Some(id)) => Some((summary, Position { at, id })),
+                _ => None,
+            },
+        }))
     }
 
     /// Replaces the running summary if the new one covers more; false when it does not.
@@ -454,11 +463,6 @@ impl Storage {
         .execute(self.pool())
         .await?;
         Ok(result.rows_affected() > 0)
-    }
-
-    /// The conversation a message belongs to, whoever owns it (for agents).
-    pub async fn conversation_of(&self, message: &MessageRow) -> Result<Option<ConversationRow>, sqlx::Error> {
-        self.conversation(ReadFloor::Primary, message.user_id, message.conversation_id).await
     }
 
     /// Completes a pending or streaming assistant message. `Ok((row, false))` when it was already
@@ -554,6 +558,23 @@ impl Storage {
             sqlx::query("DELETE FROM chat.outbox WHERE published_at < now() - interval '1 hour'").execute(pool).await?;
         Ok(result.rows_affected())
     }
+}
+
+#[derive(sqlx::FromRow)]
+struct JobConversationRow {
+    model: String,
+    system_prompt: Option<String>,
+    summary: Option<String>,
+    summary_until_at: Option<OffsetDateTime>,
+    summary_until_id: Option<Uuid>,
+}
+
+/// A conversation as a job sees it.
+pub struct JobConversation {
+    pub model: String,
+    pub system_prompt: Option<String>,
+    /// The running summary and the position of the last message it covers.
+    pub summary: Option<(String, Position)>,
 }
 
 /// What one `parley archive` run moved.

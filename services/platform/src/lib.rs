@@ -15,6 +15,7 @@ pub mod health;
 pub mod json_log;
 pub mod nats;
 pub mod net;
+pub mod prompt;
 pub mod redis_pool;
 pub mod replicas;
 pub mod shutdown;
