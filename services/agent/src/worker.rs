@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use parley_platform::events::{AiJob, MessageEvent, UsageEvent};
+use parley_platform::events::{AiJob, MessageEvent, StoredReply, UsageEvent};
 use parley_platform::grpc::ClientChannel;
 use parley_platform::nats::Names;
 use parley_platform::telemetry::{self, NatsHeaderCarrier, NatsHeaderReader};
@@ -754,10 +754,10 @@ impl Agent {
         if !stored.changed {
             tracing::info!("another agent stored this reply first; keeping theirs");
         }
-        // The reply is stored, so clients may have it at once. The accounting follows before the job
-        // is acknowledged (a crash in between redelivers the job, which redoes it); until it settles,
-        // the user's reservation (at least what the reply cost) still holds their budget.
-        self.announce_completed(job).await;
+        // The reply is stored, so clients may have it at once, as stored. The accounting follows before
+        // the job is acknowledged (a crash in between redelivers the job, which redoes it); until it
+        // settles, the user's reservation (at least what the reply cost) still holds their budget.
+        self.announce_completed(job, stored.message.as_ref().and_then(stored_reply)).await;
         self.charge_and_report(job, model, answer).await
     }
 
@@ -765,13 +765,13 @@ impl Agent {
     /// whose reply is already stored. Every step is idempotent by message id.
     async fn account(&self, job: &AiJob, model: &str, answer: &Answer) -> Result<(), AgentError> {
         self.charge_and_report(job, model, answer).await?;
-        self.announce_completed(job).await;
+        self.announce_completed(job, None).await;
         Ok(())
     }
 
-    async fn announce_completed(&self, job: &AiJob) {
+    async fn announce_completed(&self, job: &AiJob, reply: Option<StoredReply>) {
         let subject = self.names.message_events_subject(job.message_id);
-        self.publish_event(&subject, &MessageEvent::Completed { message_id: job.message_id }).await;
+        self.publish_event(&subject, &MessageEvent::Completed { message_id: job.message_id, reply }).await;
     }
 
     /// Settles the reservation with the tokens used and publishes the usage event, both idempotent by
@@ -914,6 +914,25 @@ impl Agent {
         self.publish_event(&subject, &event).await;
         Ok(())
     }
+}
+
+/// The stored reply for a `completed` event; `None` when chat's answer is not a completed message.
+fn stored_reply(message: &chat_pb::Message) -> Option<StoredReply> {
+    let nanos =
+        |at| parley_platform::timestamps::from_proto(at).and_then(|at| i64::try_from(at.unix_timestamp_nanos()).ok());
+    if message.status != "completed" {
+        return None;
+    }
+    let usage = message.usage.unwrap_or_default();
+    Some(StoredReply {
+        conversation_id: Uuid::parse_str(&message.conversation_id).ok()?,
+        content: message.content.clone(),
+        model: message.model.clone(),
+        input_tokens: usage.input_tokens,
+        output_tokens: usage.output_tokens,
+        created_at_ns: nanos(message.created_at.as_ref()?)?,
+        completed_at_ns: message.completed_at.as_ref().and_then(nanos),
+    })
 }
 
 /// Exponential redelivery delay: 1 s, 2 s, 4 s ... capped at 30 s.

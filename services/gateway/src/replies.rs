@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use parley_platform::events::MessageEvent;
+use parley_platform::events::{MessageEvent, StoredReply};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -42,8 +42,9 @@ pub enum HubEvent {
         index: u64,
         text: Arc<str>,
     },
-    /// The reply ended (completed or failed): the stored message says how.
-    Ended,
+    /// The reply ended (completed or failed). A completed one may carry the reply as stored; else the
+    /// stored message says how it ended.
+    Ended(Option<Arc<StoredReply>>),
 }
 
 /// One reply as this gateway has seen it.
@@ -55,6 +56,8 @@ struct ReplyRecord {
     /// A delta arrived out of sequence: the record cannot vouch for this reply any more.
     broken: bool,
     ended: bool,
+    /// The stored reply, when the end carried it.
+    reply: Option<Arc<StoredReply>>,
     watchers: Vec<mpsc::UnboundedSender<HubEvent>>,
     touched: Option<Instant>,
 }
@@ -77,7 +80,10 @@ impl ReplyRecord {
                 }
                 // An index below the next one is a copy of one already held: nothing to add.
             }
-            HubEvent::Ended => self.ended = true,
+            HubEvent::Ended(reply) => {
+                self.ended = true;
+                self.reply = reply.clone();
+            }
         }
         self.watchers.retain(|watcher| watcher.send(event.clone()).is_ok());
     }
@@ -144,7 +150,7 @@ impl ReplyHub {
             .map(|(offset, text)| HubEvent::Delta { index: record.first_index + offset as u64, text: text.clone() })
             .collect();
         if record.ended {
-            backlog.push(HubEvent::Ended);
+            backlog.push(HubEvent::Ended(record.reply.clone()));
         }
         record.watchers.push(sender);
         record.touched = Some(Instant::now());
@@ -155,7 +161,8 @@ impl ReplyHub {
     pub fn deliver(&self, message_id: Uuid, event: MessageEvent) {
         let event = match event {
             MessageEvent::Delta { index, text, .. } => HubEvent::Delta { index, text: text.into() },
-            MessageEvent::Completed { .. } | MessageEvent::Failed { .. } => HubEvent::Ended,
+            MessageEvent::Completed { reply, .. } => HubEvent::Ended(reply.map(Arc::new)),
+            MessageEvent::Failed { .. } => HubEvent::Ended(None),
         };
         let mut records = self.records();
         let record = records.entry(message_id).or_default();
@@ -242,7 +249,7 @@ mod tests {
             .iter()
             .map(|event| match event {
                 HubEvent::Delta { index, text } => format!("{index}:{text}"),
-                HubEvent::Ended => "end".to_owned(),
+                HubEvent::Ended(_) => "end".to_owned(),
             })
             .collect()
     }
@@ -256,9 +263,9 @@ mod tests {
         let mut watch = hub.watch(id, 1, time::OffsetDateTime::now_utc()).unwrap();
         assert_eq!(texts(&watch.backlog), ["1:lo"]);
         hub.deliver(id, delta(2, "!"));
-        hub.deliver(id, MessageEvent::Completed { message_id: id });
+        hub.deliver(id, MessageEvent::Completed { message_id: id, reply: None });
         assert_eq!(watch.live.try_recv().unwrap(), HubEvent::Delta { index: 2, text: "!".into() });
-        assert_eq!(watch.live.try_recv().unwrap(), HubEvent::Ended);
+        assert_eq!(watch.live.try_recv().unwrap(), HubEvent::Ended(None));
     }
 
     #[test]

@@ -86,9 +86,36 @@ pub struct CostAlert {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum MessageEvent {
-    Delta { message_id: Uuid, index: u64, text: String },
-    Completed { message_id: Uuid },
-    Failed { message_id: Uuid, code: String, detail: String },
+    Delta {
+        message_id: Uuid,
+        index: u64,
+        text: String,
+    },
+    Completed {
+        message_id: Uuid,
+        /// The reply as chat stored it, so a gateway can end a stream without reading it back. Absent
+        /// from events of older agents and of a redelivered job's accounting.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply: Option<StoredReply>,
+    },
+    Failed {
+        message_id: Uuid,
+        code: String,
+        detail: String,
+    },
+}
+
+/// A completed assistant message as stored, in a `completed` event.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredReply {
+    pub conversation_id: Uuid,
+    pub content: String,
+    pub model: Option<String>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    /// Unix nanoseconds.
+    pub created_at_ns: i64,
+    pub completed_at_ns: Option<i64>,
 }
 
 /// A user's tier or role changed: gateways apply them at once, ahead of the claims in tokens issued

@@ -188,11 +188,15 @@ pub async fn wait_for_reply(
             return (latest, started.elapsed());
         }
         let next_poll = (tokio::time::Instant::now() + SAFETY_POLL).min(deadline);
+        read_now = true;
         tokio::select! {
             _ = tokio::time::sleep_until(next_poll) => {}
-            _ = ending.announced() => {}
+            reply = ending.announced(message_id) => if let Some(reply) = reply {
+                // The end carried the reply as stored: no need to read it back.
+                latest = reply;
+                read_now = false;
+            },
         }
-        read_now = true;
     }
 }
 
@@ -207,28 +211,31 @@ enum Ending {
 }
 
 impl Ending {
-    /// Resolves when the reply is announced ended; never, when the announcements stop.
-    async fn announced(&mut self) {
+    /// Resolves when the reply is announced ended, with the reply as stored when the announcement
+    /// carried it; never, when the announcements stop.
+    async fn announced(&mut self, message_id: Uuid) -> Option<pb::Message> {
         match self {
             Ending::Hub(watch) => {
                 while let Some(event) = watch.live.recv().await {
-                    if event == HubEvent::Ended {
-                        return;
+                    if let HubEvent::Ended(reply) = event {
+                        return reply.map(|reply| super::streaming::stored_message(message_id, &reply));
                     }
                 }
             }
             Ending::Subject(subscriber) => {
                 while let Some(event) = subscriber.next().await {
-                    if let Ok(MessageEvent::Completed { .. } | MessageEvent::Failed { .. }) =
-                        serde_json::from_slice::<MessageEvent>(&event.payload)
-                    {
-                        return;
+                    match serde_json::from_slice::<MessageEvent>(&event.payload) {
+                        Ok(MessageEvent::Completed { reply, .. }) => {
+                            return reply.map(|reply| super::streaming::stored_message(message_id, &reply));
+                        }
+                        Ok(MessageEvent::Failed { .. }) => return None,
+                        _ => {}
                     }
                 }
             }
             Ending::Unannounced => {}
         }
-        futures::future::pending::<()>().await;
+        futures::future::pending::<Option<pb::Message>>().await
     }
 }
 

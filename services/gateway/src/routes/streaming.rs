@@ -24,7 +24,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use parley_platform::events::MessageEvent;
+use parley_platform::events::{MessageEvent, StoredReply};
 use parley_proto::chat::v1 as pb;
 use serde_json::json;
 use uuid::Uuid;
@@ -111,7 +111,7 @@ pub enum ReplyItem {
 fn hub_source(message_id: Uuid, watch: Watch) -> EventSource {
     let to_event = move |event: HubEvent| match event {
         HubEvent::Delta { index, text } => MessageEvent::Delta { message_id, index, text: text.to_string() },
-        HubEvent::Ended => MessageEvent::Completed { message_id },
+        HubEvent::Ended(reply) => MessageEvent::Completed { message_id, reply: reply.map(|reply| (*reply).clone()) },
     };
     let backlog = futures::stream::iter(watch.backlog);
     let live =
@@ -217,6 +217,11 @@ impl ReplyFeed {
                 Some(Some(None)) => continue,
                 // The consumer ended: rely on the stored message from now on.
                 Some(None) => self.source = None,
+                // The end, carrying the reply as stored: no need to read it back.
+                Some(Some(Some(MessageEvent::Completed { reply: Some(reply), .. }))) => {
+                    self.done = true;
+                    return Some(ReplyItem::Finished(Box::new(stored_message(self.message_id, &reply))));
+                }
                 // The end was announced, or all was quiet for a while: is the stored reply finished?
                 Some(Some(Some(MessageEvent::Completed { .. } | MessageEvent::Failed { .. }))) | None => {}
             }
@@ -225,6 +230,28 @@ impl ReplyFeed {
                 return Some(ReplyItem::Finished(Box::new(message)));
             }
         }
+    }
+}
+
+/// A completed reply as its `completed` event carried it, in the shape chat returns.
+pub fn stored_message(message_id: Uuid, reply: &StoredReply) -> pb::Message {
+    let at = |nanos: i64| {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
+            .ok()
+            .map(parley_platform::timestamps::to_proto)
+    };
+    pb::Message {
+        id: message_id.to_string(),
+        conversation_id: reply.conversation_id.to_string(),
+        role: "assistant".to_owned(),
+        content: reply.content.clone(),
+        status: "completed".to_owned(),
+        model: reply.model.clone(),
+        usage: Some(pb::Usage { input_tokens: reply.input_tokens, output_tokens: reply.output_tokens }),
+        created_at: at(reply.created_at_ns),
+        completed_at: reply.completed_at_ns.and_then(at),
+        error_code: None,
+        error_detail: None,
     }
 }
 

@@ -109,7 +109,7 @@ async fn a_user_registers_chats_and_sees_their_usage() {
     assert_eq!(messages[1]["role"], "assistant");
     let (status, message) = t.get(&session, &format!("/v1/messages/{}", reply["id"].as_str().unwrap())).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(message["content"], reply["content"]);
+    assert_eq!(&message, reply, "the waiting send answers with the reply exactly as stored");
     assert_eq!(message["conversation_id"], conversation.as_str());
 
     // The reply's tokens and cost show up in the caller's usage.

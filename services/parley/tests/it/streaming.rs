@@ -87,6 +87,10 @@ async fn a_reply_streams_as_it_is_generated_and_a_dropped_client_resumes_where_i
     assert_eq!(last.data["content"], expected);
     assert_eq!(last.data["status"], "completed");
     assert!(last.data["usage"]["output_tokens"].as_i64().unwrap() > 0);
+    // What the stream ends with is the reply as stored, field for field (the gateway takes it from the
+    // agent's `completed` event rather than reading it back).
+    let (_, stored) = t.get(&session, &format!("/v1/messages/{reply_id}")).await;
+    assert_eq!(last.data, stored);
 
     // After completion the endpoint replays the whole reply, on any gateway replica.
     let other_gateway = t.launch(&[Service::Gateway]).await.unwrap();
