@@ -23,8 +23,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::cache::CachedReply;
+use crate::chain::{Answer, DeltaSink, Failure};
 use crate::provider::{Completion, PromptMessage};
-use crate::worker::{Agent, Answer, DeltaSink, Failure, Generated};
+use crate::worker::{Agent, Generated};
 
 /// What one call streams back.
 type Events = mpsc::UnboundedSender<Result<pb::CompleteEvent, Status>>;

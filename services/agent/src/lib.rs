@@ -6,11 +6,14 @@
 //! It owns no data. It must never acknowledge a job before its outcome is stored: an agent that dies
 //! mid-job leaves the job to be redelivered and finished by another.
 
+mod accounting;
 mod cache;
+mod chain;
 mod completions;
 mod context;
 pub mod provider;
 mod resilience;
+mod summaries;
 mod worker;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,239 @@
+//! What follows a reply: storing it in chat, announcing it, settling the tokens with quota and
+//! reporting usage (each idempotent by message id); and ending a message that cannot be answered.
+
+use std::time::Duration;
+
+use parley_platform::ServiceError;
+use parley_platform::events::{AiJob, MessageEvent, StoredReply, UsageEvent};
+use parley_platform::telemetry::{self, NatsHeaderCarrier};
+use parley_proto::chat::v1 as chat_pb;
+use parley_proto::quota::v1 as quota_pb;
+use uuid::Uuid;
+
+use crate::AgentError;
+use crate::cache::CachedReply;
+use crate::chain::Answer;
+use crate::provider::Completion;
+use crate::worker::Agent;
+
+/// The stored reply for a `completed` event; `None` when chat's answer is not a completed message.
+fn stored_reply(message: &chat_pb::Message) -> Option<StoredReply> {
+    let nanos =
+        |at| parley_platform::timestamps::from_proto(at).and_then(|at| i64::try_from(at.unix_timestamp_nanos()).ok());
+    if message.status != "completed" {
+        return None;
+    }
+    let usage = message.usage.unwrap_or_default();
+    Some(StoredReply {
+        conversation_id: Uuid::parse_str(&message.conversation_id).ok()?,
+        content: message.content.clone(),
+        model: message.model.clone(),
+        input_tokens: usage.input_tokens,
+        output_tokens: usage.output_tokens,
+        created_at_ns: nanos(message.created_at.as_ref()?)?,
+        completed_at_ns: message.completed_at.as_ref().and_then(nanos),
+    })
+}
+
+impl Agent {
+    /// Answers a job with a cached reply: one delta with the whole text, then the usual storing and
+    /// accounting (no tokens are charged for a reply nobody generated).
+    pub(crate) async fn answer_from_cache(
+        &self,
+        job: &AiJob,
+        delivered: i64,
+        model: &str,
+        reply: CachedReply,
+        how: &'static str,
+    ) -> Result<(), AgentError> {
+        metrics::counter!("parley_llm_cache_requests_total", "outcome" => how).increment(1);
+        let index = self.next_delta_index(job.message_id, delivered).await;
+        let subject = self.names.message_events_subject(job.message_id);
+        let delta = MessageEvent::Delta { message_id: job.message_id, index, text: reply.content.clone() };
+        self.publish_event(&subject, &delta).await;
+        let completion = Completion {
+            content: reply.content,
+            input_tokens: reply.input_tokens,
+            output_tokens: reply.output_tokens,
+            time_to_first_token: None,
+        };
+        let answer = Answer { completion, provider: "cache".to_owned(), elapsed: Duration::ZERO, cache_hit: true };
+        self.store(job, model, &answer).await
+    }
+
+    /// Stores the reply, then charges and reports it.
+    pub(crate) async fn store(&self, job: &AiJob, model: &str, answer: &Answer) -> Result<(), AgentError> {
+        let request = chat_pb::CompleteMessageRequest {
+            message_id: job.message_id.to_string(),
+            content: answer.completion.content.clone(),
+            usage: Some(chat_pb::Usage {
+                input_tokens: answer.completion.input_tokens,
+                output_tokens: answer.completion.output_tokens,
+            }),
+            model: model.to_owned(),
+        };
+        let stored = self.chat.clone().complete_message(request).await.map_err(ServiceError::from)?.into_inner();
+        if !stored.changed {
+            tracing::info!("another agent stored this reply first; keeping theirs");
+        }
+        // The reply is stored, so clients may have it at once, as stored. The accounting follows before
+        // the job is acknowledged (a crash in between redelivers the job, which redoes it); until it
+        // settles, the user's reservation (at least what the reply cost) still holds their budget.
+        self.announce_completed(job, stored.message.as_ref().and_then(stored_reply)).await;
+        self.charge_and_report(job, model, answer).await
+    }
+
+    /// Charges the tokens, reports the usage event and announces completion: for a redelivered job
+    /// whose reply is already stored. Every step is idempotent by message id.
+    pub(crate) async fn account(&self, job: &AiJob, model: &str, answer: &Answer) -> Result<(), AgentError> {
+        self.charge_and_report(job, model, answer).await?;
+        self.announce_completed(job, None).await;
+        Ok(())
+    }
+
+    pub(crate) async fn announce_completed(&self, job: &AiJob, reply: Option<StoredReply>) {
+        let subject = self.names.message_events_subject(job.message_id);
+        self.publish_event(&subject, &MessageEvent::Completed { message_id: job.message_id, reply }).await;
+    }
+
+    /// Settles the reservation with the tokens used and publishes the usage event, both idempotent by
+    /// the job's message id.
+    pub(crate) async fn charge_and_report(&self, job: &AiJob, model: &str, answer: &Answer) -> Result<(), AgentError> {
+        // A cached reply cost no model tokens, so it costs the user none of their budget either.
+        let tokens =
+            if answer.cache_hit { 0 } else { answer.completion.input_tokens + answer.completion.output_tokens };
+        let event = UsageEvent {
+            event_id: job.message_id,
+            user_id: job.user_id,
+            conversation_id: job.conversation_id,
+            message_id: job.message_id,
+            model: model.to_owned(),
+            provider: answer.provider.clone(),
+            input_tokens: answer.completion.input_tokens,
+            output_tokens: answer.completion.output_tokens,
+            latency_ms: answer.elapsed.as_millis() as i64,
+            time_to_first_token_ms: answer.completion.time_to_first_token.map(|ttft| ttft.as_millis() as i64),
+            cache_hit: answer.cache_hit,
+            outcome: "completed".to_owned(),
+            occurred_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+        };
+        // Independent and each idempotent: the charge and the report travel side by side.
+        tokio::try_join!(self.settle(job, tokens), self.publish_usage(&event))?;
+        Ok(())
+    }
+
+    /// Raises the job's reservation to what this call can cost at most (the prompt as counted, plus the
+    /// longest reply), so the budget holds even when the thread's history makes the prompt far longer
+    /// than the gateway's estimate. False when the budget cannot cover it.
+    pub(crate) async fn reserve_for(
+        &self,
+        job: &AiJob,
+        model: &parley_platform::config::ModelConfig,
+        prompt: &[crate::provider::PromptMessage],
+        held: Option<i64>,
+    ) -> bool {
+        let Some(reservation_id) = job.reservation_id else {
+            return true;
+        };
+        let counter = crate::context::TokenCounter::for_model(&self.config, model);
+        let prompt_tokens: i64 = prompt.iter().map(|message| i64::from(counter.count(&message.content))).sum();
+        if held.is_some_and(|held| prompt_tokens + i64::from(self.config.agent.max_output_tokens) <= held) {
+            return true;
+        }
+        let request = quota_pb::ReserveRequest {
+            user_id: job.user_id.to_string(),
+            tier: job.tier.clone(),
+            reservation_id: reservation_id.to_string(),
+            tokens: prompt_tokens + i64::from(self.config.agent.max_output_tokens),
+        };
+        match self.quota.clone().reserve(request).await {
+            Ok(reservation) => reservation.into_inner().granted,
+            Err(status) => {
+                // The gateway's reservation stands; the budget store being unreachable must not stop replies.
+                tracing::warn!(code = ?status.code(), "could not raise the reservation");
+                true
+            }
+        }
+    }
+
+    /// Charges `tokens` for the job: settling its reservation (which releases the rest of it), or, for a
+    /// job queued without one, a plain charge. Idempotent either way.
+    pub(crate) async fn settle(&self, job: &AiJob, tokens: i64) -> Result<(), AgentError> {
+        match job.reservation_id {
+            Some(reservation_id) => {
+                let request = quota_pb::SettleRequest {
+                    user_id: job.user_id.to_string(),
+                    reservation_id: reservation_id.to_string(),
+                    tokens,
+                };
+                self.quota.clone().settle(request).await.map_err(ServiceError::from)?;
+            }
+            None if tokens == 0 => {}
+            None => {
+                let request = quota_pb::ChargeRequest {
+                    user_id: job.user_id.to_string(),
+                    tokens,
+                    reference_id: job.message_id.to_string(),
+                };
+                self.quota.clone().charge(request).await.map_err(ServiceError::from)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn publish_usage(&self, event: &UsageEvent) -> Result<(), AgentError> {
+        let payload = serde_json::to_vec(event).map_err(|error| AgentError::Nats(error.to_string()))?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.event_id.to_string().as_str());
+        telemetry::inject_current(&mut NatsHeaderCarrier(&mut headers));
+        let ack = self
+            .jetstream
+            .publish_with_headers(self.names.usage_subject(), headers, payload.into())
+            .await
+            .map_err(|error| AgentError::Nats(error.to_string()))?;
+        ack.await.map_err(|error| AgentError::Nats(error.to_string()))?;
+        Ok(())
+    }
+
+    /// Keeps a job that was given up on in the dead-letter stream, with the reason in a header.
+    pub(crate) async fn dead_letter(&self, payload: &[u8], reason: &str) -> Result<(), AgentError> {
+        let mut headers = async_nats::HeaderMap::new();
+        let reason: String = reason.chars().filter(|c| !c.is_control()).take(500).collect();
+        headers.insert("Parley-Dead-Reason", reason.as_str());
+        let ack = self
+            .jetstream
+            .publish_with_headers(self.names.dead_jobs_subject(), headers, payload.to_vec().into())
+            .await
+            .map_err(|error| AgentError::Nats(error.to_string()))?;
+        ack.await.map_err(|error| AgentError::Nats(error.to_string()))?;
+        metrics::counter!("parley_agent_dead_jobs_total").increment(1);
+        Ok(())
+    }
+
+    /// Ends the message `failed` with a reason, announces it, and keeps the job in the dead-letter stream.
+    pub(crate) async fn fail(
+        &self,
+        job: &AiJob,
+        code: &str,
+        detail: &str,
+        partial_content: Option<String>,
+    ) -> Result<(), AgentError> {
+        let request = chat_pb::FailMessageRequest {
+            message_id: job.message_id.to_string(),
+            code: code.to_owned(),
+            detail: detail.to_owned(),
+            partial_content,
+        };
+        self.chat.clone().fail_message(request).await.map_err(ServiceError::from)?;
+        if let Ok(payload) = serde_json::to_vec(job) {
+            self.dead_letter(&payload, &format!("{code}: {detail}")).await?;
+        }
+        // Nothing was delivered: the reservation goes back at once instead of waiting to expire.
+        self.settle(job, 0).await?;
+        let subject = self.names.message_events_subject(job.message_id);
+        let event =
+            MessageEvent::Failed { message_id: job.message_id, code: code.to_owned(), detail: detail.to_owned() };
+        self.publish_event(&subject, &event).await;
+        Ok(())
+    }
+}

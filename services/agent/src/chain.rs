@@ -1,0 +1,280 @@
+//! Calling a model: routing to a cheaper model, the chain of providers in order with retries, breakers
+//! and key pools, and each streamed piece of the reply sent where it goes (the message's subject, or
+//! the caller of a stateless completion).
+
+use std::time::{Duration, Instant};
+
+use parley_platform::events::{AiJob, MessageEvent};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::ProviderHandle;
+use crate::provider::{Completion, ProviderError, Sampling};
+use crate::resilience::{KeyOutcome, backoff};
+use crate::worker::Agent;
+
+/// One call to one provider.
+pub(crate) struct ProviderCall<'a> {
+    provider: &'a ProviderHandle,
+    key: Option<&'a str>,
+    model: &'a str,
+    prompt: &'a [crate::provider::PromptMessage],
+    sampling: Sampling,
+}
+
+/// A failed model call, with the text that had already been streamed to clients.
+pub(crate) struct Failure {
+    pub(crate) error: ProviderError,
+    pub(crate) streamed: String,
+}
+
+/// Where a reply's pieces go as they arrive.
+#[derive(Clone, Copy)]
+pub(crate) enum DeltaSink<'a> {
+    /// The message's NATS subject: a job's reply, which any gateway may be streaming.
+    Subject,
+    /// Straight back to the caller of a stateless completion.
+    Caller(&'a mpsc::UnboundedSender<Result<parley_proto::agent::v1::CompleteEvent, tonic::Status>>),
+}
+
+/// A successful model call, with where it was made.
+pub(crate) struct Answer {
+    pub(crate) completion: Completion,
+    pub(crate) provider: String,
+    pub(crate) elapsed: Duration,
+    pub(crate) cache_hit: bool,
+}
+
+impl Agent {
+    /// The model that answers: the requested one, or its router's cheaper model for a simple request.
+    pub(crate) fn route(
+        &self,
+        requested: &str,
+        model: &parley_platform::config::ModelConfig,
+        prompt: &[crate::provider::PromptMessage],
+    ) -> String {
+        let Some(router) = &model.router else {
+            return requested.to_owned();
+        };
+        let chars: usize = prompt.iter().map(|message| message.content.chars().count()).sum();
+        let messages = prompt.iter().filter(|message| message.role != "system").count();
+        if chars <= router.max_prompt_chars && messages <= router.max_messages {
+            metrics::counter!("parley_llm_routed_total", "from" => requested.to_owned(), "to" => router.model.clone())
+                .increment(1);
+            tracing::debug!(from = requested, to = %router.model, "simple request routed to the cheaper model");
+            return router.model.clone();
+        }
+        requested.to_owned()
+    }
+
+    /// Tries each provider/model pair of the model's chain in order, retrying each on retryable failures
+    /// with backoff, skipping providers whose circuit is open.
+    pub(crate) async fn call_chain(
+        &self,
+        job: &AiJob,
+        delivered: i64,
+        model_name: &str,
+        prompt: &[crate::provider::PromptMessage],
+        sink: DeltaSink<'_>,
+    ) -> Result<Answer, Failure> {
+        let chain = self.config.models.get(model_name).map(|model| model.chain.as_slice()).unwrap_or_default();
+        let mut last_error = ProviderError::Misconfigured(format!("model {model_name} has no usable provider"));
+        let mut delta_index = self.next_delta_index(job.message_id, delivered).await;
+        for target in chain {
+            let Some(provider) = self.providers.get(&target.provider) else {
+                continue;
+            };
+            match self.call_with_retries(provider, &target.model, prompt, job, &mut delta_index, sink).await {
+                Ok(answer) => return Ok(answer),
+                Err(failure) if !failure.streamed.is_empty() => return Err(failure),
+                Err(Failure { error, .. }) => {
+                    let retryable = error.is_retryable();
+                    last_error = error;
+                    if !retryable {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(Failure { error: last_error, streamed: String::new() })
+    }
+
+    /// Calls one provider, retrying retryable failures with jittered exponential backoff (or the
+    /// provider's `Retry-After`), and moving to the next key on 401, 403 and 429.
+    pub(crate) async fn call_with_retries(
+        &self,
+        provider: &ProviderHandle,
+        model: &str,
+        prompt: &[crate::provider::PromptMessage],
+        job: &AiJob,
+        delta_index: &mut u64,
+        sink: DeltaSink<'_>,
+    ) -> Result<Answer, Failure> {
+        let retry = &self.config.agent.retry;
+        let sampling = Sampling { max_tokens: self.config.agent.max_output_tokens, temperature: job.temperature };
+        let started = Instant::now();
+        let name = provider.client.name.clone();
+        let mut attempt = 0;
+        loop {
+            if !provider.breaker.allow() {
+                metrics::counter!("parley_llm_requests_total", "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "circuit_open").increment(1);
+                let error = ProviderError::Status {
+                    status: 503,
+                    message: format!("circuit open for {name}"),
+                    retry_after: None,
+                };
+                return Err(Failure { error, streamed: String::new() });
+            }
+            attempt += 1;
+            let key = provider.keys.pick();
+            let span = tracing::info_span!(
+                "gen_ai.chat",
+                otel.kind = "client",
+                gen_ai.operation.name = "chat",
+                gen_ai.system = %name,
+                gen_ai.request.model = %model,
+                gen_ai.usage.input_tokens = tracing::field::Empty,
+                gen_ai.usage.output_tokens = tracing::field::Empty,
+                attempt,
+            );
+            let call_started = Instant::now();
+            let (result, streamed) = self
+                .call_streaming(
+                    ProviderCall {
+                        provider,
+                        key: key.as_ref().map(|(_, secret)| secret.as_str()),
+                        model,
+                        prompt,
+                        sampling,
+                    },
+                    job.message_id,
+                    delta_index,
+                    sink,
+                )
+                .instrument(span.clone())
+                .await;
+            let elapsed = call_started.elapsed();
+            let labels = [("provider", name.clone()), ("model", model.to_owned())];
+            metrics::histogram!("parley_llm_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+            let error = match result {
+                Ok(completion) => {
+                    provider.breaker.record_success();
+                    if let Some((index, _)) = &key {
+                        provider.keys.report(*index, KeyOutcome::Worked);
+                    }
+                    span.record("gen_ai.usage.input_tokens", completion.input_tokens);
+                    span.record("gen_ai.usage.output_tokens", completion.output_tokens);
+                    metrics::counter!("parley_llm_requests_total", "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "ok").increment(1);
+                    if let Some(ttft) = completion.time_to_first_token {
+                        metrics::histogram!("parley_llm_time_to_first_token_seconds", &labels)
+                            .record(ttft.as_secs_f64());
+                    }
+                    metrics::counter!("parley_llm_tokens_total", "provider" => name.clone(), "model" => model.to_owned(), "direction" => "input").increment(completion.input_tokens.max(0) as u64);
+                    metrics::counter!("parley_llm_tokens_total", "provider" => name.clone(), "model" => model.to_owned(), "direction" => "output").increment(completion.output_tokens.max(0) as u64);
+                    return Ok(Answer { completion, provider: name, elapsed, cache_hit: false });
+                }
+                Err(error) => error,
+            };
+            metrics::counter!("parley_llm_requests_total", "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "error").increment(1);
+            tracing::warn!(%error, provider = %name, %model, attempt, "provider call failed");
+            if error.is_provider_fault() {
+                provider.breaker.record_failure();
+            } else {
+                // A 4xx says nothing about the provider's health: a probe that got one is over.
+                provider.breaker.record_success_if_probing();
+            }
+            let key_outcome = match error.status() {
+                Some(401 | 403) => Some(KeyOutcome::Rejected),
+                Some(429) => Some(KeyOutcome::Throttled),
+                _ => None,
+            };
+            if let (Some((index, _)), Some(outcome)) = (&key, key_outcome) {
+                provider.keys.report(*index, outcome);
+            }
+            // Clients saw part of this reply: no retry may contradict it.
+            if !streamed.is_empty() || !error.is_retryable() {
+                return Err(Failure { error, streamed });
+            }
+            // A rejected key with no other key to try will not start working on a retry.
+            if key_outcome == Some(KeyOutcome::Rejected) && provider.keys.len() <= 1 {
+                return Err(Failure { error, streamed });
+            }
+            let another_key = key_outcome.is_some() && provider.keys.len() > 1;
+            let delay = if another_key { Duration::ZERO } else { backoff(retry, attempt, error.retry_after()) };
+            let out_of_time = started.elapsed() + delay > Duration::from_millis(retry.max_elapsed_ms);
+            if attempt >= retry.max_attempts || out_of_time {
+                return Err(Failure { error, streamed });
+            }
+            metrics::counter!("parley_llm_retries_total", "provider" => name.clone()).increment(1);
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Where this attempt's delta numbering starts: after the last delta an earlier attempt published
+    /// (an agent that died mid-reply), so clients resuming by `Last-Event-ID` never see an index twice.
+    /// A job's first delivery has no earlier attempt, so it starts at 0 without asking JetStream.
+    pub(crate) async fn next_delta_index(&self, message_id: Uuid, delivered: i64) -> u64 {
+        if delivered <= 1 {
+            return 0;
+        }
+        let Some(events) = self.events.get() else {
+            return 0;
+        };
+        let subject = self.names.message_events_subject(message_id);
+        match events.get_last_raw_message_by_subject(&subject).await {
+            Ok(last) => match serde_json::from_slice::<MessageEvent>(&last.payload) {
+                Ok(MessageEvent::Delta { index, .. }) => index + 1,
+                _ => 0,
+            },
+            Err(_) => 0,
+        }
+    }
+
+    /// One streaming call; each delta is published on the message's subject as it arrives.
+    pub(crate) async fn call_streaming(
+        &self,
+        call: ProviderCall<'_>,
+        message_id: Uuid,
+        delta_index: &mut u64,
+        sink: DeltaSink<'_>,
+    ) -> (Result<Completion, ProviderError>, String) {
+        let ProviderCall { provider, key, model, prompt, sampling } = call;
+        let (deltas, mut received) = mpsc::unbounded_channel::<String>();
+        let call = async move {
+            let mut on_delta = move |text: &str| {
+                let _receiver_gone = deltas.send(text.to_owned());
+            };
+            provider.client.stream_chat(key, model, prompt, sampling, &mut on_delta).await
+        };
+        let subject = self.names.message_events_subject(message_id);
+        let forward = async {
+            let mut streamed = String::new();
+            while let Some(text) = received.recv().await {
+                streamed.push_str(&text);
+                match sink {
+                    DeltaSink::Subject => {
+                        let event = MessageEvent::Delta { message_id, index: *delta_index, text };
+                        self.publish_event(&subject, &event).await;
+                    }
+                    DeltaSink::Caller(caller) => {
+                        // A caller that hung up cancels nothing: the reply is finished and charged.
+                        let _caller_gone = caller.send(Ok(crate::completions::delta(text)));
+                    }
+                }
+                *delta_index += 1;
+            }
+            streamed
+        };
+        tokio::join!(call, forward)
+    }
+
+    pub(crate) async fn publish_event(&self, subject: &str, event: &MessageEvent) {
+        let Ok(payload) = serde_json::to_vec(event) else {
+            return;
+        };
+        if let Err(error) = self.nats.publish(subject.to_owned(), payload.into()).await {
+            tracing::debug!(%error, "could not publish a message event");
+        }
+    }
+}
