@@ -70,6 +70,8 @@ pub struct Shared {
     replies: Arc<replies::ReplyHub>,
     /// Cancelled when the gateway shuts down: open event streams end so clients reconnect elsewhere.
     shutdown: CancellationToken,
+    /// Work that outlives a request whose client hung up (a send reaching chat); waited for at shutdown.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl AppState {
@@ -101,6 +103,7 @@ impl AppState {
             events_stream: Arc::new(tokio::sync::OnceCell::new()),
             replies: Arc::new(replies::ReplyHub::new()),
             shutdown: CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
         }))
     }
 }
@@ -158,6 +161,7 @@ pub async fn serve(state: AppState, listener: TcpListener, shutdown: Cancellatio
     // Open event streams end when the gateway starts shutting down (the server's graceful shutdown
     // waits for them), so clients reconnect to another replica.
     let streams_end = state.shutdown.clone();
+    let tasks = state.tasks.clone();
     let refresher = tokio::spawn(state.keys.clone().run_refresher(shutdown.clone()));
     let account_changes = tokio::spawn(state.account_overrides.clone().follow(
         state.nats.clone(),
@@ -185,6 +189,8 @@ pub async fn serve(state: AppState, listener: TcpListener, shutdown: Cancellatio
         })
         .await;
     shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
     refresher.await?;
     replies.await?;
     revocations.await?;

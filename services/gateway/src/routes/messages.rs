@@ -63,6 +63,24 @@ pub async fn reserve_budget(state: &AppState, caller: &Caller, estimated_tokens:
     Err(ServiceError::new(ErrorCode::QuotaExceeded, detail).retry_after(retry_after).into())
 }
 
+/// Runs `work` to its end even if the client hangs up meanwhile (which drops the handler): a send
+/// that reached chat is not cut off mid-transaction, and a reservation it took is released when
+/// nothing was queued, instead of being held until it expires. The gateway waits for these at shutdown.
+pub async fn finish_even_if_abandoned<T, F>(state: &AppState, work: F) -> Result<T, ApiError>
+where
+    F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+    T: Send + 'static,
+{
+    // The task carries on the request's trace and request id.
+    let work = tracing::Instrument::instrument(work, tracing::Span::current());
+    let request_id = parley_platform::grpc::REQUEST_ID.try_with(Clone::clone).unwrap_or_default();
+    let work = parley_platform::grpc::REQUEST_ID.scope(request_id, work);
+    state.tasks.spawn(work).await.map_err(|error| {
+        tracing::error!(%error, "a send's task failed");
+        ApiError(ServiceError::internal())
+    })?
+}
+
 /// Gives back a reservation whose request queued no job.
 pub async fn release_budget(state: &AppState, caller: &Caller, reservation_id: &str) {
     let request = quota_pb::SettleRequest {
@@ -104,7 +122,6 @@ pub async fn send(
     };
     let estimated_tokens =
         i64::from(parley_platform::tokens::estimate(&body.content)) + i64::from(state.config.agent.max_output_tokens);
-    let reservation = reserve_budget(&state, &caller, estimated_tokens).await?;
     let request = pb::SendMessageRequest {
         user_id: caller.user_id.to_string(),
         conversation_id,
@@ -113,19 +130,28 @@ pub async fn send(
         idempotency_key,
         tier: caller.tier.clone(),
         options: Some(super::generation_options(&headers, body.temperature)),
-        reservation_id: Some(reservation.clone()),
+        reservation_id: None,
     };
-    let sent = match state.backends.chat.clone().send_message(request).await {
-        Ok(sent) => sent.into_inner(),
-        Err(status) => {
-            release_budget(&state, &caller, &reservation).await;
-            return Err(status.into());
+    let sending = {
+        let (state, caller) = (state.clone(), caller.clone());
+        async move {
+            let reservation = reserve_budget(&state, &caller, estimated_tokens).await?;
+            let request = pb::SendMessageRequest { reservation_id: Some(reservation.clone()), ..request };
+            let sent = match state.backends.chat.clone().send_message(request).await {
+                Ok(sent) => sent.into_inner(),
+                Err(status) => {
+                    release_budget(&state, &caller, &reservation).await;
+                    return Err(ApiError::from(status));
+                }
+            };
+            if sent.replayed {
+                // The first request's job holds its own reservation; this one queued nothing.
+                release_budget(&state, &caller, &reservation).await;
+            }
+            Ok(sent)
         }
     };
-    if sent.replayed {
-        // The first request's job holds its own reservation; this one queued nothing.
-        release_budget(&state, &caller, &reservation).await;
-    }
+    let sent = finish_even_if_abandoned(&state, sending).await?;
     let assistant = sent.assistant_message.ok_or_else(|| ApiError(ServiceError::internal()))?;
     if super::streaming::wants_event_stream(&headers) {
         return super::streaming::respond(state, caller.user_id, sent.user_message, assistant, None).await;

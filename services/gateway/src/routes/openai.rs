@@ -23,7 +23,7 @@ use parley_proto::chat::v1 as pb;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::messages::{release_budget, reserve_budget};
+use super::messages::{finish_even_if_abandoned, release_budget, reserve_budget};
 use super::streaming::{heartbeat, unbuffered};
 use crate::AppState;
 use crate::auth::Caller;
@@ -208,7 +208,6 @@ pub async fn chat_completions(
     let prompt_tokens: i64 =
         messages.iter().map(|message| i64::from(parley_platform::tokens::estimate_message(&message.content))).sum();
     let estimated_tokens = prompt_tokens + i64::from(state.config.agent.max_output_tokens);
-    let reservation = reserve_budget(&state, &caller, estimated_tokens).await?;
     let completion_id = uuid::Uuid::now_v7();
     let call = agent_pb::CompleteRequest {
         completion_id: completion_id.to_string(),
@@ -217,17 +216,25 @@ pub async fn chat_completions(
         model: request.model.clone(),
         messages,
         options: Some(super::generation_options(&headers, request.temperature)),
-        reservation_id: reservation.clone(),
+        reservation_id: String::new(),
         reserved_tokens: estimated_tokens,
     };
-    let reply = match state.backends.agent.clone().complete(call).await {
-        Ok(reply) => reply.into_inner(),
-        Err(status) => {
-            // The agent refused before calling the model: the reservation goes back at once.
-            release_budget(&state, &caller, &reservation).await;
-            return Err(status.into());
+    let starting = {
+        let (state, caller) = (state.clone(), caller.clone());
+        async move {
+            let reservation = reserve_budget(&state, &caller, estimated_tokens).await?;
+            let call = agent_pb::CompleteRequest { reservation_id: reservation.clone(), ..call };
+            match state.backends.agent.clone().complete(call).await {
+                Ok(reply) => Ok(reply.into_inner()),
+                Err(status) => {
+                    // The agent refused before calling the model: the reservation goes back at once.
+                    release_budget(&state, &caller, &reservation).await;
+                    Err(ApiError::from(status))
+                }
+            }
         }
     };
+    let reply = finish_even_if_abandoned(&state, starting).await?;
     let chunk = Chunk {
         id: format!("chatcmpl-{completion_id}"),
         created: time::OffsetDateTime::now_utc().unix_timestamp(),

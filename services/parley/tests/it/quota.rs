@@ -245,3 +245,40 @@ async fn without_redis_budgets_turn_conservative_never_unlimited() {
     assert_eq!(usage["budget"]["day"]["limit"], 80);
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_send_loses_nothing_and_holds_no_budget() {
+    let t = TestPlatform::start().await;
+    let session = t.register("hangup@example.com").await;
+    let conversation = t.create_conversation(&session, "hang up").await;
+    // Hold the conversation's row lock, as a concurrent send would, so the send waits inside chat.
+    let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM chat.conversations WHERE id = $1::uuid FOR UPDATE")
+        .bind(&conversation)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let path = format!("/v1/conversations/{conversation}/messages");
+    let hung_up = t
+        .http
+        .post(t.url(&path))
+        .bearer_auth(&session.token)
+        .json(&json!({"content": "are you still there"}))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(hung_up.is_err_and(|error| error.is_timeout()), "the client gave up while the send waited");
+    holder.commit().await.unwrap();
+
+    // The send went through all the same: the message is stored, answered, and its budget settled.
+    eventually("the abandoned send to be answered and settled", Duration::from_secs(10), || async {
+        let (_, messages) = t.get(&session, &path).await;
+        let messages = messages["data"].as_array()?.clone();
+        let (_, usage) = t.get(&session, "/v1/usage").await;
+        let answered = messages.len() == 2 && messages[1]["status"] == "completed";
+        (answered && usage["budget"]["day"]["reserved"] == 0).then_some(())
+    })
+    .await;
+    t.stop().await;
+}
