@@ -13,6 +13,11 @@ use parley_platform::Config;
 use parley_proto::user::v1::user_service_server::UserService as _;
 use parley_proto::user::v1::{SetRoleRequest, SetTierRequest};
 
+/// mimalloc rather than glibc's allocator: every request allocates many small, short-lived buffers on
+/// several threads (HTTP, gRPC, JSON), where glibc's malloc and free were a tenth of the CPU in profiles.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "parley", version, about = "Parley: a self-hosted backend for AI chat products")]
 struct Cli {
