@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use parley::{GrpcBind, LaunchOptions, Platform, Service};
 use parley_platform::Config;
+use parley_platform::config::ProviderKind;
 use parley_proto::user::v1::user_service_server::UserService as _;
 use parley_proto::user::v1::{SetRoleRequest, SetTierRequest};
 
@@ -209,21 +210,32 @@ async fn dev() -> anyhow::Result<()> {
         stop.cancel();
     });
     if let Some(addr) = platform.http_addr {
-        print_walkthrough(&format!("http://{addr}"), &platform.config.default_model);
+        let model = &platform.config.default_model;
+        let served_by_fake =
+            platform.config.models.get(model).and_then(|model| model.chain.first()).is_some_and(|target| {
+                platform
+                    .config
+                    .providers
+                    .get(&target.provider)
+                    .is_some_and(|provider| provider.kind == ProviderKind::Fake)
+            });
+        let what =
+            if served_by_fake { "the built-in fake LLM; no API key needed" } else { "from its configured providers" };
+        print_walkthrough(&format!("http://{addr}"), model, what);
     }
     let result = platform.wait().await;
     telemetry.shutdown();
     result
 }
 
-fn print_walkthrough(base: &str, model: &str) {
+fn print_walkthrough(base: &str, model: &str, served_by: &str) {
     println!(
         r#"
 Parley is running: all six services in this process, each on its own gRPC port.
   REST API     {base}   (OpenAPI at {base}/openapi.json)
   health       {base}/healthz  {base}/readyz
   metrics      {base}/metrics
-  model        {model} (the built-in fake LLM; no API key needed)
+  model        {model} ({served_by})
 
 Try it:
   TOKEN=$(curl -s {base}/v1/auth/register -H 'content-type: application/json' \
