@@ -126,6 +126,8 @@ struct Shared {
     next_ticket: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// When the run began: each stream starts at its own offset from it.
+    ramp_start: tokio::time::Instant,
 }
 
 /// One request's result.
@@ -201,6 +203,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         next_ticket: AtomicUsize::new(0),
         in_flight: AtomicUsize::new(0),
         max_in_flight: AtomicUsize::new(0),
+        ramp_start: tokio::time::Instant::now(),
         args,
     });
     let started = Instant::now();
@@ -217,13 +220,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stream `index`: starts after its share of the ramp, then sends requests one after another while
-/// tickets last (`total` in all, across streams).
+/// Stream `index`: starts at its place in the ramp (streams start evenly spread over `ramp_secs` from
+/// the run's start), then sends requests one after another while tickets last (`total` in all).
 async fn worker(shared: Arc<Shared>, index: usize) -> Vec<Outcome> {
     let args = &shared.args;
     if args.ramp_secs > 0.0 && args.streams > 1 {
-        let delay = args.ramp_secs * index as f64 / args.streams as f64;
-        tokio::time::sleep(Duration::from_secs_f64(delay)).await;
+        let offset = Duration::from_secs_f64(args.ramp_secs * index as f64 / args.streams as f64);
+        tokio::time::sleep_until(shared.ramp_start + offset).await;
     }
     let mut outcomes = Vec::new();
     for round in 0..shared.total {

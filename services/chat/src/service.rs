@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::ChatError;
 use crate::cursor::{CursorCodec, CursorKind, Position};
 use crate::storage::{
-    ConversationChanges, ConversationRow, Generation, MessageRow, NewCompletion, NewExchange, Storage, UpdateOutcome,
+    ConversationChanges, ConversationRow, Generation, MessageRow, NewExchange, Storage, UpdateOutcome,
 };
 
 const MAX_TITLE_CHARS: usize = 200;
@@ -317,53 +317,6 @@ impl pb::chat_service_server::ChatService for ChatService {
             user_message: Some(message_to_proto(sent.user_message)),
             assistant_message: Some(message_to_proto(sent.assistant_message)),
             replayed: sent.replayed,
-        }))
-    }
-
-    async fn create_completion(
-        &self,
-        request: Request<pb::CreateCompletionRequest>,
-    ) -> Result<Response<pb::SendMessageResponse>, Status> {
-        let request = request.into_inner();
-        let user_id = parse_user(&request.user_id)?;
-        self.check_model(Some(&request.model))?;
-        if request.messages.is_empty() {
-            return Err(ChatError::from(ServiceError::invalid_field("messages", "must not be empty")).into());
-        }
-        let mut messages = Vec::with_capacity(request.messages.len());
-        let mut total_chars = 0;
-        for (index, message) in request.messages.into_iter().enumerate() {
-            let role = parley_platform::prompt::role(index, &message.role).map_err(ChatError::from)?;
-            total_chars += message.content.chars().count();
-            messages.push((role.to_owned(), message.content));
-        }
-        if total_chars > self.config.chat.max_message_chars {
-            let limit = self.config.chat.max_message_chars;
-            return Err(ChatError::from(ServiceError::invalid_field(
-                "messages",
-                format!("must total at most {limit} characters"),
-            ))
-            .into());
-        }
-        let traceparent = telemetry::current_traceparent();
-        let generation = generation(request.options.as_ref(), request.reservation_id.as_deref())?;
-        let jobs_subject = self.names.jobs_subject();
-        let completion = NewCompletion {
-            user_id,
-            model: &request.model,
-            messages: &messages,
-            tier: &request.tier,
-            jobs_subject: &jobs_subject,
-            traceparent: traceparent.as_deref(),
-            generation,
-        };
-        let sent = self.storage.create_completion(completion).await.map_err(ChatError::from)?;
-        self.relay_wake.notify_one();
-        metrics::counter!("parley_chat_completions_created_total").increment(1);
-        Ok(Response::new(pb::SendMessageResponse {
-            user_message: Some(message_to_proto(sent.user_message)),
-            assistant_message: Some(message_to_proto(sent.assistant_message)),
-            replayed: false,
         }))
     }
 

@@ -60,17 +60,6 @@ pub struct NewExchange<'a> {
     pub generation: Generation,
 }
 
-/// A stateless completion to store: the caller's messages, as (role, content).
-pub struct NewCompletion<'a> {
-    pub user_id: Uuid,
-    pub model: &'a str,
-    pub messages: &'a [(String, String)],
-    pub tier: &'a str,
-    pub jobs_subject: &'a str,
-    pub traceparent: Option<&'a str>,
-    pub generation: Generation,
-}
-
 /// What an update of a conversation found.
 pub enum UpdateOutcome {
     Updated(ConversationRow),
@@ -331,29 +320,6 @@ impl Storage {
         tx.commit().await?;
         self.wrote(exchange.user_id).await;
         Ok(Some(SentExchange { user_message, assistant_message, replayed: false }))
-    }
-
-    /// Stores a stateless completion: a hidden conversation with the given messages, a pending reply and
-    /// its job, in one transaction. Returns the last given message and the pending reply.
-    pub async fn create_completion(&self, completion: NewCompletion<'_>) -> Result<SentExchange, sqlx::Error> {
-        let NewCompletion { user_id, model, messages, tier, jobs_subject, traceparent, generation } = completion;
-        let mut tx = self.pool().begin().await?;
-        let conversation_id = Uuid::now_v7();
-        sqlx::query("INSERT INTO chat.conversations (id, user_id, model, kind) VALUES ($1, $2, $3, 'completion')")
-            .bind(conversation_id)
-            .bind(user_id)
-            .bind(model)
-            .execute(&mut *tx)
-            .await?;
-        let target = JobTarget { user_id, conversation_id, model, tier, jobs_subject, traceparent, generation };
-        let mut last = None;
-        for (role, content) in messages {
-            last = Some(insert_finished_message(&mut tx, &target, role, content).await?);
-        }
-        let assistant_message = insert_reply_and_job(&mut tx, &target).await?;
-        tx.commit().await?;
-        let user_message = last.unwrap_or_else(|| assistant_message.clone());
-        Ok(SentExchange { user_message, assistant_message, replayed: false })
     }
 
     /// One of a user's messages, read as fresh as `floor` demands.

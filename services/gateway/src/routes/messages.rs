@@ -130,6 +130,7 @@ pub async fn send(
         idempotency_key,
         tier: caller.tier.clone(),
         options: Some(super::generation_options(&headers, body.temperature)),
+        // Filled in once the budget is reserved, inside the task below.
         reservation_id: None,
     };
     let sending = {

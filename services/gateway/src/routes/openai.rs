@@ -216,6 +216,7 @@ pub async fn chat_completions(
         model: request.model.clone(),
         messages,
         options: Some(super::generation_options(&headers, request.temperature)),
+        // Filled in once the budget is reserved, inside the task below.
         reservation_id: String::new(),
         reserved_tokens: estimated_tokens,
     };
