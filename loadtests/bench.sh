@@ -40,6 +40,10 @@
 #                            before/after comparison so that only Parley changes
 #   PIN [1 when nproc >= 2]  pin load generators and upstreams to LOAD_CPUS [0], Parley to PARLEY_CPUS [1]
 #   PHASES ["wrk ttft streams"]  which measurements to run
+#   TOPOLOGY [dev]           dev: every service in one `parley dev`; split: each service its own process,
+#                            `parley serve <service>` as the chart deploys them (memory is then the
+#                            gateway's, CPU the sum of all six; each process has its own file limit, so
+#                            10,000 streams fit)
 #   BENCH_DB [parley_loadtest], BENCH_PORT [18080], FAKE_PORT [18089], SLOW_FAKE_PORT [18090]
 #   BENCH_LOG [info]         Parley's log filter (its logs go to a file)
 #   CARGO [cargo]            the cargo command, e.g. "flock /tmp/parley-cargo.lock cargo"
@@ -59,6 +63,8 @@ slow_tps="${STREAM_TOKENS_PER_SECOND:-4}"
 ttft_requests="${TTFT_REQUESTS:-200}"
 agent_concurrency="${AGENT_CONCURRENCY:-$((streams > 32 ? streams : 32))}"
 phases=" ${PHASES:-wrk ttft streams} "
+topology="${TOPOLOGY:-dev}"
+[[ "$topology" == dev || "$topology" == split ]] || { echo "error: TOPOLOGY is dev or split, not '$topology'" >&2; exit 2; }
 db="${BENCH_DB:-parley_loadtest}"
 port="${BENCH_PORT:-18080}"
 fake_port="${FAKE_PORT:-18089}"
@@ -92,7 +98,9 @@ note() { printf '   %s\n' "$*" >&2; }
 # --- processes we start, and cleanup ----------------------------------------------------------------
 
 pids=()
-parley_pid=""
+parley_pid=""   # the process whose memory is reported: parley dev, or the gateway when split
+parley_pids=()  # every Parley process (CPU is their sum)
+declare -A service_pid=()  # split: each service's process, whose CPU is also reported on its own
 fake_pid=""
 slow_pid=""
 failed=1
@@ -307,11 +315,42 @@ psql "$server/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREAT
 timeout 60 "$streams_bin" nats-cleanup --prefix "$prefix" >/dev/null || fail "cannot reach NATS to clear old streams"
 env "${parley_env[@]}" "$parley_bin" check-config >"$work/check-config.log" 2>&1 || fail "the generated configuration is invalid"
 
-env "${parley_env[@]}" "${parley_pin[@]}" "$parley_bin" dev >"$work/parley.log" 2>&1 &
-parley_pid=$!
-pids+=("$parley_pid")
-wait_http "$base/readyz" "$parley_pid" 120 "parley dev"
-note "parley dev is ready on $base (pid $parley_pid)"
+if [ "$topology" = dev ]; then
+  env "${parley_env[@]}" "${parley_pin[@]}" "$parley_bin" dev >"$work/parley.log" 2>&1 &
+  parley_pid=$!
+  pids+=("$parley_pid")
+  parley_pids=("$parley_pid")
+  wait_http "$base/readyz" "$parley_pid" 120 "parley dev"
+  note "parley dev is ready on $base (pid $parley_pid)"
+else
+  env "${parley_env[@]}" PARLEY_LOG=warn "$parley_bin" migrate >"$work/migrate.log" 2>&1 || fail "parley migrate failed"
+  # One process per service, each on its own gRPC and admin port, peers found by URL as in the chart.
+  split_services=(user chat quota analytics agent)
+  grpc_port=$((port + 100))
+  split_env=("${parley_env[@]}")
+  for i in "${!split_services[@]}"; do
+    name=${split_services[$i]}
+    split_env+=("PARLEY_${name^^}_URL=http://127.0.0.1:$((grpc_port + i))")
+  done
+  for i in "${!split_services[@]}"; do
+    name=${split_services[$i]}
+    port_free $((grpc_port + i)) || fail "port $((grpc_port + i)) is in use"
+    env "${split_env[@]}" PARLEY_GRPC_ADDR="127.0.0.1:$((grpc_port + i))" PARLEY_ADMIN_ADDR="127.0.0.1:$((grpc_port + 50 + i))" \
+      "${parley_pin[@]}" "$parley_bin" serve "$name" >"$work/parley-$name.log" 2>&1 &
+    pids+=("$!")
+    parley_pids+=("$!")
+    service_pid[$name]=$!
+    wait_http "http://127.0.0.1:$((grpc_port + 50 + i))/readyz" "$!" 120 "parley serve $name"
+  done
+  env "${split_env[@]}" PARLEY_HTTP_ADDR="127.0.0.1:$port" "${parley_pin[@]}" "$parley_bin" serve api-gateway \
+    >"$work/parley-api-gateway.log" 2>&1 &
+  parley_pid=$!
+  pids+=("$parley_pid")
+  parley_pids+=("$parley_pid")
+  service_pid[api-gateway]=$parley_pid
+  wait_http "$base/readyz" "$parley_pid" 120 "parley serve api-gateway"
+  note "six processes (parley serve <service>) ready; the gateway on $base (pid $parley_pid)"
+fi
 
 # --- the bench user ---------------------------------------------------------------------------------
 
@@ -354,7 +393,8 @@ export PARLEY_KEY=$key LOADTESTS_DIR="$root/loadtests"
 clk_tck=$(getconf CLK_TCK)
 pids_of() {
   case $1 in
-    parley) echo "$parley_pid" ;;
+    parley) echo "${parley_pids[*]}" ;;
+    service:*) echo "${service_pid[${1#service:}]}" ;;
     upstream) echo "$fake_pid $slow_pid" ;;
     postgres) pgrep -x postgres || true ;;
     redis) pgrep -x redis-server || true ;;
@@ -362,6 +402,9 @@ pids_of() {
   esac
 }
 groups=(parley postgres redis nats upstream)
+for name in "${!service_pid[@]}"; do
+  groups+=("service:$name")
+done
 # "group pid ticks" for every process of every group (utime + stime, fields 14 and 15).
 cpu_snapshot() {
   local group pid
@@ -379,7 +422,12 @@ cpu_delta() {
     END { sep = ""; printf "{"; for (g in used) { printf "%s\"%s\":%.1f", sep, g, used[g] * 1000 / hz; sep = "," } printf "}" }' "$1" "$2"
 }
 rss_kb() { awk -v f="${2:-VmRSS}:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
-alive() { kill -0 "$parley_pid" 2>/dev/null || fail "parley dev died"; }
+alive() {
+  local pid
+  for pid in "${parley_pids[@]}"; do
+    kill -0 "$pid" 2>/dev/null || fail "a Parley process ($pid) died"
+  done
+}
 
 cells="$work/cells.jsonl"
 streams_out="$work/streams.jsonl"
@@ -530,7 +578,7 @@ else
 fi
 jq -n \
   --arg date "$(date -u '+%Y-%m-%d %H:%M UTC')" --arg run "${LABEL:-}" --arg build "$build" --arg binary "$parley_bin" \
-  --arg fake "$fake_bin" --arg cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" --argjson nproc "$(nproc)" \
+  --arg fake "$fake_bin" --arg topology "$topology" --arg cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" --argjson nproc "$(nproc)" \
   --arg pin "$([ "$pin" = 1 ] && echo "load generators and upstreams on CPU $load_cpus, Parley on CPU $parley_cpus" || echo "none")" \
   --argjson duration "$duration" --arg connections "${connection_counts[*]}" --argjson streams "$streams" \
   --arg ramp "$ramp" --arg slow_tps "$slow_tps" --argjson ttft_requests "$ttft_requests" \
@@ -540,7 +588,7 @@ jq -n \
   --arg nats "$(timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/4222; head -n 1 <&3' 2>/dev/null | sed 's/^INFO //' | jq -r '.version // "?"' 2>/dev/null || echo '?')" \
   --argjson rss_idle "${rss_idle:-0}" --argjson rss_after_wrk "${rss_after_wrk:-0}" \
   --argjson rss_end "${rss_end:-0}" --argjson rss_hwm "${rss_hwm:-0}" \
-  '{date: $date, run: $run, build: $build, binary: $binary, fake: $fake, cpu: $cpu, nproc: $nproc, pin: $pin, duration: $duration,
+  '{date: $date, run: $run, build: $build, binary: $binary, fake: $fake, topology: $topology, cpu: $cpu, nproc: $nproc, pin: $pin, duration: $duration,
     connections: $connections, streams: $streams, ramp: $ramp, slow_tps: $slow_tps, ttft_requests: $ttft_requests,
     agent_concurrency: $agent_concurrency, files: $files, log: $log,
     versions: {postgres: $postgres, redis: $redis, nats: $nats},

@@ -16,7 +16,7 @@ $meta[0] as $m
 
 | "# Parley load test\(if $m.run == "" then "" else ": " + $m.run end), \($m.date)",
   "",
-  "Parley `\($m.binary)` (\($m.build)) on \($m.cpu), \($m.nproc) CPUs; pinning: \($m.pin). PostgreSQL \($m.versions.postgres), Redis \($m.versions.redis), NATS \($m.versions.nats) (not pinned).",
+  "Parley `\($m.binary)` (\($m.build)), \(if $m.topology == "split" then "each service its own process (`parley serve`; memory below is the gateway's, CPU all six processes')" else "all services in one `parley dev`" end), on \($m.cpu), \($m.nproc) CPUs; pinning: \($m.pin). PostgreSQL \($m.versions.postgres), Redis \($m.versions.redis), NATS \($m.versions.nats) (not pinned).",
   "Upstream: `\($m.fake) fake-llm` as its own process (time to first token 0, no delay between tokens; \($m.slow_tps) tokens/s for the concurrent streams), sharing its CPU with the load generators. Governance on: API key, rate limit, budgets, usage accounting. agent.concurrency \($m.agent_concurrency); log filter \($m.log); ulimit -n \($m.files).",
   "wrk: \($m.duration) s per cell, 2 threads (1 for one connection), --latency.",
   "",
@@ -48,9 +48,19 @@ $meta[0] as $m
   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
   ($cells[]
    | .cpu_ms_per_request as $c
-   | "| \(.title) | \(.connections) | \(.requests) | \($c.parley | num(3)) | \($c.postgres | num(3)) | \($c.redis | num(3)) | \($c.nats | num(3)) | \($c.upstream | num(3)) | \([$c[]] | map(select(. != null)) | add | num(3)) |"),
+   | "| \(.title) | \(.connections) | \(.requests) | \($c.parley | num(3)) | \($c.postgres | num(3)) | \($c.redis | num(3)) | \($c.nats | num(3)) | \($c.upstream | num(3)) | \([$c.parley, $c.postgres, $c.redis, $c.nats, $c.upstream] | map(select(. != null)) | add | num(3)) |"),
   "",
-  "## Memory (Parley's resident set, MB)",
+  (if $m.topology == "split" and ($cells | length) > 0 then
+    "Parley by service (split topology):",
+    "",
+    "| path | conn | api-gateway | user | chat | quota | analytics | agent |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ($cells[] | select(.path | startswith("upstream") | not)
+     | .cpu_ms_per_request as $c
+     | "| \(.title) | \(.connections) | \($c["service:api-gateway"] | num(3)) | \($c["service:user"] | num(3)) | \($c["service:chat"] | num(3)) | \($c["service:quota"] | num(3)) | \($c["service:analytics"] | num(3)) | \($c["service:agent"] | num(3)) |"),
+    ""
+   else empty end),
+  "## Memory (\(if $m.topology == "split" then "the gateway's" else "Parley's" end) resident set, MB)",
   "",
   "| idle (after start) | after the wrk cells | at the end | peak (VmHWM) |",
   "| ---: | ---: | ---: | ---: |",

@@ -1,6 +1,8 @@
-//! Usage events from JetStream into `analytics.usage_events`, acknowledged only once stored.
+//! Usage events from JetStream into `analytics.usage_events`, acknowledged only once stored. The events
+//! the consumer has delivered are stored together, in one transaction with their rollups, so the work
+//! per event falls as the load rises.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,11 +12,14 @@ use parley_platform::Config;
 use parley_platform::events::{CostAlert, UsageEvent};
 use parley_platform::nats::Names;
 use sqlx::PgPool;
-use time::OffsetDateTime;
+use time::{Date, OffsetDateTime};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
+
+/// Most events stored in one transaction.
+const BATCH: usize = 256;
 
 pub struct Ingester {
     config: Arc<Config>,
@@ -67,142 +72,200 @@ impl Ingester {
 
     async fn consume(&self, shutdown: &CancellationToken) -> Result<(), async_nats::Error> {
         let consumer = parley_platform::nats::ensure_analytics_consumer(&self.jetstream, &self.names).await?;
-        let mut messages = consumer.messages().await?;
+        // Whatever the consumer has already delivered is stored together: one transaction per batch.
+        let mut batches = consumer.messages().await?.ready_chunks(BATCH);
         loop {
-            let message = tokio::select! {
+            let batch = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                next = messages.next() => match next {
-                    Some(message) => message?,
-                    None => return Err("usage consumer closed".into()),
-                },
+                next = batches.next() => next.ok_or("usage consumer closed")?,
             };
-            let event = serde_json::from_slice::<UsageEvent>(&message.payload)
-                .map_err(|error| error.to_string())
-                .and_then(|event| match occurred_at(&event) {
-                    Some(_) => Ok(event),
-                    None => Err("occurred_at_ms is out of range".to_owned()),
-                });
-            let event = match event {
-                Ok(event) => event,
-                Err(error) => {
-                    tracing::error!(%error, "dropping a malformed usage event");
-                    message.ack_with(AckKind::Term).await?;
-                    continue;
-                }
-            };
-            // The event joins the trace of the reply it accounts for.
-            let span = tracing::info_span!(
-                "analytics.ingest",
-                service = "analytics",
-                event_id = %event.event_id,
-                trace_id = tracing::field::Empty,
-            );
-            if let Some(headers) = &message.headers {
-                parley_platform::telemetry::set_parent_from(
-                    &span,
-                    &parley_platform::telemetry::NatsHeaderReader(headers),
-                );
-            }
-            span.record("trace_id", parley_platform::telemetry::trace_id_of(&span));
-            match self.store(&event).instrument(span).await {
-                Ok(inserted) => {
-                    if inserted {
-                        metrics::counter!("parley_analytics_events_ingested_total").increment(1);
+            let mut received = Vec::with_capacity(batch.len());
+            let mut interrupted = None;
+            for message in batch {
+                match message {
+                    Ok(message) => {
+                        if let Some(event) = self.read(&message).await? {
+                            received.push((message, event));
+                        }
                     }
-                    message.ack().await?;
+                    Err(error) => {
+                        interrupted.get_or_insert(error);
+                    }
                 }
-                Err(error) => {
-                    tracing::warn!(%error, event_id = %event.event_id, "could not store usage event; will retry");
-                    message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await?;
-                }
+            }
+            self.ingest(received).await?;
+            if let Some(error) = interrupted {
+                return Err(error.into());
             }
         }
     }
 
-    /// Stores one event with its rollups and any alert it raises, in one transaction; false when it
-    /// was already stored (a redelivery). Raised alerts are published after the commit.
-    async fn store(&self, event: &UsageEvent) -> Result<bool, sqlx::Error> {
-        // A reply served from the response cache cost no model tokens.
-        let cost_micros = if event.cache_hit {
-            0
-        } else {
-            cost_micros(&self.config, &event.model, event.input_tokens, event.output_tokens)
+    /// The event a message carries, with the span that joins it to its reply's trace; `None` (and the
+    /// message terminated) when it is malformed.
+    async fn read(
+        &self,
+        message: &jetstream::Message,
+    ) -> Result<Option<(UsageEvent, tracing::Span)>, async_nats::Error> {
+        let event = serde_json::from_slice::<UsageEvent>(&message.payload)
+            .map_err(|error| error.to_string())
+            .and_then(|event| match occurred_at(&event) {
+                Some(_) => Ok(event),
+                None => Err("occurred_at_ms is out of range".to_owned()),
+            });
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::error!(%error, "dropping a malformed usage event");
+                message.ack_with(AckKind::Term).await?;
+                return Ok(None);
+            }
         };
-        // Checked when the event was read: an out-of-range time is a malformed event.
-        let occurred_at = occurred_at(event).unwrap_or(OffsetDateTime::UNIX_EPOCH);
-        self.ensure_partition(occurred_at).await?;
+        // The span lasts from the event's arrival until its batch is stored.
+        let span = tracing::info_span!(
+            "analytics.ingest",
+            service = "analytics",
+            event_id = %event.event_id,
+            trace_id = tracing::field::Empty,
+        );
+        if let Some(headers) = &message.headers {
+            parley_platform::telemetry::set_parent_from(&span, &parley_platform::telemetry::NatsHeaderReader(headers));
+        }
+        span.record("trace_id", parley_platform::telemetry::trace_id_of(&span));
+        Ok(Some((event, span)))
+    }
+
+    /// Stores a batch and acknowledges each of its messages, or hands them all back for a retry.
+    async fn ingest(
+        &self,
+        received: Vec<(jetstream::Message, (UsageEvent, tracing::Span))>,
+    ) -> Result<(), async_nats::Error> {
+        if received.is_empty() {
+            return Ok(());
+        }
+        let events: Vec<&UsageEvent> = received.iter().map(|(_, (event, _))| event).collect();
+        let span = tracing::info_span!("analytics.ingest_batch", service = "analytics", events = events.len());
+        match self.store(&events).instrument(span).await {
+            Ok(inserted) => {
+                metrics::counter!("parley_analytics_events_ingested_total").increment(inserted as u64);
+                for (message, _) in &received {
+                    message.ack().await?;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, events = received.len(), "could not store usage events; will retry");
+                for (message, _) in &received {
+                    message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores events with their rollups and any alert they raise, in one transaction; the number
+    /// stored (a redelivered event is already there and counts nothing). Raised alerts are published
+    /// after the commit.
+    async fn store(&self, events: &[&UsageEvent]) -> Result<usize, sqlx::Error> {
+        let priced: Vec<(&UsageEvent, OffsetDateTime, i64)> = events
+            .iter()
+            .map(|event| {
+                // A reply served from the response cache cost no model tokens.
+                let cost = if event.cache_hit {
+                    0
+                } else {
+                    cost_micros(&self.config, &event.model, event.input_tokens, event.output_tokens)
+                };
+                // Checked when the event was read: an out-of-range time is a malformed event.
+                (*event, occurred_at(event).unwrap_or(OffsetDateTime::UNIX_EPOCH), cost)
+            })
+            .collect();
+        for (_, at, _) in &priced {
+            self.ensure_partition(*at).await?;
+        }
         let mut tx = self.pool.begin().await?;
-        let result = sqlx::query(
+        let ids = |pick: fn(&UsageEvent) -> Uuid| priced.iter().map(|(event, _, _)| pick(event)).collect::<Vec<_>>();
+        let stored: Vec<(Uuid,)> = sqlx::query_as(
             "INSERT INTO analytics.usage_events (event_id, user_id, conversation_id, message_id, model, provider,
                  input_tokens, output_tokens, cost_micros, latency_ms, ttft_ms, cache_hit, outcome, occurred_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-             ON CONFLICT (event_id, occurred_at) DO NOTHING",
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::text[],
+                 $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::boolean[], $13::text[],
+                 $14::timestamptz[])
+             ON CONFLICT (event_id, occurred_at) DO NOTHING
+             RETURNING event_id",
         )
-        .bind(event.event_id)
-        .bind(event.user_id)
-        .bind(event.conversation_id)
-        .bind(event.message_id)
-        .bind(&event.model)
-        .bind(&event.provider)
-        .bind(event.input_tokens)
-        .bind(event.output_tokens)
-        .bind(cost_micros)
-        .bind(event.latency_ms)
-        .bind(event.time_to_first_token_ms)
-        .bind(event.cache_hit)
-        .bind(&event.outcome)
-        .bind(occurred_at)
-        .execute(&mut *tx)
+        .bind(ids(|event| event.event_id))
+        .bind(ids(|event| event.user_id))
+        .bind(ids(|event| event.conversation_id))
+        .bind(ids(|event| event.message_id))
+        .bind(priced.iter().map(|(event, _, _)| event.model.as_str()).collect::<Vec<_>>())
+        .bind(priced.iter().map(|(event, _, _)| event.provider.as_str()).collect::<Vec<_>>())
+        .bind(priced.iter().map(|(event, _, _)| event.input_tokens).collect::<Vec<_>>())
+        .bind(priced.iter().map(|(event, _, _)| event.output_tokens).collect::<Vec<_>>())
+        .bind(priced.iter().map(|(_, _, cost)| *cost).collect::<Vec<_>>())
+        .bind(priced.iter().map(|(event, _, _)| event.latency_ms).collect::<Vec<_>>())
+        .bind(priced.iter().map(|(event, _, _)| event.time_to_first_token_ms).collect::<Vec<_>>())
+        .bind(priced.iter().map(|(event, _, _)| event.cache_hit).collect::<Vec<_>>())
+        .bind(priced.iter().map(|(event, _, _)| event.outcome.as_str()).collect::<Vec<_>>())
+        .bind(priced.iter().map(|(_, at, _)| *at).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
         .await?;
-        if result.rows_affected() == 0 {
+        if stored.is_empty() {
             tx.rollback().await?;
-            return Ok(false);
+            return Ok(0);
         }
-        let day = occurred_at.date();
-        sqlx::query(
-            "INSERT INTO analytics.usage_daily AS d
-                 (day, user_id, model, requests, input_tokens, output_tokens, cost_micros, cache_hits, failures)
-             VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $8)
-             ON CONFLICT (day, user_id, model) DO UPDATE
-             SET requests = d.requests + 1, input_tokens = d.input_tokens + EXCLUDED.input_tokens,
-                 output_tokens = d.output_tokens + EXCLUDED.output_tokens,
-                 cost_micros = d.cost_micros + EXCLUDED.cost_micros, cache_hits = d.cache_hits + EXCLUDED.cache_hits,
-                 failures = d.failures + EXCLUDED.failures",
-        )
-        .bind(day)
-        .bind(event.user_id)
-        .bind(&event.model)
-        .bind(event.input_tokens)
-        .bind(event.output_tokens)
-        .bind(cost_micros)
-        .bind(i64::from(event.cache_hit))
-        .bind(i64::from(event.outcome != "completed"))
-        .execute(&mut *tx)
-        .await?;
+        // Only what was stored now counts: a redelivered event is already in the rollups.
+        let stored: HashSet<Uuid> = stored.into_iter().map(|(id,)| id).collect();
+        let mut rollups = Rollups::default();
+        for (event, at, cost) in priced.iter().filter(|(event, _, _)| stored.contains(&event.event_id)) {
+            rollups.add(event, at.date(), *cost);
+        }
+        rollups.write(&mut tx).await?;
+        let raised = self.raise_alerts(&mut tx, &rollups).await?;
+        tx.commit().await?;
+        for (model, cost) in &rollups.cost_by_model {
+            metrics::counter!("parley_analytics_cost_microdollars_total", "model" => model.clone())
+                .increment(cost.unsigned_abs());
+        }
+        for (scope, user_id) in raised {
+            tracing::warn!(scope, %user_id, "daily spend threshold crossed");
+            metrics::counter!("parley_analytics_cost_alerts_total", "scope" => scope).increment(1);
+            self.wake_alerts.notify_one();
+        }
+        Ok(stored.len())
+    }
+
+    /// Records the daily spend thresholds that the batch's priced calls crossed, once each: the scope
+    /// and user of each alert raised.
+    async fn raise_alerts(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        rollups: &Rollups,
+    ) -> Result<Vec<(&'static str, Uuid)>, sqlx::Error> {
+        let analytics = &self.config.analytics;
         let mut raised = Vec::new();
         // Spend only rises with a priced call: free events leave the alert state alone.
-        if cost_micros > 0 {
+        for (&day, &cost) in rollups.cost_by_day.iter().filter(|(_, cost)| **cost > 0) {
             let (global,): (i64,) = sqlx::query_as(
                 "INSERT INTO analytics.spend_daily AS s (day, cost_micros) VALUES ($1, $2)
                  ON CONFLICT (day) DO UPDATE SET cost_micros = s.cost_micros + EXCLUDED.cost_micros
                  RETURNING cost_micros",
             )
             .bind(day)
-            .bind(cost_micros)
-            .fetch_one(&mut *tx)
+            .bind(cost)
+            .fetch_one(&mut **tx)
             .await?;
-            let (user,): (i64,) = sqlx::query_as(
-                "SELECT COALESCE(SUM(cost_micros), 0)::bigint FROM analytics.usage_daily WHERE day = $1 AND user_id = $2",
+            let users: Vec<Uuid> = rollups.priced_users.iter().filter(|(d, _)| *d == day).map(|(_, user)| *user).collect();
+            let spent_by_user: Vec<(Uuid, i64)> = sqlx::query_as(
+                "SELECT user_id, COALESCE(SUM(cost_micros), 0)::bigint FROM analytics.usage_daily
+                 WHERE day = $1 AND user_id = ANY($2) GROUP BY user_id",
             )
             .bind(day)
-            .bind(event.user_id)
-            .fetch_one(&mut *tx)
+            .bind(&users)
+            .fetch_all(&mut **tx)
             .await?;
-            let analytics = &self.config.analytics;
-            let checks = [
-                ("user", event.user_id, user, &analytics.user_daily_spend_alerts_usd),
-                ("global", Uuid::nil(), global, &analytics.global_daily_spend_alerts_usd),
-            ];
+            let checks = spent_by_user
+                .into_iter()
+                .map(|(user_id, spent)| ("user", user_id, spent, &analytics.user_daily_spend_alerts_usd))
+                .chain([("global", Uuid::nil(), global, &analytics.global_daily_spend_alerts_usd)]);
             for (scope, user_id, spent, thresholds) in checks {
                 for threshold in thresholds.iter().map(|usd| usd_to_micros(*usd)).filter(|&t| spent >= t) {
                     let inserted = sqlx::query(
@@ -215,25 +278,15 @@ impl Ingester {
                     .bind(threshold)
                     .bind(Uuid::now_v7())
                     .bind(spent)
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await?;
                     if inserted.rows_affected() == 1 {
-                        raised.push(scope);
+                        raised.push((scope, user_id));
                     }
                 }
             }
         }
-        tx.commit().await?;
-        if cost_micros > 0 {
-            metrics::counter!("parley_analytics_cost_microdollars_total", "model" => event.model.clone())
-                .increment(cost_micros.unsigned_abs());
-        }
-        for scope in raised {
-            tracing::warn!(scope, user_id = %event.user_id, "daily spend threshold crossed");
-            metrics::counter!("parley_analytics_cost_alerts_total", "scope" => scope).increment(1);
-            self.wake_alerts.notify_one();
-        }
-        Ok(true)
+        Ok(raised)
     }
 
     /// Creates the month partition an event belongs in, once per month per process.
@@ -246,6 +299,71 @@ impl Ingester {
         if let Ok(mut months) = self.partitions.lock() {
             months.insert(month);
         }
+        Ok(())
+    }
+}
+
+/// What a batch of stored events adds: the daily rollups by (day, user, model), and its priced spend.
+#[derive(Default)]
+struct Rollups {
+    daily: BTreeMap<(Date, Uuid, String), DailyUsage>,
+    cost_by_day: BTreeMap<Date, i64>,
+    cost_by_model: BTreeMap<String, i64>,
+    /// The (day, user) pairs with a priced call.
+    priced_users: BTreeSet<(Date, Uuid)>,
+}
+
+#[derive(Default)]
+struct DailyUsage {
+    requests: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    cost_micros: i64,
+    cache_hits: i64,
+    failures: i64,
+}
+
+impl Rollups {
+    fn add(&mut self, event: &UsageEvent, day: Date, cost: i64) {
+        let usage = self.daily.entry((day, event.user_id, event.model.clone())).or_default();
+        usage.requests += 1;
+        usage.input_tokens += event.input_tokens;
+        usage.output_tokens += event.output_tokens;
+        usage.cost_micros += cost;
+        usage.cache_hits += i64::from(event.cache_hit);
+        usage.failures += i64::from(event.outcome != "completed");
+        if cost > 0 {
+            *self.cost_by_day.entry(day).or_default() += cost;
+            *self.cost_by_model.entry(event.model.clone()).or_default() += cost;
+            self.priced_users.insert((day, event.user_id));
+        }
+    }
+
+    /// Adds to the daily rollups, one row per (day, user, model) of the batch.
+    async fn write(&self, tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> Result<(), sqlx::Error> {
+        let column = |pick: fn(&DailyUsage) -> i64| self.daily.values().map(pick).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO analytics.usage_daily AS d
+                 (day, user_id, model, requests, input_tokens, output_tokens, cost_micros, cache_hits, failures)
+             SELECT * FROM UNNEST($1::date[], $2::uuid[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+                 $7::bigint[], $8::bigint[], $9::bigint[])
+             ON CONFLICT (day, user_id, model) DO UPDATE
+             SET requests = d.requests + EXCLUDED.requests, input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+                 output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+                 cost_micros = d.cost_micros + EXCLUDED.cost_micros, cache_hits = d.cache_hits + EXCLUDED.cache_hits,
+                 failures = d.failures + EXCLUDED.failures",
+        )
+        .bind(self.daily.keys().map(|(day, _, _)| *day).collect::<Vec<_>>())
+        .bind(self.daily.keys().map(|(_, user_id, _)| *user_id).collect::<Vec<_>>())
+        .bind(self.daily.keys().map(|(_, _, model)| model.as_str()).collect::<Vec<_>>())
+        .bind(column(|usage| usage.requests))
+        .bind(column(|usage| usage.input_tokens))
+        .bind(column(|usage| usage.output_tokens))
+        .bind(column(|usage| usage.cost_micros))
+        .bind(column(|usage| usage.cache_hits))
+        .bind(column(|usage| usage.failures))
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 }

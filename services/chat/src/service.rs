@@ -367,10 +367,8 @@ impl pb::chat_service_server::ChatService for ChatService {
         let request = request.into_inner();
         let id = Uuid::parse_str(&request.message_id)
             .map_err(|_| ChatError::from(ServiceError::invalid_field("message_id", "must be a UUID")))?;
-        let message = self.storage.message(id).await.map_err(ChatError::from)?;
-        let message = message.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
-        let conversation = self.storage.job_conversation(&message).await.map_err(ChatError::from)?;
-        let conversation = conversation.ok_or_else(|| ChatError::from(ServiceError::not_found("conversation")))?;
+        let context = self.storage.job_context(id).await.map_err(ChatError::from)?;
+        let (message, conversation) = context.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
         let limit = match request.history_limit {
             0 => self.config.chat.history_limit,
             limit => limit,

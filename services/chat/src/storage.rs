@@ -263,63 +263,54 @@ impl Storage {
         Ok(deleted)
     }
 
-    /// Stores the user message, a pending assistant message and the job in one transaction; with an
+    /// Stores the user message, a pending assistant message and the job, atomically; with an
     /// idempotency key seen in the last 24 hours, stores nothing and returns the first exchange.
     /// `Ok(None)`: the user has no such conversation.
     pub async fn send(&self, exchange: NewExchange<'_>) -> Result<Option<SentExchange>, sqlx::Error> {
+        let Some(key) = exchange.idempotency_key else {
+            // One statement, so one round trip and one commit.
+            let sent = insert_exchange(self.pool(), &exchange).await?;
+            if sent.is_some() {
+                self.wrote(exchange.user_id).await;
+            }
+            return Ok(sent);
+        };
         let mut tx = self.pool().begin().await?;
-        // Locking the conversation serialises sends into it, which also settles two concurrent
-        // requests carrying the same idempotency key.
-        let conversation: Option<(String,)> =
-            sqlx::query_as("SELECT model FROM chat.conversations WHERE id = $1 AND user_id = $2 FOR UPDATE")
+        // Locking the conversation first settles two concurrent requests carrying the same key: the
+        // second reads the key only once the first has committed it.
+        let conversation: Option<(Uuid,)> =
+            sqlx::query_as("SELECT id FROM chat.conversations WHERE id = $1 AND user_id = $2 FOR UPDATE")
                 .bind(exchange.conversation_id)
                 .bind(exchange.user_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-        let Some((conversation_model,)) = conversation else {
+        if conversation.is_none() {
             return Ok(None);
-        };
-        if let Some(key) = exchange.idempotency_key
-            && let Some(previous) = replay_exchange(&mut tx, exchange.user_id, key).await?
-        {
+        }
+        if let Some(previous) = replay_exchange(&mut tx, exchange.user_id, key).await? {
             tx.commit().await?;
             return Ok(Some(previous));
         }
-        let model = exchange.model.unwrap_or(&conversation_model);
-        let target = JobTarget {
-            user_id: exchange.user_id,
-            conversation_id: exchange.conversation_id,
-            model,
-            tier: exchange.tier,
-            jobs_subject: exchange.jobs_subject,
-            traceparent: exchange.traceparent.as_deref(),
-            generation: exchange.generation,
+        let Some(sent) = insert_exchange(&mut *tx, &exchange).await? else {
+            return Ok(None);
         };
-        let user_message = insert_finished_message(&mut tx, &target, "user", exchange.content).await?;
-        let assistant_message = insert_reply_and_job(&mut tx, &target).await?;
-        if let Some(key) = exchange.idempotency_key {
-            sqlx::query(
-                "INSERT INTO chat.idempotency_keys (user_id, key, conversation_id, user_message_id, assistant_message_id)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (user_id, key) DO UPDATE
-                 SET conversation_id = EXCLUDED.conversation_id, user_message_id = EXCLUDED.user_message_id,
-                     assistant_message_id = EXCLUDED.assistant_message_id, created_at = now()",
-            )
-            .bind(exchange.user_id)
-            .bind(key)
-            .bind(exchange.conversation_id)
-            .bind(user_message.id)
-            .bind(assistant_message.id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query("UPDATE chat.conversations SET updated_at = now(), archived_at = NULL WHERE id = $1")
-            .bind(exchange.conversation_id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO chat.idempotency_keys (user_id, key, conversation_id, user_message_id, assistant_message_id)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (user_id, key) DO UPDATE
+             SET conversation_id = EXCLUDED.conversation_id, user_message_id = EXCLUDED.user_message_id,
+                 assistant_message_id = EXCLUDED.assistant_message_id, created_at = now()",
+        )
+        .bind(exchange.user_id)
+        .bind(key)
+        .bind(exchange.conversation_id)
+        .bind(sent.user_message.id)
+        .bind(sent.assistant_message.id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         self.wrote(exchange.user_id).await;
-        Ok(Some(SentExchange { user_message, assistant_message, replayed: false }))
+        Ok(Some(sent))
     }
 
     /// One of a user's messages, read as fresh as `floor` demands.
@@ -388,25 +379,30 @@ impl Storage {
         Ok(rows)
     }
 
-    /// A conversation's running summary and the position of the last message it covers.
-    /// What a job needs of the conversation its reply belongs to, in one read of the primary: the
+    /// What a job needs, in one read of the primary: its reply message, and of the conversation the
     /// model, the system prompt and the running summary with the position it covers.
-    pub async fn job_conversation(&self, message: &MessageRow) -> Result<Option<JobConversation>, sqlx::Error> {
-        let row: Option<JobConversationRow> = sqlx::query_as(
-            "SELECT model, system_prompt, summary, summary_until_at, summary_until_id
-             FROM chat.conversations WHERE id = $1 AND user_id = $2",
-        )
-        .bind(message.conversation_id)
-        .bind(message.user_id)
+    pub async fn job_context(&self, message_id: Uuid) -> Result<Option<(MessageRow, JobConversation)>, sqlx::Error> {
+        let message_columns = MESSAGE_COLUMNS.split(", ").map(|column| format!("m.{column}")).collect::<Vec<_>>();
+        let row: Option<JobContextRow> = sqlx::query_as(sql(format!(
+            "SELECT {}, c.model AS conversation_model, c.system_prompt, c.summary, c.summary_until_at,
+                    c.summary_until_id
+             FROM chat.all_messages m JOIN chat.conversations c ON c.id = m.conversation_id AND c.user_id = m.user_id
+             WHERE m.id = $1",
+            message_columns.join(", ")
+        )))
+        .bind(message_id)
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|row| JobConversation {
-            model: row.model,
-            system_prompt: row.system_prompt,
-            summary: match (row.summary, row.summary_until_at, row.summary_until_id) {
-                (Some(summary), Some(at), Some(id)) => Some((summary, Position { at, id })),
-                _ => None,
-            },
+        Ok(row.map(|row| {
+            let conversation = JobConversation {
+                model: row.conversation_model,
+                system_prompt: row.system_prompt,
+                summary: match (row.summary, row.summary_until_at, row.summary_until_id) {
+                    (Some(summary), Some(at), Some(id)) => Some((summary, Position { at, id })),
+                    _ => None,
+                },
+            };
+            (row.message, conversation)
         }))
     }
 
@@ -441,12 +437,9 @@ impl Storage {
         input_tokens: i64,
         output_tokens: i64,
     ) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
-        let updated: Option<MessageRow> = sqlx::query_as(sql(format!(
-            "UPDATE chat.messages
-             SET content = $2, model = $3, input_tokens = $4, output_tokens = $5, status = 'completed',
-                 completed_at = now()
-             WHERE id = $1 AND role = 'assistant' AND status IN ('pending', 'streaming')
-             RETURNING {MESSAGE_COLUMNS}"
+        let updated: Option<MessageRow> = sqlx::query_as(sql(finishing(
+            "SET content = $2, model = $3, input_tokens = $4, output_tokens = $5, status = 'completed',
+                 completed_at = now()",
         )))
         .bind(id)
         .bind(content)
@@ -466,12 +459,9 @@ impl Storage {
         detail: &str,
         partial_content: Option<&str>,
     ) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
-        let updated: Option<MessageRow> = sqlx::query_as(sql(format!(
-            "UPDATE chat.messages
-             SET status = 'failed', error_code = $2, error_detail = $3, completed_at = now(),
-                 content = COALESCE($4, content)
-             WHERE id = $1 AND role = 'assistant' AND status IN ('pending', 'streaming')
-             RETURNING {MESSAGE_COLUMNS}"
+        let updated: Option<MessageRow> = sqlx::query_as(sql(finishing(
+            "SET status = 'failed', error_code = $2, error_detail = $3, completed_at = now(),
+                 content = COALESCE($4, content)",
         )))
         .bind(id)
         .bind(code)
@@ -485,10 +475,6 @@ impl Storage {
     async fn finished(&self, id: Uuid, updated: Option<MessageRow>) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
         match updated {
             Some(row) => {
-                sqlx::query("UPDATE chat.conversations SET updated_at = now(), archived_at = NULL WHERE id = $1")
-                    .bind(row.conversation_id)
-                    .execute(self.pool())
-                    .await?;
                 self.wrote(row.user_id).await;
                 Ok(Some((row, true)))
             }
@@ -527,8 +513,10 @@ impl Storage {
 }
 
 #[derive(sqlx::FromRow)]
-struct JobConversationRow {
-    model: String,
+struct JobContextRow {
+    #[sqlx(flatten)]
+    message: MessageRow,
+    conversation_model: String,
     system_prompt: Option<String>,
     summary: Option<String>,
     summary_until_at: Option<OffsetDateTime>,
@@ -591,15 +579,19 @@ pub async fn archive_idle(pool: &PgPool, idle_days: u32, batch: i64) -> Result<A
     }
 }
 
-/// Where a new reply goes and what its job says.
-struct JobTarget<'a> {
-    user_id: Uuid,
-    conversation_id: Uuid,
-    model: &'a str,
-    tier: &'a str,
-    jobs_subject: &'a str,
-    traceparent: Option<&'a str>,
-    generation: Generation,
+/// The statement that finishes a pending or streaming reply with `set` (binding its id as $1) and, in
+/// the same statement, marks its conversation active: one round trip and one commit. Returns the row.
+fn finishing(set: &str) -> String {
+    format!(
+        "WITH finished AS (
+             UPDATE chat.messages {set}
+             WHERE id = $1 AND role = 'assistant' AND status IN ('pending', 'streaming')
+             RETURNING {MESSAGE_COLUMNS}),
+         touched AS (
+             UPDATE chat.conversations SET updated_at = now(), archived_at = NULL
+             WHERE id = (SELECT conversation_id FROM finished))
+         SELECT {MESSAGE_COLUMNS} FROM finished"
+    )
 }
 
 /// How a reply is to be generated: carried on its job.
@@ -611,63 +603,66 @@ pub struct Generation {
     pub reservation_id: Option<Uuid>,
 }
 
-/// Inserts a finished (user, system or given assistant) message. `clock_timestamp()`, not `now()`, so
-/// messages inserted in one transaction keep their order.
-async fn insert_finished_message(
-    tx: &mut Transaction<'static, Postgres>,
-    target: &JobTarget<'_>,
-    role: &str,
-    content: &str,
-) -> Result<MessageRow, sqlx::Error> {
-    sqlx::query_as(sql(format!(
-        "INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, created_at, completed_at)
-         VALUES ($1, $2, $3, $4, $5, 'completed', clock_timestamp(), clock_timestamp())
-         RETURNING {MESSAGE_COLUMNS}"
-    )))
-    .bind(Uuid::now_v7())
-    .bind(target.conversation_id)
-    .bind(target.user_id)
-    .bind(role)
-    .bind(content)
-    .fetch_one(&mut **tx)
-    .await
-}
-
-/// Inserts the pending reply and its job in the outbox.
-async fn insert_reply_and_job(
-    tx: &mut Transaction<'static, Postgres>,
-    target: &JobTarget<'_>,
-) -> Result<MessageRow, sqlx::Error> {
-    let assistant_message: MessageRow = sqlx::query_as(sql(format!(
-        "INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, model, created_at)
-         VALUES ($1, $2, $3, 'assistant', '', 'pending', $4, clock_timestamp())
-         RETURNING {MESSAGE_COLUMNS}"
-    )))
-    .bind(Uuid::now_v7())
-    .bind(target.conversation_id)
-    .bind(target.user_id)
-    .bind(target.model)
-    .fetch_one(&mut **tx)
-    .await?;
+/// Stores an exchange in one statement: marks the conversation active (which locks its row, so sends
+/// into one conversation take turns), inserts the user message, the pending reply just after it and
+/// the reply's job in the outbox. `None` when the user has no such conversation (nothing is stored).
+async fn insert_exchange<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    exchange: &NewExchange<'_>,
+) -> Result<Option<SentExchange>, sqlx::Error> {
+    let (user_message_id, assistant_message_id) = (Uuid::now_v7(), Uuid::now_v7());
     let job = AiJob {
         job_id: Uuid::now_v7(),
-        message_id: assistant_message.id,
-        conversation_id: target.conversation_id,
-        user_id: target.user_id,
-        model: target.model.to_owned(),
-        tier: target.tier.to_owned(),
-        temperature: target.generation.temperature,
-        cache: target.generation.cache,
-        reservation_id: target.generation.reservation_id,
+        message_id: assistant_message_id,
+        conversation_id: exchange.conversation_id,
+        user_id: exchange.user_id,
+        // The conversation's model unless the send names one: set by the statement, which reads it.
+        model: String::new(),
+        tier: exchange.tier.to_owned(),
+        temperature: exchange.generation.temperature,
+        cache: exchange.generation.cache,
+        reservation_id: exchange.generation.reservation_id,
     };
-    sqlx::query("INSERT INTO chat.outbox (job_id, subject, payload, traceparent) VALUES ($1, $2, $3, $4)")
-        .bind(job.job_id)
-        .bind(target.jobs_subject)
-        .bind(sqlx::types::Json(&job))
-        .bind(target.traceparent)
-        .execute(&mut **tx)
-        .await?;
-    Ok(assistant_message)
+    // The messages' times come from clock_timestamp() once the row lock is held, not from now() (the
+    // statement's start), so they follow every message committed before them.
+    let rows: Vec<MessageRow> = sqlx::query_as(sql(format!(
+        "WITH conversation AS (
+             UPDATE chat.conversations SET updated_at = now(), archived_at = NULL
+             WHERE id = $1 AND user_id = $2
+             RETURNING id, model),
+         question AS (
+             INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, created_at, completed_at)
+             SELECT $3, id, $2, 'user', $4, 'completed', clock_timestamp(), clock_timestamp() FROM conversation
+             RETURNING {MESSAGE_COLUMNS}),
+         reply AS (
+             INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, model, created_at)
+             SELECT $5, question.conversation_id, $2, 'assistant', '', 'pending', COALESCE($6, conversation.model),
+                    question.created_at + interval '1 microsecond'
+             FROM question, conversation
+             RETURNING {MESSAGE_COLUMNS}),
+         job AS (
+             INSERT INTO chat.outbox (job_id, subject, payload, traceparent)
+             SELECT $7, $8, jsonb_set($9, '{{model}}', to_jsonb(reply.model)), $10 FROM reply)
+         SELECT {MESSAGE_COLUMNS} FROM question UNION ALL SELECT {MESSAGE_COLUMNS} FROM reply"
+    )))
+    .bind(exchange.conversation_id)
+    .bind(exchange.user_id)
+    .bind(user_message_id)
+    .bind(exchange.content)
+    .bind(assistant_message_id)
+    .bind(exchange.model)
+    .bind(job.job_id)
+    .bind(exchange.jobs_subject)
+    .bind(sqlx::types::Json(&job))
+    .bind(exchange.traceparent.as_deref())
+    .fetch_all(executor)
+    .await?;
+    let mut rows = rows.into_iter();
+    let (Some(first), Some(second)) = (rows.next(), rows.next()) else {
+        return Ok(None);
+    };
+    let (user_message, assistant_message) = if first.id == user_message_id { (first, second) } else { (second, first) };
+    Ok(Some(SentExchange { user_message, assistant_message, replayed: false }))
 }
 
 async fn replay_exchange(

@@ -6,6 +6,7 @@
 //! and holds users to a conservative share of their budget.
 
 mod budget;
+mod ledger;
 mod service;
 
 use std::sync::Arc;

@@ -12,11 +12,13 @@ use uuid::Uuid;
 
 use crate::QuotaError;
 use crate::budget::{self, CHARGE_SCRIPT, COUNTER_TTL_SECS, DEGRADED_SHARE};
+use crate::ledger::{Charge, Ledger};
 
 #[derive(Clone)]
 pub struct QuotaService {
     config: Arc<Config>,
     pool: PgPool,
+    ledger: Ledger,
     redis: ConnectionManager,
     charge_script: Arc<redis::Script>,
     scripts: Arc<Scripts>,
@@ -45,6 +47,7 @@ impl QuotaService {
         };
         Self {
             config,
+            ledger: Ledger::start(pool.clone()),
             pool,
             redis,
             charge_script: Arc::new(redis::Script::new(CHARGE_SCRIPT)),
@@ -60,17 +63,8 @@ impl QuotaService {
         day: Date,
         tokens: i64,
     ) -> Result<bool, QuotaError> {
-        let result = sqlx::query(
-            "INSERT INTO quota.ledger (reference_id, user_id, day, tokens) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (reference_id) DO NOTHING",
-        )
-        .bind(reference_id)
-        .bind(user_id)
-        .bind(day)
-        .bind(tokens)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
+        let charge = Charge { reference_id: reference_id.to_owned(), user_id, day, tokens };
+        Ok(self.ledger.record(charge).await?)
     }
 
     fn keys(&self, user_id: Uuid, day: Date) -> Keys {
