@@ -106,12 +106,12 @@ impl Ingester {
         &self,
         message: &jetstream::Message,
     ) -> Result<Option<(UsageEvent, tracing::Span)>, async_nats::Error> {
-        let event = serde_json::from_slice::<UsageEvent>(&message.payload)
-            .map_err(|error| error.to_string())
-            .and_then(|event| match occurred_at(&event) {
+        let event = serde_json::from_slice::<UsageEvent>(&message.payload).map_err(|error| error.to_string()).and_then(
+            |event| match occurred_at(&event) {
                 Some(_) => Ok(event),
                 None => Err("occurred_at_ms is out of range".to_owned()),
-            });
+            },
+        );
         let event = match event {
             Ok(event) => event,
             Err(error) => {
@@ -253,7 +253,8 @@ impl Ingester {
             .bind(cost)
             .fetch_one(&mut **tx)
             .await?;
-            let users: Vec<Uuid> = rollups.priced_users.iter().filter(|(d, _)| *d == day).map(|(_, user)| *user).collect();
+            let users: Vec<Uuid> =
+                rollups.priced_users.iter().filter(|(d, _)| *d == day).map(|(_, user)| *user).collect();
             let spent_by_user: Vec<(Uuid, i64)> = sqlx::query_as(
                 "SELECT user_id, COALESCE(SUM(cost_micros), 0)::bigint FROM analytics.usage_daily
                  WHERE day = $1 AND user_id = ANY($2) GROUP BY user_id",

@@ -68,7 +68,7 @@ pub async fn serve(
     let names = Names::new(&config.nats.prefix);
     let pool = marks.database().primary().clone();
     let relay = relay::OutboxRelay::new(pool, async_nats::jetstream::new(nats), names.clone());
-    let service = ChatService::new(config, marks, names, relay.waker());
+    let service = ChatService::new(config, marks, names, relay.queue());
     let routes = tonic::service::Routes::new(ChatServiceServer::new(service));
     let relay_task = tokio::spawn(relay.run(shutdown.clone()));
     let served = parley_platform::grpc::serve("chat", listener, routes, &[HEALTH_NAME], shutdown.clone()).await;

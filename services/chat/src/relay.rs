@@ -1,49 +1,93 @@
 //! The outbox relay: publishes AI jobs written by [`crate::storage::Storage::send`] to JetStream.
 //!
+//! A send hands its job to the relay as soon as the job is committed ([`JobQueue::publish`]), and the
+//! relay publishes it at once, without reading it back; its row is then marked published, together
+//! with the rows of the other jobs published meanwhile. The outbox is the safety net: a sweep
+//! publishes every row left unpublished for longer than [`SWEEP_GRACE`] (its send's replica died,
+//! NATS was down, the queue to the relay was full).
+//!
 //! A job row is marked published only after JetStream acknowledged it, so a crash between the two
-//! publishes it again; the `Nats-Msg-Id` header (the job id) lets JetStream drop that duplicate. Rows
-//! are locked with `FOR UPDATE SKIP LOCKED`, so any number of chat replicas relay side by side. When
-//! NATS is down the rows simply wait: sends keep being accepted and nothing is lost.
+//! publishes it again; the `Nats-Msg-Id` header (the job id) lets JetStream drop that duplicate. The
+//! sweep locks rows with `FOR UPDATE SKIP LOCKED`, so any number of chat replicas relay side by side.
+//! When NATS is down the rows simply wait: sends keep being accepted and nothing is lost.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use parley_platform::nats::Names;
 use parley_platform::telemetry::NatsHeaderCarrier;
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-use crate::storage::Storage;
+use crate::storage::{QueuedJob, Storage};
 
-const BATCH: i64 = 100;
+const BATCH: usize = 100;
 const IDLE_POLL: Duration = Duration::from_millis(500);
+/// How long a committed job may wait for its send's relay before the sweep publishes it.
+const SWEEP_GRACE: Duration = Duration::from_secs(2);
+/// Committed jobs waiting for the relay; past this, they wait for the sweep instead.
+const QUEUE: usize = 4096;
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Where a send hands the job it just committed.
+#[derive(Clone)]
+pub struct JobQueue {
+    sender: mpsc::Sender<QueuedJob>,
+}
+
+impl JobQueue {
+    /// Publishes a committed job soon; if the relay is behind, the sweep publishes it instead.
+    pub fn publish(&self, job: QueuedJob) {
+        if self.sender.try_send(job).is_err() {
+            metrics::counter!("parley_chat_outbox_left_to_sweep_total").increment(1);
+        }
+    }
+}
 
 pub struct OutboxRelay {
     pool: PgPool,
     jetstream: jetstream::Context,
     names: Names,
-    wake: Arc<Notify>,
+    queue: mpsc::Sender<QueuedJob>,
+    committed: mpsc::Receiver<QueuedJob>,
 }
 
 impl OutboxRelay {
     pub fn new(pool: PgPool, jetstream: jetstream::Context, names: Names) -> Self {
-        Self { pool, jetstream, names, wake: Arc::new(Notify::new()) }
+        let (queue, committed) = mpsc::channel(QUEUE);
+        Self { pool, jetstream, names, queue, committed }
     }
 
-    /// Wakes the relay right after a send commits, instead of at its next poll.
-    pub fn waker(&self) -> Arc<Notify> {
-        self.wake.clone()
+    pub fn queue(&self) -> JobQueue {
+        JobQueue { sender: self.queue.clone() }
     }
 
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut stream_ready = false;
         let mut backoff = Duration::from_millis(100);
+        let mut next_sweep = tokio::time::Instant::now();
         let mut last_purge = tokio::time::Instant::now();
+        let mut committed = Vec::with_capacity(BATCH);
         loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                received = self.committed.recv_many(&mut committed, BATCH) => {
+                    if received == 0 {
+                        break;
+                    }
+                    if stream_ready {
+                        self.publish_committed(std::mem::take(&mut committed)).await;
+                    } else {
+                        // The sweep publishes them once the stream is there.
+                        committed.clear();
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(next_sweep) => {}
+            }
             if !stream_ready {
                 match parley_platform::nats::ensure_jobs_stream(&self.jetstream, &self.names).await {
                     Ok(_) => stream_ready = true,
@@ -52,9 +96,9 @@ impl OutboxRelay {
                     }
                 }
             }
-            let outcome = if stream_ready { self.publish_batch().await } else { Err("job stream not ready".into()) };
+            let outcome = if stream_ready { self.sweep().await } else { Err("job stream not ready".into()) };
             let wait = match outcome {
-                Ok(published) if published as i64 == BATCH => Duration::ZERO,
+                Ok(published) if published == BATCH => Duration::ZERO,
                 Ok(_) => {
                     backoff = Duration::from_millis(100);
                     IDLE_POLL
@@ -67,43 +111,68 @@ impl OutboxRelay {
                     wait
                 }
             };
+            next_sweep = tokio::time::Instant::now() + wait;
             if last_purge.elapsed() >= PURGE_EVERY {
                 last_purge = tokio::time::Instant::now();
                 if let Err(error) = Storage::purge_published(&self.pool).await {
                     tracing::warn!(%error, "outbox purge failed");
                 }
             }
-            if wait.is_zero() {
-                if shutdown.is_cancelled() {
-                    break;
-                }
-                continue;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-            }
         }
         tracing::debug!("outbox relay stopped");
     }
 
-    /// Publishes one batch; the number of rows published.
-    async fn publish_batch(&self) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+    /// Publishes jobs just committed, then marks those JetStream took as published, in one statement.
+    /// A job that fails here stays unpublished for the sweep.
+    async fn publish_committed(&self, jobs: Vec<QueuedJob>) {
+        let mut acks = Vec::with_capacity(jobs.len());
+        for queued in &jobs {
+            let payload = match serde_json::to_vec(&queued.job) {
+                Ok(payload) => payload,
+                Err(error) => {
+                    tracing::error!(%error, "could not encode a job; the sweep publishes its stored row");
+                    continue;
+                }
+            };
+            let headers = job_headers(queued.job.job_id, queued.traceparent.as_deref());
+            match self.jetstream.publish_with_headers(queued.subject.clone(), headers, payload.into()).await {
+                Ok(ack) => acks.push((queued.job.job_id, ack)),
+                Err(error) => {
+                    tracing::warn!(%error, "could not publish a job; the sweep will");
+                    metrics::counter!("parley_chat_outbox_publish_errors_total").increment(1);
+                }
+            }
+        }
+        let mut published: Vec<Uuid> = Vec::with_capacity(acks.len());
+        for (job_id, ack) in acks {
+            match ack.await {
+                Ok(_) => published.push(job_id),
+                Err(error) => {
+                    tracing::warn!(%error, "a job was not acknowledged; the sweep will publish it");
+                    metrics::counter!("parley_chat_outbox_publish_errors_total").increment(1);
+                }
+            }
+        }
+        if published.is_empty() {
+            return;
+        }
+        metrics::counter!("parley_chat_outbox_published_total").increment(published.len() as u64);
+        if let Err(error) = Storage::mark_jobs_published(&self.pool, &published).await {
+            // JetStream drops the sweep's second publish of these as duplicates.
+            tracing::warn!(%error, "could not mark published jobs; the sweep publishes them again");
+        }
+    }
+
+    /// Publishes one batch of rows left unpublished past the grace period; the number published.
+    async fn sweep(&self) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
         let mut tx = self.pool.begin().await?;
-        let rows = Storage::lock_unpublished(&mut tx, BATCH).await?;
+        let rows = Storage::lock_unpublished(&mut tx, BATCH as i64, SWEEP_GRACE).await?;
         if rows.is_empty() {
             return Ok(0);
         }
         let mut acks = Vec::with_capacity(rows.len());
         for row in &rows {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, row.job_id.to_string().as_str());
-            if let Some(traceparent) = &row.traceparent {
-                headers.insert("traceparent", traceparent.as_str());
-            } else {
-                parley_platform::telemetry::inject_current(&mut NatsHeaderCarrier(&mut headers));
-            }
+            let headers = job_headers(row.job_id, row.traceparent.as_deref());
             let payload = serde_json::to_vec(&row.payload.0)?;
             let ack = self.jetstream.publish_with_headers(row.subject.clone(), headers, payload.into()).await?;
             acks.push((row.id, ack));
@@ -121,9 +190,21 @@ impl OutboxRelay {
         Storage::mark_published(&mut tx, &published).await?;
         tx.commit().await?;
         metrics::counter!("parley_chat_outbox_published_total").increment(published.len() as u64);
+        metrics::counter!("parley_chat_outbox_swept_total").increment(published.len() as u64);
         match first_error {
             Some(error) => Err(error.into()),
             None => Ok(published.len()),
         }
     }
+}
+
+/// A job's headers: its id, which JetStream deduplicates on, and the trace of the send that queued it.
+fn job_headers(job_id: Uuid, traceparent: Option<&str>) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, job_id.to_string().as_str());
+    match traceparent {
+        Some(traceparent) => headers.insert("traceparent", traceparent),
+        None => parley_platform::telemetry::inject_current(&mut NatsHeaderCarrier(&mut headers)),
+    }
+    headers
 }

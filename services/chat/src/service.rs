@@ -6,12 +6,13 @@ use parley_platform::nats::Names;
 use parley_platform::replicas::{ReadFloor, WriteMarks};
 use parley_platform::{Config, ErrorCode, ServiceError, telemetry, timestamps};
 use parley_proto::chat::v1 as pb;
-use tokio::sync::Notify;
+
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::ChatError;
 use crate::cursor::{CursorCodec, CursorKind, Position};
+use crate::relay::JobQueue;
 use crate::storage::{
     ConversationChanges, ConversationRow, Generation, MessageRow, NewExchange, Storage, UpdateOutcome,
 };
@@ -28,13 +29,13 @@ pub struct ChatService {
     storage: Storage,
     cursors: CursorCodec,
     names: Names,
-    relay_wake: Arc<Notify>,
+    jobs: JobQueue,
 }
 
 impl ChatService {
-    pub fn new(config: Arc<Config>, marks: WriteMarks, names: Names, relay_wake: Arc<Notify>) -> Self {
+    pub fn new(config: Arc<Config>, marks: WriteMarks, names: Names, jobs: JobQueue) -> Self {
         let cursors = CursorCodec::new(&config.chat.cursor_secret);
-        Self { config, storage: Storage::new(marks), cursors, names, relay_wake }
+        Self { config, storage: Storage::new(marks), cursors, names, jobs }
     }
 
     fn check_model(&self, model: Option<&str>) -> Result<(), ChatError> {
@@ -300,11 +301,11 @@ impl pb::chat_service_server::ChatService for ChatService {
             traceparent: telemetry::current_traceparent(),
             generation: generation(request.options.as_ref(), request.reservation_id.as_deref())?,
         };
-        let Some(sent) = self.storage.send(exchange).await.map_err(ChatError::from)? else {
+        let Some(mut sent) = self.storage.send(exchange).await.map_err(ChatError::from)? else {
             return Err(ChatError::from(ServiceError::not_found("conversation")).into());
         };
-        if !sent.replayed {
-            self.relay_wake.notify_one();
+        if let Some(job) = sent.job.take() {
+            self.jobs.publish(job);
             metrics::counter!("parley_chat_messages_sent_total").increment(1);
         }
         tracing::info!(

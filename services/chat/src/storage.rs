@@ -46,6 +46,15 @@ pub struct SentExchange {
     pub user_message: MessageRow,
     pub assistant_message: MessageRow,
     pub replayed: bool,
+    /// The job stored with the reply, to publish now that it is committed (none for a replay).
+    pub job: Option<QueuedJob>,
+}
+
+/// A job as stored in the outbox.
+pub struct QueuedJob {
+    pub job: AiJob,
+    pub subject: String,
+    pub traceparent: Option<String>,
 }
 
 pub struct NewExchange<'a> {
@@ -482,16 +491,20 @@ impl Storage {
         }
     }
 
-    /// Locks up to `limit` unpublished outbox rows (skipping rows another relay holds).
+    /// Locks up to `limit` outbox rows left unpublished for longer than `grace` (skipping rows another
+    /// relay holds).
     pub async fn lock_unpublished(
         tx: &mut Transaction<'static, Postgres>,
         limit: i64,
+        grace: std::time::Duration,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
         sqlx::query_as(
             "SELECT id, job_id, subject, payload, traceparent FROM chat.outbox
-             WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+             WHERE published_at IS NULL AND created_at < now() - make_interval(secs => $2)
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(limit)
+        .bind(grace.as_secs_f64())
         .fetch_all(&mut **tx)
         .await
     }
@@ -500,6 +513,15 @@ impl Storage {
         sqlx::query("UPDATE chat.outbox SET published_at = now() WHERE id = ANY($1)")
             .bind(ids)
             .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks jobs published by id, in one statement.
+    pub async fn mark_jobs_published(pool: &PgPool, job_ids: &[Uuid]) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE chat.outbox SET published_at = now() WHERE job_id = ANY($1) AND published_at IS NULL")
+            .bind(job_ids)
+            .execute(pool)
             .await?;
         Ok(())
     }
@@ -662,7 +684,9 @@ async fn insert_exchange<'e>(
         return Ok(None);
     };
     let (user_message, assistant_message) = if first.id == user_message_id { (first, second) } else { (second, first) };
-    Ok(Some(SentExchange { user_message, assistant_message, replayed: false }))
+    let job = AiJob { model: assistant_message.model.clone().unwrap_or_default(), ..job };
+    let job = QueuedJob { job, subject: exchange.jobs_subject.to_owned(), traceparent: exchange.traceparent.clone() };
+    Ok(Some(SentExchange { user_message, assistant_message, replayed: false, job: Some(job) }))
 }
 
 async fn replay_exchange(
@@ -692,7 +716,7 @@ async fn replay_exchange(
     // The first exchange's conversation may have been deleted since: then the key is free again.
     Ok(match (find(user_message_id), find(assistant_message_id)) {
         (Some(user_message), Some(assistant_message)) => {
-            Some(SentExchange { user_message, assistant_message, replayed: true })
+            Some(SentExchange { user_message, assistant_message, replayed: true, job: None })
         }
         _ => None,
     })

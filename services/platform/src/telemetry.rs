@@ -81,7 +81,16 @@ pub fn init(service_name: &str, config: &TelemetryConfig) -> anyhow::Result<Tele
     let tracer = provider.tracer("parley");
 
     let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(tracer);
+    // Entering a span does nothing here: Parley reads trace context from the tracing span itself
+    // (`inject_current`), never from OpenTelemetry's thread-local current context, so activating it on
+    // every poll of every instrumented future, and timing busy and idle time there, is work nobody
+    // reads. Spans keep their names, fields, start and end; no thread or source-location attributes.
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_context_activation(false)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false);
     let fmt_layer = match config.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())

@@ -47,6 +47,32 @@ impl OwnNats {
     }
 }
 
+/// The other side of the outbox: with NATS up, each send publishes the job it committed itself and
+/// marks its row, so the sweep (the safety net for the case below) finds nothing to publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_nats_up_each_send_publishes_its_own_job() {
+    let t = TestPlatform::start().await;
+    let session = t.register("direct@example.com").await;
+    let conversation = t.create_conversation(&session, "direct").await;
+    for content in ["one", "two", "three"] {
+        let (status, exchange) =
+            t.post(&session, &format!("/v1/conversations/{conversation}/messages"), json!({"content": content})).await;
+        assert_eq!(status, StatusCode::OK, "{exchange}");
+        assert_eq!(exchange["assistant_message"]["content"], parley_fake_llm::reply_for(content));
+    }
+    let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
+    eventually("every outbox row marked published", Duration::from_secs(10), || async {
+        let (unpublished,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM chat.outbox WHERE published_at IS NULL").fetch_one(&pool).await.ok()?;
+        (unpublished == 0).then_some(())
+    })
+    .await;
+    assert_eq!(t.metric("parley_chat_outbox_published_total").await, Some(3.0));
+    assert_eq!(t.metric("parley_chat_outbox_swept_total").await, None, "the sweep published a job a send had");
+    assert_eq!(t.fake.requests(), 3);
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_nats_sends_are_accepted_and_wait_in_the_outbox_until_it_returns() {
     let nats = OwnNats::start(None, None).await;
