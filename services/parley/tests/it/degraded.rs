@@ -62,8 +62,10 @@ async fn with_nats_up_each_send_publishes_its_own_job() {
     }
     let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
     eventually("every outbox row marked published", Duration::from_secs(10), || async {
-        let (unpublished,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM chat.outbox WHERE published_at IS NULL").fetch_one(&pool).await.ok()?;
+        let (unpublished,): (i64,) = sqlx::query_as("SELECT count(*) FROM chat.outbox WHERE published_at IS NULL")
+            .fetch_one(&pool)
+            .await
+            .ok()?;
         (unpublished == 0).then_some(())
     })
     .await;
