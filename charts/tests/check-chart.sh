@@ -76,6 +76,9 @@ yaml.safe_dump_all(core, open(sys.argv[-1], "w"))
 PY
 "$root/.tools/venv/bin/kubernetes-validate" --strict --quiet -k "$kubernetes_version" "$work/k8s-core.yaml"
 
+echo "== metric names (dashboards and alerts against the declarations)"
+"$python" "$root/charts/tests/check-metric-names.py"
+
 echo "== promtool"
 promtool check rules "$chart/rules/parley-alerts.yaml"
 (cd "$chart/rules" && promtool test rules parley-alerts.test.yaml)

@@ -46,7 +46,7 @@ impl Agent {
         reply: CachedReply,
         how: &'static str,
     ) -> Result<(), AgentError> {
-        metrics::counter!("parley_llm_cache_requests_total", "outcome" => how).increment(1);
+        metrics::counter!(crate::metrics::LLM_CACHE_REQUESTS, "outcome" => how).increment(1);
         let index = self.next_delta_index(job.message_id, delivered).await;
         let subject = self.names.message_events_subject(job.message_id);
         let delta = MessageEvent::Delta { message_id: job.message_id, index, text: reply.content.clone() };
@@ -206,7 +206,7 @@ impl Agent {
             .await
             .map_err(|error| AgentError::Nats(error.to_string()))?;
         ack.await.map_err(|error| AgentError::Nats(error.to_string()))?;
-        metrics::counter!("parley_agent_dead_jobs_total").increment(1);
+        metrics::counter!(crate::metrics::DEAD_JOBS).increment(1);
         Ok(())
     }
 

@@ -60,7 +60,7 @@ impl Agent {
         let chars: usize = prompt.iter().map(|message| message.content.chars().count()).sum();
         let messages = prompt.iter().filter(|message| message.role != "system").count();
         if chars <= router.max_prompt_chars && messages <= router.max_messages {
-            metrics::counter!("parley_llm_routed_total", "from" => requested.to_owned(), "to" => router.model.clone())
+            metrics::counter!(crate::metrics::LLM_ROUTED, "from" => requested.to_owned(), "to" => router.model.clone())
                 .increment(1);
             tracing::debug!(from = requested, to = %router.model, "simple request routed to the cheaper model");
             return router.model.clone();
@@ -118,7 +118,7 @@ impl Agent {
         let mut attempt = 0;
         loop {
             if !provider.breaker.allow() {
-                metrics::counter!("parley_llm_requests_total", "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "circuit_open").increment(1);
+                metrics::counter!(crate::metrics::LLM_REQUESTS, "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "circuit_open").increment(1);
                 let error = ProviderError::Status {
                     status: 503,
                     message: format!("circuit open for {name}"),
@@ -156,7 +156,7 @@ impl Agent {
                 .await;
             let elapsed = call_started.elapsed();
             let labels = [("provider", name.clone()), ("model", model.to_owned())];
-            metrics::histogram!("parley_llm_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
+            metrics::histogram!(crate::metrics::LLM_REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
             let error = match result {
                 Ok(completion) => {
                     provider.breaker.record_success();
@@ -165,18 +165,18 @@ impl Agent {
                     }
                     span.record("gen_ai.usage.input_tokens", completion.input_tokens);
                     span.record("gen_ai.usage.output_tokens", completion.output_tokens);
-                    metrics::counter!("parley_llm_requests_total", "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "ok").increment(1);
+                    metrics::counter!(crate::metrics::LLM_REQUESTS, "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "ok").increment(1);
                     if let Some(ttft) = completion.time_to_first_token {
-                        metrics::histogram!("parley_llm_time_to_first_token_seconds", &labels)
+                        metrics::histogram!(crate::metrics::LLM_TIME_TO_FIRST_TOKEN, &labels)
                             .record(ttft.as_secs_f64());
                     }
-                    metrics::counter!("parley_llm_tokens_total", "provider" => name.clone(), "model" => model.to_owned(), "direction" => "input").increment(completion.input_tokens.max(0) as u64);
-                    metrics::counter!("parley_llm_tokens_total", "provider" => name.clone(), "model" => model.to_owned(), "direction" => "output").increment(completion.output_tokens.max(0) as u64);
+                    metrics::counter!(crate::metrics::LLM_TOKENS, "provider" => name.clone(), "model" => model.to_owned(), "direction" => "input").increment(completion.input_tokens.max(0) as u64);
+                    metrics::counter!(crate::metrics::LLM_TOKENS, "provider" => name.clone(), "model" => model.to_owned(), "direction" => "output").increment(completion.output_tokens.max(0) as u64);
                     return Ok(Answer { completion, provider: name, elapsed, cache_hit: false });
                 }
                 Err(error) => error,
             };
-            metrics::counter!("parley_llm_requests_total", "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "error").increment(1);
+            metrics::counter!(crate::metrics::LLM_REQUESTS, "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "error").increment(1);
             tracing::warn!(%error, provider = %name, %model, attempt, "provider call failed");
             if error.is_provider_fault() {
                 provider.breaker.record_failure();
@@ -206,7 +206,7 @@ impl Agent {
             if attempt >= retry.max_attempts || out_of_time {
                 return Err(Failure { error, streamed });
             }
-            metrics::counter!("parley_llm_retries_total", "provider" => name.clone()).increment(1);
+            metrics::counter!(crate::metrics::LLM_RETRIES, "provider" => name.clone()).increment(1);
             tokio::time::sleep(delay).await;
         }
     }

@@ -122,7 +122,7 @@ impl Agent {
         let answer = match generated {
             Generated::Fresh(answer) => answer,
             Generated::Cached(reply, how) => {
-                metrics::counter!("parley_llm_cache_requests_total", "outcome" => how).increment(1);
+                metrics::counter!(crate::metrics::LLM_CACHE_REQUESTS, "outcome" => how).increment(1);
                 let _caller_gone = events.send(Ok(delta(reply.content.clone())));
                 cached_answer(reply)
             }
@@ -163,7 +163,7 @@ impl Agent {
             }
         }
         tracing::error!("a completion could not be accounted for; its reservation expires by itself");
-        metrics::counter!("parley_agent_unaccounted_completions_total").increment(1);
+        metrics::counter!(crate::metrics::UNACCOUNTED_COMPLETIONS).increment(1);
     }
 }
 

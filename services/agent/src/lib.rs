@@ -11,6 +11,7 @@ mod cache;
 mod chain;
 mod completions;
 mod context;
+pub mod metrics;
 pub mod provider;
 mod resilience;
 mod summaries;
@@ -97,6 +98,7 @@ pub async fn run(
     listener: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    metrics::describe();
     let names = parley_platform::nats::Names::new(&config.nats.prefix);
     let backlog = tokio::spawn(parley_platform::nats::export_consumer_backlog(
         async_nats::jetstream::new(nats.clone()),

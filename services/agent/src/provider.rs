@@ -231,7 +231,7 @@ impl HttpProvider {
             return Err(ProviderError::Status { status: status.as_u16(), message: error_message(&text), retry_after });
         }
         let mut state = StreamState::default();
-        let mut buffer = Vec::<u8>::new();
+        let mut events = parley_platform::sse::Decoder::default();
         let mut bytes = response.bytes_stream();
         loop {
             let next = if state.time_to_first_token.is_none() {
@@ -246,25 +246,14 @@ impl HttpProvider {
                 break;
             };
             let chunk = chunk.map_err(|error| ProviderError::Transport(without_url(&error)))?;
-            buffer.extend_from_slice(&chunk);
-            while let Some(event) = take_event(&mut buffer) {
-                for data in event.lines().filter_map(|line| line.strip_prefix("data:")).map(str::trim) {
-                    if data == "[DONE]" || data.is_empty() {
-                        continue;
-                    }
-                    let value: Value =
-                        serde_json::from_str(data).map_err(|error| ProviderError::Protocol(error.to_string()))?;
-                    let text = match self.wire {
-                        Wire::OpenAi => state.read_openai(&value)?,
-                        Wire::Anthropic => state.read_anthropic(&value)?,
-                    };
-                    if let Some(text) = text.filter(|text| !text.is_empty()) {
-                        state.time_to_first_token.get_or_insert_with(|| started.elapsed());
-                        state.content.push_str(text);
-                        on_delta(text);
-                    }
-                }
+            events.push(&chunk);
+            while let Some(event) = events.next_event() {
+                self.read_event(&event.data, &mut state, started, on_delta)?;
             }
+        }
+        // A stream may end on an event without the blank line after it.
+        if let Some(event) = events.finish() {
+            self.read_event(&event.data, &mut state, started, on_delta)?;
         }
         if self.wire == Wire::Anthropic && !state.finished {
             return Err(ProviderError::Stream("the stream ended before message_stop".to_owned()));
@@ -282,6 +271,31 @@ impl HttpProvider {
             output_tokens,
             time_to_first_token: state.time_to_first_token,
         })
+    }
+
+    /// Applies one event's data to the reply so far, passing its text on.
+    fn read_event(
+        &self,
+        data: &str,
+        state: &mut StreamState,
+        started: Instant,
+        on_delta: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), ProviderError> {
+        let data = data.trim();
+        if data == "[DONE]" || data.is_empty() {
+            return Ok(());
+        }
+        let value: Value = serde_json::from_str(data).map_err(|error| ProviderError::Protocol(error.to_string()))?;
+        let text = match self.wire {
+            Wire::OpenAi => state.read_openai(&value)?,
+            Wire::Anthropic => state.read_anthropic(&value)?,
+        };
+        if let Some(text) = text.filter(|text| !text.is_empty()) {
+            state.time_to_first_token.get_or_insert_with(|| started.elapsed());
+            state.content.push_str(text);
+            on_delta(text);
+        }
+        Ok(())
     }
 }
 
@@ -361,13 +375,6 @@ fn anthropic_messages(messages: &[PromptMessage]) -> (String, Vec<Value>) {
     (system.join("\n\n"), turns)
 }
 
-/// Removes and returns the first complete server-sent event (up to a blank line) from `buffer`.
-fn take_event(buffer: &mut Vec<u8>) -> Option<String> {
-    let position = buffer.windows(2).position(|pair| pair == b"\n\n")?;
-    let event: Vec<u8> = buffer.drain(..position + 2).collect();
-    Some(String::from_utf8_lossy(&event).replace('\r', ""))
-}
-
 /// The error message of an OpenAI- or Anthropic-style error body, else a short prefix of the body.
 fn error_message(body: &str) -> String {
     serde_json::from_str::<Value>(body)
@@ -388,15 +395,6 @@ fn without_url(error: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn events_are_split_on_blank_lines() {
-        let mut buffer = b"data: {\"a\":1}\n\ndata: [DONE]\n\ndata: {\"par".to_vec();
-        assert_eq!(take_event(&mut buffer).as_deref(), Some("data: {\"a\":1}\n\n"));
-        assert_eq!(take_event(&mut buffer).as_deref(), Some("data: [DONE]\n\n"));
-        assert_eq!(take_event(&mut buffer), None);
-        assert_eq!(buffer, b"data: {\"par");
-    }
 
     #[test]
     fn retryable_failures_are_transient_ones() {

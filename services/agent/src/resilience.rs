@@ -71,7 +71,7 @@ impl Breaker {
     }
 
     fn publish(&self, state: BreakerState) {
-        metrics::gauge!("parley_llm_breaker_state", "provider" => self.provider.clone()).set(state.gauge());
+        metrics::gauge!(crate::metrics::LLM_BREAKER_STATE, "provider" => self.provider.clone()).set(state.gauge());
     }
 
     pub fn state(&self) -> BreakerState {
@@ -214,7 +214,7 @@ impl KeyPool {
                 if key.consecutive_failures >= BENCH_AFTER {
                     key.benched_until = Some(Instant::now() + BENCH_FOR);
                     tracing::warn!(provider = %self.provider, key = index, ?outcome, "API key benched");
-                    metrics::counter!("parley_llm_keys_benched_total", "provider" => self.provider.clone())
+                    metrics::counter!(crate::metrics::LLM_KEYS_BENCHED, "provider" => self.provider.clone())
                         .increment(1);
                 }
             }

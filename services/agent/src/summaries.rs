@@ -96,7 +96,7 @@ impl Agent {
             match provider.client.stream_chat(secret, &target.model, &request, sampling, &mut |_| {}).await {
                 Ok(completion) => {
                     provider.breaker.record_success();
-                    metrics::counter!("parley_agent_summaries_total", "model" => name.clone()).increment(1);
+                    metrics::counter!(crate::metrics::SUMMARIES, "model" => name.clone()).increment(1);
                     let tokens = completion.input_tokens.max(0) + completion.output_tokens.max(0);
                     return Some((completion.content, tokens));
                 }

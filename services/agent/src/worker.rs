@@ -191,7 +191,7 @@ impl Agent {
                 Some(Outcome::Retry(delay)) => (AckKind::Nak(Some(delay)), "retry"),
                 None => (AckKind::Nak(None), "handed_back"),
             };
-            metrics::counter!("parley_agent_jobs_total", "outcome" => label).increment(1);
+            metrics::counter!(crate::metrics::JOBS, "outcome" => label).increment(1);
             if let Err(error) = message.ack_with(ack).await {
                 tracing::warn!(%error, outcome = label, "acknowledging the job failed; it will be redelivered");
             }
@@ -311,14 +311,14 @@ impl Agent {
             };
             match self.cache.coalesce(&cache_key, call).await {
                 Ok(result) => {
-                    metrics::counter!("parley_llm_cache_requests_total", "outcome" => "miss").increment(1);
+                    metrics::counter!(crate::metrics::LLM_CACHE_REQUESTS, "outcome" => "miss").increment(1);
                     result
                 }
                 Err(Some(shared)) => return Generated::Cached(shared, "coalesced"),
                 Err(None) => self.call_chain(job, delivered, answering_model, prompt, sink).await,
             }
         } else {
-            metrics::counter!("parley_llm_cache_requests_total", "outcome" => "not_cacheable").increment(1);
+            metrics::counter!(crate::metrics::LLM_CACHE_REQUESTS, "outcome" => "not_cacheable").increment(1);
             self.call_chain(job, delivered, answering_model, prompt, sink).await
         };
         match outcome {

@@ -146,7 +146,7 @@ impl Ingester {
         let span = tracing::info_span!("analytics.ingest_batch", service = "analytics", events = events.len());
         match self.store(&events).instrument(span).await {
             Ok(inserted) => {
-                metrics::counter!("parley_analytics_events_ingested_total").increment(inserted as u64);
+                metrics::counter!(crate::metrics::EVENTS_INGESTED).increment(inserted as u64);
                 for (message, _) in &received {
                     message.ack().await?;
                 }
@@ -222,12 +222,12 @@ impl Ingester {
         let raised = self.raise_alerts(&mut tx, &rollups).await?;
         tx.commit().await?;
         for (model, cost) in &rollups.cost_by_model {
-            metrics::counter!("parley_analytics_cost_microdollars_total", "model" => model.clone())
+            metrics::counter!(crate::metrics::COST_MICRODOLLARS, "model" => model.clone())
                 .increment(cost.unsigned_abs());
         }
         for (scope, user_id) in raised {
             tracing::warn!(scope, %user_id, "daily spend threshold crossed");
-            metrics::counter!("parley_analytics_cost_alerts_total", "scope" => scope).increment(1);
+            metrics::counter!(crate::metrics::COST_ALERTS, "scope" => scope).increment(1);
             self.wake_alerts.notify_one();
         }
         Ok(stored.len())

@@ -5,6 +5,7 @@
 //! It must never lose an acknowledged event: a message is acknowledged only after its row is stored.
 
 mod ingest;
+pub mod metrics;
 mod retention;
 mod service;
 
@@ -56,6 +57,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    metrics::describe();
     let pool = database.primary().clone();
     let ingester = ingest::Ingester::new(config.clone(), pool, async_nats::jetstream::new(nats));
     let alerts_task = tokio::spawn(ingester.alert_publisher().run(shutdown.clone()));

@@ -6,6 +6,7 @@
 //! published at least once ([`relay`]); completing a message twice changes nothing.
 
 mod cursor;
+pub mod metrics;
 pub mod relay;
 mod service;
 mod storage;
@@ -65,6 +66,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    metrics::describe();
     let names = Names::new(&config.nats.prefix);
     let pool = marks.database().primary().clone();
     let relay = relay::OutboxRelay::new(pool, async_nats::jetstream::new(nats), names.clone());

@@ -42,7 +42,7 @@ impl JobQueue {
     /// Publishes a committed job soon; if the relay is behind, the sweep publishes it instead.
     pub fn publish(&self, job: QueuedJob) {
         if self.sender.try_send(job).is_err() {
-            metrics::counter!("parley_chat_outbox_left_to_sweep_total").increment(1);
+            metrics::counter!(crate::metrics::OUTBOX_LEFT_TO_SWEEP).increment(1);
         }
     }
 }
@@ -105,7 +105,7 @@ impl OutboxRelay {
                 }
                 Err(error) => {
                     tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "outbox relay failed");
-                    metrics::counter!("parley_chat_outbox_publish_errors_total").increment(1);
+                    metrics::counter!(crate::metrics::OUTBOX_PUBLISH_ERRORS).increment(1);
                     let wait = backoff;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     wait
@@ -139,7 +139,7 @@ impl OutboxRelay {
                 Ok(ack) => acks.push((queued.job.job_id, ack)),
                 Err(error) => {
                     tracing::warn!(%error, "could not publish a job; the sweep will");
-                    metrics::counter!("parley_chat_outbox_publish_errors_total").increment(1);
+                    metrics::counter!(crate::metrics::OUTBOX_PUBLISH_ERRORS).increment(1);
                 }
             }
         }
@@ -149,14 +149,14 @@ impl OutboxRelay {
                 Ok(_) => published.push(job_id),
                 Err(error) => {
                     tracing::warn!(%error, "a job was not acknowledged; the sweep will publish it");
-                    metrics::counter!("parley_chat_outbox_publish_errors_total").increment(1);
+                    metrics::counter!(crate::metrics::OUTBOX_PUBLISH_ERRORS).increment(1);
                 }
             }
         }
         if published.is_empty() {
             return;
         }
-        metrics::counter!("parley_chat_outbox_published_total").increment(published.len() as u64);
+        metrics::counter!(crate::metrics::OUTBOX_PUBLISHED).increment(published.len() as u64);
         if let Err(error) = Storage::mark_jobs_published(&self.pool, &published).await {
             // JetStream drops the sweep's second publish of these as duplicates.
             tracing::warn!(%error, "could not mark published jobs; the sweep publishes them again");
@@ -189,8 +189,8 @@ impl OutboxRelay {
         }
         Storage::mark_published(&mut tx, &published).await?;
         tx.commit().await?;
-        metrics::counter!("parley_chat_outbox_published_total").increment(published.len() as u64);
-        metrics::counter!("parley_chat_outbox_swept_total").increment(published.len() as u64);
+        metrics::counter!(crate::metrics::OUTBOX_PUBLISHED).increment(published.len() as u64);
+        metrics::counter!(crate::metrics::OUTBOX_SWEPT).increment(published.len() as u64);
         match first_error {
             Some(error) => Err(error.into()),
             None => Ok(published.len()),

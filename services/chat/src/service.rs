@@ -306,7 +306,7 @@ impl pb::chat_service_server::ChatService for ChatService {
         };
         if let Some(job) = sent.job.take() {
             self.jobs.publish(job);
-            metrics::counter!("parley_chat_messages_sent_total").increment(1);
+            metrics::counter!(crate::metrics::MESSAGES_SENT).increment(1);
         }
         tracing::info!(
             %conversation_id,
@@ -403,7 +403,7 @@ impl pb::chat_service_server::ChatService for ChatService {
         let changed =
             self.storage.update_summary(conversation_id, &request.summary, until).await.map_err(ChatError::from)?;
         if changed {
-            metrics::counter!("parley_chat_summaries_updated_total").increment(1);
+            metrics::counter!(crate::metrics::SUMMARIES_UPDATED).increment(1);
         }
         Ok(Response::new(pb::UpdateSummaryResponse { changed }))
     }
@@ -423,7 +423,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             .map_err(ChatError::from)?;
         let (row, changed) = outcome.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
         if changed {
-            metrics::counter!("parley_chat_messages_completed_total").increment(1);
+            metrics::counter!(crate::metrics::MESSAGES_COMPLETED).increment(1);
         } else {
             tracing::info!(message_id = %id, "completion ignored: message already finished");
         }
@@ -444,7 +444,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             .map_err(ChatError::from)?;
         let (row, changed) = outcome.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
         if changed {
-            metrics::counter!("parley_chat_messages_failed_total").increment(1);
+            metrics::counter!(crate::metrics::MESSAGES_FAILED).increment(1);
         }
         Ok(Response::new(pb::CompleteMessageResponse { message: Some(message_to_proto(row)), changed }))
     }

@@ -41,6 +41,10 @@ pub struct Knobs {
     pub fail_after_tokens: Option<usize>,
     /// When set, requests without this key (bearer or `x-api-key`) are answered 401.
     pub required_api_key: Option<String>,
+    /// Streams end their lines with CR LF instead of LF, as some providers and proxies do.
+    pub crlf: bool,
+    /// A stream's last event is not followed by a blank line.
+    pub unterminated_end: bool,
 }
 
 impl Default for Knobs {
@@ -59,6 +63,8 @@ impl From<&FakeLlmConfig> for Knobs {
             retry_after_secs: 1,
             fail_after_tokens: None,
             required_api_key: None,
+            crlf: false,
+            unterminated_end: false,
         }
     }
 }
@@ -393,6 +399,16 @@ impl Completion {
 
     /// The events after the last token.
     fn closing(&self, include_usage: bool) -> Vec<Bytes> {
+        let mut events = self.closing_events(include_usage);
+        if self.knobs.unterminated_end
+            && let Some(last) = events.last_mut()
+        {
+            *last = last.slice(..last.len() - 1);
+        }
+        events
+    }
+
+    fn closing_events(&self, include_usage: bool) -> Vec<Bytes> {
         let completion_tokens = self.tokens.len() as u64;
         match self.wire {
             Wire::OpenAi => {
@@ -458,6 +474,7 @@ async fn wait_until(due: tokio::time::Instant) {
 }
 
 fn stream_completion(completion: Completion, include_usage: bool) -> Response {
+    let crlf = completion.knobs.crlf;
     let completion = Arc::new(completion);
     // Each token is due at a fixed offset from the start, so the pace holds however late a poll runs.
     let started = tokio::time::Instant::now();
@@ -495,8 +512,17 @@ fn stream_completion(completion: Completion, include_usage: bool) -> Response {
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(opening.chain(body)))
+        .body(Body::from_stream(opening.chain(body).map(move |event| event.map(|bytes| line_endings(bytes, crlf)))))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// An event as sent: with CR LF line endings when the fake is told to use them.
+fn line_endings(event: Bytes, crlf: bool) -> Bytes {
+    if !crlf {
+        return event;
+    }
+    let text = String::from_utf8_lossy(&event).replace('\n', "\r\n");
+    Bytes::from(text)
 }
 
 fn openai_event(value: &Value) -> Bytes {

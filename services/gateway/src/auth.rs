@@ -173,7 +173,7 @@ impl FromRequestParts<AppState> for Caller {
             let decision = state.limiter.check(&format!("user:{}", caller.user_id), limit).await;
             slot.set(decision);
             if !decision.allowed {
-                metrics::counter!("parley_ratelimit_rejections_total", "scope" => "user", "tier" => caller.tier.clone()).increment(1);
+                metrics::counter!(crate::metrics::RATELIMIT_REJECTIONS, "scope" => "user", "tier" => caller.tier.clone()).increment(1);
                 let error = parley_platform::ServiceError::new(
                     parley_platform::ErrorCode::RateLimited,
                     format!("more than {limit} requests a minute; retry after the time in Retry-After"),

@@ -7,6 +7,7 @@
 
 mod auth;
 mod limits;
+pub mod metrics;
 mod middleware;
 mod openapi;
 mod problem;
@@ -158,6 +159,7 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then lets in-flight requests finish.
 pub async fn serve(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    metrics::describe();
     // Open event streams end when the gateway starts shutting down (the server's graceful shutdown
     // waits for them), so clients reconnect to another replica.
     let streams_end = state.shutdown.clone();

@@ -212,7 +212,7 @@ impl RateLimiter {
                 "redis unreachable: each gateway enforces its share of rate limits in memory"
             );
         }
-        metrics::counter!("parley_ratelimit_fallback_decisions_total").increment(1);
+        metrics::counter!(crate::metrics::RATELIMIT_FALLBACK_DECISIONS).increment(1);
         let share = (limit / self.replicas).max(1);
         let now_us = self.started.elapsed().as_micros() as u64;
         let mut tats = self.local.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

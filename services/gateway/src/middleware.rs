@@ -56,7 +56,7 @@ pub async fn deadline(State(state): State<crate::AppState>, request: Request, ne
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {
-            metrics::counter!("parley_http_timeouts_total").increment(1);
+            metrics::counter!(crate::metrics::HTTP_TIMEOUTS).increment(1);
             let error = parley_platform::ServiceError::new(
                 parley_platform::ErrorCode::Unavailable,
                 "the request took too long; try again shortly",
@@ -118,8 +118,8 @@ pub async fn observe(State(state): State<crate::AppState>, request: Request, nex
     }
 
     let labels = [("method", method.to_string()), ("route", route), ("status", status.to_string())];
-    metrics::counter!("parley_http_requests_total", &labels).increment(1);
-    metrics::histogram!("parley_http_request_duration_seconds", &labels[..2]).record(gateway_time.as_secs_f64());
+    metrics::counter!(crate::metrics::HTTP_REQUESTS, &labels).increment(1);
+    metrics::histogram!(crate::metrics::HTTP_REQUEST_DURATION, &labels[..2]).record(gateway_time.as_secs_f64());
     response
 }
 
@@ -150,7 +150,7 @@ pub async fn rate_limit(State(state): State<crate::AppState>, mut request: Reque
             crate::routes::client_ip(request.headers(), request.extensions(), state.config.http.trusted_proxy_hops);
         let decision = state.limiter.check(&format!("ip:{ip}"), state.config.http.ip_requests_per_minute).await;
         if !decision.allowed {
-            metrics::counter!("parley_ratelimit_rejections_total", "scope" => "ip").increment(1);
+            metrics::counter!(crate::metrics::RATELIMIT_REJECTIONS, "scope" => "ip").increment(1);
             let mut response = crate::problem::ApiError::new(
                 parley_platform::ErrorCode::RateLimited,
                 "too many requests from this address; retry after the time in Retry-After",

@@ -211,7 +211,7 @@ impl ReplyHub {
                     _ = shutdown.cancelled() => return,
                     _ = sweep.tick() => {
                         self.sweep(Instant::now());
-                        metrics::gauge!("parley_gateway_replies_followed").set(self.len() as f64);
+                        metrics::gauge!(crate::metrics::REPLIES_FOLLOWED).set(self.len() as f64);
                     }
                     message = subscriber.next() => {
                         let Some(message) = message else { break };

@@ -132,8 +132,8 @@ where
                 Err(_) => "TransportError".to_owned(),
             };
             let labels = [("service", service.to_owned()), ("method", method), ("code", code)];
-            metrics::counter!("parley_grpc_server_requests_total", &labels).increment(1);
-            metrics::histogram!("parley_grpc_server_duration_seconds", &labels[..2])
+            metrics::counter!(crate::metrics::GRPC_SERVER_REQUESTS, &labels).increment(1);
+            metrics::histogram!(crate::metrics::GRPC_SERVER_DURATION, &labels[..2])
                 .record(started.elapsed().as_secs_f64());
             result
         })

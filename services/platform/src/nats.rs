@@ -247,8 +247,8 @@ pub async fn export_consumer_backlog(
         match info.await {
             Ok(info) => {
                 let labels = [("stream", stream.clone()), ("consumer", consumer.to_owned())];
-                metrics::gauge!("parley_jetstream_consumer_pending_messages", &labels).set(info.num_pending as f64);
-                metrics::gauge!("parley_jetstream_consumer_ack_pending_messages", &labels)
+                metrics::gauge!(crate::metrics::JETSTREAM_CONSUMER_PENDING, &labels).set(info.num_pending as f64);
+                metrics::gauge!(crate::metrics::JETSTREAM_CONSUMER_ACK_PENDING, &labels)
                     .set(info.num_ack_pending as f64);
             }
             Err(error) => tracing::debug!(%error, %stream, consumer, "could not read the consumer's backlog"),

@@ -121,21 +121,22 @@ impl Database {
         if let Some(replica) = self.pick(floor) {
             match query(replica.pool.clone()).await {
                 Ok(value) => {
-                    metrics::counter!("parley_db_reads_total", "target" => "replica").increment(1);
+                    metrics::counter!(crate::metrics::DB_READS, "target" => "replica").increment(1);
                     return Ok(value);
                 }
                 Err(error) if replica_cannot_serve(&error) => {
                     if replica.in_rotation.swap(false, Ordering::Relaxed) {
                         tracing::warn!(replica = %replica.label, %error, "replica failed a read; out of rotation");
-                        metrics::gauge!("parley_db_replica_in_rotation", "replica" => replica.label.clone()).set(0.0);
+                        metrics::gauge!(crate::metrics::DB_REPLICA_IN_ROTATION, "replica" => replica.label.clone())
+                            .set(0.0);
                     }
-                    metrics::counter!("parley_db_replica_fallbacks_total", "replica" => replica.label.clone())
+                    metrics::counter!(crate::metrics::DB_REPLICA_FALLBACKS, "replica" => replica.label.clone())
                         .increment(1);
                 }
                 Err(error) => return Err(error),
             }
         }
-        metrics::counter!("parley_db_reads_total", "target" => "primary").increment(1);
+        metrics::counter!(crate::metrics::DB_READS, "target" => "primary").increment(1);
         query(self.primary.clone()).await
     }
 
@@ -208,7 +209,7 @@ impl Database {
             }
             Err(_) => None,
         };
-        metrics::gauge!("parley_db_replica_up", "replica" => label.clone()).set(if replayed.is_some() {
+        metrics::gauge!(crate::metrics::DB_REPLICA_UP, "replica" => label.clone()).set(if replayed.is_some() {
             1.0
         } else {
             0.0
@@ -218,14 +219,15 @@ impl Database {
                 replica.replayed.store(replayed, Ordering::Relaxed);
                 let primary = samples.back().map_or(replayed, |&(_, position)| position);
                 let lag = lag_behind(samples, replayed);
-                metrics::gauge!("parley_db_replica_lag_bytes", "replica" => label.clone())
+                metrics::gauge!(crate::metrics::DB_REPLICA_LAG_BYTES, "replica" => label.clone())
                     .set(primary.saturating_sub(replayed) as f64);
-                metrics::gauge!("parley_db_replica_lag_seconds", "replica" => label.clone()).set(lag.as_secs_f64());
+                metrics::gauge!(crate::metrics::DB_REPLICA_LAG_SECONDS, "replica" => label.clone())
+                    .set(lag.as_secs_f64());
                 lag <= self.max_lag
             }
             None => false,
         };
-        metrics::gauge!("parley_db_replica_in_rotation", "replica" => label.clone()).set(if in_rotation {
+        metrics::gauge!(crate::metrics::DB_REPLICA_IN_ROTATION, "replica" => label.clone()).set(if in_rotation {
             1.0
         } else {
             0.0
@@ -257,8 +259,8 @@ fn replica_cannot_serve(error: &sqlx::Error) -> bool {
 fn export_pool(pool_label: &str, pool: &PgPool) {
     let idle = pool.num_idle() as f64;
     let size = f64::from(pool.size());
-    metrics::gauge!("parley_db_pool_connections", "pool" => pool_label.to_owned(), "state" => "idle").set(idle);
-    metrics::gauge!("parley_db_pool_connections", "pool" => pool_label.to_owned(), "state" => "in_use")
+    metrics::gauge!(crate::metrics::DB_POOL_CONNECTIONS, "pool" => pool_label.to_owned(), "state" => "idle").set(idle);
+    metrics::gauge!(crate::metrics::DB_POOL_CONNECTIONS, "pool" => pool_label.to_owned(), "state" => "in_use")
         .set((size - idle).max(0.0));
 }
 

@@ -125,7 +125,8 @@ fn install_metrics_recorder() {
     match builder.install_recorder() {
         Ok(handle) => {
             let _lost_race = PROMETHEUS.set(handle);
-            metrics::gauge!("parley_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            crate::metrics::describe();
+            metrics::gauge!(crate::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         }
         Err(error) => eprintln_warning(&format!("metrics recorder not installed: {error}")),
     }

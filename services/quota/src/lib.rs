@@ -7,6 +7,7 @@
 
 mod budget;
 mod ledger;
+pub mod metrics;
 mod service;
 
 use std::sync::Arc;
@@ -60,6 +61,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    metrics::describe();
     let service = QuotaService::new(config, pool, redis);
     let routes = tonic::service::Routes::new(QuotaServiceServer::new(service));
     parley_platform::grpc::serve("quota", listener, routes, &[HEALTH_NAME], shutdown).await?;

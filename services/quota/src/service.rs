@@ -115,14 +115,14 @@ impl QuotaService {
             .ignore();
         let rebuilt: Result<(), redis::RedisError> = pipe.query_async(&mut redis).await;
         rebuilt.map_err(|error| QuotaError::Redis(error.to_string()))?;
-        metrics::counter!("parley_quota_counter_rebuilds_total").increment(1);
+        metrics::counter!(crate::metrics::COUNTER_REBUILDS).increment(1);
         Ok(())
     }
 
     /// Without Redis: the ledger's totals, against a conservative share of each budget (reservations
     /// held elsewhere cannot be seen, so part of the budget is kept back).
     async fn degraded_budget(&self, user_id: Uuid, tier: &str, day: Date) -> Result<pb::Budget, QuotaError> {
-        metrics::counter!("parley_quota_degraded_checks_total").increment(1);
+        metrics::counter!(crate::metrics::DEGRADED_CHECKS).increment(1);
         let now = OffsetDateTime::now_utc();
         let day_used = self.ledger_total(user_id, day).await?;
         let month_used = self.ledger_month_total(user_id, day).await?;
@@ -233,7 +233,7 @@ impl pb::quota_service_server::QuotaService for QuotaService {
             }
         };
         if !reservation.granted {
-            metrics::counter!("parley_quota_rejections_total", "tier" => request.tier.clone()).increment(1);
+            metrics::counter!(crate::metrics::REJECTIONS, "tier" => request.tier.clone()).increment(1);
         }
         Ok(Response::new(reservation))
     }
@@ -263,7 +263,7 @@ impl pb::quota_service_server::QuotaService for QuotaService {
             tracing::warn!(%error, "redis unavailable; settlement recorded in the ledger only");
         }
         if charged {
-            metrics::counter!("parley_quota_tokens_charged_total").increment(request.tokens as u64);
+            metrics::counter!(crate::metrics::TOKENS_CHARGED).increment(request.tokens as u64);
         }
         Ok(Response::new(pb::SettleResponse { charged }))
     }
@@ -317,7 +317,7 @@ impl pb::quota_service_server::QuotaService for QuotaService {
                 // The ledger has the charge; the counter is rebuilt from it when Redis answers again.
                 tracing::warn!(%error, "redis unavailable; charge recorded in the ledger only");
             }
-            metrics::counter!("parley_quota_tokens_charged_total").increment(request.tokens as u64);
+            metrics::counter!(crate::metrics::TOKENS_CHARGED).increment(request.tokens as u64);
         }
         Ok(Response::new(pb::ChargeResponse { charged: inserted }))
     }

@@ -72,6 +72,12 @@ async fn with_nats_up_each_send_publishes_its_own_job() {
     assert_eq!(t.metric("parley_chat_outbox_published_total").await, Some(3.0));
     assert_eq!(t.metric("parley_chat_outbox_swept_total").await, None, "the sweep published a job a send had");
     assert_eq!(t.fake.requests(), 3);
+    // Declared metrics carry their descriptions to Prometheus.
+    let exposition = t.http.get(t.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        exposition.contains("# HELP parley_chat_outbox_published_total Jobs JetStream acknowledged"),
+        "{exposition}"
+    );
     t.stop().await;
 }
 

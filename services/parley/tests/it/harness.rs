@@ -259,7 +259,7 @@ pub struct SseEvent {
 /// Reads server-sent events from a streaming response.
 pub struct SseReader {
     bytes: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
-    buffer: String,
+    decoder: parley_platform::sse::Decoder,
 }
 
 impl SseReader {
@@ -267,36 +267,36 @@ impl SseReader {
         assert_eq!(response.status(), StatusCode::OK);
         let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
         assert!(content_type.starts_with("text/event-stream"), "{content_type}");
-        Self { bytes: Box::pin(response.bytes_stream()), buffer: String::new() }
+        Self { bytes: Box::pin(response.bytes_stream()), decoder: Default::default() }
     }
 
-    /// The next event (comments such as heartbeats are skipped); `None` when the stream ends.
+    /// The next event with data (comments such as heartbeats are skipped); `None` when the stream ends.
     pub async fn next(&mut self) -> Option<SseEvent> {
         use futures::StreamExt;
         loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                let mut event = SseEvent { event: "message".to_owned(), id: None, data: Value::Null };
-                let mut data = String::new();
-                for line in block.lines() {
-                    if let Some(value) = line.strip_prefix("event:") {
-                        event.event = value.trim().to_owned();
-                    } else if let Some(value) = line.strip_prefix("id:") {
-                        event.id = Some(value.trim().to_owned());
-                    } else if let Some(value) = line.strip_prefix("data:") {
-                        data.push_str(value.trim_start());
+            let event = match self.decoder.next_event() {
+                Some(event) => event,
+                None => {
+                    let chunk = tokio::time::timeout(Duration::from_secs(30), self.bytes.next())
+                        .await
+                        .expect("an event within 30 s");
+                    match chunk {
+                        Some(chunk) => {
+                            self.decoder.push(&chunk.unwrap());
+                            continue;
+                        }
+                        None => self.decoder.finish()?,
                     }
                 }
-                if data.is_empty() {
-                    continue;
-                }
-                event.data = serde_json::from_str(&data).unwrap_or(Value::String(data));
-                return Some(event);
+            };
+            if event.data.is_empty() {
+                continue;
             }
-            let chunk = tokio::time::timeout(Duration::from_secs(30), self.bytes.next())
-                .await
-                .expect("an event within 30 s")?;
-            self.buffer.push_str(&String::from_utf8_lossy(&chunk.unwrap()).replace('\r', ""));
+            return Some(SseEvent {
+                event: event.event.unwrap_or_else(|| "message".to_owned()),
+                id: event.id,
+                data: serde_json::from_str(&event.data).unwrap_or(Value::String(event.data)),
+            });
         }
     }
 }

@@ -312,6 +312,36 @@ async fn an_anthropic_provider_streams_replies_too() {
     t.stop().await;
 }
 
+/// Providers (or proxies in front of them) that end lines with CR LF and close the stream right after
+/// the last event, without the blank line: every event still counts, on both wire formats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_with_crlf_lines_and_no_final_blank_line_are_read_whole() {
+    let quirks = Knobs { crlf: true, unterminated_end: true, ..Knobs::default() };
+    let (openai, openai_url) = spawn_fake(quirks.clone()).await;
+    let (anthropic, anthropic_url) = spawn_fake(quirks).await;
+    let t = TestPlatform::start_with(
+        |config| {
+            add_provider(config, "crlf-openai", ProviderKind::Openai, &openai_url, &[]);
+            add_model(config, "crlf-openai", &["crlf-openai"]);
+            add_provider(config, "crlf-anthropic", ProviderKind::Anthropic, &anthropic_url, &[]);
+            add_model(config, "crlf-anthropic", &["crlf-anthropic"]);
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("crlf@example.com").await;
+    let conversation = t.create_conversation(&session, "crlf").await;
+    for model in ["crlf-openai", "crlf-anthropic"] {
+        let content = format!("hello over {model}");
+        let reply = ask(&t, &session, &conversation, model, &content).await;
+        assert_eq!(reply["status"], "completed", "{reply}");
+        assert_eq!(reply["content"], reply_for(&content), "{reply}");
+        assert_eq!(reply["usage"]["output_tokens"], parley_fake_llm::tokens_of(&reply_for(&content)).len(), "{reply}");
+    }
+    assert_eq!((openai.requests(), anthropic.requests()), (1, 1));
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simple_requests_are_routed_to_the_cheaper_model() {
     let (cheap, cheap_url) = spawn_fake(Knobs::default()).await;
