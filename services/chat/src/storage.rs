@@ -721,3 +721,6 @@ async fn replay_exchange(
         _ => None,
     })
 }
+
+#[cfg(test)]
+mod tests;
