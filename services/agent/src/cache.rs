@@ -36,7 +36,7 @@ pub struct ResponseCache {
 pub fn key(model: &str, prompt: &[PromptMessage], max_tokens: u32) -> String {
     let canonical = serde_json::json!({"model": model, "messages": prompt, "max_tokens": max_tokens});
     let digest = ring::digest::digest(&ring::digest::SHA256, canonical.to_string().as_bytes());
-    digest.as_ref().iter().map(|byte| format!("{byte:02x}")).collect()
+    hex::encode(digest)
 }
 
 impl ResponseCache {

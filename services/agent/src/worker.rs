@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
+use parley_platform::backoff::Backoff;
 use parley_platform::events::AiJob;
 use parley_platform::grpc::ClientChannel;
 use parley_platform::nats::Names;
@@ -86,21 +87,19 @@ impl Agent {
         let concurrency = self.config.agent.concurrency;
         let permits = Arc::new(Semaphore::new(concurrency));
         let mut tasks = JoinSet::new();
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         'connect: while !shutdown.is_cancelled() {
             let messages = match self.subscribe(concurrency).await {
                 Ok(messages) => messages,
                 Err(error) => {
                     tracing::warn!(%error, "job consumer not ready; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !backoff.wait(&shutdown).await {
+                        break;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
-            backoff = Duration::from_millis(200);
+            backoff.reset();
             tokio::pin!(messages);
             loop {
                 let permit = tokio::select! {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use parley_platform::Config;
+use parley_platform::backoff::Backoff;
 use parley_platform::events::{CostAlert, UsageEvent};
 use parley_platform::nats::Names;
 use sqlx::PgPool;
@@ -53,17 +54,15 @@ impl Ingester {
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         while !shutdown.is_cancelled() {
             match self.consume(&shutdown).await {
                 Ok(()) => break,
                 Err(error) => {
                     tracing::warn!(%error, "usage ingestion interrupted; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !backoff.wait(&shutdown).await {
+                        break;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }

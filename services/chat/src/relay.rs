@@ -14,6 +14,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
+use parley_platform::backoff::Backoff;
 use parley_platform::nats::Names;
 use parley_platform::telemetry::NatsHeaderCarrier;
 use sqlx::PgPool;
@@ -67,7 +68,7 @@ impl OutboxRelay {
 
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut stream_ready = false;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
         let mut next_sweep = tokio::time::Instant::now();
         let mut last_purge = tokio::time::Instant::now();
         let mut committed = Vec::with_capacity(BATCH);
@@ -100,14 +101,13 @@ impl OutboxRelay {
             let wait = match outcome {
                 Ok(published) if published == BATCH => Duration::ZERO,
                 Ok(_) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     IDLE_POLL
                 }
                 Err(error) => {
-                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "outbox relay failed");
+                    let wait = backoff.next_wait();
+                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "outbox relay failed");
                     metrics::counter!(crate::metrics::OUTBOX_PUBLISH_ERRORS).increment(1);
-                    let wait = backoff;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     wait
                 }
             };

@@ -212,7 +212,7 @@ pub async fn verify_signature(State(state): State<crate::AppState>, request: Req
     if (time::OffsetDateTime::now_utc().unix_timestamp() - sent_at).abs() > SIGNATURE_SKEW_SECS {
         return refuse("timestamp is too far from now");
     }
-    let Some(presented) = signature.trim().strip_prefix("v1=").and_then(decode_hex) else {
+    let Some(presented) = signature.trim().strip_prefix("v1=").and_then(|text| hex::decode(text).ok()) else {
         return refuse("is malformed; expected v1=<hex>");
     };
     let (parts, body) = request.into_parts();
@@ -223,7 +223,7 @@ pub async fn verify_signature(State(state): State<crate::AppState>, request: Req
         )
         .into_response();
     };
-    let body_hash = hex(ring::digest::digest(&ring::digest::SHA256, &body).as_ref());
+    let body_hash = hex::encode(ring::digest::digest(&ring::digest::SHA256, &body));
     let path_and_query =
         parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
     let message = format!("{sent_at}\n{}\n{path_and_query}\n{body_hash}", parts.method);
@@ -231,19 +231,8 @@ pub async fn verify_signature(State(state): State<crate::AppState>, request: Req
     if ring::hmac::verify(&hmac_key, message.as_bytes(), &presented).is_err() {
         return refuse("does not match");
     }
-    if !state.limiter.first_use(&format!("sig:{}", hex(&presented))).await {
+    if !state.limiter.first_use(&format!("sig:{}", hex::encode(&presented))).await {
         return refuse("was already used (replay)");
     }
     next.run(Request::from_parts(parts, axum::body::Body::from(body))).await
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|index| u8::from_str_radix(text.get(index..index + 2)?, 16).ok()).collect()
 }

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use parley_platform::backoff::Backoff;
 use parley_platform::events::{MessageEvent, StoredReply};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -187,17 +188,15 @@ impl ReplyHub {
     /// Follows every reply's events until `shutdown`, resubscribing when the subscription ends.
     pub async fn follow(self: Arc<Self>, nats: async_nats::Client, subject: String, shutdown: CancellationToken) {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while !shutdown.is_cancelled() {
             let mut subscriber = match nats.subscribe(subject.clone()).await {
                 Ok(subscriber) => subscriber,
                 Err(error) => {
                     tracing::warn!(%error, "cannot follow reply events; streams read them from JetStream");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !backoff.wait(&shutdown).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };

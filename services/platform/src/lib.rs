@@ -6,6 +6,7 @@
 //! exchange over NATS ([`events`]).
 
 pub mod access_token;
+pub mod backoff;
 pub mod config;
 pub mod db;
 pub mod error;

@@ -7,16 +7,12 @@ use serde_json::json;
 
 use crate::harness::{TestPlatform, assert_problem, read};
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
 /// The two signing headers for a request, signed at `timestamp`.
 fn sign(secret: &str, timestamp: i64, method: &str, path_and_query: &str, body: &[u8]) -> (String, String) {
-    let body_hash = hex(ring::digest::digest(&ring::digest::SHA256, body).as_ref());
+    let body_hash = hex::encode(ring::digest::digest(&ring::digest::SHA256, body).as_ref());
     let message = format!("{timestamp}\n{method}\n{path_and_query}\n{body_hash}");
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    (timestamp.to_string(), format!("v1={}", hex(ring::hmac::sign(&key, message.as_bytes()).as_ref())))
+    (timestamp.to_string(), format!("v1={}", hex::encode(ring::hmac::sign(&key, message.as_bytes()).as_ref())))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
