@@ -89,8 +89,33 @@ pub struct Platform {
     pub fake_llm: Option<(parley_fake_llm::FakeLlm, SocketAddr)>,
     pub readiness: Readiness,
     shutdown: CancellationToken,
-    tasks: JoinSet<(Service, anyhow::Result<()>)>,
+    tasks: Tasks,
 }
+
+/// What a task of a running platform is: named in its errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Task {
+    Service(Service),
+    FakeLlm,
+    DatabaseMonitor,
+    AdminServer,
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Task::Service(service) => write!(f, "the {} service", service.name()),
+            Task::FakeLlm => f.write_str("the fake LLM"),
+            Task::DatabaseMonitor => f.write_str("the database monitor"),
+            Task::AdminServer => f.write_str("the admin server"),
+        }
+    }
+}
+
+type Tasks = JoinSet<(Task, anyhow::Result<()>)>;
+
+/// A service's server, until it stops.
+type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
 
 /// Applies every schema's migrations (idempotent).
 pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
@@ -101,78 +126,67 @@ pub async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-impl Platform {
-    pub async fn launch(mut config: Config, options: LaunchOptions) -> anyhow::Result<Platform> {
-        let shutdown = CancellationToken::new();
-        let mut services = options.services.clone();
-        services.sort();
-        services.dedup();
+/// Creates the database if needed and applies every schema's migrations.
+async fn create_and_migrate(url: &str) -> anyhow::Result<()> {
+    parley_platform::db::ensure_database(url).await.context("failed to create the database")?;
+    let pool = sqlx::PgPool::connect(url).await.context("failed to connect to postgres")?;
+    migrate(&pool).await?;
+    pool.close().await;
+    Ok(())
+}
 
-        if options.migrate {
-            parley_platform::db::ensure_database(&config.database.url)
-                .await
-                .context("failed to create the database")?;
-            let pool = sqlx::PgPool::connect(&config.database.url).await.context("failed to connect to postgres")?;
-            migrate(&pool).await?;
-            pool.close().await;
-        }
+/// What the services of one process share: connections made once, for the services that need them.
+struct Shared {
+    services: Vec<Service>,
+    database: Option<Arc<Database>>,
+    nats: Option<async_nats::Client>,
+    redis: Option<redis::aio::ConnectionManager>,
+    providers: Option<Arc<BTreeMap<String, parley_agent::ProviderHandle>>>,
+    channels: Channels,
+}
 
-        let mut tasks = JoinSet::new();
-        let fake_llm = if options.fake_llm {
-            let listener = TcpListener::bind(&config.fake_llm.addr).await.context("failed to bind the fake LLM")?;
-            let addr = listener.local_addr()?;
-            let fake = parley_fake_llm::FakeLlm::from_config(&config.fake_llm);
-            for provider in config.providers.values_mut() {
-                if provider.kind == ProviderKind::Fake && provider.base_url.is_empty() {
-                    provider.base_url = format!("http://{addr}/v1");
-                }
-            }
-            let (server, stop) = (fake.clone(), shutdown.clone());
-            tasks.spawn(async move {
-                let result = parley_fake_llm::serve(server, listener, stop).await.map_err(anyhow::Error::from);
-                (Service::Agent, result.context("fake LLM failed"))
-            });
-            Some((fake, addr))
-        } else {
-            None
-        };
+/// A lazily connecting channel to each gRPC service.
+struct Channels {
+    user: tonic::transport::Channel,
+    chat: tonic::transport::Channel,
+    quota: tonic::transport::Channel,
+    analytics: tonic::transport::Channel,
+    agent: tonic::transport::Channel,
+}
 
-        // Bind every gRPC listener first, so each service's peers know where to reach it.
-        let mut grpc_listeners = BTreeMap::new();
-        for service in services.iter().copied().filter(|service| service.serves_grpc()) {
-            let addr = match options.grpc_bind {
-                GrpcBind::EphemeralLoopback => "127.0.0.1:0",
-                GrpcBind::Configured => config.grpc.addr.as_str(),
-            };
-            let listener = TcpListener::bind(addr).await.with_context(|| format!("failed to bind {addr}"))?;
-            let url = format!("http://{}", listener.local_addr()?);
-            match service {
-                Service::User => config.grpc.user_url = url,
-                Service::Chat => config.grpc.chat_url = url,
-                Service::Quota => config.grpc.quota_url = url,
-                Service::Analytics => config.grpc.analytics_url = url,
-                Service::Agent => config.grpc.agent_url = url,
-                Service::Gateway => {}
-            }
-            grpc_listeners.insert(service, listener);
-        }
-        let config = Arc::new(config);
+impl Channels {
+    fn new(config: &Config) -> anyhow::Result<Self> {
+        let channel = |url: &str| lazy_channel(url).with_context(|| format!("invalid gRPC address {url}"));
+        Ok(Self {
+            user: channel(&config.grpc.user_url)?,
+            chat: channel(&config.grpc.chat_url)?,
+            quota: channel(&config.grpc.quota_url)?,
+            analytics: channel(&config.grpc.analytics_url)?,
+            agent: channel(&config.grpc.agent_url)?,
+        })
+    }
+}
 
+impl Shared {
+    /// Connects what `services` need; the database's replica monitor joins `tasks`.
+    async fn connect(
+        config: &Arc<Config>,
+        services: &[Service],
+        tasks: &mut Tasks,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Self> {
         let needs = |wanted: &[Service]| services.iter().any(|service| wanted.contains(service));
         let database = if services.iter().any(|service| service.uses_postgres()) {
-            let database = Database::connect_lazy(&config.database).context("invalid database URL")?;
-            let database = Arc::new(database);
+            let database = Arc::new(Database::connect_lazy(&config.database).context("invalid database URL")?);
             let (monitored, stop) = (database.clone(), shutdown.child_token());
-            let owner = services.first().copied().unwrap_or(Service::Gateway);
             tasks.spawn(async move {
                 monitored.monitor(stop).await;
-                (owner, Ok(()))
+                (Task::DatabaseMonitor, Ok(()))
             });
             Some(database)
         } else {
             None
         };
-        let pool = database.as_ref().map(|database| database.primary().clone());
         let nats = if needs(&[Service::Chat, Service::Analytics, Service::Agent, Service::Gateway]) {
             Some(parley_platform::nats::connect(&config.nats, "parley").await.context("failed to connect to NATS")?)
         } else {
@@ -193,131 +207,111 @@ impl Platform {
             None
         };
         let providers =
-            if needs(&[Service::Agent]) { Some(Arc::new(parley_agent::build_providers(&config)?)) } else { None };
+            if needs(&[Service::Agent]) { Some(Arc::new(parley_agent::build_providers(config)?)) } else { None };
+        let channels = Channels::new(config)?;
+        Ok(Self { services: services.to_vec(), database, nats, redis, providers, channels })
+    }
 
-        let channel = |url: &str| lazy_channel(url).with_context(|| format!("invalid gRPC address {url}"));
-        let user_channel = channel(&config.grpc.user_url)?;
-        let chat_channel = channel(&config.grpc.chat_url)?;
-        let quota_channel = channel(&config.grpc.quota_url)?;
-        let analytics_channel = channel(&config.grpc.analytics_url)?;
-        let agent_channel = channel(&config.grpc.agent_url)?;
+    fn needs(&self, wanted: &[Service]) -> bool {
+        self.services.iter().any(|service| wanted.contains(service))
+    }
 
+    fn pool(&self) -> anyhow::Result<sqlx::PgPool> {
+        Ok(self.database()?.primary().clone())
+    }
+
+    fn database(&self) -> anyhow::Result<Arc<Database>> {
+        self.database.clone().ok_or_else(|| missing("postgres"))
+    }
+
+    fn nats(&self) -> anyhow::Result<async_nats::Client> {
+        self.nats.clone().ok_or_else(|| missing("NATS"))
+    }
+
+    /// What `/readyz` checks: the dependencies of these services, and the peers they cannot work without.
+    fn readiness(&self) -> Readiness {
         let mut readiness = Readiness::new();
-        if let Some(pool) = &pool {
-            readiness = readiness.with_check("postgres", health::postgres_check(pool.clone()));
+        if let Some(database) = &self.database {
+            readiness = readiness.with_check("postgres", health::postgres_check(database.primary().clone()));
         }
-        if let Some(nats) = &nats {
+        if let Some(nats) = &self.nats {
             readiness = readiness.with_check("nats", health::nats_check(nats.clone()));
         }
-        if let Some(redis) = &redis {
+        if let Some(redis) = &self.redis {
             readiness = readiness.with_check("redis", health::redis_check(redis.clone()));
         }
-        if needs(&[Service::Gateway]) {
+        let channels = &self.channels;
+        if self.needs(&[Service::Gateway]) {
             readiness = readiness
-                .with_check("user", health::grpc_check(user_channel.clone(), parley_user::HEALTH_NAME))
-                .with_check("chat", health::grpc_check(chat_channel.clone(), parley_chat::HEALTH_NAME))
-                .with_check("quota", health::grpc_check(quota_channel.clone(), parley_quota::HEALTH_NAME))
-                .with_check("analytics", health::grpc_check(analytics_channel.clone(), parley_analytics::HEALTH_NAME));
-        } else if needs(&[Service::Agent]) {
+                .with_check("user", health::grpc_check(channels.user.clone(), parley_user::HEALTH_NAME))
+                .with_check("chat", health::grpc_check(channels.chat.clone(), parley_chat::HEALTH_NAME))
+                .with_check("quota", health::grpc_check(channels.quota.clone(), parley_quota::HEALTH_NAME))
+                .with_check("analytics", health::grpc_check(channels.analytics.clone(), parley_analytics::HEALTH_NAME));
+        } else if self.needs(&[Service::Agent]) {
             readiness = readiness
-                .with_check("chat", health::grpc_check(chat_channel.clone(), parley_chat::HEALTH_NAME))
-                .with_check("quota", health::grpc_check(quota_channel.clone(), parley_quota::HEALTH_NAME));
+                .with_check("chat", health::grpc_check(channels.chat.clone(), parley_chat::HEALTH_NAME))
+                .with_check("quota", health::grpc_check(channels.quota.clone(), parley_quota::HEALTH_NAME));
         }
-        if let Some(providers) = &providers {
+        if let Some(providers) = &self.providers {
             let providers = providers.clone();
             readiness =
                 readiness.with_info("providers", move || serde_json::json!(parley_agent::breaker_states(&providers)));
         }
+        readiness
+    }
+}
 
-        let missing = |what: &str| anyhow::anyhow!("{what} is required but was not set up");
+fn missing(what: &str) -> anyhow::Error {
+    anyhow::anyhow!("{what} is required but was not set up")
+}
+
+impl Platform {
+    pub async fn launch(mut config: Config, options: LaunchOptions) -> anyhow::Result<Platform> {
+        let shutdown = CancellationToken::new();
+        let mut services = options.services.clone();
+        services.sort();
+        services.dedup();
+        if options.migrate {
+            create_and_migrate(&config.database.url).await?;
+        }
+        let mut tasks = Tasks::new();
+        let fake_llm = match options.fake_llm {
+            true => Some(start_fake_llm(&mut config, &mut tasks, &shutdown).await?),
+            false => None,
+        };
+        let mut grpc_listeners = bind_grpc_listeners(&mut config, &services, options.grpc_bind).await?;
+        let config = Arc::new(config);
+        let shared = Shared::connect(&config, &services, &mut tasks, &shutdown).await?;
+        let readiness = shared.readiness();
+
         // The agent serves its completions beside its job loop, started below.
         let agent_listener = grpc_listeners.remove(&Service::Agent);
         for (service, listener) in grpc_listeners {
-            let stop = shutdown.child_token();
-            let config = config.clone();
-            let pool = pool.clone().ok_or_else(|| missing("postgres"))?;
-            match service {
-                Service::User => {
-                    let user = parley_user::build(config, pool).await.context("failed to start the user service")?;
-                    tasks.spawn(async move { (service, parley_user::serve(user, listener, stop).await) });
-                }
-                Service::Chat => {
-                    let nats = nats.clone().ok_or_else(|| missing("NATS"))?;
-                    let database = database.clone().ok_or_else(|| missing("postgres"))?;
-                    let marks = WriteMarks::new(database, redis.clone(), &config.redis.key_prefix);
-                    tasks
-                        .spawn(async move { (service, parley_chat::serve(config, marks, nats, listener, stop).await) });
-                }
-                Service::Quota => {
-                    let redis = redis.clone().ok_or_else(|| missing("redis"))?;
-                    tasks.spawn(
-                        async move { (service, parley_quota::serve(config, pool, redis, listener, stop).await) },
-                    );
-                }
-                Service::Analytics => {
-                    let nats = nats.clone().ok_or_else(|| missing("NATS"))?;
-                    let database = database.clone().ok_or_else(|| missing("postgres"))?;
-                    tasks.spawn(async move {
-                        (service, parley_analytics::serve(config, database, nats, listener, stop).await)
-                    });
-                }
-                Service::Gateway | Service::Agent => {}
-            }
+            let serving = serve_grpc(service, listener, &config, &shared, shutdown.child_token()).await?;
+            tasks.spawn(async move { (Task::Service(service), serving.await) });
         }
-
-        if let Some(providers) = providers {
-            let nats = nats.clone().ok_or_else(|| missing("NATS"))?;
-            let chat = ChatServiceClient::new(with_context(chat_channel.clone()));
-            let quota = QuotaServiceClient::new(with_context(quota_channel.clone()));
-            let (config, stop, redis) = (config.clone(), shutdown.child_token(), redis.clone());
+        if let Some(providers) = shared.providers.clone() {
+            let nats = shared.nats()?;
+            let chat = ChatServiceClient::new(with_context(shared.channels.chat.clone()));
+            let quota = QuotaServiceClient::new(with_context(shared.channels.quota.clone()));
+            let (config, stop, redis) = (config.clone(), shutdown.child_token(), shared.redis.clone());
             tasks.spawn(async move {
                 let run = parley_agent::run(config, providers, nats, redis, chat, quota, agent_listener, stop);
-                (Service::Agent, run.await)
+                (Task::Service(Service::Agent), run.await)
             });
         }
-
-        let mut http_addr = None;
-        if services.contains(&Service::Gateway) {
-            let listener = match options.http_listener {
-                Some(listener) => listener,
-                None => TcpListener::bind(&config.http.addr)
-                    .await
-                    .with_context(|| format!("failed to bind PARLEY_HTTP_ADDR {}", config.http.addr))?,
-            };
-            http_addr = Some(listener.local_addr()?);
-            let backends = parley_gateway::Backends {
-                user: UserServiceClient::new(with_context(user_channel)),
-                chat: ChatServiceClient::new(with_context(chat_channel)),
-                quota: QuotaServiceClient::new(with_context(quota_channel)),
-                analytics: AnalyticsServiceClient::new(with_context(analytics_channel)),
-                agent: AgentServiceClient::new(with_context(agent_channel)),
-            };
-            let nats = nats.clone().ok_or_else(|| missing("NATS"))?;
-            let state = parley_gateway::AppState::new(config.clone(), backends, nats, readiness.clone());
-            let stop = shutdown.child_token();
-            tasks.spawn(async move { (Service::Gateway, parley_gateway::serve(state, listener, stop).await) });
-        }
-
-        let mut admin_addr = None;
-        if options.admin_server {
-            let listener = TcpListener::bind(&config.http.admin_addr)
-                .await
-                .with_context(|| format!("failed to bind PARLEY_ADMIN_ADDR {}", config.http.admin_addr))?;
-            admin_addr = Some(listener.local_addr()?);
-            let router = health::admin_router(readiness.clone());
-            let stop = shutdown.child_token();
-            let service = services.first().copied().unwrap_or(Service::Gateway);
-            tasks.spawn(async move {
-                let result = axum::serve(parley_platform::net::without_nagle(listener), router)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                (service, result.context("admin server failed"))
-            });
-        }
-
+        let http_addr = match services.contains(&Service::Gateway) {
+            true => {
+                Some(start_gateway(&config, options.http_listener, &shared, &readiness, &mut tasks, &shutdown).await?)
+            }
+            false => None,
+        };
+        let admin_addr = match options.admin_server {
+            true => Some(start_admin_server(&config, &readiness, &mut tasks, &shutdown).await?),
+            false => None,
+        };
         Ok(Platform { config, http_addr, admin_addr, fake_llm, readiness, shutdown, tasks })
     }
-
     /// A token that, once cancelled, stops every service.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
@@ -357,10 +351,155 @@ impl Platform {
     }
 }
 
-fn task_error(joined: Result<(Service, anyhow::Result<()>), tokio::task::JoinError>) -> Option<anyhow::Error> {
+/// Starts the built-in fake LLM and points `fake` providers without a base URL at it.
+async fn start_fake_llm(
+    config: &mut Config,
+    tasks: &mut Tasks,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(parley_fake_llm::FakeLlm, SocketAddr)> {
+    let listener = TcpListener::bind(&config.fake_llm.addr).await.context("failed to bind the fake LLM")?;
+    let addr = listener.local_addr()?;
+    let fake = parley_fake_llm::FakeLlm::from_config(&config.fake_llm);
+    for provider in config.providers.values_mut() {
+        if provider.kind == ProviderKind::Fake && provider.base_url.is_empty() {
+            provider.base_url = format!("http://{addr}/v1");
+        }
+    }
+    let (server, stop) = (fake.clone(), shutdown.clone());
+    tasks.spawn(
+        async move { (Task::FakeLlm, parley_fake_llm::serve(server, listener, stop).await.map_err(Into::into)) },
+    );
+    Ok((fake, addr))
+}
+
+/// Binds every gRPC listener first and tells the configuration where each service listens, so each
+/// service's peers know where to reach it.
+async fn bind_grpc_listeners(
+    config: &mut Config,
+    services: &[Service],
+    bind: GrpcBind,
+) -> anyhow::Result<BTreeMap<Service, TcpListener>> {
+    let mut listeners = BTreeMap::new();
+    for service in services.iter().copied().filter(|service| service.serves_grpc()) {
+        let addr = match bind {
+            GrpcBind::EphemeralLoopback => "127.0.0.1:0",
+            GrpcBind::Configured => config.grpc.addr.as_str(),
+        };
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("failed to bind {addr}"))?;
+        let url = format!("http://{}", listener.local_addr()?);
+        match service {
+            Service::User => config.grpc.user_url = url,
+            Service::Chat => config.grpc.chat_url = url,
+            Service::Quota => config.grpc.quota_url = url,
+            Service::Analytics => config.grpc.analytics_url = url,
+            Service::Agent => config.grpc.agent_url = url,
+            Service::Gateway => {}
+        }
+        listeners.insert(service, listener);
+    }
+    Ok(listeners)
+}
+
+/// Builds one gRPC service (user, chat, quota or analytics): the future that serves it until `stop`.
+async fn serve_grpc(
+    service: Service,
+    listener: TcpListener,
+    config: &Arc<Config>,
+    shared: &Shared,
+    stop: CancellationToken,
+) -> anyhow::Result<Serving> {
+    let config = config.clone();
+    Ok(match service {
+        Service::User => {
+            let user = parley_user::build(config, shared.pool()?).await.context("failed to start the user service")?;
+            Box::pin(parley_user::serve(user, listener, stop))
+        }
+        Service::Chat => {
+            let marks = WriteMarks::new(shared.database()?, shared.redis.clone(), &config.redis.key_prefix);
+            Box::pin(parley_chat::serve(config, marks, shared.nats()?, listener, stop))
+        }
+        Service::Quota => {
+            let redis = shared.redis.clone().ok_or_else(|| missing("redis"))?;
+            Box::pin(parley_quota::serve(config, shared.pool()?, redis, listener, stop))
+        }
+        Service::Analytics => {
+            Box::pin(parley_analytics::serve(config, shared.database()?, shared.nats()?, listener, stop))
+        }
+        Service::Gateway | Service::Agent => unreachable!("{} is not started as a plain gRPC service", service.name()),
+    })
+}
+
+/// Starts the REST gateway on `listener` (else on `http.addr`); the address it serves.
+async fn start_gateway(
+    config: &Arc<Config>,
+    listener: Option<TcpListener>,
+    shared: &Shared,
+    readiness: &Readiness,
+    tasks: &mut Tasks,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = match listener {
+        Some(listener) => listener,
+        None => TcpListener::bind(&config.http.addr)
+            .await
+            .with_context(|| format!("failed to bind PARLEY_HTTP_ADDR {}", config.http.addr))?,
+    };
+    let addr = listener.local_addr()?;
+    let channels = &shared.channels;
+    let backends = parley_gateway::Backends {
+        user: UserServiceClient::new(with_context(channels.user.clone())),
+        chat: ChatServiceClient::new(with_context(channels.chat.clone())),
+        quota: QuotaServiceClient::new(with_context(channels.quota.clone())),
+        analytics: AnalyticsServiceClient::new(with_context(channels.analytics.clone())),
+        agent: AgentServiceClient::new(with_context(channels.agent.clone())),
+    };
+    let state = parley_gateway::AppState::new(config.clone(), backends, shared.nats()?, readiness.clone());
+    let stop = shutdown.child_token();
+    tasks.spawn(async move { (Task::Service(Service::Gateway), parley_gateway::serve(state, listener, stop).await) });
+    Ok(addr)
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` on `http.admin_addr` (services without HTTP of their own).
+async fn start_admin_server(
+    config: &Config,
+    readiness: &Readiness,
+    tasks: &mut Tasks,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(&config.http.admin_addr)
+        .await
+        .with_context(|| format!("failed to bind PARLEY_ADMIN_ADDR {}", config.http.admin_addr))?;
+    let addr = listener.local_addr()?;
+    let router = health::admin_router(readiness.clone());
+    let stop = shutdown.child_token();
+    tasks.spawn(async move {
+        let result = axum::serve(parley_platform::net::without_nagle(listener), router)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        (Task::AdminServer, result.map_err(Into::into))
+    });
+    Ok(addr)
+}
+
+fn task_error(joined: Result<(Task, anyhow::Result<()>), tokio::task::JoinError>) -> Option<anyhow::Error> {
     match joined {
         Ok((_, Ok(()))) => None,
-        Ok((service, Err(error))) => Some(error.context(format!("the {} service failed", service.name()))),
-        Err(error) => Some(anyhow::Error::from(error).context("a service task panicked")),
+        Ok((task, Err(error))) => Some(error.context(format!("{task} failed"))),
+        Err(error) => Some(anyhow::Error::from(error).context("a task of the platform panicked")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_task_is_named_for_what_it_is() {
+        let failed = |task| task_error(Ok((task, Err(anyhow::anyhow!("boom"))))).map(|error| error.to_string());
+        assert_eq!(failed(Task::FakeLlm).as_deref(), Some("the fake LLM failed"));
+        assert_eq!(failed(Task::DatabaseMonitor).as_deref(), Some("the database monitor failed"));
+        assert_eq!(failed(Task::AdminServer).as_deref(), Some("the admin server failed"));
+        assert_eq!(failed(Task::Service(Service::Gateway)).as_deref(), Some("the api-gateway service failed"));
+        assert!(task_error(Ok((Task::Service(Service::Chat), Ok(())))).is_none());
     }
 }
