@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use parley_platform::ServiceError;
 use parley_platform::events::{AiJob, MessageEvent, StoredReply, UsageEvent};
+use parley_platform::message_status::MessageStatus;
 use parley_platform::telemetry::{self, NatsHeaderCarrier};
 use parley_proto::chat::v1 as chat_pb;
 use parley_proto::quota::v1 as quota_pb;
@@ -20,7 +21,7 @@ use crate::worker::Agent;
 fn stored_reply(message: &chat_pb::Message) -> Option<StoredReply> {
     let nanos =
         |at| parley_platform::timestamps::from_proto(at).and_then(|at| i64::try_from(at.unix_timestamp_nanos()).ok());
-    if message.status != "completed" {
+    if MessageStatus::parse(&message.status) != Some(MessageStatus::Completed) {
         return None;
     }
     let usage = message.usage.unwrap_or_default();

@@ -9,6 +9,7 @@ use futures::StreamExt;
 use parley_platform::backoff::Backoff;
 use parley_platform::events::AiJob;
 use parley_platform::grpc::ClientChannel;
+use parley_platform::message_status::MessageStatus;
 use parley_platform::nats::Names;
 use parley_platform::telemetry::{self, NatsHeaderReader};
 use parley_platform::{Config, ErrorCode, ServiceError};
@@ -214,9 +215,9 @@ impl Agent {
                 return retry;
             }
         };
-        let status = context.assistant_message.as_ref().map(|m| m.status.as_str()).unwrap_or_default();
+        let status = context.assistant_message.as_ref().and_then(|message| MessageStatus::parse(&message.status));
         match status {
-            "completed" => {
+            Some(MessageStatus::Completed) => {
                 tracing::info!("reply already stored (redelivered job); finishing its accounting");
                 let message = context.assistant_message.unwrap_or_default();
                 let usage = message.usage.unwrap_or_default();
@@ -230,8 +231,8 @@ impl Agent {
                     Answer { completion, provider: "unknown".to_owned(), cache_hit: false, elapsed: Duration::ZERO };
                 return self.account(job, &context.model, &answer).await.map_or(retry, |()| Outcome::Done);
             }
-            "failed" => return Outcome::Done,
-            _ => {}
+            Some(MessageStatus::Failed) => return Outcome::Done,
+            Some(MessageStatus::Pending | MessageStatus::Streaming) | None => {}
         }
         let Some(model) = self.config.models.get(&context.model) else {
             let detail = format!("model {:?} is not configured", context.model);

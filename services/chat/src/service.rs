@@ -149,7 +149,7 @@ fn message_to_proto(row: MessageRow) -> pb::Message {
         conversation_id: row.conversation_id.to_string(),
         role: row.role,
         content: row.content,
-        status: row.status,
+        status: row.status.as_str().to_owned(),
         model: row.model,
         usage,
         created_at: Some(timestamps::to_proto(row.created_at)),

@@ -1,6 +1,7 @@
 //! Reads and writes of the `chat` schema.
 
 use parley_platform::events::{AiJob, CacheDirective};
+use parley_platform::message_status::MessageStatus;
 use parley_platform::replicas::{ReadFloor, WriteMarks};
 use sqlx::{PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
@@ -27,7 +28,8 @@ pub struct MessageRow {
     pub user_id: Uuid,
     pub role: String,
     pub content: String,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: MessageStatus,
     pub model: Option<String>,
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,

@@ -14,6 +14,7 @@ pub mod events;
 pub mod grpc;
 pub mod health;
 pub mod json_log;
+pub mod message_status;
 pub mod metrics;
 pub mod nats;
 pub mod net;

@@ -90,10 +90,10 @@ async fn a_send_stores_the_question_the_pending_reply_and_its_job_in_one_go() {
 
     for (sent, content, model) in [(&first, "one", "model-a"), (&second, "two", "model-b")] {
         assert_eq!((sent.user_message.role.as_str(), sent.user_message.content.as_str()), ("user", content));
-        assert_eq!(sent.user_message.status, "completed");
+        assert_eq!(sent.user_message.status, MessageStatus::Completed);
         assert_eq!(
-            (sent.assistant_message.role.as_str(), sent.assistant_message.status.as_str()),
-            ("assistant", "pending")
+            (sent.assistant_message.role.as_str(), sent.assistant_message.status),
+            ("assistant", MessageStatus::Pending)
         );
         assert_eq!(sent.assistant_message.model.as_deref(), Some(model));
         assert!(sent.assistant_message.created_at > sent.user_message.created_at);
@@ -147,18 +147,18 @@ async fn a_reply_is_completed_once_and_its_job_context_reads_in_one_join() {
     let reply = sent.assistant_message.id;
 
     let (message, context) = db.storage.job_context(reply).await.unwrap().unwrap();
-    assert_eq!((message.id, message.status.as_str()), (reply, "pending"));
+    assert_eq!((message.id, message.status), (reply, MessageStatus::Pending));
     assert_eq!((context.model.as_str(), context.system_prompt.as_deref()), ("model-a", Some("be brief")));
     assert!(context.summary.is_none());
     assert!(db.storage.job_context(Uuid::now_v7()).await.unwrap().is_none());
 
     let (done, changed) = db.storage.complete_message(reply, "answer", "model-a", 5, 7).await.unwrap().unwrap();
     assert!(changed);
-    assert_eq!((done.status.as_str(), done.content.as_str(), done.output_tokens), ("completed", "answer", Some(7)));
+    assert_eq!((done.status, done.content.as_str(), done.output_tokens), (MessageStatus::Completed, "answer", Some(7)));
     let (again, changed) = db.storage.complete_message(reply, "other", "model-a", 1, 1).await.unwrap().unwrap();
     assert!(!changed);
     assert_eq!(again.content, "answer");
     let (failed, changed) = db.storage.fail_message(reply, "x", "y", None).await.unwrap().unwrap();
-    assert!(!changed && failed.status == "completed");
+    assert!(!changed && failed.status == MessageStatus::Completed);
     assert!(db.storage.complete_message(Uuid::now_v7(), "a", "m", 1, 1).await.unwrap().is_none());
 }

@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use parley_platform::events::MessageEvent;
+use parley_platform::message_status::is_finished;
 use parley_platform::{ErrorCode, ServiceError};
 use parley_proto::chat::v1 as pb;
 use parley_proto::quota::v1 as quota_pb;
@@ -30,10 +31,6 @@ use crate::views::{ExchangeView, MessageView, Page, SendMessageBody};
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// How often a waiting send re-reads the stored reply in case its completion event was lost.
 const SAFETY_POLL: Duration = Duration::from_secs(2);
-
-fn is_finished(message: &pb::Message) -> bool {
-    matches!(message.status.as_str(), "completed" | "failed")
-}
 
 /// Holds the estimated tokens of a request against the caller's budgets: the reservation id, or 429
 /// `quota_exceeded` with `Retry-After` until the window that refused it resets.
@@ -159,7 +156,7 @@ pub async fn send(
     }
     let wait = Duration::from_secs(state.config.http.message_wait_secs);
     let (assistant, waited) = wait_for_reply(&state, caller.user_id, assistant, wait).await;
-    let status = if is_finished(&assistant) { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let status = if is_finished(&assistant.status) { StatusCode::OK } else { StatusCode::ACCEPTED };
     let exchange = ExchangeView {
         user_message: sent.user_message.map(MessageView::from),
         assistant_message: Some(MessageView::from(assistant)),
@@ -179,7 +176,7 @@ pub async fn wait_for_reply(
     wait: Duration,
 ) -> (pb::Message, Duration) {
     let started = Instant::now();
-    if is_finished(&message) {
+    if is_finished(&message.status) {
         return (message, Duration::ZERO);
     }
     let Ok(message_id) = Uuid::parse_str(&message.id) else {
@@ -211,7 +208,7 @@ pub async fn wait_for_reply(
                 }
             }
         }
-        if is_finished(&latest) || tokio::time::Instant::now() >= deadline {
+        if is_finished(&latest.status) || tokio::time::Instant::now() >= deadline {
             return (latest, started.elapsed());
         }
         let next_poll = (tokio::time::Instant::now() + SAFETY_POLL).min(deadline);

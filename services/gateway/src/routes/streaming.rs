@@ -25,6 +25,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use parley_platform::events::{MessageEvent, StoredReply};
+use parley_platform::message_status::{self, MessageStatus};
 use parley_proto::chat::v1 as pb;
 use serde_json::json;
 use uuid::Uuid;
@@ -147,7 +148,7 @@ impl ReplyFeed {
     /// reply hub when it holds every event from there, else from the recorded events.
     pub async fn open(state: AppState, user_id: Uuid, assistant: &pb::Message, after: u64) -> Option<Self> {
         let message_id = Uuid::parse_str(&assistant.id).ok()?;
-        let finished = matches!(assistant.status.as_str(), "completed" | "failed");
+        let finished = message_status::is_finished(&assistant.status);
         let watch = state.replies.watch(message_id, after, created_at(assistant));
         let from_hub = watch.is_some();
         let source = match watch {
@@ -245,7 +246,7 @@ pub fn stored_message(message_id: Uuid, reply: &StoredReply) -> pb::Message {
         conversation_id: reply.conversation_id.to_string(),
         role: "assistant".to_owned(),
         content: reply.content.clone(),
-        status: "completed".to_owned(),
+        status: MessageStatus::Completed.as_str().to_owned(),
         model: reply.model.clone(),
         usage: Some(pb::Usage { input_tokens: reply.input_tokens, output_tokens: reply.output_tokens }),
         created_at: at(reply.created_at_ns),
@@ -261,7 +262,7 @@ async fn finished_reply(state: &AppState, user_id: Uuid, message_id: Uuid) -> Op
     match state.backends.chat.clone().get_message(request).await {
         Ok(message) => {
             let message = message.into_inner();
-            matches!(message.status.as_str(), "completed" | "failed").then_some(message)
+            message_status::is_finished(&message.status).then_some(message)
         }
         Err(status) => {
             tracing::warn!(code = ?status.code(), "could not read the reply being streamed");
@@ -283,7 +284,7 @@ fn event_parts(feed: &ReplyFeed, item: ReplyItem) -> (&'static str, u64, serde_j
         ReplyItem::Delta { index, text } => {
             ("message.delta", id, json!({"message_id": feed.message_id(), "index": index, "text": text}))
         }
-        ReplyItem::Finished(message) if message.status == "completed" => {
+        ReplyItem::Finished(message) if MessageStatus::parse(&message.status) == Some(MessageStatus::Completed) => {
             let view = serde_json::to_value(MessageView::from(*message)).unwrap_or_default();
             ("message.completed", id + 1, view)
         }
