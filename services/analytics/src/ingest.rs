@@ -212,9 +212,11 @@ impl Ingester {
             return Ok(0);
         }
         // Only what was stored now counts: a redelivered event is already in the rollups.
-        let stored: HashSet<Uuid> = stored.into_iter().map(|(id,)| id).collect();
+        let mut new: HashSet<Uuid> = stored.into_iter().map(|(id,)| id).collect();
+        let stored = new.len();
         let mut rollups = Rollups::default();
-        for (event, at, cost) in priced.iter().filter(|(event, _, _)| stored.contains(&event.event_id)) {
+        // Taken out of the set as it is counted: an event delivered twice in one batch counts once.
+        for (event, at, cost) in priced.iter().filter(|(event, _, _)| new.remove(&event.event_id)) {
             rollups.add(event, at.date(), *cost);
         }
         rollups.write(&mut tx).await?;
@@ -229,7 +231,7 @@ impl Ingester {
             metrics::counter!(crate::metrics::COST_ALERTS, "scope" => scope).increment(1);
             self.wake_alerts.notify_one();
         }
-        Ok(stored.len())
+        Ok(stored)
     }
 
     /// Records the daily spend thresholds that the batch's priced calls crossed, once each: the scope
@@ -472,5 +474,58 @@ mod tests {
         assert_eq!(cost_micros(&config, "parley-fake", 1_000_000, 0), 500_000);
         assert_eq!(cost_micros(&config, "parley-fake", 1000, 2000), 500 + 3000);
         assert_eq!(cost_micros(&config, "unknown-model", 1000, 2000), 0);
+    }
+
+    fn event(user_id: Uuid, model: &str, output_tokens: i64, cache_hit: bool) -> UsageEvent {
+        UsageEvent {
+            event_id: Uuid::now_v7(),
+            user_id,
+            conversation_id: Uuid::now_v7(),
+            message_id: Uuid::now_v7(),
+            model: model.to_owned(),
+            provider: "fake".to_owned(),
+            input_tokens: 1_000,
+            output_tokens,
+            latency_ms: 5,
+            time_to_first_token_ms: None,
+            cache_hit,
+            outcome: "completed".to_owned(),
+            occurred_at_ms: OffsetDateTime::now_utc().unix_timestamp() * 1000,
+        }
+    }
+
+    /// A batch with a repeated event, two models and a cache hit: each new event counts once in the
+    /// rollups, priced ones in the spend, and the same batch delivered again adds nothing.
+    #[tokio::test]
+    async fn a_batch_counts_each_new_event_once_in_events_rollups_and_spend() {
+        let database = parley_platform::test_database::TestDatabase::create("parley_analytics_ingest").await.unwrap();
+        let pool = PgPool::connect(database.url()).await.unwrap();
+        crate::migrate(&pool).await.unwrap();
+        let config = Arc::new(Config::default());
+        let nats = parley_platform::nats::connect(&config.nats, "analytics-test").await.unwrap();
+        let ingester = Ingester::new(config.clone(), pool.clone(), jetstream::new(nats));
+
+        let user = Uuid::now_v7();
+        let first = event(user, "parley-fake", 2_000, false);
+        let batch =
+            [first.clone(), first.clone(), event(user, "parley-fake", 500, true), event(user, "other", 10, false)];
+        let events: Vec<&UsageEvent> = batch.iter().collect();
+        assert_eq!(ingester.store(&events).await.unwrap(), 3);
+        assert_eq!(ingester.store(&events).await.unwrap(), 0, "a redelivered batch is already stored");
+
+        let rollups: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT model, requests, output_tokens, cost_micros, cache_hits FROM analytics.usage_daily
+             WHERE user_id = $1 ORDER BY model",
+        )
+        .bind(user)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let priced = cost_micros(&config, "parley-fake", 1_000, 2_000);
+        assert_eq!(rollups, [("other".to_owned(), 1, 10, 0, 0), ("parley-fake".to_owned(), 2, 2_500, priced, 1)]);
+        let (spent,): (i64,) =
+            sqlx::query_as("SELECT cost_micros FROM analytics.spend_daily").fetch_one(&pool).await.unwrap();
+        assert_eq!(spent, priced);
+        pool.close().await;
     }
 }

@@ -24,6 +24,8 @@ pub mod replicas;
 pub mod shutdown;
 pub mod sse;
 pub mod telemetry;
+#[cfg(feature = "test-support")]
+pub mod test_database;
 pub mod timestamps;
 pub mod tokens;
 

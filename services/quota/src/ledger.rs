@@ -89,3 +89,60 @@ async fn insert(pool: &PgPool, charges: &[&Charge]) -> Result<HashSet<String>, s
     .await?;
     Ok(inserted.into_iter().map(|(reference_id,)| reference_id).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use parley_platform::test_database::TestDatabase;
+
+    use super::*;
+
+    async fn ledger() -> (Ledger, PgPool, TestDatabase) {
+        let database = TestDatabase::create("parley_quota_ledger").await.unwrap();
+        let pool = PgPool::connect(database.url()).await.unwrap();
+        crate::migrate(&pool).await.unwrap();
+        (Ledger::start(pool.clone()), pool, database)
+    }
+
+    fn charge(reference_id: &str, user_id: Uuid, tokens: i64) -> Charge {
+        let day = Date::from_calendar_date(2026, time::Month::November, 28).unwrap();
+        Charge { reference_id: reference_id.to_owned(), user_id, day, tokens }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_charges_are_each_recorded_once_whatever_group_they_land_in() {
+        let (ledger, pool, _database) = ledger().await;
+        let user = Uuid::now_v7();
+        // 200 charges at once over 50 references: every reference four times.
+        let mut tasks = tokio::task::JoinSet::new();
+        for attempt in 0..200 {
+            let (ledger, reference) = (ledger.clone(), format!("reservation-{}", attempt % 50));
+            tasks.spawn(async move { (reference.clone(), ledger.record(charge(&reference, user, 10)).await.unwrap()) });
+        }
+        let mut recorded = HashSet::new();
+        while let Some(joined) = tasks.join_next().await {
+            let (reference, first) = joined.unwrap();
+            if first {
+                assert!(recorded.insert(reference.clone()), "{reference} was recorded twice");
+            }
+        }
+        assert_eq!(recorded.len(), 50);
+        let (rows, tokens): (i64, i64) =
+            sqlx::query_as("SELECT count(*), COALESCE(sum(tokens), 0)::bigint FROM quota.ledger WHERE user_id = $1")
+                .bind(user)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!((rows, tokens), (50, 500));
+        // A charge already in the ledger, in a later write, is not recorded again.
+        assert!(!ledger.record(charge("reservation-7", user, 10)).await.unwrap());
+        assert!(ledger.record(charge("reservation-50", user, 10)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_fails_every_charge_in_it() {
+        let (ledger, pool, _database) = ledger().await;
+        sqlx::query("DROP TABLE quota.ledger").execute(&pool).await.unwrap();
+        let error = ledger.record(charge("reservation-1", Uuid::now_v7(), 10)).await.unwrap_err();
+        assert_eq!(error.code, parley_platform::ErrorCode::Internal);
+    }
+}

@@ -1,32 +1,29 @@
 //! The chat schema's SQL against a real PostgreSQL, one fresh database per test (dropped afterwards,
-//! also when the test fails). `PARLEY_TEST_POSTGRES` names the server (default: the local one).
+//! also when the test fails).
 
 use std::sync::Arc;
 
 use parley_platform::config::DatabaseConfig;
 use parley_platform::events::AiJob;
 use parley_platform::replicas::{Database, WriteMarks};
-use sqlx::Connection;
+use parley_platform::test_database::TestDatabase;
 
 use super::*;
 
-struct TestDatabase {
-    server: String,
-    name: String,
+/// A fresh database with the chat schema, and the storage on it.
+struct Fixture {
     storage: Storage,
+    _database: TestDatabase,
 }
 
-impl TestDatabase {
+impl Fixture {
     async fn create() -> Self {
-        let server =
-            std::env::var("PARLEY_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
-        let name = format!("parley_chat_storage_{}", Uuid::now_v7().simple());
-        let url = format!("{server}/{name}");
-        parley_platform::db::ensure_database(&url).await.unwrap();
-        let database = Database::connect_lazy(&DatabaseConfig { url, ..DatabaseConfig::default() }).unwrap();
-        crate::migrate(database.primary()).await.unwrap();
-        let storage = Storage::new(WriteMarks::new(Arc::new(database), None, "test"));
-        Self { server, name, storage }
+        let database = TestDatabase::create("parley_chat_storage").await.unwrap();
+        let config = DatabaseConfig { url: database.url().to_owned(), ..DatabaseConfig::default() };
+        let pools = Database::connect_lazy(&config).unwrap();
+        crate::migrate(pools.primary()).await.unwrap();
+        let storage = Storage::new(WriteMarks::new(Arc::new(pools), None, "test"));
+        Self { storage, _database: database }
     }
 
     fn pool(&self) -> &PgPool {
@@ -46,24 +43,6 @@ impl TestDatabase {
     }
 }
 
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let (server, name) = (self.server.clone(), self.name.clone());
-        // A runtime of its own: the test's may be gone or unwinding.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async {
-                let mut connection = sqlx::PgConnection::connect(&format!("{server}/postgres")).await.ok()?;
-                sqlx::query(sql(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                    .execute(&mut connection)
-                    .await
-                    .ok()
-            })
-        });
-        let _best_effort = dropped.join();
-    }
-}
-
 fn exchange<'a>(user_id: Uuid, conversation_id: Uuid, content: &'a str) -> NewExchange<'a> {
     NewExchange {
         user_id,
@@ -80,7 +59,7 @@ fn exchange<'a>(user_id: Uuid, conversation_id: Uuid, content: &'a str) -> NewEx
 
 #[tokio::test]
 async fn a_send_stores_the_question_the_pending_reply_and_its_job_in_one_go() {
-    let db = TestDatabase::create().await;
+    let db = Fixture::create().await;
     let user = Uuid::now_v7();
     let conversation = db.storage.create_conversation(user, Some("t"), "model-a", None).await.unwrap();
 
@@ -114,7 +93,7 @@ async fn a_send_stores_the_question_the_pending_reply_and_its_job_in_one_go() {
 
 #[tokio::test]
 async fn a_send_into_someone_elses_or_no_conversation_stores_nothing() {
-    let db = TestDatabase::create().await;
+    let db = Fixture::create().await;
     let (owner, stranger) = (Uuid::now_v7(), Uuid::now_v7());
     let conversation = db.storage.create_conversation(owner, None, "model-a", None).await.unwrap();
     assert!(db.storage.send(exchange(stranger, conversation.id, "hi")).await.unwrap().is_none());
@@ -126,7 +105,7 @@ async fn a_send_into_someone_elses_or_no_conversation_stores_nothing() {
 
 #[tokio::test]
 async fn a_repeated_idempotency_key_returns_the_first_exchange_and_queues_nothing() {
-    let db = TestDatabase::create().await;
+    let db = Fixture::create().await;
     let user = Uuid::now_v7();
     let conversation = db.storage.create_conversation(user, None, "model-a", None).await.unwrap();
     let keyed = || NewExchange { idempotency_key: Some("retry-1"), ..exchange(user, conversation.id, "once") };
@@ -140,7 +119,7 @@ async fn a_repeated_idempotency_key_returns_the_first_exchange_and_queues_nothin
 
 #[tokio::test]
 async fn a_reply_is_completed_once_and_its_job_context_reads_in_one_join() {
-    let db = TestDatabase::create().await;
+    let db = Fixture::create().await;
     let user = Uuid::now_v7();
     let conversation = db.storage.create_conversation(user, None, "model-a", Some("be brief")).await.unwrap();
     let sent = db.storage.send(exchange(user, conversation.id, "question")).await.unwrap().unwrap();
