@@ -437,3 +437,6 @@ impl Storage {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
