@@ -1,5 +1,5 @@
 //! A fresh PostgreSQL database for one test, dropped when the guard is, also when the test panics.
-//! `PARLEY_TEST_POSTGRES` names the server (default: the local one, trust authentication).
+//! `PARLEY_TEST_DATABASE_URL` names the server (default: the local one, trust authentication).
 
 use sqlx::Connection;
 
@@ -12,8 +12,8 @@ pub struct TestDatabase {
 impl TestDatabase {
     /// Creates `<prefix>_<unique id>`.
     pub async fn create(prefix: &str) -> Result<Self, sqlx::Error> {
-        let server =
-            std::env::var("PARLEY_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+        let server = std::env::var("PARLEY_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
         let name = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
         let url = format!("{server}/{name}");
         crate::db::ensure_database(&url).await?;

@@ -6,15 +6,12 @@ use std::time::Duration;
 use parley::{GrpcBind, LaunchOptions, Platform, Service};
 use parley_platform::Config;
 use parley_platform::config::TelemetryConfig;
+use parley_platform::test_database::TestDatabase;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 pub const ALL_BUT_AGENT: &[Service] =
     &[Service::User, Service::Chat, Service::Quota, Service::Analytics, Service::Gateway];
-
-fn server_url() -> String {
-    std::env::var("PARLEY_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
-}
 
 pub struct TestPlatform {
     pub base: String,
@@ -22,7 +19,8 @@ pub struct TestPlatform {
     pub config: Config,
     pub fake: parley_fake_llm::FakeLlm,
     platforms: Vec<Platform>,
-    database: String,
+    /// Dropped with the platform, also when a test panics.
+    _database: TestDatabase,
 }
 
 pub struct Session {
@@ -45,9 +43,9 @@ impl TestPlatform {
         );
         let id = uuid::Uuid::now_v7().simple().to_string();
         let tag = &id[id.len() - 12..];
-        let database = format!("parley_test_{tag}");
+        let database = TestDatabase::create("parley_test").await.unwrap();
         let mut config = Config::default();
-        config.database.url = format!("{}/{database}", server_url());
+        config.database.url = database.url().to_owned();
         config.nats.prefix = format!("t{tag}");
         config.redis.key_prefix = format!("t{tag}");
         config.http.message_wait_secs = 15;
@@ -74,8 +72,14 @@ impl TestPlatform {
         let platform = Platform::launch(config, options).await.unwrap();
         let fake = platform.fake_llm.as_ref().unwrap().0.clone();
         let config = (*platform.config).clone();
-        let test =
-            TestPlatform { base, http: reqwest::Client::new(), config, fake, platforms: vec![platform], database };
+        let test = TestPlatform {
+            base,
+            http: reqwest::Client::new(),
+            config,
+            fake,
+            platforms: vec![platform],
+            _database: database,
+        };
         if services.contains(&Service::User) {
             test.wait_until_ready().await;
         } else {
@@ -198,9 +202,7 @@ impl TestPlatform {
                 let _ = jetstream.delete_stream(stream).await;
             }
         }
-        let admin = sqlx::PgPool::connect(&format!("{}/postgres", server_url())).await.unwrap();
-        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database);
-        sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&admin).await.unwrap();
+        // The database goes with `self.database`.
     }
 }
 
