@@ -61,7 +61,8 @@ pub fn build_providers(config: &Config) -> Result<BTreeMap<String, ProviderHandl
     let mut providers = BTreeMap::new();
     for (name, provider_config) in &config.providers {
         let variables = provider_config.key_variables();
-        let keys: Vec<String> = variables.iter().filter_map(|variable| std::env::var(variable).ok()).collect();
+        let keys: Vec<String> =
+            variables.iter().filter_map(|variable| config.provider_keys.get(variable).map(str::to_owned)).collect();
         if !variables.is_empty() && keys.is_empty() {
             tracing::error!(provider = %name, ?variables, "provider left out: none of its API key variables is set");
             continue;

@@ -57,6 +57,30 @@ pub struct Config {
     pub models: BTreeMap<String, ModelConfig>,
     pub providers: BTreeMap<String, ProviderConfig>,
     pub tiers: BTreeMap<String, TierConfig>,
+    /// The providers' API keys by variable name, read from the environment by [`Config::load`] (never
+    /// from a file): the agent takes its keys from here, not from the process environment.
+    #[serde(skip)]
+    pub provider_keys: ProviderKeys,
+}
+
+/// API keys by the name of the variable that holds them. Its `Debug` shows the names only.
+#[derive(Clone, Default)]
+pub struct ProviderKeys(BTreeMap<String, String>);
+
+impl ProviderKeys {
+    pub fn insert(&mut self, variable: impl Into<String>, key: impl Into<String>) {
+        self.0.insert(variable.into(), key.into());
+    }
+
+    pub fn get(&self, variable: &str) -> Option<&str> {
+        self.0.get(variable).map(String::as_str)
+    }
+}
+
+impl std::fmt::Debug for ProviderKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -565,6 +589,7 @@ impl Default for Config {
             models,
             providers,
             tiers,
+            provider_keys: ProviderKeys::default(),
         }
     }
 }
@@ -594,7 +619,22 @@ impl Config {
         };
         config.apply_env(lookup)?;
         config.validate()?;
+        config.read_provider_keys(lookup);
         Ok(config)
+    }
+
+    /// Reads the API key of every variable a provider names, where it is set.
+    pub fn read_provider_keys(&mut self, lookup: impl Fn(&str) -> Option<String>) {
+        let variables: Vec<String> = self
+            .providers
+            .values()
+            .flat_map(|provider| provider.key_variables().into_iter().map(str::to_owned))
+            .collect();
+        for variable in variables {
+            if let Some(key) = lookup(&variable).filter(|key| !key.is_empty()) {
+                self.provider_keys.insert(variable, key);
+            }
+        }
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -934,6 +974,26 @@ mod tests {
         let config = Config::from_toml(include_str!("../../../config/parley.example.toml")).unwrap();
         config.validate().unwrap();
         assert_eq!(config.models["gpt-4o-mini"].chain.len(), 2);
+    }
+
+    #[test]
+    fn provider_keys_are_read_for_the_variables_providers_name_and_never_printed() {
+        let mut config = Config::from_toml(
+            "[providers.openai]\nkind = \"openai\"\nbase_url = \"https://api.openai.com/v1\"\n\
+             api_key_envs = [\"KEY_A\", \"KEY_B\", \"KEY_UNSET\"]\n",
+        )
+        .unwrap();
+        let environment = [("KEY_A", "secret-a"), ("KEY_B", "secret-b"), ("OTHER", "not a key")];
+        config.read_provider_keys(|name| {
+            environment.iter().find(|(variable, _)| *variable == name).map(|(_, value)| (*value).to_owned())
+        });
+        assert_eq!(
+            (config.provider_keys.get("KEY_A"), config.provider_keys.get("KEY_B")),
+            (Some("secret-a"), Some("secret-b"))
+        );
+        assert_eq!((config.provider_keys.get("KEY_UNSET"), config.provider_keys.get("OTHER")), (None, None));
+        let printed = format!("{config:?}");
+        assert!(printed.contains("KEY_A") && !printed.contains("secret-a"), "{printed}");
     }
 
     #[test]

@@ -157,21 +157,17 @@ async fn the_breaker_opens_after_failures_and_half_opens_after_its_cool_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(unsafe_code)]
 async fn a_rejected_key_gives_way_to_the_next_and_a_failing_key_is_benched() {
-    let tag = uuid::Uuid::now_v7().simple().to_string();
-    let (bad_var, good_var) = (format!("PARLEY_TEST_BAD_KEY_{tag}"), format!("PARLEY_TEST_GOOD_KEY_{tag}"));
-    // SAFETY: the variables' names are unique to this test, and they are set before any thread reads them.
-    unsafe {
-        std::env::set_var(&bad_var, "revoked-key");
-        std::env::set_var(&good_var, "good-key");
-    }
+    let (bad_var, good_var) = ("PARLEY_TEST_BAD_KEY", "PARLEY_TEST_GOOD_KEY");
     let (keyed, keyed_url) =
         spawn_fake(Knobs { required_api_key: Some("good-key".to_owned()), ..Knobs::default() }).await;
     let t = TestPlatform::start_with(
         |config| {
-            add_provider(config, "keyed", ProviderKind::Openai, &keyed_url, &[bad_var.as_str(), good_var.as_str()]);
+            add_provider(config, "keyed", ProviderKind::Openai, &keyed_url, &[bad_var, good_var]);
             add_model(config, "keyed-model", &["keyed"]);
+            // Keys are passed in, as `Config::load` reads them from the environment.
+            config.provider_keys.insert(bad_var, "revoked-key");
+            config.provider_keys.insert(good_var, "good-key");
         },
         &Service::ALL,
     )
