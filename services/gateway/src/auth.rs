@@ -7,9 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::FromRequestParts;
 use axum::http::header;
-use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use parley_platform::access_token::AccessClaims;
 use parley_platform::grpc::ClientChannel;
@@ -154,34 +152,6 @@ impl Caller {
         };
         let mut caller = Caller { user_id, role: claims.role, tier: claims.tier };
         state.account_overrides.apply(&mut caller);
-        Ok(caller)
-    }
-}
-
-impl FromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let Some(token) = bearer_token(&parts.headers) else {
-            return Err(ApiError::unauthorized("missing bearer credentials"));
-        };
-        let caller = Caller::from_token(state, token).await?;
-        if let Some(slot) = parts.extensions.get::<crate::middleware::LimitSlot>() {
-            let tier =
-                state.config.tier(&caller.tier).or_else(|| state.config.tier(parley_platform::config::DEFAULT_TIER));
-            let limit = tier.map_or(1, |tier| tier.requests_per_minute);
-            let decision = state.limiter.check(&format!("user:{}", caller.user_id), limit).await;
-            slot.set(decision);
-            if !decision.allowed {
-                metrics::counter!(crate::metrics::RATELIMIT_REJECTIONS, "scope" => "user", "tier" => caller.tier.clone()).increment(1);
-                let error = parley_platform::ServiceError::new(
-                    parley_platform::ErrorCode::RateLimited,
-                    format!("more than {limit} requests a minute; retry after the time in Retry-After"),
-                )
-                .retry_after(decision.retry_after_secs.max(1));
-                return Err(ApiError(error));
-            }
-        }
         Ok(caller)
     }
 }

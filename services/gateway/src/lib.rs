@@ -10,6 +10,7 @@ mod limits;
 pub mod metrics;
 mod middleware;
 mod openapi;
+mod pipeline;
 mod problem;
 mod replies;
 mod routes;
@@ -113,8 +114,8 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.http.body_limit_bytes;
     routes::routes()
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::rate_limit))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::verify_signature))
+        // Identity, limits and signatures, in that order (`pipeline`); budgets are the handlers'.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), pipeline::admit))
         .route_layer(axum::middleware::from_fn(middleware::label_route))
         .fallback(routes::ops::not_found)
         .method_not_allowed_fallback(routes::ops::method_not_allowed)

@@ -92,3 +92,36 @@ async fn keys_that_require_signatures_refuse_unsigned_stale_wrong_and_replayed_r
     );
     t.stop().await;
 }
+
+/// The gateway's steps run in a fixed order: identity, limits, then signatures. A caller past their
+/// rate limit is told 429 with `Retry-After` before any signature is looked at, so retrying unsigned
+/// requests cannot be used to probe the signature check faster than the limit allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_applies_before_the_signature_check() {
+    let t = TestPlatform::start_with(
+        |config| {
+            for tier in config.tiers.values_mut() {
+                tier.requests_per_minute = 2;
+            }
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("ordered@example.com").await;
+    let (status, created) =
+        t.post(&session, "/v1/api-keys", json!({"name": "signed", "require_signature": true})).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["key"].as_str().unwrap().to_owned();
+
+    // The limit is the user's: creating the key used one of the two, the first unsigned request the
+    // other (refused for its missing signature, with the limit's headers), the next one is 429.
+    let response = t.http.get(t.url("/v1/me")).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(response.headers()["ratelimit-remaining"], "0");
+    let (status, body) = read(response).await;
+    assert_problem(status, &body, 401, "unauthorized");
+    let response = t.http.get(t.url("/v1/me")).bearer_auth(&key).send().await.unwrap();
+    assert!(response.headers().contains_key("retry-after"));
+    let (status, body) = read(response).await;
+    assert_problem(status, &body, 429, "rate_limited");
+    t.stop().await;
+}
