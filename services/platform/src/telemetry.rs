@@ -61,10 +61,8 @@ pub fn init(service_name: &str, config: &TelemetryConfig) -> anyhow::Result<Tele
     let mut exporting = false;
     let provider = TRACER_PROVIDER.get_or_init(|| {
         // OTEL_SERVICE_NAME, when set, names the service on exported spans (a Deployment's own name).
-        let name = std::env::var("OTEL_SERVICE_NAME").ok().filter(|name| !name.is_empty());
-        let resource = opentelemetry_sdk::Resource::builder()
-            .with_service_name(name.unwrap_or_else(|| service_name.to_owned()))
-            .build();
+        let name = config.service_name.clone().unwrap_or_else(|| service_name.to_owned());
+        let resource = opentelemetry_sdk::Resource::builder().with_service_name(name).build();
         let mut builder = SdkTracerProvider::builder().with_resource(resource);
         if let Some(endpoint) = &config.otlp_endpoint {
             match opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build() {

@@ -12,6 +12,8 @@ pub struct TestDatabase {
 impl TestDatabase {
     /// Creates `<prefix>_<unique id>`.
     pub async fn create(prefix: &str) -> Result<Self, sqlx::Error> {
+        // Tests have no configuration to take it from.
+        #[allow(clippy::disallowed_methods)]
         let server = std::env::var("PARLEY_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
         let name = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
