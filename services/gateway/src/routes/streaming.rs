@@ -390,14 +390,16 @@ pub async fn websocket(
     Path(id): Path<String>,
     query: Result<axum::extract::Query<SocketQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
+    caller: Result<Caller, ApiError>,
     upgrade: axum::extract::ws::WebSocketUpgrade,
 ) -> ApiResult<Response> {
     let axum::extract::Query(query) = query.map_err(super::query_rejection)?;
-    let bearer = crate::auth::bearer_token(&headers).map(str::to_owned);
-    let Some(token) = bearer.or(query.access_token) else {
-        return Err(ApiError::unauthorized("missing bearer credentials"));
+    // A bearer header was checked by the request pipeline; browsers cannot set headers on a WebSocket,
+    // so without one the token may come in the query string.
+    let caller = match (crate::auth::bearer_token(&headers), query.access_token) {
+        (None, Some(token)) => Caller::from_token(&state, token.trim()).await?,
+        _ => caller?,
     };
-    let caller = Caller::from_token(&state, token.trim()).await?;
     let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: id };
     let message = state.backends.chat.clone().get_message(request).await?.into_inner();
     if message.role != "assistant" {
