@@ -172,9 +172,10 @@ impl Agent {
         async {
             let work = self.run_job(&job, delivered);
             tokio::pin!(work);
-            let mut keepalive =
-                tokio::time::interval(Duration::from_secs(self.config.nats.job_ack_wait_secs).div_f64(3.0));
-            keepalive.tick().await;
+            // The first progress ack is one period away. (Not `interval()` and a first `tick().await`:
+            // a timer due now still waits for the timer wheel's next millisecond, on every job.)
+            let every = Duration::from_secs(self.config.nats.job_ack_wait_secs).div_f64(3.0);
+            let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             let outcome = loop {
                 tokio::select! {
                     outcome = &mut work => break Some(outcome),
