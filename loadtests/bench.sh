@@ -50,6 +50,9 @@
 #   LABEL                    a name for this run in the report, e.g. "before"
 #   BENCH_RPM [6000000]      the bench tier's requests a minute
 #   KEEP_WORK                keep the work directory (logs, config, raw outputs) after a successful run
+#   GATEWAY_WRAP             split: a command the gateway runs under, e.g. "heaptrack -o /tmp/gateway"
+#                            with a PARLEY_BIN built `--no-default-features` (the system allocator, which
+#                            heaptrack sees); the memory reported is then the wrapper's, not the gateway's
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -124,6 +127,7 @@ cleanup() {
   local status=$?
   trap - EXIT INT TERM
   for pid in "${pids[@]}"; do
+    pkill -TERM -P "$pid" 2>/dev/null || true # a GATEWAY_WRAP wrapper's child
     kill -TERM "$pid" 2>/dev/null || true
   done
   for pid in "${pids[@]}"; do
@@ -342,7 +346,8 @@ else
     service_pid[$name]=$!
     wait_http "http://127.0.0.1:$((grpc_port + 50 + i))/readyz" "$!" 120 "parley serve $name"
   done
-  env "${split_env[@]}" PARLEY_HTTP_ADDR="127.0.0.1:$port" "${parley_pin[@]}" "$parley_bin" serve api-gateway \
+  read -ra gateway_wrap <<<"${GATEWAY_WRAP:-}"
+  env "${split_env[@]}" PARLEY_HTTP_ADDR="127.0.0.1:$port" "${parley_pin[@]}" "${gateway_wrap[@]}" "$parley_bin" serve api-gateway \
     >"$work/parley-api-gateway.log" 2>&1 &
   parley_pid=$!
   pids+=("$parley_pid")

@@ -13,6 +13,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let file_descriptors = protox::compile(PROTOS, ["."])?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(file_descriptors)?;
+    // Every client and server encodes with `crate::codec::Codec` (prost with smaller buffers).
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .codec_path("crate::codec::Codec")
+        .compile_fds(file_descriptors)?;
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! The gRPC contracts between Parley's services. Each package is versioned (`parley.<service>.v1`); a
 //! breaking change means a new version beside the old one, never an edit in place.
 //!
-//! This crate holds generated code only: no behaviour lives here.
+//! This crate holds generated code, and the codec it uses ([`codec`]): no behaviour lives here.
 
 #![allow(clippy::all)]
+
+pub mod codec;
 
 pub mod user {
     pub mod v1 {

@@ -121,8 +121,8 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(routes::ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::deadline))
-        // Event streams are not compressed: the default predicate leaves text/event-stream alone.
-        .layer(tower_http::compression::CompressionLayer::new().gzip(true).br(true))
+        // Event streams are neither compressed nor wrapped (see `middleware::compress`).
+        .layer(axum::middleware::from_fn(middleware::compress))
         .layer(cors(&state.config.http.cors_allowed_origins))
         .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::observe))
         .with_state(state)

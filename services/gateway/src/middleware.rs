@@ -1,4 +1,5 @@
-//! What wraps every request: request id, trace span, security headers, `Server-Timing` and metrics.
+//! What wraps every request: request id, trace span, security headers, `Server-Timing`, metrics and
+//! compression.
 
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,39 @@ pub async fn deadline(State(state): State<crate::AppState>, request: Request, ne
             .retry_after(1);
             crate::problem::ApiError(error).into_response()
         }
+    }
+}
+
+/// Compresses a response with gzip or brotli when the client accepts it and tower-http's default
+/// predicate agrees (not an event stream, not tiny, not an image). Decided once the handler has
+/// answered, so that an event stream, never compressed, is not wrapped either: a compression body
+/// holds its encoders' state inline (about 6 KB), which an open stream would keep for its whole life.
+pub async fn compress(request: Request, next: Next) -> Response {
+    use tower::{Layer, ServiceExt};
+    let accept_encoding = request.headers().get(header::ACCEPT_ENCODING).cloned();
+    let response = next.run(request).await;
+    let Some(accept_encoding) = accept_encoding else {
+        return response;
+    };
+    let is_event_stream = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("text/event-stream"));
+    if is_event_stream {
+        return response;
+    }
+    // tower-http's compression, over a service that answers with the response already made.
+    let mut answer = Some(response);
+    let answered = tower::service_fn(move |_: Request| {
+        std::future::ready(Ok::<_, std::convert::Infallible>(answer.take().unwrap_or_default()))
+    });
+    let mut probe = Request::new(axum::body::Body::empty());
+    probe.headers_mut().insert(header::ACCEPT_ENCODING, accept_encoding);
+    let compression = tower_http::compression::CompressionLayer::new().gzip(true).br(true).layer(answered);
+    match compression.oneshot(probe).await {
+        Ok(response) => response.map(axum::body::Body::new),
+        Err(never) => match never {},
     }
 }
 

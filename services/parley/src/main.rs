@@ -16,6 +16,7 @@ use parley_proto::user::v1::{SetRoleRequest, SetTierRequest};
 
 /// mimalloc rather than glibc's allocator: every request allocates many small, short-lived buffers on
 /// several threads (HTTP, gRPC, JSON), where glibc's malloc and free were a tenth of the CPU in profiles.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

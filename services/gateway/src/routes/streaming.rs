@@ -208,7 +208,9 @@ impl ReplyFeed {
                             "gap in the hub's events; reading the recorded ones"
                         );
                         self.from_hub = false;
-                        self.source = open_source(&self.state, self.message_id).await;
+                        // Boxed, as below: a rare step whose future would otherwise sit inline in every
+                        // open stream's state, for the stream's whole life.
+                        self.source = Box::pin(open_source(&self.state, self.message_id)).await;
                         continue;
                     }
                     self.after = index + 1;
@@ -226,7 +228,7 @@ impl ReplyFeed {
                 // The end was announced, or all was quiet for a while: is the stored reply finished?
                 Some(Some(Some(MessageEvent::Completed { .. } | MessageEvent::Failed { .. }))) | None => {}
             }
-            if let Some(message) = finished_reply(&self.state, self.user_id, self.message_id).await {
+            if let Some(message) = Box::pin(finished_reply(&self.state, self.user_id, self.message_id)).await {
                 self.done = true;
                 return Some(ReplyItem::Finished(Box::new(message)));
             }
@@ -413,8 +415,9 @@ pub async fn websocket(
 
 async fn relay_to_socket(mut socket: axum::extract::ws::WebSocket, mut feed: ReplyFeed) {
     use axum::extract::ws::Message;
-    let mut ping = tokio::time::interval(feed.heartbeat_interval());
-    ping.tick().await;
+    // The first ping is one period away (a first `tick().await` would wait for the timer wheel).
+    let every = feed.heartbeat_interval();
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         tokio::select! {
             item = feed.next() => {
