@@ -1,10 +1,11 @@
-//! What follows a reply: storing it in chat, announcing it, settling the tokens with quota and
-//! reporting usage (each idempotent by message id); and ending a message that cannot be answered.
+//! What follows a reply: storing it in chat, announcing it, and reporting its usage in one event that
+//! analytics stores and quota settles the tokens from (each idempotent by message id); and ending a
+//! message that cannot be answered.
 
 use std::time::Duration;
 
 use parley_platform::ServiceError;
-use parley_platform::events::{AiJob, MessageEvent, StoredReply, UsageEvent};
+use parley_platform::events::{AiJob, MessageEvent, Settlement, StoredReply, UsageEvent};
 use parley_platform::message_status::MessageStatus;
 use parley_platform::telemetry::{self, NatsHeaderCarrier};
 use parley_proto::chat::v1 as chat_pb;
@@ -97,8 +98,9 @@ impl Agent {
         self.publish_event(&subject, &MessageEvent::Completed { message_id: job.message_id, reply }).await;
     }
 
-    /// Settles the reservation with the tokens used and publishes the usage event, both idempotent by
-    /// the job's message id.
+    /// Publishes the usage event, idempotent by the job's message id. It carries the charge: the quota
+    /// service settles the job's reservation with these tokens when it reads the event (analytics reads
+    /// the same event), so a call is charged and reported together or not at all, with no call of its own.
     pub(crate) async fn charge_and_report(&self, job: &AiJob, model: &str, answer: &Answer) -> Result<(), AgentError> {
         // A cached reply cost no model tokens, so it costs the user none of their budget either.
         let tokens =
@@ -117,10 +119,9 @@ impl Agent {
             cache_hit: answer.cache_hit,
             outcome: "completed".to_owned(),
             occurred_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+            settlement: Some(Settlement { reservation_id: job.reservation_id, tokens }),
         };
-        // Independent and each idempotent: the charge and the report travel side by side.
-        tokio::try_join!(self.settle(job, tokens), self.publish_usage(&event))?;
-        Ok(())
+        self.publish_usage(&event).await
     }
 
     /// Raises the job's reservation to what this call can cost at most (the prompt as counted, plus the
@@ -157,8 +158,10 @@ impl Agent {
         }
     }
 
-    /// Charges `tokens` for the job: settling its reservation (which releases the rest of it), or, for a
-    /// job queued without one, a plain charge. Idempotent either way.
+    /// Charges `tokens` for the job at once, by a call to quota: settling its reservation (which
+    /// releases the rest of it), or, for a job queued without one, a plain charge. Idempotent either
+    /// way. Used to give a reservation back when nothing was delivered; a delivered reply's charge
+    /// travels on its usage event instead (`charge_and_report`).
     pub(crate) async fn settle(&self, job: &AiJob, tokens: i64) -> Result<(), AgentError> {
         match job.reservation_id {
             Some(reservation_id) => {

@@ -4,9 +4,9 @@
 //! generates it: no conversation is stored, no job is queued, no event goes through NATS on the way.
 //! The same provider chain, retries, breakers, key pools, routing and response cache answer it as a
 //! job. The gateway's budget reservation is raised to the real prompt before the provider is called
-//! (a refusal is `quota_exceeded` before anything streams), and once the reply is whole the tokens are
-//! settled and the usage event published (idempotent by the completion id) in a task the agent waits
-//! for at shutdown, so the caller does not wait for the accounting.
+//! (a refusal is `quota_exceeded` before anything streams), and once the reply is whole its usage event
+//! is published (idempotent by the completion id; quota settles the tokens from it) in a task the agent
+//! waits for at shutdown, so the caller does not wait for the accounting.
 
 use std::pin::Pin;
 use std::time::Duration;

@@ -9,7 +9,6 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use parley_platform::Config;
-use parley_platform::backoff::Backoff;
 use parley_platform::events::{CostAlert, UsageEvent};
 use parley_platform::nats::Names;
 use sqlx::PgPool;
@@ -54,49 +53,28 @@ impl Ingester {
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        while !shutdown.is_cancelled() {
-            match self.consume(&shutdown).await {
-                Ok(()) => break,
-                Err(error) => {
-                    tracing::warn!(%error, "usage ingestion interrupted; retrying");
-                    if !backoff.wait(&shutdown).await {
-                        break;
-                    }
-                }
-            }
-        }
-        tracing::debug!("usage ingester stopped");
+        parley_platform::nats::keep_consuming("usage ingestion", &shutdown, || self.consume(&shutdown)).await;
     }
 
     async fn consume(&self, shutdown: &CancellationToken) -> Result<(), async_nats::Error> {
-        let consumer = parley_platform::nats::ensure_analytics_consumer(&self.jetstream, &self.names).await?;
+        let consumer =
+            parley_platform::nats::ensure_usage_consumer(&self.jetstream, &self.names, self.names.analytics_consumer())
+                .await?;
         // Whatever the consumer has already delivered is stored together: one transaction per batch.
         let mut batches = consumer.messages().await?.ready_chunks(BATCH);
-        loop {
-            let batch = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                next = batches.next() => next.ok_or("usage consumer closed")?,
-            };
-            let mut received = Vec::with_capacity(batch.len());
-            let mut interrupted = None;
-            for message in batch {
-                match message {
-                    Ok(message) => {
-                        if let Some(event) = self.read(&message).await? {
-                            received.push((message, event));
-                        }
-                    }
-                    Err(error) => {
-                        interrupted.get_or_insert(error);
-                    }
+        while let Some((messages, interrupted)) = parley_platform::nats::next_delivered(&mut batches, shutdown).await? {
+            let mut received = Vec::with_capacity(messages.len());
+            for message in messages {
+                if let Some(event) = self.read(&message).await? {
+                    received.push((message, event));
                 }
             }
             self.ingest(received).await?;
             if let Some(error) = interrupted {
-                return Err(error.into());
+                return Err(error);
             }
         }
+        Ok(())
     }
 
     /// The event a message carries, with the span that joins it to its reply's trace; `None` (and the
@@ -491,6 +469,7 @@ mod tests {
             cache_hit,
             outcome: "completed".to_owned(),
             occurred_at_ms: OffsetDateTime::now_utc().unix_timestamp() * 1000,
+            settlement: None,
         }
     }
 

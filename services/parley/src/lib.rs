@@ -187,7 +187,7 @@ impl Shared {
         } else {
             None
         };
-        let nats = if needs(&[Service::Chat, Service::Analytics, Service::Agent, Service::Gateway]) {
+        let nats = if needs(&[Service::Chat, Service::Analytics, Service::Agent, Service::Gateway, Service::Quota]) {
             Some(parley_platform::nats::connect(&config.nats, "parley").await.context("failed to connect to NATS")?)
         } else {
             None
@@ -234,7 +234,11 @@ impl Shared {
         if let Some(database) = &self.database {
             readiness = readiness.with_check("postgres", health::postgres_check(database.primary().clone()));
         }
-        if let Some(nats) = &self.nats {
+        // Quota reads NATS only to settle usage events, which wait in the stream while it is away: a
+        // process that runs quota alone stays ready without it.
+        if let Some(nats) = &self.nats
+            && self.needs(&[Service::Chat, Service::Analytics, Service::Agent, Service::Gateway])
+        {
             readiness = readiness.with_check("nats", health::nats_check(nats.clone()));
         }
         if let Some(redis) = &self.redis {
@@ -420,7 +424,7 @@ async fn serve_grpc(
         }
         Service::Quota => {
             let redis = shared.redis.clone().ok_or_else(|| missing("redis"))?;
-            Box::pin(parley_quota::serve(config, shared.pool()?, redis, listener, stop))
+            Box::pin(parley_quota::serve(config, shared.pool()?, redis, shared.nats()?, listener, stop))
         }
         Service::Analytics => {
             Box::pin(parley_analytics::serve(config, shared.database()?, shared.nats()?, listener, stop))

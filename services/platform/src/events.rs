@@ -62,6 +62,19 @@ pub struct UsageEvent {
     pub outcome: String,
     /// Unix milliseconds.
     pub occurred_at_ms: i64,
+    /// What the quota service charges for this call, which it does on reading the event. Absent from
+    /// events whose agent settled with quota itself (older agents): those are charged already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settlement: Option<Settlement>,
+}
+
+/// The charge a usage event carries to the quota service: `tokens` against the budget reservation
+/// `reservation_id` (which releases the rest of it), or, for a job queued without a reservation, a
+/// plain charge referenced by the event's message id. Idempotent either way.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Settlement {
+    pub reservation_id: Option<Uuid>,
+    pub tokens: i64,
 }
 
 /// A daily spend threshold crossed, published once per threshold, scope and UTC day.

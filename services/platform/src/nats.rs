@@ -1,11 +1,14 @@
 //! NATS connections, and the names of every stream, consumer and subject Parley uses, derived from one
 //! prefix so that deployments (and tests) sharing a NATS server never see each other's messages.
 
+use std::future::Future;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::backoff::Backoff;
 use crate::config::NatsConfig;
 
 /// Stream, consumer and subject names for one deployment.
@@ -79,6 +82,11 @@ impl Names {
 
     pub fn analytics_consumer(&self) -> &'static str {
         "analytics"
+    }
+
+    /// The quota service's consumer of usage events, which settles the charges they carry.
+    pub fn quota_consumer(&self) -> &'static str {
+        "quota"
     }
 
     /// The subject carrying the events of one assistant message (deltas, then completed or failed).
@@ -256,19 +264,74 @@ pub async fn export_consumer_backlog(
     }
 }
 
-/// Analytics' durable pull consumer on the usage stream.
-pub async fn ensure_analytics_consumer(
+/// A durable consumer of the usage stream: analytics' (`Names::analytics_consumer`) and quota's
+/// (`Names::quota_consumer`) each read every event. From the stream's start when first made: quota
+/// acknowledges and skips an event that carries no settlement, and both are idempotent.
+pub async fn ensure_usage_consumer(
     js: &jetstream::Context,
     names: &Names,
+    durable_name: &str,
 ) -> Result<consumer::Consumer<consumer::pull::Config>, async_nats::Error> {
     let stream = ensure_usage_stream(js, names).await?;
     let consumer_config = consumer::pull::Config {
-        durable_name: Some(names.analytics_consumer().to_owned()),
+        durable_name: Some(durable_name.to_owned()),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_secs(30),
         ..Default::default()
     };
-    Ok(stream.get_or_create_consumer(names.analytics_consumer(), consumer_config).await?)
+    Ok(stream.get_or_create_consumer(durable_name, consumer_config).await?)
+}
+
+/// The messages a pull consumer delivered at once (its stream read with `ready_chunks`), with the
+/// error that cut the delivery short, if one did: the caller handles the messages, then returns the
+/// error so that [`keep_consuming`] reconnects. `None` once `shutdown` is cancelled.
+pub async fn next_delivered<S, E>(
+    batches: &mut S,
+    shutdown: &CancellationToken,
+) -> Result<Option<(Vec<jetstream::Message>, Option<async_nats::Error>)>, async_nats::Error>
+where
+    S: futures::Stream<Item = Vec<Result<jetstream::Message, E>>> + Unpin,
+    E: Into<async_nats::Error>,
+{
+    use futures::StreamExt;
+    let batch = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(None),
+        next = batches.next() => next.ok_or("the consumer's message stream ended")?,
+    };
+    let mut messages = Vec::with_capacity(batch.len());
+    let mut interrupted = None;
+    for message in batch {
+        match message {
+            Ok(message) => messages.push(message),
+            Err(error) => {
+                interrupted.get_or_insert(error.into());
+            }
+        }
+    }
+    Ok(Some((messages, interrupted)))
+}
+
+/// Runs `consume` until it returns `Ok` (it saw `shutdown`) or `shutdown` is cancelled, starting it
+/// again with backoff after each error (NATS away, a consumer deleted): the loop of a service's
+/// JetStream consumer.
+pub async fn keep_consuming<F, Fut>(what: &str, shutdown: &CancellationToken, mut consume: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), async_nats::Error>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    while !shutdown.is_cancelled() {
+        match consume().await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(%error, "{what} interrupted; retrying");
+                if !backoff.wait(shutdown).await {
+                    break;
+                }
+            }
+        }
+    }
+    tracing::debug!("{what} stopped");
 }
 
 #[cfg(test)]

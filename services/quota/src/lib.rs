@@ -1,6 +1,7 @@
 //! The quota service: daily token budgets per user, by tier. It owns the `quota` schema (the durable
 //! ledger of charges) and keeps hot per-day counters in Redis, rebuilt from the ledger whenever Redis
-//! has lost them. It serves `parley.quota.v1.QuotaService`.
+//! has lost them. It serves `parley.quota.v1.QuotaService` (reservations, budgets, releases) and settles
+//! the charges that usage events carry (`settlements`).
 //!
 //! It must never grant an unlimited budget: when Redis cannot be reached it answers from the ledger
 //! and holds users to a conservative share of their budget.
@@ -9,6 +10,7 @@ mod budget;
 mod ledger;
 pub mod metrics;
 mod service;
+mod settlements;
 
 use std::sync::Arc;
 
@@ -54,16 +56,25 @@ impl From<QuotaError> for tonic::Status {
     }
 }
 
+/// Serves the gRPC API and settles usage events until `shutdown`.
 pub async fn serve(
     config: Arc<Config>,
     pool: PgPool,
     redis: redis::aio::ConnectionManager,
+    nats: async_nats::Client,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     metrics::describe();
+    let names = parley_platform::nats::Names::new(&config.nats.prefix);
     let service = QuotaService::new(config, pool, redis);
+    let settlements = settlements::Settlements::new(service.clone(), async_nats::jetstream::new(nats), names);
+    let settling = tokio::spawn(settlements.run(shutdown.clone()));
     let routes = tonic::service::Routes::new(QuotaServiceServer::new(service));
-    parley_platform::grpc::serve("quota", listener, routes, &[HEALTH_NAME], shutdown).await?;
+    let served = parley_platform::grpc::serve("quota", listener, routes, &[HEALTH_NAME], shutdown.clone()).await;
+    // The server stopped (shutdown, or it failed): the settlements stop with it.
+    shutdown.cancel();
+    settling.await?;
+    served?;
     Ok(())
 }

@@ -9,4 +9,6 @@ parley_platform::declare_metrics! {
         "Budget checks answered from the ledger, conservatively, because Redis was unreachable.";
     counter COUNTER_REBUILDS = "parley_quota_counter_rebuilds_total" in Count:
         "Budget counters rebuilt in Redis from the ledger.";
+    counter SETTLEMENT_RETRIES = "parley_quota_settlement_retries_total" in Count:
+        "Usage events whose settlement could not be stored and was handed back for a retry.";
 }

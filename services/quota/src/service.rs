@@ -67,6 +67,58 @@ impl QuotaService {
         Ok(self.ledger.record(charge).await?)
     }
 
+    /// Settles a reservation with the tokens actually used: charges them (once per reservation id)
+    /// and releases the reservation. True when this charge is new.
+    pub(crate) async fn settle_reservation(
+        &self,
+        user_id: Uuid,
+        reservation_id: &str,
+        tokens: i64,
+    ) -> Result<bool, QuotaError> {
+        let day = budget::current_day(OffsetDateTime::now_utc());
+        let charged = tokens > 0 && self.record_charge(reservation_id, user_id, day, tokens).await?;
+        let keys = self.keys(user_id, day);
+        let mut redis = self.redis.clone();
+        let mut invocation = self.scripts.settle.key(&keys.day);
+        invocation
+            .key(&keys.month)
+            .key(&keys.reserved)
+            .key(&keys.reserved_until)
+            .arg(reservation_id)
+            .arg(tokens)
+            .arg(if charged { "1" } else { "0" });
+        if let Err(error) = invocation.invoke_async::<i64>(&mut redis).await {
+            // The ledger has the charge; counters are rebuilt from it, and the reservation expires.
+            tracing::warn!(%error, "redis unavailable; settlement recorded in the ledger only");
+        }
+        if charged {
+            metrics::counter!(crate::metrics::TOKENS_CHARGED).increment(tokens as u64);
+        }
+        Ok(charged)
+    }
+
+    /// Charges tokens with no reservation, once per reference id. True when this charge is new.
+    pub(crate) async fn charge_reference(
+        &self,
+        user_id: Uuid,
+        reference_id: &str,
+        tokens: i64,
+    ) -> Result<bool, QuotaError> {
+        let day = budget::current_day(OffsetDateTime::now_utc());
+        let inserted = self.record_charge(reference_id, user_id, day, tokens).await?;
+        if inserted {
+            let key = budget::counter_key(&self.config.redis.key_prefix, user_id, day);
+            let mut redis = self.redis.clone();
+            let counted: Result<i64, _> = self.charge_script.key(&key).arg(tokens).invoke_async(&mut redis).await;
+            if let Err(error) = counted {
+                // The ledger has the charge; the counter is rebuilt from it when Redis answers again.
+                tracing::warn!(%error, "redis unavailable; charge recorded in the ledger only");
+            }
+            metrics::counter!(crate::metrics::TOKENS_CHARGED).increment(tokens as u64);
+        }
+        Ok(inserted)
+    }
+
     fn keys(&self, user_id: Uuid, day: Date) -> Keys {
         let prefix = &self.config.redis.key_prefix;
         let (reserved, reserved_until) = budget::reservation_keys(prefix, user_id);
@@ -245,26 +297,7 @@ impl pb::quota_service_server::QuotaService for QuotaService {
         if request.tokens < 0 {
             return Err(QuotaError::from(ServiceError::invalid_field("tokens", "cannot be negative")).into());
         }
-        let day = budget::current_day(OffsetDateTime::now_utc());
-        let charged =
-            request.tokens > 0 && self.record_charge(&request.reservation_id, user_id, day, request.tokens).await?;
-        let keys = self.keys(user_id, day);
-        let mut redis = self.redis.clone();
-        let mut invocation = self.scripts.settle.key(&keys.day);
-        invocation
-            .key(&keys.month)
-            .key(&keys.reserved)
-            .key(&keys.reserved_until)
-            .arg(&request.reservation_id)
-            .arg(request.tokens)
-            .arg(if charged { "1" } else { "0" });
-        if let Err(error) = invocation.invoke_async::<i64>(&mut redis).await {
-            // The ledger has the charge; counters are rebuilt from it, and the reservation expires.
-            tracing::warn!(%error, "redis unavailable; settlement recorded in the ledger only");
-        }
-        if charged {
-            metrics::counter!(crate::metrics::TOKENS_CHARGED).increment(request.tokens as u64);
-        }
+        let charged = self.settle_reservation(user_id, &request.reservation_id, request.tokens).await?;
         Ok(Response::new(pb::SettleResponse { charged }))
     }
 
@@ -306,19 +339,7 @@ impl pb::quota_service_server::QuotaService for QuotaService {
         if request.reference_id.is_empty() {
             return Err(QuotaError::from(ServiceError::invalid_field("reference_id", "is required")).into());
         }
-        let day = budget::current_day(OffsetDateTime::now_utc());
-        let inserted = self.record_charge(&request.reference_id, user_id, day, request.tokens).await?;
-        if inserted {
-            let key = budget::counter_key(&self.config.redis.key_prefix, user_id, day);
-            let mut redis = self.redis.clone();
-            let counted: Result<i64, _> =
-                self.charge_script.key(&key).arg(request.tokens).invoke_async(&mut redis).await;
-            if let Err(error) = counted {
-                // The ledger has the charge; the counter is rebuilt from it when Redis answers again.
-                tracing::warn!(%error, "redis unavailable; charge recorded in the ledger only");
-            }
-            metrics::counter!(crate::metrics::TOKENS_CHARGED).increment(request.tokens as u64);
-        }
-        Ok(Response::new(pb::ChargeResponse { charged: inserted }))
+        let charged = self.charge_reference(user_id, &request.reference_id, request.tokens).await?;
+        Ok(Response::new(pb::ChargeResponse { charged }))
     }
 }

@@ -1,12 +1,12 @@
 //! Usage analytics: events from JetStream into month partitions and daily rollups, reports per day,
 //! model and user that add partial days from the raw events to whole days from the rollup, and daily
-//! spend alerts raised once per threshold.
+//! spend alerts raised once per threshold; and the charges usage events carry to quota.
 
 use std::time::Duration;
 
 use futures::StreamExt;
 use parley::Service;
-use parley_platform::events::{CostAlert, UsageEvent};
+use parley_platform::events::{CostAlert, Settlement, UsageEvent};
 use parley_platform::nats::Names;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -42,6 +42,7 @@ fn event(user: &Session, model: &str, input: i64, output: i64, at: OffsetDateTim
         cache_hit: false,
         outcome: "completed".to_owned(),
         occurred_at_ms: (at.unix_timestamp_nanos() / 1_000_000) as i64,
+        settlement: None,
     }
 }
 
@@ -247,5 +248,36 @@ async fn a_daily_spend_alert_fires_once_per_threshold() {
     let jetstream = async_nats::jetstream::new(client);
     let mut stream = jetstream.get_stream(names.alerts_stream()).await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 3);
+    t.stop().await;
+}
+
+/// A usage event carries its call's charge to quota, which settles it once however often the event is
+/// delivered (here under two message ids, as after the stream's deduplication window); an event
+/// without a settlement (from an agent that charged quota itself) charges nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_settles_the_charge_a_usage_event_carries_once() {
+    let t = TestPlatform::start().await;
+    let user = t.register("settled@example.com").await;
+    let budget = || async {
+        let (status, usage) = t.get(&user, "/v1/usage").await;
+        assert_eq!(status, StatusCode::OK, "{usage}");
+        (usage["budget"]["day"]["used"].as_i64().unwrap(), usage["budget"]["day"]["reserved"].as_i64().unwrap())
+    };
+    let now = OffsetDateTime::now_utc();
+
+    let charged_already = event(&user, "parley-fake", 100, 200, now);
+    publish(&t, &charged_already, "charged-already").await;
+    let mut carried = event(&user, "parley-fake", 10, 20, now);
+    carried.settlement = Some(Settlement { reservation_id: None, tokens: 30 });
+    publish(&t, &carried, "carried-1").await;
+    publish(&t, &carried, "carried-2").await;
+
+    eventually("the carried charge to be settled", Duration::from_secs(10), || async {
+        (budget().await == (30, 0)).then_some(())
+    })
+    .await;
+    // Every event has been read by now or moments later: nothing more is charged.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(budget().await, (30, 0));
     t.stop().await;
 }
