@@ -117,10 +117,15 @@ fn page_size(limit: u32) -> u32 {
     }
 }
 
+/// Checks a client's text: at most `max_chars` characters, and no NUL (which PostgreSQL's text type
+/// cannot hold: without this check it is a database error, not the client's 400).
 fn bounded_text(field: &str, value: Option<&str>, max_chars: usize) -> Result<(), ChatError> {
     match value {
         Some(text) if text.chars().count() > max_chars => {
             Err(ServiceError::invalid_field(field, format!("must be at most {max_chars} characters")).into())
+        }
+        Some(text) if text.contains('\0') => {
+            Err(ServiceError::invalid_field(field, "must not contain the NUL character (U+0000)").into())
         }
         _ => Ok(()),
     }

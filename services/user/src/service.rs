@@ -334,6 +334,10 @@ impl pb::user_service_server::UserService for UserService {
             let message = format!("must be 1 to {MAX_API_KEY_NAME_CHARS} characters");
             return Err(UserError::from(ServiceError::invalid_field("name", message)).into());
         }
+        if name.chars().any(char::is_control) {
+            let message = "must not contain control characters";
+            return Err(UserError::from(ServiceError::invalid_field("name", message)).into());
+        }
         let (key, hash) = new_secret(API_KEY_PREFIX)?;
         let prefix: String = key.chars().take(API_KEY_SHOWN_CHARS).collect();
         let signing_secret = if request.require_signature { Some(new_secret(SIGNING_SECRET_PREFIX)?.0) } else { None };

@@ -312,6 +312,26 @@ async fn bodies_over_the_limit_bad_input_and_spent_budgets_are_clear_errors() {
     let (status, body) = t.post(&session, &path, json!({"content": "hi", "model": "gpt-nonexistent"})).await;
     assert_problem(status, &body, 400, "invalid_request");
     assert_eq!(body["field"], "model");
+    // A NUL character, which PostgreSQL's text cannot hold, is the client's 400, wherever it comes.
+    let (status, body) = t.post(&session, &path, json!({"content": "a\u{0}b"})).await;
+    assert_problem(status, &body, 400, "invalid_request");
+    assert_eq!(body["field"], "content");
+    for (field, value) in [("title", "a\u{0}b"), ("system_prompt", "be\u{0}kind")] {
+        let (status, body) = t.post(&session, "/v1/conversations", json!({ field: value })).await;
+        assert_problem(status, &body, 400, "invalid_request");
+        assert_eq!(body["field"], field, "{body}");
+        let url = t.url(&format!("/v1/conversations/{conversation}"));
+        let current = t.http.get(url.clone()).bearer_auth(&session.token).send().await.unwrap();
+        let etag = current.headers()["etag"].clone();
+        let response =
+            t.http.patch(url).bearer_auth(&session.token).header("if-match", etag).json(&json!({ field: value }));
+        let (status, body) = read(response.send().await.unwrap()).await;
+        assert_problem(status, &body, 400, "invalid_request");
+        assert_eq!(body["field"], field, "{body}");
+    }
+    let (status, body) = t.post(&session, "/v1/api-keys", json!({"name": "ci\u{0}key"})).await;
+    assert_problem(status, &body, 400, "invalid_request");
+    assert_eq!(body["field"], "name");
     let response =
         t.http.post(t.url(&path)).bearer_auth(&session.token).body("{\"content\":\"hi\"}").send().await.unwrap();
     let (status, body) = read(response).await;
