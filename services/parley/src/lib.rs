@@ -241,16 +241,22 @@ impl Shared {
         {
             readiness = readiness.with_check("nats", health::nats_check(nats.clone()));
         }
+        // Every service degrades around Redis (local rate limits, conservative budgets, a local cache,
+        // reads from the primary); the gateway around the user service (tokens verify locally, API keys
+        // are cached) and analytics (only usage reports need it).
         if let Some(redis) = &self.redis {
-            readiness = readiness.with_check("redis", health::redis_check(redis.clone()));
+            readiness = readiness.with_degradable("redis", health::redis_check(redis.clone()));
         }
         let channels = &self.channels;
         if self.needs(&[Service::Gateway]) {
             readiness = readiness
-                .with_check("user", health::grpc_check(channels.user.clone(), parley_user::HEALTH_NAME))
+                .with_degradable("user", health::grpc_check(channels.user.clone(), parley_user::HEALTH_NAME))
                 .with_check("chat", health::grpc_check(channels.chat.clone(), parley_chat::HEALTH_NAME))
                 .with_check("quota", health::grpc_check(channels.quota.clone(), parley_quota::HEALTH_NAME))
-                .with_check("analytics", health::grpc_check(channels.analytics.clone(), parley_analytics::HEALTH_NAME));
+                .with_degradable(
+                    "analytics",
+                    health::grpc_check(channels.analytics.clone(), parley_analytics::HEALTH_NAME),
+                );
         } else if self.needs(&[Service::Agent]) {
             readiness = readiness
                 .with_check("chat", health::grpc_check(channels.chat.clone(), parley_chat::HEALTH_NAME))

@@ -1,7 +1,9 @@
 //! Liveness, readiness and the admin routes (`/healthz`, `/readyz`, `/metrics`).
 //!
 //! Liveness checks nothing. Readiness runs every dependency check concurrently, each bounded by a
-//! timeout, and names the ones that fail.
+//! timeout, and names the ones that fail. A process is unready only when a dependency it cannot work
+//! without fails; one it degrades around (Redis, for instance) is reported and leaves it ready, in
+//! state `degraded`, so that an orchestrator keeps sending it the traffic it can still serve.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,10 +21,38 @@ type InfoFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Whether a failing dependency makes the process unready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// The process cannot do its job without it.
+    Required,
+    /// The process works around it (a degraded mode): reported, never unready.
+    Degradable,
+}
+
+/// What `/readyz` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyState {
+    Ready,
+    /// Ready, with a dependency it works around failing.
+    Degraded,
+    NotReady,
+}
+
+impl ReadyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Degraded => "degraded",
+            Self::NotReady => "not_ready",
+        }
+    }
+}
+
 /// The named dependency checks that decide readiness.
 #[derive(Clone, Default)]
 pub struct Readiness {
-    checks: Vec<(String, CheckFn)>,
+    checks: Vec<(String, Need, CheckFn)>,
     /// Reported beside the checks without deciding readiness (an open circuit to one provider must not
     /// take every replica out of service).
     infos: Vec<(String, InfoFn)>,
@@ -38,7 +68,18 @@ impl Readiness {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
-        self.checks.push((name.into(), Arc::new(move || Box::pin(check()))));
+        self.checks.push((name.into(), Need::Required, Arc::new(move || Box::pin(check()))));
+        self
+    }
+
+    /// A dependency the process degrades around: its state is reported, but a failure leaves the
+    /// process ready (`degraded`).
+    pub fn with_degradable<F, Fut>(mut self, name: impl Into<String>, check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        self.checks.push((name.into(), Need::Degradable, Arc::new(move || Box::pin(check()))));
         self
     }
 
@@ -52,8 +93,8 @@ impl Readiness {
     }
 
     /// Runs every check concurrently; the map holds "ok" or the failure for each.
-    pub async fn check(&self) -> (bool, BTreeMap<String, String>) {
-        let runs = self.checks.iter().map(|(name, check)| {
+    pub async fn check(&self) -> (ReadyState, BTreeMap<String, String>) {
+        let runs = self.checks.iter().map(|(name, need, check)| {
             let check = check.clone();
             async move {
                 let outcome = match tokio::time::timeout(CHECK_TIMEOUT, check()).await {
@@ -61,25 +102,32 @@ impl Readiness {
                     Ok(Err(error)) => Err(error),
                     Err(_) => Err(format!("no answer within {} ms", CHECK_TIMEOUT.as_millis())),
                 };
-                (name.clone(), outcome)
+                (name.clone(), *need, outcome)
             }
         });
         let outcomes = futures::future::join_all(runs).await;
-        let ready = outcomes.iter().all(|(_, outcome)| outcome.is_ok());
+        let failing = |wanted: Need| outcomes.iter().any(|(_, need, outcome)| *need == wanted && outcome.is_err());
+        let state = if failing(Need::Required) {
+            ReadyState::NotReady
+        } else if failing(Need::Degradable) {
+            ReadyState::Degraded
+        } else {
+            ReadyState::Ready
+        };
         let report = outcomes
             .into_iter()
-            .map(|(name, outcome)| (name, outcome.err().unwrap_or_else(|| "ok".to_owned())))
+            .map(|(name, _, outcome)| (name, outcome.err().unwrap_or_else(|| "ok".to_owned())))
             .collect();
-        (ready, report)
+        (state, report)
     }
 
     pub async fn response(&self) -> Response {
-        let (ready, checks) = self.check().await;
-        let mut body = json!({"status": if ready { "ready" } else { "not_ready" }, "checks": checks});
+        let (state, checks) = self.check().await;
+        let mut body = json!({"status": state.as_str(), "checks": checks});
         for (name, info) in &self.infos {
             body[name.as_str()] = info();
         }
-        if ready {
+        if state != ReadyState::NotReady {
             return (StatusCode::OK, Json(body)).into_response();
         }
         let failing: Vec<&String> = checks.iter().filter(|(_, v)| *v != "ok").map(|(k, _)| k).collect();

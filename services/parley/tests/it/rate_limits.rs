@@ -148,6 +148,13 @@ async fn without_redis_limits_fall_back_to_each_replica_then_return_to_redis() {
     assert_eq!(count_allowed(&statuses), 3, "{statuses:?}");
     let metrics = t.http.get(t.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("parley_ratelimit_fallback_decisions_total"), "the fallback is counted");
+    // Every service degrades around Redis: the process stays ready (degraded) and says why.
+    let response = t.http.get(t.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let ready: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert_ne!(ready["checks"]["redis"], "ok", "{ready}");
+    assert_eq!(ready["checks"]["postgres"], "ok", "{ready}");
 
     // Redis is back (empty): limits are kept in redis again.
     let redis = OwnRedis::start(Some(port)).await;
