@@ -31,7 +31,24 @@ pub async fn migrate_schema(
 
 /// Whether a database error means "the database is not reachable right now" (a 503) rather than a bug.
 pub fn is_unavailable(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_))
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::Io(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| is_unavailable_state(&code)),
+        _ => false,
+    }
+}
+
+/// SQLSTATEs with which a server says it cannot serve now, as opposed to a wrong statement: a
+/// connection exception (class 08); an administrator's or a crash's shutdown, or a server still
+/// starting (57P01, 57P02, 57P03: what a primary being stopped or restarted answers); too many
+/// connections (53300); a read-only transaction (25006: the "primary" is a standby, as just after a
+/// fail-over).
+fn is_unavailable_state(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("57P") || code == "53300" || code == "25006"
 }
 
 /// Creates the database named in `url` when it does not exist yet (for `parley dev` and tests on a
@@ -59,4 +76,22 @@ pub async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdowns_and_lost_connections_are_unavailable_and_mistakes_are_not() {
+        for code in ["57P01", "57P02", "57P03", "08006", "08003", "53300", "25006"] {
+            assert!(is_unavailable_state(code), "{code}");
+        }
+        // A unique violation, a syntax error, a cancelled statement: not the server going away.
+        for code in ["23505", "42601", "57014", "22021"] {
+            assert!(!is_unavailable_state(code), "{code}");
+        }
+        assert!(is_unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(!is_unavailable(&sqlx::Error::RowNotFound));
+    }
 }

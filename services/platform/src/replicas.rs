@@ -41,9 +41,10 @@ pub enum ReadFloor {
     Primary,
 }
 
-/// SQLSTATEs a replica answers with when it cannot serve a read it would normally serve: a query
-/// cancelled by a conflict with recovery, a server shutting down or still starting.
-const REPLICA_TRANSIENT_STATES: &[&str] = &["40001", "57P01", "57P02", "57P03"];
+/// SQLSTATEs a replica answers with when it cannot serve a read it would normally serve, beyond the
+/// server being unavailable (shutting down or still starting: `db::is_unavailable`): a query cancelled
+/// by a conflict with recovery.
+const REPLICA_TRANSIENT_STATES: &[&str] = &["40001"];
 
 /// Primary samples kept to date a replica's position: at one check a second, ten minutes.
 const MAX_SAMPLES: usize = 600;
