@@ -30,6 +30,7 @@ pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
     ("PARLEY_REDIS_PREFIX", "prefix of every Redis key (default parley)"),
     ("PARLEY_DEFAULT_MODEL", "model used when a request names none"),
     ("PARLEY_EXPECTED_GATEWAY_REPLICAS", "gateway replicas sharing a rate limit while Redis is unreachable"),
+    ("PARLEY_TRUSTED_PROXY_HOPS", "proxies in front of the gateway whose X-Forwarded-For entries are trusted (default 0)"),
     ("PARLEY_LOG", "log filter, e.g. info or parley_chat=debug (default info)"),
     ("PARLEY_LOG_FORMAT", "json (default) or pretty"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTLP gRPC endpoint for traces; unset means no export"),
@@ -719,6 +720,12 @@ impl Config {
                 .parse()
                 .map_err(|_| invalid("PARLEY_EXPECTED_GATEWAY_REPLICAS", "must be a whole number of replicas"))?;
         }
+        if let Some(v) = get("PARLEY_TRUSTED_PROXY_HOPS") {
+            self.http.trusted_proxy_hops = v
+                .trim()
+                .parse()
+                .map_err(|_| invalid("PARLEY_TRUSTED_PROXY_HOPS", "must be a whole number of proxies"))?;
+        }
         if let Some(v) = get("PARLEY_LOG") {
             self.telemetry.log_filter = v;
         }
@@ -961,10 +968,12 @@ mod tests {
                 "DATABASE_REPLICA_URLS" => Some("postgres://r1/db, postgres://r2/db".to_owned()),
                 "PARLEY_ADMIN_EMAILS" => Some("a@example.com,b@example.com".to_owned()),
                 "OTEL_SERVICE_NAME" => Some("parley-chat-eu".to_owned()),
+                "PARLEY_TRUSTED_PROXY_HOPS" => Some("1".to_owned()),
                 _ => None,
             })
             .unwrap();
         assert_eq!(config.telemetry.service_name.as_deref(), Some("parley-chat-eu"));
+        assert_eq!(config.http.trusted_proxy_hops, 1);
         assert_eq!(config.database.url, "postgres://env/db");
         assert_eq!(config.database.replica_urls, vec!["postgres://r1/db", "postgres://r2/db"]);
         assert_eq!(config.auth.admin_emails.len(), 2);
