@@ -95,6 +95,28 @@ fn local_decision(tats: &mut HashMap<String, u64>, key: &str, limit: u32, now_us
     }
 }
 
+/// How often the in-memory limits forget keys whose allowance is whole again.
+const LOCAL_SWEEP_EVERY_US: u64 = 1_000_000;
+
+/// The limits a replica keeps in memory while Redis is unreachable. A key whose allowance is whole
+/// again decides exactly as an absent one, so it is forgotten (swept at most once a second): memory
+/// holds only the keys used within the last period, however many client addresses an outage sees.
+#[derive(Default)]
+struct LocalLimits {
+    tats: HashMap<String, u64>,
+    next_sweep_us: u64,
+}
+
+impl LocalLimits {
+    fn decide(&mut self, key: &str, limit: u32, now_us: u64) -> Decision {
+        if now_us >= self.next_sweep_us {
+            self.tats.retain(|_, tat| *tat > now_us);
+            self.next_sweep_us = now_us + LOCAL_SWEEP_EVERY_US;
+        }
+        local_decision(&mut self.tats, key, limit, now_us)
+    }
+}
+
 /// How long a signature is remembered to refuse its replay: past the 300 s skew allowance either way.
 pub const SIGNATURE_MEMORY: Duration = Duration::from_secs(600);
 
@@ -106,7 +128,7 @@ pub struct RateLimiter {
     prefix: String,
     replicas: u32,
     started: Instant,
-    local: Mutex<HashMap<String, u64>>,
+    local: Mutex<LocalLimits>,
     degraded: std::sync::atomic::AtomicBool,
     seen_locally: Mutex<HashMap<String, Instant>>,
 }
@@ -127,7 +149,7 @@ impl RateLimiter {
             prefix: prefix.to_owned(),
             replicas: expected_replicas.max(1),
             started: Instant::now(),
-            local: Mutex::new(HashMap::new()),
+            local: Mutex::new(LocalLimits::default()),
             degraded: std::sync::atomic::AtomicBool::new(false),
             seen_locally: Mutex::new(HashMap::new()),
         }
@@ -215,8 +237,8 @@ impl RateLimiter {
         metrics::counter!(crate::metrics::RATELIMIT_FALLBACK_DECISIONS).increment(1);
         let share = (limit / self.replicas).max(1);
         let now_us = self.started.elapsed().as_micros() as u64;
-        let mut tats = self.local.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        local_decision(&mut tats, key, share, now_us)
+        let mut local = self.local.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        local.decide(key, share, now_us)
     }
 }
 
@@ -252,5 +274,25 @@ mod tests {
         assert_eq!(allowed, 100_000);
         assert!(local_decision(&mut tats, "k", 100_000, 600).allowed);
         assert_eq!(emission_interval(u32::MAX), 1);
+    }
+
+    #[test]
+    fn keys_whose_allowance_is_whole_again_are_forgotten() {
+        let mut local = LocalLimits::default();
+        for address in 0..1000 {
+            assert!(local.decide(&format!("ip:{address}"), 60, 0).allowed);
+        }
+        assert_eq!(local.tats.len(), 1000);
+        // A second later each of them has its one-second interval back: only the new key remains.
+        assert!(local.decide("ip:new", 60, 1_000_000).allowed);
+        assert_eq!(local.tats.len(), 1);
+        // A key still spending its allowance is limited, and kept by the next sweep.
+        for _ in 0..60 {
+            assert!(local.decide("ip:busy", 60, 1_000_000).allowed);
+        }
+        assert!(!local.decide("ip:busy", 60, 1_500_000).allowed);
+        assert!(local.decide("ip:other", 60, 2_500_000).allowed);
+        assert!(local.tats.contains_key("ip:busy"));
+        assert!(!local.tats.contains_key("ip:new"));
     }
 }

@@ -30,7 +30,10 @@ pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
     ("PARLEY_REDIS_PREFIX", "prefix of every Redis key (default parley)"),
     ("PARLEY_DEFAULT_MODEL", "model used when a request names none"),
     ("PARLEY_EXPECTED_GATEWAY_REPLICAS", "gateway replicas sharing a rate limit while Redis is unreachable"),
-    ("PARLEY_TRUSTED_PROXY_HOPS", "proxies in front of the gateway whose X-Forwarded-For entries are trusted (default 0)"),
+    (
+        "PARLEY_TRUSTED_PROXY_HOPS",
+        "proxies in front of the gateway whose X-Forwarded-For entries are trusted (default 0)",
+    ),
     ("PARLEY_LOG", "log filter, e.g. info or parley_chat=debug (default info)"),
     ("PARLEY_LOG_FORMAT", "json (default) or pretty"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTLP gRPC endpoint for traces; unset means no export"),
