@@ -94,6 +94,16 @@ def main():
         by_kind.setdefault(obj["kind"], []).append(obj)
     deployments = {d["metadata"]["name"]: d for d in by_kind.get("Deployment", [])}
     secrets = {s["metadata"]["name"]: s for s in by_kind.get("Secret", [])}
+    # The fake LLM, when the values ask for it, runs `parley fake-llm`, and the agents are pointed at it.
+    fakes = {n: d for n, d in deployments.items() if d["metadata"]["labels"].get("app.kubernetes.io/component") == "fake-llm"}
+    for name in fakes:
+        deployments.pop(name)
+    for name, fake in fakes.items():
+        if fake["spec"]["template"]["spec"]["containers"][0].get("args", [None])[0] != "fake-llm":
+            problem(fake, "does not run `parley fake-llm`")
+        pointed = [c for c in by_kind.get("ConfigMap", []) if (c.get("data") or {}).get("PARLEY_FAKE_LLM_URL", "").startswith(f"http://{name}:")]
+        if not pointed:
+            problem(fake, "no ConfigMap points fake providers at it (PARLEY_FAKE_LLM_URL)")
     if len(deployments) != 6:
         problems.append(f"expected 6 Deployments (one per service), found {sorted(deployments)}")
 
@@ -176,7 +186,7 @@ def main():
     for cron_job in by_kind.get("CronJob", []):
         check_pod(cron_job, cron_job["spec"]["jobTemplate"]["spec"], secrets, existing)
 
-    pods = [d["spec"]["template"]["metadata"]["labels"] for d in deployments.values()]
+    pods = [d["spec"]["template"]["metadata"]["labels"] for d in [*deployments.values(), *fakes.values()]]
     for kind in ("PodDisruptionBudget", "Service", "NetworkPolicy"):
         for obj in by_kind.get(kind, []):
             selector = obj["spec"].get("selector", {})

@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use parley_platform::Config;
-use parley_platform::config::ProviderKind;
 use parley_platform::grpc::{lazy_channel, with_context};
 use parley_platform::health::{self, Readiness};
 use parley_platform::replicas::{Database, WriteMarks};
@@ -370,11 +369,7 @@ async fn start_fake_llm(
     let listener = TcpListener::bind(&config.fake_llm.addr).await.context("failed to bind the fake LLM")?;
     let addr = listener.local_addr()?;
     let fake = parley_fake_llm::FakeLlm::from_config(&config.fake_llm);
-    for provider in config.providers.values_mut() {
-        if provider.kind == ProviderKind::Fake && provider.base_url.is_empty() {
-            provider.base_url = format!("http://{addr}/v1");
-        }
-    }
+    config.point_fake_providers_at(&format!("http://{addr}/v1"));
     let (server, stop) = (fake.clone(), shutdown.clone());
     tasks.spawn(
         async move { (Task::FakeLlm, parley_fake_llm::serve(server, listener, stop).await.map_err(Into::into)) },

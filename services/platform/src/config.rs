@@ -29,6 +29,10 @@ pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
     ("PARLEY_NATS_PREFIX", "prefix of every JetStream stream and subject (default parley)"),
     ("PARLEY_REDIS_PREFIX", "prefix of every Redis key (default parley)"),
     ("PARLEY_DEFAULT_MODEL", "model used when a request names none"),
+    (
+        "PARLEY_FAKE_LLM_URL",
+        "base URL (up to /v1) of a fake LLM served on its own, e.g. the chart's fake-llm Deployment: `fake` providers without a base URL use it",
+    ),
     ("PARLEY_EXPECTED_GATEWAY_REPLICAS", "gateway replicas sharing a rate limit while Redis is unreachable"),
     (
         "PARLEY_TRUSTED_PROXY_HOPS",
@@ -632,6 +636,16 @@ impl Config {
         Ok(config)
     }
 
+    /// Points every `fake` provider without a base URL at the fake LLM at `base_url` (up to `/v1`): the
+    /// one `parley dev` starts in-process, or one served on its own (`PARLEY_FAKE_LLM_URL`).
+    pub fn point_fake_providers_at(&mut self, base_url: &str) {
+        for provider in self.providers.values_mut() {
+            if provider.kind == ProviderKind::Fake && provider.base_url.is_empty() {
+                provider.base_url = base_url.to_owned();
+            }
+        }
+    }
+
     /// Reads the API key of every variable a provider names, where it is set.
     pub fn read_provider_keys(&mut self, lookup: impl Fn(&str) -> Option<String>) {
         let variables: Vec<String> = self
@@ -722,6 +736,9 @@ impl Config {
                 .trim()
                 .parse()
                 .map_err(|_| invalid("PARLEY_EXPECTED_GATEWAY_REPLICAS", "must be a whole number of replicas"))?;
+        }
+        if let Some(v) = get("PARLEY_FAKE_LLM_URL") {
+            self.point_fake_providers_at(v.trim());
         }
         if let Some(v) = get("PARLEY_TRUSTED_PROXY_HOPS") {
             self.http.trusted_proxy_hops = v
@@ -972,9 +989,11 @@ mod tests {
                 "PARLEY_ADMIN_EMAILS" => Some("a@example.com,b@example.com".to_owned()),
                 "OTEL_SERVICE_NAME" => Some("parley-chat-eu".to_owned()),
                 "PARLEY_TRUSTED_PROXY_HOPS" => Some("1".to_owned()),
+                "PARLEY_FAKE_LLM_URL" => Some("http://fake-llm:8089/v1".to_owned()),
                 _ => None,
             })
             .unwrap();
+        assert_eq!(config.providers["fake"].base_url, "http://fake-llm:8089/v1");
         assert_eq!(config.telemetry.service_name.as_deref(), Some("parley-chat-eu"));
         assert_eq!(config.http.trusted_proxy_hops, 1);
         assert_eq!(config.database.url, "postgres://env/db");
