@@ -37,6 +37,25 @@ fn stored_reply(message: &chat_pb::Message) -> Option<StoredReply> {
     })
 }
 
+/// What a call consumed before it failed: the prompt the model read and the part of the reply it had
+/// streamed, counted by the agent (a broken stream reports no usage). Zero when the model never started
+/// answering (no provider bills a refused or failed request).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Consumed {
+    pub(crate) input_tokens: i64,
+    pub(crate) output_tokens: i64,
+}
+
+impl Consumed {
+    /// A reply that broke off after `streamed` reached clients, to a prompt of `input_tokens`.
+    pub(crate) fn partial(input_tokens: i64, streamed: &str) -> Self {
+        if streamed.is_empty() {
+            return Self::default();
+        }
+        Self { input_tokens, output_tokens: i64::from(parley_platform::tokens::estimate(streamed)) }
+    }
+}
+
 impl Agent {
     /// Answers a job with a cached reply: one delta with the whole text, then the usual storing and
     /// accounting (no tokens are charged for a reply nobody generated).
@@ -137,8 +156,7 @@ impl Agent {
         let Some(reservation_id) = job.reservation_id else {
             return true;
         };
-        let counter = crate::context::TokenCounter::for_model(&self.config, model);
-        let prompt_tokens: i64 = prompt.iter().map(|message| i64::from(counter.count(&message.content))).sum();
+        let prompt_tokens = self.prompt_tokens(model, prompt);
         if held.is_some_and(|held| prompt_tokens + i64::from(self.config.agent.max_output_tokens) <= held) {
             return true;
         }
@@ -158,31 +176,41 @@ impl Agent {
         }
     }
 
-    /// Charges `tokens` for the job at once, by a call to quota: settling its reservation (which
-    /// releases the rest of it), or, for a job queued without one, a plain charge. Idempotent either
-    /// way. Used to give a reservation back when nothing was delivered; a delivered reply's charge
-    /// travels on its usage event instead (`charge_and_report`).
-    pub(crate) async fn settle(&self, job: &AiJob, tokens: i64) -> Result<(), AgentError> {
-        match job.reservation_id {
-            Some(reservation_id) => {
-                let request = quota_pb::SettleRequest {
-                    user_id: job.user_id.to_string(),
-                    reservation_id: reservation_id.to_string(),
-                    tokens,
-                };
-                self.quota.clone().settle(request).await.map_err(ServiceError::from)?;
-            }
-            None if tokens == 0 => {}
-            None => {
-                let request = quota_pb::ChargeRequest {
-                    user_id: job.user_id.to_string(),
-                    tokens,
-                    reference_id: job.message_id.to_string(),
-                };
-                self.quota.clone().charge(request).await.map_err(ServiceError::from)?;
-            }
-        }
-        Ok(())
+    /// The prompt's tokens as this agent counts them (tiktoken, or the estimate, both at or above what
+    /// providers report).
+    pub(crate) fn prompt_tokens(
+        &self,
+        model: &parley_platform::config::ModelConfig,
+        prompt: &[crate::provider::PromptMessage],
+    ) -> i64 {
+        let counter = crate::context::TokenCounter::for_model(&self.config, model);
+        prompt.iter().map(|message| i64::from(counter.count(&message.content))).sum()
+    }
+
+    /// Reports a call that ended failed: a usage event with outcome `failed`, which carries what the
+    /// call consumed as its charge (nothing when the model never started answering) and so also
+    /// releases the rest of the reservation. Analytics counts it among the failures.
+    pub(crate) async fn report_failure(&self, job: &AiJob, consumed: Consumed) -> Result<(), AgentError> {
+        let event = UsageEvent {
+            event_id: job.message_id,
+            user_id: job.user_id,
+            conversation_id: job.conversation_id,
+            message_id: job.message_id,
+            model: job.model.clone(),
+            provider: "unknown".to_owned(),
+            input_tokens: consumed.input_tokens,
+            output_tokens: consumed.output_tokens,
+            latency_ms: 0,
+            time_to_first_token_ms: None,
+            cache_hit: false,
+            outcome: "failed".to_owned(),
+            occurred_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+            settlement: Some(Settlement {
+                reservation_id: job.reservation_id,
+                tokens: consumed.input_tokens + consumed.output_tokens,
+            }),
+        };
+        self.publish_usage(&event).await
     }
 
     pub(crate) async fn publish_usage(&self, event: &UsageEvent) -> Result<(), AgentError> {
@@ -214,13 +242,15 @@ impl Agent {
         Ok(())
     }
 
-    /// Ends the message `failed` with a reason, announces it, and keeps the job in the dead-letter stream.
+    /// Ends the message `failed` with a reason, reports what the call consumed, announces it, and keeps
+    /// the job in the dead-letter stream.
     pub(crate) async fn fail(
         &self,
         job: &AiJob,
         code: &str,
         detail: &str,
         partial_content: Option<String>,
+        consumed: Consumed,
     ) -> Result<(), AgentError> {
         let request = chat_pb::FailMessageRequest {
             message_id: job.message_id.to_string(),
@@ -232,8 +262,9 @@ impl Agent {
         if let Ok(payload) = serde_json::to_vec(job) {
             self.dead_letter(&payload, &format!("{code}: {detail}")).await?;
         }
-        // Nothing was delivered: the reservation goes back at once instead of waiting to expire.
-        self.settle(job, 0).await?;
+        // Charged what was consumed, and the rest of the reservation given back, instead of it being
+        // held until it expires.
+        self.report_failure(job, consumed).await?;
         let subject = self.names.message_events_subject(job.message_id);
         let event =
             MessageEvent::Failed { message_id: job.message_id, code: code.to_owned(), detail: detail.to_owned() };

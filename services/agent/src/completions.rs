@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::accounting::Consumed;
 use crate::cache::CachedReply;
 use crate::chain::{Answer, DeltaSink, Failure};
 use crate::provider::{Completion, PromptMessage};
@@ -131,9 +132,12 @@ impl Agent {
                 let detail = format!("the model could not answer: {error}");
                 let error = ServiceError::new(parley_platform::ErrorCode::UpstreamUnavailable, detail).retry_after(5);
                 let _caller_gone = events.send(Err(error.into()));
-                // Nothing was delivered whole: the reservation goes back at once.
-                if let Err(error) = self.settle(&job, 0).await {
-                    tracing::warn!(%error, "could not release the reservation; it expires by itself");
+                // Charged what the model consumed before it broke off (nothing if it never started), the
+                // rest of the reservation given back at once.
+                let input_tokens =
+                    self.config.models.get(&job.model).map_or(0, |model| self.prompt_tokens(model, &prompt));
+                if let Err(error) = self.report_failure(&job, Consumed::partial(input_tokens, &streamed)).await {
+                    tracing::warn!(%error, "could not report the failed completion; its reservation expires by itself");
                 }
                 return;
             }

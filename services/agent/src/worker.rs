@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::ProviderHandle;
+use crate::accounting::Consumed;
 use crate::cache::{CachedReply, ResponseCache};
 use crate::chain::{Answer, DeltaSink, Failure};
 use crate::provider::Completion;
@@ -237,14 +238,17 @@ impl Agent {
         }
         let Some(model) = self.config.models.get(&context.model) else {
             let detail = format!("model {:?} is not configured", context.model);
-            return self.fail(job, "invalid_request", &detail, None).await.map_or(retry, |()| Outcome::Done);
+            return self
+                .fail(job, "invalid_request", &detail, None, Consumed::default())
+                .await
+                .map_or(retry, |()| Outcome::Done);
         };
         let prompt = self.assemble_prompt(job, &context, &context.model, model).await;
         let answering_model = self.route(&context.model, model, &prompt);
         if !self.reserve_for(job, model, &prompt, None).await {
             let detail = "the token budget does not cover this prompt and the longest reply";
             return self
-                .fail(job, ErrorCode::QuotaExceeded.as_str(), detail, None)
+                .fail(job, ErrorCode::QuotaExceeded.as_str(), detail, None, Consumed::default())
                 .await
                 .map_or(retry, |()| Outcome::Done);
         }
@@ -265,7 +269,8 @@ impl Agent {
             Generated::Failed(Failure { error, streamed }) if !streamed.is_empty() => {
                 tracing::warn!(%error, "the model failed mid-reply");
                 let detail = format!("the model stopped mid-reply: {error}");
-                self.fail(job, ErrorCode::UpstreamUnavailable.as_str(), &detail, Some(streamed))
+                let consumed = Consumed::partial(self.prompt_tokens(model, &prompt), &streamed);
+                self.fail(job, ErrorCode::UpstreamUnavailable.as_str(), &detail, Some(streamed), consumed)
                     .await
                     .map_or(retry, |()| Outcome::Done)
             }
@@ -276,7 +281,7 @@ impl Agent {
                 }
                 tracing::warn!(%error, "giving up on the job");
                 let detail = format!("the model could not answer: {error}");
-                self.fail(job, ErrorCode::UpstreamUnavailable.as_str(), &detail, None)
+                self.fail(job, ErrorCode::UpstreamUnavailable.as_str(), &detail, None, Consumed::default())
                     .await
                     .map_or(retry, |()| Outcome::Done)
             }

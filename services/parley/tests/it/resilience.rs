@@ -230,6 +230,19 @@ async fn a_reply_that_breaks_off_mid_stream_fails_keeping_what_was_said() {
     assert_eq!(stored["content"], expected, "what was generated is kept");
     assert_eq!(stored["error"]["code"], "upstream_unavailable");
     assert_eq!(backup.requests(), 0, "no fail-over once the client has seen part of a reply");
+    // What the model consumed before it broke off is charged (the prompt and the streamed part, as the
+    // agent counts them), and the rest of the reservation released.
+    let streamed_tokens = i64::from(parley_platform::tokens::estimate(&expected));
+    let (used, reserved) =
+        eventually("the failed reply's consumption to be charged", Duration::from_secs(10), || async {
+            let (_, usage) = t.get(&session, "/v1/usage").await;
+            let day = &usage["budget"]["day"];
+            let (used, reserved) = (day["used"].as_i64()?, day["reserved"].as_i64()?);
+            (reserved == 0 && used > 0).then_some((used, reserved))
+        })
+        .await;
+    assert!(used > streamed_tokens, "the prompt counts too: {used} tokens charged");
+    assert_eq!(reserved, 0);
     t.stop().await;
 }
 
