@@ -94,8 +94,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `axum::Json`, with rejections as problems: 413 past the body limit, 415 without a JSON content
-/// type, and 400 naming the field for malformed or mistyped JSON.
+/// `axum::Json`, with rejections as problems: 413 past the body limit, 400 naming `Content-Type`
+/// without a JSON content type, 400 for a body that is not a JSON object, and 400 naming the field for
+/// malformed or mistyped JSON.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
@@ -107,10 +108,12 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(request, state).await {
-            Ok(axum::Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        let is_json = is_json(request.headers());
+        let bytes = body_bytes(request, state).await?;
+        if !is_json {
+            return Err(ApiError::invalid_field("Content-Type", "must be application/json"));
         }
+        parse(&bytes).map(Self)
     }
 }
 
@@ -123,28 +126,47 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
-        let is_json = request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| value.starts_with("application/json") || value.contains("+json"));
-        let bytes = match bytes::Bytes::from_request(request, state).await {
-            Ok(bytes) => bytes,
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(ApiError::new(ErrorCode::PayloadTooLarge, "the request body is larger than the limit"));
-            }
-            Err(rejection) => {
-                return Err(ApiError::new(ErrorCode::InvalidRequest, rejection.body_text()));
-            }
-        };
+        let is_json = is_json(request.headers());
+        let bytes = body_bytes(request, state).await?;
         if bytes.is_empty() {
             return Ok(None);
         }
         if !is_json {
             return Err(ApiError::invalid_field("Content-Type", "must be application/json"));
         }
-        axum::Json::<T>::from_bytes(&bytes).map(|axum::Json(value)| Some(Self(value))).map_err(json_rejection)
+        parse(&bytes).map(|value| Some(Self(value)))
     }
+}
+
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json") || value.contains("+json"))
+}
+
+async fn body_bytes<S: Send + Sync>(request: Request, state: &S) -> Result<bytes::Bytes, ApiError> {
+    match bytes::Bytes::from_request(request, state).await {
+        Ok(bytes) => Ok(bytes),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(ApiError::new(ErrorCode::PayloadTooLarge, "the request body is larger than the limit"))
+        }
+        Err(rejection) => Err(ApiError::new(ErrorCode::InvalidRequest, rejection.body_text())),
+    }
+}
+
+/// Whether a body is (as far as its first character says) a JSON object.
+pub fn is_json_object(bytes: &[u8]) -> bool {
+    bytes.iter().find(|byte| !byte.is_ascii_whitespace()) == Some(&b'{')
+}
+
+/// Every body this API takes is a JSON object: an array (which serde would read as the struct's fields
+/// in order), a string or a number is refused as such, before its contents are looked at.
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if !is_json_object(bytes) {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "the body must be a JSON object"));
+    }
+    axum::Json::<T>::from_bytes(bytes).map(|axum::Json(value)| value).map_err(json_rejection)
 }
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {

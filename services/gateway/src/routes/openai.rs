@@ -177,15 +177,26 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     caller: Result<Caller, ApiError>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> OpenAiResult<Response> {
     let caller = caller?;
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            let message = "the request body is larger than the limit";
+            OpenAiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "payload_too_large", message)
+        } else {
+            OpenAiError::invalid(rejection.body_text())
+        }
+    })?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.starts_with("application/json"));
     if !is_json {
         return Err(OpenAiError::invalid("Content-Type must be application/json"));
+    }
+    if !crate::problem::is_json_object(&body) {
+        return Err(OpenAiError::invalid("the body must be a JSON object"));
     }
     let request: CompletionRequest =
         serde_json::from_slice(&body).map_err(|error| OpenAiError::invalid(format!("invalid body: {error}")))?;

@@ -312,6 +312,21 @@ async fn bodies_over_the_limit_bad_input_and_spent_budgets_are_clear_errors() {
     let (status, body) = t.post(&session, &path, json!({"content": "hi", "model": "gpt-nonexistent"})).await;
     assert_problem(status, &body, 400, "invalid_request");
     assert_eq!(body["field"], "model");
+    // A body that is not a JSON object is refused as such (serde would read an array as the fields).
+    let (status, body) = t.post(&session, &path, json!(["from an array"])).await;
+    assert_problem(status, &body, 400, "invalid_request");
+    assert_eq!(body["detail"], "the body must be a JSON object");
+    let (status, body) = t.post(&session, "/v1/chat/completions", json!(["parley-fake", []])).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["message"], "the body must be a JSON object");
+    // Over the body limit on the OpenAI route: 413 in OpenAI's error shape, not text.
+    let huge = json!({"model": "parley-fake", "messages": [{"role": "user", "content": "x".repeat(5000)}]});
+    let (status, body) = t.post(&session, "/v1/chat/completions", huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(body["error"]["code"], "payload_too_large");
+    // The bearer scheme's name is case-insensitive.
+    let me = t.http.get(t.url("/v1/me")).header("authorization", format!("bearer {}", session.token)).send().await;
+    assert_eq!(me.unwrap().status(), StatusCode::OK);
     // A NUL character, which PostgreSQL's text cannot hold, is the client's 400, wherever it comes.
     let (status, body) = t.post(&session, &path, json!({"content": "a\u{0}b"})).await;
     assert_problem(status, &body, 400, "invalid_request");
