@@ -117,6 +117,26 @@ where
     }
 }
 
+/// A path parameter, with its rejection as a problem: a segment that does not decode (invalid UTF-8
+/// once percent-decoded) names no resource, so it is 404 like an id that does not exist.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Self(value)),
+            Err(_) => Err(ApiError::not_found("resource")),
+        }
+    }
+}
+
 /// An optional JSON body: an empty body is `None`; anything else must be JSON, as for [`ApiJson`].
 impl<T, S> axum::extract::OptionalFromRequest<S> for ApiJson<T>
 where

@@ -2,7 +2,7 @@
 //! once: the revocation is announced on NATS and each gateway drops the key from its cache).
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use parley_platform::timestamps::proto_to_rfc3339;
@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use super::ClientIp;
 use crate::AppState;
 use crate::auth::Caller;
-use crate::problem::{ApiJson, ApiResult, Problem};
+use crate::problem::{ApiJson, ApiPath, ApiResult, Problem};
 use crate::views::Page;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -110,7 +110,7 @@ pub async fn revoke(
     State(state): State<AppState>,
     caller: Caller,
     ClientIp(client_ip): ClientIp,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     let request = pb::RevokeApiKeyRequest { user_id: caller.user_id.to_string(), api_key_id: id.clone(), client_ip };
     state.backends.user.clone().revoke_api_key(request).await?;

@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use parley_platform::ErrorCode;
@@ -11,7 +11,7 @@ use parley_proto::chat::v1 as pb;
 use super::{PageQuery, page_limit, query_rejection};
 use crate::AppState;
 use crate::auth::Caller;
-use crate::problem::{ApiError, ApiJson, ApiResult, Problem};
+use crate::problem::{ApiError, ApiJson, ApiPath, ApiResult, Problem};
 use crate::views::{ConversationBody, ConversationView, Page};
 
 fn with_etag(status: StatusCode, conversation: pb::Conversation) -> Response {
@@ -80,7 +80,7 @@ pub async fn list(
     (status = 200, body = ConversationView, headers(("ETag" = String, description = "\"<version>\""))),
     (status = 404, body = Problem),
 ))]
-pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn get(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<String>) -> ApiResult<Response> {
     let request = pb::GetConversationRequest { user_id: caller.user_id.to_string(), conversation_id: id };
     let conversation = state.backends.chat.clone().get_conversation(request).await?.into_inner();
     Ok(with_etag(StatusCode::OK, conversation))
@@ -122,7 +122,7 @@ fn if_match(headers: &HeaderMap) -> Result<Precondition, ApiError> {
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<ConversationBody>,
 ) -> ApiResult<Response> {
@@ -149,7 +149,11 @@ pub async fn update(
 /// Delete a conversation and its messages.
 #[utoipa::path(delete, path = "/v1/conversations/{id}", tag = "conversations", security(("bearer" = [])),
     params(("id" = String, Path)), responses((status = 204), (status = 404, body = Problem)))]
-pub async fn delete(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<StatusCode> {
     let request = pb::DeleteConversationRequest { user_id: caller.user_id.to_string(), conversation_id: id };
     state.backends.chat.clone().delete_conversation(request).await?;
     Ok(StatusCode::NO_CONTENT)

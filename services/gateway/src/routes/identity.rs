@@ -1,7 +1,7 @@
 //! Registration, login, token refresh and logout, the caller's profile, the JWKS, and tier changes.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use parley_proto::user::v1 as pb;
@@ -10,7 +10,7 @@ use serde_json::json;
 use super::ClientIp;
 use crate::AppState;
 use crate::auth::Caller;
-use crate::problem::{ApiError, ApiJson, ApiResult, Problem};
+use crate::problem::{ApiError, ApiJson, ApiPath, ApiResult, Problem};
 use crate::views::{AuthView, LoginBody, RefreshBody, RegisterBody, TierBody, UserView};
 
 /// Create an account. Returns the user and a first token pair.
@@ -105,7 +105,7 @@ pub async fn set_tier(
     State(state): State<AppState>,
     caller: Caller,
     ClientIp(client_ip): ClientIp,
-    Path(user_id): Path<String>,
+    ApiPath(user_id): ApiPath<String>,
     ApiJson(body): ApiJson<TierBody>,
 ) -> ApiResult<Json<UserView>> {
     if !caller.is_admin() {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -24,7 +24,7 @@ use super::{PageQuery, page_limit, query_rejection};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::middleware::ModelWait;
-use crate::problem::{ApiError, ApiJson, ApiResult, Problem};
+use crate::problem::{ApiError, ApiJson, ApiPath, ApiResult, Problem};
 use crate::replies::HubEvent;
 use crate::views::{ExchangeView, MessageView, Page, SendMessageBody};
 
@@ -104,7 +104,7 @@ pub async fn release_budget(state: &AppState, caller: &Caller, reservation_id: &
 pub async fn send(
     State(state): State<AppState>,
     caller: Caller,
-    Path(conversation_id): Path<String>,
+    ApiPath(conversation_id): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<SendMessageBody>,
 ) -> ApiResult<Response> {
@@ -273,7 +273,7 @@ impl Ending {
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Path(conversation_id): Path<String>,
+    ApiPath(conversation_id): ApiPath<String>,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> ApiResult<Json<Page<MessageView>>> {
     let Query(query) = query.map_err(query_rejection)?;
@@ -293,7 +293,7 @@ pub async fn list(
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<MessageView>> {
     let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: id };
     let message = state.backends.chat.clone().get_message(request).await?.into_inner();

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::DeliverPolicy;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::problem::{ApiError, ApiResult, Problem};
+use crate::problem::{ApiError, ApiPath, ApiResult, Problem};
 use crate::replies::{HubEvent, Watch};
 use crate::views::MessageView;
 
@@ -348,7 +348,7 @@ pub async fn respond(
 pub async fn events(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let after = match headers.get("last-event-id") {
@@ -389,13 +389,16 @@ pub struct SocketQuery {
     ))]
 pub async fn websocket(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     query: Result<axum::extract::Query<SocketQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     caller: Result<Caller, ApiError>,
-    upgrade: axum::extract::ws::WebSocketUpgrade,
+    upgrade: Result<axum::extract::ws::WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let axum::extract::Query(query) = query.map_err(super::query_rejection)?;
+    let upgrade = upgrade.map_err(|rejection| {
+        ApiError::invalid_field("Upgrade", format!("this route speaks WebSocket only: {}", rejection.body_text()))
+    })?;
     // A bearer header was checked by the request pipeline; browsers cannot set headers on a WebSocket,
     // so without one the token may come in the query string.
     let caller = match (crate::auth::bearer_token(&headers), query.access_token) {

@@ -324,6 +324,15 @@ async fn bodies_over_the_limit_bad_input_and_spent_budgets_are_clear_errors() {
     let (status, body) = t.post(&session, "/v1/chat/completions", huge).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     assert_eq!(body["error"]["code"], "payload_too_large");
+    // A path segment that does not decode names nothing (404), and a WebSocket route asked without an
+    // upgrade says so: both as problems, not text.
+    let response = t.http.get(t.url("/v1/conversations/%FF%FE")).bearer_auth(&session.token).send().await.unwrap();
+    let (status, body) = read(response).await;
+    assert_problem(status, &body, 404, "not_found");
+    let ws = format!("/v1/messages/{}/ws", uuid::Uuid::now_v7());
+    let (status, body) = read(t.http.get(t.url(&ws)).bearer_auth(&session.token).send().await.unwrap()).await;
+    assert_problem(status, &body, 400, "invalid_request");
+    assert_eq!(body["field"], "Upgrade");
     // The bearer scheme's name is case-insensitive.
     let me = t.http.get(t.url("/v1/me")).header("authorization", format!("bearer {}", session.token)).send().await;
     assert_eq!(me.unwrap().status(), StatusCode::OK);
