@@ -272,12 +272,19 @@ async fn quota_settles_the_charge_a_usage_event_carries_once() {
     publish(&t, &carried, "carried-1").await;
     publish(&t, &carried, "carried-2").await;
 
-    eventually("the carried charge to be settled", Duration::from_secs(10), || async {
-        (budget().await == (30, 0)).then_some(())
+    // Once quota's consumer has settled and acknowledged all three, 30 tokens were charged, once.
+    let client = async_nats::connect(&t.config.nats.url).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let names = Names::new(&t.config.nats.prefix);
+    eventually("quota to settle every event", Duration::from_secs(10), || async {
+        let mut stream = jetstream.get_stream(names.usage_stream()).await.ok()?;
+        let last = stream.info().await.ok()?.state.last_sequence;
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(names.quota_consumer()).await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.ack_floor.stream_sequence >= last && info.num_ack_pending == 0).then_some(())
     })
     .await;
-    // Every event has been read by now or moments later: nothing more is charged.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(budget().await, (30, 0));
     t.stop().await;
 }
