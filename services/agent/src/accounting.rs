@@ -37,6 +37,27 @@ fn stored_reply(message: &chat_pb::Message) -> Option<StoredReply> {
     })
 }
 
+/// The usage event of a job's call, stamped now, carrying `charged_tokens` against the job's
+/// reservation; what the call itself reported (tokens, provider, timings) is the caller's to fill in.
+fn usage_event(job: &AiJob, model: &str, outcome: &str, charged_tokens: i64) -> UsageEvent {
+    UsageEvent {
+        event_id: job.message_id,
+        user_id: job.user_id,
+        conversation_id: job.conversation_id,
+        message_id: job.message_id,
+        model: model.to_owned(),
+        provider: "unknown".to_owned(),
+        input_tokens: 0,
+        output_tokens: 0,
+        latency_ms: 0,
+        time_to_first_token_ms: None,
+        cache_hit: false,
+        outcome: outcome.to_owned(),
+        occurred_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+        settlement: Some(Settlement { reservation_id: job.reservation_id, tokens: charged_tokens }),
+    }
+}
+
 /// What a call consumed before it failed: the prompt the model read and the part of the reply it had
 /// streamed, counted by the agent (a broken stream reports no usage). Zero when the model never started
 /// answering (no provider bills a refused or failed request).
@@ -125,20 +146,13 @@ impl Agent {
         let tokens =
             if answer.cache_hit { 0 } else { answer.completion.input_tokens + answer.completion.output_tokens };
         let event = UsageEvent {
-            event_id: job.message_id,
-            user_id: job.user_id,
-            conversation_id: job.conversation_id,
-            message_id: job.message_id,
-            model: model.to_owned(),
             provider: answer.provider.clone(),
             input_tokens: answer.completion.input_tokens,
             output_tokens: answer.completion.output_tokens,
             latency_ms: answer.elapsed.as_millis() as i64,
             time_to_first_token_ms: answer.completion.time_to_first_token.map(|ttft| ttft.as_millis() as i64),
             cache_hit: answer.cache_hit,
-            outcome: "completed".to_owned(),
-            occurred_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
-            settlement: Some(Settlement { reservation_id: job.reservation_id, tokens }),
+            ..usage_event(job, model, "completed", tokens)
         };
         self.publish_usage(&event).await
     }
@@ -191,24 +205,11 @@ impl Agent {
     /// call consumed as its charge (nothing when the model never started answering) and so also
     /// releases the rest of the reservation. Analytics counts it among the failures.
     pub(crate) async fn report_failure(&self, job: &AiJob, consumed: Consumed) -> Result<(), AgentError> {
+        let charged = consumed.input_tokens + consumed.output_tokens;
         let event = UsageEvent {
-            event_id: job.message_id,
-            user_id: job.user_id,
-            conversation_id: job.conversation_id,
-            message_id: job.message_id,
-            model: job.model.clone(),
-            provider: "unknown".to_owned(),
             input_tokens: consumed.input_tokens,
             output_tokens: consumed.output_tokens,
-            latency_ms: 0,
-            time_to_first_token_ms: None,
-            cache_hit: false,
-            outcome: "failed".to_owned(),
-            occurred_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
-            settlement: Some(Settlement {
-                reservation_id: job.reservation_id,
-                tokens: consumed.input_tokens + consumed.output_tokens,
-            }),
+            ..usage_event(job, &job.model, "failed", charged)
         };
         self.publish_usage(&event).await
     }
