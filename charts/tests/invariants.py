@@ -186,6 +186,35 @@ def main():
     for cron_job in by_kind.get("CronJob", []):
         check_pod(cron_job, cron_job["spec"]["jobTemplate"]["spec"], secrets, existing)
 
+    # gRPC clients balance over the addresses a name resolves to: every gRPC target must be a headless
+    # Service (one address per ready pod) on the gRPC port, selecting the pods of that service.
+    services = {svc["metadata"]["name"]: svc for svc in by_kind.get("Service", [])}
+    for config_map in by_kind.get("ConfigMap", []):
+        for key in ("PARLEY_USER_URL", "PARLEY_CHAT_URL", "PARLEY_QUOTA_URL", "PARLEY_ANALYTICS_URL", "PARLEY_AGENT_URL"):
+            url = (config_map.get("data") or {}).get(key)
+            if url is None:
+                continue
+            match = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", url)
+            target = services.get(match.group(1)) if match else None
+            if target is None:
+                problem(config_map, f"{key} {url} names no Service of this chart")
+                continue
+            if target["spec"].get("clusterIP") != "None":
+                problem(target, f"{key} points at it, but it is not headless: clients would reach one replica")
+            if not any(port.get("port") == int(match.group(2)) for port in target["spec"].get("ports", [])):
+                problem(target, f"{key} uses port {match.group(2)}, which it does not expose")
+            component = key.removeprefix("PARLEY_").removesuffix("_URL").lower()
+            if target["spec"]["selector"].get("app.kubernetes.io/component") != component:
+                problem(target, f"{key} points at it, but it does not select the {component} pods")
+    # An agent hands back what it cannot finish before the kubelet's SIGKILL.
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0].get("env", [])}
+        if deployment["metadata"]["labels"].get("app.kubernetes.io/component") == "agent":
+            drain = int(env.get("PARLEY_AGENT_DRAIN_SECS") or 0)
+            if not 0 < drain < pod.get("terminationGracePeriodSeconds", 30):
+                problem(deployment, f"PARLEY_AGENT_DRAIN_SECS {drain} is not within the termination grace period")
+
     pods = [d["spec"]["template"]["metadata"]["labels"] for d in [*deployments.values(), *fakes.values()]]
     for kind in ("PodDisruptionBudget", "Service", "NetworkPolicy"):
         for obj in by_kind.get(kind, []):

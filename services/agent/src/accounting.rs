@@ -89,7 +89,7 @@ impl Agent {
         how: &'static str,
     ) -> Result<(), AgentError> {
         metrics::counter!(crate::metrics::LLM_CACHE_REQUESTS, "outcome" => how).increment(1);
-        let index = self.next_delta_index(job.message_id, delivered).await;
+        let index = self.start_deltas(job.message_id, delivered).await;
         let subject = self.names.message_events_subject(job.message_id);
         let delta = MessageEvent::Delta { message_id: job.message_id, index, text: reply.content.clone() };
         self.publish_event(&subject, &delta).await;

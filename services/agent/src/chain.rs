@@ -80,7 +80,7 @@ impl Agent {
     ) -> Result<Answer, Failure> {
         let chain = self.config.models.get(model_name).map(|model| model.chain.as_slice()).unwrap_or_default();
         let mut last_error = ProviderError::Misconfigured(format!("model {model_name} has no usable provider"));
-        let mut delta_index = self.next_delta_index(job.message_id, delivered).await;
+        let mut delta_index = self.start_deltas(job.message_id, delivered).await;
         for target in chain {
             let Some(provider) = self.providers.get(&target.provider) else {
                 continue;
@@ -211,10 +211,13 @@ impl Agent {
         }
     }
 
-    /// Where this attempt's delta numbering starts: after the last delta an earlier attempt published
-    /// (an agent that died mid-reply), so clients resuming by `Last-Event-ID` never see an index twice.
-    /// A job's first delivery has no earlier attempt, so it starts at 0 without asking JetStream.
-    pub(crate) async fn next_delta_index(&self, message_id: Uuid, delivered: i64) -> u64 {
+    /// Where this attempt's deltas start. A job's first delivery starts at 0 without asking JetStream.
+    /// A redelivered job whose earlier attempt had published deltas (its agent died or was stopped
+    /// mid-reply) starts the reply again: it publishes a reset after the last of them, which tells
+    /// clients to drop the text they hold, and numbers its own deltas after the reset. Indices never
+    /// repeat, so a client resuming by `Last-Event-ID` sees each event once, and the text it assembles
+    /// equals the stored reply.
+    pub(crate) async fn start_deltas(&self, message_id: Uuid, delivered: i64) -> u64 {
         if delivered <= 1 {
             return 0;
         }
@@ -222,12 +225,19 @@ impl Agent {
             return 0;
         };
         let subject = self.names.message_events_subject(message_id);
-        match events.get_last_raw_message_by_subject(&subject).await {
-            Ok(last) => match serde_json::from_slice::<MessageEvent>(&last.payload) {
-                Ok(MessageEvent::Delta { index, .. }) => index + 1,
-                _ => 0,
-            },
-            Err(_) => 0,
+        let last = match events.get_last_raw_message_by_subject(&subject).await {
+            Ok(last) => serde_json::from_slice::<MessageEvent>(&last.payload).ok(),
+            Err(_) => None,
+        };
+        match last {
+            Some(MessageEvent::Delta { index, .. }) => {
+                tracing::info!(after = index, "an earlier attempt streamed part of this reply; starting it again");
+                self.publish_event(&subject, &MessageEvent::Reset { message_id, index: index + 1 }).await;
+                index + 2
+            }
+            // An earlier attempt reset the reply and died before its first delta: nothing to void.
+            Some(MessageEvent::Reset { index, .. }) => index + 1,
+            _ => 0,
         }
     }
 

@@ -83,12 +83,15 @@ impl Agent {
         }
     }
 
-    /// Pulls and runs jobs until `shutdown`; then hands back (naks) what it holds and returns once every
-    /// job task has ended.
+    /// Pulls and runs jobs until `shutdown`. Then it pulls no more, hands back (naks) what it pulled and
+    /// has not started, lets the jobs in flight finish for up to `agent.drain_secs`, hands back those
+    /// still running after that, and returns once every job task has ended.
     pub async fn run(self, shutdown: CancellationToken) {
         let concurrency = self.config.agent.concurrency;
         let permits = Arc::new(Semaphore::new(concurrency));
         let mut tasks = JoinSet::new();
+        // Cancelled when the drain's time is up: the jobs still running are handed back.
+        let hand_back = CancellationToken::new();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         'connect: while !shutdown.is_cancelled() {
             let messages = match self.subscribe(concurrency).await {
@@ -105,22 +108,28 @@ impl Agent {
             tokio::pin!(messages);
             loop {
                 let permit = tokio::select! {
-                    _ = shutdown.cancelled() => break 'connect,
+                    _ = shutdown.cancelled() => {
+                        hand_back_pulled(&mut messages).await;
+                        break 'connect;
+                    }
                     permit = permits.clone().acquire_owned() => match permit {
                         Ok(permit) => permit,
                         Err(_) => break 'connect,
                     },
                 };
                 let next = tokio::select! {
-                    _ = shutdown.cancelled() => break 'connect,
+                    _ = shutdown.cancelled() => {
+                        hand_back_pulled(&mut messages).await;
+                        break 'connect;
+                    }
                     next = messages.next() => next,
                 };
                 match next {
                     Some(Ok(message)) => {
                         let agent = self.clone();
-                        let shutdown = shutdown.clone();
+                        let hand_back = hand_back.clone();
                         tasks.spawn(async move {
-                            agent.handle(message, shutdown).await;
+                            agent.handle(message, hand_back).await;
                             drop(permit);
                         });
                     }
@@ -130,7 +139,16 @@ impl Agent {
                 while tasks.try_join_next().is_some() {}
             }
         }
-        while tasks.join_next().await.is_some() {}
+        let drain = Duration::from_secs(self.config.agent.drain_secs);
+        if !tasks.is_empty() {
+            tracing::info!(jobs = tasks.len(), ?drain, "finishing the jobs in flight before stopping");
+        }
+        let finished = tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
+        if finished.is_err() {
+            tracing::warn!(jobs = tasks.len(), "the drain's time is up; handing the jobs still running back");
+            hand_back.cancel();
+            while tasks.join_next().await.is_some() {}
+        }
         tracing::debug!("agent stopped");
     }
 
@@ -145,8 +163,9 @@ impl Agent {
         Ok(consumer.stream().max_messages_per_batch(batch).messages().await?)
     }
 
-    /// Runs one job, keeping it alive with progress acks, and acks or naks it by the outcome.
-    async fn handle(&self, message: jetstream::Message, shutdown: CancellationToken) {
+    /// Runs one job, keeping it alive with progress acks, and acks or naks it by the outcome; hands it
+    /// back unfinished (nak) when `hand_back` is cancelled.
+    async fn handle(&self, message: jetstream::Message, hand_back: CancellationToken) {
         let job: AiJob = match serde_json::from_slice(&message.payload) {
             Ok(job) => job,
             Err(error) => {
@@ -185,7 +204,7 @@ impl Agent {
                             tracing::warn!(%error, "progress ack failed");
                         }
                     }
-                    _ = shutdown.cancelled() => break None,
+                    _ = hand_back.cancelled() => break None,
                 }
             };
             let (ack, label) = match outcome {
@@ -347,6 +366,17 @@ impl Agent {
                 }
                 Generated::Failed(failure)
             }
+        }
+    }
+}
+
+/// Hands back (naks) the jobs the pull stream already holds and no job task has taken, so that another
+/// agent gets them at once rather than after their ack wait.
+async fn hand_back_pulled(messages: &mut std::pin::Pin<&mut jetstream::consumer::pull::Stream>) {
+    use futures::FutureExt;
+    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+        if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
+            tracing::debug!(%error, "handing back a pulled job failed; it is redelivered after its ack wait");
         }
     }
 }

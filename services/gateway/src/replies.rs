@@ -43,17 +43,29 @@ pub enum HubEvent {
         index: u64,
         text: Arc<str>,
     },
+    /// The reply starts again: the text of the deltas before `index` is void (an agent took over a job
+    /// whose earlier attempt died mid-reply).
+    Reset {
+        index: u64,
+    },
     /// The reply ended (completed or failed). A completed one may carry the reply as stored; else the
     /// stored message says how it ended.
     Ended(Option<Arc<StoredReply>>),
 }
 
+/// One indexed event of a reply: a piece of text, or a reset that voids the text before it.
+#[derive(Clone)]
+enum Piece {
+    Text(Arc<str>),
+    Reset,
+}
+
 /// One reply as this gateway has seen it.
 #[derive(Default)]
 struct ReplyRecord {
-    /// The index of `deltas[0]`.
+    /// The index of `pieces[0]`.
     first_index: u64,
-    deltas: Vec<Arc<str>>,
+    pieces: Vec<Piece>,
     /// A delta arrived out of sequence: the record cannot vouch for this reply any more.
     broken: bool,
     ended: bool,
@@ -65,28 +77,39 @@ struct ReplyRecord {
 
 impl ReplyRecord {
     fn next_index(&self) -> u64 {
-        self.first_index + self.deltas.len() as u64
+        self.first_index + self.pieces.len() as u64
     }
 
     fn record(&mut self, event: &HubEvent) {
-        match event {
-            HubEvent::Delta { index, text } => {
-                if self.deltas.is_empty() && !self.broken {
-                    self.first_index = *index;
-                }
-                if *index == self.next_index() {
-                    self.deltas.push(text.clone());
-                } else if *index > self.next_index() {
-                    self.broken = true;
-                }
-                // An index below the next one is a copy of one already held: nothing to add.
-            }
+        let (index, piece) = match event {
+            HubEvent::Delta { index, text } => (*index, Piece::Text(text.clone())),
+            HubEvent::Reset { index } => (*index, Piece::Reset),
             HubEvent::Ended(reply) => {
                 self.ended = true;
                 self.reply = reply.clone();
+                self.watchers.retain(|watcher| watcher.send(event.clone()).is_ok());
+                return;
             }
+        };
+        if self.pieces.is_empty() && !self.broken {
+            self.first_index = index;
         }
+        if index == self.next_index() {
+            self.pieces.push(piece);
+        } else if index > self.next_index() {
+            self.broken = true;
+        }
+        // An index below the next one is a copy of one already held: nothing to add.
         self.watchers.retain(|watcher| watcher.send(event.clone()).is_ok());
+    }
+}
+
+impl Piece {
+    fn event(&self, index: u64) -> HubEvent {
+        match self {
+            Piece::Text(text) => HubEvent::Delta { index, text: text.clone() },
+            Piece::Reset => HubEvent::Reset { index },
+        }
     }
 }
 
@@ -125,7 +148,7 @@ impl ReplyHub {
         let mut records = self.records();
         let complete_from = match records.get(&message_id) {
             Some(record) if record.broken => return None,
-            Some(record) if !record.deltas.is_empty() => record.first_index,
+            Some(record) if !record.pieces.is_empty() => record.first_index,
             // A record without deltas (ended, or watched before any delta) holds everything.
             Some(_) => 0,
             None => {
@@ -144,11 +167,11 @@ impl ReplyHub {
         let record = records.entry(message_id).or_default();
         let skip = after.saturating_sub(record.first_index) as usize;
         let mut backlog: Vec<HubEvent> = record
-            .deltas
+            .pieces
             .iter()
             .enumerate()
             .skip(skip)
-            .map(|(offset, text)| HubEvent::Delta { index: record.first_index + offset as u64, text: text.clone() })
+            .map(|(offset, piece)| piece.event(record.first_index + offset as u64))
             .collect();
         if record.ended {
             backlog.push(HubEvent::Ended(record.reply.clone()));
@@ -164,6 +187,7 @@ impl ReplyHub {
             MessageEvent::Delta { index, text, .. } => HubEvent::Delta { index, text: text.into() },
             MessageEvent::Completed { reply, .. } => HubEvent::Ended(reply.map(Arc::new)),
             MessageEvent::Failed { .. } => HubEvent::Ended(None),
+            MessageEvent::Reset { index, .. } => HubEvent::Reset { index },
         };
         let mut records = self.records();
         let record = records.entry(message_id).or_default();
@@ -248,6 +272,7 @@ mod tests {
             .iter()
             .map(|event| match event {
                 HubEvent::Delta { index, text } => format!("{index}:{text}"),
+                HubEvent::Reset { index } => format!("{index}:reset"),
                 HubEvent::Ended(_) => "end".to_owned(),
             })
             .collect()
@@ -306,6 +331,19 @@ mod tests {
         hub.deliver(id, delta(1, "b"));
         let watch = hub.watch(id, 0, time::OffsetDateTime::now_utc()).unwrap();
         assert_eq!(texts(&watch.backlog), ["0:a", "1:b"]);
+    }
+
+    #[test]
+    fn a_reset_is_held_in_order_with_the_deltas() {
+        let hub = hub();
+        let id = Uuid::now_v7();
+        hub.deliver(id, delta(0, "a"));
+        hub.deliver(id, MessageEvent::Reset { message_id: id, index: 1 });
+        hub.deliver(id, delta(2, "b"));
+        let watch = hub.watch(id, 0, time::OffsetDateTime::now_utc()).unwrap();
+        assert_eq!(texts(&watch.backlog), ["0:a", "1:reset", "2:b"]);
+        let watch = hub.watch(id, 1, time::OffsetDateTime::now_utc()).unwrap();
+        assert_eq!(texts(&watch.backlog), ["1:reset", "2:b"]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use parley_platform::Config;
+use parley_platform::balance::Balanced;
 use parley_platform::grpc::{lazy_channel, with_context};
 use parley_platform::health::{self, Readiness};
 use parley_platform::replicas::{Database, WriteMarks};
@@ -146,11 +147,11 @@ struct Shared {
 
 /// A lazily connecting channel to each gRPC service.
 struct Channels {
-    user: tonic::transport::Channel,
-    chat: tonic::transport::Channel,
-    quota: tonic::transport::Channel,
-    analytics: tonic::transport::Channel,
-    agent: tonic::transport::Channel,
+    user: Balanced,
+    chat: Balanced,
+    quota: Balanced,
+    analytics: Balanced,
+    agent: Balanced,
 }
 
 impl Channels {

@@ -38,6 +38,10 @@ pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
         "PARLEY_TRUSTED_PROXY_HOPS",
         "proxies in front of the gateway whose X-Forwarded-For entries are trusted (default 0)",
     ),
+    (
+        "PARLEY_AGENT_DRAIN_SECS",
+        "on shutdown, seconds an agent lets its jobs in flight finish before handing them back (default 25)",
+    ),
     ("PARLEY_LOG", "log filter, e.g. info or parley_chat=debug (default info)"),
     ("PARLEY_LOG_FORMAT", "json (default) or pretty"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTLP gRPC endpoint for traces; unset means no export"),
@@ -246,6 +250,9 @@ pub struct AgentConfig {
     /// The model that writes running summaries of long threads; by default a model's router target
     /// (its cheaper model), else the model itself.
     pub summary_model: Option<String>,
+    /// On shutdown, how long jobs in flight may run on before they are handed back to JetStream
+    /// unfinished. Keep it below the pod's termination grace period.
+    pub drain_secs: u64,
 }
 
 /// The response cache: exact matches of deterministic requests, in Redis behind an in-process LRU.
@@ -519,6 +526,7 @@ impl Default for AgentConfig {
             breaker: BreakerConfig::default(),
             cache: CacheConfig::default(),
             summary_model: None,
+            drain_secs: 25,
         }
     }
 }
@@ -745,6 +753,12 @@ impl Config {
                 .trim()
                 .parse()
                 .map_err(|_| invalid("PARLEY_TRUSTED_PROXY_HOPS", "must be a whole number of proxies"))?;
+        }
+        if let Some(v) = get("PARLEY_AGENT_DRAIN_SECS") {
+            self.agent.drain_secs = v
+                .trim()
+                .parse()
+                .map_err(|_| invalid("PARLEY_AGENT_DRAIN_SECS", "must be a whole number of seconds"))?;
         }
         if let Some(v) = get("PARLEY_LOG") {
             self.telemetry.log_filter = v;

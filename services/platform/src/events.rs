@@ -116,6 +116,23 @@ pub enum MessageEvent {
         code: String,
         detail: String,
     },
+    /// The reply starts again: the text of every delta before this one is void. Published by an agent
+    /// that took over a job whose earlier attempt (an agent that died or was stopped mid-reply) had
+    /// already published deltas. It takes the next index, so ids stay in order for `Last-Event-ID`.
+    Reset {
+        message_id: Uuid,
+        index: u64,
+    },
+}
+
+impl MessageEvent {
+    /// The place of a delta or a reset in its reply's sequence; `None` for the end events.
+    pub fn index(&self) -> Option<u64> {
+        match self {
+            MessageEvent::Delta { index, .. } | MessageEvent::Reset { index, .. } => Some(*index),
+            MessageEvent::Completed { .. } | MessageEvent::Failed { .. } => None,
+        }
+    }
 }
 
 /// A completed assistant message as stored, in a `completed` event.

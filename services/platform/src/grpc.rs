@@ -12,6 +12,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::balance::Balanced;
 use crate::telemetry;
 
 tokio::task_local! {
@@ -36,11 +37,18 @@ impl Interceptor for PropagateContext {
 }
 
 /// The channel type every generated client is built on.
-pub type ClientChannel = InterceptedService<Channel, PropagateContext>;
+pub type ClientChannel = InterceptedService<Balanced, PropagateContext>;
 
-/// A channel that connects on first use and reconnects by itself, so services can start in any order.
-pub fn lazy_channel(url: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(url.to_owned())?
+/// A channel to every replica of the service at `url`, connecting on first use and reconnecting by
+/// itself, so services can start in any order; calls are spread over the replicas
+/// ([`crate::balance`]).
+pub fn lazy_channel(url: &str) -> Result<Balanced, tonic::transport::Error> {
+    Balanced::new(url, replica_channel)
+}
+
+/// One replica's channel.
+fn replica_channel(url: String) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url)?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(30))
         .tcp_nodelay(true)
@@ -49,7 +57,7 @@ pub fn lazy_channel(url: &str) -> Result<Channel, tonic::transport::Error> {
         .connect_lazy())
 }
 
-pub fn with_context(channel: Channel) -> ClientChannel {
+pub fn with_context(channel: Balanced) -> ClientChannel {
     InterceptedService::new(channel, PropagateContext)
 }
 

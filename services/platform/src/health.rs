@@ -170,7 +170,7 @@ pub fn redis_check(
 
 /// Checks a peer's `grpc.health.v1` status for one service name.
 pub fn grpc_check(
-    channel: tonic::transport::Channel,
+    channel: crate::balance::Balanced,
     service: &'static str,
 ) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
     move || {

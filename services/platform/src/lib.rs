@@ -7,6 +7,7 @@
 
 pub mod access_token;
 pub mod backoff;
+pub mod balance;
 pub mod config;
 pub mod db;
 pub mod error;

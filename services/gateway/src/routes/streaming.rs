@@ -1,5 +1,6 @@
 //! Replies as server-sent events: `message.created`, `message.delta` (many), then `message.completed` or
-//! `message.failed`, each with an `id:`.
+//! `message.failed`, each with an `id:`. A `message.reset` among the deltas (a job taken over after its
+//! agent died mid-reply) voids the text of the deltas before it: the reply starts again.
 //!
 //! Agents publish a reply's events on its NATS subject. Each gateway follows all of them through one
 //! subscription (the reply hub, `crate::replies`) and hands them to its open streams from memory, so the
@@ -10,8 +11,8 @@
 //! The final event is built from the stored message, the source of truth; a re-read of the stored
 //! message after a quiet spell ends the stream even if NATS lost the events.
 //!
-//! Event ids: `message.created` is 0, the delta with index `i` is `i + 1`, the final event follows the
-//! last delta.
+//! Event ids: `message.created` is 0, the delta (or reset) with index `i` is `i + 1`, the final event
+//! follows the last delta.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -104,6 +105,10 @@ pub enum ReplyItem {
         index: u64,
         text: String,
     },
+    /// The text of every delta before this one is void: the reply starts again.
+    Reset {
+        index: u64,
+    },
     /// The stored reply, completed or failed; the last item.
     Finished(Box<pb::Message>),
 }
@@ -112,6 +117,7 @@ pub enum ReplyItem {
 fn hub_source(message_id: Uuid, watch: Watch) -> EventSource {
     let to_event = move |event: HubEvent| match event {
         HubEvent::Delta { index, text } => MessageEvent::Delta { message_id, index, text: text.to_string() },
+        HubEvent::Reset { index } => MessageEvent::Reset { message_id, index },
         HubEvent::Ended(reply) => MessageEvent::Completed { message_id, reply: reply.map(|reply| (*reply).clone()) },
     };
     let backlog = futures::stream::iter(watch.backlog);
@@ -196,7 +202,8 @@ impl ReplyFeed {
                 next = wait => next,
             };
             match next {
-                Some(Some(Some(MessageEvent::Delta { index, text, .. }))) => {
+                Some(Some(Some(event @ (MessageEvent::Delta { .. } | MessageEvent::Reset { .. })))) => {
+                    let index = event.index().unwrap_or_default();
                     if index < self.after {
                         continue;
                     }
@@ -213,8 +220,14 @@ impl ReplyFeed {
                         self.source = Box::pin(open_source(&self.state, self.message_id)).await;
                         continue;
                     }
+                    // A reset before any delta this client was sent voids nothing it holds.
+                    let voids_nothing = self.after == 0;
                     self.after = index + 1;
-                    return Some(ReplyItem::Delta { index, text });
+                    match event {
+                        MessageEvent::Delta { text, .. } => return Some(ReplyItem::Delta { index, text }),
+                        _ if voids_nothing => continue,
+                        _ => return Some(ReplyItem::Reset { index }),
+                    }
                 }
                 // An unreadable event: skip it.
                 Some(Some(None)) => continue,
@@ -286,6 +299,7 @@ fn event_parts(feed: &ReplyFeed, item: ReplyItem) -> (&'static str, u64, serde_j
         ReplyItem::Delta { index, text } => {
             ("message.delta", id, json!({"message_id": feed.message_id(), "index": index, "text": text}))
         }
+        ReplyItem::Reset { index } => ("message.reset", id, json!({"message_id": feed.message_id(), "index": index})),
         ReplyItem::Finished(message) if MessageStatus::parse(&message.status) == Some(MessageStatus::Completed) => {
             let view = serde_json::to_value(MessageView::from(*message)).unwrap_or_default();
             ("message.completed", id + 1, view)
@@ -341,7 +355,7 @@ pub async fn respond(
 #[utoipa::path(get, path = "/v1/messages/{id}/events", tag = "messages", security(("bearer" = [])),
     params(("id" = String, Path), ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event")),
     responses(
-        (status = 200, description = "An event stream: message.delta events, then message.completed or message.failed", content_type = "text/event-stream"),
+        (status = 200, description = "An event stream: message.delta events (a message.reset among them voids the text before it), then message.completed or message.failed", content_type = "text/event-stream"),
         (status = 400, description = "Malformed Last-Event-ID", body = Problem),
         (status = 404, body = Problem),
     ))]

@@ -127,6 +127,13 @@ impl TestPlatform {
         platform.kill().await;
     }
 
+    /// Stops, as SIGTERM does, the platform started by the `index`th `launch` call; the handle ends
+    /// once it has shut down.
+    pub fn stop_launched(&mut self, index: usize) -> tokio::task::JoinHandle<()> {
+        let platform = self.platforms.remove(index + 1);
+        tokio::spawn(async move { platform.stop().await.unwrap() })
+    }
+
     async fn wait_until_live(&self) {
         eventually("the gateway to be up", Duration::from_secs(20), || async {
             let response = self.http.get(self.url("/healthz")).send().await.ok()?;

@@ -12,7 +12,7 @@ use parley_proto::chat::v1::chat_service_client::ChatServiceClient;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::harness::{ALL_BUT_AGENT, TestPlatform, eventually};
+use crate::harness::{ALL_BUT_AGENT, SseReader, TestPlatform, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_held_by_a_dead_agent_is_redelivered_and_answered_once() {
@@ -88,8 +88,155 @@ async fn a_job_held_by_a_dead_agent_is_redelivered_and_answered_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_mid_stream_leaves_the_job_to_another_and_one_reply_is_stored() {
-    use crate::harness::SseReader;
+    let Streaming { mut t, session, conversation, mut reader, first } =
+        stream_with_one_agent("killed@example.com", "survive a crash").await;
 
+    // The agent dies mid-reply, holding the job; a new one starts.
+    t.kill_launched(0).await;
+    t.launch(&[Service::Agent]).await;
+
+    // The same stream carries on to the end: ids keep increasing, the new agent's `message.reset` voids
+    // the dead one's text, and what the client assembles is the reply stored once.
+    let mut live = Assembled::default();
+    live.take(&first);
+    let last = live.read_to_end(&mut reader).await;
+    assert_eq!(last.event, "message.completed", "{last:?}");
+    assert!(live.ids.windows(2).all(|pair| pair[1] > pair[0]), "event ids never repeat: {:?}", live.ids);
+    assert_eq!(live.resets, 1, "the new agent started the reply again");
+    let stored = parley_fake_llm::reply_for("survive a crash");
+    assert_eq!(last.data["content"], stored);
+    assert_eq!(live.text, stored, "the text the client assembled is the stored reply");
+    let reply_id = last.data["id"].as_str().unwrap().to_owned();
+
+    // Replayed, from the start and from each event on: the same text, over SSE and over a WebSocket.
+    let reset_id = *live.ids.iter().find(|id| live.reset_ids.contains(id)).unwrap();
+    for after in [None, Some(0), Some(1), Some(reset_id - 1), Some(reset_id), Some(reset_id + 1)] {
+        let mut request = t.http.get(t.url(&format!("/v1/messages/{reply_id}/events"))).bearer_auth(&session.token);
+        let mut replay = Assembled::default();
+        if let Some(after) = after {
+            request = request.header("last-event-id", after.to_string());
+            replay.text = live.text_at(after);
+        }
+        let last = replay.read_to_end(&mut SseReader::new(request.send().await.unwrap())).await;
+        assert_eq!(last.event, "message.completed");
+        assert_eq!(replay.text, stored, "replayed after {after:?}: {:?}", replay.ids);
+    }
+    let socket_text = websocket_text(&t, &session, &reply_id, 1, live.text_at(1)).await;
+    assert_eq!(socket_text, stored, "over a WebSocket, resumed after the first delta");
+
+    let (_, messages) = t.get(&session, &format!("/v1/conversations/{conversation}/messages")).await;
+    let replies: Vec<_> = messages["data"].as_array().unwrap().iter().filter(|m| m["role"] == "assistant").collect();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0]["status"], "completed");
+    assert_eq!(t.fake.requests(), 2, "the dead agent's call and the new agent's call");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_stopped_mid_stream_finishes_its_reply_before_it_exits() {
+    let Streaming { mut t, session: _, conversation: _, mut reader, first } =
+        stream_with_one_agent("drained@example.com", "finish what you started").await;
+
+    // SIGTERM, as a rolling deploy sends it: the agent pulls nothing more and finishes the reply.
+    let stopping = t.stop_launched(0);
+    let mut live = Assembled::default();
+    live.take(&first);
+    let last = live.read_to_end(&mut reader).await;
+    assert_eq!(last.event, "message.completed", "{last:?}");
+    assert_eq!(live.resets, 0, "nothing was generated twice");
+    let stored = parley_fake_llm::reply_for("finish what you started");
+    assert_eq!(live.text, stored);
+    tokio::time::timeout(Duration::from_secs(10), stopping).await.expect("the agent exits once drained").unwrap();
+    assert_eq!(t.fake.requests(), 1, "one model call: the reply was not handed to another agent");
+    t.stop().await;
+}
+
+/// What a client holds of a reply from its events: deltas appended, a reset voiding what came before.
+#[derive(Default)]
+struct Assembled {
+    text: String,
+    ids: Vec<u64>,
+    reset_ids: Vec<u64>,
+    resets: usize,
+    /// The text held after each event id.
+    history: Vec<(u64, String)>,
+}
+
+impl Assembled {
+    /// Takes one event; false for the final one (or anything that is not a delta or a reset).
+    fn take(&mut self, event: &crate::harness::SseEvent) -> bool {
+        let id = event.id.as_deref().and_then(|id| id.parse().ok()).unwrap_or_default();
+        match event.event.as_str() {
+            "message.delta" => self.text.push_str(event.data["text"].as_str().unwrap()),
+            "message.reset" => {
+                self.text.clear();
+                self.resets += 1;
+                self.reset_ids.push(id);
+            }
+            _ => return false,
+        }
+        self.ids.push(id);
+        self.history.push((id, self.text.clone()));
+        true
+    }
+
+    /// Takes every event up to the final one, which it returns.
+    async fn read_to_end(&mut self, reader: &mut SseReader) -> crate::harness::SseEvent {
+        loop {
+            let event = reader.next().await.unwrap();
+            if !self.take(&event) {
+                return event;
+            }
+        }
+    }
+
+    /// The text a client held once it had seen every event up to id `after`.
+    fn text_at(&self, after: u64) -> String {
+        self.history.iter().rev().find(|(id, _)| *id <= after).map(|(_, text)| text.clone()).unwrap_or_default()
+    }
+}
+
+/// The reply's text as a WebSocket client assembles it, resuming after event `after` with `held`.
+async fn websocket_text(
+    t: &TestPlatform,
+    session: &crate::harness::Session,
+    reply_id: &str,
+    after: u64,
+    held: String,
+) -> String {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let url = format!("{}/v1/messages/{reply_id}/ws?last_event_id={after}", t.base.replacen("http://", "ws://", 1));
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {}", session.token).parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut text = held;
+    while let Some(frame) = socket.next().await {
+        let Message::Text(frame) = frame.unwrap() else { continue };
+        let event: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        match event["event"].as_str().unwrap() {
+            "message.delta" => text.push_str(event["data"]["text"].as_str().unwrap()),
+            "message.reset" => text.clear(),
+            _ => break,
+        }
+    }
+    text
+}
+
+/// A reply streaming from the one agent running, its first delta read.
+struct Streaming {
+    t: TestPlatform,
+    session: crate::harness::Session,
+    conversation: String,
+    reader: SseReader,
+    first: crate::harness::SseEvent,
+}
+
+/// Starts a platform whose one agent generates slowly (10 tokens a second, jobs held for 2 s without
+/// a progress ack), sends `content` with an event stream and reads up to the reply's first delta.
+async fn stream_with_one_agent(email: &str, content: &str) -> Streaming {
     let mut t = TestPlatform::start_with(
         |config| {
             config.nats.job_ack_wait_secs = 2;
@@ -99,14 +246,14 @@ async fn an_agent_killed_mid_stream_leaves_the_job_to_another_and_one_reply_is_s
     )
     .await;
     t.launch(&[Service::Agent]).await;
-    let session = t.register("killed@example.com").await;
-    let conversation = t.create_conversation(&session, "killed mid-stream").await;
+    let session = t.register(email).await;
+    let conversation = t.create_conversation(&session, content).await;
     let response = t
         .http
         .post(t.url(&format!("/v1/conversations/{conversation}/messages")))
         .bearer_auth(&session.token)
         .header("accept", "text/event-stream")
-        .json(&json!({"content": "survive a crash"}))
+        .json(&json!({"content": content}))
         .send()
         .await
         .unwrap();
@@ -114,27 +261,5 @@ async fn an_agent_killed_mid_stream_leaves_the_job_to_another_and_one_reply_is_s
     assert_eq!(reader.next().await.unwrap().event, "message.created");
     let first = reader.next().await.unwrap();
     assert_eq!(first.event, "message.delta");
-
-    // The agent dies mid-reply, holding the job; a new one starts.
-    t.kill_launched(0).await;
-    t.launch(&[Service::Agent]).await;
-
-    // The same stream carries on to the end: ids keep increasing, and the final reply is stored once.
-    let mut ids = vec![first.id.clone().unwrap().parse::<u64>().unwrap()];
-    let last = loop {
-        let event = reader.next().await.unwrap();
-        if event.event != "message.delta" {
-            break event;
-        }
-        ids.push(event.id.unwrap().parse().unwrap());
-    };
-    assert_eq!(last.event, "message.completed", "{last:?}");
-    assert!(ids.windows(2).all(|pair| pair[1] > pair[0]), "event ids never repeat: {ids:?}");
-    assert_eq!(last.data["content"], parley_fake_llm::reply_for("survive a crash"));
-    let (_, messages) = t.get(&session, &format!("/v1/conversations/{conversation}/messages")).await;
-    let replies: Vec<_> = messages["data"].as_array().unwrap().iter().filter(|m| m["role"] == "assistant").collect();
-    assert_eq!(replies.len(), 1);
-    assert_eq!(replies[0]["status"], "completed");
-    assert_eq!(t.fake.requests(), 2, "the dead agent's call and the new agent's call");
-    t.stop().await;
+    Streaming { t, session, conversation, reader, first }
 }
