@@ -4,17 +4,19 @@ SHELL := /bin/bash
 export PATH := $(CURDIR)/.tools/bin:$(HOME)/.cargo/bin:$(PATH)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run test lint unit chart services replica tools build bench
+.PHONY: run test lint unit chart topology services replica tools build bench
 
 ## Build and start the whole platform locally (parley dev, gateway on http://127.0.0.1:8080).
 run: services
 	cargo build --bin parley
 	./target/debug/parley dev
 
-## Every test: lint, unit, integration and end to end, then the Helm chart, alert rules and dashboards.
+## Every test: lint, unit, integration and end to end, then the Helm chart, alert rules and dashboards,
+## then the topology test (the rendered chart run as one process per replica).
 test: services replica tools lint
 	cargo nextest run --workspace --no-fail-fast
 	$(MAKE) --no-print-directory chart
+	$(MAKE) --no-print-directory topology
 
 ## The chart (helm lint, kubernetes-validate, invariants), promtool on the alert rules, and every
 ## dashboard query against a real Prometheus scraping `parley dev`.
@@ -22,6 +24,12 @@ chart: services replica tools
 	cargo build --bin parley
 	charts/tests/check-chart.sh
 	.tools/venv/bin/python charts/tests/check-dashboards.py
+
+## The chart rendered with `helm template` and every Deployment run as local processes, two gateways,
+## chat and agents: the public journey, balancing, restarts and degraded modes (charts/tests/topology.py).
+topology: services tools
+	cargo build --bin parley
+	.tools/venv/bin/python charts/tests/topology.py
 
 ## Formatting and clippy, warnings denied.
 lint:
