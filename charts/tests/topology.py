@@ -8,8 +8,9 @@ replica gets a loopback address of its own (127.77.<deployment>.<replica>) stand
 Service names resolve as cluster DNS resolves them: the test runs in a mount namespace of its own whose
 /etc/hosts lists, for every Service, the replicas whose readiness probe passes (a headless Service
 answers with every ready pod), refreshed twice a second. The migrate Job runs first, as the
-pre-install hook does. PostgreSQL (a database of its own) and NATS (a prefix of its own) are the
-machine's; Redis is an instance of its own, so that the test can stop it.
+pre-install hook does. PostgreSQL is a primary and a streaming replica of the test's own (made with the
+machine's PostgreSQL binaries, initdb and pg_basebackup), and Redis an instance of its own, so that
+the test can stop them; NATS is the machine's, under a prefix of the test's own.
 
 Through the public API it then checks, in order:
   1. the journey: register, a conversation, a JSON send, an SSE send, the OpenAI SDK (plain and
@@ -20,8 +21,10 @@ Through the public API it then checks, in order:
      live and replayed on the other gateway, with and without Last-Event-ID, the text a client
      assembles is the stored reply); every agent SIGTERMed mid-reply (the reply finishes, no reset); a
      gateway SIGTERMed mid-stream (the client resumes on the other, nothing lost or repeated);
-  4. degraded modes: Redis stopped (sends still answer, /readyz stays 200 "degraded"); analytics
-     killed (sends still work, usage catches up once it is back).
+  4. degraded modes: analytics killed (sends still work, usage catches up once it is back);
+     PostgreSQL's primary stopped (writes fail fast with 503 `unavailable` and Retry-After, reads
+     are served by the replica, and after its restart nothing acknowledged is missing); Redis stopped
+     (sends still answer, every replica stays ready, /readyz says "degraded").
 
     python topology.py [--parley target/debug/parley]
 """
@@ -47,8 +50,6 @@ import yaml
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 HELM = os.path.join(ROOT, ".tools", "bin", "helm")
-DATABASE = "parley_topology"
-POSTGRES = "postgres://postgres@127.0.0.1:5432"
 NATS = ("127.0.0.1", 4222)
 PREFIX = "topology"
 # Replicas per Deployment, beyond the dev values' one.
@@ -112,9 +113,64 @@ def delete_streams():
             nats_request(f"$JS.API.STREAM.DELETE.{name}")
 
 
+# ---- PostgreSQL: a primary and a streaming replica of the test's own -----------------------------
+
+class Postgres:
+    def __init__(self, work):
+        version = subprocess.run(["psql", "postgres://postgres@127.0.0.1:5432/postgres", "-Atc", "SHOW server_version_num"],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+        self.bin = f"/usr/lib/postgresql/{int(version) // 10000}/bin"
+        self.primary, self.replica = os.path.join(work, "pg-primary"), os.path.join(work, "pg-replica")
+        self.primary_port, self.replica_port = free_port(), free_port()
+
+    def as_owner(self, *args, **kwargs):
+        # PostgreSQL will not run as root.
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        return subprocess.run([*prefix, *args], check=True, capture_output=True, text=True, **kwargs)
+
+    def configure(self, directory, port, extra=""):
+        with open(os.path.join(directory, "postgresql.conf"), "a") as f:
+            f.write(f"port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{directory}'\n"
+                    f"fsync = off\nmax_connections = 200\nshared_buffers = 32MB\n{extra}")
+        with open(os.path.join(directory, "pg_hba.conf"), "w") as f:
+            f.write("local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n")
+
+    def start(self):
+        for directory in (self.primary, self.replica):
+            os.makedirs(directory, mode=0o700)
+            if os.geteuid() == 0:
+                shutil.chown(directory, "postgres", "postgres")
+        self.as_owner(f"{self.bin}/initdb", "-D", self.primary, "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self.configure(self.primary, self.primary_port)
+        self.start_primary()
+        self.as_owner(f"{self.bin}/pg_basebackup", "-h", "127.0.0.1", "-p", str(self.primary_port), "-U", "postgres",
+                      "-D", self.replica, "-R", "-X", "stream", "-c", "fast")
+        self.configure(self.replica, self.replica_port, "hot_standby = on\n")
+        self.as_owner(f"{self.bin}/pg_ctl", "-D", self.replica, "-l", os.path.join(self.replica, "server.log"), "-w", "start")
+        subprocess.run(["psql", f"{self.url(self.primary_port)}/postgres", "-qc", "CREATE DATABASE parley"], check=True, capture_output=True)
+
+    def start_primary(self):
+        self.as_owner(f"{self.bin}/pg_ctl", "-D", self.primary, "-l", os.path.join(self.primary, "server.log"), "-w", "start")
+
+    def stop_primary(self):
+        # Fast shutdown: open sessions end with SQLSTATE 57P01 (admin shutdown), as on a failover.
+        self.as_owner(f"{self.bin}/pg_ctl", "-D", self.primary, "-m", "fast", "-w", "stop")
+
+    def stop(self):
+        for directory in (self.replica, self.primary):
+            if os.path.exists(os.path.join(directory, "postmaster.pid")):
+                subprocess.run(["runuser", "-u", "postgres", "--", f"{self.bin}/pg_ctl", "-D", directory, "-m", "immediate", "stop"]
+                               if os.geteuid() == 0 else [f"{self.bin}/pg_ctl", "-D", directory, "-m", "immediate", "stop"],
+                               capture_output=True)
+
+    @staticmethod
+    def url(port):
+        return f"postgres://postgres@127.0.0.1:{port}"
+
+
 # ---- HTTP -------------------------------------------------------------------------------------------
 
-def call(base, method, path, body=None, token=None, headers=None, expect=None, timeout=30):
+def call(base, method, path, body=None, token=None, headers=None, expect=None, timeout=30, with_headers=False):
     request = urllib.request.Request(base + path, method=method)
     request.add_header("content-type", "application/json")
     if token:
@@ -125,11 +181,13 @@ def call(base, method, path, body=None, token=None, headers=None, expect=None, t
     try:
         with urllib.request.urlopen(request, data, timeout=timeout) as response:
             status, text = response.status, response.read()
+            answer_headers = response.headers
     except urllib.error.HTTPError as error:
-        status, text = error.code, error.read()
+        status, text, answer_headers = error.code, error.read(), error.headers
     if expect is not None and status != expect:
         fail(f"{method} {base}{path}: expected {expect}, got {status}: {text[:400]!r}")
-    return status, (json.loads(text) if text else None)
+    body = json.loads(text) if text else None
+    return (status, body, answer_headers) if with_headers else (status, body)
 
 
 class EventStream:
@@ -433,11 +491,12 @@ class Cluster:
                 print(f"--- {replica.name} ({replica.ip}), last lines:\n" + "".join(tail), file=sys.stderr)
 
 
-def render(work, redis_port):
+def render(work, redis_port, postgres):
     values = os.path.join(work, "values.yaml")
     with open(values, "w") as f:
         yaml.safe_dump({
-            "database": {"url": f"{POSTGRES}/{DATABASE}"},
+            "database": {"url": f"{postgres.url(postgres.primary_port)}/parley",
+                         "replicaUrls": [f"{postgres.url(postgres.replica_port)}/parley"]},
             "redis": {"url": f"redis://127.0.0.1:{redis_port}"},
             "nats": {"url": f"nats://{NATS[0]}:{NATS[1]}"},
             "config": {
@@ -694,6 +753,40 @@ def analytics_outage(cluster, a, b):
     log("degraded: analytics killed; sends worked, and usage caught up when it came back")
 
 
+def written_before(a):
+    """A user with a thread written now, to read back later from the replica (long after the user's
+    read-your-writes mark has lapsed)."""
+    token = register(a, "durable")
+    thread = conversation(a, token, "durable")
+    for n in range(2):
+        call(a, "POST", f"/v1/conversations/{thread}/messages", {"content": f"keep this {n}"}, token, expect=200)
+    return token, thread
+
+
+def primary_outage(cluster, a, b, postgres, token, thread):
+    _, before = call(b, "GET", f"/v1/conversations/{thread}/messages", token=token, expect=200)
+    postgres.stop_primary()
+    for base in (a, b):
+        status, problem, headers = call(base, "POST", f"/v1/conversations/{thread}/messages", {"content": "while the primary is down"},
+                                        token, with_headers=True, timeout=15)
+        if status != 503 or problem.get("code") != "unavailable" or not headers.get("retry-after"):
+            fail(f"a write with the primary down: {status} {problem} retry-after={headers.get('retry-after')}")
+    for base in (a, b):
+        _, during = call(base, "GET", f"/v1/conversations/{thread}/messages", token=token, expect=200)
+        if during["data"] != before["data"]:
+            fail(f"reads from the replica while the primary is down: {during} != {before}")
+        call(base, "GET", "/v1/conversations", token=token, expect=200)
+    postgres.start_primary()
+    wait_for("writes to succeed once the primary is back",
+             lambda: call(a, "POST", f"/v1/conversations/{thread}/messages", {"content": "primary is back"}, token)[0] == 200,
+             timeout=60, every=0.5)
+    _, after = call(a, "GET", f"/v1/conversations/{thread}/messages", token=token, expect=200)
+    contents = [m["content"] for m in after["data"] if m["role"] == "user"]
+    if contents != ["keep this 0", "keep this 1", "primary is back"]:
+        fail(f"after the primary came back: {contents}")
+    log("degraded: PostgreSQL's primary stopped; writes 503 with Retry-After, reads from the replica, nothing lost")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--parley", default=os.path.join(ROOT, "target", "debug", "parley"))
@@ -706,23 +799,26 @@ def main():
         os.execvp("unshare", ["unshare", *user, "--mount", "--propagation", "private", sys.executable, *sys.argv])
 
     work = tempfile.mkdtemp(prefix="parley-topology-")
+    os.chmod(work, 0o755)  # PostgreSQL's files live here, owned by its own user
     redis_port = free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                              stdout=open(os.path.join(work, "redis.log"), "w"), stderr=subprocess.STDOUT)
-    subprocess.run(["psql", f"{POSTGRES}/postgres", "-qc", f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"], check=True, capture_output=True)
-    subprocess.run(["psql", f"{POSTGRES}/postgres", "-qc", f"CREATE DATABASE {DATABASE}"], check=True, capture_output=True)
+    postgres = Postgres(work)
     delete_streams()
     wait_for("the test's Redis", lambda: socket.create_connection(("127.0.0.1", redis_port), timeout=1).close() or True)
-    cluster = Cluster(args.parley, work, render(work, redis_port))
+    cluster = Cluster(args.parley, work, render(work, redis_port, postgres))
     ok = False
     try:
+        postgres.start()
         run_job(cluster, "parley-migrate")
         cluster.start()
         a, b = (r.url("http") for r in cluster.of("gateway"))
+        durable = written_before(a)
         journey(cluster, a, b)
         balance(cluster, a, b)
         restarts(cluster, a, b)
         analytics_outage(cluster, a, b)
+        primary_outage(cluster, a, b, postgres, *durable)
         degraded(cluster, a, b, redis)
         ok = True
     finally:
@@ -730,8 +826,8 @@ def main():
         if not ok:
             cluster.logs()
         redis.kill()
+        postgres.stop()
         delete_streams()
-        subprocess.run(["psql", f"{POSTGRES}/postgres", "-qc", f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"], capture_output=True)
         if ok:
             shutil.rmtree(work, ignore_errors=True)
         else:
