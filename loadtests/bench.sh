@@ -44,6 +44,11 @@
 #                            `parley serve <service>` as the chart deploys them (memory is then the
 #                            gateway's, CPU the sum of all six; each process has its own file limit, so
 #                            10,000 streams fit)
+#   GATEWAYS [1], AGENTS [1]  split: replicas of the gateway (on BENCH_PORT, BENCH_PORT+1, ...) and of the
+#                            agent (each on its own loopback address, the gateways calling them as one
+#                            comma-separated list); wrk then runs one instance per gateway, the
+#                            connections split between them, and a cell adds their requests up and
+#                            reports the worse of their percentiles
 #   BENCH_DB [parley_loadtest], BENCH_PORT [18080], FAKE_PORT [18089], SLOW_FAKE_PORT [18090]
 #   BENCH_LOG [info]         Parley's log filter (its logs go to a file)
 #   CARGO [cargo]            the cargo command, e.g. "flock /tmp/parley-cargo.lock cargo"
@@ -68,6 +73,12 @@ agent_concurrency="${AGENT_CONCURRENCY:-$((streams > 32 ? streams : 32))}"
 phases=" ${PHASES:-wrk ttft streams} "
 topology="${TOPOLOGY:-dev}"
 [[ "$topology" == dev || "$topology" == split ]] || { echo "error: TOPOLOGY is dev or split, not '$topology'" >&2; exit 2; }
+gateways="${GATEWAYS:-1}"
+agents="${AGENTS:-1}"
+if [ "$topology" = dev ] && [ "$gateways$agents" != 11 ]; then
+  echo "error: GATEWAYS and AGENTS need TOPOLOGY=split" >&2
+  exit 2
+fi
 db="${BENCH_DB:-parley_loadtest}"
 port="${BENCH_PORT:-18080}"
 fake_port="${FAKE_PORT:-18089}"
@@ -103,6 +114,7 @@ note() { printf '   %s\n' "$*" >&2; }
 pids=()
 parley_pid=""   # the process whose memory is reported: parley dev, or the gateway when split
 parley_pids=()  # every Parley process (CPU is their sum)
+gateway_bases=("$base")  # split: every gateway, for wrk to spread its connections over
 declare -A service_pid=()  # split: each service's process, whose CPU is also reported on its own
 fake_pid=""
 slow_pid=""
@@ -223,7 +235,7 @@ fi
 
 # --- start ------------------------------------------------------------------------------------------
 
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port_free() { ! (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null; }
 for p in "$port" "$fake_port" "$slow_port"; do
   port_free "$p" || fail "port $p is in use (another benchmark or parley running?); set BENCH_PORT/FAKE_PORT/SLOW_FAKE_PORT"
 done
@@ -332,29 +344,51 @@ else
   split_services=(user chat quota analytics agent)
   grpc_port=$((port + 100))
   split_env=("${parley_env[@]}")
+  # Agent replica r listens on 127.0.1.r; the gateways call them all, as one comma-separated list.
+  agent_urls=()
+  for r in $(seq 1 "$agents"); do
+    agent_urls+=("http://127.0.1.$r:$((grpc_port + 4))")
+  done
   for i in "${!split_services[@]}"; do
     name=${split_services[$i]}
     split_env+=("PARLEY_${name^^}_URL=http://127.0.0.1:$((grpc_port + i))")
   done
+  split_env+=("PARLEY_AGENT_URL=$(IFS=,; echo "${agent_urls[*]}")")
   for i in "${!split_services[@]}"; do
     name=${split_services[$i]}
-    port_free $((grpc_port + i)) || fail "port $((grpc_port + i)) is in use"
-    env "${split_env[@]}" PARLEY_GRPC_ADDR="127.0.0.1:$((grpc_port + i))" PARLEY_ADMIN_ADDR="127.0.0.1:$((grpc_port + 50 + i))" \
-      "${parley_pin[@]}" "$parley_bin" serve "$name" >"$work/parley-$name.log" 2>&1 &
-    pids+=("$!")
-    parley_pids+=("$!")
-    service_pid[$name]=$!
-    wait_http "http://127.0.0.1:$((grpc_port + 50 + i))/readyz" "$!" 120 "parley serve $name"
+    replicas=1
+    [ "$name" = agent ] && replicas=$agents
+    for r in $(seq 1 "$replicas"); do
+      host=127.0.0.1
+      [ "$name" = agent ] && host=127.0.1.$r
+      admin_port=$((grpc_port + 50 + i + 10 * (r - 1)))
+      port_free $((grpc_port + i)) "$host" || fail "port $host:$((grpc_port + i)) is in use"
+      env "${split_env[@]}" PARLEY_GRPC_ADDR="$host:$((grpc_port + i))" PARLEY_ADMIN_ADDR="127.0.0.1:$admin_port" \
+        "${parley_pin[@]}" "$parley_bin" serve "$name" >"$work/parley-$name-$r.log" 2>&1 &
+      pids+=("$!")
+      parley_pids+=("$!")
+      if [ "$r" -eq 1 ]; then service_pid[$name]=$!; else service_pid[$name-$r]=$!; fi
+      wait_http "http://127.0.0.1:$admin_port/readyz" "$!" 120 "parley serve $name ($r)"
+    done
   done
   read -ra gateway_wrap <<<"${GATEWAY_WRAP:-}"
-  env "${split_env[@]}" PARLEY_HTTP_ADDR="127.0.0.1:$port" "${parley_pin[@]}" "${gateway_wrap[@]}" "$parley_bin" serve api-gateway \
-    >"$work/parley-api-gateway.log" 2>&1 &
-  parley_pid=$!
-  pids+=("$parley_pid")
-  parley_pids+=("$parley_pid")
-  service_pid[api-gateway]=$parley_pid
-  wait_http "$base/readyz" "$parley_pid" 120 "parley serve api-gateway"
-  note "six processes (parley serve <service>) ready; the gateway on $base (pid $parley_pid)"
+  gateway_bases=()
+  for r in $(seq 1 "$gateways"); do
+    gateway_port=$((port + r - 1))
+    env "${split_env[@]}" PARLEY_HTTP_ADDR="127.0.0.1:$gateway_port" "${parley_pin[@]}" "${gateway_wrap[@]}" "$parley_bin" \
+      serve api-gateway >"$work/parley-api-gateway-$r.log" 2>&1 &
+    pids+=("$!")
+    parley_pids+=("$!")
+    gateway_bases+=("http://127.0.0.1:$gateway_port")
+    if [ "$r" -eq 1 ]; then
+      parley_pid=$!
+      service_pid[api-gateway]=$!
+    else
+      service_pid[api-gateway-$r]=$!
+    fi
+    wait_http "http://127.0.0.1:$gateway_port/readyz" "$!" 120 "parley serve api-gateway ($r)"
+  done
+  note "$((4 + gateways + agents)) processes (parley serve <service>) ready: $gateways gateway(s) from $base, $agents agent(s)"
 fi
 
 # --- the bench user ---------------------------------------------------------------------------------
@@ -450,14 +484,41 @@ wrk_cell() {
   [ "$connections" -eq 1 ] && threads=1
   alive
   local before="$work/cpu.before" after="$work/cpu.after" out="$work/wrk-$path-$connections.txt"
+  # With several gateways, one wrk per gateway, the connections split between them.
+  local targets=("$url")
+  if [ "${#gateway_bases[@]}" -gt 1 ] && [[ "$url" == "$base"* ]] && [ "$connections" -ge "${#gateway_bases[@]}" ]; then
+    targets=()
+    local gateway_base
+    for gateway_base in "${gateway_bases[@]}"; do
+      targets+=("$gateway_base${url#"$base"}")
+    done
+    threads=1
+  fi
+  local each=$((connections / ${#targets[@]})) wrk_pids=() k
   cpu_snapshot >"$before"
-  env "$@" WRK_THREADS="$threads" "${load_pin[@]}" wrk -t"$threads" -c"$connections" -d"${duration}s" --latency \
-    --timeout 30s -s "$root/loadtests/wrk/$script" "$url" >"$out" 2>&1 ||
-    fail "wrk failed for $title at $connections connections: $(tail -n 5 "$out")"
+  for k in "${!targets[@]}"; do
+    env "$@" WRK_THREADS="$threads" "${load_pin[@]}" wrk -t"$threads" -c"$each" -d"${duration}s" --latency \
+      --timeout 30s -s "$root/loadtests/wrk/$script" "${targets[$k]}" >"$out.$k" 2>&1 &
+    wrk_pids+=("$!")
+  done
+  for k in "${!wrk_pids[@]}"; do
+    wait "${wrk_pids[$k]}" || fail "wrk failed for $title at $connections connections: $(tail -n 5 "$out.$k")"
+  done
   cpu_snapshot >"$after"
+  cat "$out".* >"$out"
+  rm -f "$out".*
   local summary
-  summary=$(grep '^WRK_JSON ' "$out" | head -n 1 | cut -d' ' -f2-)
-  [ -n "$summary" ] || fail "wrk printed no summary for $title: $(tail -n 5 "$out")"
+  # One wrk: its summary. Several: requests, errors and statuses added up, the worse percentiles.
+  summary=$(grep '^WRK_JSON ' "$out" | cut -d' ' -f2- | jq -s -c '
+    if length == 1 then .[0] else
+      {requests: (map(.requests) | add), duration_us: (map(.duration_us) | max), bytes: (map(.bytes) | add),
+       p50_us: (map(.p50_us) | max), p90_us: (map(.p90_us) | max), p99_us: (map(.p99_us) | max),
+       max_us: (map(.max_us) | max), mean_us: (map(.mean_us) | max),
+       connect_errors: (map(.connect_errors) | add), read_errors: (map(.read_errors) | add),
+       write_errors: (map(.write_errors) | add), timeouts: (map(.timeouts) | add),
+       statuses: (reduce (.[].statuses | to_entries[]) as $e ({}; .[$e.key] += $e.value))}
+    end')
+  [ -n "$summary" ] && [ "$summary" != null ] || fail "wrk printed no summary for $title: $(tail -n 5 "$out")"
   local cpu
   cpu=$(cpu_delta "$before" "$after")
   jq -c -n --argjson w "$summary" --argjson cpu "$cpu" --arg path "$path" --arg title "$title" \
@@ -583,7 +644,7 @@ else
 fi
 jq -n \
   --arg date "$(date -u '+%Y-%m-%d %H:%M UTC')" --arg run "${LABEL:-}" --arg build "$build" --arg binary "$parley_bin" \
-  --arg fake "$fake_bin" --arg topology "$topology" --arg cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" --argjson nproc "$(nproc)" \
+  --arg fake "$fake_bin" --arg topology "$topology$([ "$topology" = split ] && echo " ($gateways gateway(s), $agents agent(s))")" --arg cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" --argjson nproc "$(nproc)" \
   --arg pin "$([ "$pin" = 1 ] && echo "load generators and upstreams on CPU $load_cpus, Parley on CPU $parley_cpus" || echo "none")" \
   --argjson duration "$duration" --arg connections "${connection_counts[*]}" --argjson streams "$streams" \
   --arg ramp "$ramp" --arg slow_tps "$slow_tps" --argjson ttft_requests "$ttft_requests" \

@@ -7,7 +7,8 @@
 //! in turn, and resolves the name again every few seconds: a new address is used from the next call, a
 //! vanished one is dropped (its calls in flight finish). An address whose connection just failed is
 //! passed over for a few seconds while another answers. A target given as an IP address is one replica
-//! and is never resolved.
+//! and is never resolved; a comma-separated list of targets (`http://10.0.0.5:50051,http://10.0.0.6:50051`,
+//! for hosts without cluster DNS) is every replica they name together.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -40,8 +41,8 @@ struct Shared {
     /// The target as configured, for messages.
     target: String,
     scheme: String,
-    host: String,
-    port: u16,
+    /// Each target's host (a name or an IP address) and port.
+    hosts: Vec<(String, u16)>,
     connect: Connect,
     replicas: tokio::sync::watch::Sender<Arc<[Arc<Replica>]>>,
     next: AtomicUsize,
@@ -58,29 +59,41 @@ struct Replica {
 }
 
 impl Balanced {
-    /// A channel to every replica behind `url`. Nothing connects or resolves until the first call.
+    /// A channel to every replica behind `url` (one target, or several separated by commas). Nothing
+    /// connects or resolves until the first call.
     pub fn new(url: &str, connect: Connect) -> Result<Self, tonic::transport::Error> {
-        // Validates the URL exactly as a single channel would.
-        let endpoint = Endpoint::from_shared(url.to_owned())?;
-        let uri = endpoint.uri();
-        let scheme = uri.scheme_str().unwrap_or("http").to_owned();
-        let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
-        let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+        let mut scheme = None;
+        let mut hosts = Vec::new();
+        for target in url.split(',').map(str::trim) {
+            // Validates each URL exactly as a single channel would.
+            let endpoint = Endpoint::from_shared(target.to_owned())?;
+            let uri = endpoint.uri();
+            let target_scheme = uri.scheme_str().unwrap_or("http").to_owned();
+            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
+            let port = uri.port_u16().unwrap_or(if target_scheme == "https" { 443 } else { 80 });
+            scheme.get_or_insert(target_scheme);
+            hosts.push((host, port));
+        }
         let (replicas, _) = tokio::sync::watch::channel::<Arc<[Arc<Replica>]>>(Arc::from(Vec::new()));
         let shared = Arc::new(Shared {
             target: url.to_owned(),
-            scheme,
-            host,
-            port,
+            scheme: scheme.unwrap_or_else(|| "http".to_owned()),
+            hosts,
             connect,
             replicas,
             next: AtomicUsize::new(0),
             resolving: AtomicBool::new(false),
             epoch: Instant::now(),
         });
-        if let Ok(ip) = shared.host.parse::<IpAddr>() {
+        let addresses: Option<Vec<SocketAddr>> = shared
+            .hosts
+            .iter()
+            .map(|(host, port)| host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, *port)))
+            .collect();
+        if let Some(addresses) = addresses {
+            // Addresses only: nothing to resolve, ever.
             shared.resolving.store(true, Ordering::Relaxed);
-            shared.update(vec![SocketAddr::new(ip, shared.port)])?;
+            shared.update(addresses)?;
         }
         Ok(Self { shared })
     }
@@ -146,13 +159,24 @@ impl Shared {
     }
 }
 
+/// Every address the targets name: IP addresses as they are, names resolved.
+async fn lookup(hosts: &[(String, u16)]) -> std::io::Result<Vec<SocketAddr>> {
+    let mut addresses = Vec::new();
+    for (host, port) in hosts {
+        match host.parse::<IpAddr>() {
+            Ok(ip) => addresses.push(SocketAddr::new(ip, *port)),
+            Err(_) => addresses.extend(tokio::net::lookup_host((host.as_str(), *port)).await?),
+        }
+    }
+    Ok(addresses)
+}
+
 async fn resolve(weak: Weak<Shared>) {
     let mut warned = false;
     loop {
         let Some(shared) = weak.upgrade() else { return };
-        match tokio::net::lookup_host((shared.host.as_str(), shared.port)).await {
+        match lookup(&shared.hosts).await {
             Ok(addresses) => {
-                let addresses: Vec<SocketAddr> = addresses.collect();
                 if addresses.is_empty() {
                     tracing::warn!(target = %shared.target, "the name resolved to no address; keeping the last");
                 } else if let Err(error) = shared.update(addresses) {
@@ -245,6 +269,14 @@ mod tests {
         // With every replica passed over, calls still go somewhere.
         now[1].passed_over_until.store(shared.now_ms() + 60_000, Ordering::Relaxed);
         assert!(shared.pick().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_list_of_addresses_is_every_replica_it_names() {
+        let balanced = Balanced::new("http://127.0.0.2:7000, http://127.0.0.1:7000", lazy).unwrap();
+        let expected: Vec<SocketAddr> = vec!["127.0.0.1:7000".parse().unwrap(), "127.0.0.2:7000".parse().unwrap()];
+        assert_eq!(balanced.addresses(), expected);
+        assert!(Balanced::new("http://127.0.0.1:7000,not a url", lazy).is_err());
     }
 
     #[tokio::test]
