@@ -644,7 +644,7 @@ else
 fi
 jq -n \
   --arg date "$(date -u '+%Y-%m-%d %H:%M UTC')" --arg run "${LABEL:-}" --arg build "$build" --arg binary "$parley_bin" \
-  --arg fake "$fake_bin" --arg topology "$topology$([ "$topology" = split ] && echo " ($gateways gateway(s), $agents agent(s))")" --arg cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" --argjson nproc "$(nproc)" \
+  --arg fake "$fake_bin" --arg topology "$topology" --argjson gateways "$gateways" --argjson agents "$agents" --arg cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" --argjson nproc "$(nproc)" \
   --arg pin "$([ "$pin" = 1 ] && echo "load generators and upstreams on CPU $load_cpus, Parley on CPU $parley_cpus" || echo "none")" \
   --argjson duration "$duration" --arg connections "${connection_counts[*]}" --argjson streams "$streams" \
   --arg ramp "$ramp" --arg slow_tps "$slow_tps" --argjson ttft_requests "$ttft_requests" \
@@ -654,7 +654,7 @@ jq -n \
   --arg nats "$(timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/4222; head -n 1 <&3' 2>/dev/null | sed 's/^INFO //' | jq -r '.version // "?"' 2>/dev/null || echo '?')" \
   --argjson rss_idle "${rss_idle:-0}" --argjson rss_after_wrk "${rss_after_wrk:-0}" \
   --argjson rss_end "${rss_end:-0}" --argjson rss_hwm "${rss_hwm:-0}" \
-  '{date: $date, run: $run, build: $build, binary: $binary, fake: $fake, topology: $topology, cpu: $cpu, nproc: $nproc, pin: $pin, duration: $duration,
+  '{date: $date, run: $run, build: $build, binary: $binary, fake: $fake, topology: $topology, gateways: $gateways, agents: $agents, cpu: $cpu, nproc: $nproc, pin: $pin, duration: $duration,
     connections: $connections, streams: $streams, ramp: $ramp, slow_tps: $slow_tps, ttft_requests: $ttft_requests,
     agent_concurrency: $agent_concurrency, files: $files, log: $log,
     versions: {postgres: $postgres, redis: $redis, nats: $nats},

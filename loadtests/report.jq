@@ -16,7 +16,7 @@ $meta[0] as $m
 
 | "# Parley load test\(if $m.run == "" then "" else ": " + $m.run end), \($m.date)",
   "",
-  "Parley `\($m.binary)` (\($m.build)), \(if $m.topology == "split" then "each service its own process (`parley serve`; memory below is the gateway's, CPU all six processes')" else "all services in one `parley dev`" end), on \($m.cpu), \($m.nproc) CPUs; pinning: \($m.pin). PostgreSQL \($m.versions.postgres), Redis \($m.versions.redis), NATS \($m.versions.nats) (not pinned).",
+  "Parley `\($m.binary)` (\($m.build)), \(if $m.topology == "split" then "each service its own process (`parley serve`; \($m.gateways // 1) gateway(s) and \($m.agents // 1) agent(s); memory below is the first gateway's, CPU the sum of every Parley process)" else "all services in one `parley dev`" end), on \($m.cpu), \($m.nproc) CPUs; pinning: \($m.pin). PostgreSQL \($m.versions.postgres), Redis \($m.versions.redis), NATS \($m.versions.nats) (not pinned).",
   "Upstream: `\($m.fake) fake-llm` as its own process (time to first token 0, no delay between tokens; \($m.slow_tps) tokens/s for the concurrent streams), sharing its CPU with the load generators. Governance on: API key, rate limit, budgets, usage accounting. agent.concurrency \($m.agent_concurrency); log filter \($m.log); ulimit -n \($m.files).",
   "wrk: \($m.duration) s per cell, 2 threads (1 for one connection), --latency.",
   "",
