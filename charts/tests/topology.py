@@ -19,8 +19,10 @@ Through the public API it then checks, in order:
      gets its share once it is ready;
   3. restarts: every agent SIGKILLed mid-reply (the reply is generated again after a `message.reset`;
      live and replayed on the other gateway, with and without Last-Event-ID, the text a client
-     assembles is the stored reply); every agent SIGTERMed mid-reply (the reply finishes, no reset); a
-     gateway SIGTERMed mid-stream (the client resumes on the other, nothing lost or repeated);
+     assembles is the stored reply); every agent SIGTERMed mid-reply (the reply finishes, no reset);
+     an OpenAI stream through agents SIGTERMed (it finishes) and SIGKILLed (it ends with an error,
+     having sent a beginning of the reply and nothing twice); a gateway SIGTERMed mid-stream (the
+     client resumes on the other, nothing lost or repeated);
   4. degraded modes: analytics killed (sends still work, usage catches up once it is back);
      PostgreSQL's primary stopped (writes fail fast with 503 `unavailable` and Retry-After, reads
      are served by the replica, and after its restart nothing acknowledged is missing); Redis stopped
@@ -700,6 +702,34 @@ def restarts(cluster, a, b):
         agent.wait(30)
         agent.start()
     log("restarts: every agent SIGTERMed mid-reply; the reply finished, nothing generated twice")
+
+    # The OpenAI-compatible stream is no job: SIGTERM lets the agents finish it (their gRPC servers
+    # drain); SIGKILL ends it with an error, having repeated nothing.
+    import openai
+
+    client = openai.OpenAI(base_url=f"{a}/v1", api_key=token, max_retries=0)
+    messages = [{"role": "user", "content": LONG_PROMPT}]
+    whole = client.chat.completions.create(model="parley-fake", messages=messages).choices[0].message.content
+    for number, name in ((signal.SIGTERM, "SIGTERMed"), (signal.SIGKILL, "SIGKILLed")):
+        wait_for("the agents to be ready", lambda: all(r.ready for r in cluster.of("agent")), timeout=60)
+        text, error = "", None
+        try:
+            for n, chunk in enumerate(client.chat.completions.create(model="parley-fake", messages=messages, stream=True)):
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                if n == 3:
+                    for agent in cluster.of("agent"):
+                        agent.signal(number)
+        except openai.APIError as raised:
+            error = raised
+        if number == signal.SIGTERM and (error is not None or text != whole):
+            fail(f"an OpenAI stream through agents {name}: {error}, {text!r} != {whole!r}")
+        if number == signal.SIGKILL and (error is None or not whole.startswith(text)):
+            fail(f"an OpenAI stream through agents {name}: error {error}, {text!r} is not a beginning of {whole!r}")
+        for agent in cluster.of("agent"):
+            agent.wait(30)
+            agent.start()
+    log("restarts: an OpenAI stream finished through agents SIGTERMed, and ended with an error, repeating nothing, through agents SIGKILLed")
 
     # A gateway stops mid-stream: its streams end, and the client resumes on the other.
     wait_for("the new agents to be ready", lambda: all(r.ready for r in cluster.of("agent")), timeout=60)
