@@ -709,6 +709,7 @@ def restarts(cluster, a, b):
 
     client = openai.OpenAI(base_url=f"{a}/v1", api_key=token, max_retries=0)
     messages = [{"role": "user", "content": LONG_PROMPT}]
+    wait_for("the agents to be ready", lambda: all(r.ready for r in cluster.of("agent")), timeout=60)
     whole = client.chat.completions.create(model="parley-fake", messages=messages).choices[0].message.content
     for number, name in ((signal.SIGTERM, "SIGTERMed"), (signal.SIGKILL, "SIGKILLed")):
         wait_for("the agents to be ready", lambda: all(r.ready for r in cluster.of("agent")), timeout=60)
