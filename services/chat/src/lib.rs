@@ -5,7 +5,6 @@
 //! NOT_FOUND, never PERMISSION_DENIED. A message is stored before its job exists, and its job is
 //! published at least once ([`relay`]); completing a message twice changes nothing.
 
-mod cursor;
 pub mod metrics;
 pub mod relay;
 mod service;

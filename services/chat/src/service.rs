@@ -11,17 +11,15 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::ChatError;
-use crate::cursor::{CursorCodec, CursorKind, Position};
 use crate::relay::JobQueue;
 use crate::storage::{
     ConversationChanges, ConversationRow, Generation, MessageRow, NewExchange, Storage, UpdateOutcome,
 };
+use parley_platform::cursor::{CursorCodec, CursorKind, Position, page_size};
 
 const MAX_TITLE_CHARS: usize = 200;
 const MAX_SYSTEM_PROMPT_CHARS: usize = 32_000;
 const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
-const DEFAULT_PAGE: u32 = 20;
-const MAX_PAGE: u32 = 100;
 
 #[derive(Clone)]
 pub struct ChatService {
@@ -44,17 +42,6 @@ impl ChatService {
                 Err(ServiceError::invalid_field("model", format!("unknown model {model:?}")).into())
             }
             _ => Ok(()),
-        }
-    }
-
-    fn decode_cursor(&self, kind: CursorKind, cursor: Option<&str>) -> Result<Option<Position>, ChatError> {
-        match cursor.filter(|cursor| !cursor.is_empty()) {
-            None => Ok(None),
-            Some(cursor) => self
-                .cursors
-                .decode(kind, cursor)
-                .map(Some)
-                .ok_or_else(|| ServiceError::invalid_field("cursor", "is not a cursor this list issued").into()),
         }
     }
 
@@ -108,13 +95,6 @@ fn generation(options: Option<&pb::GenerationOptions>, reservation_id: Option<&s
         },
         reservation_id,
     })
-}
-
-fn page_size(limit: u32) -> u32 {
-    match limit {
-        0 => DEFAULT_PAGE,
-        limit => limit.min(MAX_PAGE),
-    }
 }
 
 /// Checks a client's text: at most `max_chars` characters, and no NUL (which PostgreSQL's text type
@@ -191,7 +171,7 @@ impl pb::chat_service_server::ChatService for ChatService {
     ) -> Result<Response<pb::ListConversationsResponse>, Status> {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
-        let after = self.decode_cursor(CursorKind::Conversations, request.cursor.as_deref())?;
+        let after = self.cursors.read(CursorKind::Conversations, request.cursor.as_deref())?;
         let limit = page_size(request.limit);
         let floor = self.storage.floor(user_id).await;
         let mut rows = self
@@ -348,7 +328,7 @@ impl pb::chat_service_server::ChatService for ChatService {
         let user_id = parse_user(&request.user_id)?;
         let floor = self.storage.floor(user_id).await;
         let conversation = self.owned_conversation(floor, user_id, &request.conversation_id).await?;
-        let after = self.decode_cursor(CursorKind::Messages, request.cursor.as_deref())?;
+        let after = self.cursors.read(CursorKind::Messages, request.cursor.as_deref())?;
         let limit = page_size(request.limit);
         let mut rows = self
             .storage

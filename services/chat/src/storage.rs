@@ -7,7 +7,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::cursor::Position;
+use parley_platform::cursor::Position;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ConversationRow {

@@ -9,6 +9,7 @@ pub mod access_token;
 pub mod backoff;
 pub mod balance;
 pub mod config;
+pub mod cursor;
 pub mod db;
 pub mod error;
 pub mod events;

@@ -6,6 +6,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use parley_platform::access_token::{ALGORITHM, AccessClaims};
 use parley_platform::config::DEFAULT_TIER;
+use parley_platform::cursor::{CursorCodec, CursorKind, Position, page_size};
 use parley_platform::{Config, ErrorCode, ServiceError, timestamps};
 use parley_proto::user::v1 as pb;
 use ring::rand::SecureRandom;
@@ -37,6 +38,7 @@ pub struct UserService {
     storage: Storage,
     active_key: Arc<RwLock<Arc<ActiveKey>>>,
     sealer: Arc<Sealer>,
+    cursors: CursorCodec,
 }
 
 impl UserService {
@@ -45,7 +47,8 @@ impl UserService {
         let storage = Storage::new(pool);
         let sealer = Arc::new(Sealer::new(&config.auth.secrets_key)?);
         let active = load_or_create_active_key(&storage, &sealer).await?;
-        Ok(Self { config, storage, active_key: Arc::new(RwLock::new(Arc::new(active))), sealer })
+        let cursors = CursorCodec::new(&config.chat.cursor_secret);
+        Ok(Self { config, storage, active_key: Arc::new(RwLock::new(Arc::new(active))), sealer, cursors })
     }
 
     /// The key that signs now. Read per issuance (logins and refreshes, not per request), so a rotation
@@ -356,9 +359,19 @@ impl pb::user_service_server::UserService for UserService {
     }
 
     async fn list_api_keys(&self, request: Request<pb::ListApiKeysRequest>) -> Result<Response<pb::ApiKeys>, Status> {
-        let user_id = parse_user_id(&request.into_inner().user_id)?;
-        let keys = self.storage.api_keys(user_id).await.map_err(UserError::from)?;
-        Ok(Response::new(pb::ApiKeys { api_keys: keys.into_iter().map(api_key_to_proto).collect() }))
+        let request = request.into_inner();
+        let user_id = parse_user_id(&request.user_id)?;
+        let after = self.cursors.read(CursorKind::ApiKeys, request.cursor.as_deref()).map_err(UserError::from)?;
+        let limit = page_size(request.limit);
+        let mut keys = self.storage.api_keys(user_id, after, i64::from(limit) + 1).await.map_err(UserError::from)?;
+        let next_cursor = if keys.len() > limit as usize {
+            keys.truncate(limit as usize);
+            keys.last()
+                .map(|last| self.cursors.encode(CursorKind::ApiKeys, Position { at: last.created_at, id: last.id }))
+        } else {
+            None
+        };
+        Ok(Response::new(pb::ApiKeys { api_keys: keys.into_iter().map(api_key_to_proto).collect(), next_cursor }))
     }
 
     async fn revoke_api_key(

@@ -1,5 +1,6 @@
 //! Reads and writes of the `identity` schema.
 
+use parley_platform::cursor::Position;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -273,12 +274,22 @@ impl Storage {
     }
 
     /// A user's live keys, newest first.
-    pub async fn api_keys(&self, user_id: Uuid) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
+    pub async fn api_keys(
+        &self,
+        user_id: Uuid,
+        after: Option<Position>,
+        limit: i64,
+    ) -> Result<Vec<ApiKeyRow>, sqlx::Error> {
         sqlx::query_as(
             "SELECT id, name, prefix, require_signature, created_at, last_used_at FROM identity.api_keys
-             WHERE user_id = $1 AND revoked_at IS NULL ORDER BY created_at DESC LIMIT 100",
+             WHERE user_id = $1 AND revoked_at IS NULL
+               AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+             ORDER BY created_at DESC, id DESC LIMIT $4",
         )
         .bind(user_id)
+        .bind(after.map(|position| position.at))
+        .bind(after.map(|position| position.id))
+        .bind(limit)
         .fetch_all(&self.pool)
         .await
     }

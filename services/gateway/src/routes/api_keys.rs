@@ -2,7 +2,8 @@
 //! once: the revocation is announced on NATS and each gateway drops the key from its cache).
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use parley_platform::timestamps::proto_to_rfc3339;
@@ -10,7 +11,7 @@ use parley_proto::user::v1 as pb;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::ClientIp;
+use super::{ClientIp, PageQuery, page_limit, query_rejection};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::problem::{ApiJson, ApiPath, ApiResult, Problem};
@@ -96,11 +97,23 @@ pub async fn create(
 
 /// The caller's live API keys, newest first (never the keys themselves).
 #[utoipa::path(get, path = "/v1/api-keys", tag = "identity", security(("bearer" = [])),
-    responses((status = 200, body = Page<ApiKeyView>)))]
-pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Page<ApiKeyView>>> {
-    let request = pb::ListApiKeysRequest { user_id: caller.user_id.to_string() };
+    params(PageQuery), responses(
+    (status = 200, body = Page<ApiKeyView>),
+    (status = 400, description = "Bad limit or a cursor that was altered", body = Problem),
+))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> ApiResult<Json<Page<ApiKeyView>>> {
+    let Query(query) = query.map_err(query_rejection)?;
+    let request = pb::ListApiKeysRequest {
+        user_id: caller.user_id.to_string(),
+        limit: page_limit(query.limit.as_deref())?,
+        cursor: query.cursor,
+    };
     let keys = state.backends.user.clone().list_api_keys(request).await?.into_inner();
-    Ok(Json(Page { data: keys.api_keys.into_iter().map(ApiKeyView::from).collect(), next_cursor: None }))
+    Ok(Json(Page { data: keys.api_keys.into_iter().map(ApiKeyView::from).collect(), next_cursor: keys.next_cursor }))
 }
 
 /// Revoke an API key; every gateway refuses it from then on.

@@ -142,3 +142,43 @@ async fn messages_page_exactly_once_while_a_conversation_grows() {
     assert_eq!(everything[..seen_ids.len()], seen_ids[..]);
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_page_newest_first_and_refuse_a_cursor_of_another_list() {
+    let t = TestPlatform::start().await;
+    let session = t.register("many-keys@example.com").await;
+    let mut created = Vec::new();
+    for n in 0..5 {
+        let (status, key) = t.post(&session, "/v1/api-keys", json!({"name": format!("key {n}")})).await;
+        assert_eq!(status, StatusCode::CREATED, "{key}");
+        created.push(key["id"].as_str().unwrap().to_owned());
+    }
+    let rows = walk(&t, &session, "/v1/api-keys", 2).await;
+    assert_each_once(&ids(&rows), &created);
+    assert_eq!(rows.len(), 5);
+    let at = positions(&rows, "created_at");
+    assert!(at.windows(2).all(|pair| pair[0].0 >= pair[1].0), "newest first: {at:?}");
+
+    // One page of two, then a cursor: the next page holds the next two.
+    let (_, first) = t.get(&session, "/v1/api-keys?limit=2").await;
+    assert_eq!(first["data"].as_array().unwrap().len(), 2);
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    let (_, second) = t.get(&session, &format!("/v1/api-keys?limit=2&cursor={cursor}")).await;
+    assert_eq!(ids(second["data"].as_array().unwrap()), ids(&rows[2..4]));
+
+    // Bad limits, and a conversations cursor offered to the API-key list, are 400s naming the field.
+    for limit in ["0", "101", "many"] {
+        let (status, body) = t.get(&session, &format!("/v1/api-keys?limit={limit}")).await;
+        crate::harness::assert_problem(status, &body, 400, "invalid_request");
+        assert_eq!(body["field"], "limit");
+    }
+    for n in 0..3 {
+        t.create_conversation(&session, &format!("conversation {n}")).await;
+    }
+    let (_, conversations) = t.get(&session, "/v1/conversations?limit=1").await;
+    let foreign = conversations["next_cursor"].as_str().unwrap();
+    let (status, body) = t.get(&session, &format!("/v1/api-keys?cursor={foreign}")).await;
+    crate::harness::assert_problem(status, &body, 400, "invalid_request");
+    assert_eq!(body["field"], "cursor");
+    t.stop().await;
+}

@@ -71,12 +71,12 @@ async fn an_api_key_finds_its_owner_until_it_is_revoked() {
     let owner = storage.api_key_owner(b"key-hash").await.unwrap().unwrap();
     assert_eq!((owner.api_key_id, owner.user_id, owner.tier.as_str()), (key.id, ada.id, "free"));
     assert_eq!(owner.signing_secret_sealed.as_deref(), Some(&b"sealed"[..]));
-    assert_eq!(storage.api_keys(ada.id).await.unwrap().len(), 1);
+    assert_eq!(storage.api_keys(ada.id, None, 100).await.unwrap().len(), 1);
 
     // Only its owner can revoke it, once.
     assert!(!storage.revoke_api_key(grace.id, key.id).await.unwrap());
     assert!(storage.revoke_api_key(ada.id, key.id).await.unwrap());
     assert!(!storage.revoke_api_key(ada.id, key.id).await.unwrap());
     assert!(storage.api_key_owner(b"key-hash").await.unwrap().is_none());
-    assert!(storage.api_keys(ada.id).await.unwrap().is_empty());
+    assert!(storage.api_keys(ada.id, None, 100).await.unwrap().is_empty());
 }

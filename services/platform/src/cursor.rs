@@ -1,5 +1,6 @@
-//! Opaque, tamper-evident keyset cursors: the position (a timestamp and an id) plus an HMAC-SHA256 tag
-//! under a secret shared by every chat replica. An altered cursor fails verification and is a 400.
+//! Opaque, tamper-evident keyset cursors for every paginated list: the position (a timestamp and an
+//! id) plus an HMAC-SHA256 tag under a secret shared by every replica (`chat.cursor_secret`,
+//! `PARLEY_CURSOR_SECRET`). An altered cursor fails verification and is a 400.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -13,6 +14,19 @@ use uuid::Uuid;
 pub enum CursorKind {
     Conversations = 1,
     Messages = 2,
+    ApiKeys = 3,
+}
+
+/// Page sizes every list honours: the default when the client names none, and the most it may ask.
+pub const DEFAULT_PAGE: u32 = 20;
+pub const MAX_PAGE: u32 = 100;
+
+/// The page size for a requested `limit` (0: the default), capped.
+pub fn page_size(limit: u32) -> u32 {
+    match limit {
+        0 => DEFAULT_PAGE,
+        limit => limit.min(MAX_PAGE),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +55,18 @@ impl CursorCodec {
         let tag = hmac::sign(&self.key, &bytes);
         bytes.extend_from_slice(tag.as_ref());
         URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// The position in a client's `cursor` (none or empty: the first page), or a 400 naming the field
+    /// when it is malformed, forged or from another listing.
+    pub fn read(&self, kind: CursorKind, cursor: Option<&str>) -> Result<Option<Position>, crate::ServiceError> {
+        match cursor.filter(|cursor| !cursor.is_empty()) {
+            None => Ok(None),
+            Some(cursor) => self
+                .decode(kind, cursor)
+                .map(Some)
+                .ok_or_else(|| crate::ServiceError::invalid_field("cursor", "is not a cursor this list issued")),
+        }
     }
 
     /// The position in `cursor`, or `None` when it is malformed, forged or from another listing.
