@@ -179,14 +179,10 @@ impl pb::chat_service_server::ChatService for ChatService {
             .list_conversations(floor, user_id, after, i64::from(limit) + 1)
             .await
             .map_err(ChatError::from)?;
-        let next_cursor = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            rows.last().map(|last| {
-                self.cursors.encode(CursorKind::Conversations, Position { at: last.updated_at, id: last.id })
-            })
-        } else {
-            None
-        };
+        let next_cursor = self.cursors.next_page(CursorKind::Conversations, &mut rows, limit, |last| Position {
+            at: last.updated_at,
+            id: last.id,
+        });
         let conversations = rows.into_iter().map(conversation_to_proto).collect();
         Ok(Response::new(pb::ListConversationsResponse { conversations, next_cursor }))
     }
@@ -335,13 +331,9 @@ impl pb::chat_service_server::ChatService for ChatService {
             .list_messages(floor, conversation.id, after, i64::from(limit) + 1)
             .await
             .map_err(ChatError::from)?;
-        let next_cursor = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            rows.last()
-                .map(|last| self.cursors.encode(CursorKind::Messages, Position { at: last.created_at, id: last.id }))
-        } else {
-            None
-        };
+        let next_cursor = self
+            .cursors
+            .next_page(CursorKind::Messages, &mut rows, limit, |last| Position { at: last.created_at, id: last.id });
         let messages = rows.into_iter().map(message_to_proto).collect();
         Ok(Response::new(pb::ListMessagesResponse { messages, next_cursor }))
     }

@@ -69,6 +69,22 @@ impl CursorCodec {
         }
     }
 
+    /// Cuts `rows`, read with one more than `limit`, to the page, and returns the cursor of the next
+    /// page when that extra row showed there is one.
+    pub fn next_page<T>(
+        &self,
+        kind: CursorKind,
+        rows: &mut Vec<T>,
+        limit: u32,
+        position: impl Fn(&T) -> Position,
+    ) -> Option<String> {
+        if rows.len() <= limit as usize {
+            return None;
+        }
+        rows.truncate(limit as usize);
+        rows.last().map(|last| self.encode(kind, position(last)))
+    }
+
     /// The position in `cursor`, or `None` when it is malformed, forged or from another listing.
     pub fn decode(&self, kind: CursorKind, cursor: &str) -> Option<Position> {
         let bytes = URL_SAFE_NO_PAD.decode(cursor).ok()?;

@@ -364,13 +364,9 @@ impl pb::user_service_server::UserService for UserService {
         let after = self.cursors.read(CursorKind::ApiKeys, request.cursor.as_deref()).map_err(UserError::from)?;
         let limit = page_size(request.limit);
         let mut keys = self.storage.api_keys(user_id, after, i64::from(limit) + 1).await.map_err(UserError::from)?;
-        let next_cursor = if keys.len() > limit as usize {
-            keys.truncate(limit as usize);
-            keys.last()
-                .map(|last| self.cursors.encode(CursorKind::ApiKeys, Position { at: last.created_at, id: last.id }))
-        } else {
-            None
-        };
+        let next_cursor = self
+            .cursors
+            .next_page(CursorKind::ApiKeys, &mut keys, limit, |last| Position { at: last.created_at, id: last.id });
         Ok(Response::new(pb::ApiKeys { api_keys: keys.into_iter().map(api_key_to_proto).collect(), next_cursor }))
     }
 
