@@ -67,6 +67,9 @@ pub(crate) struct Consumed {
     pub(crate) output_tokens: i64,
 }
 
+/// How long a reservation in Redis may take before the quota service is asked instead.
+const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl Consumed {
     /// A reply that broke off after `streamed` reached clients, to a prompt of `input_tokens`.
     pub(crate) fn partial(input_tokens: i64, streamed: &str) -> Self {
@@ -174,11 +177,21 @@ impl Agent {
         if held.is_some_and(|held| prompt_tokens + i64::from(self.config.agent.max_output_tokens) <= held) {
             return true;
         }
+        let tokens = prompt_tokens + i64::from(self.config.agent.max_output_tokens);
+        // Raised in Redis with quota's script when it can decide alone; else by the quota service.
+        if let Some(mut redis) = self.redis.clone() {
+            let id = reservation_id.to_string();
+            let raised =
+                self.reserver.reserve_quickly(&mut redis, REDIS_TIMEOUT, job.user_id, &job.tier, &id, tokens).await;
+            if let Ok(Some(reservation)) = raised {
+                return reservation.granted;
+            }
+        }
         let request = quota_pb::ReserveRequest {
             user_id: job.user_id.to_string(),
             tier: job.tier.clone(),
             reservation_id: reservation_id.to_string(),
-            tokens: prompt_tokens + i64::from(self.config.agent.max_output_tokens),
+            tokens,
         };
         match self.quota.clone().reserve(request).await {
             Ok(reservation) => reservation.into_inner().granted,

@@ -47,6 +47,9 @@ pub struct Agent {
     pub(crate) providers: Arc<BTreeMap<String, ProviderHandle>>,
     pub(crate) events: Arc<tokio::sync::OnceCell<jetstream::stream::Stream>>,
     pub(crate) cache: Arc<ResponseCache>,
+    /// Redis, when reachable at start: reservations are raised there first (quota's own script).
+    pub(crate) redis: Option<redis::aio::ConnectionManager>,
+    pub(crate) reserver: Arc<parley_quota::reserve::Reserver>,
 }
 
 /// How a reply was had.
@@ -69,8 +72,11 @@ impl Agent {
     ) -> Self {
         let names = Names::new(&config.nats.prefix);
         let jetstream = jetstream::new(nats.clone());
-        let cache = Arc::new(ResponseCache::new(&config.agent.cache, redis, &config.redis.key_prefix));
+        let cache = Arc::new(ResponseCache::new(&config.agent.cache, redis.clone(), &config.redis.key_prefix));
+        let reserver = Arc::new(parley_quota::reserve::Reserver::new(config.clone()));
         Self {
+            redis,
+            reserver,
             config,
             nats,
             jetstream,

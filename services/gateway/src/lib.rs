@@ -65,6 +65,8 @@ pub struct Shared {
     keys: Arc<auth::KeyCache>,
     api_keys: Arc<auth::ApiKeyCache>,
     limiter: Arc<limits::RateLimiter>,
+    /// Budget reservations straight from Redis, with quota's own script (quota's service decides the rest).
+    reserver: Arc<parley_quota::reserve::Reserver>,
     account_overrides: Arc<auth::AccountOverrides>,
     readiness: Arc<Readiness>,
     events_stream: Arc<tokio::sync::OnceCell<async_nats::jetstream::stream::Stream>>,
@@ -95,6 +97,7 @@ impl AppState {
         Self(Arc::new(Shared {
             api_keys,
             limiter,
+            reserver: Arc::new(parley_quota::reserve::Reserver::new(config.clone())),
             account_overrides: Arc::new(auth::AccountOverrides::new(token_lifetime)),
             config,
             backends,

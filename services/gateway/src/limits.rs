@@ -15,7 +15,7 @@ use tokio::sync::Mutex as AsyncMutex;
 /// interval (period / limit) stays a whole, non-zero number for limits up to 60 million a minute.
 const PERIOD_US: u64 = 60_000_000;
 /// A Redis that takes longer than this to answer is treated as down for the decision at hand.
-const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+pub(crate) const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often to try reconnecting to a Redis that was down.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
@@ -155,8 +155,9 @@ impl RateLimiter {
         }
     }
 
-    /// A connection, reconnecting (at most once a second) after Redis was unreachable.
-    async fn connection(&self) -> Option<redis::aio::ConnectionManager> {
+    /// A connection, reconnecting (at most once a second) after Redis was unreachable. Shared with the
+    /// budget reservations the gateway makes in Redis.
+    pub(crate) async fn connection(&self) -> Option<redis::aio::ConnectionManager> {
         let mut slot = self.connection.lock().await;
         if let Some(connection) = &slot.0 {
             return Some(connection.clone());
@@ -175,7 +176,8 @@ impl RateLimiter {
         }
     }
 
-    async fn forget_connection(&self) {
+    /// Drops a connection that failed or timed out; the next use reconnects (at most once a second).
+    pub(crate) async fn forget_connection(&self) {
         let mut slot = self.connection.lock().await;
         slot.0 = None;
         slot.1 = Some(Instant::now());

@@ -9,6 +9,7 @@
 mod budget;
 mod ledger;
 pub mod metrics;
+pub mod reserve;
 mod service;
 mod settlements;
 

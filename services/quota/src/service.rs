@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::QuotaError;
 use crate::budget::{self, CHARGE_SCRIPT, COUNTER_TTL_SECS, DEGRADED_SHARE};
 use crate::ledger::{Charge, Ledger};
+use crate::reserve::{Keys, Reserved, Reserver, count_rejection, month_end, window};
 
 #[derive(Clone)]
 pub struct QuotaService {
@@ -22,30 +23,22 @@ pub struct QuotaService {
     redis: ConnectionManager,
     charge_script: Arc<redis::Script>,
     scripts: Arc<Scripts>,
+    reserver: Arc<Reserver>,
 }
 
 struct Scripts {
-    reserve: redis::Script,
     settle: redis::Script,
     held: redis::Script,
-}
-
-/// The Redis keys of one user's budgets on one day.
-struct Keys {
-    day: String,
-    month: String,
-    reserved: String,
-    reserved_until: String,
 }
 
 impl QuotaService {
     pub fn new(config: Arc<Config>, pool: PgPool, redis: ConnectionManager) -> Self {
         let scripts = Scripts {
-            reserve: redis::Script::new(budget::RESERVE_SCRIPT),
             settle: redis::Script::new(budget::SETTLE_SCRIPT),
             held: redis::Script::new(budget::HELD_SCRIPT),
         };
         Self {
+            reserver: Arc::new(Reserver::new(config.clone())),
             config,
             ledger: Ledger::start(pool.clone()),
             pool,
@@ -120,21 +113,11 @@ impl QuotaService {
     }
 
     fn keys(&self, user_id: Uuid, day: Date) -> Keys {
-        let prefix = &self.config.redis.key_prefix;
-        let (reserved, reserved_until) = budget::reservation_keys(prefix, user_id);
-        Keys {
-            day: budget::counter_key(prefix, user_id, day),
-            month: budget::month_key(prefix, user_id, day),
-            reserved,
-            reserved_until,
-        }
+        self.reserver.keys(user_id, day)
     }
 
     fn monthly_limit(&self, tier: &str) -> Option<i64> {
-        self.config
-            .tier(tier)
-            .or_else(|| self.config.tier(parley_platform::config::DEFAULT_TIER))
-            .and_then(|tier| tier.tokens_per_month)
+        self.reserver.monthly_limit(tier)
     }
 
     async fn ledger_month_total(&self, user_id: Uuid, day: Date) -> Result<i64, sqlx::Error> {
@@ -186,13 +169,7 @@ impl QuotaService {
     }
 
     fn daily_limit(&self, tier: &str) -> i64 {
-        match self.config.tier(tier) {
-            Some(tier) => tier.tokens_per_day,
-            None => {
-                tracing::warn!(tier, "unknown tier; using the default tier's budget");
-                self.config.tier(parley_platform::config::DEFAULT_TIER).map_or(0, |tier| tier.tokens_per_day)
-            }
-        }
+        self.reserver.daily_limit(tier)
     }
 
     async fn ledger_total(&self, user_id: Uuid, day: Date) -> Result<i64, sqlx::Error> {
@@ -204,15 +181,6 @@ impl QuotaService {
                 .await?;
         Ok(total.unwrap_or(0))
     }
-}
-
-fn window(limit: i64, used: i64, reserved: i64, resets_at: i64) -> pb::Window {
-    pb::Window { limit, used, reserved, remaining: (limit - used - reserved).max(0), resets_at }
-}
-
-fn month_end(day: Date) -> i64 {
-    let (_, next) = budget::month_bounds(day);
-    next.with_time(time::Time::MIDNIGHT).assume_utc().unix_timestamp()
 }
 
 fn parse_uuid(field: &str, value: &str) -> Result<Uuid, QuotaError> {
@@ -232,61 +200,44 @@ impl pb::quota_service_server::QuotaService for QuotaService {
         if request.tokens < 0 {
             return Err(QuotaError::from(ServiceError::invalid_field("tokens", "cannot be negative")).into());
         }
-        let now = OffsetDateTime::now_utc();
-        let day = budget::current_day(now);
-        let keys = self.keys(user_id, day);
-        let day_limit = self.daily_limit(&request.tier);
-        let month_limit = self.monthly_limit(&request.tier);
-        let ttl_ms = self.config.quota.reservation_ttl_secs.max(1) * 1000;
+        let day = budget::current_day(OffsetDateTime::now_utc());
         let mut attempt = 0;
-        let outcome = loop {
+        let decided = loop {
             attempt += 1;
             let mut redis = self.redis.clone();
-            let mut invocation = self.scripts.reserve.key(&keys.day);
-            invocation
-                .key(&keys.month)
-                .key(&keys.reserved)
-                .key(&keys.reserved_until)
-                .arg(&request.reservation_id)
-                .arg(request.tokens)
-                .arg(day_limit)
-                .arg(month_limit.unwrap_or(-1))
-                .arg(ttl_ms);
-            match invocation.invoke_async::<(i64, i64, i64, i64)>(&mut redis).await {
-                Ok((-1, ..)) if attempt == 1 => self.rebuild_counters(&keys, user_id, day).await?,
-                Ok(outcome) => break Some(outcome),
+            let reserved = self
+                .reserver
+                .reserve(&mut redis, user_id, &request.tier, &request.reservation_id, request.tokens)
+                .await;
+            match reserved {
+                Ok(Reserved::Decided(reservation)) => break Some(reservation),
+                Ok(Reserved::CountersMissing) if attempt == 1 => {
+                    self.rebuild_counters(&self.keys(user_id, day), user_id, day).await?;
+                }
+                Ok(Reserved::CountersMissing) => {
+                    tracing::warn!("budget counters vanished again after a rebuild; answering from the ledger");
+                    break None;
+                }
                 Err(error) => {
                     tracing::warn!(%error, "redis unavailable; budgets answered from the ledger, conservatively");
                     break None;
                 }
             }
         };
-        let reservation = match outcome {
-            Some((granted, day_used, month_used, held)) => {
-                let day_window = window(day_limit, day_used, held, budget::window_end(now));
-                let month_window = month_limit.map(|limit| window(limit, month_used, held, month_end(day)));
-                let retry_at = match &month_window {
-                    Some(month) if month.used + month.reserved + request.tokens > month.limit => month.resets_at,
-                    _ => day_window.resets_at,
-                };
-                pb::Reservation {
-                    granted: granted == 1,
-                    budget: Some(pb::Budget { day: Some(day_window), month: month_window, degraded: false }),
-                    retry_at,
-                }
-            }
+        let reservation = match decided {
+            Some(reservation) => reservation,
             None => {
                 let budget = self.degraded_budget(user_id, &request.tier, day).await?;
                 let fits =
                     |window: &Option<pb::Window>| window.as_ref().is_none_or(|w| w.used + request.tokens <= w.limit);
                 let granted = fits(&budget.day) && fits(&budget.month);
                 let retry_at = budget.day.as_ref().map_or(0, |window| window.resets_at);
+                if !granted {
+                    count_rejection(&request.tier);
+                }
                 pb::Reservation { granted, budget: Some(budget), retry_at }
             }
         };
-        if !reservation.granted {
-            metrics::counter!(crate::metrics::REJECTIONS, "tier" => request.tier.clone()).increment(1);
-        }
         Ok(Response::new(reservation))
     }
 

@@ -36,18 +36,23 @@ const SAFETY_POLL: Duration = Duration::from_secs(2);
 /// `quota_exceeded` with `Retry-After` until the window that refused it resets.
 pub async fn reserve_budget(state: &AppState, caller: &Caller, estimated_tokens: i64) -> Result<String, ApiError> {
     let reservation_id = Uuid::now_v7().to_string();
-    let reservation = state
-        .backends
-        .quota
-        .clone()
-        .reserve(quota_pb::ReserveRequest {
-            user_id: caller.user_id.to_string(),
-            tier: caller.tier.clone(),
-            reservation_id: reservation_id.clone(),
-            tokens: estimated_tokens,
-        })
-        .await?
-        .into_inner();
+    let reservation = match reserve_in_redis(state, caller, &reservation_id, estimated_tokens).await {
+        Some(reservation) => reservation,
+        // Only the quota service can decide (counters to rebuild from the ledger, Redis unreachable):
+        // the same reservation id, so a reservation the script made before timing out is not doubled.
+        None => state
+            .backends
+            .quota
+            .clone()
+            .reserve(quota_pb::ReserveRequest {
+                user_id: caller.user_id.to_string(),
+                tier: caller.tier.clone(),
+                reservation_id: reservation_id.clone(),
+                tokens: estimated_tokens,
+            })
+            .await?
+            .into_inner(),
+    };
     if reservation.granted {
         return Ok(reservation_id);
     }
@@ -58,6 +63,30 @@ pub async fn reserve_budget(state: &AppState, caller: &Caller, estimated_tokens:
         None => "token budget exhausted".to_owned(),
     };
     Err(ServiceError::new(ErrorCode::QuotaExceeded, detail).retry_after(retry_after).into())
+}
+
+/// The reservation as quota's script decides it in Redis, run from here (no gRPC round trip to quota);
+/// `None` when only the quota service can decide.
+async fn reserve_in_redis(
+    state: &AppState,
+    caller: &Caller,
+    reservation_id: &str,
+    tokens: i64,
+) -> Option<quota_pb::Reservation> {
+    let mut redis = state.limiter.connection().await?;
+    let timeout = crate::limits::REDIS_TIMEOUT;
+    match state
+        .reserver
+        .reserve_quickly(&mut redis, timeout, caller.user_id, &caller.tier, reservation_id, tokens)
+        .await
+    {
+        Ok(reservation) => reservation,
+        Err(_) => {
+            // The next use reconnects; meanwhile the quota service decides.
+            state.limiter.forget_connection().await;
+            None
+        }
+    }
 }
 
 /// Runs `work` to its end even if the client hangs up meanwhile (which drops the handler): a send

@@ -93,6 +93,52 @@ async fn counters_are_rebuilt_from_the_ledger_when_redis_loses_them() {
     t.stop().await;
 }
 
+/// Calls quota's `Reserve` has served, from the process's metrics (every service runs in this one).
+async fn reserve_calls(t: &TestPlatform) -> f64 {
+    let text = t.http.get(t.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|line| line.starts_with("parley_grpc_server_requests_total{"))
+        .filter(|line| line.contains("method=\"/parley.quota.v1.QuotaService/Reserve\""))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_reserves_in_redis_and_asks_quota_only_to_rebuild_counters() {
+    let t = TestPlatform::start().await;
+    let session = t.register("fast-reserve@example.com").await;
+    let conversation = t.create_conversation(&session, "fast path").await;
+    let send = |content: &'static str| {
+        let path = format!("/v1/conversations/{conversation}/messages");
+        let (t, session) = (&t, &session);
+        async move {
+            let (status, body) = t.post(session, &path, json!({"content": content})).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+    };
+    // A new user has no counters yet: quota rebuilds them (one Reserve call); then Redis decides alone.
+    send("first").await;
+    assert_eq!(reserve_calls(&t).await, 1.0);
+    send("second").await;
+    send("third").await;
+    assert_eq!(reserve_calls(&t).await, 1.0, "reservations with counters in Redis need no call to quota");
+
+    // Counters lost: the gateway hands the reservation to quota, which rebuilds them from the ledger.
+    let client = redis::Client::open(t.config.redis.url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:quota:{}:*", t.config.redis.key_prefix, session.user_id))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut connection).await.unwrap();
+    send("fourth").await;
+    assert_eq!(reserve_calls(&t).await, 2.0);
+    send("fifth").await;
+    assert_eq!(reserve_calls(&t).await, 2.0);
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reservation_whose_job_died_expires() {
     let t = TestPlatform::start_with(
