@@ -40,6 +40,15 @@ pub(crate) struct Keys {
 #[derive(Debug)]
 pub struct RedisFailed;
 
+impl Keys {
+    /// `script` over these keys, in the order every budget script takes them.
+    pub(crate) fn invocation<'a>(&self, script: &'a redis::Script) -> redis::ScriptInvocation<'a> {
+        let mut invocation = script.key(&self.day);
+        invocation.key(&self.month).key(&self.reserved).key(&self.reserved_until);
+        invocation
+    }
+}
+
 pub struct Reserver {
     config: Arc<Config>,
     script: redis::Script,
@@ -66,16 +75,8 @@ impl Reserver {
         let day_limit = self.daily_limit(tier);
         let month_limit = self.monthly_limit(tier);
         let ttl_ms = self.config.quota.reservation_ttl_secs.max(1) * 1000;
-        let mut invocation = self.script.key(&keys.day);
-        invocation
-            .key(&keys.month)
-            .key(&keys.reserved)
-            .key(&keys.reserved_until)
-            .arg(reservation_id)
-            .arg(tokens)
-            .arg(day_limit)
-            .arg(month_limit.unwrap_or(-1))
-            .arg(ttl_ms);
+        let mut invocation = keys.invocation(&self.script);
+        invocation.arg(reservation_id).arg(tokens).arg(day_limit).arg(month_limit.unwrap_or(-1)).arg(ttl_ms);
         let (granted, day_used, month_used, held) = invocation.invoke_async::<(i64, i64, i64, i64)>(redis).await?;
         if granted == -1 {
             return Ok(Reserved::CountersMissing);

@@ -72,14 +72,8 @@ impl QuotaService {
         let charged = tokens > 0 && self.record_charge(reservation_id, user_id, day, tokens).await?;
         let keys = self.keys(user_id, day);
         let mut redis = self.redis.clone();
-        let mut invocation = self.scripts.settle.key(&keys.day);
-        invocation
-            .key(&keys.month)
-            .key(&keys.reserved)
-            .key(&keys.reserved_until)
-            .arg(reservation_id)
-            .arg(tokens)
-            .arg(if charged { "1" } else { "0" });
+        let mut invocation = keys.invocation(&self.scripts.settle);
+        invocation.arg(reservation_id).arg(tokens).arg(if charged { "1" } else { "0" });
         if let Err(error) = invocation.invoke_async::<i64>(&mut redis).await {
             // The ledger has the charge; counters are rebuilt from it, and the reservation expires.
             tracing::warn!(%error, "redis unavailable; settlement recorded in the ledger only");
