@@ -48,6 +48,7 @@ import time
 import urllib.error
 import urllib.request
 
+import openai
 import yaml
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -561,8 +562,6 @@ def stored(base, token, message_id):
 
 
 def journey(cluster, a, b):
-    import openai
-
     token = register(a, "journey")
     thread = conversation(a, token, "topology")
     _, exchange = call(a, "POST", f"/v1/conversations/{thread}/messages", {"content": "Hello, replicas"}, token, expect=200)
@@ -705,8 +704,6 @@ def restarts(cluster, a, b):
 
     # The OpenAI-compatible stream is no job: SIGTERM lets the agents finish it (their gRPC servers
     # drain); SIGKILL ends it with an error, having repeated nothing.
-    import openai
-
     client = openai.OpenAI(base_url=f"{a}/v1", api_key=token, max_retries=0)
     messages = [{"role": "user", "content": LONG_PROMPT}]
     wait_for("the agents to be ready", lambda: all(r.ready for r in cluster.of("agent")), timeout=60)

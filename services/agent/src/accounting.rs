@@ -67,9 +67,6 @@ pub(crate) struct Consumed {
     pub(crate) output_tokens: i64,
 }
 
-/// How long a reservation in Redis may take before the quota service is asked instead.
-const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
-
 impl Consumed {
     /// A reply that broke off after `streamed` reached clients, to a prompt of `input_tokens`.
     pub(crate) fn partial(input_tokens: i64, streamed: &str) -> Self {
@@ -181,8 +178,7 @@ impl Agent {
         // Raised in Redis with quota's script when it can decide alone; else by the quota service.
         if let Some(mut redis) = self.redis.clone() {
             let id = reservation_id.to_string();
-            let raised =
-                self.reserver.reserve_quickly(&mut redis, REDIS_TIMEOUT, job.user_id, &job.tier, &id, tokens).await;
+            let raised = self.reserver.reserve_quickly(&mut redis, job.user_id, &job.tier, &id, tokens).await;
             if let Ok(Some(reservation)) = raised {
                 return reservation.granted;
             }

@@ -15,7 +15,7 @@ use tokio::sync::Mutex as AsyncMutex;
 /// interval (period / limit) stays a whole, non-zero number for limits up to 60 million a minute.
 const PERIOD_US: u64 = 60_000_000;
 /// A Redis that takes longer than this to answer is treated as down for the decision at hand.
-pub(crate) const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often to try reconnecting to a Redis that was down.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 

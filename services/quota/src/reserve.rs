@@ -36,6 +36,9 @@ pub(crate) struct Keys {
     pub(crate) reserved_until: String,
 }
 
+/// How long a caller outside the quota service waits for Redis before asking the quota service.
+pub const QUICKLY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Redis failed to answer a reservation, or answered too late.
 #[derive(Debug)]
 pub struct RedisFailed;
@@ -100,18 +103,17 @@ impl Reserver {
 
     /// [`Reserver::reserve`] for a caller outside the quota service, which asks the quota service
     /// whenever this returns no reservation: `Ok(None)` when the counters must be rebuilt first, and
-    /// `Err` when Redis failed or took longer than `timeout` (a reservation the script made meanwhile is
-    /// not doubled: the quota service's is idempotent by the same id).
+    /// `Err` when Redis failed or took longer than [`QUICKLY`] (a reservation the script made meanwhile
+    /// is not doubled: the quota service's is idempotent by the same id).
     pub async fn reserve_quickly(
         &self,
         redis: &mut ConnectionManager,
-        timeout: std::time::Duration,
         user_id: Uuid,
         tier: &str,
         reservation_id: &str,
         tokens: i64,
     ) -> Result<Option<pb::Reservation>, RedisFailed> {
-        match tokio::time::timeout(timeout, self.reserve(redis, user_id, tier, reservation_id, tokens)).await {
+        match tokio::time::timeout(QUICKLY, self.reserve(redis, user_id, tier, reservation_id, tokens)).await {
             Ok(Ok(Reserved::Decided(reservation))) => Ok(Some(reservation)),
             Ok(Ok(Reserved::CountersMissing)) => Ok(None),
             Ok(Err(_)) | Err(_) => Err(RedisFailed),

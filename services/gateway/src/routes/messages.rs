@@ -74,12 +74,7 @@ async fn reserve_in_redis(
     tokens: i64,
 ) -> Option<quota_pb::Reservation> {
     let mut redis = state.limiter.connection().await?;
-    let timeout = crate::limits::REDIS_TIMEOUT;
-    match state
-        .reserver
-        .reserve_quickly(&mut redis, timeout, caller.user_id, &caller.tier, reservation_id, tokens)
-        .await
-    {
+    match state.reserver.reserve_quickly(&mut redis, caller.user_id, &caller.tier, reservation_id, tokens).await {
         Ok(reservation) => reservation,
         Err(_) => {
             // The next use reconnects; meanwhile the quota service decides.
