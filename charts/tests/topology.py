@@ -614,30 +614,31 @@ def shares(before, after):
     return {name: round(count / total, 3) for name, count in served.items()}, total
 
 
+def spread(cluster, a, b, token, thread, sends, what, least):
+    """Sends `sends` messages; every chat replica must have served at least `least` of the chat calls."""
+    before = chat_calls(cluster)
+    traffic(a, b, token, thread, sends)
+    split, total = shares(before, chat_calls(cluster))
+    log(f"balance: {total:.0f} chat calls over {what}: {split}")
+    if len(split) != len(cluster.of("chat")) or min(split.values()) < least:
+        fail(f"the chat replicas do not share the calls ({what}): {split}")
+
+
 def balance(cluster, a, b):
     token = register(a, "balance")
     thread = conversation(a, token, "balance")
-    before = chat_calls(cluster)
-    traffic(a, b, token, thread, 20)
-    split, total = shares(before, chat_calls(cluster))
-    log(f"balance: {total:.0f} chat calls over two replicas: {split}")
-    if len(split) != 2 or min(split.values()) < 0.3:
-        fail(f"the two chat replicas do not share the calls: {split}")
+    spread(cluster, a, b, token, thread, 20, "two replicas", 0.3)
 
     added = cluster.add_replica("chat")
     wait_for("the third chat replica to be ready", lambda: added.ready, timeout=60)
+
     # Clients resolve the name again within 5 s: the new replica gets calls from then on.
     def new_replica_called():
         traffic(a, b, token, thread, 2)
         return chat_calls(cluster).get(added.name, 0) > 0
 
     wait_for("the third chat replica to get calls", new_replica_called, timeout=30)
-    before = chat_calls(cluster)
-    traffic(a, b, token, thread, 30)
-    split, total = shares(before, chat_calls(cluster))
-    log(f"balance: {total:.0f} chat calls over three replicas, one added mid-run: {split}")
-    if len(split) != 3 or min(split.values()) < 0.15:
-        fail(f"the chat replica added mid-run does not get its share: {split}")
+    spread(cluster, a, b, token, thread, 30, "three replicas, one added mid-run", 0.15)
 
 
 def start_long_reply(base, token, thread):

@@ -151,7 +151,8 @@ impl Shared {
 
     /// Resolves the name now and then every [`REFRESH`] until the last clone is dropped.
     fn start_resolving(self: &Arc<Self>) {
-        if self.resolving.swap(true, Ordering::Relaxed) {
+        // A plain load first: every call passes here, and only the first needs the read-modify-write.
+        if self.resolving.load(Ordering::Relaxed) || self.resolving.swap(true, Ordering::Relaxed) {
             return;
         }
         let weak = Arc::downgrade(self);
