@@ -98,6 +98,7 @@ impl Agent {
             input_tokens: reply.input_tokens,
             output_tokens: reply.output_tokens,
             time_to_first_token: None,
+            finish_reason: None,
         };
         let answer = Answer { completion, provider: "cache".to_owned(), elapsed: Duration::ZERO, cache_hit: true };
         self.store(job, model, &answer).await

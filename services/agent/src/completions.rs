@@ -146,6 +146,7 @@ impl Agent {
             input_tokens: answer.completion.input_tokens,
             output_tokens: answer.completion.output_tokens,
             model: answering_model.clone(),
+            finish_reason: answer.completion.finish_reason.clone().unwrap_or_default(),
         };
         let _caller_gone = events.send(Ok(pb::CompleteEvent { event: Some(pb::complete_event::Event::Done(done)) }));
         drop(events);
@@ -182,6 +183,7 @@ fn cached_answer(reply: CachedReply) -> Answer {
         input_tokens: reply.input_tokens,
         output_tokens: reply.output_tokens,
         time_to_first_token: None,
+        finish_reason: None,
     };
     Answer { completion, provider: "cache".to_owned(), elapsed: Duration::ZERO, cache_hit: true }
 }

@@ -23,6 +23,9 @@ pub struct Completion {
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub time_to_first_token: Option<Duration>,
+    /// Why the model stopped, in OpenAI's words (`stop`, `length`, `tool_calls`, `content_filter`),
+    /// when the provider said.
+    pub finish_reason: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -270,6 +273,7 @@ impl HttpProvider {
             input_tokens,
             output_tokens,
             time_to_first_token: state.time_to_first_token,
+            finish_reason: state.finish_reason,
         })
     }
 
@@ -305,6 +309,7 @@ struct StreamState {
     input_tokens: Option<i64>,
     output_tokens: Option<i64>,
     time_to_first_token: Option<Duration>,
+    finish_reason: Option<String>,
     finished: bool,
 }
 
@@ -318,6 +323,9 @@ impl StreamState {
         if let Some(usage) = value.get("usage").filter(|usage| !usage.is_null()) {
             self.input_tokens = usage.get("prompt_tokens").and_then(Value::as_i64);
             self.output_tokens = usage.get("completion_tokens").and_then(Value::as_i64);
+        }
+        if let Some(reason) = value.pointer("/choices/0/finish_reason").and_then(Value::as_str) {
+            self.finish_reason = Some(reason.to_owned());
         }
         Ok(value.pointer("/choices/0/delta/content").and_then(Value::as_str))
     }
@@ -333,6 +341,9 @@ impl StreamState {
                 if let Some(output) = value.pointer("/usage/output_tokens").and_then(Value::as_i64) {
                     self.output_tokens = Some(output);
                 }
+                if let Some(reason) = value.pointer("/delta/stop_reason").and_then(Value::as_str) {
+                    self.finish_reason = Some(openai_finish_reason(reason).to_owned());
+                }
                 Ok(None)
             }
             Some("message_stop") => {
@@ -345,6 +356,17 @@ impl StreamState {
             }
             _ => Ok(None),
         }
+    }
+}
+
+/// An Anthropic `stop_reason` in OpenAI's words.
+fn openai_finish_reason(stop_reason: &str) -> &str {
+    match stop_reason {
+        "end_turn" | "stop_sequence" => "stop",
+        "max_tokens" => "length",
+        "tool_use" => "tool_calls",
+        "refusal" => "content_filter",
+        other => other,
     }
 }
 

@@ -253,6 +253,7 @@ impl Agent {
                     input_tokens: usage.input_tokens,
                     output_tokens: usage.output_tokens,
                     time_to_first_token: None,
+                    finish_reason: None,
                 };
                 let answer =
                     Answer { completion, provider: "unknown".to_owned(), cache_hit: false, elapsed: Duration::ZERO };

@@ -306,10 +306,15 @@ fn completion(chunk: &Chunk, content: &str, done: &agent_pb::CompleteDone) -> Va
             "index": 0,
             "message": {"role": "assistant", "content": content, "refusal": null},
             "logprobs": null,
-            "finish_reason": "stop",
+            "finish_reason": finish_reason(done),
         }],
         "usage": usage_of(done),
     })
+}
+
+/// Why the model stopped, as the provider said (`stop` when it did not).
+fn finish_reason(done: &agent_pb::CompleteDone) -> &str {
+    if done.finish_reason.is_empty() { "stop" } else { &done.finish_reason }
 }
 
 /// What every chunk of one completion shares.
@@ -376,7 +381,8 @@ fn stream(
                         rest.push(chunk.with(json!([]), Some(usage_of(&done))));
                     }
                     rest.push(Event::default().data("[DONE]"));
-                    let finish = chunk.with(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]), None);
+                    let finish =
+                        chunk.with(json!([{"index": 0, "delta": {}, "finish_reason": finish_reason(&done)}]), None);
                     Some((Ok(finish), (reply, chunk, Phase::Closing(rest))))
                 }
                 Ok(Some(_)) => Some((Ok(Event::default().comment("")), (reply, chunk, Phase::Streaming { first }))),

@@ -379,3 +379,52 @@ async fn simple_requests_are_routed_to_the_cheaper_model() {
     assert_eq!((cheap.requests(), t.fake.requests()), (1, 1));
     t.stop().await;
 }
+
+/// Why a model stopped reaches OpenAI clients as the provider said it, on both wire formats: a reply
+/// cut at the longest allowed is `length`, plain and streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reason_a_model_stopped_reaches_openai_clients() {
+    let (openai, openai_url) = spawn_fake(Knobs::default()).await;
+    let (anthropic, anthropic_url) = spawn_fake(Knobs::default()).await;
+    let t = TestPlatform::start_with(
+        |config| {
+            config.agent.max_output_tokens = 3;
+            add_provider(config, "cut-openai", ProviderKind::Openai, &openai_url, &[]);
+            add_model(config, "cut-openai", &["cut-openai"]);
+            add_provider(config, "cut-anthropic", ProviderKind::Anthropic, &anthropic_url, &[]);
+            add_model(config, "cut-anthropic", &["cut-anthropic"]);
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("finish@example.com").await;
+    for model in ["cut-openai", "cut-anthropic"] {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "say a lot"}]});
+        let (status, completion) = t.post(&session, "/v1/chat/completions", body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{completion}");
+        assert_eq!(completion["choices"][0]["finish_reason"], "length", "{model}: {completion}");
+        let expected: String = parley_fake_llm::tokens_of(&reply_for("say a lot"))[..3].concat();
+        assert_eq!(completion["choices"][0]["message"]["content"], expected.as_str());
+
+        let mut streamed = body;
+        streamed["stream"] = json!(true);
+        let response = t
+            .http
+            .post(t.url("/v1/chat/completions"))
+            .bearer_auth(&session.token)
+            .json(&streamed)
+            .send()
+            .await
+            .unwrap();
+        let text = response.text().await.unwrap();
+        let reasons: Vec<String> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+            .filter_map(|chunk| chunk["choices"][0]["finish_reason"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(reasons, ["length"], "{model}: {text}");
+    }
+    assert!(openai.requests() >= 2 && anthropic.requests() >= 2);
+    t.stop().await;
+}
