@@ -172,10 +172,11 @@ impl Agent {
             return true;
         };
         let prompt_tokens = self.prompt_tokens(model, prompt);
-        if held.is_some_and(|held| prompt_tokens + i64::from(self.config.agent.max_output_tokens) <= held) {
+        let longest_reply = i64::from(job.max_output_tokens(self.config.agent.max_output_tokens));
+        if held.is_some_and(|held| prompt_tokens + longest_reply <= held) {
             return true;
         }
-        let tokens = prompt_tokens + i64::from(self.config.agent.max_output_tokens);
+        let tokens = prompt_tokens + longest_reply;
         // Raised in Redis with quota's script when it can decide alone; else by the quota service.
         if let Some(mut redis) = self.redis.clone() {
             let id = reservation_id.to_string();

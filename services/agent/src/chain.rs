@@ -112,7 +112,8 @@ impl Agent {
         sink: DeltaSink<'_>,
     ) -> Result<Answer, Failure> {
         let retry = &self.config.agent.retry;
-        let sampling = Sampling { max_tokens: self.config.agent.max_output_tokens, temperature: job.temperature };
+        let max_tokens = job.max_output_tokens(self.config.agent.max_output_tokens);
+        let sampling = Sampling { max_tokens, temperature: job.temperature };
         let started = Instant::now();
         let name = provider.client.name.clone();
         let mut attempt = 0;

@@ -88,6 +88,7 @@ impl Completions {
             temperature: options.temperature,
             cache: CacheDirective { read: !options.skip_cache_read, write: !options.skip_cache_write },
             reservation_id: Some(uuid("reservation_id", &request.reservation_id)?),
+            max_tokens: (request.max_tokens > 0).then_some(request.max_tokens),
         };
         Ok((job, prompt))
     }

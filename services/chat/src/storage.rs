@@ -646,6 +646,7 @@ async fn insert_exchange<'e>(
         temperature: exchange.generation.temperature,
         cache: exchange.generation.cache,
         reservation_id: exchange.generation.reservation_id,
+        max_tokens: None,
     };
     // The messages' times come from clock_timestamp() once the row lock is held, not from now() (the
     // statement's start), so they follow every message committed before them.

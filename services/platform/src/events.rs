@@ -20,6 +20,9 @@ pub struct AiJob {
     /// The quota reservation to settle with the tokens actually used.
     #[serde(default)]
     pub reservation_id: Option<Uuid>,
+    /// The longest reply the client asked for, below the configured longest (`agent.max_output_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
 }
 
 /// What the client allowed the response cache to do with this job.
@@ -41,6 +44,11 @@ impl AiJob {
     /// Only deterministic requests (temperature 0) are answered from, or kept in, the response cache.
     pub fn is_cacheable(&self) -> bool {
         self.temperature == Some(0.0)
+    }
+
+    /// The longest reply this job may have: what the client asked for, at most `configured`.
+    pub fn max_output_tokens(&self, configured: u32) -> u32 {
+        self.max_tokens.map_or(configured, |asked| asked.min(configured))
     }
 }
 

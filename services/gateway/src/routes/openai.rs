@@ -36,16 +36,23 @@ pub struct OpenAiError {
     message: String,
     kind: &'static str,
     code: String,
+    /// The request parameter at fault, when one is.
+    param: Option<String>,
     retry_after: Option<u64>,
 }
 
 impl OpenAiError {
     fn new(status: StatusCode, kind: &'static str, code: &str, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), kind, code: code.to_owned(), retry_after: None }
+        Self { status, message: message.into(), kind, code: code.to_owned(), param: None, retry_after: None }
     }
 
     fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", message)
+    }
+
+    /// A 400 naming the parameter at fault.
+    fn invalid_param(param: &str, message: impl Into<String>) -> Self {
+        Self { param: Some(param.to_owned()), ..Self::invalid(message) }
     }
 }
 
@@ -68,7 +75,7 @@ impl From<ServiceError> for OpenAiError {
             ErrorCode::QuotaExceeded => "insufficient_quota".to_owned(),
             other => other.as_str().to_owned(),
         };
-        Self { status, message: error.message, kind, code, retry_after: error.retry_after_secs }
+        Self { status, message: error.message, kind, code, param: error.field, retry_after: error.retry_after_secs }
     }
 }
 
@@ -86,7 +93,8 @@ impl From<tonic::Status> for OpenAiError {
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind, "code": self.code, "param": null}});
+        let body =
+            json!({"error": {"message": self.message, "type": self.kind, "code": self.code, "param": self.param}});
         let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -128,6 +136,12 @@ struct CompletionRequest {
     n: Option<u32>,
     #[serde(default)]
     temperature: Option<f32>,
+    /// The longest reply (OpenAI's older name).
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    /// The longest reply (OpenAI's current name; wins over `max_tokens`).
+    #[serde(default)]
+    max_completion_tokens: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,10 +229,22 @@ pub async fn chat_completions(
     for (index, message) in request.messages.iter().enumerate() {
         messages.push(pb::PromptMessage { role: message.role.clone(), content: text_of(index, &message.content)? });
     }
+    let configured_longest = state.config.agent.max_output_tokens;
+    let max_tokens = match (request.max_completion_tokens, request.max_tokens) {
+        (Some(asked), _) => Some(("max_completion_tokens", asked)),
+        (None, Some(asked)) => Some(("max_tokens", asked)),
+        (None, None) => None,
+    };
+    let max_tokens = match max_tokens {
+        None => 0,
+        Some((_, asked)) if asked >= 1 => u32::try_from(asked).unwrap_or(u32::MAX).min(configured_longest),
+        Some((param, _)) => return Err(OpenAiError::invalid_param(param, format!("{param} must be at least 1"))),
+    };
+    let longest_reply = if max_tokens > 0 { max_tokens } else { configured_longest };
     // Counted as the agent counts a prompt without a tokenizer, so that the agent need not raise it.
     let prompt_tokens: i64 =
         messages.iter().map(|message| i64::from(parley_platform::tokens::estimate_message(&message.content))).sum();
-    let estimated_tokens = prompt_tokens + i64::from(state.config.agent.max_output_tokens);
+    let estimated_tokens = prompt_tokens + i64::from(longest_reply);
     let completion_id = uuid::Uuid::now_v7();
     let call = agent_pb::CompleteRequest {
         completion_id: completion_id.to_string(),
@@ -230,6 +256,7 @@ pub async fn chat_completions(
         // Filled in once the budget is reserved, inside the task below.
         reservation_id: String::new(),
         reserved_tokens: estimated_tokens,
+        max_tokens,
     };
     let starting = {
         let (state, caller) = (state.clone(), caller.clone());

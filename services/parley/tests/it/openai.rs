@@ -78,6 +78,13 @@ async fn openai_errors_use_the_openai_shape() {
             .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["error"]["message"].as_str().unwrap().contains("messages[0].role"), "{body}");
+    assert_eq!(body["error"]["param"], "messages[0].role", "{body}");
+    for param in ["max_tokens", "max_completion_tokens"] {
+        let request = json!({"model": "parley-fake", "messages": [{"role": "user", "content": "x"}], param: 0});
+        let (status, body) = read(post(request).await.unwrap()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"]["param"], param, "{body}");
+    }
     let response = t.http.get(t.url("/v1/models")).send().await.unwrap();
     let (status, body) = read(response).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);

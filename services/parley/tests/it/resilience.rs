@@ -425,6 +425,16 @@ async fn the_reason_a_model_stopped_reaches_openai_clients() {
             .collect();
         assert_eq!(reasons, ["length"], "{model}: {text}");
     }
+    // The client's own longest reply, below the configured one, cuts it shorter; above it, it is bounded.
+    for (asked, kept) in [(2, 2), (50, 3)] {
+        let request = json!({"model": "cut-openai", "max_completion_tokens": asked,
+            "messages": [{"role": "user", "content": "say a lot"}]});
+        let (status, completion) = t.post(&session, "/v1/chat/completions", request).await;
+        assert_eq!(status, StatusCode::OK, "{completion}");
+        let expected: String = parley_fake_llm::tokens_of(&reply_for("say a lot"))[..kept].concat();
+        assert_eq!(completion["choices"][0]["message"]["content"], expected.as_str(), "asked {asked}");
+        assert_eq!(completion["choices"][0]["finish_reason"], "length");
+    }
     assert!(openai.requests() >= 2 && anthropic.requests() >= 2);
     t.stop().await;
 }
