@@ -172,7 +172,7 @@ impl Agent {
             return true;
         };
         let prompt_tokens = self.prompt_tokens(model, prompt);
-        let longest_reply = i64::from(job.max_output_tokens(self.config.agent.max_output_tokens));
+        let longest_reply = i64::from(self.longest_reply(job));
         if held.is_some_and(|held| prompt_tokens + longest_reply <= held) {
             return true;
         }
@@ -199,6 +199,11 @@ impl Agent {
                 true
             }
         }
+    }
+
+    /// The longest reply `job` may have: what its client asked for, at most `agent.max_output_tokens`.
+    pub(crate) fn longest_reply(&self, job: &AiJob) -> u32 {
+        job.max_output_tokens(self.config.agent.max_output_tokens)
     }
 
     /// The prompt's tokens as this agent counts them (tiktoken, or the estimate, both at or above what

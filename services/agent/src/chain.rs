@@ -112,8 +112,7 @@ impl Agent {
         sink: DeltaSink<'_>,
     ) -> Result<Answer, Failure> {
         let retry = &self.config.agent.retry;
-        let max_tokens = job.max_output_tokens(self.config.agent.max_output_tokens);
-        let sampling = Sampling { max_tokens, temperature: job.temperature };
+        let sampling = Sampling { max_tokens: self.longest_reply(job), temperature: job.temperature };
         let started = Instant::now();
         let name = provider.client.name.clone();
         let mut attempt = 0;

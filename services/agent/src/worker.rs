@@ -326,8 +326,7 @@ impl Agent {
         prompt: &[crate::provider::PromptMessage],
         sink: DeltaSink<'_>,
     ) -> Generated {
-        let cache_key =
-            crate::cache::key(requested_model, prompt, job.max_output_tokens(self.config.agent.max_output_tokens));
+        let cache_key = crate::cache::key(requested_model, prompt, self.longest_reply(job));
         let cache_on = self.config.agent.cache.enabled;
         let cacheable = cache_on && job.is_cacheable();
         if cacheable

@@ -229,18 +229,17 @@ pub async fn chat_completions(
     for (index, message) in request.messages.iter().enumerate() {
         messages.push(pb::PromptMessage { role: message.role.clone(), content: text_of(index, &message.content)? });
     }
+    // The longest reply: what the client asked for (OpenAI's current name first), at most the configured.
     let configured_longest = state.config.agent.max_output_tokens;
-    let max_tokens = match (request.max_completion_tokens, request.max_tokens) {
-        (Some(asked), _) => Some(("max_completion_tokens", asked)),
-        (None, Some(asked)) => Some(("max_tokens", asked)),
-        (None, None) => None,
-    };
-    let max_tokens = match max_tokens {
-        None => 0,
+    let asked = request
+        .max_completion_tokens
+        .map(|asked| ("max_completion_tokens", asked))
+        .or(request.max_tokens.map(|asked| ("max_tokens", asked)));
+    let longest_reply = match asked {
+        None => configured_longest,
         Some((_, asked)) if asked >= 1 => u32::try_from(asked).unwrap_or(u32::MAX).min(configured_longest),
         Some((param, _)) => return Err(OpenAiError::invalid_param(param, format!("{param} must be at least 1"))),
     };
-    let longest_reply = if max_tokens > 0 { max_tokens } else { configured_longest };
     // Counted as the agent counts a prompt without a tokenizer, so that the agent need not raise it.
     let prompt_tokens: i64 =
         messages.iter().map(|message| i64::from(parley_platform::tokens::estimate_message(&message.content))).sum();
@@ -256,7 +255,7 @@ pub async fn chat_completions(
         // Filled in once the budget is reserved, inside the task below.
         reservation_id: String::new(),
         reserved_tokens: estimated_tokens,
-        max_tokens,
+        max_tokens: longest_reply,
     };
     let starting = {
         let (state, caller) = (state.clone(), caller.clone());
