@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use lru::LruCache;
 use parley_platform::config::CacheConfig;
+use parley_platform::sampling::Sampling;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
@@ -32,9 +33,15 @@ pub struct ResponseCache {
     in_flight: Mutex<HashMap<String, Flight>>,
 }
 
-/// The cache key of a request: SHA-256 over the model and the exact prompt and output limit.
-pub fn key(model: &str, prompt: &[PromptMessage], max_tokens: u32) -> String {
-    let canonical = serde_json::json!({"model": model, "messages": prompt, "max_tokens": max_tokens});
+/// The cache key of a request: SHA-256 over the model, the exact prompt, the output limit and every
+/// sampling parameter that can change the reply.
+pub fn key(model: &str, prompt: &[PromptMessage], max_tokens: u32, sampling: &Sampling) -> String {
+    let canonical = serde_json::json!({
+        "model": model,
+        "messages": prompt,
+        "max_tokens": max_tokens,
+        "sampling": sampling.cache_identity(),
+    });
     let digest = ring::digest::digest(&ring::digest::SHA256, canonical.to_string().as_bytes());
     hex::encode(digest)
 }
@@ -129,12 +136,20 @@ mod tests {
     }
 
     #[test]
-    fn keys_depend_on_model_prompt_and_limit() {
-        let base = key("m", &prompt("hi"), 100);
-        assert_eq!(base, key("m", &prompt("hi"), 100));
-        assert_ne!(base, key("n", &prompt("hi"), 100));
-        assert_ne!(base, key("m", &prompt("hi!"), 100));
-        assert_ne!(base, key("m", &prompt("hi"), 101));
+    fn keys_depend_on_model_prompt_limit_and_sampling() {
+        let plain = Sampling { temperature: Some(0.0), ..Sampling::default() };
+        let base = key("m", &prompt("hi"), 100, &plain);
+        assert_eq!(base, key("m", &prompt("hi"), 100, &plain));
+        assert_ne!(base, key("n", &prompt("hi"), 100, &plain));
+        assert_ne!(base, key("m", &prompt("hi!"), 100, &plain));
+        assert_ne!(base, key("m", &prompt("hi"), 101, &plain));
+        let stopped = Sampling { stop: vec!["x".into()], ..plain.clone() };
+        assert_ne!(base, key("m", &prompt("hi"), 100, &stopped));
+        let seeded = Sampling { seed: Some(1), ..plain.clone() };
+        assert_ne!(base, key("m", &prompt("hi"), 100, &seeded));
+        // Who the end user is does not change the reply.
+        let named = Sampling { user: Some("someone".into()), ..plain.clone() };
+        assert_eq!(base, key("m", &prompt("hi"), 100, &named));
         assert_eq!(base.len(), 64);
     }
 

@@ -20,7 +20,7 @@ pub(crate) struct ProviderCall<'a> {
     key: Option<&'a str>,
     model: &'a str,
     prompt: &'a [crate::provider::PromptMessage],
-    sampling: Sampling,
+    sampling: Sampling<'a>,
 }
 
 /// A failed model call, with the text that had already been streamed to clients.
@@ -112,7 +112,7 @@ impl Agent {
         sink: DeltaSink<'_>,
     ) -> Result<Answer, Failure> {
         let retry = &self.config.agent.retry;
-        let sampling = Sampling { max_tokens: self.longest_reply(job), temperature: job.temperature };
+        let sampling = Sampling { max_tokens: self.longest_reply(job), params: &job.sampling };
         let started = Instant::now();
         let name = provider.client.name.clone();
         let mut attempt = 0;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use futures::Stream;
 use parley_platform::ServiceError;
 use parley_platform::events::{AiJob, CacheDirective};
+use parley_platform::sampling::Sampling;
 use parley_proto::agent::v1 as pb;
 use parley_proto::agent::v1::agent_service_server::AgentService;
 use tokio::sync::mpsc;
@@ -70,12 +71,9 @@ impl Completions {
             let limit = config.chat.max_message_chars;
             return Err(ServiceError::invalid_field("messages", format!("must total at most {limit} characters")));
         }
-        let options = request.options.unwrap_or_default();
-        if let Some(temperature) = options.temperature
-            && !(0.0..=2.0).contains(&temperature)
-        {
-            return Err(ServiceError::invalid_field("temperature", "must be between 0 and 2"));
-        }
+        let options = request.options.clone().unwrap_or_default();
+        let sampling = Sampling::from_options(&options)?;
+        parley_platform::sampling::check_model(config, &request.model, &sampling)?;
         let completion_id = uuid("completion_id", &request.completion_id)?;
         let job = AiJob {
             job_id: completion_id,
@@ -85,7 +83,7 @@ impl Completions {
             user_id: uuid("user_id", &request.user_id)?,
             model: request.model.clone(),
             tier: request.tier.clone(),
-            temperature: options.temperature,
+            sampling,
             cache: CacheDirective { read: !options.skip_cache_read, write: !options.skip_cache_write },
             reservation_id: Some(uuid("reservation_id", &request.reservation_id)?),
             max_tokens: (request.max_tokens > 0).then_some(request.max_tokens),

@@ -93,11 +93,12 @@ enum Wire {
     Anthropic,
 }
 
-/// How to sample a reply.
+/// How to sample a reply: the client's parameters (checked against the provider's wire format before
+/// the job was accepted, `parley_platform::sampling::check_model`) and the longest reply.
 #[derive(Debug, Clone, Copy)]
-pub struct Sampling {
+pub struct Sampling<'a> {
     pub max_tokens: u32,
-    pub temperature: Option<f32>,
+    pub params: &'a parley_platform::sampling::Sampling,
 }
 
 /// The deadlines of one call.
@@ -147,7 +148,7 @@ impl HttpProvider {
         key: Option<&str>,
         model: &str,
         messages: &[PromptMessage],
-        sampling: Sampling,
+        sampling: Sampling<'_>,
         on_delta: &mut (dyn FnMut(&str) + Send),
     ) -> Result<Completion, ProviderError> {
         let total = self.timeouts.total;
@@ -162,20 +163,17 @@ impl HttpProvider {
         key: Option<&str>,
         model: &str,
         messages: &[PromptMessage],
-        sampling: Sampling,
+        sampling: Sampling<'_>,
     ) -> reqwest::RequestBuilder {
         match self.wire {
             Wire::OpenAi => {
-                let mut body = json!({
-                    "model": model,
-                    "messages": messages,
-                    "stream": true,
-                    "stream_options": {"include_usage": true},
-                    "max_tokens": sampling.max_tokens,
-                });
-                if let Some(temperature) = sampling.temperature {
-                    body["temperature"] = json!(temperature);
-                }
+                // The parameters' JSON names are OpenAI's own: they go into the body as they are.
+                let mut body = serde_json::to_value(sampling.params).unwrap_or_else(|_| json!({}));
+                body["model"] = json!(model);
+                body["messages"] = json!(messages);
+                body["stream"] = json!(true);
+                body["stream_options"] = json!({"include_usage": true});
+                body["max_tokens"] = json!(sampling.max_tokens);
                 let request = self.http.post(format!("{}/chat/completions", self.base_url)).json(&body);
                 match key {
                     Some(key) => request.bearer_auth(key),
@@ -186,9 +184,19 @@ impl HttpProvider {
                 let (system, turns) = anthropic_messages(messages);
                 let mut body =
                     json!({"model": model, "messages": turns, "max_tokens": sampling.max_tokens, "stream": true});
-                if let Some(temperature) = sampling.temperature {
+                let params = sampling.params;
+                if let Some(temperature) = params.temperature {
                     // Anthropic's range is 0 to 1.
                     body["temperature"] = json!(temperature.min(1.0));
+                }
+                if let Some(top_p) = params.top_p {
+                    body["top_p"] = json!(top_p);
+                }
+                if !params.stop.is_empty() {
+                    body["stop_sequences"] = json!(params.stop);
+                }
+                if let Some(user) = &params.user {
+                    body["metadata"] = json!({"user_id": user});
                 }
                 if !system.is_empty() {
                     body["system"] = Value::String(system);
@@ -211,7 +219,7 @@ impl HttpProvider {
         key: Option<&str>,
         model: &str,
         messages: &[PromptMessage],
-        sampling: Sampling,
+        sampling: Sampling<'_>,
         on_delta: &mut (dyn FnMut(&str) + Send),
     ) -> Result<Completion, ProviderError> {
         let started = Instant::now();

@@ -83,7 +83,8 @@ impl Agent {
             .unwrap_or_else(|| requested.to_owned());
         let summary_model = self.config.models.get(&name)?;
         let request = summary_request(previous, dropped);
-        let sampling = Sampling { max_tokens, temperature: Some(0.0) };
+        let deterministic = parley_platform::sampling::Sampling { temperature: Some(0.0), ..Default::default() };
+        let sampling = Sampling { max_tokens, params: &deterministic };
         for target in &summary_model.chain {
             let Some(provider) = self.providers.get(&target.provider) else {
                 continue;

@@ -326,7 +326,7 @@ impl Agent {
         prompt: &[crate::provider::PromptMessage],
         sink: DeltaSink<'_>,
     ) -> Generated {
-        let cache_key = crate::cache::key(requested_model, prompt, self.longest_reply(job));
+        let cache_key = crate::cache::key(requested_model, prompt, self.longest_reply(job), &job.sampling);
         let cache_on = self.config.agent.cache.enabled;
         let cacheable = cache_on && job.is_cacheable();
         if cacheable

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use parley_platform::nats::Names;
 use parley_platform::replicas::{ReadFloor, WriteMarks};
+use parley_platform::sampling::Sampling;
 use parley_platform::{Config, ErrorCode, ServiceError, telemetry, timestamps};
 use parley_proto::chat::v1 as pb;
 
@@ -70,30 +71,27 @@ fn parse_id_or_not_found(id: &str) -> Option<Uuid> {
     Uuid::parse_str(id).ok()
 }
 
-/// The generation options of a request, checked.
-fn generation(options: Option<&pb::GenerationOptions>, reservation_id: Option<&str>) -> Result<Generation, ChatError> {
-    let reservation_id = match reservation_id {
+/// How the reply of a send is to be generated, checked.
+fn generation(request: &pb::SendMessageRequest) -> Result<Generation, ChatError> {
+    let reservation_id = match request.reservation_id.as_deref() {
         Some(id) => Some(
             Uuid::parse_str(id)
                 .map_err(|_| ChatError::from(ServiceError::invalid_field("reservation_id", "must be a UUID")))?,
         ),
         None => None,
     };
-    let Some(options) = options else {
-        return Ok(Generation { reservation_id, ..Generation::default() });
+    let max_tokens = (request.max_tokens > 0).then_some(request.max_tokens);
+    let Some(options) = request.options.as_ref() else {
+        return Ok(Generation { reservation_id, max_tokens, ..Generation::default() });
     };
-    if let Some(temperature) = options.temperature
-        && !(0.0..=2.0).contains(&temperature)
-    {
-        return Err(ServiceError::invalid_field("temperature", "must be between 0 and 2").into());
-    }
     Ok(Generation {
-        temperature: options.temperature,
+        sampling: Sampling::from_options(options)?,
         cache: parley_platform::events::CacheDirective {
             read: !options.skip_cache_read,
             write: !options.skip_cache_write,
         },
         reservation_id,
+        max_tokens,
     })
 }
 
@@ -280,7 +278,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             tier: &request.tier,
             jobs_subject: &jobs_subject,
             traceparent: telemetry::current_traceparent(),
-            generation: generation(request.options.as_ref(), request.reservation_id.as_deref())?,
+            generation: generation(&request)?,
         };
         let Some(mut sent) = self.storage.send(exchange).await.map_err(ChatError::from)? else {
             return Err(ChatError::from(ServiceError::not_found("conversation")).into());

@@ -3,6 +3,7 @@
 use parley_platform::events::{AiJob, CacheDirective};
 use parley_platform::message_status::MessageStatus;
 use parley_platform::replicas::{ReadFloor, WriteMarks};
+use parley_platform::sampling::Sampling;
 use sqlx::{PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -619,12 +620,14 @@ fn finishing(set: &str) -> String {
 }
 
 /// How a reply is to be generated: carried on its job.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Generation {
-    pub temperature: Option<f32>,
+    pub sampling: Sampling,
     pub cache: CacheDirective,
     /// The quota reservation the agent settles.
     pub reservation_id: Option<Uuid>,
+    /// The longest reply the client asked for.
+    pub max_tokens: Option<u32>,
 }
 
 /// Stores an exchange in one statement: marks the conversation active (which locks its row, so sends
@@ -643,10 +646,10 @@ async fn insert_exchange<'e>(
         // The conversation's model unless the send names one: set by the statement, which reads it.
         model: String::new(),
         tier: exchange.tier.to_owned(),
-        temperature: exchange.generation.temperature,
+        sampling: exchange.generation.sampling.clone(),
         cache: exchange.generation.cache,
         reservation_id: exchange.generation.reservation_id,
-        max_tokens: None,
+        max_tokens: exchange.generation.max_tokens,
     };
     // The messages' times come from clock_timestamp() once the row lock is held, not from now() (the
     // statement's start), so they follow every message committed before them.

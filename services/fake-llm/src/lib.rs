@@ -71,7 +71,8 @@ impl From<&FakeLlmConfig> for Knobs {
 
 struct Shared {
     knobs: Mutex<Knobs>,
-    last_temperature: Mutex<Option<f64>>,
+    /// The body of the last completion request, as it came.
+    last_body: Mutex<Option<Value>>,
     requests: AtomicU64,
     random_state: AtomicU64,
 }
@@ -90,7 +91,7 @@ impl FakeLlm {
             | 1;
         let shared = Shared {
             knobs: Mutex::new(knobs),
-            last_temperature: Mutex::new(None),
+            last_body: Mutex::new(None),
             requests: AtomicU64::new(0),
             random_state: AtomicU64::new(seed),
         };
@@ -108,7 +109,12 @@ impl FakeLlm {
 
     /// The `temperature` of the last completion request (`None` when it had none).
     pub fn last_temperature(&self) -> Option<f64> {
-        *self.shared.last_temperature.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.last_body()?.get("temperature")?.as_f64()
+    }
+
+    /// The body of the last completion request (either wire format), as it came: what a caller sent.
+    pub fn last_body(&self) -> Option<Value> {
+        self.shared.last_body.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
     pub fn knobs(&self) -> Knobs {
@@ -186,8 +192,31 @@ struct ChatRequest {
     max_tokens: Option<u32>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
+    /// OpenAI's stop sequences: one, or a list.
     #[serde(default)]
-    temperature: Option<f64>,
+    stop: Option<Value>,
+    /// Anthropic's stop sequences.
+    #[serde(default)]
+    stop_sequences: Option<Vec<String>>,
+    #[serde(default)]
+    response_format: Option<Value>,
+}
+
+impl ChatRequest {
+    fn stop_sequences(&self) -> Vec<String> {
+        match (&self.stop, &self.stop_sequences) {
+            (Some(Value::String(one)), _) => vec![one.clone()],
+            (Some(Value::Array(many)), _) => many.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+            (_, Some(sequences)) => sequences.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// JSON mode (`json_object` or `json_schema`): the reply is a JSON object.
+    fn wants_json(&self) -> bool {
+        let kind = self.response_format.as_ref().and_then(|format| format.get("type")).and_then(Value::as_str);
+        matches!(kind, Some("json_object" | "json_schema"))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -251,7 +280,7 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: &[u8]) -
     if request.messages.is_empty() {
         return wire_error(wire, StatusCode::BAD_REQUEST, "invalid_request_error", "messages must not be empty");
     }
-    *fake.shared.last_temperature.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = request.temperature;
+    *fake.shared.last_body.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = serde_json::from_slice(body).ok();
     let knobs = fake.knobs();
     if let Some(required) = &knobs.required_api_key
         && presented_key(headers) != Some(required.as_str())
@@ -270,7 +299,21 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: &[u8]) -
     let system_tokens = request.system.as_ref().map_or(0, |system| estimate_tokens(&text_of(system)));
     let prompt_tokens =
         system_tokens + request.messages.iter().map(|m| estimate_tokens(&text_of(&m.content))).sum::<u64>();
-    let mut tokens = tokens_of(&reply_for(last_user.as_deref().unwrap_or("")));
+    let mut reply = reply_for(last_user.as_deref().unwrap_or(""));
+    if request.wants_json() {
+        reply = json!({"reply": reply}).to_string();
+    }
+    // The reply ends before the first stop sequence it contains.
+    let stopped_by = request
+        .stop_sequences()
+        .into_iter()
+        .filter(|sequence| !sequence.is_empty())
+        .filter_map(|sequence| reply.find(&sequence).map(|at| (at, sequence)))
+        .min_by_key(|(at, _)| *at);
+    if let Some((at, _)) = &stopped_by {
+        reply.truncate(*at);
+    }
+    let mut tokens = tokens_of(&reply);
     let max_tokens = request.max_completion_tokens.or(request.max_tokens).unwrap_or(u32::MAX) as usize;
     let truncated = tokens.len() > max_tokens;
     tokens.truncate(max_tokens);
@@ -282,6 +325,7 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: &[u8]) -
         tokens,
         prompt_tokens,
         truncated,
+        stopped_by: stopped_by.map(|(_, sequence)| sequence),
         knobs,
     };
     if request.stream {
@@ -302,6 +346,8 @@ struct Completion {
     tokens: Vec<String>,
     prompt_tokens: u64,
     truncated: bool,
+    /// The stop sequence the reply ended at.
+    stopped_by: Option<String>,
     knobs: Knobs,
 }
 
@@ -318,6 +364,7 @@ impl Completion {
         match (self.wire, self.truncated) {
             (Wire::OpenAi, false) => "stop",
             (Wire::OpenAi, true) => "length",
+            (Wire::Anthropic, false) if self.stopped_by.is_some() => "stop_sequence",
             (Wire::Anthropic, false) => "end_turn",
             (Wire::Anthropic, true) => "max_tokens",
         }
@@ -350,6 +397,7 @@ impl Completion {
                 "model": self.model,
                 "content": [{"type": "text", "text": text}],
                 "stop_reason": self.finish_reason(),
+                "stop_sequence": self.stopped_by,
                 "usage": {"input_tokens": self.prompt_tokens, "output_tokens": completion_tokens},
             }),
         }
@@ -431,7 +479,7 @@ impl Completion {
                     "message_delta",
                     &json!({
                         "type": "message_delta",
-                        "delta": {"stop_reason": self.finish_reason(), "stop_sequence": null},
+                        "delta": {"stop_reason": self.finish_reason(), "stop_sequence": self.stopped_by},
                         "usage": {"output_tokens": completion_tokens},
                     }),
                 ),

@@ -182,7 +182,7 @@ pub fn is_json_object(bytes: &[u8]) -> bool {
 
 /// Every body this API takes is a JSON object: an array (which serde would read as the struct's fields
 /// in order), a string or a number is refused as such, before its contents are looked at.
-fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if !is_json_object(bytes) {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "the body must be a JSON object"));
     }
@@ -199,7 +199,11 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
             let body = error.body_text();
             let text = body.split_once("target type: ").map_or(body.as_str(), |(_, rest)| rest).to_owned();
             match field_of(&text) {
-                Some(field) => ApiError::invalid_field(&field, text),
+                // `invalid_field` puts the field in front of the message: once is enough.
+                Some(field) => {
+                    let message = text.strip_prefix(&format!("{field}: ")).unwrap_or(&text).to_owned();
+                    ApiError::invalid_field(&field, message)
+                }
                 None => ApiError::new(ErrorCode::InvalidRequest, text),
             }
         }

@@ -186,6 +186,51 @@ pub struct SendMessageBody {
     /// Sampling temperature, 0 to 2; 0 makes the reply deterministic and eligible for the response cache.
     #[serde(default)]
     pub temperature: Option<f32>,
+    /// Nucleus sampling, 0 to 1.
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Up to 4 sequences (a string or a list) that end the reply where the model writes them.
+    #[serde(default)]
+    pub stop: Option<crate::routes::Stop>,
+    /// Asks the provider for a reproducible reply.
+    #[serde(default)]
+    pub seed: Option<i64>,
+    /// -2 to 2.
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    /// -2 to 2.
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// Token id to a bias from -100 to 100.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, i32>>,
+    /// OpenAI's `response_format`: `{"type": "text" | "json_object"}` or `{"type": "json_schema",
+    /// "json_schema": {"name", "schema", "strict"}}`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<parley_platform::sampling::ResponseFormat>,
+    /// The longest reply, at least 1; at most the deployment's longest (`agent.max_output_tokens`).
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+}
+
+impl SendMessageBody {
+    /// The sampling parameters, checked.
+    pub fn sampling(&self) -> Result<parley_platform::sampling::Sampling, parley_platform::ServiceError> {
+        let sampling = parley_platform::sampling::Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            stop: self.stop.clone().map(crate::routes::Stop::into_list).unwrap_or_default(),
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.clone().unwrap_or_default(),
+            user: None,
+            response_format: self.response_format.clone(),
+        };
+        sampling.check()?;
+        Ok(sampling)
+    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

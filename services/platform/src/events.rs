@@ -13,8 +13,9 @@ pub struct AiJob {
     pub user_id: Uuid,
     pub model: String,
     pub tier: String,
-    #[serde(default)]
-    pub temperature: Option<f32>,
+    /// How to sample the reply; its fields sit at the top level of the job's JSON (OpenAI's names).
+    #[serde(flatten)]
+    pub sampling: crate::sampling::Sampling,
     #[serde(default)]
     pub cache: CacheDirective,
     /// The quota reservation to settle with the tokens actually used.
@@ -43,7 +44,7 @@ impl Default for CacheDirective {
 impl AiJob {
     /// Only deterministic requests (temperature 0) are answered from, or kept in, the response cache.
     pub fn is_cacheable(&self) -> bool {
-        self.temperature == Some(0.0)
+        self.sampling.is_deterministic()
     }
 
     /// The longest reply this job may have: what the client asked for, at most `configured`.

@@ -23,6 +23,7 @@ pub mod net;
 pub mod prompt;
 pub mod redis_pool;
 pub mod replicas;
+pub mod sampling;
 pub mod shutdown;
 pub mod sse;
 pub mod telemetry;

@@ -141,8 +141,24 @@ pub async fn send(
                 .map_err(|_| ApiError::invalid_field("Idempotency-Key", "must be printable ASCII"))?,
         ),
     };
-    let estimated_tokens =
-        i64::from(parley_platform::tokens::estimate(&body.content)) + i64::from(state.config.agent.max_output_tokens);
+    let sampling = body.sampling()?;
+    if sampling.needs_provider_check() {
+        // A parameter some provider cannot honour is refused by the model that would answer: the one
+        // the send names, else its conversation's (read only in this case).
+        let model = match &body.model {
+            Some(model) => model.clone(),
+            None => {
+                let request = pb::GetConversationRequest {
+                    user_id: caller.user_id.to_string(),
+                    conversation_id: conversation_id.clone(),
+                };
+                state.backends.chat.clone().get_conversation(request).await?.into_inner().model
+            }
+        };
+        parley_platform::sampling::check_model(&state.config, &model, &sampling)?;
+    }
+    let longest_reply = super::longest_reply(&state.config, body.max_tokens.map(|asked| ("max_tokens", asked)))?;
+    let estimated_tokens = i64::from(parley_platform::tokens::estimate(&body.content)) + i64::from(longest_reply);
     let request = pb::SendMessageRequest {
         user_id: caller.user_id.to_string(),
         conversation_id,
@@ -150,7 +166,8 @@ pub async fn send(
         model: body.model,
         idempotency_key,
         tier: caller.tier.clone(),
-        options: Some(super::generation_options(&headers, body.temperature)),
+        options: Some(super::generation_options(&headers, &sampling)),
+        max_tokens: longest_reply,
         // Filled in once the budget is reserved, inside the task below.
         reservation_id: None,
     };

@@ -102,11 +102,11 @@ pub fn query_rejection(rejection: axum::extract::rejection::QueryRejection) -> A
     ApiError::new(parley_platform::ErrorCode::InvalidRequest, rejection.body_text())
 }
 
-/// The generation options of a send: its temperature, and what `Cache-Control` allows the response
-/// cache (`no-cache`: do not answer from it; `no-store`: do not keep the reply).
+/// The generation options of a send: its sampling parameters, and what `Cache-Control` allows the
+/// response cache (`no-cache`: do not answer from it; `no-store`: do not keep the reply).
 pub fn generation_options(
     headers: &axum::http::HeaderMap,
-    temperature: Option<f32>,
+    sampling: &parley_platform::sampling::Sampling,
 ) -> parley_proto::chat::v1::GenerationOptions {
     let directives: Vec<String> = headers
         .get_all(axum::http::header::CACHE_CONTROL)
@@ -117,8 +117,39 @@ pub fn generation_options(
         .collect();
     let has = |name: &str| directives.iter().any(|directive| directive == name);
     parley_proto::chat::v1::GenerationOptions {
-        temperature,
         skip_cache_read: has("no-cache") || has("no-store"),
         skip_cache_write: has("no-store"),
+        ..sampling.to_options()
+    }
+}
+
+/// The longest reply of a request: what the client asked for (`asked` names the parameter), at most the
+/// configured longest (`agent.max_output_tokens`); below 1 is refused.
+pub fn longest_reply(
+    config: &parley_platform::Config,
+    asked: Option<(&str, i64)>,
+) -> Result<u32, parley_platform::ServiceError> {
+    let configured = config.agent.max_output_tokens;
+    match asked {
+        None => Ok(configured),
+        Some((_, asked)) if asked >= 1 => Ok(u32::try_from(asked).unwrap_or(u32::MAX).min(configured)),
+        Some((param, _)) => Err(parley_platform::ServiceError::invalid_field(param, "must be at least 1")),
+    }
+}
+
+/// OpenAI's `stop`: one sequence or a list of them.
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_list(self) -> Vec<String> {
+        match self {
+            Stop::One(sequence) => vec![sequence],
+            Stop::Many(sequences) => sequences,
+        }
     }
 }

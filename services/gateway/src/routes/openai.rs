@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use parley_platform::sampling::{ResponseFormat, Sampling};
 use parley_platform::{ErrorCode, ServiceError};
 use parley_proto::agent::v1 as agent_pb;
 use parley_proto::chat::v1 as pb;
@@ -125,6 +126,7 @@ pub async fn models(State(state): State<AppState>, caller: Result<Caller, ApiErr
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CompletionRequest {
     model: String,
     messages: Vec<InputMessage>,
@@ -134,14 +136,118 @@ struct CompletionRequest {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     n: Option<u32>,
-    #[serde(default)]
-    temperature: Option<f32>,
     /// The longest reply (OpenAI's older name).
     #[serde(default)]
     max_tokens: Option<i64>,
     /// The longest reply (OpenAI's current name; wins over `max_tokens`).
     #[serde(default)]
     max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    stop: Option<super::Stop>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    logit_bias: Option<std::collections::BTreeMap<String, i32>>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    response_format: Option<ResponseFormat>,
+    /// Stored completions: only `false` (the default) is served.
+    #[serde(default)]
+    store: Option<bool>,
+    /// Accepted and not used: OpenAI keeps it only with stored completions.
+    #[serde(default)]
+    #[allow(dead_code)]
+    metadata: Option<Value>,
+    /// Accepted and not used: there is one service tier.
+    #[serde(default)]
+    #[allow(dead_code)]
+    service_tier: Option<Value>,
+    /// Refused when they ask for something this gateway does not do (see [`refused`]).
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    /// Accepted: without tools it asks for nothing.
+    #[serde(default)]
+    #[allow(dead_code)]
+    parallel_tool_calls: Option<Value>,
+    #[serde(default)]
+    functions: Option<Value>,
+    #[serde(default)]
+    function_call: Option<Value>,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
+    #[serde(default)]
+    modalities: Option<Value>,
+    #[serde(default)]
+    audio: Option<Value>,
+    #[serde(default)]
+    prediction: Option<Value>,
+    #[serde(default)]
+    reasoning_effort: Option<Value>,
+    #[serde(default)]
+    web_search_options: Option<Value>,
+}
+
+impl CompletionRequest {
+    /// The first parameter that asks for something this gateway does not do, and why; a parameter
+    /// that asks for nothing (`tools: []`, `tool_choice: "none"`, `logprobs: false`, `store: false`,
+    /// `modalities: ["text"]`) passes.
+    fn refused(&self) -> Option<(&'static str, &'static str)> {
+        let given = |value: &Option<Value>| value.as_ref().is_some_and(|value| !value.is_null());
+        // Given, and not an empty list.
+        let listed = |value: &Option<Value>| {
+            given(value) && !value.as_ref().and_then(Value::as_array).is_some_and(Vec::is_empty)
+        };
+        let choice = |value: &Option<Value>| {
+            given(value) && !matches!(value.as_ref().and_then(Value::as_str), Some("none" | "auto"))
+        };
+        let text_only = self.modalities.as_ref().is_none_or(|value| value.is_null() || *value == json!(["text"]));
+        [
+            ("tools", listed(&self.tools), "tool calling is not available on this gateway"),
+            ("functions", listed(&self.functions), "function calling is not available on this gateway"),
+            ("tool_choice", choice(&self.tool_choice), "tool calling is not available on this gateway"),
+            ("function_call", choice(&self.function_call), "function calling is not available on this gateway"),
+            ("logprobs", self.logprobs == Some(true), "log probabilities are not available on this gateway"),
+            ("top_logprobs", given(&self.top_logprobs), "log probabilities are not available on this gateway"),
+            ("modalities", !text_only, "only text replies are available"),
+            ("audio", given(&self.audio), "audio replies are not available"),
+            ("prediction", given(&self.prediction), "predicted outputs are not available"),
+            ("reasoning_effort", given(&self.reasoning_effort), "reasoning effort is not available on this gateway"),
+            ("web_search_options", given(&self.web_search_options), "web search is not available"),
+            ("store", self.store == Some(true), "stored completions are not available; omit store or set it to false"),
+        ]
+        .into_iter()
+        .find_map(|(param, asked, why)| asked.then_some((param, why)))
+    }
+
+    /// The sampling parameters, checked.
+    fn sampling(&self) -> Result<Sampling, ServiceError> {
+        let sampling = Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            stop: self.stop.clone().map(super::Stop::into_list).unwrap_or_default(),
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.clone().unwrap_or_default(),
+            user: self.user.clone().filter(|user| !user.is_empty()),
+            response_format: self.response_format.clone(),
+        };
+        sampling.check()?;
+        Ok(sampling)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -209,11 +315,7 @@ pub async fn chat_completions(
     if !is_json {
         return Err(OpenAiError::invalid("Content-Type must be application/json"));
     }
-    if !crate::problem::is_json_object(&body) {
-        return Err(OpenAiError::invalid("the body must be a JSON object"));
-    }
-    let request: CompletionRequest =
-        serde_json::from_slice(&body).map_err(|error| OpenAiError::invalid(format!("invalid body: {error}")))?;
+    let request: CompletionRequest = crate::problem::parse(&body)?;
     if !state.config.models.contains_key(&request.model) {
         return Err(OpenAiError::new(
             StatusCode::NOT_FOUND,
@@ -223,23 +325,23 @@ pub async fn chat_completions(
         ));
     }
     if request.n.is_some_and(|n| n != 1) {
-        return Err(OpenAiError::invalid("only n = 1 is supported"));
+        return Err(OpenAiError::invalid_param("n", "n: only one choice (n = 1) is served"));
     }
+    if let Some((param, why)) = request.refused() {
+        return Err(OpenAiError::invalid_param(param, format!("{param}: {why}")));
+    }
+    let sampling = request.sampling()?;
+    parley_platform::sampling::check_model(&state.config, &request.model, &sampling)?;
     let mut messages = Vec::with_capacity(request.messages.len());
     for (index, message) in request.messages.iter().enumerate() {
         messages.push(pb::PromptMessage { role: message.role.clone(), content: text_of(index, &message.content)? });
     }
     // The longest reply: what the client asked for (OpenAI's current name first), at most the configured.
-    let configured_longest = state.config.agent.max_output_tokens;
     let asked = request
         .max_completion_tokens
         .map(|asked| ("max_completion_tokens", asked))
         .or(request.max_tokens.map(|asked| ("max_tokens", asked)));
-    let longest_reply = match asked {
-        None => configured_longest,
-        Some((_, asked)) if asked >= 1 => u32::try_from(asked).unwrap_or(u32::MAX).min(configured_longest),
-        Some((param, _)) => return Err(OpenAiError::invalid_param(param, format!("{param} must be at least 1"))),
-    };
+    let longest_reply = super::longest_reply(&state.config, asked)?;
     // Counted as the agent counts a prompt without a tokenizer, so that the agent need not raise it.
     let prompt_tokens: i64 =
         messages.iter().map(|message| i64::from(parley_platform::tokens::estimate_message(&message.content))).sum();
@@ -251,7 +353,7 @@ pub async fn chat_completions(
         tier: caller.tier.clone(),
         model: request.model.clone(),
         messages,
-        options: Some(super::generation_options(&headers, request.temperature)),
+        options: Some(super::generation_options(&headers, &sampling)),
         // Filled in once the budget is reserved, inside the task below.
         reservation_id: String::new(),
         reserved_tokens: estimated_tokens,

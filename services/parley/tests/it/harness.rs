@@ -4,11 +4,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use parley::{GrpcBind, LaunchOptions, Platform, Service};
+use parley_fake_llm::{FakeLlm, Knobs};
 use parley_platform::Config;
-use parley_platform::config::TelemetryConfig;
+use parley_platform::config::{ModelConfig, ModelTarget, ProviderConfig, ProviderKind, TelemetryConfig};
 use parley_platform::test_database::TestDatabase;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 pub const ALL_BUT_AGENT: &[Service] =
     &[Service::User, Service::Chat, Service::Quota, Service::Analytics, Service::Gateway];
@@ -308,4 +310,42 @@ impl SseReader {
             });
         }
     }
+}
+
+/// A fake provider of its own, on an ephemeral port; its base URL.
+pub async fn spawn_fake(knobs: Knobs) -> (FakeLlm, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let fake =
+        FakeLlm::new(Knobs { time_to_first_token: Duration::from_millis(5), tokens_per_second: 2000.0, ..knobs });
+    tokio::spawn(parley_fake_llm::serve(fake.clone(), listener, CancellationToken::new()));
+    (fake, url)
+}
+
+pub fn add_provider(config: &mut Config, name: &str, kind: ProviderKind, url: &str, key_envs: &[&str]) {
+    let provider = ProviderConfig {
+        kind,
+        base_url: url.to_owned(),
+        api_key_env: None,
+        api_key_envs: key_envs.iter().map(|name| (*name).to_owned()).collect(),
+    };
+    config.providers.insert(name.to_owned(), provider);
+}
+
+/// A model whose chain is the given providers, in order (each serving "fake-echo").
+pub fn add_model(config: &mut Config, name: &str, providers: &[&str]) {
+    let chain = providers
+        .iter()
+        .map(|provider| ModelTarget { provider: (*provider).to_owned(), model: "fake-echo".to_owned() })
+        .collect();
+    config.models.insert(
+        name.to_owned(),
+        ModelConfig {
+            chain,
+            context_window: 8192,
+            input_price_per_mtok: 1.0,
+            output_price_per_mtok: 1.0,
+            router: None,
+        },
+    );
 }

@@ -17,6 +17,7 @@ mod journey;
 mod openai;
 mod operator;
 mod pagination;
+mod parameters;
 mod quota;
 mod rate_limits;
 mod redelivery;

@@ -4,52 +4,12 @@
 use std::time::Duration;
 
 use parley::Service;
-use parley_fake_llm::{FakeLlm, Knobs, reply_for};
-use parley_platform::Config;
-use parley_platform::config::{ModelConfig, ModelTarget, ProviderConfig, ProviderKind, RouterConfig};
+use parley_fake_llm::{Knobs, reply_for};
+use parley_platform::config::{ProviderKind, RouterConfig};
 use reqwest::StatusCode;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Session, SseReader, TestPlatform, eventually, read};
-
-/// A fake provider of its own, on an ephemeral port; its base URL.
-async fn spawn_fake(knobs: Knobs) -> (FakeLlm, String) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let fake =
-        FakeLlm::new(Knobs { time_to_first_token: Duration::from_millis(5), tokens_per_second: 2000.0, ..knobs });
-    tokio::spawn(parley_fake_llm::serve(fake.clone(), listener, CancellationToken::new()));
-    (fake, url)
-}
-
-fn add_provider(config: &mut Config, name: &str, kind: ProviderKind, url: &str, key_envs: &[&str]) {
-    let provider = ProviderConfig {
-        kind,
-        base_url: url.to_owned(),
-        api_key_env: None,
-        api_key_envs: key_envs.iter().map(|name| (*name).to_owned()).collect(),
-    };
-    config.providers.insert(name.to_owned(), provider);
-}
-
-/// A model whose chain is the given providers, in order (each serving "fake-echo").
-fn add_model(config: &mut Config, name: &str, providers: &[&str]) {
-    let chain = providers
-        .iter()
-        .map(|provider| ModelTarget { provider: (*provider).to_owned(), model: "fake-echo".to_owned() })
-        .collect();
-    config.models.insert(
-        name.to_owned(),
-        ModelConfig {
-            chain,
-            context_window: 8192,
-            input_price_per_mtok: 1.0,
-            output_price_per_mtok: 1.0,
-            router: None,
-        },
-    );
-}
+use crate::harness::{Session, SseReader, TestPlatform, add_model, add_provider, eventually, read, spawn_fake};
 
 async fn ask(t: &TestPlatform, session: &Session, conversation: &str, model: &str, content: &str) -> serde_json::Value {
     let (status, exchange) = t

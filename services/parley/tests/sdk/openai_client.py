@@ -4,6 +4,7 @@ Run by the end-to-end tests with PARLEY_BASE_URL, PARLEY_TOKEN, PARLEY_MODEL and
 reply the fake model gives to "hello from the sdk"). Exits non-zero on the first broken promise.
 """
 
+import json
 import os
 import sys
 
@@ -48,6 +49,40 @@ for chunk in stream:
 check(text == expected, f"streamed text: {text!r}")
 check(chunks > 3, f"the reply came in pieces, not one: {chunks} chunks")
 check(usage is not None and usage.completion_tokens > 0, f"streamed usage: {usage}")
+
+# The sampling parameters reach the model: a stop sequence ends the reply before it.
+stopped = client.chat.completions.create(
+    model=model,
+    messages=messages,
+    stop=["fake model"],
+    seed=7,
+    top_p=0.5,
+    presence_penalty=0.1,
+    frequency_penalty=0.1,
+    logit_bias={"50256": -100},
+    user="sdk-user",
+    max_completion_tokens=100,
+)
+cut = expected[: expected.index("fake model")]
+check(stopped.choices[0].message.content == cut, f"stopped content: {stopped.choices[0].message.content!r}")
+check(stopped.choices[0].finish_reason == "stop", f"stopped finish_reason: {stopped.choices[0].finish_reason}")
+
+# JSON mode: the reply is a JSON object.
+json_reply = client.chat.completions.create(model=model, messages=messages, response_format={"type": "json_object"})
+check(json.loads(json_reply.choices[0].message.content) == {"reply": expected}, "JSON mode reply")
+
+# What the gateway cannot do is refused, naming the parameter, never silently dropped.
+for name, extra in [
+    ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
+    ("top_p", {"top_p": 1.5}),
+    ("n", {"n": 2}),
+]:
+    try:
+        client.chat.completions.create(model=model, messages=messages, **extra)
+        check(False, f"{name} raised no error")
+    except openai.BadRequestError as error:
+        check(error.status_code == 400, f"{name}: status {error.status_code}")
+        check(error.param == name, f"{name}: param {error.param!r}")
 
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)

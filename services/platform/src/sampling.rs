@@ -1,0 +1,334 @@
+//! How a reply is to be sampled, as the client asked: the OpenAI Chat Completions parameters that pass
+//! through Parley to the provider (temperature, top_p, stop, seed, penalties, logit_bias, user,
+//! response_format). One type for every hop: the gateway reads it from a request, the gRPC calls carry
+//! it as `GenerationOptions`, a conversation's job carries it (its JSON names are OpenAI's, so a job
+//! written by an older version reads the same), and the agent writes it into the provider's request.
+//!
+//! A parameter a model's providers cannot honour is refused before anything is stored or charged
+//! ([`check_model`]), never dropped on the way: Anthropic's Messages API has no seed, no penalties, no
+//! logit bias and no JSON mode, so a model with an Anthropic provider anywhere in its chain (a fallback
+//! included) refuses them.
+
+use std::collections::BTreeMap;
+
+use parley_proto::chat::v1 as pb;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ServiceError;
+use crate::config::{Config, ProviderKind};
+
+/// At most this many stop sequences (OpenAI's limit).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+/// At most this many characters in a stop sequence.
+pub const MAX_STOP_CHARS: usize = 256;
+/// At most this many entries in `logit_bias`.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+/// At most this many characters in `user`.
+pub const MAX_USER_CHARS: usize = 256;
+
+/// The sampling parameters of one request. Absent ones are left to the provider's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// 0 to 2; 0 makes a request deterministic and eligible for the response cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling, 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// Sequences that end the reply where the model writes them (not included in it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    /// -2 to 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    /// -2 to 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    /// Token id (in decimal) to a bias from -100 to 100.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub logit_bias: BTreeMap<String, i32>,
+    /// The end user as the client names them, for the provider's abuse monitoring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// OpenAI's `response_format`: plain text, any JSON object, or JSON following a schema.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    /// `{"name", "schema"?, "strict"?, "description"?}`, passed to the provider as it came.
+    JsonSchema {
+        json_schema: Value,
+    },
+}
+
+impl Sampling {
+    /// Deterministic: only these requests are answered from, or kept in, the response cache.
+    pub fn is_deterministic(&self) -> bool {
+        self.temperature == Some(0.0)
+    }
+
+    /// Checks every parameter's range and shape; the error names the parameter (OpenAI's name).
+    pub fn check(&self) -> Result<(), ServiceError> {
+        let within = |field: &str, value: Option<f32>, low: f32, high: f32| match value {
+            Some(value) if !(low..=high).contains(&value) => {
+                Err(ServiceError::invalid_field(field, format!("must be between {low} and {high}")))
+            }
+            _ => Ok(()),
+        };
+        within("temperature", self.temperature, 0.0, 2.0)?;
+        within("top_p", self.top_p, 0.0, 1.0)?;
+        within("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
+        within("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
+        if self.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(ServiceError::invalid_field("stop", format!("at most {MAX_STOP_SEQUENCES} sequences")));
+        }
+        for sequence in &self.stop {
+            if sequence.is_empty() || sequence.chars().count() > MAX_STOP_CHARS || sequence.contains('\0') {
+                let message = format!("each sequence must be 1 to {MAX_STOP_CHARS} characters, without NUL");
+                return Err(ServiceError::invalid_field("stop", message));
+            }
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(ServiceError::invalid_field("logit_bias", format!("at most {MAX_LOGIT_BIAS} entries")));
+        }
+        for (token, bias) in &self.logit_bias {
+            if token.parse::<u32>().is_err() {
+                return Err(ServiceError::invalid_field("logit_bias", format!("{token:?} is not a token id")));
+            }
+            if !(-100..=100).contains(bias) {
+                return Err(ServiceError::invalid_field("logit_bias", "biases must be between -100 and 100"));
+            }
+        }
+        if let Some(user) = &self.user
+            && (user.chars().count() > MAX_USER_CHARS || user.contains('\0'))
+        {
+            let message = format!("must be at most {MAX_USER_CHARS} characters, without NUL");
+            return Err(ServiceError::invalid_field("user", message));
+        }
+        if let Some(ResponseFormat::JsonSchema { json_schema }) = &self.response_format {
+            let name = json_schema.get("name").and_then(Value::as_str).unwrap_or_default();
+            let valid_name = (1..=64).contains(&name.len())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+            if !json_schema.is_object() || !valid_name {
+                let message = "json_schema must be an object with a name of 1 to 64 letters, digits, _ or -";
+                return Err(ServiceError::invalid_field("response_format", message));
+            }
+            if json_schema.get("schema").is_some_and(|schema| !schema.is_object()) {
+                return Err(ServiceError::invalid_field("response_format", "json_schema.schema must be an object"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first parameter set here that a provider of `kind` cannot honour.
+    pub fn unsupported_by(&self, kind: ProviderKind) -> Option<&'static str> {
+        match kind {
+            ProviderKind::Openai | ProviderKind::Fake => None,
+            ProviderKind::Anthropic => {
+                let json_mode = matches!(
+                    self.response_format,
+                    Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. })
+                );
+                [
+                    ("seed", self.seed.is_some()),
+                    ("presence_penalty", self.presence_penalty.is_some()),
+                    ("frequency_penalty", self.frequency_penalty.is_some()),
+                    ("logit_bias", !self.logit_bias.is_empty()),
+                    ("response_format", json_mode),
+                ]
+                .into_iter()
+                .find_map(|(name, set)| set.then_some(name))
+            }
+        }
+    }
+
+    /// Whether some provider could not honour these parameters: only then does a model's chain need
+    /// looking at ([`check_model`]).
+    pub fn needs_provider_check(&self) -> bool {
+        [ProviderKind::Openai, ProviderKind::Anthropic, ProviderKind::Fake]
+            .into_iter()
+            .any(|kind| self.unsupported_by(kind).is_some())
+    }
+
+    /// What the response cache keys on besides the model and prompt: every parameter that changes
+    /// what a reply may be. Not `user`, and not `temperature`: only deterministic replies are kept, and
+    /// with every provider down a kept reply answers the same request whatever its temperature.
+    pub fn cache_identity(&self) -> Value {
+        let mut identity = serde_json::to_value(self).unwrap_or_default();
+        if let Some(object) = identity.as_object_mut() {
+            object.remove("user");
+            object.remove("temperature");
+        }
+        identity
+    }
+
+    /// Reads the parameters of a gRPC request and checks them.
+    pub fn from_options(options: &pb::GenerationOptions) -> Result<Self, ServiceError> {
+        let response_format = if options.response_format.is_empty() {
+            None
+        } else {
+            Some(serde_json::from_str(&options.response_format).map_err(|error| {
+                ServiceError::invalid_field("response_format", format!("not a response format: {error}"))
+            })?)
+        };
+        let sampling = Self {
+            temperature: options.temperature,
+            top_p: options.top_p,
+            stop: options.stop.clone(),
+            seed: options.seed,
+            presence_penalty: options.presence_penalty,
+            frequency_penalty: options.frequency_penalty,
+            logit_bias: options.logit_bias.iter().map(|(token, bias)| (token.clone(), *bias)).collect(),
+            user: options.user.clone(),
+            response_format,
+        };
+        sampling.check()?;
+        Ok(sampling)
+    }
+
+    /// Writes the parameters into a gRPC request's options (the cache directives and the longest reply
+    /// are the caller's to set).
+    pub fn to_options(&self) -> pb::GenerationOptions {
+        pb::GenerationOptions {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            stop: self.stop.clone(),
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.iter().map(|(token, bias)| (token.clone(), *bias)).collect(),
+            user: self.user.clone(),
+            response_format: self
+                .response_format
+                .as_ref()
+                .and_then(|format| serde_json::to_string(format).ok())
+                .unwrap_or_default(),
+            ..pb::GenerationOptions::default()
+        }
+    }
+}
+
+/// Refuses, naming the parameter, what a provider in `model`'s chain (or in the chain of the model its
+/// router sends simple requests to) cannot honour: a fallback must not drop what the first provider
+/// would have used.
+pub fn check_model(config: &Config, model: &str, sampling: &Sampling) -> Result<(), ServiceError> {
+    let Some(entry) = config.models.get(model) else {
+        return Ok(());
+    };
+    let routed = entry.router.as_ref().and_then(|router| config.models.get(&router.model));
+    let targets = entry.chain.iter().chain(routed.into_iter().flat_map(|routed| routed.chain.iter()));
+    for target in targets {
+        let Some(provider) = config.providers.get(&target.provider) else {
+            continue;
+        };
+        if let Some(parameter) = sampling.unsupported_by(provider.kind) {
+            let message = format!(
+                "model {model:?} cannot honour it: its provider {:?} ({:?}) does not support it",
+                target.provider, provider.kind
+            );
+            return Err(ServiceError::invalid_field(parameter, message));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(result: Result<(), ServiceError>) -> Option<String> {
+        result.err().and_then(|error| error.field)
+    }
+
+    #[test]
+    fn ranges_and_shapes_are_checked_by_name() {
+        let bad = [
+            (Sampling { temperature: Some(2.5), ..Sampling::default() }, "temperature"),
+            (Sampling { top_p: Some(1.5), ..Sampling::default() }, "top_p"),
+            (Sampling { presence_penalty: Some(-3.0), ..Sampling::default() }, "presence_penalty"),
+            (Sampling { frequency_penalty: Some(2.1), ..Sampling::default() }, "frequency_penalty"),
+            (Sampling { stop: vec!["a".into(); 5], ..Sampling::default() }, "stop"),
+            (Sampling { stop: vec![String::new()], ..Sampling::default() }, "stop"),
+            (Sampling { logit_bias: [("x".to_owned(), 1)].into(), ..Sampling::default() }, "logit_bias"),
+            (Sampling { logit_bias: [("5".to_owned(), 101)].into(), ..Sampling::default() }, "logit_bias"),
+            (Sampling { user: Some("u".repeat(300)), ..Sampling::default() }, "user"),
+            (
+                Sampling {
+                    response_format: Some(ResponseFormat::JsonSchema {
+                        json_schema: serde_json::json!({"name": "a b"}),
+                    }),
+                    ..Sampling::default()
+                },
+                "response_format",
+            ),
+        ];
+        for (sampling, field) in bad {
+            assert_eq!(field_of(sampling.check()).as_deref(), Some(field), "{sampling:?}");
+        }
+        let good = Sampling {
+            temperature: Some(0.0),
+            top_p: Some(1.0),
+            stop: vec!["\n\n".into()],
+            seed: Some(-7),
+            logit_bias: [("50256".to_owned(), -100)].into(),
+            response_format: Some(ResponseFormat::JsonSchema {
+                json_schema: serde_json::json!({"name": "reply", "schema": {"type": "object"}, "strict": true}),
+            }),
+            ..Sampling::default()
+        };
+        assert!(good.check().is_ok());
+    }
+
+    #[test]
+    fn options_carry_every_parameter_both_ways() {
+        let sampling = Sampling {
+            temperature: Some(0.5),
+            top_p: Some(0.9),
+            stop: vec!["END".into(), "\n".into()],
+            seed: Some(42),
+            presence_penalty: Some(0.5),
+            frequency_penalty: Some(-0.5),
+            logit_bias: [("1".to_owned(), 5), ("2".to_owned(), -5)].into(),
+            user: Some("end-user-7".into()),
+            response_format: Some(ResponseFormat::JsonObject),
+        };
+        assert_eq!(Sampling::from_options(&sampling.to_options()).unwrap(), sampling);
+        assert_eq!(Sampling::from_options(&pb::GenerationOptions::default()).unwrap(), Sampling::default());
+    }
+
+    #[test]
+    fn the_json_names_are_openais() {
+        let sampling = Sampling {
+            stop: vec!["x".into()],
+            response_format: Some(ResponseFormat::JsonSchema { json_schema: serde_json::json!({"name": "r"}) }),
+            ..Sampling::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&sampling).unwrap(),
+            serde_json::json!({"stop": ["x"], "response_format": {"type": "json_schema", "json_schema": {"name": "r"}}})
+        );
+        assert_eq!(serde_json::to_value(Sampling::default()).unwrap(), serde_json::json!({}));
+    }
+
+    #[test]
+    fn anthropic_refuses_what_its_api_lacks() {
+        assert_eq!(Sampling::default().unsupported_by(ProviderKind::Anthropic), None);
+        let stop_and_top_p = Sampling { stop: vec!["x".into()], top_p: Some(0.5), ..Sampling::default() };
+        assert_eq!(stop_and_top_p.unsupported_by(ProviderKind::Anthropic), None);
+        let seeded = Sampling { seed: Some(1), ..Sampling::default() };
+        assert_eq!(seeded.unsupported_by(ProviderKind::Anthropic), Some("seed"));
+        assert_eq!(seeded.unsupported_by(ProviderKind::Openai), None);
+        let json = Sampling { response_format: Some(ResponseFormat::JsonObject), ..Sampling::default() };
+        assert_eq!(json.unsupported_by(ProviderKind::Anthropic), Some("response_format"));
+        let text = Sampling { response_format: Some(ResponseFormat::Text), ..Sampling::default() };
+        assert_eq!(text.unsupported_by(ProviderKind::Anthropic), None);
+    }
+}
