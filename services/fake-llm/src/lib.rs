@@ -146,9 +146,7 @@ impl FakeLlm {
 
 /// Serves `fake` on `listener` until `shutdown` is cancelled.
 pub async fn serve(fake: FakeLlm, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(parley_platform::net::without_nagle(listener), fake.router())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    parley_platform::net::serve_http(listener, fake.router(), shutdown.cancelled_owned()).await
 }
 
 /// The reply: it quotes the last user message, so a caller can tell which prompt it answers.

@@ -184,16 +184,14 @@ pub async fn serve(state: AppState, listener: TcpListener, shutdown: Cancellatio
         state.names.all_message_events(),
         shutdown.clone(),
     ));
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let served = axum::serve(parley_platform::net::without_nagle(listener), app)
-        .with_graceful_shutdown({
-            let shutdown = shutdown.clone();
-            async move {
-                shutdown.cancelled().await;
-                streams_end.cancel();
-            }
-        })
-        .await;
+    let served = parley_platform::net::serve_http(listener, router(state), {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            streams_end.cancel();
+        }
+    })
+    .await;
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;

@@ -479,9 +479,7 @@ async fn start_admin_server(
     let router = health::admin_router(readiness.clone());
     let stop = shutdown.child_token();
     tasks.spawn(async move {
-        let result = axum::serve(parley_platform::net::without_nagle(listener), router)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
+        let result = parley_platform::net::serve_http(listener, router, stop.cancelled_owned()).await;
         (Task::AdminServer, result.map_err(Into::into))
     });
     Ok(addr)
