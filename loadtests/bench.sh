@@ -40,6 +40,7 @@
 #                            before/after comparison so that only Parley changes
 #   PIN [1 when nproc >= 2]  pin load generators and upstreams to LOAD_CPUS [0], Parley to PARLEY_CPUS [1]
 #   PHASES ["wrk ttft streams"]  which measurements to run
+#   STREAM_PATHS ["upstream openai conversation"]  which paths the concurrent-streams phase measures
 #   TOPOLOGY [dev]           dev: every service in one `parley dev`; split: each service its own process,
 #                            `parley serve <service>` as the chart deploys them (memory is then the
 #                            gateway's, CPU the sum of all six; each process has its own file limit, so
@@ -71,6 +72,7 @@ slow_tps="${STREAM_TOKENS_PER_SECOND:-4}"
 ttft_requests="${TTFT_REQUESTS:-200}"
 agent_concurrency="${AGENT_CONCURRENCY:-$((streams > 32 ? streams : 32))}"
 phases=" ${PHASES:-wrk ttft streams} "
+stream_paths=" ${STREAM_PATHS:-upstream openai conversation} "
 topology="${TOPOLOGY:-dev}"
 [[ "$topology" == dev || "$topology" == split ]] || { echo "error: TOPOLOGY is dev or split, not '$topology'" >&2; exit 2; }
 gateways="${GATEWAYS:-1}"
@@ -620,13 +622,19 @@ fi
 
 if [[ "$phases" == *" streams "* ]]; then
   say "concurrent streams: $streams, ramped up over $ramp s, upstream at $slow_tps tokens/s"
-  streams_run concurrent upstream "upstream alone" --mode openai --url "$slow_upstream/chat/completions" \
-    --model fake-echo --prompt "$long_prompt" --streams "$streams" --ramp-secs "$ramp"
-  streams_run concurrent openai "Parley OpenAI, streamed" --mode openai --url "$base/v1/chat/completions" \
-    --model bench-slow --prompt "$long_prompt" --streams "$streams" --ramp-secs "$ramp"
-  new_conversations "$streams" bench-slow "$work/streams.ids"
-  streams_run concurrent conversation "Parley conversation SSE" --mode conversation --url "$base" \
-    --conversations-file "$work/streams.ids" --prompt "$long_prompt" --streams "$streams" --ramp-secs "$ramp"
+  if [[ "$stream_paths" == *" upstream "* ]]; then
+    streams_run concurrent upstream "upstream alone" --mode openai --url "$slow_upstream/chat/completions" \
+      --model fake-echo --prompt "$long_prompt" --streams "$streams" --ramp-secs "$ramp"
+  fi
+  if [[ "$stream_paths" == *" openai "* ]]; then
+    streams_run concurrent openai "Parley OpenAI, streamed" --mode openai --url "$base/v1/chat/completions" \
+      --model bench-slow --prompt "$long_prompt" --streams "$streams" --ramp-secs "$ramp"
+  fi
+  if [[ "$stream_paths" == *" conversation "* ]]; then
+    new_conversations "$streams" bench-slow "$work/streams.ids"
+    streams_run concurrent conversation "Parley conversation SSE" --mode conversation --url "$base" \
+      --conversations-file "$work/streams.ids" --prompt "$long_prompt" --streams "$streams" --ramp-secs "$ramp"
+  fi
 fi
 
 alive

@@ -34,6 +34,7 @@ pub(crate) struct Keys {
     pub(crate) month: String,
     pub(crate) reserved: String,
     pub(crate) reserved_until: String,
+    pub(crate) reserved_total: String,
 }
 
 /// How long a caller outside the quota service waits for Redis before asking the quota service.
@@ -47,7 +48,7 @@ impl Keys {
     /// `script` over these keys, in the order every budget script takes them.
     pub(crate) fn invocation<'a>(&self, script: &'a redis::Script) -> redis::ScriptInvocation<'a> {
         let mut invocation = script.key(&self.day);
-        invocation.key(&self.month).key(&self.reserved).key(&self.reserved_until);
+        invocation.key(&self.month).key(&self.reserved).key(&self.reserved_until).key(&self.reserved_total);
         invocation
     }
 }
@@ -122,12 +123,13 @@ impl Reserver {
 
     pub(crate) fn keys(&self, user_id: Uuid, day: Date) -> Keys {
         let prefix = &self.config.redis.key_prefix;
-        let (reserved, reserved_until) = budget::reservation_keys(prefix, user_id);
+        let (reserved, reserved_until, reserved_total) = budget::reservation_keys(prefix, user_id);
         Keys {
             day: budget::counter_key(prefix, user_id, day),
             month: budget::month_key(prefix, user_id, day),
             reserved,
             reserved_until,
+            reserved_total,
         }
     }
 
@@ -158,4 +160,81 @@ pub(crate) fn window(limit: i64, used: i64, reserved: i64, resets_at: i64) -> pb
 pub(crate) fn month_end(day: Date) -> i64 {
     let (_, next) = budget::month_bounds(day);
     next.with_time(time::Time::MIDNIGHT).assume_utc().unix_timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reserver with a key prefix of its own, on this machine's Redis.
+    async fn reserver() -> (Reserver, ConnectionManager, Keys, Uuid) {
+        let mut config = Config::default();
+        config.redis.key_prefix = format!("reserve-test-{}", Uuid::now_v7().simple());
+        let reserver = Reserver::new(Arc::new(config));
+        let mut redis = parley_platform::redis_pool::connect("redis://127.0.0.1:6379").await.expect("Redis");
+        let user = Uuid::now_v7();
+        let keys = reserver.keys(user, budget::current_day(OffsetDateTime::now_utc()));
+        let _: () = redis::pipe().set(&keys.day, 0).set(&keys.month, 0).query_async(&mut redis).await.unwrap();
+        (reserver, redis, keys, user)
+    }
+
+    async fn reserve(reserver: &Reserver, redis: &mut ConnectionManager, user: Uuid, id: &str, tokens: i64) -> i64 {
+        match reserver.reserve(redis, user, "free", id, tokens).await.unwrap() {
+            Reserved::Decided(reservation) => {
+                assert!(reservation.granted, "{id}");
+                reservation.budget.unwrap().day.unwrap().reserved
+            }
+            Reserved::CountersMissing => panic!("the counters were set"),
+        }
+    }
+
+    async fn held(keys: &Keys, redis: &mut ConnectionManager) -> i64 {
+        keys.invocation(&redis::Script::new(budget::HELD_SCRIPT)).invoke_async(redis).await.unwrap()
+    }
+
+    async fn settle(keys: &Keys, redis: &mut ConnectionManager, id: &str) {
+        let script = redis::Script::new(budget::SETTLE_SCRIPT);
+        let mut invocation = keys.invocation(&script);
+        invocation.arg(id).arg(0).arg("0");
+        let _: i64 = invocation.invoke_async(redis).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_running_total_follows_every_reservation_settlement_and_expiry() {
+        let (reserver, mut redis, keys, user) = reserver().await;
+        for n in 0..100 {
+            reserve(&reserver, &mut redis, user, &format!("r{n}"), 10).await;
+        }
+        assert_eq!(held(&keys, &mut redis).await, 1000);
+        for n in 0..50 {
+            settle(&keys, &mut redis, &format!("r{n}")).await;
+        }
+        assert_eq!(held(&keys, &mut redis).await, 500);
+        // Raising a reservation counts the difference; settling an unknown one changes nothing.
+        assert_eq!(reserve(&reserver, &mut redis, user, "r60", 30).await, 520);
+        settle(&keys, &mut redis, "never-made").await;
+        assert_eq!(held(&keys, &mut redis).await, 520);
+        // A reservation past its time is dropped from the total on the next script.
+        let _: () =
+            redis::cmd("ZADD").arg(&keys.reserved_until).arg(0).arg("r60").query_async(&mut redis).await.unwrap();
+        assert_eq!(held(&keys, &mut redis).await, 490);
+        // A total that is missing (written by a version without it) is counted from the hash once.
+        let _: () = redis::cmd("DEL").arg(&keys.reserved_total).query_async(&mut redis).await.unwrap();
+        assert_eq!(reserve(&reserver, &mut redis, user, "r200", 5).await, 495);
+        // Once nothing is held, the total goes with the hash.
+        for n in (50..100).chain([200]) {
+            settle(&keys, &mut redis, &format!("r{n}")).await;
+        }
+        assert_eq!(held(&keys, &mut redis).await, 0);
+        let left: i64 =
+            redis::cmd("EXISTS").arg(&keys.reserved).arg(&keys.reserved_total).query_async(&mut redis).await.unwrap();
+        assert_eq!(left, 0);
+        let _: () = redis::cmd("DEL")
+            .arg(&keys.day)
+            .arg(&keys.month)
+            .arg(&keys.reserved_until)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
 }

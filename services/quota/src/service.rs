@@ -266,9 +266,7 @@ impl pb::quota_service_server::QuotaService for QuotaService {
             }
             Err(_) => return Ok(Response::new(self.degraded_budget(user_id, &request.tier, day).await?)),
         };
-        let mut invocation = self.scripts.held.key(&keys.reserved);
-        invocation.key(&keys.reserved_until);
-        let held = invocation.invoke_async::<i64>(&mut redis).await.unwrap_or(0);
+        let held = keys.invocation(&self.scripts.held).invoke_async::<i64>(&mut redis).await.unwrap_or(0);
         let day_window = window(self.daily_limit(&request.tier), day_used, held, budget::window_end(now));
         let month_window =
             self.monthly_limit(&request.tier).map(|limit| window(limit, month_used, held, month_end(day)));
