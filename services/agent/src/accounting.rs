@@ -99,6 +99,7 @@ impl Agent {
             output_tokens: reply.output_tokens,
             time_to_first_token: None,
             finish_reason: None,
+            tool_calls: Vec::new(),
         };
         let answer = Answer { completion, provider: "cache".to_owned(), elapsed: Duration::ZERO, cache_hit: true };
         self.store(job, model, &answer).await

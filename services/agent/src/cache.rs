@@ -132,7 +132,7 @@ mod tests {
     use super::*;
 
     fn prompt(text: &str) -> Vec<PromptMessage> {
-        vec![PromptMessage { role: "user".into(), content: text.into() }]
+        vec![PromptMessage::new("user", text)]
     }
 
     #[test]

@@ -10,9 +10,10 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::ProviderHandle;
-use crate::provider::{Completion, ProviderError, Sampling};
+use crate::provider::{Completion, Delta, ProviderError, Sampling};
 use crate::resilience::{KeyOutcome, backoff};
 use crate::worker::Agent;
+use parley_proto::agent::v1::{CompleteEvent, ToolCallDelta, complete_event};
 
 /// One call to one provider.
 pub(crate) struct ProviderCall<'a> {
@@ -36,6 +37,12 @@ pub(crate) enum DeltaSink<'a> {
     Subject,
     /// Straight back to the caller of a stateless completion.
     Caller(&'a mpsc::UnboundedSender<Result<parley_proto::agent::v1::CompleteEvent, tonic::Status>>),
+}
+
+/// A piece of a reply on its way from the provider call to where it goes.
+enum Piece {
+    Text(String),
+    Tool(ToolCallDelta),
 }
 
 /// A successful model call, with where it was made.
@@ -250,27 +257,46 @@ impl Agent {
         sink: DeltaSink<'_>,
     ) -> (Result<Completion, ProviderError>, String) {
         let ProviderCall { provider, key, model, prompt, sampling } = call;
-        let (deltas, mut received) = mpsc::unbounded_channel::<String>();
+        let (deltas, mut received) = mpsc::unbounded_channel::<Piece>();
         let call = async move {
-            let mut on_delta = move |text: &str| {
-                let _receiver_gone = deltas.send(text.to_owned());
+            let mut on_delta = move |delta: Delta<'_>| {
+                let piece = match delta {
+                    Delta::Text(text) => Piece::Text(text.to_owned()),
+                    Delta::ToolCall { index, id, name, arguments } => Piece::Tool(ToolCallDelta {
+                        index,
+                        id: id.to_owned(),
+                        name: name.to_owned(),
+                        arguments: arguments.to_owned(),
+                    }),
+                };
+                let _receiver_gone = deltas.send(piece);
             };
             provider.client.stream_chat(key, model, prompt, sampling, &mut on_delta).await
         };
         let subject = self.names.message_events_subject(message_id);
         let forward = async {
+            // What clients saw: no retry may contradict it, and a failure is charged for it.
             let mut streamed = String::new();
-            while let Some(text) = received.recv().await {
-                streamed.push_str(&text);
-                match sink {
-                    DeltaSink::Subject => {
+            while let Some(piece) = received.recv().await {
+                match (piece, sink) {
+                    (Piece::Text(text), DeltaSink::Subject) => {
+                        streamed.push_str(&text);
                         let event = MessageEvent::Delta { message_id, index: *delta_index, text };
                         self.publish_event(&subject, &event).await;
                     }
-                    DeltaSink::Caller(caller) => {
+                    (Piece::Text(text), DeltaSink::Caller(caller)) => {
+                        streamed.push_str(&text);
                         // A caller that hung up cancels nothing: the reply is finished and charged.
                         let _caller_gone = caller.send(Ok(crate::completions::delta(text)));
                     }
+                    (Piece::Tool(tool), DeltaSink::Caller(caller)) => {
+                        streamed.push_str(&tool.name);
+                        streamed.push_str(&tool.arguments);
+                        let event = CompleteEvent { event: Some(complete_event::Event::ToolCall(tool)) };
+                        let _caller_gone = caller.send(Ok(event));
+                    }
+                    // A conversation offers no tools: a model calling one anyway has nobody to answer.
+                    (Piece::Tool(_), DeltaSink::Subject) => continue,
                 }
                 *delta_index += 1;
             }

@@ -17,6 +17,7 @@ use parley_platform::events::{AiJob, CacheDirective};
 use parley_platform::sampling::Sampling;
 use parley_proto::agent::v1 as pb;
 use parley_proto::agent::v1::agent_service_server::AgentService;
+use parley_proto::chat::v1 as chat_pb;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
@@ -26,7 +27,7 @@ use uuid::Uuid;
 use crate::accounting::Consumed;
 use crate::cache::CachedReply;
 use crate::chain::{Answer, DeltaSink, Failure};
-use crate::provider::{Completion, PromptMessage};
+use crate::provider::{Completion, PromptMessage, ToolCall};
 use crate::worker::{Agent, Generated};
 
 /// What one call streams back.
@@ -63,9 +64,27 @@ impl Completions {
         let mut prompt = Vec::with_capacity(request.messages.len());
         let mut total_chars = 0;
         for (index, message) in request.messages.iter().enumerate() {
-            let role = parley_platform::prompt::role(index, &message.role)?;
-            total_chars += message.content.chars().count();
-            prompt.push(PromptMessage { role: role.to_owned(), content: message.content.clone() });
+            let role = parley_platform::prompt::role_with_tools(index, &message.role)?;
+            if role == "tool" && message.tool_call_id.is_empty() {
+                return Err(ServiceError::invalid_field(format!("messages[{index}].tool_call_id"), "is required"));
+            }
+            let tool_calls: Vec<ToolCall> = message
+                .tool_calls
+                .iter()
+                .map(|call| ToolCall {
+                    id: call.id.clone(),
+                    name: call.name.clone(),
+                    arguments: call.arguments.clone(),
+                })
+                .collect();
+            total_chars += message.content.chars().count()
+                + tool_calls.iter().map(|call| call.arguments.chars().count()).sum::<usize>();
+            prompt.push(PromptMessage {
+                role: role.to_owned(),
+                content: message.content.clone(),
+                tool_calls,
+                tool_call_id: (role == "tool").then(|| message.tool_call_id.clone()),
+            });
         }
         if total_chars > config.chat.max_message_chars {
             let limit = config.chat.max_message_chars;
@@ -146,6 +165,16 @@ impl Agent {
             output_tokens: answer.completion.output_tokens,
             model: answering_model.clone(),
             finish_reason: answer.completion.finish_reason.clone().unwrap_or_default(),
+            tool_calls: answer
+                .completion
+                .tool_calls
+                .iter()
+                .map(|call| chat_pb::ToolCall {
+                    id: call.id.clone(),
+                    name: call.name.clone(),
+                    arguments: call.arguments.clone(),
+                })
+                .collect(),
         };
         let _caller_gone = events.send(Ok(pb::CompleteEvent { event: Some(pb::complete_event::Event::Done(done)) }));
         drop(events);
@@ -183,6 +212,7 @@ fn cached_answer(reply: CachedReply) -> Answer {
         output_tokens: reply.output_tokens,
         time_to_first_token: None,
         finish_reason: None,
+        tool_calls: Vec::new(),
     };
     Answer { completion, provider: "cache".to_owned(), elapsed: Duration::ZERO, cache_hit: true }
 }

@@ -57,7 +57,7 @@ pub struct Fitted {
 }
 
 pub fn summary_message(summary: &str) -> PromptMessage {
-    PromptMessage { role: "system".to_owned(), content: format!("Summary of the earlier conversation: {summary}") }
+    PromptMessage::new("system", format!("Summary of the earlier conversation: {summary}"))
 }
 
 pub fn fit_prompt(
@@ -71,7 +71,7 @@ pub fn fit_prompt(
     let mut budget = context_window.saturating_sub(reserved_for_reply);
     let mut head = Vec::new();
     if let Some(prompt) = system_prompt.filter(|prompt| !prompt.trim().is_empty()) {
-        head.push(PromptMessage { role: "system".to_owned(), content: prompt.to_owned() });
+        head.push(PromptMessage::new("system", prompt));
     }
     if let Some(summary) = summary.filter(|summary| !summary.trim().is_empty()) {
         head.push(summary_message(summary));
@@ -87,7 +87,7 @@ pub fn fit_prompt(
             break;
         }
         budget = budget.saturating_sub(cost);
-        kept.push(PromptMessage { role: message.role.clone(), content: message.content.clone() });
+        kept.push(PromptMessage::new(message.role.clone(), message.content.clone()));
     }
     kept.reverse();
     let dropped = history.len() - kept.len();
@@ -96,12 +96,10 @@ pub fn fit_prompt(
 
 /// The prompt of a system prompt, a summary and messages, in that order.
 pub fn compose(system_prompt: Option<&str>, summary: Option<&str>, messages: &[pb::Message]) -> Vec<PromptMessage> {
-    let system = system_prompt
-        .filter(|prompt| !prompt.trim().is_empty())
-        .map(|prompt| PromptMessage { role: "system".to_owned(), content: prompt.to_owned() });
+    let system =
+        system_prompt.filter(|prompt| !prompt.trim().is_empty()).map(|prompt| PromptMessage::new("system", prompt));
     let summary = summary.filter(|summary| !summary.trim().is_empty()).map(summary_message);
-    let messages =
-        messages.iter().map(|message| PromptMessage { role: message.role.clone(), content: message.content.clone() });
+    let messages = messages.iter().map(|message| PromptMessage::new(message.role.clone(), message.content.clone()));
     system.into_iter().chain(summary).chain(messages).collect()
 }
 
@@ -123,10 +121,7 @@ pub fn summary_request(previous: Option<&str>, dropped: &[pb::Message]) -> Vec<P
         "Current summary: {}\n\nNew messages:\n{transcript}",
         previous.filter(|summary| !summary.is_empty()).unwrap_or("(none yet)")
     );
-    vec![
-        PromptMessage { role: "system".to_owned(), content: instructions.to_owned() },
-        PromptMessage { role: "user".to_owned(), content },
-    ]
+    vec![PromptMessage::new("system", instructions), PromptMessage::new("user", content)]
 }
 
 #[cfg(test)]

@@ -6,14 +6,49 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use parley_platform::config::{ProviderConfig, ProviderKind};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 use serde_json::{Value, json};
 
-/// One message of a prompt.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// One message of a prompt, serialized as OpenAI's wire takes it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
 pub struct PromptMessage {
     pub role: String,
     pub content: String,
+    /// The tools an assistant message called.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` message answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl PromptMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into(), ..Self::default() }
+    }
+}
+
+/// One call of a function tool by the model; its arguments are JSON text, as the model wrote them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+impl Serialize for ToolCall {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        json!({"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}})
+            .serialize(serializer)
+    }
+}
+
+/// A piece of a reply as it streams: text, or a piece of a tool call (whose id and name come with its
+/// first piece).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delta<'a> {
+    Text(&'a str),
+    ToolCall { index: u32, id: &'a str, name: &'a str, arguments: &'a str },
 }
 
 /// A finished model call.
@@ -26,6 +61,8 @@ pub struct Completion {
     /// Why the model stopped, in OpenAI's words (`stop`, `length`, `tool_calls`, `content_filter`),
     /// when the provider said.
     pub finish_reason: Option<String>,
+    /// The tools the reply called.
+    pub tool_calls: Vec<ToolCall>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +186,7 @@ impl HttpProvider {
         model: &str,
         messages: &[PromptMessage],
         sampling: Sampling<'_>,
-        on_delta: &mut (dyn FnMut(&str) + Send),
+        on_delta: &mut (dyn FnMut(Delta<'_>) + Send),
     ) -> Result<Completion, ProviderError> {
         let total = self.timeouts.total;
         match tokio::time::timeout(total, self.call(key, model, messages, sampling, on_delta)).await {
@@ -198,6 +235,12 @@ impl HttpProvider {
                 if let Some(user) = &params.user {
                     body["metadata"] = json!({"user_id": user});
                 }
+                if !params.tools.is_empty() {
+                    body["tools"] = anthropic_tools(&params.tools);
+                }
+                if let Some(choice) = anthropic_tool_choice(params) {
+                    body["tool_choice"] = choice;
+                }
                 if !system.is_empty() {
                     body["system"] = Value::String(system);
                 }
@@ -220,7 +263,7 @@ impl HttpProvider {
         model: &str,
         messages: &[PromptMessage],
         sampling: Sampling<'_>,
-        on_delta: &mut (dyn FnMut(&str) + Send),
+        on_delta: &mut (dyn FnMut(Delta<'_>) + Send),
     ) -> Result<Completion, ProviderError> {
         let started = Instant::now();
         let first_token_deadline = tokio::time::Instant::now() + self.timeouts.first_token;
@@ -274,14 +317,17 @@ impl HttpProvider {
             messages.iter().map(|message| i64::from(parley_platform::tokens::estimate(&message.content))).sum::<i64>()
         };
         let input_tokens = state.input_tokens.unwrap_or_else(estimated_input);
-        let output_tokens =
-            state.output_tokens.unwrap_or_else(|| i64::from(parley_platform::tokens::estimate(&state.content)));
+        let output_tokens = state.output_tokens.unwrap_or_else(|| {
+            let arguments = state.tool_calls.iter().map(|call| parley_platform::tokens::estimate(&call.arguments));
+            i64::from(parley_platform::tokens::estimate(&state.content)) + arguments.map(i64::from).sum::<i64>()
+        });
         Ok(Completion {
             content: state.content,
             input_tokens,
             output_tokens,
             time_to_first_token: state.time_to_first_token,
             finish_reason: state.finish_reason,
+            tool_calls: state.tool_calls,
         })
     }
 
@@ -291,24 +337,58 @@ impl HttpProvider {
         data: &str,
         state: &mut StreamState,
         started: Instant,
-        on_delta: &mut (dyn FnMut(&str) + Send),
+        on_delta: &mut (dyn FnMut(Delta<'_>) + Send),
     ) -> Result<(), ProviderError> {
         let data = data.trim();
         if data == "[DONE]" || data.is_empty() {
             return Ok(());
         }
         let value: Value = serde_json::from_str(data).map_err(|error| ProviderError::Protocol(error.to_string()))?;
-        let text = match self.wire {
+        let pieces = match self.wire {
             Wire::OpenAi => state.read_openai(&value)?,
             Wire::Anthropic => state.read_anthropic(&value)?,
         };
-        if let Some(text) = text.filter(|text| !text.is_empty()) {
-            state.time_to_first_token.get_or_insert_with(|| started.elapsed());
-            state.content.push_str(text);
-            on_delta(text);
+        match pieces {
+            Pieces::None => {}
+            Pieces::Text(text) => {
+                if !text.is_empty() {
+                    state.time_to_first_token.get_or_insert_with(|| started.elapsed());
+                    state.content.push_str(text);
+                    on_delta(Delta::Text(text));
+                }
+            }
+            Pieces::Tools(pieces) => {
+                for piece in pieces {
+                    state.time_to_first_token.get_or_insert_with(|| started.elapsed());
+                    state.add_tool_piece(&piece);
+                    on_delta(Delta::ToolCall {
+                        index: piece.index,
+                        id: piece.id.unwrap_or_default(),
+                        name: piece.name.unwrap_or_default(),
+                        arguments: piece.arguments,
+                    });
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// What one event of a stream carries.
+#[derive(Debug, PartialEq)]
+enum Pieces<'v> {
+    None,
+    Text(&'v str),
+    Tools(Vec<ToolPiece<'v>>),
+}
+
+/// A piece of tool call `index`.
+#[derive(Debug, PartialEq)]
+struct ToolPiece<'v> {
+    index: u32,
+    id: Option<&'v str>,
+    name: Option<&'v str>,
+    arguments: &'v str,
 }
 
 #[derive(Default)]
@@ -319,10 +399,28 @@ struct StreamState {
     time_to_first_token: Option<Duration>,
     finish_reason: Option<String>,
     finished: bool,
+    tool_calls: Vec<ToolCall>,
+    /// Anthropic: the content block index of each tool call, in order.
+    tool_blocks: Vec<u64>,
 }
 
 impl StreamState {
-    fn read_openai<'v>(&mut self, value: &'v Value) -> Result<Option<&'v str>, ProviderError> {
+    fn add_tool_piece(&mut self, piece: &ToolPiece<'_>) {
+        let index = piece.index as usize;
+        if self.tool_calls.len() <= index {
+            self.tool_calls.resize_with(index + 1, ToolCall::default);
+        }
+        let call = &mut self.tool_calls[index];
+        if let Some(id) = piece.id {
+            call.id = id.to_owned();
+        }
+        if let Some(name) = piece.name {
+            call.name = name.to_owned();
+        }
+        call.arguments.push_str(piece.arguments);
+    }
+
+    fn read_openai<'v>(&mut self, value: &'v Value) -> Result<Pieces<'v>, ProviderError> {
         if let Some(error) = value.get("error") {
             return Err(ProviderError::Stream(
                 error.get("message").and_then(Value::as_str).unwrap_or("error").to_owned(),
@@ -335,16 +433,49 @@ impl StreamState {
         if let Some(reason) = value.pointer("/choices/0/finish_reason").and_then(Value::as_str) {
             self.finish_reason = Some(reason.to_owned());
         }
-        Ok(value.pointer("/choices/0/delta/content").and_then(Value::as_str))
+        if let Some(calls) = value.pointer("/choices/0/delta/tool_calls").and_then(Value::as_array) {
+            let pieces = calls
+                .iter()
+                .map(|call| ToolPiece {
+                    index: call.get("index").and_then(Value::as_u64).unwrap_or(0) as u32,
+                    id: call.get("id").and_then(Value::as_str),
+                    name: call.pointer("/function/name").and_then(Value::as_str),
+                    arguments: call.pointer("/function/arguments").and_then(Value::as_str).unwrap_or_default(),
+                })
+                .collect();
+            return Ok(Pieces::Tools(pieces));
+        }
+        Ok(value.pointer("/choices/0/delta/content").and_then(Value::as_str).map_or(Pieces::None, Pieces::Text))
     }
 
-    fn read_anthropic<'v>(&mut self, value: &'v Value) -> Result<Option<&'v str>, ProviderError> {
+    fn read_anthropic<'v>(&mut self, value: &'v Value) -> Result<Pieces<'v>, ProviderError> {
+        let block = value.get("index").and_then(Value::as_u64).unwrap_or(0);
         match value.get("type").and_then(Value::as_str) {
             Some("message_start") => {
                 self.input_tokens = value.pointer("/message/usage/input_tokens").and_then(Value::as_i64);
-                Ok(None)
+                Ok(Pieces::None)
             }
-            Some("content_block_delta") => Ok(value.pointer("/delta/text").and_then(Value::as_str)),
+            Some("content_block_start")
+                if value.pointer("/content_block/type").and_then(Value::as_str) == Some("tool_use") =>
+            {
+                self.tool_blocks.push(block);
+                Ok(Pieces::Tools(vec![ToolPiece {
+                    index: (self.tool_blocks.len() - 1) as u32,
+                    id: value.pointer("/content_block/id").and_then(Value::as_str),
+                    name: value.pointer("/content_block/name").and_then(Value::as_str),
+                    arguments: "",
+                }]))
+            }
+            Some("content_block_delta") => match value.pointer("/delta/type").and_then(Value::as_str) {
+                Some("input_json_delta") => {
+                    let Some(index) = self.tool_blocks.iter().position(|known| *known == block) else {
+                        return Err(ProviderError::Protocol("input_json_delta outside a tool_use block".to_owned()));
+                    };
+                    let arguments = value.pointer("/delta/partial_json").and_then(Value::as_str).unwrap_or_default();
+                    Ok(Pieces::Tools(vec![ToolPiece { index: index as u32, id: None, name: None, arguments }]))
+                }
+                _ => Ok(value.pointer("/delta/text").and_then(Value::as_str).map_or(Pieces::None, Pieces::Text)),
+            },
             Some("message_delta") => {
                 if let Some(output) = value.pointer("/usage/output_tokens").and_then(Value::as_i64) {
                     self.output_tokens = Some(output);
@@ -352,17 +483,17 @@ impl StreamState {
                 if let Some(reason) = value.pointer("/delta/stop_reason").and_then(Value::as_str) {
                     self.finish_reason = Some(openai_finish_reason(reason).to_owned());
                 }
-                Ok(None)
+                Ok(Pieces::None)
             }
             Some("message_stop") => {
                 self.finished = true;
-                Ok(None)
+                Ok(Pieces::None)
             }
             Some("error") => {
                 let message = value.pointer("/error/message").and_then(Value::as_str).unwrap_or("error");
                 Err(ProviderError::Stream(message.to_owned()))
             }
-            _ => Ok(None),
+            _ => Ok(Pieces::None),
         }
     }
 }
@@ -379,30 +510,98 @@ fn openai_finish_reason(stop_reason: &str) -> &str {
 }
 
 /// Anthropic takes the system prompt apart, and turns that alternate between user and assistant,
-/// starting with the user: consecutive messages of one role are joined.
+/// starting with the user: consecutive messages of one role are joined. Tool calls become `tool_use`
+/// blocks of the assistant's turn, and tool results `tool_result` blocks of the user's; a turn of text
+/// alone stays a string.
 fn anthropic_messages(messages: &[PromptMessage]) -> (String, Vec<Value>) {
     let mut system = Vec::new();
-    let mut turns: Vec<(String, String)> = Vec::new();
+    let mut turns: Vec<(&str, Vec<Value>)> = Vec::new();
     for message in messages {
-        match message.role.as_str() {
-            "system" => system.push(message.content.as_str()),
-            role => {
-                let role = if role == "assistant" { "assistant" } else { "user" };
-                match turns.last_mut() {
-                    Some((last_role, content)) if last_role == role => {
-                        content.push_str("\n\n");
-                        content.push_str(&message.content);
-                    }
-                    _ => turns.push((role.to_owned(), message.content.clone())),
-                }
+        let (role, blocks) = match message.role.as_str() {
+            "system" => {
+                system.push(message.content.as_str());
+                continue;
             }
+            "assistant" => {
+                let mut blocks = Vec::new();
+                if !message.content.is_empty() || message.tool_calls.is_empty() {
+                    blocks.push(json!({"type": "text", "text": message.content}));
+                }
+                for call in &message.tool_calls {
+                    // Anthropic takes the arguments as an object; ones that are not JSON go as none.
+                    let input = serde_json::from_str::<Value>(&call.arguments)
+                        .ok()
+                        .filter(Value::is_object)
+                        .unwrap_or_else(|| json!({}));
+                    blocks.push(json!({"type": "tool_use", "id": call.id, "name": call.name, "input": input}));
+                }
+                ("assistant", blocks)
+            }
+            "tool" => {
+                let id = message.tool_call_id.as_deref().unwrap_or_default();
+                ("user", vec![json!({"type": "tool_result", "tool_use_id": id, "content": message.content})])
+            }
+            _ => ("user", vec![json!({"type": "text", "text": message.content})]),
+        };
+        match turns.last_mut() {
+            Some((last_role, last_blocks)) if *last_role == role => last_blocks.extend(blocks),
+            _ => turns.push((role, blocks)),
         }
     }
-    if turns.first().is_some_and(|(role, _)| role == "assistant") {
-        turns.insert(0, ("user".to_owned(), "(conversation continues)".to_owned()));
+    if turns.first().is_some_and(|(role, _)| *role == "assistant") {
+        turns.insert(0, ("user", vec![json!({"type": "text", "text": "(conversation continues)"})]));
     }
-    let turns = turns.into_iter().map(|(role, content)| json!({"role": role, "content": content})).collect();
+    let turns = turns
+        .into_iter()
+        .map(|(role, blocks)| {
+            let texts: Option<Vec<&str>> = blocks
+                .iter()
+                .map(|block| (block["type"] == "text").then(|| block["text"].as_str().unwrap_or_default()))
+                .collect();
+            match texts {
+                Some(texts) => json!({"role": role, "content": texts.join("\n\n")}),
+                None => json!({"role": role, "content": blocks}),
+            }
+        })
+        .collect();
     (system.join("\n\n"), turns)
+}
+
+/// OpenAI's function tools in Anthropic's shape.
+fn anthropic_tools(tools: &[Value]) -> Value {
+    let tools = tools
+        .iter()
+        .map(|tool| {
+            let function = tool.get("function").cloned().unwrap_or_default();
+            let mut converted = json!({
+                "name": function.get("name").cloned().unwrap_or_default(),
+                "input_schema": function.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"})),
+            });
+            if let Some(description) = function.get("description") {
+                converted["description"] = description.clone();
+            }
+            converted
+        })
+        .collect();
+    Value::Array(tools)
+}
+
+/// OpenAI's `tool_choice` and `parallel_tool_calls` as Anthropic's `tool_choice`.
+fn anthropic_tool_choice(params: &parley_platform::sampling::Sampling) -> Option<Value> {
+    let mut choice = match &params.tool_choice {
+        None if params.parallel_tool_calls == Some(false) && !params.tools.is_empty() => json!({"type": "auto"}),
+        None => return None,
+        Some(Value::String(kind)) => match kind.as_str() {
+            "none" => json!({"type": "none"}),
+            "required" => json!({"type": "any"}),
+            _ => json!({"type": "auto"}),
+        },
+        Some(named) => json!({"type": "tool", "name": named.pointer("/function/name").cloned().unwrap_or_default()}),
+    };
+    if params.parallel_tool_calls == Some(false) && choice["type"] != "none" {
+        choice["disable_parallel_tool_use"] = json!(true);
+    }
+    Some(choice)
 }
 
 /// The error message of an OpenAI- or Anthropic-style error body, else a short prefix of the body.
@@ -448,7 +647,7 @@ mod tests {
 
     #[test]
     fn anthropic_turns_alternate_and_the_system_prompt_is_apart() {
-        let message = |role: &str, content: &str| PromptMessage { role: role.into(), content: content.into() };
+        let message = |role: &str, content: &str| PromptMessage::new(role, content);
         let (system, turns) = anthropic_messages(&[
             message("system", "be brief"),
             message("assistant", "hello"),
@@ -466,14 +665,64 @@ mod tests {
     fn anthropic_events_give_text_and_usage() {
         let mut state = StreamState::default();
         let start = json!({"type": "message_start", "message": {"usage": {"input_tokens": 12}}});
-        assert_eq!(state.read_anthropic(&start).unwrap(), None);
+        assert_eq!(state.read_anthropic(&start).unwrap(), Pieces::None);
         let delta = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}});
-        assert_eq!(state.read_anthropic(&delta).unwrap(), Some("Hi"));
+        assert_eq!(state.read_anthropic(&delta).unwrap(), Pieces::Text("Hi"));
         let end = json!({"type": "message_delta", "usage": {"output_tokens": 3}});
         state.read_anthropic(&end).unwrap();
         state.read_anthropic(&json!({"type": "message_stop"})).unwrap();
         assert_eq!((state.input_tokens, state.output_tokens, state.finished), (Some(12), Some(3), true));
         let error = json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
         assert!(state.read_anthropic(&error).is_err());
+    }
+
+    #[test]
+    fn anthropic_tool_use_blocks_are_tool_calls_and_results_go_back_as_blocks() {
+        let mut state = StreamState::default();
+        let text =
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me look."}});
+        assert_eq!(state.read_anthropic(&text).unwrap(), Pieces::Text("Let me look."));
+        let start = json!({"type": "content_block_start", "index": 1,
+            "content_block": {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}});
+        let Pieces::Tools(pieces) = state.read_anthropic(&start).unwrap() else { panic!("a tool call") };
+        assert_eq!(pieces, vec![ToolPiece { index: 0, id: Some("toolu_1"), name: Some("lookup"), arguments: "" }]);
+        let json = json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"q\":"}});
+        let Pieces::Tools(pieces) = state.read_anthropic(&json).unwrap() else { panic!("arguments") };
+        assert_eq!(pieces[0].index, 0);
+        assert_eq!(pieces[0].arguments, "{\"q\":");
+
+        let call = ToolCall { id: "toolu_1".into(), name: "lookup".into(), arguments: "{\"q\":1}".into() };
+        let (_, turns) = anthropic_messages(&[
+            PromptMessage::new("user", "find it"),
+            PromptMessage { tool_calls: vec![call], ..PromptMessage::new("assistant", "") },
+            PromptMessage { tool_call_id: Some("toolu_1".into()), ..PromptMessage::new("tool", "found") },
+        ]);
+        assert_eq!(turns[0]["content"], "find it");
+        assert_eq!(
+            turns[1]["content"],
+            json!([{"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": 1}}])
+        );
+        assert_eq!(turns[2]["content"], json!([{"type": "tool_result", "tool_use_id": "toolu_1", "content": "found"}]));
+    }
+
+    #[test]
+    fn openai_tool_call_deltas_are_read_by_index() {
+        let mut state = StreamState::default();
+        let first = json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+            "function": {"name": "lookup", "arguments": ""}}]}}]});
+        let Pieces::Tools(pieces) = state.read_openai(&first).unwrap() else { panic!("a tool call") };
+        assert_eq!(pieces, vec![ToolPiece { index: 0, id: Some("call_1"), name: Some("lookup"), arguments: "" }]);
+        let more = json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}}]});
+        let Pieces::Tools(pieces) = state.read_openai(&more).unwrap() else { panic!("arguments") };
+        assert_eq!(pieces[0].arguments, "{}");
+        let message = PromptMessage {
+            tool_calls: vec![ToolCall { id: "call_1".into(), name: "lookup".into(), arguments: "{}".into() }],
+            ..PromptMessage::new("assistant", "")
+        };
+        assert_eq!(
+            serde_json::to_value(&message).unwrap(),
+            json!({"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "lookup", "arguments": "{}"}}]})
+        );
     }
 }

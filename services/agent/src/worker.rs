@@ -254,6 +254,7 @@ impl Agent {
                     output_tokens: usage.output_tokens,
                     time_to_first_token: None,
                     finish_reason: None,
+                    tool_calls: Vec::new(),
                 };
                 let answer =
                     Answer { completion, provider: "unknown".to_owned(), cache_hit: false, elapsed: Duration::ZERO };

@@ -198,6 +198,10 @@ struct ChatRequest {
     stop_sequences: Option<Vec<String>>,
     #[serde(default)]
     response_format: Option<Value>,
+    #[serde(default)]
+    tools: Vec<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
 }
 
 impl ChatRequest {
@@ -208,6 +212,33 @@ impl ChatRequest {
             (_, Some(sequences)) => sequences.clone(),
             _ => Vec::new(),
         }
+    }
+
+    /// The tool the model calls, if it calls one: when tools are offered, the choice allows it, and the
+    /// last message is not a tool's result. The named one, else the first. (Either wire format.)
+    fn tool_to_call(&self, answering_a_tool: bool) -> Option<String> {
+        if self.tools.is_empty() || answering_a_tool {
+            return None;
+        }
+        let choice = self.tool_choice.as_ref();
+        if choice.is_some_and(|choice| choice == "none" || choice.get("type").is_some_and(|kind| kind == "none")) {
+            return None;
+        }
+        let named = choice.and_then(|choice| choice.pointer("/function/name").or_else(|| choice.get("name")));
+        let first = self.tools[0].pointer("/function/name").or_else(|| self.tools[0].get("name"));
+        named.or(first).and_then(Value::as_str).map(str::to_owned)
+    }
+
+    /// The result of a tool call, when the last message carries one: an OpenAI `tool` message, or an
+    /// Anthropic user message with a `tool_result` block.
+    fn tool_result(&self) -> Option<String> {
+        let last = self.messages.last()?;
+        if last.role == "tool" {
+            return Some(text_of(&last.content));
+        }
+        let blocks = last.content.as_array()?;
+        let result = blocks.iter().find(|block| block.get("type").is_some_and(|kind| kind == "tool_result"))?;
+        Some(text_of(result.get("content").unwrap_or(&Value::Null)))
     }
 
     /// JSON mode (`json_object` or `json_schema`): the reply is a JSON object.
@@ -297,8 +328,22 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: &[u8]) -
     let system_tokens = request.system.as_ref().map_or(0, |system| estimate_tokens(&text_of(system)));
     let prompt_tokens =
         system_tokens + request.messages.iter().map(|m| estimate_tokens(&text_of(&m.content))).sum::<u64>();
-    let mut reply = reply_for(last_user.as_deref().unwrap_or(""));
-    if request.wants_json() {
+    let tool_result = request.tool_result();
+    let tool_call = request.tool_to_call(tool_result.is_some()).map(|name| {
+        let id = match wire {
+            Wire::OpenAi => format!("call_{}", uuid::Uuid::now_v7().simple()),
+            Wire::Anthropic => format!("toolu_{}", uuid::Uuid::now_v7().simple()),
+        };
+        (id, name)
+    });
+    let mut reply = match &tool_result {
+        Some(result) => format!("The tool said: {result}"),
+        None => reply_for(last_user.as_deref().unwrap_or("")),
+    };
+    if tool_call.is_some() {
+        // A call's arguments: the user's words, as JSON.
+        reply = json!({"text": last_user.as_deref().unwrap_or("")}).to_string();
+    } else if request.wants_json() {
         reply = json!({"reply": reply}).to_string();
     }
     // The reply ends before the first stop sequence it contains.
@@ -324,6 +369,7 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: &[u8]) -
         prompt_tokens,
         truncated,
         stopped_by: stopped_by.map(|(_, sequence)| sequence),
+        tool_call,
         knobs,
     };
     if request.stream {
@@ -346,6 +392,8 @@ struct Completion {
     truncated: bool,
     /// The stop sequence the reply ended at.
     stopped_by: Option<String>,
+    /// The tool the reply calls (id, name): then `tokens` are the pieces of its arguments.
+    tool_call: Option<(String, String)>,
     knobs: Knobs,
 }
 
@@ -360,6 +408,8 @@ impl Completion {
 
     fn finish_reason(&self) -> &'static str {
         match (self.wire, self.truncated) {
+            (Wire::OpenAi, false) if self.tool_call.is_some() => "tool_calls",
+            (Wire::Anthropic, false) if self.tool_call.is_some() => "tool_use",
             (Wire::OpenAi, false) => "stop",
             (Wire::OpenAi, true) => "length",
             (Wire::Anthropic, false) if self.stopped_by.is_some() => "stop_sequence",
@@ -370,6 +420,25 @@ impl Completion {
 
     fn whole(&self) -> Value {
         let text = self.tokens.concat();
+        if let Some((id, name)) = &self.tool_call {
+            let mut whole = self.whole_text("");
+            match self.wire {
+                Wire::OpenAi => {
+                    whole["choices"][0]["message"]["content"] = Value::Null;
+                    whole["choices"][0]["message"]["tool_calls"] =
+                        json!([{"id": id, "type": "function", "function": {"name": name, "arguments": text}}]);
+                }
+                Wire::Anthropic => {
+                    let input: Value = serde_json::from_str(&text).unwrap_or_else(|_| json!({}));
+                    whole["content"] = json!([{"type": "tool_use", "id": id, "name": name, "input": input}]);
+                }
+            }
+            return whole;
+        }
+        self.whole_text(&text)
+    }
+
+    fn whole_text(&self, text: &str) -> Value {
         let completion_tokens = self.tokens.len() as u64;
         match self.wire {
             Wire::OpenAi => json!({
@@ -419,7 +488,11 @@ impl Completion {
                 anthropic_event(
                     "content_block_start",
                     &json!({
-                        "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""},
+                        "type": "content_block_start", "index": 0,
+                        "content_block": match &self.tool_call {
+                            Some((id, name)) => json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
+                            None => json!({"type": "text", "text": ""}),
+                        },
                     }),
                 ),
             ],
@@ -428,13 +501,28 @@ impl Completion {
 
     fn token_event(&self, index: usize) -> Bytes {
         let text = &self.tokens[index];
-        match self.wire {
-            Wire::OpenAi => {
+        match (self.wire, &self.tool_call) {
+            (Wire::OpenAi, Some((id, name))) => {
+                let piece = if index == 0 {
+                    json!({"index": 0, "id": id, "type": "function", "function": {"name": name, "arguments": text}})
+                } else {
+                    json!({"index": 0, "function": {"arguments": text}})
+                };
+                let delta = json!({"role": "assistant", "tool_calls": [piece]});
+                openai_event(&self.openai_chunk(json!([{"index": 0, "delta": delta, "finish_reason": null}]), None))
+            }
+            (Wire::Anthropic, Some(_)) => anthropic_event(
+                "content_block_delta",
+                &json!({
+                    "type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": text},
+                }),
+            ),
+            (Wire::OpenAi, None) => {
                 let delta =
                     if index == 0 { json!({"role": "assistant", "content": text}) } else { json!({"content": text}) };
                 openai_event(&self.openai_chunk(json!([{"index": 0, "delta": delta, "finish_reason": null}]), None))
             }
-            Wire::Anthropic => anthropic_event(
+            (Wire::Anthropic, None) => anthropic_event(
                 "content_block_delta",
                 &json!({
                     "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text},

@@ -227,6 +227,8 @@ impl SendMessageBody {
             logit_bias: self.logit_bias.clone().unwrap_or_default(),
             user: None,
             response_format: self.response_format.clone(),
+            // A conversation offers no tools (docs/architecture.md, "Sampling parameters").
+            ..Default::default()
         };
         sampling.check()?;
         Ok(sampling)

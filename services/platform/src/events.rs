@@ -42,9 +42,10 @@ impl Default for CacheDirective {
 }
 
 impl AiJob {
-    /// Only deterministic requests (temperature 0) are answered from, or kept in, the response cache.
+    /// Only deterministic requests (temperature 0) answered in text are answered from, or kept in, the
+    /// response cache.
     pub fn is_cacheable(&self) -> bool {
-        self.sampling.is_deterministic()
+        self.sampling.is_cacheable()
     }
 
     /// The longest reply this job may have: what the client asked for, at most `configured`.

@@ -15,3 +15,17 @@ pub fn role(index: usize, role: &str) -> Result<&'static str, ServiceError> {
         )),
     }
 }
+
+/// [`role`], where a message may also be a tool's result (`tool`): the OpenAI-compatible completions,
+/// which carry tool calls.
+pub fn role_with_tools(index: usize, role: &str) -> Result<&'static str, ServiceError> {
+    match role {
+        "tool" => Ok("tool"),
+        other => self::role(index, other).map_err(|_| {
+            ServiceError::invalid_field(
+                format!("messages[{index}].role"),
+                "must be system, developer, user, assistant or tool",
+            )
+        }),
+    }
+}

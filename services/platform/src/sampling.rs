@@ -26,6 +26,13 @@ pub const MAX_STOP_CHARS: usize = 256;
 pub const MAX_LOGIT_BIAS: usize = 1024;
 /// At most this many characters in `user`.
 pub const MAX_USER_CHARS: usize = 256;
+/// At most this many tools in one request (OpenAI's limit).
+pub const MAX_TOOLS: usize = 128;
+
+/// A name as OpenAI allows them for functions and JSON schemas: 1 to 64 of `[A-Za-z0-9_-]`.
+fn is_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+}
 
 /// The sampling parameters of one request. Absent ones are left to the provider's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -55,6 +62,15 @@ pub struct Sampling {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<ResponseFormat>,
+    /// Function tools the model may call, as OpenAI takes them:
+    /// `[{"type": "function", "function": {"name", "description"?, "parameters"?, "strict"?}}]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Value>,
+    /// `"none"`, `"auto"`, `"required"` or `{"type": "function", "function": {"name"}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// OpenAI's `response_format`: plain text, any JSON object, or JSON following a schema.
@@ -73,6 +89,17 @@ impl Sampling {
     /// Deterministic: only these requests are answered from, or kept in, the response cache.
     pub fn is_deterministic(&self) -> bool {
         self.temperature == Some(0.0)
+    }
+
+    /// Whether the response cache may answer or keep this request's reply: deterministic, and answered
+    /// in text (the cache keeps text; a request offering tools may be answered with calls).
+    pub fn is_cacheable(&self) -> bool {
+        self.is_deterministic() && self.tools.is_empty()
+    }
+
+    /// The names of the function tools offered.
+    pub fn tool_names(&self) -> impl Iterator<Item = &str> {
+        self.tools.iter().filter_map(|tool| tool.pointer("/function/name").and_then(Value::as_str))
     }
 
     /// Checks every parameter's range and shape; the error names the parameter (OpenAI's name).
@@ -115,9 +142,7 @@ impl Sampling {
         }
         if let Some(ResponseFormat::JsonSchema { json_schema }) = &self.response_format {
             let name = json_schema.get("name").and_then(Value::as_str).unwrap_or_default();
-            let valid_name = (1..=64).contains(&name.len())
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
-            if !json_schema.is_object() || !valid_name {
+            if !json_schema.is_object() || !is_name(name) {
                 let message = "json_schema must be an object with a name of 1 to 64 letters, digits, _ or -";
                 return Err(ServiceError::invalid_field("response_format", message));
             }
@@ -125,7 +150,51 @@ impl Sampling {
                 return Err(ServiceError::invalid_field("response_format", "json_schema.schema must be an object"));
             }
         }
-        Ok(())
+        self.check_tools()
+    }
+
+    fn check_tools(&self) -> Result<(), ServiceError> {
+        if self.tools.len() > MAX_TOOLS {
+            return Err(ServiceError::invalid_field("tools", format!("at most {MAX_TOOLS} tools")));
+        }
+        for (index, tool) in self.tools.iter().enumerate() {
+            let field = format!("tools[{index}]");
+            if tool.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(ServiceError::invalid_field(field, "type must be \"function\""));
+            }
+            let name = tool.pointer("/function/name").and_then(Value::as_str).unwrap_or_default();
+            if !is_name(name) {
+                return Err(ServiceError::invalid_field(
+                    field,
+                    "function.name must be 1 to 64 letters, digits, _ or -",
+                ));
+            }
+            if tool.pointer("/function/parameters").is_some_and(|parameters| !parameters.is_object()) {
+                return Err(ServiceError::invalid_field(field, "function.parameters must be a JSON schema object"));
+            }
+        }
+        let Some(choice) = &self.tool_choice else {
+            return Ok(());
+        };
+        let named = choice.pointer("/function/name").and_then(Value::as_str);
+        match (choice.as_str(), named) {
+            (Some("none" | "auto"), _) => Ok(()),
+            (Some("required"), _) if !self.tools.is_empty() => Ok(()),
+            (None, Some(name)) if choice.get("type").and_then(Value::as_str) == Some("function") => {
+                if self.tool_names().any(|tool| tool == name) {
+                    Ok(())
+                } else {
+                    Err(ServiceError::invalid_field(
+                        "tool_choice",
+                        format!("names {name:?}, which is not among the tools"),
+                    ))
+                }
+            }
+            _ => Err(ServiceError::invalid_field(
+                "tool_choice",
+                "must be none, auto, required (with tools) or {\"type\": \"function\", \"function\": {\"name\"}}",
+            )),
+        }
     }
 
     /// The first parameter set here that a provider of `kind` cannot honour.
@@ -179,6 +248,19 @@ impl Sampling {
                 ServiceError::invalid_field("response_format", format!("not a response format: {error}"))
             })?)
         };
+        let json = |field: &str, text: &str| -> Result<Option<Value>, ServiceError> {
+            if text.is_empty() {
+                return Ok(None);
+            }
+            serde_json::from_str(text)
+                .map(Some)
+                .map_err(|error| ServiceError::invalid_field(field, format!("not JSON: {error}")))
+        };
+        let tools = match json("tools", &options.tools)? {
+            None => Vec::new(),
+            Some(Value::Array(tools)) => tools,
+            Some(_) => return Err(ServiceError::invalid_field("tools", "must be an array")),
+        };
         let sampling = Self {
             temperature: options.temperature,
             top_p: options.top_p,
@@ -189,6 +271,9 @@ impl Sampling {
             logit_bias: options.logit_bias.iter().map(|(token, bias)| (token.clone(), *bias)).collect(),
             user: options.user.clone(),
             response_format,
+            tools,
+            tool_choice: json("tool_choice", &options.tool_choice)?,
+            parallel_tool_calls: options.parallel_tool_calls,
         };
         sampling.check()?;
         Ok(sampling)
@@ -211,6 +296,9 @@ impl Sampling {
                 .as_ref()
                 .and_then(|format| serde_json::to_string(format).ok())
                 .unwrap_or_default(),
+            tools: if self.tools.is_empty() { String::new() } else { Value::Array(self.tools.clone()).to_string() },
+            tool_choice: self.tool_choice.as_ref().map(Value::to_string).unwrap_or_default(),
+            parallel_tool_calls: self.parallel_tool_calls,
             ..pb::GenerationOptions::default()
         }
     }
@@ -270,6 +358,20 @@ mod tests {
                 "response_format",
             ),
         ];
+        let tool = |name: &str| serde_json::json!({"type": "function", "function": {"name": name}});
+        let bad = bad.into_iter().chain([
+            (Sampling { tools: vec![tool("has space")], ..Sampling::default() }, "tools[0]"),
+            (Sampling { tools: vec![serde_json::json!({"type": "retrieval"})], ..Sampling::default() }, "tools[0]"),
+            (Sampling { tool_choice: Some(serde_json::json!("required")), ..Sampling::default() }, "tool_choice"),
+            (
+                Sampling {
+                    tools: vec![tool("a")],
+                    tool_choice: Some(serde_json::json!({"type": "function", "function": {"name": "b"}})),
+                    ..Sampling::default()
+                },
+                "tool_choice",
+            ),
+        ]);
         for (sampling, field) in bad {
             assert_eq!(field_of(sampling.check()).as_deref(), Some(field), "{sampling:?}");
         }
@@ -299,6 +401,11 @@ mod tests {
             logit_bias: [("1".to_owned(), 5), ("2".to_owned(), -5)].into(),
             user: Some("end-user-7".into()),
             response_format: Some(ResponseFormat::JsonObject),
+            tools: vec![
+                serde_json::json!({"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}),
+            ],
+            tool_choice: Some(serde_json::json!({"type": "function", "function": {"name": "lookup"}})),
+            parallel_tool_calls: Some(false),
         };
         assert_eq!(Sampling::from_options(&sampling.to_options()).unwrap(), sampling);
         assert_eq!(Sampling::from_options(&pb::GenerationOptions::default()).unwrap(), Sampling::default());

@@ -171,15 +171,14 @@ struct CompletionRequest {
     #[serde(default)]
     #[allow(dead_code)]
     service_tier: Option<Value>,
-    /// Refused when they ask for something this gateway does not do (see [`refused`]).
+    /// Function tools the model may call, passed to the provider.
     #[serde(default)]
-    tools: Option<Value>,
+    tools: Option<Vec<Value>>,
     #[serde(default)]
     tool_choice: Option<Value>,
-    /// Accepted: without tools it asks for nothing.
     #[serde(default)]
-    #[allow(dead_code)]
-    parallel_tool_calls: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    /// Refused when they ask for something this gateway does not do (see [`refused`]).
     #[serde(default)]
     functions: Option<Value>,
     #[serde(default)]
@@ -202,8 +201,8 @@ struct CompletionRequest {
 
 impl CompletionRequest {
     /// The first parameter that asks for something this gateway does not do, and why; a parameter
-    /// that asks for nothing (`tools: []`, `tool_choice: "none"`, `logprobs: false`, `store: false`,
-    /// `modalities: ["text"]`) passes.
+    /// that asks for nothing (`functions: []`, `function_call: "none"`, `logprobs: false`, `store:
+    /// false`, `modalities: ["text"]`) passes.
     fn refused(&self) -> Option<(&'static str, &'static str)> {
         let given = |value: &Option<Value>| value.as_ref().is_some_and(|value| !value.is_null());
         // Given, and not an empty list.
@@ -215,10 +214,12 @@ impl CompletionRequest {
         };
         let text_only = self.modalities.as_ref().is_none_or(|value| value.is_null() || *value == json!(["text"]));
         [
-            ("tools", listed(&self.tools), "tool calling is not available on this gateway"),
-            ("functions", listed(&self.functions), "function calling is not available on this gateway"),
-            ("tool_choice", choice(&self.tool_choice), "tool calling is not available on this gateway"),
-            ("function_call", choice(&self.function_call), "function calling is not available on this gateway"),
+            ("functions", listed(&self.functions), "the deprecated functions are not served; use tools"),
+            (
+                "function_call",
+                choice(&self.function_call),
+                "the deprecated function_call is not served; use tool_choice",
+            ),
             ("logprobs", self.logprobs == Some(true), "log probabilities are not available on this gateway"),
             ("top_logprobs", given(&self.top_logprobs), "log probabilities are not available on this gateway"),
             ("modalities", !text_only, "only text replies are available"),
@@ -244,6 +245,9 @@ impl CompletionRequest {
             logit_bias: self.logit_bias.clone().unwrap_or_default(),
             user: self.user.clone().filter(|user| !user.is_empty()),
             response_format: self.response_format.clone(),
+            tools: self.tools.clone().unwrap_or_default(),
+            tool_choice: self.tool_choice.clone().filter(|choice| !choice.is_null()),
+            parallel_tool_calls: self.parallel_tool_calls,
         };
         sampling.check()?;
         Ok(sampling)
@@ -255,6 +259,25 @@ struct InputMessage {
     role: String,
     #[serde(default)]
     content: Value,
+    /// The tools an assistant message called.
+    #[serde(default)]
+    tool_calls: Vec<InputToolCall>,
+    /// The call a `tool` message answers.
+    #[serde(default)]
+    tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InputToolCall {
+    id: String,
+    function: InputFunction,
+}
+
+#[derive(Debug, Deserialize)]
+struct InputFunction {
+    name: String,
+    #[serde(default)]
+    arguments: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -334,7 +357,20 @@ pub async fn chat_completions(
     parley_platform::sampling::check_model(&state.config, &request.model, &sampling)?;
     let mut messages = Vec::with_capacity(request.messages.len());
     for (index, message) in request.messages.iter().enumerate() {
-        messages.push(pb::PromptMessage { role: message.role.clone(), content: text_of(index, &message.content)? });
+        messages.push(pb::PromptMessage {
+            role: message.role.clone(),
+            content: text_of(index, &message.content)?,
+            tool_calls: message
+                .tool_calls
+                .iter()
+                .map(|call| pb::ToolCall {
+                    id: call.id.clone(),
+                    name: call.function.name.clone(),
+                    arguments: call.function.arguments.clone(),
+                })
+                .collect(),
+            tool_call_id: message.tool_call_id.clone().unwrap_or_default(),
+        });
     }
     // The longest reply: what the client asked for (OpenAI's current name first), at most the configured.
     let asked = request
@@ -408,7 +444,8 @@ async fn collect(
         match event.event {
             Some(agent_pb::complete_event::Event::Delta(text)) => content.push_str(&text),
             Some(agent_pb::complete_event::Event::Done(done)) => return Ok((content, done)),
-            None => {}
+            // The whole calls come with `done`.
+            Some(agent_pb::complete_event::Event::ToolCall(_)) | None => {}
         }
     }
     Err(ServiceError::new(ErrorCode::UpstreamUnavailable, "the reply ended before it was whole")
@@ -425,6 +462,18 @@ fn usage_of(done: &agent_pb::CompleteDone) -> Value {
 }
 
 fn completion(chunk: &Chunk, content: &str, done: &agent_pb::CompleteDone) -> Value {
+    let mut message = json!({"role": "assistant", "content": content, "refusal": null});
+    if !done.tool_calls.is_empty() {
+        let calls: Vec<Value> = done
+            .tool_calls
+            .iter()
+            .map(|call| json!({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}))
+            .collect();
+        message["tool_calls"] = Value::Array(calls);
+        if content.is_empty() {
+            message["content"] = Value::Null;
+        }
+    }
     json!({
         "id": chunk.id,
         "object": "chat.completion",
@@ -432,7 +481,7 @@ fn completion(chunk: &Chunk, content: &str, done: &agent_pb::CompleteDone) -> Va
         "model": chunk.model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": content, "refusal": null},
+            "message": message,
             "logprobs": null,
             "finish_reason": finish_reason(done),
         }],
@@ -440,9 +489,14 @@ fn completion(chunk: &Chunk, content: &str, done: &agent_pb::CompleteDone) -> Va
     })
 }
 
-/// Why the model stopped, as the provider said (`stop` when it did not).
+/// Why the model stopped, as the provider said (`stop` when it did not; `tool_calls` when it called
+/// tools and said nothing).
 fn finish_reason(done: &agent_pb::CompleteDone) -> &str {
-    if done.finish_reason.is_empty() { "stop" } else { &done.finish_reason }
+    match done.finish_reason.as_str() {
+        "" if !done.tool_calls.is_empty() => "tool_calls",
+        "" => "stop",
+        said => said,
+    }
 }
 
 /// What every chunk of one completion shares.
@@ -500,6 +554,22 @@ fn stream(
                 Ok(Some(agent_pb::CompleteEvent { event: Some(agent_pb::complete_event::Event::Delta(text)) })) => {
                     let delta =
                         if first { json!({"role": "assistant", "content": text}) } else { json!({"content": text}) };
+                    let event = chunk.with(json!([{"index": 0, "delta": delta, "finish_reason": null}]), None);
+                    Some((Ok(event), (reply, chunk, Phase::Streaming { first: false })))
+                }
+                Ok(Some(agent_pb::CompleteEvent { event: Some(agent_pb::complete_event::Event::ToolCall(call)) })) => {
+                    let mut piece = json!({"index": call.index, "function": {"arguments": call.arguments}});
+                    if !call.id.is_empty() {
+                        piece["id"] = json!(call.id);
+                        piece["type"] = json!("function");
+                    }
+                    if !call.name.is_empty() {
+                        piece["function"]["name"] = json!(call.name);
+                    }
+                    let mut delta = json!({"tool_calls": [piece]});
+                    if first {
+                        delta["role"] = json!("assistant");
+                    }
                     let event = chunk.with(json!([{"index": 0, "delta": delta, "finish_reason": null}]), None);
                     Some((Ok(event), (reply, chunk, Phase::Streaming { first: false })))
                 }

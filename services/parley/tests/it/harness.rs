@@ -349,3 +349,19 @@ pub fn add_model(config: &mut Config, name: &str, providers: &[&str]) {
         },
     );
 }
+
+/// A platform whose model `claude-fake` is served by a fake Anthropic provider of its own (`anthropic`),
+/// with `tweak` applied after; the fake's handle.
+pub async fn start_with_anthropic(tweak: impl FnOnce(&mut Config)) -> (TestPlatform, FakeLlm) {
+    let (anthropic, anthropic_url) = spawn_fake(Knobs::default()).await;
+    let t = TestPlatform::start_with(
+        |config| {
+            add_provider(config, "anthropic", ProviderKind::Anthropic, &anthropic_url, &[]);
+            add_model(config, "claude-fake", &["anthropic"]);
+            tweak(config);
+        },
+        &Service::ALL,
+    )
+    .await;
+    (t, anthropic)
+}

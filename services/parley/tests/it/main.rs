@@ -25,5 +25,6 @@ mod replicas;
 mod resilience;
 mod signing;
 mod streaming;
+mod tools;
 mod traces;
 mod usage;

@@ -2,13 +2,11 @@
 //! entry points (OpenAI-compatible completions and conversation messages) and both provider wire
 //! formats, and the clear 400 for what a model's providers cannot honour.
 
-use parley::Service;
-use parley_fake_llm::{Knobs, reply_for};
-use parley_platform::config::ProviderKind;
+use parley_fake_llm::reply_for;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::harness::{Session, TestPlatform, add_model, add_provider, read, spawn_fake};
+use crate::harness::{Session, TestPlatform, add_model, read, start_with_anthropic};
 
 /// Every sampling parameter, as a client sends it.
 fn every_parameter() -> Value {
@@ -94,17 +92,8 @@ async fn every_sampling_parameter_reaches_the_provider_from_both_entry_points() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anthropic_provider_gets_its_own_names_and_refuses_what_it_lacks() {
-    let (anthropic, anthropic_url) = spawn_fake(Knobs::default()).await;
-    let t = TestPlatform::start_with(
-        |config| {
-            add_provider(config, "anthropic", ProviderKind::Anthropic, &anthropic_url, &[]);
-            add_model(config, "claude-fake", &["anthropic"]);
-            // OpenAI first, Anthropic as the fallback: the fallback must not drop what the first honours.
-            add_model(config, "mixed", &["fake", "anthropic"]);
-        },
-        &Service::ALL,
-    )
-    .await;
+    // "mixed": OpenAI first, Anthropic as the fallback: the fallback must not drop what the first honours.
+    let (t, anthropic) = start_with_anthropic(|config| add_model(config, "mixed", &["fake", "anthropic"])).await;
     let session = t.register("anthropic-wire@example.com").await;
     let prompt = json!([{"role": "user", "content": "hello claude"}]);
 
@@ -182,8 +171,9 @@ async fn bad_or_unavailable_parameters_are_refused_by_name() {
         ("seed", json!("seven")),
         ("response_format", json!({"type": "xml"})),
         ("response_format", json!({"type": "json_schema", "json_schema": {"schema": {}}})),
-        ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
+        ("tools", json!([{"type": "function", "function": {"name": "has space"}}])),
         ("tool_choice", json!("required")),
+        ("functions", json!([{"name": "f"}])),
         ("logprobs", json!(true)),
         ("top_logprobs", json!(2)),
         ("store", json!(true)),

@@ -9,7 +9,9 @@ use parley_platform::config::{ProviderKind, RouterConfig};
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::harness::{Session, SseReader, TestPlatform, add_model, add_provider, eventually, read, spawn_fake};
+use crate::harness::{
+    Session, SseReader, TestPlatform, add_model, add_provider, eventually, read, spawn_fake, start_with_anthropic,
+};
 
 async fn ask(t: &TestPlatform, session: &Session, conversation: &str, model: &str, content: &str) -> serde_json::Value {
     let (status, exchange) = t
@@ -261,15 +263,7 @@ async fn a_job_that_keeps_failing_ends_failed_and_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anthropic_provider_streams_replies_too() {
-    let (anthropic, anthropic_url) = spawn_fake(Knobs::default()).await;
-    let t = TestPlatform::start_with(
-        |config| {
-            add_provider(config, "anthropic", ProviderKind::Anthropic, &anthropic_url, &[]);
-            add_model(config, "claude-fake", &["anthropic"]);
-        },
-        &Service::ALL,
-    )
-    .await;
+    let (t, anthropic) = start_with_anthropic(|_| {}).await;
     let session = t.register("anthropic@example.com").await;
     let conversation = t.create_conversation(&session, "anthropic").await;
     let reply = ask(&t, &session, &conversation, "claude-fake", "hello claude").await;

@@ -71,9 +71,55 @@ check(stopped.choices[0].finish_reason == "stop", f"stopped finish_reason: {stop
 json_reply = client.chat.completions.create(model=model, messages=messages, response_format={"type": "json_object"})
 check(json.loads(json_reply.choices[0].message.content) == {"reply": expected}, "JSON mode reply")
 
+# Tools: the model calls one, the caller answers with its result, the model uses it.
+tools = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Looks a text up.",
+            "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+        },
+    }
+]
+called = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice="required")
+check(called.choices[0].finish_reason == "tool_calls", f"tool finish_reason: {called.choices[0].finish_reason}")
+calls = called.choices[0].message.tool_calls
+check(calls is not None and len(calls) == 1, f"tool calls: {calls}")
+check(calls[0].function.name == "lookup", f"tool name: {calls[0].function.name}")
+check(json.loads(calls[0].function.arguments) == {"text": "hello from the sdk"}, f"arguments: {calls[0].function.arguments}")
+answered = client.chat.completions.create(
+    model=model,
+    tools=tools,
+    messages=messages
+    + [
+        {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]},
+        {"role": "tool", "tool_call_id": calls[0].id, "content": "42"},
+    ],
+)
+check(answered.choices[0].message.content == "The tool said: 42", f"after the tool: {answered.choices[0].message.content!r}")
+
+# The same call, streamed: the pieces of the call add up.
+stream = client.chat.completions.create(model=model, messages=messages, tools=tools, stream=True)
+names, arguments, ids, finish = "", "", set(), None
+for chunk in stream:
+    if not chunk.choices:
+        continue
+    for piece in chunk.choices[0].delta.tool_calls or []:
+        if piece.id:
+            ids.add(piece.id)
+        if piece.function and piece.function.name:
+            names += piece.function.name
+        if piece.function and piece.function.arguments:
+            arguments += piece.function.arguments
+    finish = chunk.choices[0].finish_reason or finish
+check(len(ids) == 1 and names == "lookup", f"streamed call: ids {ids}, name {names!r}")
+check(json.loads(arguments) == {"text": "hello from the sdk"}, f"streamed arguments: {arguments!r}")
+check(finish == "tool_calls", f"streamed finish_reason: {finish}")
+
 # What the gateway cannot do is refused, naming the parameter, never silently dropped.
 for name, extra in [
-    ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
+    ("tool_choice", {"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
     ("top_p", {"top_p": 1.5}),
     ("n", {"n": 2}),
 ]:
