@@ -41,6 +41,8 @@
 #   PIN [1 when nproc >= 2]  pin load generators and upstreams to LOAD_CPUS [0], Parley to PARLEY_CPUS [1]
 #   PHASES ["wrk ttft streams"]  which measurements to run
 #   STREAM_PATHS ["upstream openai conversation"]  which paths the concurrent-streams phase measures
+#   WRK_PATHS ["openai-json openai-stream conversation-json conversation-sse"]  which Parley paths wrk
+#                            measures (the upstream alone always)
 #   TOPOLOGY [dev]           dev: every service in one `parley dev`; split: each service its own process,
 #                            `parley serve <service>` as the chart deploys them (memory is then the
 #                            gateway's, CPU the sum of all six; each process has its own file limit, so
@@ -73,6 +75,7 @@ ttft_requests="${TTFT_REQUESTS:-200}"
 agent_concurrency="${AGENT_CONCURRENCY:-$((streams > 32 ? streams : 32))}"
 phases=" ${PHASES:-wrk ttft streams} "
 stream_paths=" ${STREAM_PATHS:-upstream openai conversation} "
+wrk_paths=" ${WRK_PATHS:-openai-json openai-stream conversation-json conversation-sse} "
 topology="${TOPOLOGY:-dev}"
 [[ "$topology" == dev || "$topology" == split ]] || { echo "error: TOPOLOGY is dev or split, not '$topology'" >&2; exit 2; }
 gateways="${GATEWAYS:-1}"
@@ -589,23 +592,31 @@ if [[ "$phases" == *" wrk "* ]]; then
     wrk_cell upstream-stream "upstream alone, streamed" "$c" "$fast_upstream/chat/completions" openai.lua \
       MODEL=fake-echo PROMPT="$prompt" STREAM=1 PARLEY_KEY=
   done
-  for c in "${connection_counts[@]}"; do
-    wrk_cell openai-json "Parley OpenAI, JSON" "$c" "$base/v1/chat/completions" openai.lua MODEL=bench PROMPT="$prompt"
-  done
-  for c in "${connection_counts[@]}"; do
-    wrk_cell openai-stream "Parley OpenAI, streamed" "$c" "$base/v1/chat/completions" openai.lua \
-      MODEL=bench PROMPT="$prompt" STREAM=1
-  done
-  for c in "${connection_counts[@]}"; do
-    new_conversations $((c * 4)) bench "$work/conversations-json-$c.ids"
-    wrk_cell conversation-json "Parley conversation message, JSON" "$c" "$base/" conversation.lua \
-      PROMPT="$prompt" CONVERSATIONS_FILE="$work/conversations-json-$c.ids"
-  done
-  for c in "${connection_counts[@]}"; do
-    new_conversations $((c * 4)) bench "$work/conversations-sse-$c.ids"
-    wrk_cell conversation-sse "Parley conversation message, SSE" "$c" "$base/" conversation.lua \
-      PROMPT="$prompt" SSE=1 CONVERSATIONS_FILE="$work/conversations-sse-$c.ids"
-  done
+  if [[ "$wrk_paths" == *" openai-json "* ]]; then
+    for c in "${connection_counts[@]}"; do
+      wrk_cell openai-json "Parley OpenAI, JSON" "$c" "$base/v1/chat/completions" openai.lua MODEL=bench PROMPT="$prompt"
+    done
+  fi
+  if [[ "$wrk_paths" == *" openai-stream "* ]]; then
+    for c in "${connection_counts[@]}"; do
+      wrk_cell openai-stream "Parley OpenAI, streamed" "$c" "$base/v1/chat/completions" openai.lua \
+        MODEL=bench PROMPT="$prompt" STREAM=1
+    done
+  fi
+  if [[ "$wrk_paths" == *" conversation-json "* ]]; then
+    for c in "${connection_counts[@]}"; do
+      new_conversations $((c * 4)) bench "$work/conversations-json-$c.ids"
+      wrk_cell conversation-json "Parley conversation message, JSON" "$c" "$base/" conversation.lua \
+        PROMPT="$prompt" CONVERSATIONS_FILE="$work/conversations-json-$c.ids"
+    done
+  fi
+  if [[ "$wrk_paths" == *" conversation-sse "* ]]; then
+    for c in "${connection_counts[@]}"; do
+      new_conversations $((c * 4)) bench "$work/conversations-sse-$c.ids"
+      wrk_cell conversation-sse "Parley conversation message, SSE" "$c" "$base/" conversation.lua \
+        PROMPT="$prompt" SSE=1 CONVERSATIONS_FILE="$work/conversations-sse-$c.ids"
+    done
+  fi
 fi
 rss_after_wrk=$(rss_kb "$parley_pid")
 
