@@ -1,6 +1,7 @@
 //! The OpenAPI 3.1 document, generated from the handlers' annotations and the view types.
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes::{api_keys, conversations, identity, messages, openai, ops, streaming, usage};
@@ -18,7 +19,7 @@ use crate::routes::{api_keys, conversations, identity, messages, openai, ops, st
         usage::own, usage::admin,
         openai::chat_completions, openai::models,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &ErrorResponses),
     tags(
         (name = "identity", description = "Accounts and tokens"),
         (name = "conversations", description = "Conversations"),
@@ -42,6 +43,52 @@ impl Modify for BearerAuth {
                 HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT or pk_ API key").build(),
             ),
         );
+    }
+}
+
+/// Error responses as the server sends them. Every error is `application/problem+json` (a `Problem`),
+/// except on the OpenAI-compatible routes, whose errors keep OpenAI's shape as `application/json`; and
+/// every operation lists the errors any request to it can get, besides its own: 401 and 429 (and 503,
+/// a dependency unavailable) where credentials are needed, 400 and 413 where a body is read.
+struct ErrorResponses;
+
+impl Modify for ErrorResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for operation in operations.into_iter().flatten() {
+                let openai = operation.tags.as_ref().is_some_and(|tags| tags.iter().any(|tag| tag == "openai"));
+                let media = if openai { "application/json" } else { "application/problem+json" };
+                for (status, response) in &mut operation.responses.responses {
+                    if let RefOr::T(response) = response
+                        && (status.starts_with('4') || status.starts_with('5'))
+                        && let Some(content) = response.content.shift_remove("application/json")
+                    {
+                        response.content.insert(media.to_owned(), content);
+                    }
+                }
+                let error = |description: &str| {
+                    let content = if openai {
+                        ContentBuilder::new().build()
+                    } else {
+                        ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build()
+                    };
+                    RefOr::T(ResponseBuilder::new().description(description).content(media, content).build())
+                };
+                let mut add = |status: &str, description: &str| {
+                    operation.responses.responses.entry(status.to_owned()).or_insert_with(|| error(description));
+                };
+                if operation.security.as_ref().is_some_and(|security| !security.is_empty()) {
+                    add("401", "Missing, invalid or expired credentials (`unauthorized`)");
+                    add("429", "Over the caller's rate limit (`rate_limited`, with `Retry-After`)");
+                    add("503", "A service behind the gateway is unavailable (`unavailable`, with `Retry-After`)");
+                }
+                if operation.request_body.is_some() {
+                    add("400", "Invalid input (`invalid_request`; `field` names it)");
+                    add("413", "The body is larger than the limit (`payload_too_large`)");
+                }
+            }
+        }
     }
 }
 

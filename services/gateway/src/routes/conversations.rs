@@ -25,7 +25,7 @@ fn with_etag(status: StatusCode, conversation: pb::Conversation) -> Response {
 
 /// Start a conversation.
 #[utoipa::path(post, path = "/v1/conversations", tag = "conversations", security(("bearer" = [])),
-    request_body = ConversationBody, responses(
+    request_body(content = Option<ConversationBody>, description = "Optional: a body-less request starts an untitled conversation with the default model"), responses(
     (status = 201, body = ConversationView),
     (status = 400, description = "Unknown model or an over-long field, named in `field`", body = Problem),
 ))]

@@ -59,6 +59,32 @@ async fn operations_endpoints_and_response_headers() {
     ] {
         assert!(openapi["paths"].get(path).is_some(), "the OpenAPI document lacks {path}");
     }
+    // A conversation can be started without a body, and the document says so.
+    assert_ne!(openapi["paths"]["/v1/conversations"]["post"]["requestBody"]["required"], true);
+    // Every documented error is what the server sends: problem+json (OpenAI's routes: OpenAI's shape,
+    // as JSON), and the errors any request can get are on every operation that can get them.
+    for (path, item) in openapi["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let openai = operation["tags"].as_array().is_some_and(|tags| tags.contains(&json!("openai")));
+            let media = if openai { "application/json" } else { "application/problem+json" };
+            let responses = operation["responses"].as_object().unwrap();
+            for (status, response) in responses {
+                if let Some(content) = response["content"].as_object().filter(|_| status.as_str() >= "400") {
+                    assert!(content.keys().all(|key| key == media), "{method} {path} {status}: {content:?}");
+                }
+            }
+            let mut expected = Vec::new();
+            if operation["security"].as_array().is_some_and(|security| !security.is_empty()) {
+                expected.extend(["401", "429", "503"]);
+            }
+            if operation.get("requestBody").is_some() {
+                expected.extend(["400", "413"]);
+            }
+            for status in expected {
+                assert!(responses.contains_key(status), "{method} {path} does not document {status}");
+            }
+        }
+    }
 
     let (status, body) = read(t.http.get(t.url("/v1/nothing-here")).send().await.unwrap()).await;
     assert_problem(status, &body, 404, "not_found");
