@@ -215,7 +215,7 @@ impl Agent {
         prompt: &[crate::provider::PromptMessage],
     ) -> i64 {
         let counter = crate::context::TokenCounter::for_model(&self.config, model);
-        prompt.iter().map(|message| i64::from(counter.count(&message.content))).sum()
+        prompt.iter().map(|message| i64::from(counter.count_message(message))).sum()
     }
 
     /// Reports a call that ended failed: a usage event with outcome `failed`, which carries what the

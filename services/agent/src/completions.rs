@@ -79,9 +79,23 @@ impl Completions {
                 .collect();
             total_chars += message.content.chars().count()
                 + tool_calls.iter().map(|call| call.arguments.chars().count()).sum::<usize>();
+            let parts = if message.parts.is_empty() {
+                Vec::new()
+            } else {
+                match serde_json::from_str::<serde_json::Value>(&message.parts) {
+                    Ok(serde_json::Value::Array(parts)) => parts,
+                    _ => {
+                        return Err(ServiceError::invalid_field(
+                            format!("messages[{index}].content"),
+                            "unreadable parts",
+                        ));
+                    }
+                }
+            };
             prompt.push(PromptMessage {
                 role: role.to_owned(),
                 content: message.content.clone(),
+                parts,
                 tool_calls,
                 tool_call_id: (role == "tool").then(|| message.tool_call_id.clone()),
             });
@@ -89,6 +103,12 @@ impl Completions {
         if total_chars > config.chat.max_message_chars {
             let limit = config.chat.max_message_chars;
             return Err(ServiceError::invalid_field("messages", format!("must total at most {limit} characters")));
+        }
+        if prompt.iter().any(|message| message.images() > 0) && !config.takes_images(&request.model) {
+            return Err(ServiceError::invalid_field(
+                "messages",
+                format!("the model {:?} does not take images", request.model),
+            ));
         }
         let options = request.options.clone().unwrap_or_default();
         let sampling = Sampling::from_options(&options)?;

@@ -41,6 +41,12 @@ impl TokenCounter {
         }
     }
 
+    /// A prompt message: its text, and each of its images as [`parley_platform::tokens::IMAGE_ESTIMATE`].
+    pub fn count_message(&self, message: &PromptMessage) -> u32 {
+        self.count(&message.content)
+            .saturating_add(message.images().saturating_mul(parley_platform::tokens::IMAGE_ESTIMATE))
+    }
+
     pub fn count(&self, text: &str) -> u32 {
         let tokens = match self {
             TokenCounter::Bpe(bpe) => bpe.count_ordinary(text) as u32,

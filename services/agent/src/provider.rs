@@ -10,16 +10,39 @@ use serde::{Serialize, Serializer};
 use serde_json::{Value, json};
 
 /// One message of a prompt, serialized as OpenAI's wire takes it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PromptMessage {
     pub role: String,
+    /// The text (of the text parts, for a message with images).
     pub content: String,
+    /// A message with images: its content parts as the client sent them (text and `image_url`), which
+    /// go to the provider instead of `content`.
+    pub parts: Vec<Value>,
     /// The tools an assistant message called.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCall>,
     /// The call a `tool` message answers.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+}
+
+impl Serialize for PromptMessage {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut message = json!({"role": self.role});
+        message["content"] = if self.parts.is_empty() { json!(self.content) } else { Value::Array(self.parts.clone()) };
+        if !self.tool_calls.is_empty() {
+            message["tool_calls"] = json!(self.tool_calls);
+        }
+        if let Some(id) = &self.tool_call_id {
+            message["tool_call_id"] = json!(id);
+        }
+        message.serialize(serializer)
+    }
+}
+
+impl PromptMessage {
+    /// How many images the message carries.
+    pub fn images(&self) -> u32 {
+        self.parts.iter().filter(|part| part.get("type").is_some_and(|kind| kind == "image_url")).count() as u32
+    }
 }
 
 impl PromptMessage {
@@ -314,7 +337,13 @@ impl HttpProvider {
         }
         // Providers that do not report usage get an estimate of about four characters a token.
         let estimated_input = || {
-            messages.iter().map(|message| i64::from(parley_platform::tokens::estimate(&message.content))).sum::<i64>()
+            let image = i64::from(parley_platform::tokens::IMAGE_ESTIMATE);
+            messages
+                .iter()
+                .map(|message| {
+                    i64::from(parley_platform::tokens::estimate(&message.content)) + i64::from(message.images()) * image
+                })
+                .sum::<i64>()
         };
         let input_tokens = state.input_tokens.unwrap_or_else(estimated_input);
         let output_tokens = state.output_tokens.unwrap_or_else(|| {
@@ -541,6 +570,7 @@ fn anthropic_messages(messages: &[PromptMessage]) -> (String, Vec<Value>) {
                 let id = message.tool_call_id.as_deref().unwrap_or_default();
                 ("user", vec![json!({"type": "tool_result", "tool_use_id": id, "content": message.content})])
             }
+            _ if !message.parts.is_empty() => ("user", message.parts.iter().map(anthropic_part).collect()),
             _ => ("user", vec![json!({"type": "text", "text": message.content})]),
         };
         match turns.last_mut() {
@@ -565,6 +595,19 @@ fn anthropic_messages(messages: &[PromptMessage]) -> (String, Vec<Value>) {
         })
         .collect();
     (system.join("\n\n"), turns)
+}
+
+/// An OpenAI content part (text or `image_url`) as an Anthropic content block: an inline image as
+/// base64 data with its media type, any other as a URL Anthropic fetches.
+fn anthropic_part(part: &Value) -> Value {
+    let Some(url) = part.pointer("/image_url/url").and_then(Value::as_str) else {
+        return json!({"type": "text", "text": part.get("text").cloned().unwrap_or_default()});
+    };
+    let inline = url
+        .strip_prefix("data:")
+        .and_then(|rest| rest.split_once(";base64,"))
+        .map(|(media_type, data)| json!({"type": "base64", "media_type": media_type, "data": data}));
+    json!({"type": "image", "source": inline.unwrap_or_else(|| json!({"type": "url", "url": url}))})
 }
 
 /// OpenAI's function tools in Anthropic's shape.

@@ -155,6 +155,17 @@ pub fn reply_for(last_user_message: &str) -> String {
     format!("You said: {quoted}. This is Parley's fake model, answering offline.")
 }
 
+/// The reply to a message with `images` images besides its text: the text's reply, then a count of
+/// them, so a caller can tell the images arrived.
+pub fn reply_with_images(last_user_message: &str, images: usize) -> String {
+    let reply = reply_for(last_user_message);
+    match images {
+        0 => reply,
+        1 => format!("{reply} I see 1 image."),
+        n => format!("{reply} I see {n} images."),
+    }
+}
+
 /// Splits a reply into tokens the way a model streams them: words with their leading space.
 pub fn tokens_of(reply: &str) -> Vec<String> {
     reply
@@ -336,9 +347,19 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: &[u8]) -
         };
         (id, name)
     });
+    // Images of the last user message: OpenAI's image_url parts, Anthropic's image blocks.
+    let images = request.messages.iter().rev().find(|m| m.role == "user").and_then(|m| m.content.as_array()).map_or(
+        0,
+        |parts| {
+            parts
+                .iter()
+                .filter(|part| matches!(part.get("type").and_then(Value::as_str), Some("image_url" | "image")))
+                .count()
+        },
+    );
     let mut reply = match &tool_result {
         Some(result) => format!("The tool said: {result}"),
-        None => reply_for(last_user.as_deref().unwrap_or("")),
+        None => reply_with_images(last_user.as_deref().unwrap_or(""), images),
     };
     if tool_call.is_some() {
         // A call's arguments: the user's words, as JSON.

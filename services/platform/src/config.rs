@@ -352,6 +352,10 @@ pub struct ModelConfig {
     /// Sends simple requests for this model to a cheaper one.
     #[serde(default)]
     pub router: Option<RouterConfig>,
+    /// Every provider of the chain takes images (`image_url` content parts); without it, a request
+    /// with an image is refused.
+    #[serde(default)]
+    pub vision: bool,
 }
 
 /// A request is simple, and goes to `model`, when its prompt is at most `max_prompt_chars` characters
@@ -571,6 +575,8 @@ impl Default for Config {
                 input_price_per_mtok: 0.5,
                 output_price_per_mtok: 1.5,
                 router: None,
+                // The fake counts the images it is shown.
+                vision: true,
             },
         )]);
         let tiers = BTreeMap::from([
@@ -937,6 +943,15 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Whether `model` takes images: it and the model its router sends simple requests to both do.
+    pub fn takes_images(&self, model: &str) -> bool {
+        let Some(entry) = self.models.get(model) else {
+            return false;
+        };
+        let routed = entry.router.as_ref().and_then(|router| self.models.get(&router.model));
+        entry.vision && routed.is_none_or(|routed| routed.vision)
     }
 
     pub fn tier(&self, name: &str) -> Option<&TierConfig> {

@@ -5,6 +5,11 @@
 /// Tokens a chat message costs beyond its text (its role and separators).
 pub const PER_MESSAGE_OVERHEAD: u32 = 4;
 
+/// What an image in a prompt is counted as: about what the larger providers charge for one of about
+/// a megapixel (OpenAI's high detail at 1024x1024 is 765 tokens, Anthropic's 1.15 megapixels about
+/// 1,600), so that a reservation covers it. The provider's own count is what is charged.
+pub const IMAGE_ESTIMATE: u32 = 1_600;
+
 /// The estimated tokens of `text`.
 pub fn estimate(text: &str) -> u32 {
     u32::try_from(text.chars().count().div_ceil(4)).unwrap_or(u32::MAX)

@@ -286,27 +286,54 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// Text of an OpenAI message content: a string, or an array of parts of which the text ones count.
-fn text_of(index: usize, content: &Value) -> OpenAiResult<String> {
+/// An OpenAI message's content: a string, or an array of parts. Returns its text and, when it carries
+/// images, its parts as they came (text and `image_url` parts; any other kind is refused), and how many
+/// images.
+fn content_of(index: usize, content: &Value) -> OpenAiResult<(String, Option<&Vec<Value>>, u32)> {
+    let param = format!("messages[{index}].content");
     match content {
-        Value::String(text) => Ok(text.clone()),
-        Value::Null => Ok(String::new()),
+        Value::String(text) => Ok((text.clone(), None, 0)),
+        Value::Null => Ok((String::new(), None, 0)),
         Value::Array(parts) => {
             let mut text = String::new();
+            let mut images = 0;
             for part in parts {
-                match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
-                    (Some("text"), Some(piece)) => text.push_str(piece),
+                match part.get("type").and_then(Value::as_str) {
+                    Some("text") => match part.get("text").and_then(Value::as_str) {
+                        Some(piece) => text.push_str(piece),
+                        None => {
+                            return Err(OpenAiError::invalid_param(&param, format!("{param}: a text part needs text")));
+                        }
+                    },
+                    Some("image_url") => {
+                        if !is_image_url(part) {
+                            let message = format!(
+                                "{param}: an image_url part needs image_url.url, an http(s) URL or a data:image/...;base64, URL, \
+                                 and a detail of auto, low or high if any"
+                            );
+                            return Err(OpenAiError::invalid_param(&param, message));
+                        }
+                        images += 1;
+                    }
                     _ => {
-                        return Err(OpenAiError::invalid(format!(
-                            "messages[{index}].content: only text parts are supported"
-                        )));
+                        let message = format!("{param}: only text and image_url parts are supported");
+                        return Err(OpenAiError::invalid_param(&param, message));
                     }
                 }
             }
-            Ok(text)
+            Ok((text, (images > 0).then_some(parts), images))
         }
-        _ => Err(OpenAiError::invalid(format!("messages[{index}].content must be a string or an array of parts"))),
+        _ => Err(OpenAiError::invalid_param(&param, format!("{param} must be a string or an array of parts"))),
     }
+}
+
+/// An `image_url` part a provider can fetch or decode.
+fn is_image_url(part: &Value) -> bool {
+    let url = part.pointer("/image_url/url").and_then(Value::as_str).unwrap_or_default();
+    let detail = part.pointer("/image_url/detail");
+    let fetchable = url.starts_with("https://") || url.starts_with("http://");
+    let inline = url.strip_prefix("data:image/").is_some_and(|rest| rest.contains(";base64,"));
+    (fetchable || inline) && detail.is_none_or(|detail| matches!(detail.as_str(), Some("auto" | "low" | "high")))
 }
 
 /// Create a chat completion (OpenAI wire format).
@@ -356,10 +383,19 @@ pub async fn chat_completions(
     let sampling = request.sampling()?;
     parley_platform::sampling::check_model(&state.config, &request.model, &sampling)?;
     let mut messages = Vec::with_capacity(request.messages.len());
+    let mut images = 0;
     for (index, message) in request.messages.iter().enumerate() {
+        let (text, parts, count) = content_of(index, &message.content)?;
+        if count > 0 && !state.config.takes_images(&request.model) {
+            let param = format!("messages[{index}].content");
+            let message = format!("{param}: the model `{}` does not take images", request.model);
+            return Err(OpenAiError::invalid_param(&param, message));
+        }
+        images += count;
         messages.push(pb::PromptMessage {
             role: message.role.clone(),
-            content: text_of(index, &message.content)?,
+            content: text,
+            parts: parts.map(|parts| Value::Array(parts.clone()).to_string()).unwrap_or_default(),
             tool_calls: message
                 .tool_calls
                 .iter()
@@ -379,8 +415,11 @@ pub async fn chat_completions(
         .or(request.max_tokens.map(|asked| ("max_tokens", asked)));
     let longest_reply = super::longest_reply(&state.config, asked)?;
     // Counted as the agent counts a prompt without a tokenizer, so that the agent need not raise it.
-    let prompt_tokens: i64 =
-        messages.iter().map(|message| i64::from(parley_platform::tokens::estimate_message(&message.content))).sum();
+    let prompt_tokens: i64 = messages
+        .iter()
+        .map(|message| i64::from(parley_platform::tokens::estimate_message(&message.content)))
+        .sum::<i64>()
+        + i64::from(images) * i64::from(parley_platform::tokens::IMAGE_ESTIMATE);
     let estimated_tokens = prompt_tokens + i64::from(longest_reply);
     let completion_id = uuid::Uuid::now_v7();
     let call = agent_pb::CompleteRequest {

@@ -346,6 +346,7 @@ pub fn add_model(config: &mut Config, name: &str, providers: &[&str]) {
             input_price_per_mtok: 1.0,
             output_price_per_mtok: 1.0,
             router: None,
+            vision: false,
         },
     );
 }

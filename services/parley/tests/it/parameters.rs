@@ -207,3 +207,54 @@ async fn bad_or_unavailable_parameters_are_refused_by_name() {
     }
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_reach_models_that_take_them_and_are_refused_by_others() {
+    let (t, anthropic) = start_with_anthropic(|config| {
+        config.models.get_mut("claude-fake").unwrap().vision = true;
+        // The same fake provider, but a model not configured for images.
+        add_model(config, "blind", &["fake"]);
+    })
+    .await;
+    let session = t.register("vision@example.com").await;
+    let parts = json!([
+        {"type": "text", "text": "what is this"},
+        {"type": "image_url", "image_url": {"url": "https://images.example/cat.png", "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+    ]);
+    let question = json!([{"role": "user", "content": parts}]);
+    let expected = parley_fake_llm::reply_with_images("what is this", 2);
+
+    // OpenAI's wire: the parts go as they came.
+    let (status, completion) = complete(&t, &session, json!({"model": "parley-fake", "messages": question})).await;
+    assert_eq!(status, StatusCode::OK, "{completion}");
+    assert_eq!(completion["choices"][0]["message"]["content"], expected);
+    assert_eq!(t.fake.last_body().unwrap()["messages"][0]["content"], parts);
+
+    // Anthropic's: image blocks, by URL or inline as base64 with the media type.
+    let (status, completion) = complete(&t, &session, json!({"model": "claude-fake", "messages": question})).await;
+    assert_eq!(status, StatusCode::OK, "{completion}");
+    assert_eq!(completion["choices"][0]["message"]["content"], expected);
+    assert_eq!(
+        anthropic.last_body().unwrap()["messages"][0]["content"],
+        json!([
+            {"type": "text", "text": "what is this"},
+            {"type": "image", "source": {"type": "url", "url": "https://images.example/cat.png"}},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+        ])
+    );
+
+    // A model without images, an image a provider cannot fetch, a part of another kind: 400s naming
+    // the message, before any provider is called.
+    let calls = t.fake.requests();
+    let unreadable = json!([{"type": "image_url", "image_url": {"url": "ftp://images.example/cat.png"}}]);
+    let audio = json!([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]);
+    for (model, content) in [("blind", parts), ("parley-fake", unreadable), ("parley-fake", audio)] {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": content}]});
+        let (status, error) = complete(&t, &session, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+        assert_eq!(error["error"]["param"], "messages[0].content", "{error}");
+    }
+    assert_eq!(t.fake.requests(), calls);
+    t.stop().await;
+}

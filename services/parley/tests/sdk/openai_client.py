@@ -117,6 +117,22 @@ check(len(ids) == 1 and names == "lookup", f"streamed call: ids {ids}, name {nam
 check(json.loads(arguments) == {"text": "hello from the sdk"}, f"streamed arguments: {arguments!r}")
 check(finish == "tool_calls", f"streamed finish_reason: {finish}")
 
+# An image part reaches a model that takes images.
+seen = client.chat.completions.create(
+    model=model,
+    messages=[
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+            ],
+        }
+    ],
+)
+expected_image = os.environ["PARLEY_EXPECTED_IMAGE"]
+check(seen.choices[0].message.content == expected_image, f"image reply: {seen.choices[0].message.content!r}")
+
 # What the gateway cannot do is refused, naming the parameter, never silently dropped.
 for name, extra in [
     ("tool_choice", {"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
