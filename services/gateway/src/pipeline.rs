@@ -1,6 +1,8 @@
 //! What a request to `/v1/` passes before its handler runs, in this order:
 //!
-//! 1. **Identity**: the bearer credential (an access token, or an API key) names the caller. A request
+//! 1. **Identity**: the bearer credential (an access token, or an API key) names the caller: from the
+//!    `Authorization` header, or on the WebSocket route, whose browser clients cannot set headers, from
+//!    the `access_token` query parameter; either way every later step applies to it alike. A request
 //!    without one is anonymous; one whose credential is refused is answered 401 by any handler that
 //!    needs a caller (the [`Caller`] extractor), and passes to the handlers that do not (login).
 //! 2. **Limits**: the unauthenticated routes (register, login, refresh) per client address; every other
@@ -25,6 +27,10 @@ use crate::problem::ApiError;
 /// The unauthenticated routes, limited per client address.
 const PER_IP_ROUTES: [&str; 3] = ["/v1/auth/register", "/v1/auth/login", "/v1/auth/refresh"];
 
+/// The route whose credential may come in the query string (browsers cannot set headers on a
+/// WebSocket handshake).
+const QUERY_CREDENTIAL_ROUTE: &str = "/v1/messages/{id}/ws";
+
 /// Largest clock difference accepted between a signed request's timestamp and the gateway.
 const SIGNATURE_SKEW_SECS: i64 = 300;
 
@@ -44,7 +50,9 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
     }
 
     // 1. Identity.
-    let credential = bearer_token(request.headers()).map(str::to_owned);
+    let credential = bearer_token(request.headers())
+        .map(str::to_owned)
+        .or_else(|| (route == QUERY_CREDENTIAL_ROUTE).then(|| query_credential(request.uri())).flatten());
     let mut grant = None;
     let identity = match credential.as_deref() {
         None => Identity::Anonymous,
@@ -100,6 +108,16 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
     };
 
     with_limit_headers(next.run(request).await, decision)
+}
+
+/// The `access_token` query parameter, when there is a non-empty one.
+fn query_credential(uri: &axum::http::Uri) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Credential {
+        access_token: Option<String>,
+    }
+    let axum::extract::Query(credential) = axum::extract::Query::<Credential>::try_from_uri(uri).ok()?;
+    credential.access_token.map(|token| token.trim().to_owned()).filter(|token| !token.is_empty())
 }
 
 fn limited(error: ApiError, decision: Decision) -> Response {

@@ -254,3 +254,51 @@ async fn an_idle_stream_carries_heartbeats() {
     }
     t.stop().await;
 }
+
+/// A credential in the WebSocket's query string passes the checks a header does: a key that must sign
+/// is refused unsigned, an unknown key is refused, and the caller's rate limit counts the requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_in_the_websocket_query_passes_the_same_checks_as_a_header() {
+    let t = TestPlatform::start_with(
+        |config| {
+            if let Some(free) = config.tiers.get_mut("free") {
+                free.requests_per_minute = 8;
+            }
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("ws-checks@example.com").await;
+    let conversation = t.create_conversation(&session, "ws").await;
+    let (status, exchange) =
+        t.post(&session, &format!("/v1/conversations/{conversation}/messages"), json!({"content": "hi"})).await;
+    assert_eq!(status, StatusCode::OK, "{exchange}");
+    let reply_id = exchange["assistant_message"]["id"].as_str().unwrap().to_owned();
+    let (status, key) = t.post(&session, "/v1/api-keys", json!({"name": "signed", "require_signature": true})).await;
+    assert_eq!(status, StatusCode::CREATED, "{key}");
+    let signed_key = key["key"].as_str().unwrap().to_owned();
+
+    let ws_base = t.base.replacen("http://", "ws://", 1);
+    for credential in [signed_key.as_str(), "pk_not-a-key-anyone-made"] {
+        let url = format!("{ws_base}/v1/messages/{reply_id}/ws?access_token={credential}");
+        match tokio_tungstenite::connect_async(url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+            other => panic!("{credential}: expected a 401, got {other:?}"),
+        }
+    }
+
+    // The rate limit counts requests whose credential came in the query (no upgrade needed to count).
+    let url = t.url(&format!("/v1/messages/{reply_id}/ws?access_token={}", session.token));
+    let mut limited = None;
+    for _ in 0..10 {
+        let response = t.http.get(&url).send().await.unwrap();
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(response);
+            break;
+        }
+        assert!(response.headers().contains_key("ratelimit-remaining"), "{:?}", response.headers());
+    }
+    let limited = limited.expect("8 requests a minute: the query credential's requests are limited");
+    assert!(limited.headers().contains_key("retry-after"));
+    t.stop().await;
+}
