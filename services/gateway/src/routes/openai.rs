@@ -158,6 +158,9 @@ struct CompletionRequest {
     logit_bias: Option<std::collections::BTreeMap<String, i32>>,
     #[serde(default)]
     user: Option<String>,
+    /// OpenAI's newer name for the end user (`user` wins when both are given).
+    #[serde(default)]
+    safety_identifier: Option<String>,
     #[serde(default)]
     response_format: Option<ResponseFormat>,
     /// Stored completions: only `false` (the default) is served.
@@ -171,6 +174,11 @@ struct CompletionRequest {
     #[serde(default)]
     #[allow(dead_code)]
     service_tier: Option<Value>,
+    /// Accepted and not used: a hint for the provider's prompt cache, which Parley's requests do not
+    /// carry across replicas.
+    #[serde(default)]
+    #[allow(dead_code)]
+    prompt_cache_key: Option<Value>,
     /// Function tools the model may call, passed to the provider.
     #[serde(default)]
     tools: Option<Vec<Value>>,
@@ -197,6 +205,8 @@ struct CompletionRequest {
     reasoning_effort: Option<Value>,
     #[serde(default)]
     web_search_options: Option<Value>,
+    #[serde(default)]
+    verbosity: Option<Value>,
 }
 
 impl CompletionRequest {
@@ -227,6 +237,7 @@ impl CompletionRequest {
             ("prediction", given(&self.prediction), "predicted outputs are not available"),
             ("reasoning_effort", given(&self.reasoning_effort), "reasoning effort is not available on this gateway"),
             ("web_search_options", given(&self.web_search_options), "web search is not available"),
+            ("verbosity", given(&self.verbosity), "verbosity is not available on this gateway"),
             ("store", self.store == Some(true), "stored completions are not available; omit store or set it to false"),
         ]
         .into_iter()
@@ -243,7 +254,7 @@ impl CompletionRequest {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             logit_bias: self.logit_bias.clone().unwrap_or_default(),
-            user: self.user.clone().filter(|user| !user.is_empty()),
+            user: self.user.clone().or_else(|| self.safety_identifier.clone()).filter(|user| !user.is_empty()),
             response_format: self.response_format.clone(),
             tools: self.tools.clone().unwrap_or_default(),
             tool_choice: self.tool_choice.clone().filter(|choice| !choice.is_null()),

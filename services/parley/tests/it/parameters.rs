@@ -178,6 +178,7 @@ async fn bad_or_unavailable_parameters_are_refused_by_name() {
         ("top_logprobs", json!(2)),
         ("store", json!(true)),
         ("modalities", json!(["text", "audio"])),
+        ("verbosity", json!("low")),
         ("no_such_parameter", json!(1)),
     ];
     let calls = t.fake.requests();
@@ -194,9 +195,12 @@ async fn bad_or_unavailable_parameters_are_refused_by_name() {
     let body = json!({
         "model": "parley-fake", "messages": prompt, "tools": [], "tool_choice": "none", "logprobs": false,
         "store": false, "modalities": ["text"], "parallel_tool_calls": true, "metadata": {"k": "v"},
+        "prompt_cache_key": "k", "safety_identifier": "end-user-3",
     });
     let (status, completion) = complete(&t, &session, body).await;
     assert_eq!(status, StatusCode::OK, "{completion}");
+    // OpenAI's newer name for the end user reaches the provider as `user`.
+    assert_eq!(t.fake.last_body().unwrap()["user"], "end-user-3");
 
     // The conversation route refuses the same, as problem+json naming the field.
     let conversation = t.create_conversation(&session, "refusals").await;
