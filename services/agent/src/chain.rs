@@ -43,6 +43,8 @@ pub(crate) enum DeltaSink<'a> {
 enum Piece {
     Text(String),
     Tool(ToolCallDelta),
+    /// OpenAI's `logprobs.content` entries, as JSON.
+    Logprobs(String),
 }
 
 /// A successful model call, with where it was made.
@@ -268,6 +270,7 @@ impl Agent {
                         name: name.to_owned(),
                         arguments: arguments.to_owned(),
                     }),
+                    Delta::Logprobs(entries) => Piece::Logprobs(serde_json::Value::from(entries.to_vec()).to_string()),
                 };
                 let _receiver_gone = deltas.send(piece);
             };
@@ -295,8 +298,13 @@ impl Agent {
                         let event = CompleteEvent { event: Some(complete_event::Event::ToolCall(tool)) };
                         let _caller_gone = caller.send(Ok(event));
                     }
-                    // A conversation offers no tools: a model calling one anyway has nobody to answer.
-                    (Piece::Tool(_), DeltaSink::Subject) => continue,
+                    (Piece::Logprobs(entries), DeltaSink::Caller(caller)) => {
+                        let event = CompleteEvent { event: Some(complete_event::Event::Logprobs(entries)) };
+                        let _caller_gone = caller.send(Ok(event));
+                        continue;
+                    }
+                    // A conversation offers no tools and asks for no log probabilities.
+                    (Piece::Tool(_) | Piece::Logprobs(_), DeltaSink::Subject) => continue,
                 }
                 *delta_index += 1;
             }

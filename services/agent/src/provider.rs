@@ -71,7 +71,14 @@ impl Serialize for ToolCall {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delta<'a> {
     Text(&'a str),
-    ToolCall { index: u32, id: &'a str, name: &'a str, arguments: &'a str },
+    ToolCall {
+        index: u32,
+        id: &'a str,
+        name: &'a str,
+        arguments: &'a str,
+    },
+    /// The log probabilities of the text just passed on (OpenAI's `logprobs.content` entries).
+    Logprobs(&'a [Value]),
 }
 
 /// A finished model call.
@@ -377,6 +384,10 @@ impl HttpProvider {
             Wire::OpenAi => state.read_openai(&value)?,
             Wire::Anthropic => state.read_anthropic(&value)?,
         };
+        let logprobs = value
+            .pointer("/choices/0/logprobs/content")
+            .and_then(Value::as_array)
+            .filter(|entries| !entries.is_empty());
         match pieces {
             Pieces::None => {}
             Pieces::Text(text) => {
@@ -398,6 +409,9 @@ impl HttpProvider {
                     });
                 }
             }
+        }
+        if let Some(entries) = logprobs {
+            on_delta(Delta::Logprobs(entries));
         }
         Ok(())
     }

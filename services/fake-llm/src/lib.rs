@@ -213,6 +213,10 @@ struct ChatRequest {
     tools: Vec<Value>,
     #[serde(default)]
     tool_choice: Option<Value>,
+    #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default)]
+    top_logprobs: Option<u32>,
 }
 
 impl ChatRequest {
@@ -391,6 +395,7 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: &[u8]) -
         truncated,
         stopped_by: stopped_by.map(|(_, sequence)| sequence),
         tool_call,
+        logprobs: (request.logprobs == Some(true)).then(|| request.top_logprobs.unwrap_or(0)),
         knobs,
     };
     if request.stream {
@@ -415,6 +420,8 @@ struct Completion {
     stopped_by: Option<String>,
     /// The tool the reply calls (id, name): then `tokens` are the pieces of its arguments.
     tool_call: Option<(String, String)>,
+    /// Log probabilities were asked for, with this many alternatives a position (OpenAI's wire).
+    logprobs: Option<u32>,
     knobs: Knobs,
 }
 
@@ -459,8 +466,25 @@ impl Completion {
         self.whole_text(&text)
     }
 
+    /// OpenAI's `logprobs.content` entry of a token: every token the fake says has probability
+    /// e^-0.25, and its alternatives less.
+    fn logprob_entry(&self, token: &str) -> Value {
+        let top = self.logprobs.unwrap_or(0);
+        let alternatives: Vec<Value> = (0..top)
+            .map(|rank| {
+                let alternative = if rank == 0 { token.to_owned() } else { format!("{token}~{rank}") };
+                json!({"token": alternative, "logprob": -0.25 - f64::from(rank), "bytes": alternative.as_bytes()})
+            })
+            .collect();
+        json!({"token": token, "logprob": -0.25, "bytes": token.as_bytes(), "top_logprobs": alternatives})
+    }
+
     fn whole_text(&self, text: &str) -> Value {
         let completion_tokens = self.tokens.len() as u64;
+        let logprobs = self.logprobs.map_or(
+            Value::Null,
+            |_| json!({"content": self.tokens.iter().map(|token| self.logprob_entry(token)).collect::<Vec<_>>()}),
+        );
         match self.wire {
             Wire::OpenAi => json!({
                 "id": format!("chatcmpl-{}", self.id),
@@ -470,6 +494,7 @@ impl Completion {
                 "choices": [{
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs,
                     "finish_reason": self.finish_reason(),
                 }],
                 "usage": {
@@ -541,7 +566,11 @@ impl Completion {
             (Wire::OpenAi, None) => {
                 let delta =
                     if index == 0 { json!({"role": "assistant", "content": text}) } else { json!({"content": text}) };
-                openai_event(&self.openai_chunk(json!([{"index": 0, "delta": delta, "finish_reason": null}]), None))
+                let mut choice = json!({"index": 0, "delta": delta, "finish_reason": null});
+                if self.logprobs.is_some() {
+                    choice["logprobs"] = json!({"content": [self.logprob_entry(text)]});
+                }
+                openai_event(&self.openai_chunk(json!([choice]), None))
             }
             (Wire::Anthropic, None) => anthropic_event(
                 "content_block_delta",

@@ -26,6 +26,8 @@ pub const MAX_STOP_CHARS: usize = 256;
 pub const MAX_LOGIT_BIAS: usize = 1024;
 /// At most this many characters in `user`.
 pub const MAX_USER_CHARS: usize = 256;
+/// At most this many alternatives per position in `top_logprobs` (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// At most this many tools in one request (OpenAI's limit).
 pub const MAX_TOOLS: usize = 128;
 
@@ -71,6 +73,12 @@ pub struct Sampling {
     pub tool_choice: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel_tool_calls: Option<bool>,
+    /// Return each token's log probability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<bool>,
+    /// With `logprobs`: the most likely alternatives to return at each position, 0 to 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<u32>,
 }
 
 /// OpenAI's `response_format`: plain text, any JSON object, or JSON following a schema.
@@ -94,7 +102,12 @@ impl Sampling {
     /// Whether the response cache may answer or keep this request's reply: deterministic, and answered
     /// in text (the cache keeps text; a request offering tools may be answered with calls).
     pub fn is_cacheable(&self) -> bool {
-        self.is_deterministic() && self.tools.is_empty()
+        self.is_deterministic() && self.tools.is_empty() && !self.wants_logprobs()
+    }
+
+    /// Whether the reply is to carry log probabilities.
+    pub fn wants_logprobs(&self) -> bool {
+        self.logprobs == Some(true)
     }
 
     /// The names of the function tools offered.
@@ -148,6 +161,17 @@ impl Sampling {
             }
             if json_schema.get("schema").is_some_and(|schema| !schema.is_object()) {
                 return Err(ServiceError::invalid_field("response_format", "json_schema.schema must be an object"));
+            }
+        }
+        if let Some(top) = self.top_logprobs {
+            if top > MAX_TOP_LOGPROBS {
+                return Err(ServiceError::invalid_field(
+                    "top_logprobs",
+                    format!("must be between 0 and {MAX_TOP_LOGPROBS}"),
+                ));
+            }
+            if !self.wants_logprobs() {
+                return Err(ServiceError::invalid_field("top_logprobs", "needs logprobs: true"));
             }
         }
         self.check_tools()
@@ -212,6 +236,7 @@ impl Sampling {
                     ("frequency_penalty", self.frequency_penalty.is_some()),
                     ("logit_bias", !self.logit_bias.is_empty()),
                     ("response_format", json_mode),
+                    ("logprobs", self.wants_logprobs()),
                 ]
                 .into_iter()
                 .find_map(|(name, set)| set.then_some(name))
@@ -274,6 +299,8 @@ impl Sampling {
             tools,
             tool_choice: json("tool_choice", &options.tool_choice)?,
             parallel_tool_calls: options.parallel_tool_calls,
+            logprobs: options.logprobs,
+            top_logprobs: options.top_logprobs,
         };
         sampling.check()?;
         Ok(sampling)
@@ -299,6 +326,8 @@ impl Sampling {
             tools: if self.tools.is_empty() { String::new() } else { Value::Array(self.tools.clone()).to_string() },
             tool_choice: self.tool_choice.as_ref().map(Value::to_string).unwrap_or_default(),
             parallel_tool_calls: self.parallel_tool_calls,
+            logprobs: self.logprobs,
+            top_logprobs: self.top_logprobs,
             ..pb::GenerationOptions::default()
         }
     }
@@ -363,6 +392,8 @@ mod tests {
             (Sampling { tools: vec![tool("has space")], ..Sampling::default() }, "tools[0]"),
             (Sampling { tools: vec![serde_json::json!({"type": "retrieval"})], ..Sampling::default() }, "tools[0]"),
             (Sampling { tool_choice: Some(serde_json::json!("required")), ..Sampling::default() }, "tool_choice"),
+            (Sampling { top_logprobs: Some(2), ..Sampling::default() }, "top_logprobs"),
+            (Sampling { logprobs: Some(true), top_logprobs: Some(21), ..Sampling::default() }, "top_logprobs"),
             (
                 Sampling {
                     tools: vec![tool("a")],
@@ -406,6 +437,8 @@ mod tests {
             ],
             tool_choice: Some(serde_json::json!({"type": "function", "function": {"name": "lookup"}})),
             parallel_tool_calls: Some(false),
+            logprobs: Some(true),
+            top_logprobs: Some(3),
         };
         assert_eq!(Sampling::from_options(&sampling.to_options()).unwrap(), sampling);
         assert_eq!(Sampling::from_options(&pb::GenerationOptions::default()).unwrap(), Sampling::default());
@@ -435,6 +468,8 @@ mod tests {
         assert_eq!(seeded.unsupported_by(ProviderKind::Openai), None);
         let json = Sampling { response_format: Some(ResponseFormat::JsonObject), ..Sampling::default() };
         assert_eq!(json.unsupported_by(ProviderKind::Anthropic), Some("response_format"));
+        let logprobs = Sampling { logprobs: Some(true), ..Sampling::default() };
+        assert_eq!(logprobs.unsupported_by(ProviderKind::Anthropic), Some("logprobs"));
         let text = Sampling { response_format: Some(ResponseFormat::Text), ..Sampling::default() };
         assert_eq!(text.unsupported_by(ProviderKind::Anthropic), None);
     }

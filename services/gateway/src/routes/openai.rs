@@ -194,7 +194,7 @@ struct CompletionRequest {
     #[serde(default)]
     logprobs: Option<bool>,
     #[serde(default)]
-    top_logprobs: Option<Value>,
+    top_logprobs: Option<u32>,
     #[serde(default)]
     modalities: Option<Value>,
     #[serde(default)]
@@ -211,8 +211,8 @@ struct CompletionRequest {
 
 impl CompletionRequest {
     /// The first parameter that asks for something this gateway does not do, and why; a parameter
-    /// that asks for nothing (`functions: []`, `function_call: "none"`, `logprobs: false`, `store:
-    /// false`, `modalities: ["text"]`) passes.
+    /// that asks for nothing (`functions: []`, `function_call: "none"`, `store: false`,
+    /// `modalities: ["text"]`) passes.
     fn refused(&self) -> Option<(&'static str, &'static str)> {
         let given = |value: &Option<Value>| value.as_ref().is_some_and(|value| !value.is_null());
         // Given, and not an empty list.
@@ -230,8 +230,6 @@ impl CompletionRequest {
                 choice(&self.function_call),
                 "the deprecated function_call is not served; use tool_choice",
             ),
-            ("logprobs", self.logprobs == Some(true), "log probabilities are not available on this gateway"),
-            ("top_logprobs", given(&self.top_logprobs), "log probabilities are not available on this gateway"),
             ("modalities", !text_only, "only text replies are available"),
             ("audio", given(&self.audio), "audio replies are not available"),
             ("prediction", given(&self.prediction), "predicted outputs are not available"),
@@ -259,6 +257,8 @@ impl CompletionRequest {
             tools: self.tools.clone().unwrap_or_default(),
             tool_choice: self.tool_choice.clone().filter(|choice| !choice.is_null()),
             parallel_tool_calls: self.parallel_tool_calls,
+            logprobs: self.logprobs,
+            top_logprobs: self.top_logprobs,
         };
         sampling.check()?;
         Ok(sampling)
@@ -474,7 +474,7 @@ pub async fn chat_completions(
     let started = std::time::Instant::now();
     let wait = Duration::from_secs(state.config.http.message_wait_secs);
     let mut response = match tokio::time::timeout(wait, collect(reply)).await {
-        Ok(Ok((content, done))) => Json(completion(&chunk, &content, &done)).into_response(),
+        Ok(Ok(collected)) => Json(completion(&chunk, &collected, sampling.wants_logprobs())).into_response(),
         Ok(Err(status)) => OpenAiError::from(status).into_response(),
         Err(_) => {
             OpenAiError::new(StatusCode::GATEWAY_TIMEOUT, "api_error", "timeout", "the model did not finish in time")
@@ -486,14 +486,25 @@ pub async fn chat_completions(
 }
 
 /// The whole reply of a completion: its text and how it ended.
-async fn collect(
-    mut reply: tonic::Streaming<agent_pb::CompleteEvent>,
-) -> Result<(String, agent_pb::CompleteDone), tonic::Status> {
+/// A whole reply: its text, its log probabilities (when asked for) and how it ended.
+struct Collected {
+    content: String,
+    logprobs: Vec<Value>,
+    done: agent_pb::CompleteDone,
+}
+
+async fn collect(mut reply: tonic::Streaming<agent_pb::CompleteEvent>) -> Result<Collected, tonic::Status> {
     let mut content = String::new();
+    let mut logprobs = Vec::new();
     while let Some(event) = reply.message().await? {
         match event.event {
             Some(agent_pb::complete_event::Event::Delta(text)) => content.push_str(&text),
-            Some(agent_pb::complete_event::Event::Done(done)) => return Ok((content, done)),
+            Some(agent_pb::complete_event::Event::Logprobs(entries)) => {
+                if let Ok(Value::Array(entries)) = serde_json::from_str(&entries) {
+                    logprobs.extend(entries);
+                }
+            }
+            Some(agent_pb::complete_event::Event::Done(done)) => return Ok(Collected { content, logprobs, done }),
             // The whole calls come with `done`.
             Some(agent_pb::complete_event::Event::ToolCall(_)) | None => {}
         }
@@ -511,7 +522,9 @@ fn usage_of(done: &agent_pb::CompleteDone) -> Value {
     })
 }
 
-fn completion(chunk: &Chunk, content: &str, done: &agent_pb::CompleteDone) -> Value {
+fn completion(chunk: &Chunk, collected: &Collected, wants_logprobs: bool) -> Value {
+    let (content, done) = (collected.content.as_str(), &collected.done);
+    let logprobs = if wants_logprobs { json!({"content": collected.logprobs, "refusal": null}) } else { Value::Null };
     let mut message = json!({"role": "assistant", "content": content, "refusal": null});
     if !done.tool_calls.is_empty() {
         let calls: Vec<Value> = done
@@ -532,7 +545,7 @@ fn completion(chunk: &Chunk, content: &str, done: &agent_pb::CompleteDone) -> Va
         "choices": [{
             "index": 0,
             "message": message,
-            "logprobs": null,
+            "logprobs": logprobs,
             "finish_reason": finish_reason(done),
         }],
         "usage": usage_of(done),
@@ -606,6 +619,14 @@ fn stream(
                         if first { json!({"role": "assistant", "content": text}) } else { json!({"content": text}) };
                     let event = chunk.with(json!([{"index": 0, "delta": delta, "finish_reason": null}]), None);
                     Some((Ok(event), (reply, chunk, Phase::Streaming { first: false })))
+                }
+                Ok(Some(agent_pb::CompleteEvent {
+                    event: Some(agent_pb::complete_event::Event::Logprobs(entries)),
+                })) => {
+                    let entries: Value = serde_json::from_str(&entries).unwrap_or_else(|_| json!([]));
+                    let choice =
+                        json!([{"index": 0, "delta": {}, "logprobs": {"content": entries}, "finish_reason": null}]);
+                    Some((Ok(chunk.with(choice, None)), (reply, chunk, Phase::Streaming { first })))
                 }
                 Ok(Some(agent_pb::CompleteEvent { event: Some(agent_pb::complete_event::Event::ToolCall(call)) })) => {
                     let mut piece = json!({"index": call.index, "function": {"arguments": call.arguments}});

@@ -124,6 +124,7 @@ async fn an_anthropic_provider_gets_its_own_names_and_refuses_what_it_lacks() {
         ("frequency_penalty", json!(0.5)),
         ("logit_bias", json!({"5": 1})),
         ("response_format", json!({"type": "json_object"})),
+        ("logprobs", json!(true)),
     ];
     for model in ["claude-fake", "mixed"] {
         for (param, value) in refused.clone() {
@@ -174,7 +175,6 @@ async fn bad_or_unavailable_parameters_are_refused_by_name() {
         ("tools", json!([{"type": "function", "function": {"name": "has space"}}])),
         ("tool_choice", json!("required")),
         ("functions", json!([{"name": "f"}])),
-        ("logprobs", json!(true)),
         ("top_logprobs", json!(2)),
         ("store", json!(true)),
         ("modalities", json!(["text", "audio"])),
@@ -260,5 +260,48 @@ async fn images_reach_models_that_take_them_and_are_refused_by_others() {
         assert_eq!(error["error"]["param"], "messages[0].content", "{error}");
     }
     assert_eq!(t.fake.requests(), calls);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_probabilities_come_back_with_the_reply_plain_and_streamed() {
+    let t = TestPlatform::start().await;
+    let session = t.register("logprobs@example.com").await;
+    let body = json!({"model": "parley-fake", "messages": [{"role": "user", "content": "how sure"}],
+        "logprobs": true, "top_logprobs": 2});
+    let (status, completion) = complete(&t, &session, body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{completion}");
+    let upstream = t.fake.last_body().unwrap();
+    assert_eq!((upstream["logprobs"].clone(), upstream["top_logprobs"].clone()), (json!(true), json!(2)));
+    let content = completion["choices"][0]["message"]["content"].as_str().unwrap();
+    let entries = completion["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let tokens: String = entries.iter().map(|entry| entry["token"].as_str().unwrap()).collect();
+    assert_eq!(tokens, content, "one entry per token, in order");
+    assert_eq!(entries[0]["logprob"], -0.25);
+    assert_eq!(entries[0]["top_logprobs"].as_array().unwrap().len(), 2);
+
+    // Streamed: the chunks' entries add up to the same tokens.
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let response =
+        t.http.post(t.url("/v1/chat/completions")).bearer_auth(&session.token).json(&streamed).send().await.unwrap();
+    let text = response.text().await.unwrap();
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    let streamed_tokens: String = chunks
+        .iter()
+        .filter_map(|chunk| chunk["choices"][0]["logprobs"]["content"].as_array())
+        .flatten()
+        .map(|entry| entry["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed_tokens, content);
+    // Without logprobs, none come back.
+    let (_, plain) =
+        complete(&t, &session, json!({"model": "parley-fake", "messages": [{"role": "user", "content": "x"}]})).await;
+    assert_eq!(plain["choices"][0]["logprobs"], Value::Null);
     t.stop().await;
 }

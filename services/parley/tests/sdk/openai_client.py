@@ -117,6 +117,12 @@ check(len(ids) == 1 and names == "lookup", f"streamed call: ids {ids}, name {nam
 check(json.loads(arguments) == {"text": "hello from the sdk"}, f"streamed arguments: {arguments!r}")
 check(finish == "tool_calls", f"streamed finish_reason: {finish}")
 
+# Log probabilities come back with the reply.
+probed = client.chat.completions.create(model=model, messages=messages, logprobs=True, top_logprobs=2)
+entries = probed.choices[0].logprobs.content
+check("".join(entry.token for entry in entries) == expected, f"logprobs tokens: {entries}")
+check(len(entries[0].top_logprobs) == 2, f"top_logprobs: {entries[0].top_logprobs}")
+
 # An image part reaches a model that takes images.
 seen = client.chat.completions.create(
     model=model,
