@@ -75,9 +75,8 @@ pub async fn serve_http(
                         }
                         break;
                     }
-                    changed = stopped.changed(), if !closing => {
-                        // Finish the request in flight, take no other (or the sender is gone: the same).
-                        let _ = changed;
+                    // Finish the request in flight and take no other (a sender gone means the same).
+                    _ = stopped.changed(), if !closing => {
                         closing = true;
                         connection.as_mut().graceful_shutdown();
                     }

@@ -1,4 +1,5 @@
-//! The OpenAI-compatible API, driven by the official OpenAI Python SDK and by hand for error shapes.
+//! The OpenAI-compatible API, driven by the official OpenAI Python and Node SDKs and by hand for error
+//! shapes.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,31 +11,37 @@ use serde_json::json;
 
 use crate::harness::{TestPlatform, eventually, read};
 
-fn sdk_python() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools/venv/bin/python")
+/// Where the tests' tools live (`make tools`).
+fn tools_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_official_openai_sdk_works_unchanged() {
-    let t = TestPlatform::start().await;
-    let session = t.register("sdk@example.com").await;
-    // Authenticated by an API key, as SDK users do.
+/// Runs an official SDK's script (`tests/sdk/<script>`) with `program` against `t`, with an API key of
+/// a new user, as SDK users authenticate; fails the test with the script's output when it fails.
+/// Returns the user's session.
+async fn run_sdk_script(
+    t: &TestPlatform,
+    email: &str,
+    program: PathBuf,
+    script: &str,
+    env: Vec<(&'static str, String)>,
+) -> crate::harness::Session {
+    // A bare name (node) is looked up on the PATH when it runs.
+    assert!(!program.is_absolute() || program.exists(), "{} is not installed: run `make tools`", program.display());
+    let session = t.register(email).await;
     let (status, created) = t.post(&session, "/v1/api-keys", serde_json::json!({"name": "sdk"})).await;
     assert_eq!(status, StatusCode::CREATED);
     let api_key = created["key"].as_str().unwrap().to_owned();
-    let python = sdk_python();
-    assert!(python.exists(), "the OpenAI SDK is not installed: run `make tools` ({})", python.display());
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/openai_client.py");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk").join(script);
     let base = t.base.clone();
-    let token = api_key;
     let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
+        Command::new(program)
             .arg(script)
             .env("PARLEY_BASE_URL", base)
-            .env("PARLEY_TOKEN", token)
+            .env("PARLEY_TOKEN", api_key)
             .env("PARLEY_MODEL", "parley-fake")
             .env("PARLEY_EXPECTED", parley_fake_llm::reply_for("hello from the sdk"))
-            .env("PARLEY_EXPECTED_IMAGE", parley_fake_llm::reply_with_images("what is this", 1))
+            .envs(env)
             .output()
             .unwrap()
     })
@@ -46,6 +53,15 @@ async fn the_official_openai_sdk_works_unchanged() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    session
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_sdk_works_unchanged() {
+    let t = TestPlatform::start().await;
+    let python = tools_dir().join("venv/bin/python");
+    let image = ("PARLEY_EXPECTED_IMAGE", parley_fake_llm::reply_with_images("what is this", 1));
+    let session = run_sdk_script(&t, "sdk@example.com", python, "openai_client.py", vec![image]).await;
 
     // Completions are accounted like chat messages, and do not show up as conversations.
     let (_, conversations) = t.get(&session, "/v1/conversations").await;
@@ -64,34 +80,10 @@ async fn the_official_openai_sdk_works_unchanged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_node_sdk_works_unchanged() {
     let t = TestPlatform::start().await;
-    let session = t.register("node-sdk@example.com").await;
-    let (status, created) = t.post(&session, "/v1/api-keys", serde_json::json!({"name": "node"})).await;
-    assert_eq!(status, StatusCode::CREATED);
-    let api_key = created["key"].as_str().unwrap().to_owned();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let modules = root.join(".tools/node-sdk/node_modules");
+    let modules = tools_dir().join("node-sdk/node_modules");
+    let node_path = ("NODE_PATH", modules.display().to_string());
     assert!(modules.join("openai").exists(), "the OpenAI Node SDK is not installed: run `make tools`");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/openai_client.cjs");
-    let base = t.base.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(script)
-            .env("NODE_PATH", modules)
-            .env("PARLEY_BASE_URL", base)
-            .env("PARLEY_TOKEN", api_key)
-            .env("PARLEY_MODEL", "parley-fake")
-            .env("PARLEY_EXPECTED", parley_fake_llm::reply_for("hello from the sdk"))
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    run_sdk_script(&t, "node-sdk@example.com", PathBuf::from("node"), "openai_client.cjs", vec![node_path]).await;
     t.stop().await;
 }
 
