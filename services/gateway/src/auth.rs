@@ -158,6 +158,9 @@ impl Caller {
 /// broadcast, so this only bounds staleness for a gateway that missed the broadcast.
 const API_KEY_TTL: Duration = Duration::from_secs(30);
 const API_KEY_CACHE_ENTRIES: usize = 10_000;
+/// How long a key the user service did not know is refused without asking it again. Keys are random
+/// and made by the user service, so a key unknown now stays unknown: the time only bounds memory.
+const UNKNOWN_KEY_TTL: Duration = Duration::from_secs(300);
 
 struct CachedKey {
     api_key_id: String,
@@ -173,15 +176,21 @@ pub struct KeyGrant {
     pub signing_secret: Option<String>,
 }
 
-/// API keys verified by the user service, briefly remembered by the hash of the key.
+/// API keys verified by the user service, briefly remembered by the hash of the key; and keys it did
+/// not know, remembered so that an invented key costs the user service one call, not one per request.
 pub struct ApiKeyCache {
     user: UserServiceClient<ClientChannel>,
     entries: std::sync::Mutex<HashMap<Vec<u8>, CachedKey>>,
+    unknown: std::sync::Mutex<HashMap<Vec<u8>, Instant>>,
 }
 
 impl ApiKeyCache {
     pub fn new(user: UserServiceClient<ClientChannel>) -> Self {
-        Self { user, entries: std::sync::Mutex::new(HashMap::new()) }
+        Self { user, entries: std::sync::Mutex::new(HashMap::new()), unknown: std::sync::Mutex::new(HashMap::new()) }
+    }
+
+    fn unknown(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Instant>> {
+        self.unknown.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, CachedKey>> {
@@ -197,8 +206,25 @@ impl ApiKeyCache {
         if let Some(entry) = self.lock().get(&hash).filter(|entry| entry.verified_at.elapsed() < API_KEY_TTL) {
             return Ok(entry.grant.clone());
         }
-        let verified = self.user.clone().verify_api_key(pb::VerifyApiKeyRequest { key: key.to_owned() }).await?;
-        let verified = verified.into_inner();
+        if self.unknown().get(&hash).is_some_and(|seen| seen.elapsed() < UNKNOWN_KEY_TTL) {
+            return Err(ApiError::unauthorized("invalid API key"));
+        }
+        let verified = match self.user.clone().verify_api_key(pb::VerifyApiKeyRequest { key: key.to_owned() }).await {
+            Ok(verified) => verified.into_inner(),
+            Err(status) => {
+                // Only a refusal is remembered: an unavailable user service decides nothing.
+                if status.code() == tonic::Code::Unauthenticated {
+                    let mut unknown = self.unknown();
+                    if unknown.len() >= API_KEY_CACHE_ENTRIES {
+                        unknown.retain(|_, seen| seen.elapsed() < UNKNOWN_KEY_TTL);
+                    }
+                    if unknown.len() < API_KEY_CACHE_ENTRIES {
+                        unknown.insert(hash, Instant::now());
+                    }
+                }
+                return Err(status.into());
+            }
+        };
         let user_id = Uuid::parse_str(&verified.user_id).map_err(|_| ApiError::unauthorized("invalid API key"))?;
         let caller = Caller { user_id, role: verified.role, tier: verified.tier };
         let grant =

@@ -71,3 +71,30 @@ async fn an_unknown_key_is_refused() {
     assert_problem(status, &body, 401, "unauthorized");
     t.stop().await;
 }
+
+/// How many `VerifyApiKey` calls the user service has answered, whatever their outcome.
+async fn verify_calls(t: &TestPlatform) -> f64 {
+    let text = t.http.get(t.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|line| line.starts_with("parley_grpc_server_requests_total{") && line.contains("/VerifyApiKey\""))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invented_key_costs_the_user_service_one_call() {
+    let t = TestPlatform::start().await;
+    let before = verify_calls(&t).await;
+    for _ in 0..5 {
+        let response = t.http.get(t.url("/v1/me")).bearer_auth("pk_invented-by-someone").send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(verify_calls(&t).await - before, 1.0, "the refusal is remembered");
+    // A real key still works at once, however many invented ones came before.
+    let session = t.register("keys-after-invented@example.com").await;
+    let (_, created) = t.post(&session, "/v1/api-keys", json!({"name": "real"})).await;
+    let key = created["key"].as_str().unwrap();
+    let response = t.http.get(t.url("/v1/me")).bearer_auth(key).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    t.stop().await;
+}
