@@ -201,6 +201,12 @@ impl ApiKeyCache {
         Ok(self.lookup(key).await?.caller)
     }
 
+    /// Whether `key` was verified lately, so that [`ApiKeyCache::lookup`] will not ask the user service.
+    pub fn is_cached(&self, key: &str) -> bool {
+        let hash = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        self.lock().get(hash.as_ref()).is_some_and(|entry| entry.verified_at.elapsed() < API_KEY_TTL)
+    }
+
     pub async fn lookup(&self, key: &str) -> Result<KeyGrant, ApiError> {
         let hash = ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref().to_vec();
         if let Some(entry) = self.lock().get(&hash).filter(|entry| entry.verified_at.elapsed() < API_KEY_TTL) {

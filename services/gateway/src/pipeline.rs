@@ -4,7 +4,9 @@
 //!    `Authorization` header, or on the WebSocket route, whose browser clients cannot set headers, from
 //!    the `access_token` query parameter; either way every later step applies to it alike. A request
 //!    without one is anonymous; one whose credential is refused is answered 401 by any handler that
-//!    needs a caller (the [`Caller`] extractor), and passes to the handlers that do not (login).
+//!    needs a caller (the [`Caller`] extractor), and passes to the handlers that do not (login). An API
+//!    key this gateway has not verified lately is first limited per client address, since verifying it
+//!    costs the user service a call (so guessing keys is slow).
 //! 2. **Limits**: the unauthenticated routes (register, login, refresh) per client address; every other
 //!    route per caller, by tier. `RateLimit-*` headers go on every limited response; 429 past it.
 //! 3. **Signatures**: a request made with an API key that requires signing (or that carries a
@@ -54,8 +56,30 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
         .map(str::to_owned)
         .or_else(|| (route == QUERY_CREDENTIAL_ROUTE).then(|| query_credential(request.uri())).flatten());
     let mut grant = None;
+    let hops = state.config.http.trusted_proxy_hops;
+    let client_ip = |request: &Request| crate::routes::client_ip(request.headers(), request.extensions(), hops);
     let identity = match credential.as_deref() {
         None => Identity::Anonymous,
+        Some(key) if key.starts_with("pk_") && !state.api_keys.is_cached(key) => {
+            // A key this gateway has not verified lately costs the user service a call: those are
+            // limited per client address, like the unauthenticated routes, so guessing keys is slow.
+            let limit = state.config.http.ip_requests_per_minute;
+            let limited_key = format!("key-lookup:{}", client_ip(&request));
+            let decision = state.limiter.check(&limited_key, limit).await;
+            if !decision.allowed {
+                metrics::counter!(crate::metrics::RATELIMIT_REJECTIONS, "scope" => "key_lookup").increment(1);
+                let message = "too many unverified API keys from this address; retry after the time in Retry-After";
+                return limited(ApiError::new(ErrorCode::RateLimited, message), decision);
+            }
+            match state.api_keys.lookup(key).await {
+                Ok(found) => {
+                    let caller = found.caller.clone();
+                    grant = Some(found);
+                    Identity::Caller(caller)
+                }
+                Err(ApiError(error)) => Identity::Refused(error),
+            }
+        }
         Some(key) if key.starts_with("pk_") => match state.api_keys.lookup(key).await {
             Ok(found) => {
                 let caller = found.caller.clone();
@@ -72,9 +96,8 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
 
     // 2. Limits.
     let decision = if PER_IP_ROUTES.contains(&route.as_str()) {
-        let hops = state.config.http.trusted_proxy_hops;
-        let ip = crate::routes::client_ip(request.headers(), request.extensions(), hops);
-        let decision = state.limiter.check(&format!("ip:{ip}"), state.config.http.ip_requests_per_minute).await;
+        let limited_key = format!("ip:{}", client_ip(&request));
+        let decision = state.limiter.check(&limited_key, state.config.http.ip_requests_per_minute).await;
         if !decision.allowed {
             metrics::counter!(crate::metrics::RATELIMIT_REJECTIONS, "scope" => "ip").increment(1);
             let message = "too many requests from this address; retry after the time in Retry-After";

@@ -98,3 +98,27 @@ async fn an_invented_key_costs_the_user_service_one_call() {
     assert_eq!(response.status(), StatusCode::OK);
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_keys_is_limited_per_client_address_before_the_user_service() {
+    let t = TestPlatform::start_with(|config| config.http.ip_requests_per_minute = 3, &Service::ALL).await;
+    // A real key, verified once (that lookup counts against the address too).
+    let session = t.register("keys-guessed@example.com").await;
+    let (_, created) = t.post(&session, "/v1/api-keys", json!({"name": "real"})).await;
+    let key = created["key"].as_str().unwrap().to_owned();
+    let me = |credential: String| t.http.get(t.url("/v1/me")).bearer_auth(credential).send();
+    assert_eq!(me(key.clone()).await.unwrap().status(), StatusCode::OK);
+
+    let before = verify_calls(&t).await;
+    let mut statuses = Vec::new();
+    for guess in 0..6 {
+        statuses.push(me(format!("pk_guess-{guess}")).await.unwrap().status());
+    }
+    // The address has 3 lookups a minute, and the real key's first use took one.
+    assert!(statuses.iter().take(2).all(|status| *status == StatusCode::UNAUTHORIZED), "{statuses:?}");
+    assert!(statuses.iter().skip(2).all(|status| *status == StatusCode::TOO_MANY_REQUESTS), "{statuses:?}");
+    assert_eq!(verify_calls(&t).await - before, 2.0, "a limited guess never reaches the user service");
+    // The verified key is not held back by the guesses.
+    assert_eq!(me(key).await.unwrap().status(), StatusCode::OK);
+    t.stop().await;
+}
