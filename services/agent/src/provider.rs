@@ -26,15 +26,21 @@ pub struct PromptMessage {
 
 impl Serialize for PromptMessage {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut message = json!({"role": self.role});
-        message["content"] = if self.parts.is_empty() { json!(self.content) } else { Value::Array(self.parts.clone()) };
+        use serde::ser::SerializeMap;
+        let mut message = serializer.serialize_map(None)?;
+        message.serialize_entry("role", &self.role)?;
+        if self.parts.is_empty() {
+            message.serialize_entry("content", &self.content)?;
+        } else {
+            message.serialize_entry("content", &self.parts)?;
+        }
         if !self.tool_calls.is_empty() {
-            message["tool_calls"] = json!(self.tool_calls);
+            message.serialize_entry("tool_calls", &self.tool_calls)?;
         }
         if let Some(id) = &self.tool_call_id {
-            message["tool_call_id"] = json!(id);
+            message.serialize_entry("tool_call_id", id)?;
         }
-        message.serialize(serializer)
+        message.end()
     }
 }
 

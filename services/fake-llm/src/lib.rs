@@ -71,8 +71,8 @@ impl From<&FakeLlmConfig> for Knobs {
 
 struct Shared {
     knobs: Mutex<Knobs>,
-    /// The body of the last completion request, as it came.
-    last_body: Mutex<Option<Value>>,
+    /// The body of the last completion request, as it came (read only by tests, so not parsed here).
+    last_body: Mutex<Option<Bytes>>,
     requests: AtomicU64,
     random_state: AtomicU64,
 }
@@ -114,7 +114,8 @@ impl FakeLlm {
 
     /// The body of the last completion request (either wire format), as it came: what a caller sent.
     pub fn last_body(&self) -> Option<Value> {
-        self.shared.last_body.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        let body = self.shared.last_body.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()?;
+        serde_json::from_slice(&body).ok()
     }
 
     pub fn knobs(&self) -> Knobs {
@@ -306,16 +307,16 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
 }
 
 async fn openai_completions(State(fake): State<FakeLlm>, headers: HeaderMap, body: Bytes) -> Response {
-    complete(fake, Wire::OpenAi, &headers, &body).await
+    complete(fake, Wire::OpenAi, &headers, body).await
 }
 
 async fn anthropic_messages(State(fake): State<FakeLlm>, headers: HeaderMap, body: Bytes) -> Response {
-    complete(fake, Wire::Anthropic, &headers, &body).await
+    complete(fake, Wire::Anthropic, &headers, body).await
 }
 
-async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: &[u8]) -> Response {
+async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: Bytes) -> Response {
     fake.shared.requests.fetch_add(1, Ordering::SeqCst);
-    let request: ChatRequest = match serde_json::from_slice(body) {
+    let request: ChatRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(error) => {
             return wire_error(wire, StatusCode::BAD_REQUEST, "invalid_request_error", &error.to_string());
@@ -324,7 +325,7 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: &[u8]) -
     if request.messages.is_empty() {
         return wire_error(wire, StatusCode::BAD_REQUEST, "invalid_request_error", "messages must not be empty");
     }
-    *fake.shared.last_body.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = serde_json::from_slice(body).ok();
+    *fake.shared.last_body.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(body);
     let knobs = fake.knobs();
     if let Some(required) = &knobs.required_api_key
         && presented_key(headers) != Some(required.as_str())

@@ -201,17 +201,26 @@ impl ApiKeyCache {
         Ok(self.lookup(key).await?.caller)
     }
 
-    /// Whether `key` was verified lately, so that [`ApiKeyCache::lookup`] will not ask the user service.
-    pub fn is_cached(&self, key: &str) -> bool {
+    /// What `key` grants, if it was verified lately: then nothing needs asking.
+    pub fn cached(&self, key: &str) -> Option<KeyGrant> {
         let hash = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
-        self.lock().get(hash.as_ref()).is_some_and(|entry| entry.verified_at.elapsed() < API_KEY_TTL)
+        self.lock()
+            .get(hash.as_ref())
+            .filter(|entry| entry.verified_at.elapsed() < API_KEY_TTL)
+            .map(|entry| entry.grant.clone())
     }
 
+    /// What `key` grants: from the cache, else from the user service.
     pub async fn lookup(&self, key: &str) -> Result<KeyGrant, ApiError> {
-        let hash = ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref().to_vec();
-        if let Some(entry) = self.lock().get(&hash).filter(|entry| entry.verified_at.elapsed() < API_KEY_TTL) {
-            return Ok(entry.grant.clone());
+        if let Some(grant) = self.cached(key) {
+            return Ok(grant);
         }
+        self.verify_with_user_service(key).await
+    }
+
+    /// Asks the user service about `key` (or remembers it refused it), and caches what it grants.
+    pub async fn verify_with_user_service(&self, key: &str) -> Result<KeyGrant, ApiError> {
+        let hash = ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref().to_vec();
         if self.unknown().get(&hash).is_some_and(|seen| seen.elapsed() < UNKNOWN_KEY_TTL) {
             return Err(ApiError::unauthorized("invalid API key"));
         }

@@ -60,18 +60,26 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
     let client_ip = |request: &Request| crate::routes::client_ip(request.headers(), request.extensions(), hops);
     let identity = match credential.as_deref() {
         None => Identity::Anonymous,
-        Some(key) if key.starts_with("pk_") && !state.api_keys.is_cached(key) => {
-            // A key this gateway has not verified lately costs the user service a call: those are
-            // limited per client address, like the unauthenticated routes, so guessing keys is slow.
-            let limit = state.config.http.ip_requests_per_minute;
-            let limited_key = format!("key-lookup:{}", client_ip(&request));
-            let decision = state.limiter.check(&limited_key, limit).await;
-            if !decision.allowed {
-                metrics::counter!(crate::metrics::RATELIMIT_REJECTIONS, "scope" => "key_lookup").increment(1);
-                let message = "too many unverified API keys from this address; retry after the time in Retry-After";
-                return limited(ApiError::new(ErrorCode::RateLimited, message), decision);
-            }
-            match state.api_keys.lookup(key).await {
+        Some(key) if key.starts_with("pk_") => {
+            let found = match state.api_keys.cached(key) {
+                Some(found) => Ok(found),
+                None => {
+                    // A key this gateway has not verified lately costs the user service a call: those
+                    // are limited per client address, like the unauthenticated routes, so guessing keys
+                    // is slow.
+                    let limit = state.config.http.ip_requests_per_minute;
+                    let limited_key = format!("key-lookup:{}", client_ip(&request));
+                    let decision = state.limiter.check(&limited_key, limit).await;
+                    if !decision.allowed {
+                        metrics::counter!(crate::metrics::RATELIMIT_REJECTIONS, "scope" => "key_lookup").increment(1);
+                        let message =
+                            "too many unverified API keys from this address; retry after the time in Retry-After";
+                        return limited(ApiError::new(ErrorCode::RateLimited, message), decision);
+                    }
+                    state.api_keys.verify_with_user_service(key).await
+                }
+            };
+            match found {
                 Ok(found) => {
                     let caller = found.caller.clone();
                     grant = Some(found);
@@ -80,14 +88,6 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
                 Err(ApiError(error)) => Identity::Refused(error),
             }
         }
-        Some(key) if key.starts_with("pk_") => match state.api_keys.lookup(key).await {
-            Ok(found) => {
-                let caller = found.caller.clone();
-                grant = Some(found);
-                Identity::Caller(caller)
-            }
-            Err(ApiError(error)) => Identity::Refused(error),
-        },
         Some(token) => match Caller::from_token(&state, token).await {
             Ok(caller) => Identity::Caller(caller),
             Err(ApiError(error)) => Identity::Refused(error),
