@@ -15,7 +15,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked --root "$tools" cargo-nextest
 fi
 
-# The official OpenAI Python SDK, which the tests run against the gateway's OpenAI-compatible API.
+# The official OpenAI and Anthropic Python SDKs, which the tests run against the gateway's compatible APIs.
 venv="$tools/venv"
 requirements="$root/services/parley/tests/sdk/requirements.txt"
 if [ ! -x "$venv/bin/python" ]; then
@@ -38,7 +38,7 @@ pip_install() {
     cp "$requirements" "$stamp"
   fi
 }
-pip_install "$requirements" "$venv/.requirements" "the OpenAI Python SDK"
+pip_install "$requirements" "$venv/.requirements" "the OpenAI and Anthropic Python SDKs"
 # Chart checks: kubernetes-validate (PyPI) validates rendered manifests against Kubernetes' schemas.
 pip_install "$root/charts/requirements.txt" "$venv/.chart-requirements" "kubernetes-validate"
 

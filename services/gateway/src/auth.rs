@@ -114,12 +114,18 @@ impl KeyCache {
     }
 }
 
-/// The credentials of an `Authorization: Bearer ...` header (the scheme's name is case-insensitive).
+/// The credentials of an `Authorization: Bearer ...` header (the scheme's name is case-insensitive),
+/// else of an `X-Api-Key` header.
 pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    let bearer = || {
+        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+        let (scheme, token) = value.split_once(' ')?;
+        let token = token.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    };
+    // Anthropic's SDKs send the key in `X-Api-Key`.
+    let api_key = || headers.get("x-api-key")?.to_str().ok().map(str::trim).filter(|key| !key.is_empty());
+    bearer().or_else(api_key)
 }
 
 /// The authenticated caller of a request.

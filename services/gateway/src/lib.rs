@@ -124,6 +124,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(routes::ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::deadline))
+        .layer(axum::middleware::from_fn(middleware::foreign_errors))
         // Event streams are neither compressed nor wrapped (see `middleware::compress`).
         .layer(axum::middleware::from_fn(middleware::compress))
         .layer(cors(&state.config.http.cors_allowed_origins))
@@ -144,6 +145,8 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
             header::IF_MATCH,
             header::CACHE_CONTROL,
             HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("x-api-key"),
+            HeaderName::from_static("anthropic-version"),
             HeaderName::from_static("last-event-id"),
             HeaderName::from_static("x-request-id"),
             HeaderName::from_static("x-parley-timestamp"),

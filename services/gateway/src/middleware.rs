@@ -66,6 +66,50 @@ pub async fn deadline(State(state): State<crate::AppState>, request: Request, ne
     }
 }
 
+/// The error shape a route's clients read.
+#[derive(Clone, Copy)]
+enum Dialect {
+    OpenAi,
+    Anthropic,
+}
+
+/// The OpenAI- and Anthropic-compatible routes answer every error in their own API's shape, those of
+/// the layers before the handler too (401, 429, 413, 405, a deadline's 503), which are written as
+/// problems: rewritten here, their status and headers kept.
+pub async fn foreign_errors(request: Request, next: Next) -> Response {
+    let dialect = match request.uri().path() {
+        "/v1/chat/completions" | "/v1/models" => Some(Dialect::OpenAi),
+        "/v1/messages" | "/v1/messages/count_tokens" => Some(Dialect::Anthropic),
+        _ => None,
+    };
+    let response = next.run(request).await;
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/problem+json"));
+    let Some(dialect) = dialect.filter(|_| is_problem) else {
+        return response;
+    };
+    let (mut parts, body) = response.into_parts();
+    // A problem is a few hundred bytes.
+    let problem: serde_json::Value = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    };
+    let text = |name: &str| problem.get(name).and_then(serde_json::Value::as_str);
+    let detail = text("detail").unwrap_or("the request failed");
+    let body = match dialect {
+        Dialect::OpenAi => {
+            let code = text("code").and_then(parley_platform::ErrorCode::parse);
+            crate::routes::openai::error_body(parts.status, code, detail, text("field"))
+        }
+        Dialect::Anthropic => crate::routes::anthropic::AnthropicError::body(parts.status, detail),
+    };
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
+}
+
 /// Compresses a response with gzip or brotli when the client accepts it and tower-http's default
 /// predicate agrees (not an event stream, not tiny, not an image). Decided once the handler has
 /// answered, so that an event stream, never compressed, is not wrapped either: a compression body

@@ -1,10 +1,10 @@
 //! The OpenAPI 3.1 document, generated from the handlers' annotations and the view types.
 
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{api_keys, conversations, identity, messages, openai, ops, streaming, usage};
+use crate::routes::{anthropic, api_keys, conversations, identity, messages, openai, ops, streaming, usage};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +18,7 @@ use crate::routes::{api_keys, conversations, identity, messages, openai, ops, st
         messages::send, messages::list, messages::get, streaming::events, streaming::websocket,
         usage::own, usage::admin,
         openai::chat_completions, openai::models,
+        anthropic::messages, anthropic::count_tokens,
     ),
     modifiers(&BearerAuth, &ErrorResponses),
     tags(
@@ -27,6 +28,7 @@ use crate::routes::{api_keys, conversations, identity, messages, openai, ops, st
         (name = "usage", description = "Tokens, requests and cost"),
         (name = "admin", description = "Operator endpoints (role admin)"),
         (name = "openai", description = "OpenAI-compatible Chat Completions"),
+        (name = "anthropic", description = "Anthropic-compatible Messages"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]
@@ -43,11 +45,15 @@ impl Modify for BearerAuth {
                 HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT or pk_ API key").build(),
             ),
         );
+        // An API key as Anthropic's SDKs send it; taken on every route, like a bearer credential.
+        components
+            .add_security_scheme("api_key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))));
     }
 }
 
 /// Error responses as the server sends them. Every error is `application/problem+json` (a `Problem`),
-/// except on the OpenAI-compatible routes, whose errors keep OpenAI's shape as `application/json`; and
+/// except on the OpenAI- and Anthropic-compatible routes, whose errors keep those APIs' shapes as
+/// `application/json`; and
 /// every operation lists the errors any request to it can get, besides its own: 401 and 429 (and 503,
 /// a dependency unavailable) where credentials are needed, 400 and 413 where a body is read.
 struct ErrorResponses;
@@ -57,7 +63,10 @@ impl Modify for ErrorResponses {
         for item in openapi.paths.paths.values_mut() {
             let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
             for operation in operations.into_iter().flatten() {
-                let openai = operation.tags.as_ref().is_some_and(|tags| tags.iter().any(|tag| tag == "openai"));
+                let openai = operation
+                    .tags
+                    .as_ref()
+                    .is_some_and(|tags| tags.iter().any(|tag| tag == "openai" || tag == "anthropic"));
                 let media = if openai { "application/json" } else { "application/problem+json" };
                 for (status, response) in &mut operation.responses.responses {
                     if let RefOr::T(response) = response

@@ -1,7 +1,8 @@
 //! What a request to `/v1/` passes before its handler runs, in this order:
 //!
 //! 1. **Identity**: the bearer credential (an access token, or an API key) names the caller: from the
-//!    `Authorization` header, or on the WebSocket route, whose browser clients cannot set headers, from
+//!    `Authorization` header (or an API key in `X-Api-Key`, as Anthropic's SDKs send it), or on the
+//!    WebSocket route, whose browser clients cannot set headers, from
 //!    the `access_token` query parameter; either way every later step applies to it alike. A request
 //!    without one is anonymous; one whose credential is refused is answered 401 by any handler that
 //!    needs a caller (the [`Caller`] extractor), and passes to the handlers that do not (login). An API

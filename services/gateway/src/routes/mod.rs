@@ -1,6 +1,8 @@
 //! The routes of the public API, one module per area of shared/API.md.
 
+pub mod anthropic;
 pub mod api_keys;
+pub mod completion;
 pub mod conversations;
 pub mod identity;
 pub mod messages;
@@ -44,6 +46,8 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/messages/{id}/ws", get(streaming::websocket))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/usage", get(usage::own))
         .route("/v1/admin/usage", get(usage::admin))
         .route("/v1/admin/users/{id}/tier", put(identity::set_tier))

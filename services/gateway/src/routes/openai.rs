@@ -24,7 +24,7 @@ use parley_proto::chat::v1 as pb;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::messages::{finish_even_if_abandoned, release_budget, reserve_budget};
+use super::completion::{Collected, Prompt, collect, finish_reason};
 use super::streaming::{heartbeat, unbuffered};
 use crate::AppState;
 use crate::auth::Caller;
@@ -57,27 +57,41 @@ impl OpenAiError {
     }
 }
 
+/// OpenAI's error type and code for one of Parley's error codes.
+fn kind_and_code(code: ErrorCode) -> (&'static str, &'static str) {
+    let kind = match code {
+        ErrorCode::InvalidRequest
+        | ErrorCode::NotFound
+        | ErrorCode::Conflict
+        | ErrorCode::PreconditionFailed
+        | ErrorCode::PreconditionRequired
+        | ErrorCode::PayloadTooLarge => "invalid_request_error",
+        ErrorCode::Unauthorized => "authentication_error",
+        ErrorCode::Forbidden => "permission_error",
+        ErrorCode::RateLimited | ErrorCode::QuotaExceeded => "rate_limit_error",
+        ErrorCode::UpstreamUnavailable | ErrorCode::Unavailable | ErrorCode::Internal => "api_error",
+    };
+    let code = match code {
+        ErrorCode::QuotaExceeded => "insufficient_quota",
+        other => other.as_str(),
+    };
+    (kind, code)
+}
+
 impl From<ServiceError> for OpenAiError {
     fn from(error: ServiceError) -> Self {
         let status = StatusCode::from_u16(error.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let kind = match error.code {
-            ErrorCode::InvalidRequest
-            | ErrorCode::NotFound
-            | ErrorCode::Conflict
-            | ErrorCode::PreconditionFailed
-            | ErrorCode::PreconditionRequired
-            | ErrorCode::PayloadTooLarge => "invalid_request_error",
-            ErrorCode::Unauthorized => "authentication_error",
-            ErrorCode::Forbidden => "permission_error",
-            ErrorCode::RateLimited | ErrorCode::QuotaExceeded => "rate_limit_error",
-            ErrorCode::UpstreamUnavailable | ErrorCode::Unavailable | ErrorCode::Internal => "api_error",
-        };
-        let code = match error.code {
-            ErrorCode::QuotaExceeded => "insufficient_quota".to_owned(),
-            other => other.as_str().to_owned(),
-        };
+        let (kind, code) = kind_and_code(error.code);
+        let code = code.to_owned();
         Self { status, message: error.message, kind, code, param: error.field, retry_after: error.retry_after_secs }
     }
+}
+
+/// The body of an error of `status` (of Parley's `code`, when it has one) in OpenAI's shape.
+pub fn error_body(status: StatusCode, code: Option<ErrorCode>, message: &str, param: Option<&str>) -> Value {
+    let (kind, code) = code.map_or(("api_error", "error"), kind_and_code);
+    let kind = if status == StatusCode::METHOD_NOT_ALLOWED { "invalid_request_error" } else { kind };
+    json!({"error": {"message": message, "type": kind, "code": code, "param": param}})
 }
 
 impl From<ApiError> for OpenAiError {
@@ -105,9 +119,6 @@ impl IntoResponse for OpenAiError {
 }
 
 type OpenAiResult<T> = Result<T, OpenAiError>;
-
-/// When every provider failed: how long a client should wait before trying again.
-const UPSTREAM_RETRY_AFTER_SECS: u64 = 5;
 
 /// The models this deployment serves, by the names clients use.
 #[utoipa::path(get, path = "/v1/models", tag = "openai", security(("bearer" = [])), responses(
@@ -342,9 +353,8 @@ fn content_of(index: usize, content: &Value) -> OpenAiResult<(String, Option<&Ve
 fn is_image_url(part: &Value) -> bool {
     let url = part.pointer("/image_url/url").and_then(Value::as_str).unwrap_or_default();
     let detail = part.pointer("/image_url/detail");
-    let fetchable = url.starts_with("https://") || url.starts_with("http://");
-    let inline = url.strip_prefix("data:image/").is_some_and(|rest| rest.contains(";base64,"));
-    (fetchable || inline) && detail.is_none_or(|detail| matches!(detail.as_str(), Some("auto" | "low" | "high")))
+    super::completion::is_image_url(url)
+        && detail.is_none_or(|detail| matches!(detail.as_str(), Some("auto" | "low" | "high")))
 }
 
 /// Create a chat completion (OpenAI wire format).
@@ -425,42 +435,11 @@ pub async fn chat_completions(
         .map(|asked| ("max_completion_tokens", asked))
         .or(request.max_tokens.map(|asked| ("max_tokens", asked)));
     let longest_reply = super::longest_reply(&state.config, asked)?;
-    // Counted as the agent counts a prompt without a tokenizer, so that the agent need not raise it.
-    let prompt_tokens: i64 = messages
-        .iter()
-        .map(|message| i64::from(parley_platform::tokens::estimate_message(&message.content)))
-        .sum::<i64>()
-        + i64::from(images) * i64::from(parley_platform::tokens::IMAGE_ESTIMATE);
-    let estimated_tokens = prompt_tokens + i64::from(longest_reply);
-    let completion_id = uuid::Uuid::now_v7();
-    let call = agent_pb::CompleteRequest {
-        completion_id: completion_id.to_string(),
-        user_id: caller.user_id.to_string(),
-        tier: caller.tier.clone(),
-        model: request.model.clone(),
-        messages,
-        options: Some(super::generation_options(&headers, &sampling)),
-        // Filled in once the budget is reserved, inside the task below.
-        reservation_id: String::new(),
-        reserved_tokens: estimated_tokens,
-        max_tokens: longest_reply,
-    };
-    let starting = {
-        let (state, caller) = (state.clone(), caller.clone());
-        async move {
-            let reservation = reserve_budget(&state, &caller, estimated_tokens).await?;
-            let call = agent_pb::CompleteRequest { reservation_id: reservation.clone(), ..call };
-            match state.backends.agent.clone().complete(call).await {
-                Ok(reply) => Ok(reply.into_inner()),
-                Err(status) => {
-                    // The agent refused before calling the model: the reservation goes back at once.
-                    release_budget(&state, &caller, &reservation).await;
-                    Err(ApiError::from(status))
-                }
-            }
-        }
-    };
-    let reply = finish_even_if_abandoned(&state, starting).await?;
+    let wants_logprobs = sampling.wants_logprobs();
+    let prompt = Prompt { model: request.model.clone(), messages, sampling, longest_reply, images };
+    let started = super::completion::start(&state, &caller, &headers, prompt).await?;
+    let reply = started.reply;
+    let completion_id = started.id;
     let chunk = Chunk {
         id: format!("chatcmpl-{completion_id}"),
         created: time::OffsetDateTime::now_utc().unix_timestamp(),
@@ -474,7 +453,7 @@ pub async fn chat_completions(
     let started = std::time::Instant::now();
     let wait = Duration::from_secs(state.config.http.message_wait_secs);
     let mut response = match tokio::time::timeout(wait, collect(reply)).await {
-        Ok(Ok(collected)) => Json(completion(&chunk, &collected, sampling.wants_logprobs())).into_response(),
+        Ok(Ok(collected)) => Json(completion(&chunk, &collected, wants_logprobs)).into_response(),
         Ok(Err(status)) => OpenAiError::from(status).into_response(),
         Err(_) => {
             OpenAiError::new(StatusCode::GATEWAY_TIMEOUT, "api_error", "timeout", "the model did not finish in time")
@@ -483,35 +462,6 @@ pub async fn chat_completions(
     };
     response.extensions_mut().insert(ModelWait(started.elapsed()));
     Ok(response)
-}
-
-/// The whole reply of a completion: its text and how it ended.
-/// A whole reply: its text, its log probabilities (when asked for) and how it ended.
-struct Collected {
-    content: String,
-    logprobs: Vec<Value>,
-    done: agent_pb::CompleteDone,
-}
-
-async fn collect(mut reply: tonic::Streaming<agent_pb::CompleteEvent>) -> Result<Collected, tonic::Status> {
-    let mut content = String::new();
-    let mut logprobs = Vec::new();
-    while let Some(event) = reply.message().await? {
-        match event.event {
-            Some(agent_pb::complete_event::Event::Delta(text)) => content.push_str(&text),
-            Some(agent_pb::complete_event::Event::Logprobs(entries)) => {
-                if let Ok(Value::Array(entries)) = serde_json::from_str(&entries) {
-                    logprobs.extend(entries);
-                }
-            }
-            Some(agent_pb::complete_event::Event::Done(done)) => return Ok(Collected { content, logprobs, done }),
-            // The whole calls come with `done`.
-            Some(agent_pb::complete_event::Event::ToolCall(_)) | None => {}
-        }
-    }
-    Err(ServiceError::new(ErrorCode::UpstreamUnavailable, "the reply ended before it was whole")
-        .retry_after(UPSTREAM_RETRY_AFTER_SECS)
-        .into())
 }
 
 fn usage_of(done: &agent_pb::CompleteDone) -> Value {
@@ -550,16 +500,6 @@ fn completion(chunk: &Chunk, collected: &Collected, wants_logprobs: bool) -> Val
         }],
         "usage": usage_of(done),
     })
-}
-
-/// Why the model stopped, as the provider said (`stop` when it did not; `tool_calls` when it called
-/// tools and said nothing).
-fn finish_reason(done: &agent_pb::CompleteDone) -> &str {
-    match done.finish_reason.as_str() {
-        "" if !done.tool_calls.is_empty() => "tool_calls",
-        "" => "stop",
-        said => said,
-    }
 }
 
 /// What every chunk of one completion shares.
@@ -658,7 +598,7 @@ fn stream(
                 outcome => {
                     let detail = match outcome {
                         Err(status) => ServiceError::from(status).message,
-                        _ => "the reply ended before it was whole".to_owned(),
+                        _ => super::completion::ended_early().message,
                     };
                     let error =
                         json!({"error": {"message": detail, "type": "api_error", "code": "upstream_unavailable"}});

@@ -61,12 +61,14 @@ async fn operations_endpoints_and_response_headers() {
     }
     // A conversation can be started without a body, and the document says so.
     assert_ne!(openapi["paths"]["/v1/conversations"]["post"]["requestBody"]["required"], true);
-    // Every documented error is what the server sends: problem+json (OpenAI's routes: OpenAI's shape,
-    // as JSON), and the errors any request can get are on every operation that can get them.
+    // Every documented error is what the server sends: problem+json (OpenAI's and Anthropic's routes:
+    // their shapes, as JSON), and the errors any request can get are on every operation that can get them.
     for (path, item) in openapi["paths"].as_object().unwrap() {
         for (method, operation) in item.as_object().unwrap() {
-            let openai = operation["tags"].as_array().is_some_and(|tags| tags.contains(&json!("openai")));
-            let media = if openai { "application/json" } else { "application/problem+json" };
+            let foreign = operation["tags"]
+                .as_array()
+                .is_some_and(|tags| tags.contains(&json!("openai")) || tags.contains(&json!("anthropic")));
+            let media = if foreign { "application/json" } else { "application/problem+json" };
             let responses = operation["responses"].as_object().unwrap();
             for (status, response) in responses {
                 if let Some(content) = response["content"].as_object().filter(|_| status.as_str() >= "400") {

@@ -12,14 +12,14 @@ use serde_json::json;
 use crate::harness::{TestPlatform, eventually, read};
 
 /// Where the tests' tools live (`make tools`).
-fn tools_dir() -> PathBuf {
+pub(crate) fn tools_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools")
 }
 
 /// Runs an official SDK's script (`tests/sdk/<script>`) with `program` against `t`, with an API key of
 /// a new user, as SDK users authenticate; fails the test with the script's output when it fails.
 /// Returns the user's session.
-async fn run_sdk_script(
+pub(crate) async fn run_sdk_script(
     t: &TestPlatform,
     email: &str,
     program: PathBuf,

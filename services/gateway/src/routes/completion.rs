@@ -1,0 +1,141 @@
+//! A stateless completion, whichever wire format asked for it (OpenAI's Chat Completions at
+//! `/v1/chat/completions`, Anthropic's Messages at `/v1/messages`): the budget reservation, the agent
+//! call whose reply streams back over it, and that reply read whole. Each wire format reads its own
+//! request into a [`Prompt`] and writes the reply in its own shape; everything between is here, once.
+
+use axum::http::HeaderMap;
+use parley_platform::sampling::Sampling;
+use parley_platform::{ErrorCode, ServiceError};
+use parley_proto::agent::v1 as agent_pb;
+use parley_proto::chat::v1 as pb;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::messages::{finish_even_if_abandoned, release_budget, reserve_budget};
+use crate::AppState;
+use crate::auth::Caller;
+use crate::problem::ApiError;
+
+/// When every provider failed: how long a client should wait before trying again.
+pub const UPSTREAM_RETRY_AFTER_SECS: u64 = 5;
+
+/// A completion request, checked, in the agent's terms.
+pub struct Prompt {
+    pub model: String,
+    pub messages: Vec<pb::PromptMessage>,
+    pub sampling: Sampling,
+    /// The longest reply, at most the configured one.
+    pub longest_reply: u32,
+    /// How many images the messages carry (each is estimated at a fixed number of tokens).
+    pub images: u32,
+}
+
+/// A prompt's tokens, counted as the agent counts a prompt without a tokenizer (so that the agent need
+/// not raise a reservation made by this count).
+pub fn prompt_tokens(prompt: &Prompt) -> i64 {
+    prompt
+        .messages
+        .iter()
+        .map(|message| i64::from(parley_platform::tokens::estimate_message(&message.content)))
+        .sum::<i64>()
+        + i64::from(prompt.images) * i64::from(parley_platform::tokens::IMAGE_ESTIMATE)
+}
+
+/// A completion under way: its id and the agent's stream of its events.
+pub struct Started {
+    pub id: Uuid,
+    pub reply: tonic::Streaming<agent_pb::CompleteEvent>,
+}
+
+/// Reserves the prompt's budget and asks an agent for the completion. The reservation and the call
+/// run in a task of their own, so a client that hangs up in between cannot leave a reservation held
+/// for a call nobody made; a refused call gives the reservation back at once.
+pub async fn start(
+    state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    prompt: Prompt,
+) -> Result<Started, ApiError> {
+    let estimated_tokens = prompt_tokens(&prompt) + i64::from(prompt.longest_reply);
+    let id = Uuid::now_v7();
+    let call = agent_pb::CompleteRequest {
+        completion_id: id.to_string(),
+        user_id: caller.user_id.to_string(),
+        tier: caller.tier.clone(),
+        model: prompt.model,
+        messages: prompt.messages,
+        options: Some(super::generation_options(headers, &prompt.sampling)),
+        // Filled in once the budget is reserved, inside the task below.
+        reservation_id: String::new(),
+        reserved_tokens: estimated_tokens,
+        max_tokens: prompt.longest_reply,
+    };
+    let starting = {
+        let (state, caller) = (state.clone(), caller.clone());
+        async move {
+            let reservation = reserve_budget(&state, &caller, estimated_tokens).await?;
+            let call = agent_pb::CompleteRequest { reservation_id: reservation.clone(), ..call };
+            match state.backends.agent.clone().complete(call).await {
+                Ok(reply) => Ok(reply.into_inner()),
+                Err(status) => {
+                    // The agent refused before calling the model: the reservation goes back at once.
+                    release_budget(&state, &caller, &reservation).await;
+                    Err(ApiError::from(status))
+                }
+            }
+        }
+    };
+    let reply = finish_even_if_abandoned(state, starting).await?;
+    Ok(Started { id, reply })
+}
+
+/// A whole reply: its text, its log probabilities (when asked for) and how it ended.
+pub struct Collected {
+    pub content: String,
+    pub logprobs: Vec<Value>,
+    pub done: agent_pb::CompleteDone,
+}
+
+/// Reads a reply to its end.
+pub async fn collect(mut reply: tonic::Streaming<agent_pb::CompleteEvent>) -> Result<Collected, tonic::Status> {
+    let mut content = String::new();
+    let mut logprobs = Vec::new();
+    while let Some(event) = reply.message().await? {
+        match event.event {
+            Some(agent_pb::complete_event::Event::Delta(text)) => content.push_str(&text),
+            Some(agent_pb::complete_event::Event::Logprobs(entries)) => {
+                if let Ok(Value::Array(entries)) = serde_json::from_str(&entries) {
+                    logprobs.extend(entries);
+                }
+            }
+            Some(agent_pb::complete_event::Event::Done(done)) => return Ok(Collected { content, logprobs, done }),
+            // The whole calls come with `done`.
+            Some(agent_pb::complete_event::Event::ToolCall(_)) | None => {}
+        }
+    }
+    Err(ended_early().into())
+}
+
+/// A reply that ended before its `done`.
+pub fn ended_early() -> ServiceError {
+    ServiceError::new(ErrorCode::UpstreamUnavailable, "the reply ended before it was whole")
+        .retry_after(UPSTREAM_RETRY_AFTER_SECS)
+}
+
+/// Why the model stopped, in OpenAI's words, as the provider said (`stop` when it did not;
+/// `tool_calls` when it called tools and said nothing).
+pub fn finish_reason(done: &agent_pb::CompleteDone) -> &str {
+    match done.finish_reason.as_str() {
+        "" if !done.tool_calls.is_empty() => "tool_calls",
+        "" => "stop",
+        said => said,
+    }
+}
+
+/// Whether an image URL is one a provider can fetch (http or https) or decode (a base64 `data:image/`
+/// URL).
+pub fn is_image_url(url: &str) -> bool {
+    let fetchable = url.starts_with("https://") || url.starts_with("http://");
+    let inline = url.strip_prefix("data:image/").is_some_and(|rest| rest.contains(";base64,"));
+    fetchable || inline
+}
