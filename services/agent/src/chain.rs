@@ -2,6 +2,7 @@
 //! and key pools, and each streamed piece of the reply sent where it goes (the message's subject, or
 //! the caller of a stateless completion).
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use parley_platform::events::{AiJob, MessageEvent};
@@ -22,6 +23,99 @@ pub(crate) struct ProviderCall<'a> {
     model: &'a str,
     prompt: &'a [crate::provider::PromptMessage],
     sampling: Sampling<'a>,
+}
+
+/// One call to a provider that [`Agent::with_retries`] makes, and makes again while it fails in a way
+/// worth retrying.
+pub(crate) trait Attempt: Send {
+    type Output: Send;
+
+    /// What the call does, by OpenTelemetry's `gen_ai.operation.name`.
+    const OPERATION: Operation;
+
+    /// Makes the call with `key`. Returns its result and what clients already saw of it (a retry may
+    /// not contradict that).
+    fn run<'k>(
+        &'k mut self,
+        key: Option<&'k str>,
+    ) -> impl Future<Output = (Result<Self::Output, ProviderError>, String)> + Send + 'k;
+
+    /// The input and output tokens a successful call used.
+    fn tokens(output: &Self::Output) -> (i64, i64);
+
+    fn time_to_first_token(_output: &Self::Output) -> Option<Duration> {
+        None
+    }
+}
+
+/// A reply: one streaming chat call, its pieces sent where they go.
+struct ChatAttempt<'a> {
+    agent: &'a Agent,
+    provider: &'a ProviderHandle,
+    model: &'a str,
+    prompt: &'a [crate::provider::PromptMessage],
+    sampling: Sampling<'a>,
+    job: &'a AiJob,
+    delta_index: &'a mut u64,
+    sink: DeltaSink<'a>,
+}
+
+/// The kinds of provider call.
+#[derive(Clone, Copy)]
+pub(crate) enum Operation {
+    Chat,
+    Embeddings,
+}
+
+/// A provider call's span (OpenTelemetry's `gen_ai.*` conventions), with empty usage fields to record.
+fn provider_span(operation: Operation, provider: &str, model: &str, attempt: u32) -> tracing::Span {
+    // A span's name is fixed where it is written.
+    macro_rules! span {
+        ($name:literal, $operation:literal) => {
+            tracing::info_span!(
+                $name,
+                otel.kind = "client",
+                gen_ai.operation.name = $operation,
+                gen_ai.system = %provider,
+                gen_ai.request.model = %model,
+                gen_ai.usage.input_tokens = tracing::field::Empty,
+                gen_ai.usage.output_tokens = tracing::field::Empty,
+                attempt,
+            )
+        };
+    }
+    match operation {
+        Operation::Chat => span!("gen_ai.chat", "chat"),
+        Operation::Embeddings => span!("gen_ai.embeddings", "embeddings"),
+    }
+}
+
+impl Attempt for ChatAttempt<'_> {
+    type Output = Completion;
+
+    const OPERATION: Operation = Operation::Chat;
+
+    fn run<'k>(
+        &'k mut self,
+        key: Option<&'k str>,
+    ) -> impl Future<Output = (Result<Completion, ProviderError>, String)> + Send + 'k {
+        let call = ProviderCall {
+            provider: self.provider,
+            key,
+            model: self.model,
+            prompt: self.prompt,
+            sampling: self.sampling,
+        };
+        self.agent.call_streaming(call, self.job.message_id, self.delta_index, self.sink)
+    }
+
+    fn tokens(completion: &Completion) -> (i64, i64) {
+        (completion.input_tokens, completion.output_tokens)
+    }
+
+    fn time_to_first_token(completion: &Completion) -> Option<Duration> {
+        completion.time_to_first_token
+    }
 }
 
 /// A failed model call, with the text that had already been streamed to clients.
@@ -109,8 +203,7 @@ impl Agent {
         Err(Failure { error: last_error, streamed: String::new() })
     }
 
-    /// Calls one provider, retrying retryable failures with jittered exponential backoff (or the
-    /// provider's `Retry-After`), and moving to the next key on 401, 403 and 429.
+    /// Calls one provider for a reply, retrying as [`Agent::with_retries`] does.
     pub(crate) async fn call_with_retries(
         &self,
         provider: &ProviderHandle,
@@ -120,11 +213,25 @@ impl Agent {
         delta_index: &mut u64,
         sink: DeltaSink<'_>,
     ) -> Result<Answer, Failure> {
-        let retry = &self.config.agent.retry;
         let sampling = Sampling { max_tokens: self.longest_reply(job), params: &job.sampling };
+        let attempt = ChatAttempt { agent: self, provider, model, prompt, sampling, job, delta_index, sink };
+        let (completion, elapsed) = self.with_retries(provider, model, attempt).await?;
+        Ok(Answer { completion, provider: provider.client.name.clone(), elapsed, cache_hit: false })
+    }
+
+    /// Runs `attempt` against one provider, retrying retryable failures with jittered exponential
+    /// backoff (or the provider's `Retry-After`), moving to the next key on 401, 403 and 429, and
+    /// skipping the provider while its circuit is open. Returns the output and how long its call took.
+    pub(crate) async fn with_retries<A: Attempt>(
+        &self,
+        provider: &ProviderHandle,
+        model: &str,
+        mut attempt: A,
+    ) -> Result<(A::Output, Duration), Failure> {
+        let retry = &self.config.agent.retry;
         let started = Instant::now();
         let name = provider.client.name.clone();
-        let mut attempt = 0;
+        let mut attempts = 0;
         loop {
             if !provider.breaker.allow() {
                 metrics::counter!(crate::metrics::LLM_REQUESTS, "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "circuit_open").increment(1);
@@ -135,58 +242,37 @@ impl Agent {
                 };
                 return Err(Failure { error, streamed: String::new() });
             }
-            attempt += 1;
+            attempts += 1;
             let key = provider.keys.pick();
-            let span = tracing::info_span!(
-                "gen_ai.chat",
-                otel.kind = "client",
-                gen_ai.operation.name = "chat",
-                gen_ai.system = %name,
-                gen_ai.request.model = %model,
-                gen_ai.usage.input_tokens = tracing::field::Empty,
-                gen_ai.usage.output_tokens = tracing::field::Empty,
-                attempt,
-            );
+            let span = provider_span(A::OPERATION, &name, model, attempts);
             let call_started = Instant::now();
-            let (result, streamed) = self
-                .call_streaming(
-                    ProviderCall {
-                        provider,
-                        key: key.as_ref().map(|(_, secret)| secret.as_str()),
-                        model,
-                        prompt,
-                        sampling,
-                    },
-                    job.message_id,
-                    delta_index,
-                    sink,
-                )
-                .instrument(span.clone())
-                .await;
+            let (result, streamed) =
+                attempt.run(key.as_ref().map(|(_, secret)| secret.as_str())).instrument(span.clone()).await;
             let elapsed = call_started.elapsed();
             let labels = [("provider", name.clone()), ("model", model.to_owned())];
             metrics::histogram!(crate::metrics::LLM_REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
             let error = match result {
-                Ok(completion) => {
+                Ok(output) => {
                     provider.breaker.record_success();
                     if let Some((index, _)) = &key {
                         provider.keys.report(*index, KeyOutcome::Worked);
                     }
-                    span.record("gen_ai.usage.input_tokens", completion.input_tokens);
-                    span.record("gen_ai.usage.output_tokens", completion.output_tokens);
+                    let (input_tokens, output_tokens) = A::tokens(&output);
+                    span.record("gen_ai.usage.input_tokens", input_tokens);
+                    span.record("gen_ai.usage.output_tokens", output_tokens);
                     metrics::counter!(crate::metrics::LLM_REQUESTS, "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "ok").increment(1);
-                    if let Some(ttft) = completion.time_to_first_token {
+                    if let Some(ttft) = A::time_to_first_token(&output) {
                         metrics::histogram!(crate::metrics::LLM_TIME_TO_FIRST_TOKEN, &labels)
                             .record(ttft.as_secs_f64());
                     }
-                    metrics::counter!(crate::metrics::LLM_TOKENS, "provider" => name.clone(), "model" => model.to_owned(), "direction" => "input").increment(completion.input_tokens.max(0) as u64);
-                    metrics::counter!(crate::metrics::LLM_TOKENS, "provider" => name.clone(), "model" => model.to_owned(), "direction" => "output").increment(completion.output_tokens.max(0) as u64);
-                    return Ok(Answer { completion, provider: name, elapsed, cache_hit: false });
+                    metrics::counter!(crate::metrics::LLM_TOKENS, "provider" => name.clone(), "model" => model.to_owned(), "direction" => "input").increment(input_tokens.max(0) as u64);
+                    metrics::counter!(crate::metrics::LLM_TOKENS, "provider" => name.clone(), "model" => model.to_owned(), "direction" => "output").increment(output_tokens.max(0) as u64);
+                    return Ok((output, elapsed));
                 }
                 Err(error) => error,
             };
             metrics::counter!(crate::metrics::LLM_REQUESTS, "provider" => name.clone(), "model" => model.to_owned(), "outcome" => "error").increment(1);
-            tracing::warn!(%error, provider = %name, %model, attempt, "provider call failed");
+            tracing::warn!(%error, provider = %name, %model, attempt = attempts, "provider call failed");
             if error.is_provider_fault() {
                 provider.breaker.record_failure();
             } else {
@@ -210,9 +296,9 @@ impl Agent {
                 return Err(Failure { error, streamed });
             }
             let another_key = key_outcome.is_some() && provider.keys.len() > 1;
-            let delay = if another_key { Duration::ZERO } else { backoff(retry, attempt, error.retry_after()) };
+            let delay = if another_key { Duration::ZERO } else { backoff(retry, attempts, error.retry_after()) };
             let out_of_time = started.elapsed() + delay > Duration::from_millis(retry.max_elapsed_ms);
-            if attempt >= retry.max_attempts || out_of_time {
+            if attempts >= retry.max_attempts || out_of_time {
                 return Err(Failure { error, streamed });
             }
             metrics::counter!(crate::metrics::LLM_RETRIES, "provider" => name.clone()).increment(1);

@@ -55,8 +55,11 @@ impl Completions {
         let uuid = |field: &str, text: &str| {
             Uuid::parse_str(text).map_err(|_| ServiceError::invalid_field(field, "must be a UUID"))
         };
-        if !config.models.contains_key(&request.model) {
-            return Err(ServiceError::invalid_field("model", format!("{:?} is not configured", request.model)));
+        if !config.serves_chat(&request.model) {
+            return Err(ServiceError::invalid_field(
+                "model",
+                format!("{:?} is not a configured chat model", request.model),
+            ));
         }
         if request.messages.is_empty() {
             return Err(ServiceError::invalid_field("messages", "must not be empty"));
@@ -131,8 +134,76 @@ impl Completions {
     }
 }
 
+impl Completions {
+    /// An embeddings request as a job that is never queued: what the chain and the accounting take.
+    fn embedding_job(&self, request: &pb::EmbedRequest) -> Result<AiJob, ServiceError> {
+        let uuid = |field: &str, text: &str| {
+            Uuid::parse_str(text).map_err(|_| ServiceError::invalid_field(field, "must be a UUID"))
+        };
+        if !self.agent.config.serves_embeddings(&request.model) {
+            let message = format!("{:?} is not a configured embeddings model", request.model);
+            return Err(ServiceError::invalid_field("model", message));
+        }
+        if request.inputs.is_empty() {
+            return Err(ServiceError::invalid_field("input", "must not be empty"));
+        }
+        let id = uuid("embedding_id", &request.embedding_id)?;
+        Ok(AiJob {
+            job_id: id,
+            message_id: id,
+            conversation_id: Uuid::nil(),
+            user_id: uuid("user_id", &request.user_id)?,
+            model: request.model.clone(),
+            tier: request.tier.clone(),
+            sampling: Sampling::default(),
+            cache: CacheDirective { read: false, write: false },
+            reservation_id: Some(uuid("reservation_id", &request.reservation_id)?),
+            max_tokens: None,
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl AgentService for Completions {
+    async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedReply>, Status> {
+        let request = request.into_inner();
+        let job = self.embedding_job(&request)?;
+        let options = crate::provider::EmbedOptions {
+            dimensions: (request.dimensions > 0).then_some(request.dimensions),
+            user: Some(request.user.as_str()).filter(|user| !user.is_empty()),
+        };
+        let embeddings = match self.agent.embed(&job, &request.inputs, options).await {
+            Ok(embeddings) => embeddings,
+            Err(error) => {
+                tracing::warn!(%error, "the embeddings failed");
+                // Nothing consumed: the reservation goes back at once.
+                if let Err(error) = self.agent.report_failure(&job, Consumed::partial(0, "")).await {
+                    tracing::warn!(%error, "could not report the failed embeddings; their reservation expires by itself");
+                }
+                let detail = format!("the model could not answer: {error}");
+                let error = ServiceError::new(parley_platform::ErrorCode::UpstreamUnavailable, detail).retry_after(5);
+                return Err(error.into());
+            }
+        };
+        let input_tokens = embeddings.embedded.input_tokens;
+        let completion = Completion {
+            content: String::new(),
+            input_tokens,
+            output_tokens: 0,
+            time_to_first_token: None,
+            finish_reason: None,
+            tool_calls: Vec::new(),
+        };
+        let answer =
+            Answer { completion, provider: embeddings.provider, elapsed: embeddings.elapsed, cache_hit: false };
+        let agent = self.agent.clone();
+        let span =
+            tracing::info_span!("agent.embeddings.accounting", service = "agent", embedding_id = %job.message_id);
+        self.tasks.spawn(async move { agent.account_completion(&job, &job.model, &answer).await }.instrument(span));
+        let embeddings = embeddings.embedded.vectors.into_iter().map(|values| pb::Embedding { values }).collect();
+        Ok(Response::new(pb::EmbedReply { embeddings, input_tokens }))
+    }
+
     type CompleteStream = Pin<Box<dyn Stream<Item = Result<pb::CompleteEvent, Status>> + Send>>;
 
     async fn complete(&self, request: Request<pb::CompleteRequest>) -> Result<Response<Self::CompleteStream>, Status> {

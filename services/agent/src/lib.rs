@@ -11,6 +11,7 @@ mod cache;
 mod chain;
 mod completions;
 mod context;
+mod embeddings;
 pub mod metrics;
 pub mod provider;
 mod resilience;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use parley_platform::config::{ProviderConfig, ProviderKind};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Value, json};
 
 /// One message of a prompt, serialized as OpenAI's wire takes it.
@@ -231,6 +231,41 @@ impl HttpProvider {
         }
     }
 
+    /// Vectors for `inputs`, in their order (OpenAI's `POST /embeddings`; Anthropic's API has none).
+    pub async fn embed(
+        &self,
+        key: Option<&str>,
+        model: &str,
+        inputs: &[String],
+        options: EmbedOptions<'_>,
+    ) -> Result<Embedded, ProviderError> {
+        if self.wire == Wire::Anthropic {
+            return Err(ProviderError::Misconfigured(format!("{} (Anthropic) makes no embeddings", self.name)));
+        }
+        let mut body = json!({"model": model, "input": inputs, "encoding_format": "float"});
+        if let Some(dimensions) = options.dimensions {
+            body["dimensions"] = json!(dimensions);
+        }
+        if let Some(user) = options.user {
+            body["user"] = json!(user);
+        }
+        let request = self.http.post(format!("{}/embeddings", self.base_url)).json(&body);
+        let request = match key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        };
+        let call = async {
+            let response = request.send().await.map_err(|error| ProviderError::Transport(without_url(&error)))?;
+            if !response.status().is_success() {
+                return Err(status_error(response).await);
+            }
+            let body = response.bytes().await.map_err(|error| ProviderError::Transport(without_url(&error)))?;
+            read_embeddings(&body, inputs)
+        };
+        let total = self.timeouts.total;
+        tokio::time::timeout(total, call).await.unwrap_or(Err(ProviderError::Timeout(total)))
+    }
+
     fn request(
         &self,
         key: Option<&str>,
@@ -309,16 +344,8 @@ impl HttpProvider {
             Ok(response) => response.map_err(|error| ProviderError::Transport(without_url(&error)))?,
             Err(_) => return Err(first_token_timeout),
         };
-        let status = response.status();
-        if !status.is_success() {
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let text = response.text().await.unwrap_or_default();
-            return Err(ProviderError::Status { status: status.as_u16(), message: error_message(&text), retry_after });
+        if !response.status().is_success() {
+            return Err(status_error(response).await);
         }
         let mut state = StreamState::default();
         let mut events = parley_platform::sse::Decoder::default();
@@ -545,6 +572,69 @@ impl StreamState {
             _ => Ok(Pieces::None),
         }
     }
+}
+
+/// A provider's answer that is not a success, with its `Retry-After` and error message.
+async fn status_error(response: reqwest::Response) -> ProviderError {
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let text = response.text().await.unwrap_or_default();
+    ProviderError::Status { status, message: error_message(&text), retry_after }
+}
+
+/// What an embeddings call takes besides its inputs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EmbedOptions<'a> {
+    /// The vectors' length, when the caller asked for one.
+    pub dimensions: Option<u32>,
+    /// The end user, for the provider's abuse monitoring.
+    pub user: Option<&'a str>,
+}
+
+/// The vectors of one embeddings call, in the inputs' order, and the tokens they took.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    pub input_tokens: i64,
+}
+
+/// An OpenAI embeddings response: one vector per input, placed by its `index`; the tokens from
+/// `usage.prompt_tokens`, estimated when the provider does not say.
+fn read_embeddings(body: &[u8], inputs: &[String]) -> Result<Embedded, ProviderError> {
+    #[derive(Deserialize)]
+    struct Response {
+        data: Vec<Item>,
+        #[serde(default)]
+        usage: Option<Usage>,
+    }
+    #[derive(Deserialize)]
+    struct Item {
+        index: usize,
+        embedding: Vec<f32>,
+    }
+    #[derive(Deserialize)]
+    struct Usage {
+        prompt_tokens: i64,
+    }
+    let response: Response = serde_json::from_slice(body)
+        .map_err(|error| ProviderError::Protocol(format!("an embeddings response: {error}")))?;
+    let mut vectors = vec![None; inputs.len()];
+    for item in response.data {
+        match vectors.get_mut(item.index) {
+            Some(slot @ None) => *slot = Some(item.embedding),
+            _ => return Err(ProviderError::Protocol(format!("embedding index {} out of place", item.index))),
+        }
+    }
+    let vectors: Option<Vec<Vec<f32>>> = vectors.into_iter().collect();
+    let vectors = vectors.ok_or_else(|| ProviderError::Protocol("fewer embeddings than inputs".to_owned()))?;
+    let estimated = || inputs.iter().map(|input| i64::from(parley_platform::tokens::estimate(input))).sum();
+    let input_tokens = response.usage.map_or_else(estimated, |usage| usage.prompt_tokens);
+    Ok(Embedded { vectors, input_tokens })
 }
 
 /// An Anthropic `stop_reason` in OpenAI's words.

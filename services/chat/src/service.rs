@@ -42,6 +42,9 @@ impl ChatService {
             Some(model) if !self.config.models.contains_key(model) => {
                 Err(ServiceError::invalid_field("model", format!("unknown model {model:?}")).into())
             }
+            Some(model) if !self.config.serves_chat(model) => {
+                Err(ServiceError::invalid_field("model", format!("{model:?} makes embeddings, not replies")).into())
+            }
             _ => Ok(()),
         }
     }

@@ -1,6 +1,6 @@
 //! A fake LLM that speaks two wire formats: the OpenAI Chat Completions API (`POST /v1/chat/completions`,
-//! streaming and not, and `GET /v1/models`) and Anthropic's Messages API (`POST /v1/messages`,
-//! streaming and not). Its answer is derived from the prompt, so tests can assert on it, and knobs set
+//! streaming and not, `POST /v1/embeddings` and `GET /v1/models`) and Anthropic's Messages API
+//! (`POST /v1/messages`, streaming and not). Its answer is derived from the prompt, so tests can assert on it, and knobs set
 //! its time to first token, tokens per second, error rate, 429 rate, a required API key, and a stream
 //! that breaks off mid-reply.
 //!
@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// The model names the fake lists; any other name is answered too (it is a fake), under that name.
-pub const MODELS: &[&str] = &["fake-echo", "fake-small"];
+pub const MODELS: &[&str] = &["fake-echo", "fake-small", "fake-embed"];
 
 /// How the fake behaves. Rates are fractions of requests in 0..=1.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,6 +131,7 @@ impl FakeLlm {
             .route("/v1/models", get(list_models))
             .route("/v1/chat/completions", post(openai_completions))
             .route("/v1/messages", post(anthropic_messages))
+            .route("/v1/embeddings", post(embeddings))
             .with_state(self.clone())
     }
 
@@ -314,6 +315,96 @@ async fn anthropic_messages(State(fake): State<FakeLlm>, headers: HeaderMap, bod
     complete(fake, Wire::Anthropic, &headers, body).await
 }
 
+/// The failure the knobs call for, if any: a wrong key, a rate limit, a server error.
+fn knob_failure(fake: &FakeLlm, knobs: &Knobs, wire: Wire, headers: &HeaderMap) -> Option<Response> {
+    if let Some(required) = &knobs.required_api_key
+        && presented_key(headers) != Some(required.as_str())
+    {
+        return Some(wire_error(wire, StatusCode::UNAUTHORIZED, "authentication_error", "invalid API key"));
+    }
+    if fake.draw() < knobs.rate_limit_rate {
+        let mut response = wire_error(wire, StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "fake rate limit");
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(knobs.retry_after_secs));
+        return Some(response);
+    }
+    if fake.draw() < knobs.error_rate {
+        return Some(wire_error(wire, StatusCode::INTERNAL_SERVER_ERROR, "api_error", "fake upstream failure"));
+    }
+    None
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbeddingsRequest {
+    model: String,
+    input: Value,
+    #[serde(default)]
+    dimensions: Option<usize>,
+    #[serde(default)]
+    encoding_format: Option<String>,
+}
+
+/// The length of the fake's vectors when the caller asks for none.
+pub const EMBEDDING_DIMENSIONS: usize = 8;
+
+/// The fake's vector for `text`: `dimensions` numbers drawn from a hash of the text, scaled to unit
+/// length, so one text always gets one vector and two texts (almost surely) get two.
+pub fn embedding_for(text: &str, dimensions: usize) -> Vec<f32> {
+    // FNV-1a, then xorshift for each number.
+    let mut state = text
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
+    let values: Vec<f32> = (0..dimensions)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    let norm = values.iter().map(|value| value * value).sum::<f32>().sqrt().max(f32::EPSILON);
+    values.into_iter().map(|value| value / norm).collect()
+}
+
+/// OpenAI's `POST /v1/embeddings`: text inputs (one, or a list), float vectors.
+async fn embeddings(State(fake): State<FakeLlm>, headers: HeaderMap, body: Bytes) -> Response {
+    fake.shared.requests.fetch_add(1, Ordering::SeqCst);
+    let invalid = |message: &str| wire_error(Wire::OpenAi, StatusCode::BAD_REQUEST, "invalid_request_error", message);
+    let request: EmbeddingsRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => return invalid(&error.to_string()),
+    };
+    let inputs: Vec<String> = match &request.input {
+        Value::String(text) => vec![text.clone()],
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_string) => {
+            items.iter().filter_map(|item| item.as_str().map(str::to_owned)).collect()
+        }
+        _ => return invalid("input must be a string or a non-empty list of strings"),
+    };
+    if request.encoding_format.as_deref().is_some_and(|format| format != "float") {
+        return invalid("this fake answers encoding_format float only");
+    }
+    *fake.shared.last_body.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(body);
+    let knobs = fake.knobs();
+    if let Some(failure) = knob_failure(&fake, &knobs, Wire::OpenAi, &headers) {
+        return failure;
+    }
+    let dimensions = request.dimensions.unwrap_or(EMBEDDING_DIMENSIONS);
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, text)| json!({"object": "embedding", "index": index, "embedding": embedding_for(text, dimensions)}))
+        .collect();
+    let prompt_tokens: u64 = inputs.iter().map(|text| estimate_tokens(text)).sum();
+    wait_until(tokio::time::Instant::now() + knobs.time_to_first_token).await;
+    Json(json!({
+        "object": "list",
+        "data": data,
+        "model": request.model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }))
+    .into_response()
+}
+
 async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: Bytes) -> Response {
     fake.shared.requests.fetch_add(1, Ordering::SeqCst);
     let request: ChatRequest = match serde_json::from_slice(&body) {
@@ -327,18 +418,8 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: Bytes) -
     }
     *fake.shared.last_body.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(body);
     let knobs = fake.knobs();
-    if let Some(required) = &knobs.required_api_key
-        && presented_key(headers) != Some(required.as_str())
-    {
-        return wire_error(wire, StatusCode::UNAUTHORIZED, "authentication_error", "invalid API key");
-    }
-    if fake.draw() < knobs.rate_limit_rate {
-        let mut response = wire_error(wire, StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "fake rate limit");
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(knobs.retry_after_secs));
-        return response;
-    }
-    if fake.draw() < knobs.error_rate {
-        return wire_error(wire, StatusCode::INTERNAL_SERVER_ERROR, "api_error", "fake upstream failure");
+    if let Some(failure) = knob_failure(&fake, &knobs, wire, headers) {
+        return failure;
     }
     let last_user = request.messages.iter().rev().find(|m| m.role == "user").map(|m| text_of(&m.content));
     let system_tokens = request.system.as_ref().map_or(0, |system| estimate_tokens(&text_of(system)));

@@ -78,7 +78,7 @@ enum Dialect {
 /// problems: rewritten here, their status and headers kept.
 pub async fn foreign_errors(request: Request, next: Next) -> Response {
     let dialect = match request.uri().path() {
-        "/v1/chat/completions" | "/v1/models" => Some(Dialect::OpenAi),
+        "/v1/chat/completions" | "/v1/models" | "/v1/embeddings" => Some(Dialect::OpenAi),
         "/v1/messages" | "/v1/messages/count_tokens" => Some(Dialect::Anthropic),
         _ => None,
     };

@@ -4,7 +4,9 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{anthropic, api_keys, conversations, identity, messages, openai, ops, streaming, usage};
+use crate::routes::{
+    anthropic, api_keys, conversations, embeddings, identity, messages, openai, ops, streaming, usage,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,7 +19,7 @@ use crate::routes::{anthropic, api_keys, conversations, identity, messages, open
         conversations::create, conversations::list, conversations::get, conversations::update, conversations::delete,
         messages::send, messages::list, messages::get, streaming::events, streaming::websocket,
         usage::own, usage::admin,
-        openai::chat_completions, openai::models,
+        openai::chat_completions, openai::models, embeddings::embeddings,
         anthropic::messages, anthropic::count_tokens,
     ),
     modifiers(&BearerAuth, &ErrorResponses),
@@ -27,7 +29,7 @@ use crate::routes::{anthropic, api_keys, conversations, identity, messages, open
         (name = "messages", description = "Messages and replies"),
         (name = "usage", description = "Tokens, requests and cost"),
         (name = "admin", description = "Operator endpoints (role admin)"),
-        (name = "openai", description = "OpenAI-compatible Chat Completions"),
+        (name = "openai", description = "OpenAI-compatible Chat Completions and Embeddings"),
         (name = "anthropic", description = "Anthropic-compatible Messages"),
         (name = "operations", description = "Health, readiness, metrics"),
     )

@@ -356,6 +356,20 @@ pub struct ModelConfig {
     /// with an image is refused.
     #[serde(default)]
     pub vision: bool,
+    /// What the model makes: chat replies (the default), or embeddings (`POST /v1/embeddings` only).
+    #[serde(default)]
+    pub kind: ModelKind,
+}
+
+/// What a model makes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// Replies: conversations, `/v1/chat/completions`, `/v1/messages`.
+    #[default]
+    Chat,
+    /// Vectors: `/v1/embeddings`, from OpenAI-compatible providers.
+    Embeddings,
 }
 
 /// A request is simple, and goes to `model`, when its prompt is at most `max_prompt_chars` characters
@@ -555,6 +569,8 @@ impl Default for FakeLlmConfig {
 
 /// The model every fresh install has: answered by the built-in fake LLM, so Parley runs offline.
 pub const FAKE_MODEL: &str = "parley-fake";
+/// The fake provider's embeddings model.
+pub const FAKE_EMBEDDINGS_MODEL: &str = "parley-fake-embed";
 
 impl Default for Config {
     fn default() -> Self {
@@ -567,18 +583,33 @@ impl Default for Config {
                 api_key_envs: Vec::new(),
             },
         )]);
-        let models = BTreeMap::from([(
-            FAKE_MODEL.to_owned(),
-            ModelConfig {
-                chain: vec![ModelTarget { provider: "fake".to_owned(), model: "fake-echo".to_owned() }],
-                context_window: 8192,
-                input_price_per_mtok: 0.5,
-                output_price_per_mtok: 1.5,
-                router: None,
-                // The fake counts the images it is shown.
-                vision: true,
-            },
-        )]);
+        let models = BTreeMap::from([
+            (
+                FAKE_MODEL.to_owned(),
+                ModelConfig {
+                    chain: vec![ModelTarget { provider: "fake".to_owned(), model: "fake-echo".to_owned() }],
+                    context_window: 8192,
+                    input_price_per_mtok: 0.5,
+                    output_price_per_mtok: 1.5,
+                    router: None,
+                    // The fake counts the images it is shown.
+                    vision: true,
+                    kind: ModelKind::Chat,
+                },
+            ),
+            (
+                FAKE_EMBEDDINGS_MODEL.to_owned(),
+                ModelConfig {
+                    chain: vec![ModelTarget { provider: "fake".to_owned(), model: "fake-embed".to_owned() }],
+                    context_window: 8192,
+                    input_price_per_mtok: 0.02,
+                    output_price_per_mtok: 0.0,
+                    router: None,
+                    vision: false,
+                    kind: ModelKind::Embeddings,
+                },
+            ),
+        ]);
         let tiers = BTreeMap::from([
             (
                 "free".to_owned(),
@@ -875,9 +906,9 @@ impl Config {
             return Err(invalid("agent.concurrency", "must be at least 1"));
         }
         if let Some(model) = &self.agent.summary_model
-            && !self.models.contains_key(model)
+            && !self.serves_chat(model)
         {
-            return Err(invalid("agent.summary_model", format!("no model named {model:?}")));
+            return Err(invalid("agent.summary_model", format!("no chat model named {model:?}")));
         }
         if self.agent.retry.max_attempts == 0 {
             return Err(invalid("agent.retry.max_attempts", "must be at least 1"));
@@ -930,9 +961,31 @@ impl Config {
             if model.input_price_per_mtok < 0.0 || model.output_price_per_mtok < 0.0 {
                 return Err(invalid(format!("models.{name}"), "prices cannot be negative"));
             }
+            if model.kind == ModelKind::Embeddings {
+                if model.router.is_some() || model.vision {
+                    return Err(invalid(format!("models.{name}"), "an embeddings model has no router and no vision"));
+                }
+                for (index, target) in model.chain.iter().enumerate() {
+                    if self
+                        .providers
+                        .get(&target.provider)
+                        .is_some_and(|provider| provider.kind == ProviderKind::Anthropic)
+                    {
+                        return Err(invalid(
+                            format!("models.{name}.chain[{index}].provider"),
+                            "embeddings come from OpenAI-compatible providers; Anthropic's API has none",
+                        ));
+                    }
+                }
+            }
+            if let Some(router) = &model.router
+                && self.models.get(&router.model).is_some_and(|routed| routed.kind != model.kind)
+            {
+                return Err(invalid(format!("models.{name}.router.model"), "must be a model of the same kind"));
+            }
         }
-        if !self.models.contains_key(&self.default_model) {
-            return Err(invalid("default_model", format!("no model named {:?}", self.default_model)));
+        if !self.serves_chat(&self.default_model) {
+            return Err(invalid("default_model", format!("no chat model named {:?}", self.default_model)));
         }
         if !self.tiers.contains_key(DEFAULT_TIER) {
             return Err(invalid("tiers", format!("the {DEFAULT_TIER:?} tier must exist")));
@@ -943,6 +996,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Whether `model` is configured and makes chat replies.
+    pub fn serves_chat(&self, model: &str) -> bool {
+        self.models.get(model).is_some_and(|model| model.kind == ModelKind::Chat)
+    }
+
+    /// Whether `model` is configured and makes embeddings.
+    pub fn serves_embeddings(&self, model: &str) -> bool {
+        self.models.get(model).is_some_and(|model| model.kind == ModelKind::Embeddings)
     }
 
     /// Whether `model` takes images: it and the model its router sends simple requests to both do.
@@ -1070,6 +1133,29 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let error = Config::from_toml("[database]\nurll = \"x\"\n").unwrap_err();
         assert!(error.to_string().contains("urll"), "{error}");
+    }
+
+    #[test]
+    fn embeddings_models_come_from_openai_compatible_providers_and_are_not_the_default() {
+        let mut config = Config::default();
+        assert!(config.serves_embeddings(FAKE_EMBEDDINGS_MODEL) && !config.serves_chat(FAKE_EMBEDDINGS_MODEL));
+        config.providers.insert(
+            "claude".to_owned(),
+            ProviderConfig {
+                kind: ProviderKind::Anthropic,
+                base_url: "https://api.anthropic.com/v1".to_owned(),
+                api_key_env: None,
+                api_key_envs: Vec::new(),
+            },
+        );
+        config.models.get_mut(FAKE_EMBEDDINGS_MODEL).unwrap().chain[0].provider = "claude".to_owned();
+        assert_eq!(field_of(config.validate().unwrap_err()), "models.parley-fake-embed.chain[0].provider");
+        let config = Config { default_model: FAKE_EMBEDDINGS_MODEL.to_owned(), ..Config::default() };
+        assert_eq!(field_of(config.validate().unwrap_err()), "default_model");
+        let toml =
+            "[models.vectors]\nkind = \"embeddings\"\nchain = [{ provider = \"fake\", model = \"fake-embed\" }]\n";
+        let config = Config::from_toml(toml).unwrap();
+        assert_eq!(config.models["vectors"].kind, ModelKind::Embeddings);
     }
 
     #[test]

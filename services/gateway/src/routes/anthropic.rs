@@ -417,6 +417,9 @@ fn read_request(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Anthropi
         let message = format!("model: {}", request.model);
         return Err(AnthropicError { status: StatusCode::NOT_FOUND, message, retry_after: None });
     }
+    if !state.config.serves_chat(&request.model) {
+        return Err(AnthropicError::invalid("model", format!("{:?} makes embeddings, not messages", request.model)));
+    }
     if let Some((param, why)) = request.refused() {
         return Err(AnthropicError::invalid(param, why));
     }

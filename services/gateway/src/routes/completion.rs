@@ -47,9 +47,7 @@ pub struct Started {
     pub reply: tonic::Streaming<agent_pb::CompleteEvent>,
 }
 
-/// Reserves the prompt's budget and asks an agent for the completion. The reservation and the call
-/// run in a task of their own, so a client that hangs up in between cannot leave a reservation held
-/// for a call nobody made; a refused call gives the reservation back at once.
+/// Reserves the prompt's budget and asks an agent for the completion ([`with_reservation`]).
 pub async fn start(
     state: &AppState,
     caller: &Caller,
@@ -65,28 +63,44 @@ pub async fn start(
         model: prompt.model,
         messages: prompt.messages,
         options: Some(super::generation_options(headers, &prompt.sampling)),
-        // Filled in once the budget is reserved, inside the task below.
+        // Filled in once the budget is reserved.
         reservation_id: String::new(),
         reserved_tokens: estimated_tokens,
         max_tokens: prompt.longest_reply,
     };
-    let starting = {
-        let (state, caller) = (state.clone(), caller.clone());
+    let reply = with_reservation(state, caller, estimated_tokens, move |state, reservation_id| async move {
+        let call = agent_pb::CompleteRequest { reservation_id, ..call };
+        state.backends.agent.clone().complete(call).await.map(tonic::Response::into_inner)
+    })
+    .await?;
+    Ok(Started { id, reply })
+}
+
+/// Reserves `tokens` of the caller's budget and makes `call` with the reservation's id. Both run in a
+/// task of their own, so a client that hangs up in between cannot leave a reservation held for a call
+/// nobody made; a call that fails (the agent refused before the model was called, or every provider
+/// failed) gives the reservation back at once.
+pub async fn with_reservation<T, F, Fut>(state: &AppState, caller: &Caller, tokens: i64, call: F) -> Result<T, ApiError>
+where
+    F: FnOnce(AppState, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>> + Send,
+    T: Send + 'static,
+{
+    let (state, caller) = (state.clone(), caller.clone());
+    let work = {
+        let state = state.clone();
         async move {
-            let reservation = reserve_budget(&state, &caller, estimated_tokens).await?;
-            let call = agent_pb::CompleteRequest { reservation_id: reservation.clone(), ..call };
-            match state.backends.agent.clone().complete(call).await {
-                Ok(reply) => Ok(reply.into_inner()),
+            let reservation = reserve_budget(&state, &caller, tokens).await?;
+            match call(state.clone(), reservation.clone()).await {
+                Ok(reply) => Ok(reply),
                 Err(status) => {
-                    // The agent refused before calling the model: the reservation goes back at once.
                     release_budget(&state, &caller, &reservation).await;
                     Err(ApiError::from(status))
                 }
             }
         }
     };
-    let reply = finish_even_if_abandoned(state, starting).await?;
-    Ok(Started { id, reply })
+    finish_even_if_abandoned(&state, work).await
 }
 
 /// A whole reply: its text, its log probabilities (when asked for) and how it ended.

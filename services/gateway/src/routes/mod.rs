@@ -4,6 +4,7 @@ pub mod anthropic;
 pub mod api_keys;
 pub mod completion;
 pub mod conversations;
+pub mod embeddings;
 pub mod identity;
 pub mod messages;
 pub mod openai;
@@ -46,6 +47,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/messages/{id}/ws", get(streaming::websocket))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/usage", get(usage::own))

@@ -43,16 +43,16 @@ pub struct OpenAiError {
 }
 
 impl OpenAiError {
-    fn new(status: StatusCode, kind: &'static str, code: &str, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, kind: &'static str, code: &str, message: impl Into<String>) -> Self {
         Self { status, message: message.into(), kind, code: code.to_owned(), param: None, retry_after: None }
     }
 
-    fn invalid(message: impl Into<String>) -> Self {
+    pub(super) fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", message)
     }
 
     /// A 400 naming the parameter at fault.
-    fn invalid_param(param: &str, message: impl Into<String>) -> Self {
+    pub(super) fn invalid_param(param: &str, message: impl Into<String>) -> Self {
         Self { param: Some(param.to_owned()), ..Self::invalid(message) }
     }
 }
@@ -118,7 +118,24 @@ impl IntoResponse for OpenAiError {
     }
 }
 
-type OpenAiResult<T> = Result<T, OpenAiError>;
+pub type OpenAiResult<T> = Result<T, OpenAiError>;
+
+/// 404 `model_not_found` for a model that is not configured; 400 naming `model` for one that does not
+/// make what the route makes (`kind`: chat replies, embeddings).
+pub fn check_model(state: &AppState, model: &str, makes: &str) -> OpenAiResult<()> {
+    let Some(config) = state.config.models.get(model) else {
+        let message = format!("The model `{model}` does not exist");
+        return Err(OpenAiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found", message));
+    };
+    let serves = match config.kind {
+        parley_platform::config::ModelKind::Chat => "chat replies",
+        parley_platform::config::ModelKind::Embeddings => "embeddings",
+    };
+    if serves != makes {
+        return Err(OpenAiError::invalid_param("model", format!("model: `{model}` makes {serves}, not {makes}")));
+    }
+    Ok(())
+}
 
 /// The models this deployment serves, by the names clients use.
 #[utoipa::path(get, path = "/v1/models", tag = "openai", security(("bearer" = [])), responses(
@@ -308,6 +325,30 @@ struct StreamOptions {
     include_usage: bool,
 }
 
+/// The JSON body of a request to an OpenAI route: 413 past the body limit, 400 without a JSON content
+/// type or for a body that does not read as `T`.
+pub fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> OpenAiResult<T> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            let message = "the request body is larger than the limit";
+            OpenAiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "payload_too_large", message)
+        } else {
+            OpenAiError::invalid(rejection.body_text())
+        }
+    })?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !is_json {
+        return Err(OpenAiError::invalid_param("Content-Type", "Content-Type must be application/json"));
+    }
+    Ok(crate::problem::parse(&body)?)
+}
+
 /// An OpenAI message's content: a string, or an array of parts. Returns its text and, when it carries
 /// images, its parts as they came (text and `image_url` parts; any other kind is refused), and how many
 /// images.
@@ -371,30 +412,8 @@ pub async fn chat_completions(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> OpenAiResult<Response> {
     let caller = caller?;
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            let message = "the request body is larger than the limit";
-            OpenAiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "payload_too_large", message)
-        } else {
-            OpenAiError::invalid(rejection.body_text())
-        }
-    })?;
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/json"));
-    if !is_json {
-        return Err(OpenAiError::invalid("Content-Type must be application/json"));
-    }
-    let request: CompletionRequest = crate::problem::parse(&body)?;
-    if !state.config.models.contains_key(&request.model) {
-        return Err(OpenAiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
-            format!("The model `{}` does not exist", request.model),
-        ));
-    }
+    let request: CompletionRequest = json_body(&headers, body)?;
+    check_model(&state, &request.model, "chat replies")?;
     if request.n.is_some_and(|n| n != 1) {
         return Err(OpenAiError::invalid_param("n", "n: only one choice (n = 1) is served"));
     }

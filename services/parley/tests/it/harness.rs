@@ -347,6 +347,7 @@ pub fn add_model(config: &mut Config, name: &str, providers: &[&str]) {
             output_price_per_mtok: 1.0,
             router: None,
             vision: false,
+            kind: parley_platform::config::ModelKind::Chat,
         },
     );
 }

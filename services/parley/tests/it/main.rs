@@ -11,6 +11,7 @@ mod cache;
 mod context;
 mod contract;
 mod degraded;
+mod embeddings;
 mod harness;
 mod identity;
 mod isolation;

@@ -61,19 +61,23 @@ async fn the_official_openai_sdk_works_unchanged() {
     let t = TestPlatform::start().await;
     let python = tools_dir().join("venv/bin/python");
     let image = ("PARLEY_EXPECTED_IMAGE", parley_fake_llm::reply_with_images("what is this", 1));
-    let session = run_sdk_script(&t, "sdk@example.com", python, "openai_client.py", vec![image]).await;
+    let embeddings_model = ("PARLEY_EMBEDDINGS_MODEL", parley_platform::config::FAKE_EMBEDDINGS_MODEL.to_owned());
+    let vector = parley_fake_llm::embedding_for("hello from the sdk", parley_fake_llm::EMBEDDING_DIMENSIONS);
+    let vector = ("PARLEY_EXPECTED_EMBEDDING", serde_json::to_string(&vector).unwrap());
+    let env = vec![image, embeddings_model, vector];
+    let session = run_sdk_script(&t, "sdk@example.com", python, "openai_client.py", env).await;
 
     // Completions are accounted like chat messages, and do not show up as conversations.
     let (_, conversations) = t.get(&session, "/v1/conversations").await;
     assert_eq!(conversations["data"].as_array().unwrap().len(), 0);
     let usage = eventually("usage of the SDK calls", std::time::Duration::from_secs(10), || async {
         let (_, usage) = t.get(&session, "/v1/usage").await;
-        (usage["totals"]["requests"].as_i64()? >= 9).then_some(usage)
+        (usage["totals"]["requests"].as_i64()? >= 11).then_some(usage)
     })
     .await;
-    // Two plain completions, the stopped one, the JSON one, three with tools, one with log probabilities
-    // and one with an image; the refused ones cost nothing.
-    assert_eq!(usage["totals"]["requests"], 9);
+    // Two plain completions, the stopped one, the JSON one, three with tools, one with log probabilities,
+    // one with an image and two of embeddings; the refused ones cost nothing.
+    assert_eq!(usage["totals"]["requests"], 11);
     t.stop().await;
 }
 

@@ -1,7 +1,9 @@
 """The official OpenAI Python SDK, unchanged, against Parley's gateway.
 
-Run by the end-to-end tests with PARLEY_BASE_URL, PARLEY_TOKEN, PARLEY_MODEL and PARLEY_EXPECTED (the
-reply the fake model gives to "hello from the sdk"). Exits non-zero on the first broken promise.
+Run by the end-to-end tests with PARLEY_BASE_URL, PARLEY_TOKEN, PARLEY_MODEL, PARLEY_EXPECTED (the
+reply the fake model gives to "hello from the sdk"), PARLEY_EXPECTED_IMAGE (its reply to "what is this"
+with one image), PARLEY_EMBEDDINGS_MODEL and PARLEY_EXPECTED_EMBEDDING (the fake's vector for "hello
+from the sdk", as JSON). Exits non-zero on the first broken promise.
 """
 
 import json
@@ -138,6 +140,27 @@ seen = client.chat.completions.create(
 )
 expected_image = os.environ["PARLEY_EXPECTED_IMAGE"]
 check(seen.choices[0].message.content == expected_image, f"image reply: {seen.choices[0].message.content!r}")
+
+# Embeddings: a vector per input, one text always the same vector. The SDK asks for base64 and decodes it.
+embeddings_model = os.environ["PARLEY_EMBEDDINGS_MODEL"]
+expected_vector = json.loads(os.environ["PARLEY_EXPECTED_EMBEDDING"])
+one = client.embeddings.create(model=embeddings_model, input="hello from the sdk")
+check(len(one.data) == 1, f"one embedding: {one}")
+vector = one.data[0].embedding
+check(len(vector) == len(expected_vector), f"vector length {len(vector)}")
+check(all(abs(a - b) < 1e-6 for a, b in zip(vector, expected_vector)), f"vector: {vector} vs {expected_vector}")
+check(one.usage.prompt_tokens > 0 and one.usage.total_tokens == one.usage.prompt_tokens, f"usage: {one.usage}")
+batch = client.embeddings.create(
+    model=embeddings_model, input=["first", "second", "hello from the sdk"], dimensions=4, encoding_format="float"
+)
+check([item.index for item in batch.data] == [0, 1, 2], f"batch order: {[item.index for item in batch.data]}")
+check(all(len(item.embedding) == 4 for item in batch.data), "dimensions=4 reached the model")
+check(batch.data[0].embedding != batch.data[1].embedding, "two texts, two vectors")
+try:
+    client.embeddings.create(model=model, input="a chat model makes no vectors")
+    check(False, "embeddings from a chat model raised no error")
+except openai.BadRequestError as error:
+    check(error.param == "model", f"embeddings from a chat model: param {error.param!r}")
 
 # What the gateway cannot do is refused, naming the parameter, never silently dropped.
 for name, extra in [
