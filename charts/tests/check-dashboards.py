@@ -57,7 +57,8 @@ def wait_for(what, check, timeout=60):
         try:
             if check():
                 return
-        except (OSError, urllib.error.URLError):
+        # Not up yet: refused connections, or (Prometheus while its storage opens) a plain-text 503.
+        except (OSError, urllib.error.URLError, ValueError):
             pass
         time.sleep(0.2)
     raise SystemExit(f"timed out waiting for {what}")
