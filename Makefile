@@ -4,17 +4,18 @@ SHELL := /bin/bash
 export PATH := $(CURDIR)/.tools/bin:$(HOME)/.cargo/bin:$(PATH)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run test lint unit chart topology services replica tools build bench
+.PHONY: run test lint unit chart fuzz topology services replica tools build bench
 
 ## Build and start the whole platform locally (parley dev, gateway on http://127.0.0.1:8080).
 run: services
 	cargo build --bin parley
 	./target/debug/parley dev
 
-## Every test: lint, unit, integration and end to end, then the Helm chart, alert rules and dashboards,
+## Every test: lint, unit, integration and end to end, the API fuzzer, then the Helm chart, alert rules and dashboards,
 ## then the topology test (the rendered chart run as one process per replica).
 test: services replica tools lint
 	cargo nextest run --workspace --no-fail-fast
+	$(MAKE) --no-print-directory fuzz
 	$(MAKE) --no-print-directory chart
 	$(MAKE) --no-print-directory topology
 
@@ -24,6 +25,13 @@ chart: services replica tools
 	cargo build --bin parley
 	charts/tests/check-chart.sh
 	.tools/venv/bin/python charts/tests/check-dashboards.py
+
+## Schemathesis, every check, over every operation of the served OpenAPI document (`parley dev` on a
+## database of its own); the exceptions and their reasons are in services/parley/tests/fuzz/schemathesis.toml.
+fuzz: services tools
+	cargo build --bin parley
+	python3 services/parley/tests/fuzz/run.py --parley target/debug/parley \
+		--schemathesis .tools/fuzz-venv/bin/schemathesis
 
 ## The chart rendered with `helm template` and every Deployment run as local processes, two gateways,
 ## chat and agents: the public journey, balancing, restarts and degraded modes (charts/tests/topology.py).

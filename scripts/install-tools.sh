@@ -42,6 +42,19 @@ pip_install "$requirements" "$venv/.requirements" "the OpenAI and Anthropic Pyth
 # Chart checks: kubernetes-validate (PyPI) validates rendered manifests against Kubernetes' schemas.
 pip_install "$root/charts/requirements.txt" "$venv/.chart-requirements" "kubernetes-validate"
 
+# Schemathesis (PyPI), the API fuzzer `make fuzz` runs over the served OpenAPI document, in a virtualenv
+# of its own so that its dependencies and the SDKs' never have to agree.
+fuzz_venv="$tools/fuzz-venv"
+fuzz_requirements="$root/services/parley/tests/fuzz/requirements.txt"
+if [ ! -x "$fuzz_venv/bin/python" ]; then
+  python3 -m venv "$fuzz_venv"
+fi
+if ! cmp -s "$fuzz_requirements" "$fuzz_venv/.requirements" 2>/dev/null; then
+  echo "installing Schemathesis into .tools/fuzz-venv"
+  "$fuzz_venv/bin/pip" install --quiet --disable-pip-version-check -r "$fuzz_requirements"
+  cp "$fuzz_requirements" "$fuzz_venv/.requirements"
+fi
+
 # The official OpenAI Node SDK, pinned by services/parley/tests/sdk/package-lock.json, for the same tests.
 node_sdk="$tools/node-sdk"
 sdk_dir="$root/services/parley/tests/sdk"

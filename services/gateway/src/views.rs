@@ -193,7 +193,7 @@ pub struct SendMessageBody {
     #[serde(default)]
     pub stop: Option<crate::routes::Stop>,
     /// Asks the provider for a reproducible reply.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer")]
     pub seed: Option<i64>,
     /// -2 to 2.
     #[serde(default)]
@@ -202,7 +202,7 @@ pub struct SendMessageBody {
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
     /// Token id to a bias from -100 to 100.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer_map")]
     pub logit_bias: Option<std::collections::BTreeMap<String, i32>>,
     /// OpenAI's `response_format`: `{"type": "text" | "json_object"}` or `{"type": "json_schema",
     /// "json_schema": {"name", "schema", "strict"}}`.
@@ -210,7 +210,7 @@ pub struct SendMessageBody {
     #[schema(value_type = Option<Object>)]
     pub response_format: Option<parley_platform::sampling::ResponseFormat>,
     /// The longest reply, at least 1; at most the deployment's longest (`agent.max_output_tokens`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer")]
     pub max_tokens: Option<i64>,
 }
 

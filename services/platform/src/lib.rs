@@ -15,6 +15,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod health;
+pub mod json_int;
 pub mod json_log;
 pub mod message_status;
 pub mod metrics;

@@ -93,6 +93,16 @@ pub enum ResponseFormat {
     },
 }
 
+/// Whether a JSON value holds NUL anywhere, in a string or a key.
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(entries) => entries.iter().any(|(key, value)| key.contains('\0') || has_nul(value)),
+        _ => false,
+    }
+}
+
 impl Sampling {
     /// Deterministic: only these requests are answered from, or kept in, the response cache.
     pub fn is_deterministic(&self) -> bool {
@@ -161,6 +171,22 @@ impl Sampling {
             }
             if json_schema.get("schema").is_some_and(|schema| !schema.is_object()) {
                 return Err(ServiceError::invalid_field("response_format", "json_schema.schema must be an object"));
+            }
+            if json_schema.get("strict").is_some_and(|strict| !strict.is_boolean() && !strict.is_null()) {
+                return Err(ServiceError::invalid_field("response_format", "json_schema.strict must be a boolean"));
+            }
+            if json_schema.get("description").is_some_and(|description| !description.is_string()) {
+                return Err(ServiceError::invalid_field("response_format", "json_schema.description must be a string"));
+            }
+        }
+        // Passed on as JSON, and kept with a conversation's job: PostgreSQL's JSON cannot hold NUL.
+        for (field, value) in [
+            ("response_format", self.response_format.as_ref().and_then(|format| serde_json::to_value(format).ok())),
+            ("tools", Some(Value::Array(self.tools.clone()))),
+            ("tool_choice", self.tool_choice.clone()),
+        ] {
+            if value.as_ref().is_some_and(has_nul) {
+                return Err(ServiceError::invalid_field(field, "must not contain the NUL character (U+0000)"));
             }
         }
         if let Some(top) = self.top_logprobs {

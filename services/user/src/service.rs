@@ -223,7 +223,9 @@ impl pb::user_service_server::UserService for UserService {
 
     async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::AuthResponse>, Status> {
         let request = request.into_inner();
-        let email = request.email.trim().to_lowercase();
+        // An address that could not have registered is refused before it reaches the database (which
+        // cannot hold some characters, NUL among them).
+        let email = validation::email(&request.email).map_err(UserError::from)?;
         let failures = self.storage.recent_failed_logins(&email, FAILED_LOGIN_WINDOW).await.map_err(UserError::from)?;
         if failures >= self.config.auth.max_failed_logins {
             self.storage.audit(AuditEvent::new("login_locked").email(&email).ip(&request.client_ip)).await;

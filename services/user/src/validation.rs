@@ -11,7 +11,10 @@ const MAX_DISPLAY_NAME_CHARS: usize = 100;
 pub fn email(raw: &str) -> Result<String, ServiceError> {
     let email = raw.trim().to_lowercase();
     let invalid = || ServiceError::invalid_field("email", "must be a valid email address");
-    if email.is_empty() || email.chars().count() > MAX_EMAIL_CHARS || email.chars().any(char::is_whitespace) {
+    // White space (Unicode's, and the byte-order mark JavaScript counts as such) and control characters
+    // have no place in an address.
+    let unwanted = |c: char| c.is_whitespace() || c.is_control() || c == '\u{feff}';
+    if email.is_empty() || email.chars().count() > MAX_EMAIL_CHARS || email.chars().any(unwanted) {
         return Err(invalid());
     }
     let Some((local, domain)) = email.split_once('@') else {

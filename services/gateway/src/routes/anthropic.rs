@@ -120,6 +120,7 @@ type AnthropicResult<T> = Result<T, AnthropicError>;
 struct MessagesRequest {
     model: String,
     messages: Vec<InputMessage>,
+    #[serde(deserialize_with = "parley_platform::json_int::integer")]
     max_tokens: i64,
     #[serde(default)]
     system: Option<Value>,
@@ -246,7 +247,7 @@ impl MessagesRequest {
 /// An Anthropic tool (`{"name", "description"?, "input_schema"}`) as the function tool the agent takes.
 fn function_tool(index: usize, tool: &Value) -> AnthropicResult<Value> {
     let field = format!("tools[{index}]");
-    if tool.get("type").and_then(Value::as_str).is_some_and(|kind| kind != "custom") {
+    if tool.get("type").is_some_and(|kind| !kind.is_null() && kind.as_str() != Some("custom")) {
         return Err(AnthropicError::invalid(&field, "only custom tools (name, description, input_schema) are served"));
     }
     let (Some(name), Some(schema)) = (tool.get("name"), tool.get("input_schema")) else {
@@ -392,7 +393,8 @@ fn turn_messages(index: usize, message: &InputMessage, out: &mut Vec<pb::PromptM
         turn.parts = Value::Array(parts).to_string();
     }
     // A user turn of tool results alone needs no user message after them.
-    if role == "assistant" || !turn.content.is_empty() || images > 0 || blocks.is_empty() {
+    let only_results = !blocks.is_empty() && blocks.iter().all(|block| block["type"] == "tool_result");
+    if role == "assistant" || !only_results {
         out.push(turn);
     }
     Ok(images)
@@ -444,6 +446,14 @@ fn read_request(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Anthropi
             return Err(AnthropicError::invalid(&format!("messages[{index}].content"), message));
         }
         images += count;
+    }
+    let chars: usize = messages.iter().map(|message| message.content.chars().count()).sum();
+    if chars > state.config.chat.max_message_chars {
+        let limit = state.config.chat.max_message_chars;
+        return Err(AnthropicError::invalid(
+            "messages",
+            format!("with the system prompt, must total at most {limit} characters"),
+        ));
     }
     let prompt = Prompt { model: request.model, messages, sampling, longest_reply, images };
     Ok((prompt, request.stream))
@@ -501,6 +511,7 @@ pub async fn messages(
 #[utoipa::path(post, path = "/v1/messages/count_tokens", tag = "anthropic", security(("bearer" = []), ("api_key" = [])), responses(
     (status = 200, description = "{\"input_tokens\": n}"),
     (status = 400, description = "Anthropic error shape"),
+    (status = 404, description = "Unknown model (Anthropic error shape, not_found_error)"),
 ))]
 pub async fn count_tokens(
     State(state): State<AppState>,

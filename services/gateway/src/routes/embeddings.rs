@@ -32,7 +32,7 @@ struct EmbeddingsRequest {
     input: Value,
     #[serde(default)]
     encoding_format: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer")]
     dimensions: Option<i64>,
     #[serde(default)]
     user: Option<String>,

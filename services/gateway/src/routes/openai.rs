@@ -162,13 +162,13 @@ struct CompletionRequest {
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer")]
     n: Option<u32>,
     /// The longest reply (OpenAI's older name).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer")]
     max_tokens: Option<i64>,
     /// The longest reply (OpenAI's current name; wins over `max_tokens`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer")]
     max_completion_tokens: Option<i64>,
     #[serde(default)]
     temperature: Option<f32>,
@@ -176,13 +176,13 @@ struct CompletionRequest {
     top_p: Option<f32>,
     #[serde(default)]
     stop: Option<super::Stop>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer")]
     seed: Option<i64>,
     #[serde(default)]
     presence_penalty: Option<f32>,
     #[serde(default)]
     frequency_penalty: Option<f32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer_map")]
     logit_bias: Option<std::collections::BTreeMap<String, i32>>,
     #[serde(default)]
     user: Option<String>,
@@ -221,7 +221,7 @@ struct CompletionRequest {
     function_call: Option<Value>,
     #[serde(default)]
     logprobs: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer")]
     top_logprobs: Option<u32>,
     #[serde(default)]
     modalities: Option<Value>,
@@ -449,10 +449,10 @@ pub async fn chat_completions(
         });
     }
     // The longest reply: what the client asked for (OpenAI's current name first), at most the configured.
-    let asked = request
-        .max_completion_tokens
-        .map(|asked| ("max_completion_tokens", asked))
-        .or(request.max_tokens.map(|asked| ("max_tokens", asked)));
+    let older = request.max_tokens.map(|asked| ("max_tokens", asked));
+    // Both are checked, though the current name wins.
+    super::longest_reply(&state.config, older)?;
+    let asked = request.max_completion_tokens.map(|asked| ("max_completion_tokens", asked)).or(older);
     let longest_reply = super::longest_reply(&state.config, asked)?;
     let wants_logprobs = sampling.wants_logprobs();
     let prompt = Prompt { model: request.model.clone(), messages, sampling, longest_reply, images };

@@ -384,6 +384,7 @@ pub async fn events(
 }
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SocketQuery {
     /// Resume after this event id.
     pub last_event_id: Option<u64>,

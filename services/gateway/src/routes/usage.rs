@@ -18,6 +18,7 @@ use crate::views::{UsageReportView, UsageRowView};
 const DEFAULT_RANGE: time::Duration = time::Duration::days(30);
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// Start (inclusive), RFC 3339. Default: 30 days before `to`.
     pub from: Option<String>,

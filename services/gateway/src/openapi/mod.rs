@@ -1,5 +1,7 @@
 //! The OpenAPI 3.1 document, generated from the handlers' annotations and the view types.
 
+mod constraints;
+
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
@@ -56,13 +58,17 @@ impl Modify for BearerAuth {
 /// Error responses as the server sends them. Every error is `application/problem+json` (a `Problem`),
 /// except on the OpenAI- and Anthropic-compatible routes, whose errors keep those APIs' shapes as
 /// `application/json`; and
-/// every operation lists the errors any request to it can get, besides its own: 401 and 429 (and 503,
-/// a dependency unavailable) where credentials are needed, 400 and 413 where a body is read.
+/// every operation lists the errors any request to it can get, besides its own: 401 where credentials
+/// are needed, 429 and 503 (a dependency unavailable) on every `/v1/` route, 400 where a query or a
+/// header is read, 400 and 413 where a body is.
 struct ErrorResponses;
 
 impl Modify for ErrorResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        for item in openapi.paths.paths.values_mut() {
+        for (path, item) in &mut openapi.paths.paths {
+            // Every `/v1/` route is rate limited (per caller, or per address where there is none) and
+            // reaches services that may be down.
+            let limited = path.starts_with("/v1/");
             let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
             for operation in operations.into_iter().flatten() {
                 let openai = operation
@@ -91,8 +97,16 @@ impl Modify for ErrorResponses {
                 };
                 if operation.security.as_ref().is_some_and(|security| !security.is_empty()) {
                     add("401", "Missing, invalid or expired credentials (`unauthorized`)");
-                    add("429", "Over the caller's rate limit (`rate_limited`, with `Retry-After`)");
+                }
+                if limited {
+                    add("429", "Over the rate limit (`rate_limited`, with `Retry-After`)");
                     add("503", "A service behind the gateway is unavailable (`unavailable`, with `Retry-After`)");
+                }
+                let read_parameters = operation.parameters.iter().flatten().any(|parameter| {
+                    !matches!(parameter.parameter_in, utoipa::openapi::path::ParameterIn::Path)
+                });
+                if read_parameters {
+                    add("400", "Invalid input (`invalid_request`; `field` names it)");
                 }
                 if operation.request_body.is_some() {
                     add("400", "Invalid input (`invalid_request`; `field` names it)");
@@ -103,7 +117,15 @@ impl Modify for ErrorResponses {
     }
 }
 
-/// The document served at `/openapi.json`.
+/// The document as generated from the handlers and types alone.
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
+}
+
+/// The document served at `/openapi.json`: the generated one with this deployment's rules (lengths,
+/// patterns, ranges, its models and tiers; see [`constraints`]).
+pub fn served_document(config: &parley_platform::Config) -> serde_json::Value {
+    let mut document = serde_json::to_value(openapi_document()).unwrap_or_default();
+    constraints::apply(&mut document, config);
+    document
 }
