@@ -102,9 +102,11 @@ impl Modify for ErrorResponses {
                     add("429", "Over the rate limit (`rate_limited`, with `Retry-After`)");
                     add("503", "A service behind the gateway is unavailable (`unavailable`, with `Retry-After`)");
                 }
-                let read_parameters = operation.parameters.iter().flatten().any(|parameter| {
-                    !matches!(parameter.parameter_in, utoipa::openapi::path::ParameterIn::Path)
-                });
+                let read_parameters = operation
+                    .parameters
+                    .iter()
+                    .flatten()
+                    .any(|parameter| !matches!(parameter.parameter_in, utoipa::openapi::path::ParameterIn::Path));
                 if read_parameters {
                     add("400", "Invalid input (`invalid_request`; `field` names it)");
                 }

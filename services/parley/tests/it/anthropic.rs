@@ -23,21 +23,26 @@ fn with_vision(config: &mut parley_platform::Config) {
 async fn the_official_anthropic_sdk_works_unchanged() {
     let (t, _anthropic) = start_with_anthropic(with_vision).await;
     let python = tools_dir().join("venv/bin/python");
-    for (email, model) in [("anthropic-sdk@example.com", "parley-fake"), ("claude-sdk@example.com", "claude-fake")] {
+    let models =
+        [("anthropic-sdk@example.com", "parley-fake", "served"), ("claude-sdk@example.com", "claude-fake", "refused")];
+    for (email, model, json_mode) in models {
         let env = vec![
             ("PARLEY_MODEL", model.to_owned()),
             ("PARLEY_EXPECTED_IMAGE", parley_fake_llm::reply_with_images("what is this", 1)),
+            ("PARLEY_JSON_MODE", json_mode.to_owned()),
         ];
         let session = run_sdk_script(&t, email, python.clone(), "anthropic_client.py", env).await;
         // Messages are accounted like any completion; counting tokens and the refused requests cost
-        // nothing: three plain (whole, streamed, raw events), the stopped one, three with tools, one
-        // with an image.
+        // nothing: three plain (whole, streamed, raw events), the stopped one, the short one, the
+        // structured one where it is served, three with tools, one with an image.
+        let expected = if json_mode == "served" { 10 } else { 9 };
         let usage = eventually("usage of the SDK calls", Duration::from_secs(10), || async {
             let (_, usage) = t.get(&session, "/v1/usage").await;
-            (usage["totals"]["requests"].as_i64()? >= 8 && usage["budget"]["day"]["reserved"] == 0).then_some(usage)
+            let settled = usage["budget"]["day"]["reserved"] == 0;
+            (usage["totals"]["requests"].as_i64()? >= expected && settled).then_some(usage)
         })
         .await;
-        assert_eq!(usage["totals"]["requests"], 8, "{model}: {usage}");
+        assert_eq!(usage["totals"]["requests"], expected, "{model}: {usage}");
         let (_, conversations) = t.get(&session, "/v1/conversations").await;
         assert_eq!(conversations["data"].as_array().unwrap().len(), 0);
     }

@@ -61,6 +61,26 @@ stopped = client.messages.create(
 cut = expected[: expected.index("fake model")]
 check(stopped.content[0].text == cut, f"stopped text: {stopped.content[0].text!r}")
 
+# A reply cut at max_tokens says so.
+short = client.messages.create(model=model, max_tokens=2, messages=messages)
+check(short.stop_reason == "max_tokens", f"short stop_reason: {short.stop_reason}")
+check(short.usage.output_tokens == 2, f"short usage: {short.usage}")
+
+# Structured output: a JSON schema for the reply, honoured where the model's providers can, refused
+# naming the parameter where they cannot (Anthropic's own API takes it, Parley's Anthropic provider
+# does not pass it on yet).
+schema = {"type": "object", "properties": {"reply": {"type": "string"}}, "required": ["reply"]}
+structured = {"output_config": {"format": {"type": "json_schema", "schema": schema}}}
+if os.environ.get("PARLEY_JSON_MODE") == "served":
+    shaped = client.messages.create(model=model, max_tokens=256, messages=messages, extra_body=structured)
+    check(json.loads(shaped.content[0].text) == {"reply": expected}, f"structured reply: {shaped.content}")
+else:
+    try:
+        client.messages.create(model=model, max_tokens=256, messages=messages, extra_body=structured)
+        check(False, "structured output raised no error on a model that cannot give it")
+    except anthropic.BadRequestError as error:
+        check("output_config.format" in error.body["error"]["message"], f"structured refusal: {error.body}")
+
 # Tools: the model calls one, the caller answers with its result, the model uses it.
 tools = [
     {
