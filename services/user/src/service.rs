@@ -191,6 +191,35 @@ fn to_proto(user: &UserRow) -> pb::User {
     }
 }
 
+/// The longest an account's owner waits because others guessed at its password.
+const MAX_ACCOUNT_DELAY: time::Duration = time::Duration::minutes(1);
+
+/// Whether a login may be tried now, and if not how long to wait and why. From an address with `max`
+/// failures on this account in the window, not until the window has passed: that address is guessing.
+/// From any other, once the account has `max` failures from anywhere, only a while after the last one,
+/// a second doubled for each failure past `max`, up to a minute: many addresses can only guess slowly,
+/// and the owner is delayed, never locked out.
+fn login_wait(
+    failures: &crate::storage::RecentFailures,
+    max: i64,
+    now: time::OffsetDateTime,
+) -> Option<(time::Duration, &'static str)> {
+    if failures.from_address >= max {
+        return Some((
+            FAILED_LOGIN_WINDOW,
+            "too many failed logins to this account from this address; try again later",
+        ));
+    }
+    let beyond = failures.for_account - max;
+    let last = failures.last?;
+    if beyond < 0 {
+        return None;
+    }
+    let delay = time::Duration::seconds(1_i64 << beyond.min(6)).min(MAX_ACCOUNT_DELAY);
+    let wait = last + delay - now;
+    wait.is_positive().then_some((wait, "many failed logins to this account; try again in a moment"))
+}
+
 fn wrong_credentials() -> UserError {
     ServiceError::new(ErrorCode::Unauthorized, "invalid email or password").into()
 }
@@ -226,12 +255,15 @@ impl pb::user_service_server::UserService for UserService {
         // An address that could not have registered is refused before it reaches the database (which
         // cannot hold some characters, NUL among them).
         let email = validation::email(&request.email).map_err(UserError::from)?;
-        let failures = self.storage.recent_failed_logins(&email, FAILED_LOGIN_WINDOW).await.map_err(UserError::from)?;
-        if failures >= self.config.auth.max_failed_logins {
+        let failures = self
+            .storage
+            .recent_failed_logins(&email, &request.client_ip, FAILED_LOGIN_WINDOW)
+            .await
+            .map_err(UserError::from)?;
+        let now = time::OffsetDateTime::now_utc();
+        if let Some((wait, why)) = login_wait(&failures, self.config.auth.max_failed_logins, now) {
             self.storage.audit(AuditEvent::new("login_locked").email(&email).ip(&request.client_ip)).await;
-            let error =
-                ServiceError::new(ErrorCode::RateLimited, "too many failed logins for this account; try again later")
-                    .retry_after(FAILED_LOGIN_WINDOW.whole_seconds() as u64);
+            let error = ServiceError::new(ErrorCode::RateLimited, why).retry_after(wait.whole_seconds().max(1) as u64);
             return Err(UserError::from(error).into());
         }
         let user = self.storage.user_by_email(&email).await.map_err(UserError::from)?;
@@ -435,5 +467,34 @@ impl pb::user_service_server::UserService for UserService {
         event.actor_id = Uuid::parse_str(&request.actor_id).ok();
         self.storage.audit(event).await;
         Ok(Response::new(to_proto(&updated)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::RecentFailures;
+
+    #[test]
+    fn a_guessing_address_is_stopped_and_the_owner_only_waits() {
+        let now = time::OffsetDateTime::now_utc();
+        let failures = |from_address, for_account, seconds_ago: i64| RecentFailures {
+            from_address,
+            for_account,
+            last: Some(now - time::Duration::seconds(seconds_ago)),
+        };
+        // Below the threshold, nobody waits.
+        assert_eq!(login_wait(&failures(2, 2, 0), 3, now), None);
+        // The address that failed three times waits out the window, whatever it sends.
+        assert_eq!(login_wait(&failures(3, 3, 600), 3, now).map(|(wait, _)| wait), Some(FAILED_LOGIN_WINDOW));
+        // Anyone else: a second after the last failure, doubling with each one past the threshold.
+        assert!(login_wait(&failures(0, 3, 0), 3, now).is_some());
+        assert_eq!(login_wait(&failures(0, 3, 2), 3, now), None);
+        let (wait, _) = login_wait(&failures(0, 5, 1), 3, now).unwrap();
+        assert_eq!(wait, time::Duration::seconds(3));
+        // Never more than a minute, however many addresses guessed.
+        let (wait, _) = login_wait(&failures(0, 500, 0), 3, now).unwrap();
+        assert_eq!(wait, MAX_ACCOUNT_DELAY);
+        assert_eq!(login_wait(&failures(0, 500, 61), 3, now), None);
     }
 }

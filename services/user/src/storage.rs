@@ -100,6 +100,16 @@ type TokenState = (Uuid, Uuid, OffsetDateTime, Option<OffsetDateTime>, Option<Of
 
 const USER_COLUMNS: &str = "id, email, display_name, password_hash, role, tier, created_at";
 
+/// Failed logins to one account within the lockout window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecentFailures {
+    /// From the address now trying.
+    pub from_address: i64,
+    /// From every address.
+    pub for_account: i64,
+    pub last: Option<time::OffsetDateTime>,
+}
+
 #[derive(Clone)]
 pub struct Storage {
     pool: PgPool,
@@ -417,16 +427,23 @@ impl Storage {
     }
 
     /// Failed logins for `email` within `window`.
-    pub async fn recent_failed_logins(&self, email: &str, window: time::Duration) -> Result<i64, sqlx::Error> {
-        let (count,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM identity.audit_log
-             WHERE event = 'login_failed' AND email = lower($1) AND at > now() - $2",
+    /// The failed logins to `email` within `window`: from `client_ip`, from anywhere, and the last one.
+    pub async fn recent_failed_logins(
+        &self,
+        email: &str,
+        client_ip: &str,
+        window: time::Duration,
+    ) -> Result<RecentFailures, sqlx::Error> {
+        let (from_address, for_account, last): (i64, i64, Option<time::OffsetDateTime>) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE client_ip = $2), count(*), max(at) FROM identity.audit_log
+             WHERE event = 'login_failed' AND email = lower($1) AND at > now() - $3",
         )
         .bind(email)
+        .bind(client_ip)
         .bind(window)
         .fetch_one(&self.pool)
         .await?;
-        Ok(count)
+        Ok(RecentFailures { from_address, for_account, last })
     }
 
     pub async fn insert_signing_key(

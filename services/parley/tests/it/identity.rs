@@ -95,6 +95,66 @@ async fn expired_and_misaddressed_tokens_are_refused_even_when_properly_signed()
     t.stop().await;
 }
 
+/// A login from `address`, as a proxy in front of the gateway reports it.
+async fn login_from(t: &TestPlatform, address: &str, email: &str, password: &str) -> (StatusCode, Value, Option<u64>) {
+    let response = t
+        .http
+        .post(t.url("/v1/auth/login"))
+        .header("x-forwarded-for", address)
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap();
+    let retry_after = response.headers().get("retry-after").and_then(|value| value.to_str().ok()?.parse().ok());
+    let (status, body) = read(response).await;
+    (status, body, retry_after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_guessing_a_password_is_stopped_without_locking_the_owner_out() {
+    let t = TestPlatform::start_with(
+        |config| {
+            config.auth.max_failed_logins = 3;
+            config.http.trusted_proxy_hops = 1;
+        },
+        &Service::ALL,
+    )
+    .await;
+    t.register("owner@example.com").await;
+    let (owner, right, wrong) = ("198.51.100.7", "correct horse battery", "guess guess guess");
+    for _ in 0..3 {
+        let (status, _, _) = login_from(&t, "203.0.113.9", "owner@example.com", wrong).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    // The guessing address is stopped for the whole window, even with the right password.
+    let (status, body, retry_after) = login_from(&t, "203.0.113.9", "owner@example.com", right).await;
+    assert_problem(status, &body, 429, "rate_limited");
+    assert_eq!(retry_after, Some(15 * 60));
+    // The owner, elsewhere, waits a second after the last failure at most, then logs in.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, body, _) = login_from(&t, owner, "owner@example.com", right).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Many addresses guessing: each failure past the threshold doubles the wait before the next try,
+    // from anywhere (here 2, then 4 seconds), so guesses slow to one a minute at most.
+    for (index, expected_wait) in [(1, 2), (2, 4)] {
+        let guesser = format!("192.0.2.{index}");
+        let (status, _, _) = login_from(&t, &guesser, "owner@example.com", wrong).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, body, retry_after) = login_from(&t, owner, "owner@example.com", right).await;
+        assert_problem(status, &body, 429, "rate_limited");
+        let retry_after = retry_after.unwrap();
+        assert!(
+            (1..=expected_wait).contains(&retry_after),
+            "Retry-After {retry_after}, expected at most {expected_wait}"
+        );
+        tokio::time::sleep(Duration::from_secs(expected_wait)).await;
+    }
+    let (status, body, _) = login_from(&t, owner, "owner@example.com", right).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn brute_force_on_an_account_is_stopped_and_everything_is_in_the_audit_log() {
     let t = TestPlatform::start_with(|config| config.auth.max_failed_logins = 3, &Service::ALL).await;
