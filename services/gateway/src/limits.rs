@@ -98,22 +98,59 @@ fn local_decision(tats: &mut HashMap<String, u64>, key: &str, limit: u32, now_us
 /// How often the in-memory limits forget keys whose allowance is whole again.
 const LOCAL_SWEEP_EVERY_US: u64 = 1_000_000;
 
+/// The most keys a replica limits in memory at once while Redis is unreachable.
+const LOCAL_KEYS: usize = 100_000;
+/// The most signatures a replica remembers while Redis is unreachable (within [`SIGNATURE_MEMORY`]).
+const LOCAL_SIGNATURES: usize = 100_000;
+
 /// The limits a replica keeps in memory while Redis is unreachable. A key whose allowance is whole
 /// again decides exactly as an absent one, so it is forgotten (swept at most once a second): memory
-/// holds only the keys used within the last period, however many client addresses an outage sees.
-#[derive(Default)]
+/// holds only the keys used within the last period. And at most `capacity` of them: past it, a key
+/// not held is decided as a new one and not kept, so a flood of addresses during an outage costs no
+/// memory beyond the cap (each of them could have had a whole allowance anyway).
 struct LocalLimits {
     tats: HashMap<String, u64>,
     next_sweep_us: u64,
+    capacity: usize,
 }
 
 impl LocalLimits {
+    fn new(capacity: usize) -> Self {
+        Self { tats: HashMap::new(), next_sweep_us: 0, capacity }
+    }
+
     fn decide(&mut self, key: &str, limit: u32, now_us: u64) -> Decision {
         if now_us >= self.next_sweep_us {
             self.tats.retain(|_, tat| *tat > now_us);
             self.next_sweep_us = now_us + LOCAL_SWEEP_EVERY_US;
         }
+        if self.tats.len() >= self.capacity && !self.tats.contains_key(key) {
+            return local_decision(&mut HashMap::new(), key, limit, now_us);
+        }
         local_decision(&mut self.tats, key, limit, now_us)
+    }
+}
+
+/// Signatures seen while Redis is unreachable, to refuse their replay: each kept [`SIGNATURE_MEMORY`],
+/// at most `capacity`. Past it a new signature is refused (as if replayed) until older ones expire:
+/// replay protection fails closed rather than growing without bound.
+struct LocalSignatures {
+    seen: HashMap<String, Instant>,
+    capacity: usize,
+}
+
+impl LocalSignatures {
+    fn first_use(&mut self, token: &str) -> bool {
+        if self.seen.len() >= self.capacity {
+            self.seen.retain(|_, at| at.elapsed() < SIGNATURE_MEMORY);
+        }
+        match self.seen.get(token) {
+            Some(at) if at.elapsed() < SIGNATURE_MEMORY => false,
+            // Seen long enough ago that its timestamp is stale anyway: remembered afresh.
+            Some(_) => self.seen.insert(token.to_owned(), Instant::now()).is_some(),
+            None if self.seen.len() >= self.capacity => false,
+            None => self.seen.insert(token.to_owned(), Instant::now()).is_none(),
+        }
     }
 }
 
@@ -130,7 +167,7 @@ pub struct RateLimiter {
     started: Instant,
     local: Mutex<LocalLimits>,
     degraded: std::sync::atomic::AtomicBool,
-    seen_locally: Mutex<HashMap<String, Instant>>,
+    seen_locally: Mutex<LocalSignatures>,
 }
 
 impl RateLimiter {
@@ -149,9 +186,9 @@ impl RateLimiter {
             prefix: prefix.to_owned(),
             replicas: expected_replicas.max(1),
             started: Instant::now(),
-            local: Mutex::new(LocalLimits::default()),
+            local: Mutex::new(LocalLimits::new(LOCAL_KEYS)),
             degraded: std::sync::atomic::AtomicBool::new(false),
-            seen_locally: Mutex::new(HashMap::new()),
+            seen_locally: Mutex::new(LocalSignatures { seen: HashMap::new(), capacity: LOCAL_SIGNATURES }),
         }
     }
 
@@ -200,9 +237,7 @@ impl RateLimiter {
                 Ok(Err(_)) | Err(_) => self.forget_connection().await,
             }
         }
-        let mut seen = self.seen_locally.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        seen.retain(|_, at| at.elapsed() < SIGNATURE_MEMORY);
-        seen.insert(token.to_owned(), Instant::now()).is_none()
+        self.seen_locally.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).first_use(token)
     }
 
     /// Decides whether one more request for `key` fits `limit` a minute.
@@ -280,7 +315,7 @@ mod tests {
 
     #[test]
     fn keys_whose_allowance_is_whole_again_are_forgotten() {
-        let mut local = LocalLimits::default();
+        let mut local = LocalLimits::new(LOCAL_KEYS);
         for address in 0..1000 {
             assert!(local.decide(&format!("ip:{address}"), 60, 0).allowed);
         }
@@ -296,5 +331,32 @@ mod tests {
         assert!(local.decide("ip:other", 60, 2_500_000).allowed);
         assert!(local.tats.contains_key("ip:busy"));
         assert!(!local.tats.contains_key("ip:new"));
+    }
+
+    #[test]
+    fn the_local_limits_hold_at_most_their_capacity() {
+        let mut local = LocalLimits::new(100);
+        for address in 0..10_000 {
+            assert!(local.decide(&format!("ip:{address}"), 60, 0).allowed);
+        }
+        assert_eq!(local.tats.len(), 100);
+        // The keys held are still limited; one past the cap is decided as new, and not kept.
+        for _ in 0..59 {
+            local.decide("ip:0", 60, 0);
+        }
+        assert!(!local.decide("ip:0", 60, 0).allowed);
+        assert!(local.decide("ip:10000", 60, 0).allowed);
+        assert_eq!(local.tats.len(), 100);
+    }
+
+    #[test]
+    fn remembered_signatures_are_refused_and_bounded() {
+        let mut local = LocalSignatures { seen: HashMap::new(), capacity: 3 };
+        assert!(local.first_use("a"));
+        assert!(!local.first_use("a"), "a replay");
+        assert!(local.first_use("b") && local.first_use("c"));
+        // Full, with nothing expired: a new signature is refused rather than kept.
+        assert!(!local.first_use("d"));
+        assert_eq!(local.seen.len(), 3);
     }
 }
