@@ -275,15 +275,16 @@ impl Agent {
     /// Charges and reports a completion, retrying a few times: the caller has its reply already, so
     /// nothing is waiting, and a charge is worth a second try (both steps are idempotent).
     async fn account_completion(&self, job: &AiJob, model: &str, answer: &Answer) {
-        let mut delay = Duration::from_millis(100);
+        // Waits of 1, 2, 4 and 8 s between five tries: about a quarter of a minute in all.
+        let mut backoff = parley_platform::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
         for attempt in 1..=5 {
             match self.charge_and_report(job, model, answer).await {
                 Ok(()) => return,
-                Err(error) => {
+                Err(error) if attempt < 5 => {
                     tracing::warn!(%error, attempt, "could not account for a completion; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 4;
+                    tokio::time::sleep(backoff.next_wait()).await;
                 }
+                Err(error) => tracing::warn!(%error, attempt, "could not account for a completion"),
             }
         }
         tracing::error!("a completion could not be accounted for; its reservation expires by itself");

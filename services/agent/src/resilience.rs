@@ -228,9 +228,12 @@ pub fn backoff(config: &RetryConfig, attempt: u32, retry_after: Option<Duration>
     if let Some(asked) = retry_after {
         return asked.min(Duration::from_millis(config.max_delay_ms));
     }
-    let ceiling =
-        config.base_delay_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(20)).min(config.max_delay_ms);
-    Duration::from_millis(random_below(ceiling + 1))
+    let ceiling = parley_platform::backoff::exponential(
+        Duration::from_millis(config.base_delay_ms),
+        Duration::from_millis(config.max_delay_ms),
+        attempt,
+    );
+    Duration::from_millis(random_below(ceiling.as_millis() as u64 + 1))
 }
 
 fn random_below(bound: u64) -> u64 {

@@ -391,8 +391,8 @@ async fn hand_back_pulled(messages: &mut std::pin::Pin<&mut jetstream::consumer:
 
 /// Exponential redelivery delay: 1 s, 2 s, 4 s ... capped at 30 s.
 fn retry_delay(delivered: i64) -> Duration {
-    let exponent = delivered.clamp(1, 6) - 1;
-    Duration::from_secs(1u64 << exponent).min(Duration::from_secs(30))
+    let attempt = u32::try_from(delivered.max(1)).unwrap_or(u32::MAX);
+    parley_platform::backoff::exponential(Duration::from_secs(1), Duration::from_secs(30), attempt)
 }
 
 #[cfg(test)]

@@ -1,9 +1,18 @@
 //! Waiting before trying again after a dependency failed: an exponential backoff that doubles from a
-//! first wait up to a cap, starts over after a success, and is cut short by shutdown.
+//! first wait up to a cap, starts over after a success, and is cut short by shutdown. [`exponential`]
+//! is the same rule for callers that count their attempts themselves; every exponential wait in Parley
+//! is one of these two.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+
+/// The wait before try number `attempt` (1 for the first retry): `first`, doubled for each try after
+/// it, at most `max`.
+pub fn exponential(first: Duration, max: Duration, attempt: u32) -> Duration {
+    let doublings = attempt.saturating_sub(1).min(30);
+    first.saturating_mul(1 << doublings).min(max)
+}
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -20,7 +29,7 @@ impl Backoff {
     /// The wait before the next attempt; each call doubles the one after it, up to the cap.
     pub fn next_wait(&mut self) -> Duration {
         let wait = self.next;
-        self.next = (self.next * 2).min(self.max);
+        self.next = exponential(self.next, self.max, 2);
         wait
     }
 
@@ -50,6 +59,15 @@ mod tests {
         assert_eq!(waits, [100, 200, 400, 500, 500]);
         backoff.reset();
         assert_eq!(backoff.next_wait(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn counted_attempts_wait_the_same() {
+        let (first, max) = (Duration::from_secs(1), Duration::from_secs(30));
+        let waits: Vec<u64> = (1..=7).map(|attempt| exponential(first, max, attempt).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(exponential(first, max, 0), first);
+        assert_eq!(exponential(first, Duration::MAX, u32::MAX), Duration::from_secs(1 << 30));
     }
 
     #[tokio::test]

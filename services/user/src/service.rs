@@ -215,7 +215,12 @@ fn login_wait(
     if beyond < 0 {
         return None;
     }
-    let delay = time::Duration::seconds(1_i64 << beyond.min(6)).min(MAX_ACCOUNT_DELAY);
+    let delay = parley_platform::backoff::exponential(
+        std::time::Duration::from_secs(1),
+        MAX_ACCOUNT_DELAY.unsigned_abs(),
+        u32::try_from(beyond + 1).unwrap_or(u32::MAX),
+    );
+    let delay = time::Duration::try_from(delay).unwrap_or(MAX_ACCOUNT_DELAY);
     let wait = last + delay - now;
     wait.is_positive().then_some((wait, "many failed logins to this account; try again in a moment"))
 }
