@@ -37,9 +37,19 @@ fn stored_reply(message: &chat_pb::Message) -> Option<StoredReply> {
     })
 }
 
-/// The usage event of a job's call, stamped now, carrying `charged_tokens` against the job's
-/// reservation; what the call itself reported (tokens, provider, timings) is the caller's to fill in.
+/// The usage event of a job's call, carrying `charged_tokens` against the job's reservation; what the
+/// call itself reported (tokens, provider, timings) is the caller's to fill in. It is dated by its id
+/// (a UUIDv7 carries the millisecond it was made: when the request came), not by when it is sent, so
+/// an event sent again, however much later, is the same row to analytics (whose key is the id and the
+/// time) and is counted once.
 fn usage_event(job: &AiJob, model: &str, outcome: &str, charged_tokens: i64) -> UsageEvent {
+    let occurred_at_ms = job.message_id.get_timestamp().map_or_else(
+        || (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+        |stamp| {
+            let (secs, nanos) = stamp.to_unix();
+            secs as i64 * 1000 + i64::from(nanos / 1_000_000)
+        },
+    );
     UsageEvent {
         event_id: job.message_id,
         user_id: job.user_id,
@@ -53,7 +63,7 @@ fn usage_event(job: &AiJob, model: &str, outcome: &str, charged_tokens: i64) -> 
         time_to_first_token_ms: None,
         cache_hit: false,
         outcome: outcome.to_owned(),
-        occurred_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+        occurred_at_ms,
         settlement: Some(Settlement { reservation_id: job.reservation_id, tokens: charged_tokens }),
     }
 }
@@ -288,5 +298,32 @@ impl Agent {
             MessageEvent::Failed { message_id: job.message_id, code: code.to_owned(), detail: detail.to_owned() };
         self.publish_event(&subject, &event).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_sent_again_later_is_the_same_event() {
+        let job = AiJob {
+            job_id: Uuid::now_v7(),
+            message_id: Uuid::now_v7(),
+            conversation_id: Uuid::nil(),
+            user_id: Uuid::now_v7(),
+            model: "m".to_owned(),
+            tier: "free".to_owned(),
+            sampling: Default::default(),
+            cache: parley_platform::events::CacheDirective { read: true, write: true },
+            reservation_id: None,
+            max_tokens: None,
+        };
+        let first = usage_event(&job, "m", "completed", 5);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let again = usage_event(&job, "m", "completed", 5);
+        assert_eq!((first.event_id, first.occurred_at_ms), (again.event_id, again.occurred_at_ms));
+        let made = job.message_id.get_timestamp().unwrap().to_unix().0 as i64;
+        assert_eq!(first.occurred_at_ms / 1000, made);
     }
 }
