@@ -15,6 +15,7 @@ pub enum CursorKind {
     Conversations = 1,
     Messages = 2,
     ApiKeys = 3,
+    Audit = 4,
 }
 
 /// Page sizes every list honours: the default when the client names none, and the most it may ask.

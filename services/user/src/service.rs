@@ -409,6 +409,49 @@ impl pb::user_service_server::UserService for UserService {
         Ok(Response::new(pb::ApiKeys { api_keys: keys.into_iter().map(api_key_to_proto).collect(), next_cursor }))
     }
 
+    async fn list_audit(&self, request: Request<pb::ListAuditRequest>) -> Result<Response<pb::AuditEntries>, Status> {
+        let request = request.into_inner();
+        let time = |field: &str, at: Option<&prost_types::Timestamp>| match at {
+            None => Ok(None),
+            Some(at) => timestamps::from_proto(at)
+                .map(Some)
+                .ok_or_else(|| UserError::from(ServiceError::invalid_field(field, "is not a time"))),
+        };
+        let account = request.account.as_deref().map(str::trim).filter(|account| !account.is_empty());
+        let (user_id, email) = match account.map(|account| (Uuid::parse_str(account), account)) {
+            None => (None, None),
+            Some((Ok(id), _)) => (Some(id), None),
+            Some((Err(_), email)) => (None, Some(email.to_owned())),
+        };
+        let filter = crate::storage::AuditFilter {
+            user_id,
+            email,
+            event: request.event.filter(|event| !event.is_empty()),
+            from: time("from", request.from.as_ref())?,
+            to: time("to", request.to.as_ref())?,
+        };
+        let after = self.cursors.read(CursorKind::Audit, request.cursor.as_deref()).map_err(UserError::from)?;
+        let limit = page_size(request.limit);
+        let mut rows =
+            self.storage.audit_entries(&filter, after, i64::from(limit) + 1).await.map_err(UserError::from)?;
+        let next_cursor =
+            self.cursors.next_page(CursorKind::Audit, &mut rows, limit, |last| Position { at: last.at, id: last.id });
+        let entries = rows
+            .into_iter()
+            .map(|row| pb::AuditEntry {
+                id: row.id.to_string(),
+                at: Some(timestamps::to_proto(row.at)),
+                event: row.event,
+                user_id: row.user_id.map(|id| id.to_string()),
+                actor_id: row.actor_id.map(|id| id.to_string()),
+                email: row.email,
+                client_ip: row.client_ip,
+                detail: if row.detail.is_null() { "{}".to_owned() } else { row.detail.to_string() },
+            })
+            .collect();
+        Ok(Response::new(pb::AuditEntries { entries, next_cursor }))
+    }
+
     async fn revoke_api_key(
         &self,
         request: Request<pb::RevokeApiKeyRequest>,

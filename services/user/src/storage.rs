@@ -26,6 +26,29 @@ pub struct ApiKeyRow {
     pub last_used_at: Option<OffsetDateTime>,
 }
 
+/// One audit log entry, as read back.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AuditRow {
+    pub id: Uuid,
+    pub at: OffsetDateTime,
+    pub event: String,
+    pub user_id: Option<Uuid>,
+    pub actor_id: Option<Uuid>,
+    pub email: Option<String>,
+    pub client_ip: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// Which audit entries to read: each filter set narrows them.
+#[derive(Debug, Default, Clone)]
+pub struct AuditFilter {
+    pub user_id: Option<Uuid>,
+    pub email: Option<String>,
+    pub event: Option<String>,
+    pub from: Option<OffsetDateTime>,
+    pub to: Option<OffsetDateTime>,
+}
+
 /// The owner of a live API key.
 #[derive(Debug, sqlx::FromRow)]
 pub struct ApiKeyOwner {
@@ -297,6 +320,35 @@ impl Storage {
              ORDER BY created_at DESC, id DESC LIMIT $4",
         )
         .bind(user_id)
+        .bind(after.map(|position| position.at))
+        .bind(after.map(|position| position.id))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Audit entries matching `filter`, newest first, after `after`.
+    pub async fn audit_entries(
+        &self,
+        filter: &AuditFilter,
+        after: Option<Position>,
+        limit: i64,
+    ) -> Result<Vec<AuditRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT id, at, event, user_id, actor_id, email, client_ip, detail FROM identity.audit_log
+             WHERE ($1::uuid IS NULL OR user_id = $1)
+               AND ($2::text IS NULL OR email = lower($2))
+               AND ($3::text IS NULL OR event = $3)
+               AND ($4::timestamptz IS NULL OR at >= $4)
+               AND ($5::timestamptz IS NULL OR at < $5)
+               AND ($6::timestamptz IS NULL OR (at, id) < ($6, $7))
+             ORDER BY at DESC, id DESC LIMIT $8",
+        )
+        .bind(filter.user_id)
+        .bind(filter.email.as_deref())
+        .bind(filter.event.as_deref())
+        .bind(filter.from)
+        .bind(filter.to)
         .bind(after.map(|position| position.at))
         .bind(after.map(|position| position.id))
         .bind(limit)

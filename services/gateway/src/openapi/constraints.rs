@@ -118,6 +118,11 @@ pub fn apply(document: &mut Value, config: &Config) {
         ("/v1/admin/usage", "get", "from", time()),
         ("/v1/admin/usage", "get", "to", time()),
         ("/v1/api-keys", "get", "limit", or_empty(json!({"type": "integer", "minimum": 1, "maximum": 100}))),
+        ("/v1/admin/audit", "get", "limit", or_empty(json!({"type": "integer", "minimum": 1, "maximum": 100}))),
+        ("/v1/admin/audit", "get", "from", time()),
+        ("/v1/admin/audit", "get", "to", time()),
+        ("/v1/admin/audit", "get", "account", json!({"type": "string", "pattern": NO_NUL})),
+        ("/v1/admin/audit", "get", "event", json!({"type": "string", "pattern": NO_NUL})),
         ("/v1/conversations", "get", "limit", or_empty(json!({"type": "integer", "minimum": 1, "maximum": 100}))),
         (
             "/v1/conversations/{id}/messages",

@@ -2,6 +2,7 @@
 
 pub mod anthropic;
 pub mod api_keys;
+pub mod audit;
 pub mod completion;
 pub mod conversations;
 pub mod embeddings;
@@ -52,6 +53,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/usage", get(usage::own))
         .route("/v1/admin/usage", get(usage::admin))
+        .route("/v1/admin/audit", get(audit::list))
         .route("/v1/admin/users/{id}/tier", put(identity::set_tier))
 }
 
@@ -103,6 +105,16 @@ pub struct PageQuery {
     pub limit: Option<String>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
+}
+
+/// A time in a query string (`from`, `to`): RFC 3339, or nothing when absent or empty.
+pub fn query_time(field: &str, value: Option<&str>) -> Result<Option<time::OffsetDateTime>, ApiError> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(text) => parley_platform::timestamps::parse_rfc3339(text)
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid_field(field, "must be an RFC 3339 time such as 2026-01-31T00:00:00Z")),
+    }
 }
 
 /// A query string that could not be read is a 400, like any other malformed input.

@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use parley_platform::ErrorCode;
-use parley_platform::timestamps::{parse_rfc3339, rfc3339, to_proto};
+use parley_platform::timestamps::{rfc3339, to_proto};
 use parley_proto::analytics::v1 as pb;
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -36,16 +36,8 @@ struct Range {
 }
 
 fn parse_range(query: &UsageQuery, allow_user: bool) -> Result<Range, ApiError> {
-    let parse = |field: &str, value: &Option<String>| -> Result<Option<OffsetDateTime>, ApiError> {
-        match value.as_deref() {
-            None | Some("") => Ok(None),
-            Some(text) => parse_rfc3339(text)
-                .map(Some)
-                .ok_or_else(|| ApiError::invalid_field(field, "must be an RFC 3339 time such as 2026-01-31T00:00:00Z")),
-        }
-    };
-    let to = parse("to", &query.to)?.unwrap_or_else(OffsetDateTime::now_utc);
-    let from = parse("from", &query.from)?.unwrap_or(to - DEFAULT_RANGE);
+    let to = super::query_time("to", query.to.as_deref())?.unwrap_or_else(OffsetDateTime::now_utc);
+    let from = super::query_time("from", query.from.as_deref())?.unwrap_or(to - DEFAULT_RANGE);
     if from >= to {
         return Err(ApiError::invalid_field("from", "must be before to"));
     }

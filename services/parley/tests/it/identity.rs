@@ -270,3 +270,52 @@ fn open_sealed(stored: &[u8]) -> Vec<u8> {
     let plain = key.open_in_place(Nonce::try_assume_unique_for_key(nonce).unwrap(), Aad::empty(), &mut buffer).unwrap();
     plain.to_vec()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_read_the_audit_log_by_account_event_and_time_a_page_at_a_time() {
+    let t = TestPlatform::start_with(
+        |config| config.auth.admin_emails = vec!["boss@example.com".to_owned()],
+        &Service::ALL,
+    )
+    .await;
+    let boss = t.register("boss@example.com").await;
+    let victim = t.register("audited@example.com").await;
+    for _ in 0..2 {
+        login(&t, "audited@example.com", "guess guess guess").await;
+    }
+    let (status, _) = t.post(&victim, "/v1/api-keys", json!({"name": "audited"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // Not for everyone.
+    let (status, body) = t.get(&victim, "/v1/admin/audit").await;
+    assert_problem(status, &body, 403, "forbidden");
+
+    let events = |page: &Value| -> Vec<String> {
+        page["data"].as_array().unwrap().iter().map(|entry| entry["event"].as_str().unwrap().to_owned()).collect()
+    };
+    // By account id: what happened to the account, newest first.
+    let (status, page) = t.get(&boss, &format!("/v1/admin/audit?account={}", victim.user_id)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(events(&page), ["api_key_created", "login_failed", "login_failed", "registered"]);
+    assert_eq!(page["data"][0]["client_ip"], "127.0.0.1");
+    assert!(page["data"][0]["detail"]["api_key_id"].is_string(), "{page}");
+    // By email and event.
+    let (_, page) = t.get(&boss, "/v1/admin/audit?account=Audited@Example.com&event=login_failed").await;
+    assert_eq!(events(&page), ["login_failed", "login_failed"]);
+    // A page at a time, each entry once.
+    let (_, first) = t.get(&boss, &format!("/v1/admin/audit?account={}&limit=3", victim.user_id)).await;
+    let cursor = first["next_cursor"].as_str().expect("a next page").to_owned();
+    let (_, second) =
+        t.get(&boss, &format!("/v1/admin/audit?account={}&limit=3&cursor={cursor}", victim.user_id)).await;
+    assert_eq!(events(&second), ["registered"]);
+    assert!(second["next_cursor"].is_null());
+    // By time: nothing has happened in the future; a bad time or a foreign cursor is a 400.
+    let (_, page) = t.get(&boss, "/v1/admin/audit?from=2999-01-01T00:00:00Z").await;
+    assert_eq!(events(&page), Vec::<String>::new());
+    let (status, body) = t.get(&boss, "/v1/admin/audit?to=yesterday").await;
+    assert_problem(status, &body, 400, "invalid_request");
+    assert_eq!(body["field"], "to");
+    let (status, body) = t.get(&boss, "/v1/admin/audit?cursor=AAAA").await;
+    assert_problem(status, &body, 400, "invalid_request");
+    t.stop().await;
+}
