@@ -7,7 +7,7 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes::{
-    anthropic, api_keys, audit, conversations, embeddings, identity, messages, openai, ops, streaming, usage,
+    anthropic, api_keys, audit, conversations, embeddings, export, identity, messages, openai, ops, streaming, usage,
 };
 
 #[derive(OpenApi)]
@@ -16,7 +16,7 @@ use crate::routes::{
     paths(
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
         identity::register, identity::login, identity::refresh, identity::logout, identity::me, identity::jwks,
-        identity::set_tier,
+        identity::set_tier, export::export,
         api_keys::create, api_keys::list, api_keys::revoke,
         conversations::create, conversations::list, conversations::get, conversations::update, conversations::delete,
         messages::send, messages::list, messages::get, streaming::events, streaming::websocket,

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod completion;
 pub mod conversations;
 pub mod embeddings;
+pub mod export;
 pub mod identity;
 pub mod messages;
 pub mod openai;
@@ -35,6 +36,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/auth/refresh", post(identity::refresh))
         .route("/v1/auth/logout", post(identity::logout))
         .route("/v1/me", get(identity::me))
+        .route("/v1/me/export", get(export::export))
         .route("/v1/api-keys", post(api_keys::create).get(api_keys::list))
         .route("/v1/api-keys/{id}", axum::routing::delete(api_keys::revoke))
         .route("/v1/conversations", post(conversations::create).get(conversations::list))

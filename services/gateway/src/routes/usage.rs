@@ -73,6 +73,17 @@ fn row_view(row: pb::UsageRow, group_by: Option<pb::GroupBy>) -> UsageRowView {
     }
 }
 
+/// One user's usage by day from `from` to `to` (the account export's).
+pub(super) async fn daily(
+    state: &AppState,
+    user_id: String,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+) -> ApiResult<UsageReportView> {
+    let range = Range { from, to, group_by: pb::GroupBy::Day, group_name: "day" };
+    report(state, Some(user_id), range).await.map(|Json(report)| report)
+}
+
 async fn report(state: &AppState, user_id: Option<String>, range: Range) -> ApiResult<Json<UsageReportView>> {
     let request = pb::GetUsageRequest {
         user_id,

@@ -175,3 +175,59 @@ async fn refresh_tokens_rotate_and_a_reused_one_revokes_the_family() {
 
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_exports_everything_it_holds_as_one_document() {
+    let t = TestPlatform::start().await;
+    let session = t.register("exporter@example.com").await;
+    let (status, _) = t.post(&session, "/v1/api-keys", json!({"name": "laptop"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut sent = Vec::new();
+    for title in ["first", "second"] {
+        let conversation = t.create_conversation(&session, title).await;
+        for text in ["one", "two"] {
+            let content = format!("{title} {text}");
+            let (status, body) = t
+                .post(&session, &format!("/v1/conversations/{conversation}/messages"), json!({"content": content}))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            sent.push(content);
+        }
+    }
+    // Someone else's data is not in it.
+    let other = t.register("other@example.com").await;
+    t.create_conversation(&other, "not mine").await;
+
+    let usage = eventually("the replies' usage", Duration::from_secs(10), || async {
+        let (_, usage) = t.get(&session, "/v1/usage").await;
+        (usage["totals"]["requests"] == 4).then_some(usage)
+    })
+    .await;
+    let response = t.http.get(t.url("/v1/me/export")).bearer_auth(&session.token).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-disposition"], "attachment; filename=\"parley-export.json\"");
+    let export: Value = response.json().await.unwrap();
+    assert_eq!(export["user"]["email"], "exporter@example.com");
+    assert_eq!(export["api_keys"][0]["name"], "laptop");
+    assert!(export["api_keys"][0].get("key").is_none(), "no secret leaves: {export}");
+    let conversations = export["conversations"].as_array().unwrap();
+    assert_eq!(conversations.len(), 2, "{export}");
+    let mut users_words: Vec<String> = conversations
+        .iter()
+        .flat_map(|conversation| conversation["messages"].as_array().unwrap().iter())
+        .filter(|message| message["role"] == "user")
+        .map(|message| message["content"].as_str().unwrap().to_owned())
+        .collect();
+    users_words.sort();
+    sent.sort();
+    assert_eq!(users_words, sent);
+    for conversation in conversations {
+        let messages = conversation["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 4, "both exchanges, oldest first: {conversation}");
+        assert_eq!(messages[0]["role"], "user");
+        assert_eq!(messages[1]["role"], "assistant");
+        assert_eq!(messages[1]["content"], parley_fake_llm::reply_for(messages[0]["content"].as_str().unwrap()));
+    }
+    assert_eq!(export["usage"]["totals"], usage["totals"], "{export}");
+    t.stop().await;
+}

@@ -1,0 +1,101 @@
+//! `GET /v1/me/export`: everything Parley holds about the caller, as one JSON document they can keep
+//! or take elsewhere: the account, its API keys (never their secrets), every conversation with every
+//! message, and the usage by day since the account was made.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use parley_platform::cursor::MAX_PAGE;
+use parley_platform::timestamps::{parse_rfc3339, rfc3339};
+use parley_proto::chat::v1 as chat_pb;
+use parley_proto::user::v1 as user_pb;
+use serde::Serialize;
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+use super::api_keys::ApiKeyView;
+use crate::AppState;
+use crate::auth::Caller;
+use crate::problem::ApiResult;
+use crate::views::{ConversationView, MessageView, UsageReportView, UserView};
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExportView {
+    pub exported_at: String,
+    pub user: UserView,
+    pub api_keys: Vec<ApiKeyView>,
+    pub conversations: Vec<ExportedConversationView>,
+    pub usage: UsageReportView,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExportedConversationView {
+    #[serde(flatten)]
+    pub conversation: ConversationView,
+    /// Every message, oldest first.
+    pub messages: Vec<MessageView>,
+}
+
+/// Export the caller's account: profile, API keys, conversations with their messages, and usage.
+#[utoipa::path(get, path = "/v1/me/export", tag = "identity", security(("bearer" = [])), responses(
+    (status = 200, body = ExportView, headers(("Content-Disposition" = String, description = "attachment; filename=\"parley-export.json\""))),
+))]
+pub async fn export(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
+    let user_id = caller.user_id.to_string();
+    let user = state.backends.user.clone().get_user(user_pb::GetUserRequest { user_id: user_id.clone() }).await?;
+    let user = UserView::from(user.into_inner());
+    let mut api_keys = Vec::new();
+    let mut cursor = None;
+    loop {
+        let request = user_pb::ListApiKeysRequest { user_id: user_id.clone(), limit: MAX_PAGE, cursor };
+        let page = state.backends.user.clone().list_api_keys(request).await?.into_inner();
+        api_keys.extend(page.api_keys.into_iter().map(ApiKeyView::from));
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let mut conversations = Vec::new();
+    let mut cursor = None;
+    loop {
+        let request = chat_pb::ListConversationsRequest { user_id: user_id.clone(), limit: MAX_PAGE, cursor };
+        let page = state.backends.chat.clone().list_conversations(request).await?.into_inner();
+        for conversation in page.conversations {
+            let messages = all_messages(&state, &user_id, &conversation.id).await?;
+            conversations.push(ExportedConversationView { conversation: conversation.into(), messages });
+        }
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let now = OffsetDateTime::now_utc();
+    let since = user.created_at.as_deref().and_then(parse_rfc3339).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let usage = super::usage::daily(&state, user_id, since, now).await?;
+    let export = ExportView { exported_at: rfc3339(now), user, api_keys, conversations, usage };
+    let mut response = Json(export).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_DISPOSITION, HeaderValue::from_static("attachment; filename=\"parley-export.json\""));
+    Ok(response)
+}
+
+async fn all_messages(state: &AppState, user_id: &str, conversation_id: &str) -> ApiResult<Vec<MessageView>> {
+    let mut messages = Vec::new();
+    let mut cursor = None;
+    loop {
+        let request = chat_pb::ListMessagesRequest {
+            user_id: user_id.to_owned(),
+            conversation_id: conversation_id.to_owned(),
+            limit: MAX_PAGE,
+            cursor,
+        };
+        let page = state.backends.chat.clone().list_messages(request).await?.into_inner();
+        messages.extend(page.messages.into_iter().map(MessageView::from));
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            return Ok(messages);
+        }
+    }
+}
