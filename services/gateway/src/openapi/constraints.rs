@@ -108,7 +108,8 @@ pub fn apply(document: &mut Value, config: &Config) {
             "/v1/conversations/{id}/messages",
             "post",
             "Idempotency-Key",
-            json!({"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_CHARS, "pattern": "^[\\x21-\\x7e]([\\x20-\\x7e]*[\\x21-\\x7e])?$"}),
+            // Spaces at either end are HTTP's to trim, so only something besides them counts.
+            json!({"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_CHARS, "pattern": "^[\\x20-\\x7e]*[\\x21-\\x7e][\\x20-\\x7e]*$"}),
         ),
         ("/v1/messages/{id}/events", "get", "Last-Event-ID", json!({"type": "string", "pattern": "^[0-9]{1,18}$"})),
         ("/v1/usage", "get", "group_by", json!({"enum": ["", "day", "model"]})),

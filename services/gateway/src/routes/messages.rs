@@ -134,12 +134,13 @@ pub async fn send(
 ) -> ApiResult<Response> {
     let idempotency_key = match headers.get(IDEMPOTENCY_KEY) {
         None => None,
-        Some(value) => Some(
-            value
-                .to_str()
-                .map(str::to_owned)
-                .map_err(|_| ApiError::invalid_field("Idempotency-Key", "must be printable ASCII"))?,
-        ),
+        // Printable ASCII, spaces inside included (HTTP has already trimmed the ends); no tabs.
+        Some(value) if !value.is_empty() && value.as_bytes().iter().all(|byte| (0x20..=0x7e).contains(byte)) => {
+            Some(value.to_str().unwrap_or_default().to_owned())
+        }
+        Some(_) => {
+            return Err(ApiError::invalid_field("Idempotency-Key", "must be 1 to 255 printable ASCII characters"));
+        }
     };
     let sampling = body.sampling()?;
     if sampling.needs_provider_check() {

@@ -52,6 +52,8 @@ def main():
     parser.add_argument("--parley", required=True)
     parser.add_argument("--schemathesis", required=True)
     parser.add_argument("--max-examples", default="25")
+    # Fixed, so that a run is repeatable; another seed explores other cases.
+    parser.add_argument("--seed", default="1")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="parley-fuzz-")
     subprocess.run(["psql", f"{PRIMARY}/postgres", "-qc", f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"],
@@ -88,7 +90,7 @@ def main():
             "--max-examples", args.max_examples,
             # One worker: Hypothesis's describing of strategies is not safe across threads.
             "--workers", "1",
-            "--seed", "1",
+            "--seed", args.seed,
             "--suppress-health-check=too_slow",
         ]
         result = subprocess.run(command, env={**os.environ, "NO_COLOR": "1"})
