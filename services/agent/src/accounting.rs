@@ -307,9 +307,11 @@ mod tests {
 
     #[test]
     fn an_event_sent_again_later_is_the_same_event() {
+        // A message made at 2026-01-01T00:00:00.250Z, its event sent (again) now.
+        let made = uuid::Timestamp::from_unix(uuid::NoContext, 1_767_225_600, 250_000_000);
         let job = AiJob {
             job_id: Uuid::now_v7(),
-            message_id: Uuid::now_v7(),
+            message_id: Uuid::new_v7(made),
             conversation_id: Uuid::nil(),
             user_id: Uuid::now_v7(),
             model: "m".to_owned(),
@@ -319,11 +321,8 @@ mod tests {
             reservation_id: None,
             max_tokens: None,
         };
-        let first = usage_event(&job, "m", "completed", 5);
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        let again = usage_event(&job, "m", "completed", 5);
-        assert_eq!((first.event_id, first.occurred_at_ms), (again.event_id, again.occurred_at_ms));
-        let made = job.message_id.get_timestamp().unwrap().to_unix().0 as i64;
-        assert_eq!(first.occurred_at_ms / 1000, made);
+        let event = usage_event(&job, "m", "completed", 5);
+        assert_eq!(event.event_id, job.message_id);
+        assert_eq!(event.occurred_at_ms, 1_767_225_600_250, "dated by the id, not by the clock");
     }
 }
