@@ -14,7 +14,6 @@ import glob
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,15 +23,11 @@ import urllib.parse
 import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from testkit import free_port, wait_for  # noqa: E402
 DATABASE = "parley_dashboards"
 PRIMARY = "postgres://postgres@127.0.0.1:5432"
 REPLICA = "postgres://postgres@127.0.0.1:5433"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(method, url, body=None, token=None, expect=None):
@@ -49,19 +44,6 @@ def call(method, url, body=None, token=None, expect=None):
     if expect is not None and status != expect:
         raise SystemExit(f"{method} {url}: expected {expect}, got {status}: {text[:300]!r}")
     return json.loads(text) if text else None
-
-
-def wait_for(what, check, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        # Not up yet: refused connections, or (Prometheus while its storage opens) a plain-text 503.
-        except (OSError, urllib.error.URLError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def traffic(base, round_number):

@@ -51,6 +51,9 @@ import urllib.request
 import openai
 import yaml
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+from testkit import free_port, wait_for  # noqa: E402
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 HELM = os.path.join(ROOT, ".tools", "bin", "helm")
 NATS = ("127.0.0.1", 4222)
@@ -66,26 +69,6 @@ def log(message):
 
 def fail(message):
     raise AssertionError(message)
-
-
-def wait_for(what, check, timeout=60.0, every=0.2):
-    deadline = time.monotonic() + timeout
-    last_error = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError, KeyError) as error:
-            last_error = error
-        time.sleep(every)
-    fail(f"timed out waiting for {what} (last error: {last_error})")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- NATS: a minimal client, enough to delete the test's streams ------------------------------------

@@ -10,35 +10,16 @@ Schemathesis's status: non-zero on any failure. Usage: run.py --parley target/de
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
 import urllib.request
 
 DATABASE = "parley_fuzz"
 PRIMARY = "postgres://postgres@127.0.0.1:5432"
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what, check, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (OSError, urllib.error.URLError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
+sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "..", "scripts"))
+from testkit import free_port, wait_for  # noqa: E402
 
 
 def post(url, body):
