@@ -349,7 +349,7 @@ fn embeddings(models: &[&String], max_chars: u64) -> Value {
             "model": {"enum": models},
             "input": {"oneOf": [input, {"type": "array", "minItems": 1, "maxItems": 2048, "items": input}]},
             "encoding_format": {"enum": ["float", "base64", null]},
-            "dimensions": {"type": ["integer", "null"], "minimum": 1, "maximum": 65_536},
+            "dimensions": {"type": ["integer", "null"], "minimum": 1, "maximum": crate::routes::embeddings::MAX_DIMENSIONS},
             "user": {"type": ["string", "null"], "maxLength": MAX_USER_CHARS, "pattern": NO_NUL},
         },
     })

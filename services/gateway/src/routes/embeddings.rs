@@ -20,8 +20,9 @@ use crate::problem::ApiError;
 
 /// The most inputs one request may carry (OpenAI's own limit).
 const MAX_INPUTS: usize = 2048;
-/// The longest vector a client may ask for.
-const MAX_DIMENSIONS: i64 = 65_536;
+/// The longest vector a client may ask for: past the largest embedding models' (3,072), and small
+/// enough that a request of many short inputs cannot ask for gigabytes of vectors.
+pub const MAX_DIMENSIONS: i64 = 4_096;
 /// The longest `user`.
 const MAX_USER_CHARS: usize = 256;
 

@@ -103,6 +103,7 @@ async fn bad_embeddings_requests_are_refused_naming_the_parameter() {
         (json!({"model": model, "input": 7}), "input"),
         (json!({"model": model, "input": "x", "encoding_format": "hex"}), "encoding_format"),
         (json!({"model": model, "input": "x", "dimensions": 0}), "dimensions"),
+        (json!({"model": model, "input": "x", "dimensions": 4097}), "dimensions"),
         (json!({"model": model, "input": "x", "user": "\u{0}"}), "user"),
         (json!({"model": model, "input": "x", "truncate": true}), ""),
     ];
