@@ -17,10 +17,7 @@ use crate::storage::{
     ConversationChanges, ConversationRow, Generation, MessageRow, NewExchange, Storage, UpdateOutcome,
 };
 use parley_platform::cursor::{CursorCodec, CursorKind, Position, page_size};
-
-const MAX_TITLE_CHARS: usize = 200;
-const MAX_SYSTEM_PROMPT_CHARS: usize = 32_000;
-const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+use parley_platform::limits::{MAX_IDEMPOTENCY_KEY_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS};
 
 #[derive(Clone)]
 pub struct ChatService {

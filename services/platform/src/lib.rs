@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod health;
 pub mod json_int;
 pub mod json_log;
+pub mod limits;
 pub mod message_status;
 pub mod metrics;
 pub mod nats;

@@ -7,6 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use parley_platform::access_token::{ALGORITHM, AccessClaims};
 use parley_platform::config::DEFAULT_TIER;
 use parley_platform::cursor::{CursorCodec, CursorKind, Position, page_size};
+use parley_platform::limits::MAX_API_KEY_NAME_CHARS;
 use parley_platform::{Config, ErrorCode, ServiceError, timestamps};
 use parley_proto::user::v1 as pb;
 use ring::rand::SecureRandom;
@@ -26,7 +27,6 @@ const API_KEY_PREFIX: &str = "pk_";
 const SIGNING_SECRET_PREFIX: &str = "pss_";
 /// How much of a key is kept in clear to tell keys apart: the `pk_` and eight more characters.
 const API_KEY_SHOWN_CHARS: usize = 11;
-const MAX_API_KEY_NAME_CHARS: usize = 100;
 /// The window in which failed logins for one account are counted.
 const FAILED_LOGIN_WINDOW: time::Duration = time::Duration::minutes(15);
 /// Leeway past a token's expiry during which gateways still accept it (clock skew).

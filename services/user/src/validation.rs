@@ -2,10 +2,8 @@
 
 use parley_platform::ServiceError;
 
-pub const MIN_PASSWORD_CHARS: usize = 10;
-const MAX_PASSWORD_CHARS: usize = 1024;
-const MAX_EMAIL_CHARS: usize = 254;
-const MAX_DISPLAY_NAME_CHARS: usize = 100;
+pub use parley_platform::limits::MIN_PASSWORD_CHARS;
+use parley_platform::limits::{MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, MAX_PASSWORD_CHARS};
 
 /// A normalised (trimmed, lowercased) email, or an error naming `email`.
 pub fn email(raw: &str) -> Result<String, ServiceError> {

@@ -5,6 +5,10 @@
 //! requests are accepted and its invalid ones refused (`make test` runs one over every operation).
 
 use parley_platform::Config;
+use parley_platform::limits::{
+    MAX_API_KEY_NAME_CHARS, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, MAX_IDEMPOTENCY_KEY_CHARS, MAX_PASSWORD_CHARS,
+    MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS, MIN_PASSWORD_CHARS,
+};
 use parley_platform::sampling::{MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOOLS, MAX_USER_CHARS};
 use serde_json::{Value, json};
 
@@ -17,16 +21,6 @@ const NOT_BLANK: &str = "^[^\\x00]*[^\\s\\x00][^\\x00]*$";
 /// One address, `local@domain.tld`, no white space (the user service's check).
 const EMAIL: &str =
     "^[^\\s@\\x00-\\x1f\\x7f-\\x9f]+@[^\\s@.\\x00-\\x1f\\x7f-\\x9f]+(\\.[^\\s@.\\x00-\\x1f\\x7f-\\x9f]+)+$";
-/// The user service's limits (`user/src/validation.rs`).
-const MAX_EMAIL_CHARS: u64 = 254;
-const MIN_PASSWORD_CHARS: u64 = 10;
-const MAX_PASSWORD_CHARS: u64 = 1024;
-const MAX_DISPLAY_NAME_CHARS: u64 = 100;
-const MAX_API_KEY_NAME_CHARS: u64 = 100;
-/// The chat service's limits (`chat/src/service.rs`).
-const MAX_TITLE_CHARS: u64 = 200;
-const MAX_SYSTEM_PROMPT_CHARS: u64 = 32_000;
-const MAX_IDEMPOTENCY_KEY_CHARS: u64 = 255;
 
 /// Applies the rules to `document` (the generated one, as JSON).
 pub fn apply(document: &mut Value, config: &Config) {

@@ -135,7 +135,10 @@ pub async fn send(
     let idempotency_key = match headers.get(IDEMPOTENCY_KEY) {
         None => None,
         // Printable ASCII, spaces inside included (HTTP has already trimmed the ends); no tabs.
-        Some(value) if !value.is_empty() && value.as_bytes().iter().all(|byte| (0x20..=0x7e).contains(byte)) => {
+        Some(value)
+            if (1..=parley_platform::limits::MAX_IDEMPOTENCY_KEY_CHARS).contains(&value.len())
+                && value.as_bytes().iter().all(|byte| (0x20..=0x7e).contains(byte)) =>
+        {
             Some(value.to_str().unwrap_or_default().to_owned())
         }
         Some(_) => {
