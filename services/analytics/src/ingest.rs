@@ -1,13 +1,12 @@
 //! Usage events from JetStream into `analytics.usage_events`, acknowledged only once stored. The events
-//! the consumer has delivered are stored together, in one transaction with their rollups, so the work
-//! per event falls as the load rises.
+//! that arrive together (within `nats::BATCH_LINGER` of each other) are stored in one transaction with
+//! their rollups, so the work per event falls as the load rises.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use futures::StreamExt;
 use parley_platform::Config;
 use parley_platform::events::{CostAlert, UsageEvent};
 use parley_platform::nats::Names;
@@ -60,8 +59,8 @@ impl Ingester {
         let consumer =
             parley_platform::nats::ensure_usage_consumer(&self.jetstream, &self.names, self.names.analytics_consumer())
                 .await?;
-        // Whatever the consumer has already delivered is stored together: one transaction per batch.
-        let mut batches = consumer.messages().await?.ready_chunks(BATCH);
+        // What arrives within a few milliseconds is stored together: one transaction per batch.
+        let mut batches = parley_platform::nats::delivered_in_batches(&consumer, BATCH).await?;
         while let Some((messages, interrupted)) = parley_platform::nats::next_delivered(&mut batches, shutdown).await? {
             let mut received = Vec::with_capacity(messages.len());
             for message in messages {

@@ -282,7 +282,26 @@ pub async fn ensure_usage_consumer(
     Ok(stream.get_or_create_consumer(durable_name, consumer_config).await?)
 }
 
-/// The messages a pull consumer delivered at once (its stream read with `ready_chunks`), with the
+/// How long a consumer that stores its messages in batches waits, after a message arrives, for more to
+/// store with it. Under load a batch fills before then; at a trickle (one completion at a time) each
+/// event would otherwise cost a transaction, a commit's flush and a wake-up of its own, work that
+/// competes with the requests for the same cores. A usage event is settled and counted this much later.
+pub const BATCH_LINGER: Duration = Duration::from_millis(20);
+
+/// A pull consumer's messages in batches of at most `most`, each one what arrived within
+/// [`BATCH_LINGER`] of its first message; read them with [`next_delivered`].
+pub async fn delivered_in_batches(
+    consumer: &consumer::Consumer<consumer::pull::Config>,
+    most: usize,
+) -> Result<
+    std::pin::Pin<Box<impl futures::Stream<Item = Vec<Result<jetstream::Message, consumer::pull::MessagesError>>>>>,
+    async_nats::Error,
+> {
+    use tokio_stream::StreamExt;
+    Ok(Box::pin(consumer.messages().await?.chunks_timeout(most, BATCH_LINGER)))
+}
+
+/// The messages a pull consumer delivered together (read with [`delivered_in_batches`]), with the
 /// error that cut the delivery short, if one did: the caller handles the messages, then returns the
 /// error so that [`keep_consuming`] reconnects. `None` once `shutdown` is cancelled.
 pub async fn next_delivered<S, E>(

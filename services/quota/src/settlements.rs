@@ -1,14 +1,14 @@
 //! Charges that arrive on usage events. An agent reports each model call in one usage event, which
 //! analytics stores and this consumer settles: the reservation is charged with the tokens the event
 //! carries and the rest of it released. The charge needs no call of its own on the way, and a call is
-//! charged exactly when it is reported. Whatever the consumer has delivered is settled concurrently
-//! (the ledger writes the charges in one statement, Redis pipelines the scripts), each message
-//! acknowledged once its settlement is stored and handed back for a retry when it could not be.
+//! charged exactly when it is reported. The events that arrive together (within `nats::BATCH_LINGER`
+//! of each other) are settled concurrently (the ledger writes the charges in one statement, Redis
+//! pipelines the scripts), each message acknowledged once its settlement is stored and handed back for
+//! a retry when it could not be.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use futures::StreamExt;
 use parley_platform::events::UsageEvent;
 use parley_platform::nats::Names;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +41,7 @@ impl Settlements {
         let consumer =
             parley_platform::nats::ensure_usage_consumer(&self.jetstream, &self.names, self.names.quota_consumer())
                 .await?;
-        let mut batches = consumer.messages().await?.ready_chunks(BATCH);
+        let mut batches = parley_platform::nats::delivered_in_batches(&consumer, BATCH).await?;
         while let Some((messages, interrupted)) = parley_platform::nats::next_delivered(&mut batches, shutdown).await? {
             let settled = futures::future::join_all(messages.iter().map(|message| self.settle(message))).await;
             for (message, outcome) in messages.iter().zip(settled) {
