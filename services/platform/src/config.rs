@@ -665,6 +665,168 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
     ConfigError::Invalid { field: field.into(), message: message.into() }
 }
 
+/// The range a numeric setting must fall in, by its path in the configuration: `*` stands for any key
+/// of a map (a tier, a model) or any element of a list.
+#[derive(Debug, Clone, Copy)]
+pub struct NumericRange {
+    pub path: &'static str,
+    pub min: f64,
+    pub max: f64,
+}
+
+const fn range(path: &'static str, min: f64, max: f64) -> NumericRange {
+    NumericRange { path, min, max }
+}
+
+const MINUTE_SECS: f64 = 60.0;
+const HOUR_SECS: f64 = 3_600.0;
+const DAY_SECS: f64 = 86_400.0;
+const YEAR_SECS: f64 = 365.0 * DAY_SECS;
+const GIB: f64 = 1_073_741_824.0;
+
+/// Every numeric setting's range, checked by [`Config::validate`] (so by `parley check-config` and at
+/// start-up). The ranges are wider than any deployment needs and narrow enough that every duration,
+/// share and product the services derive from them stays in range: whatever `check-config` accepts
+/// runs. A numeric setting missing from this table fails a test.
+pub const NUMERIC_RANGES: &[NumericRange] = &[
+    range("database.max_connections", 1.0, 1_000.0),
+    range("database.acquire_timeout_ms", 100.0, 10.0 * MINUTE_SECS * 1e3),
+    range("database.replica_max_connections", 1.0, 1_000.0),
+    range("database.replica_acquire_timeout_ms", 1.0, 10.0 * MINUTE_SECS * 1e3),
+    range("database.replica_max_lag_ms", 0.0, DAY_SECS * 1e3),
+    range("database.replica_check_interval_ms", 10.0, HOUR_SECS * 1e3),
+    range("nats.job_ack_wait_secs", 1.0, DAY_SECS),
+    range("nats.job_max_deliver", 1.0, 1_000.0),
+    range("nats.events_max_bytes", 1_048_576.0, 16.0 * GIB),
+    range("http.body_limit_bytes", 1_024.0, 100.0 * 1_048_576.0),
+    range("http.message_wait_secs", 0.0, HOUR_SECS),
+    range("http.stream_heartbeat_secs", 1.0, HOUR_SECS),
+    range("http.ip_requests_per_minute", 1.0, 100_000_000.0),
+    range("http.expected_gateway_replicas", 1.0, 1_000.0),
+    range("http.request_timeout_secs", 1.0, DAY_SECS),
+    range("http.trusted_proxy_hops", 0.0, 16.0),
+    range("auth.access_token_ttl_secs", 1.0, 7.0 * DAY_SECS),
+    range("auth.refresh_token_ttl_secs", 1.0, 10.0 * YEAR_SECS),
+    range("auth.max_failed_logins", 1.0, 1_000_000.0),
+    range("auth.jwks_refresh_secs", 1.0, DAY_SECS),
+    range("chat.max_message_chars", 1.0, 1_000_000.0),
+    range("chat.history_limit", 1.0, 10_000.0),
+    range("quota.reservation_ttl_secs", 1.0, 7.0 * DAY_SECS),
+    range("analytics.user_daily_spend_alerts_usd.*", 0.01, 1e9),
+    range("analytics.global_daily_spend_alerts_usd.*", 0.01, 1e9),
+    range("agent.concurrency", 1.0, 100_000.0),
+    range("agent.connect_timeout_ms", 1.0, 10.0 * MINUTE_SECS * 1e3),
+    range("agent.time_to_first_token_timeout_ms", 1.0, HOUR_SECS * 1e3),
+    range("agent.request_timeout_secs", 1.0, DAY_SECS),
+    range("agent.max_output_tokens", 1.0, 1_000_000.0),
+    range("agent.drain_secs", 0.0, HOUR_SECS),
+    range("agent.retry.max_attempts", 1.0, 100.0),
+    range("agent.retry.base_delay_ms", 0.0, 10.0 * MINUTE_SECS * 1e3),
+    range("agent.retry.max_delay_ms", 0.0, HOUR_SECS * 1e3),
+    range("agent.retry.max_elapsed_ms", 0.0, DAY_SECS * 1e3),
+    range("agent.breaker.failure_threshold", 1.0, 10_000.0),
+    range("agent.breaker.cool_down_secs", 1.0, DAY_SECS),
+    range("agent.cache.ttl_secs", 1.0, YEAR_SECS),
+    range("agent.cache.local_entries", 0.0, 10_000_000.0),
+    range("fake_llm.time_to_first_token_ms", 0.0, HOUR_SECS * 1e3),
+    range("fake_llm.tokens_per_second", 0.01, 1e12),
+    range("fake_llm.error_rate", 0.0, 1.0),
+    range("fake_llm.rate_limit_rate", 0.0, 1.0),
+    range("models.*.context_window", 1.0, 100_000_000.0),
+    range("models.*.input_price_per_mtok", 0.0, 1_000_000.0),
+    range("models.*.output_price_per_mtok", 0.0, 1_000_000.0),
+    range("models.*.router.max_prompt_chars", 0.0, 100_000_000.0),
+    range("models.*.router.max_messages", 0.0, 100_000.0),
+    range("tiers.*.requests_per_minute", 1.0, 1_000_000_000.0),
+    range("tiers.*.tokens_per_day", 0.0, 1e15),
+    range("tiers.*.tokens_per_month", 0.0, 1e15),
+];
+
+/// The numbers at `path` (its `*` segments expanded) in a configuration written as JSON, each with its
+/// own path; absent settings (an empty map, `None`) give none.
+pub fn numbers_at<'a>(config: &'a serde_json::Value, path: &str) -> Vec<(String, &'a serde_json::Value)> {
+    let mut found = vec![(String::new(), config)];
+    for segment in path.split('.') {
+        let mut next = Vec::new();
+        for (at, value) in found {
+            let join = |key: &str| if at.is_empty() { key.to_owned() } else { format!("{at}.{key}") };
+            match (segment, value) {
+                ("*", serde_json::Value::Object(entries)) => {
+                    next.extend(entries.iter().map(|(key, value)| (join(key), value)));
+                }
+                ("*", serde_json::Value::Array(items)) => {
+                    next.extend(items.iter().enumerate().map(|(index, value)| (format!("{at}[{index}]"), value)));
+                }
+                (key, serde_json::Value::Object(entries)) => {
+                    if let Some(value) = entries.get(key) {
+                        next.push((join(key), value));
+                    }
+                }
+                _ => {}
+            }
+        }
+        found = next;
+    }
+    found.retain(|(_, value)| value.is_number());
+    found
+}
+
+/// A bound as people write it: 1000, not 1000.0.
+fn bound_text(bound: f64) -> String {
+    if bound.fract() == 0.0 && bound.abs() < 1e15 { format!("{}", bound as i64) } else { format!("{bound}") }
+}
+
+impl Config {
+    /// Checks every numeric setting against [`NUMERIC_RANGES`].
+    fn check_numeric_ranges(&self) -> Result<(), ConfigError> {
+        let written = serde_json::to_value(self).map_err(|error| invalid("configuration", error.to_string()))?;
+        // JSON has no NaN or infinity (they are written as null), so the fractional settings are
+        // checked for those first.
+        let fractions = [
+            ("fake_llm.tokens_per_second", self.fake_llm.tokens_per_second),
+            ("fake_llm.error_rate", self.fake_llm.error_rate),
+            ("fake_llm.rate_limit_rate", self.fake_llm.rate_limit_rate),
+        ]
+        .into_iter()
+        .map(|(path, value)| (path.to_owned(), value))
+        .chain(self.models.iter().flat_map(|(name, model)| {
+            [
+                (format!("models.{name}.input_price_per_mtok"), model.input_price_per_mtok),
+                (format!("models.{name}.output_price_per_mtok"), model.output_price_per_mtok),
+            ]
+        }))
+        .chain(
+            self.analytics
+                .user_daily_spend_alerts_usd
+                .iter()
+                .enumerate()
+                .map(|(index, usd)| (format!("analytics.user_daily_spend_alerts_usd[{index}]"), *usd)),
+        )
+        .chain(
+            self.analytics
+                .global_daily_spend_alerts_usd
+                .iter()
+                .enumerate()
+                .map(|(index, usd)| (format!("analytics.global_daily_spend_alerts_usd[{index}]"), *usd)),
+        );
+        for (path, value) in fractions {
+            if !value.is_finite() {
+                return Err(invalid(path, "must be a finite number"));
+            }
+        }
+        for range in NUMERIC_RANGES {
+            for (path, value) in numbers_at(&written, range.path) {
+                let number = value.as_f64().unwrap_or(f64::NAN);
+                if !(range.min..=range.max).contains(&number) {
+                    let (min, max) = (bound_text(range.min), bound_text(range.max));
+                    return Err(invalid(path, format!("must be between {min} and {max}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Defaults, then the file named by `PARLEY_CONFIG` (if set), then the environment; validated.
     pub fn load() -> Result<Self, ConfigError> {
@@ -820,37 +982,15 @@ impl Config {
 
     /// Checks everything that can be checked without connecting anywhere.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_numeric_ranges()?;
         check_url("database.url", &self.database.url, &["postgres", "postgresql"])?;
         for (index, url) in self.database.replica_urls.iter().enumerate() {
             check_url(&format!("database.replica_urls[{index}]"), url, &["postgres", "postgresql"])?;
-        }
-        if self.database.max_connections == 0 {
-            return Err(invalid("database.max_connections", "must be at least 1"));
-        }
-        if self.database.replica_max_connections == 0 {
-            return Err(invalid("database.replica_max_connections", "must be at least 1"));
-        }
-        for (field, thresholds) in [
-            ("analytics.user_daily_spend_alerts_usd", &self.analytics.user_daily_spend_alerts_usd),
-            ("analytics.global_daily_spend_alerts_usd", &self.analytics.global_daily_spend_alerts_usd),
-        ] {
-            if thresholds.iter().any(|usd| !usd.is_finite() || *usd <= 0.0) {
-                return Err(invalid(field, "thresholds must be positive amounts of USD"));
-            }
-        }
-        if self.database.replica_check_interval_ms == 0 {
-            return Err(invalid("database.replica_check_interval_ms", "must be at least 1"));
         }
         check_url("redis.url", &self.redis.url, &["redis", "rediss"])?;
         check_url("nats.url", &self.nats.url, &["nats", "tls"])?;
         check_name("nats.prefix", &self.nats.prefix)?;
         check_name("redis.key_prefix", &self.redis.key_prefix)?;
-        if self.nats.job_max_deliver < 1 {
-            return Err(invalid("nats.job_max_deliver", "must be at least 1"));
-        }
-        if self.nats.job_ack_wait_secs == 0 {
-            return Err(invalid("nats.job_ack_wait_secs", "must be at least 1"));
-        }
         check_socket_addr("http.addr", &self.http.addr)?;
         check_socket_addr("http.admin_addr", &self.http.admin_addr)?;
         check_socket_addr("grpc.addr", &self.grpc.addr)?;
@@ -863,34 +1003,11 @@ impl Config {
         ] {
             check_url(field, url, &["http", "https"])?;
         }
-        if self.http.ip_requests_per_minute == 0 {
-            return Err(invalid("http.ip_requests_per_minute", "must be at least 1"));
-        }
-        if self.http.expected_gateway_replicas == 0 {
-            return Err(invalid("http.expected_gateway_replicas", "must be at least 1"));
-        }
-        for (name, tier) in &self.tiers {
-            if tier.requests_per_minute == 0 {
-                return Err(invalid(format!("tiers.{name}.requests_per_minute"), "must be at least 1"));
-            }
-        }
         if self.http.request_timeout_secs <= self.http.message_wait_secs {
             return Err(invalid("http.request_timeout_secs", "must be longer than http.message_wait_secs"));
         }
         for (index, origin) in self.http.cors_allowed_origins.iter().enumerate() {
             check_url(&format!("http.cors_allowed_origins[{index}]"), origin, &["http", "https"])?;
-        }
-        if self.http.stream_heartbeat_secs == 0 {
-            return Err(invalid("http.stream_heartbeat_secs", "must be at least 1"));
-        }
-        if self.http.body_limit_bytes == 0 {
-            return Err(invalid("http.body_limit_bytes", "must be greater than 0"));
-        }
-        if self.auth.access_token_ttl_secs <= 0 {
-            return Err(invalid("auth.access_token_ttl_secs", "must be positive"));
-        }
-        if self.auth.refresh_token_ttl_secs <= 0 {
-            return Err(invalid("auth.refresh_token_ttl_secs", "must be positive"));
         }
         {
             use base64::Engine;
@@ -902,30 +1019,10 @@ impl Config {
         if self.chat.cursor_secret.len() < 16 {
             return Err(invalid("chat.cursor_secret", "must be at least 16 characters"));
         }
-        if self.agent.concurrency == 0 {
-            return Err(invalid("agent.concurrency", "must be at least 1"));
-        }
         if let Some(model) = &self.agent.summary_model
             && !self.serves_chat(model)
         {
             return Err(invalid("agent.summary_model", format!("no chat model named {model:?}")));
-        }
-        if self.agent.retry.max_attempts == 0 {
-            return Err(invalid("agent.retry.max_attempts", "must be at least 1"));
-        }
-        if self.agent.breaker.failure_threshold == 0 {
-            return Err(invalid("agent.breaker.failure_threshold", "must be at least 1"));
-        }
-        for (field, rate) in [
-            ("fake_llm.error_rate", self.fake_llm.error_rate),
-            ("fake_llm.rate_limit_rate", self.fake_llm.rate_limit_rate),
-        ] {
-            if !(0.0..=1.0).contains(&rate) {
-                return Err(invalid(field, "must be between 0 and 1"));
-            }
-        }
-        if self.fake_llm.tokens_per_second <= 0.0 {
-            return Err(invalid("fake_llm.tokens_per_second", "must be positive"));
         }
         for (name, provider) in &self.providers {
             // The fake's address may be filled in at start-up; every other provider needs one now.
@@ -958,9 +1055,6 @@ impl Config {
                     Some(_) => {}
                 }
             }
-            if model.input_price_per_mtok < 0.0 || model.output_price_per_mtok < 0.0 {
-                return Err(invalid(format!("models.{name}"), "prices cannot be negative"));
-            }
             if model.kind == ModelKind::Embeddings {
                 if model.router.is_some() || model.vision {
                     return Err(invalid(format!("models.{name}"), "an embeddings model has no router and no vision"));
@@ -989,11 +1083,6 @@ impl Config {
         }
         if !self.tiers.contains_key(DEFAULT_TIER) {
             return Err(invalid("tiers", format!("the {DEFAULT_TIER:?} tier must exist")));
-        }
-        for (name, tier) in &self.tiers {
-            if tier.tokens_per_day < 0 {
-                return Err(invalid(format!("tiers.{name}.tokens_per_day"), "cannot be negative"));
-            }
         }
         Ok(())
     }
@@ -1056,6 +1145,8 @@ fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn field_of(error: ConfigError) -> String {
@@ -1178,6 +1269,76 @@ mod tests {
         let mut config = Config::default();
         config.http.addr = "localhost".to_owned();
         assert_eq!(field_of(config.validate().unwrap_err()), "http.addr");
+    }
+
+    /// Every numeric leaf of `value`, by its path (`a.b`, `list[0]`).
+    fn numeric_leaves(value: &serde_json::Value, at: &str, found: &mut BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(entries) => {
+                for (key, value) in entries {
+                    let path = if at.is_empty() { key.clone() } else { format!("{at}.{key}") };
+                    numeric_leaves(value, &path, found);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (index, value) in items.iter().enumerate() {
+                    numeric_leaves(value, &format!("{at}[{index}]"), found);
+                }
+            }
+            serde_json::Value::Number(_) => {
+                found.insert(at.to_owned());
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_numeric_setting_has_a_range() {
+        // Every optional numeric setting present, so that each one is seen.
+        let mut config = Config::default();
+        config.models.get_mut(FAKE_MODEL).unwrap().router =
+            Some(RouterConfig { model: FAKE_MODEL.to_owned(), max_prompt_chars: 100, max_messages: 2 });
+        let written = serde_json::to_value(&config).unwrap();
+        let mut numbers = BTreeSet::new();
+        numeric_leaves(&written, "", &mut numbers);
+        let ranged: BTreeSet<String> = NUMERIC_RANGES
+            .iter()
+            .flat_map(|range| numbers_at(&written, range.path).into_iter().map(|(path, _)| path))
+            .collect();
+        let unranged: Vec<&String> = numbers.difference(&ranged).collect();
+        assert!(unranged.is_empty(), "numeric settings without a range in NUMERIC_RANGES: {unranged:?}");
+        assert!(numbers.len() > 50, "the walk found only {numbers:?}");
+        for range in NUMERIC_RANGES {
+            assert!(range.min <= range.max, "{range:?}");
+            assert!(!numbers_at(&written, range.path).is_empty(), "{} names no setting", range.path);
+        }
+    }
+
+    #[test]
+    fn a_number_out_of_its_range_is_named_with_the_range() {
+        let mut config = Config::default();
+        config.tiers.get_mut("pro").unwrap().requests_per_minute = 0;
+        let error = config.validate().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "invalid value for tiers.pro.requests_per_minute: must be between 1 and 1000000000"
+        );
+
+        let mut config = Config::default();
+        config.agent.retry.max_attempts = 101;
+        assert_eq!(field_of(config.validate().unwrap_err()), "agent.retry.max_attempts");
+
+        let mut config = Config::default();
+        config.fake_llm.tokens_per_second = f64::NAN;
+        assert_eq!(field_of(config.validate().unwrap_err()), "fake_llm.tokens_per_second");
+
+        let mut config = Config::default();
+        config.analytics.user_daily_spend_alerts_usd = vec![5.0, -1.0];
+        assert_eq!(field_of(config.validate().unwrap_err()), "analytics.user_daily_spend_alerts_usd[1]");
+
+        let mut config = Config::default();
+        config.tiers.get_mut("free").unwrap().tokens_per_month = None;
+        config.validate().unwrap();
     }
 
     #[test]

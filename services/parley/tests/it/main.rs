@@ -12,6 +12,7 @@ mod context;
 mod contract;
 mod degraded;
 mod embeddings;
+mod extremes;
 mod harness;
 mod identity;
 mod isolation;
