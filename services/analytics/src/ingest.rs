@@ -2,7 +2,7 @@
 //! that arrive together (within `nats::BATCH_LINGER` of each other) are stored in one transaction with
 //! their rollups, so the work per event falls as the load rises.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -158,6 +158,28 @@ impl Ingester {
             self.ensure_partition(*at).await?;
         }
         let mut tx = self.pool.begin().await?;
+        // The events of deleted accounts are stored anonymised (see `service::ERASURE_LOCK`).
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(crate::service::ERASURE_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let users: Vec<Uuid> = priced.iter().map(|(event, _, _)| event.user_id).collect();
+        let erased: HashSet<Uuid> =
+            sqlx::query_scalar("SELECT user_id FROM analytics.erased_users WHERE user_id = ANY($1)")
+                .bind(&users)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+        let anonymised: HashMap<Uuid, UsageEvent> = priced
+            .iter()
+            .filter(|(event, _, _)| erased.contains(&event.user_id))
+            .map(|(event, _, _)| (event.event_id, UsageEvent { user_id: Uuid::nil(), ..(*event).clone() }))
+            .collect();
+        let priced: Vec<(&UsageEvent, OffsetDateTime, i64)> = priced
+            .into_iter()
+            .map(|(event, at, cost)| (anonymised.get(&event.event_id).unwrap_or(event), at, cost))
+            .collect();
         let ids = |pick: fn(&UsageEvent) -> Uuid| priced.iter().map(|(event, _, _)| pick(event)).collect::<Vec<_>>();
         let stored: Vec<(Uuid,)> = sqlx::query_as(
             "INSERT INTO analytics.usage_events (event_id, user_id, conversation_id, message_id, model, provider,
@@ -231,8 +253,13 @@ impl Ingester {
             .bind(cost)
             .fetch_one(&mut **tx)
             .await?;
-            let users: Vec<Uuid> =
-                rollups.priced_users.iter().filter(|(d, _)| *d == day).map(|(_, user)| *user).collect();
+            // The anonymous account (deleted accounts' usage) is nobody to alert about.
+            let users: Vec<Uuid> = rollups
+                .priced_users
+                .iter()
+                .filter(|(d, user)| *d == day && !user.is_nil())
+                .map(|(_, user)| *user)
+                .collect();
             let spent_by_user: Vec<(Uuid, i64)> = sqlx::query_as(
                 "SELECT user_id, COALESCE(SUM(cost_micros), 0)::bigint FROM analytics.usage_daily
                  WHERE day = $1 AND user_id = ANY($2) GROUP BY user_id",

@@ -159,6 +159,66 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsService {
             totals: Some(totals.into()),
         }))
     }
+
+    async fn erase_user(
+        &self,
+        request: Request<pb::EraseUserRequest>,
+    ) -> Result<Response<pb::EraseUserResponse>, Status> {
+        let user_id = Uuid::parse_str(&request.into_inner().user_id)
+            .map_err(|_| AnalyticsError::from(ServiceError::invalid_field("user_id", "must be a UUID")))?;
+        if user_id.is_nil() {
+            return Err(AnalyticsError::from(ServiceError::invalid_field("user_id", "names no account")).into());
+        }
+        self.erase(user_id).await.map_err(AnalyticsError::from)?;
+        tracing::info!(%user_id, "usage anonymised");
+        Ok(Response::new(pb::EraseUserResponse {}))
+    }
+}
+
+/// Ingestion and erasure exclude each other through this transaction-level advisory lock (ingestion
+/// shares it, an erasure holds it alone), so no batch that read the erased accounts before an erasure
+/// commits its rows after it.
+pub(crate) const ERASURE_LOCK: i64 = 0x5041_524c_4559_4552; // "PARLEYER"
+
+impl AnalyticsService {
+    /// Moves a deleted account's usage to the anonymous account and records it as erased, in one
+    /// transaction.
+    async fn erase(&self, user_id: Uuid) -> Result<(), sqlx::Error> {
+        let mut tx = self.database.primary().begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(ERASURE_LOCK).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO analytics.erased_users (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE analytics.usage_events SET user_id = $2 WHERE user_id = $1")
+            .bind(user_id)
+            .bind(Uuid::nil())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO analytics.usage_daily AS d
+                 (day, user_id, model, requests, input_tokens, output_tokens, cost_micros, cache_hits, failures)
+             SELECT day, $2, model, requests, input_tokens, output_tokens, cost_micros, cache_hits, failures
+             FROM analytics.usage_daily WHERE user_id = $1
+             ON CONFLICT (day, user_id, model) DO UPDATE SET
+                 requests = d.requests + EXCLUDED.requests,
+                 input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+                 output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+                 cost_micros = d.cost_micros + EXCLUDED.cost_micros,
+                 cache_hits = d.cache_hits + EXCLUDED.cache_hits,
+                 failures = d.failures + EXCLUDED.failures",
+        )
+        .bind(user_id)
+        .bind(Uuid::nil())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM analytics.usage_daily WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM analytics.cost_alerts WHERE scope = 'user' AND user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
 }
 
 #[cfg(test)]

@@ -245,6 +245,16 @@ impl pb::chat_service_server::ChatService for ChatService {
         Ok(Response::new(pb::DeleteConversationResponse {}))
     }
 
+    async fn erase_user(
+        &self,
+        request: Request<pb::EraseUserRequest>,
+    ) -> Result<Response<pb::EraseUserResponse>, Status> {
+        let user_id = parse_user(&request.into_inner().user_id)?;
+        let conversations = self.storage.erase_user(user_id).await.map_err(ChatError::from)?;
+        tracing::info!(%user_id, conversations, "user's conversations erased");
+        Ok(Response::new(pb::EraseUserResponse { conversations }))
+    }
+
     async fn send_message(
         &self,
         request: Request<pb::SendMessageRequest>,

@@ -261,6 +261,26 @@ impl Storage {
         })
     }
 
+    /// Erases everything of a deleted account, in one transaction: its conversations (their messages,
+    /// live and archived, go with them), its idempotency keys and its jobs not yet relayed (a job
+    /// already relayed finds its message gone and is dropped). The number of conversations erased.
+    pub async fn erase_user(&self, user_id: Uuid) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool().begin().await?;
+        let erased = sqlx::query("DELETE FROM chat.conversations WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM chat.idempotency_keys WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM chat.outbox WHERE payload->>'user_id' = $1")
+            .bind(user_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.wrote(user_id).await;
+        Ok(erased)
+    }
+
     /// Deletes a conversation and its messages; false when the user has no such conversation.
     pub async fn delete_conversation(&self, user_id: Uuid, id: Uuid) -> Result<bool, sqlx::Error> {
         let result = sqlx::query("DELETE FROM chat.conversations WHERE id = $1 AND user_id = $2")

@@ -155,7 +155,9 @@ impl Caller {
             return Err(ApiError::unauthorized("invalid access token"));
         };
         let mut caller = Caller { user_id, role: claims.role, tier: claims.tier };
-        state.account_overrides.apply(&mut caller);
+        if !state.account_overrides.apply(&mut caller) {
+            return Err(ApiError::unauthorized("this account was deleted"));
+        }
         Ok(caller)
     }
 }
@@ -301,11 +303,12 @@ pub struct AccountOverrides {
     entries: std::sync::Mutex<HashMap<Uuid, (AccountState, Instant)>>,
 }
 
-/// An account's tier and role as last announced.
+/// An account's tier and role as last announced, or its deletion.
 #[derive(Debug, Clone)]
 struct AccountState {
     tier: String,
     role: String,
+    deleted: bool,
 }
 
 impl AccountOverrides {
@@ -317,19 +320,24 @@ impl AccountOverrides {
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn apply(&self, caller: &mut Caller) {
+    /// Brings `caller` up to its account's announced state; false when the account was deleted.
+    pub fn apply(&self, caller: &mut Caller) -> bool {
         if let Some((state, at)) = self.lock().get(&caller.user_id)
             && at.elapsed() < self.lifetime
         {
+            if state.deleted {
+                return false;
+            }
             caller.tier = state.tier.clone();
             caller.role = state.role.clone();
         }
+        true
     }
 
     pub fn record(&self, change: &parley_platform::events::AccountChanged) {
         let mut entries = self.lock();
         entries.retain(|_, (_, at)| at.elapsed() < self.lifetime);
-        let state = AccountState { tier: change.tier.clone(), role: change.role.clone() };
+        let state = AccountState { tier: change.tier.clone(), role: change.role.clone(), deleted: change.deleted };
         entries.insert(change.user_id, (state, Instant::now()));
     }
 

@@ -165,4 +165,7 @@ pub struct AccountChanged {
     pub user_id: Uuid,
     pub tier: String,
     pub role: String,
+    /// The account was deleted: tokens issued to it stop working at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
 }

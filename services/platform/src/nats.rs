@@ -114,7 +114,20 @@ pub async fn announce_account_change(
     tier: &str,
     role: &str,
 ) -> Result<(), async_nats::Error> {
-    let change = crate::events::AccountChanged { user_id, tier: tier.to_owned(), role: role.to_owned() };
+    let change =
+        crate::events::AccountChanged { user_id, tier: tier.to_owned(), role: role.to_owned(), deleted: false };
+    client.publish(names.account_changes_subject(), serde_json::to_vec(&change)?.into()).await?;
+    Ok(())
+}
+
+/// Announces an account's deletion to every gateway, which refuse its tokens from then on (core NATS:
+/// a gateway that misses it accepts an access token issued before for the rest of its short life).
+pub async fn announce_account_deleted(
+    client: &async_nats::Client,
+    names: &Names,
+    user_id: Uuid,
+) -> Result<(), async_nats::Error> {
+    let change = crate::events::AccountChanged { user_id, tier: String::new(), role: String::new(), deleted: true };
     client.publish(names.account_changes_subject(), serde_json::to_vec(&change)?.into()).await?;
     Ok(())
 }

@@ -110,6 +110,42 @@ impl QuotaService {
         self.reserver.keys(user_id, day)
     }
 
+    /// Erases a deleted account's ledger, then its counters and reservations in Redis (found by
+    /// their common prefix). A counter a late settlement writes afterwards expires with its window.
+    async fn erase(&self, user_id: Uuid) -> Result<(), QuotaError> {
+        sqlx::query("DELETE FROM quota.ledger WHERE user_id = $1").bind(user_id).execute(&self.pool).await?;
+        let pattern = format!("{}:quota:{user_id}:*", self.config.redis.key_prefix);
+        let mut redis = self.redis.clone();
+        let keys: Vec<String> = {
+            let mut found = Vec::new();
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut redis)
+                    .await
+                    .map_err(|error| QuotaError::Redis(error.to_string()))?;
+                found.extend(page);
+                if next == 0 {
+                    break found;
+                }
+                cursor = next;
+            }
+        };
+        if !keys.is_empty() {
+            let _deleted: i64 = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut redis)
+                .await
+                .map_err(|error| QuotaError::Redis(error.to_string()))?;
+        }
+        Ok(())
+    }
+
     fn monthly_limit(&self, tier: &str) -> Option<i64> {
         self.reserver.monthly_limit(tier)
     }
@@ -244,6 +280,16 @@ impl pb::quota_service_server::QuotaService for QuotaService {
         }
         let charged = self.settle_reservation(user_id, &request.reservation_id, request.tokens).await?;
         Ok(Response::new(pb::SettleResponse { charged }))
+    }
+
+    async fn erase_user(
+        &self,
+        request: Request<pb::EraseUserRequest>,
+    ) -> Result<Response<pb::EraseUserResponse>, Status> {
+        let user_id = parse_user(&request.into_inner().user_id)?;
+        self.erase(user_id).await?;
+        tracing::info!(%user_id, "ledger and counters erased");
+        Ok(Response::new(pb::EraseUserResponse {}))
     }
 
     async fn get_budget(&self, request: Request<pb::GetBudgetRequest>) -> Result<Response<pb::Budget>, Status> {

@@ -498,6 +498,23 @@ impl pb::user_service_server::UserService for UserService {
         }))
     }
 
+    async fn delete_account(
+        &self,
+        request: Request<pb::DeleteAccountRequest>,
+    ) -> Result<Response<pb::DeleteAccountResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user_id(&request.user_id)?;
+        let Some(revoked) = self.storage.delete_account(user_id).await.map_err(UserError::from)? else {
+            // Already gone (a retried deletion): nothing more to do.
+            return Ok(Response::new(pb::DeleteAccountResponse { revoked_api_key_ids: Vec::new() }));
+        };
+        tracing::info!(%user_id, api_keys = revoked.len(), "account deleted");
+        // The account's id only: the deletion is recorded without what it deleted.
+        self.storage.audit(AuditEvent::new("account_deleted").user(user_id)).await;
+        let revoked_api_key_ids = revoked.iter().map(Uuid::to_string).collect();
+        Ok(Response::new(pb::DeleteAccountResponse { revoked_api_key_ids }))
+    }
+
     async fn set_tier(&self, request: Request<pb::SetTierRequest>) -> Result<Response<pb::User>, Status> {
         let request = request.into_inner();
         if self.config.tier(&request.tier).is_none() {

@@ -368,6 +368,35 @@ impl Storage {
         Ok(result.rows_affected() > 0)
     }
 
+    /// Deletes an account with its API keys and refresh tokens, and takes its email and addresses out
+    /// of the audit log (the entries stay, under the account's id alone), in one transaction. The ids
+    /// of the keys that were live; `None` when there is no such account.
+    pub async fn delete_account(&self, user_id: Uuid) -> Result<Option<Vec<Uuid>>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let email: Option<(String,)> =
+            sqlx::query_as("SELECT lower(email) FROM identity.users WHERE id = $1 FOR UPDATE")
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((email,)) = email else {
+            return Ok(None);
+        };
+        let live_keys: Vec<(Uuid,)> =
+            sqlx::query_as("SELECT id FROM identity.api_keys WHERE user_id = $1 AND revoked_at IS NULL")
+                .bind(user_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        sqlx::query("UPDATE identity.audit_log SET email = NULL, client_ip = NULL WHERE user_id = $1 OR email = $2")
+            .bind(user_id)
+            .bind(&email)
+            .execute(&mut *tx)
+            .await?;
+        // API keys and refresh tokens go with the account (ON DELETE CASCADE).
+        sqlx::query("DELETE FROM identity.users WHERE id = $1").bind(user_id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Some(live_keys.into_iter().map(|(id,)| id).collect()))
+    }
+
     /// The owner of the live key with this hash, noting that it was used (at most once a minute).
     pub async fn api_key_owner(&self, key_hash: &[u8]) -> Result<Option<ApiKeyOwner>, sqlx::Error> {
         sqlx::query_as(

@@ -15,7 +15,7 @@ use crate::routes::{
     info(title = "Parley API", description = "Parley's public REST API (v1)."),
     paths(
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
-        identity::register, identity::login, identity::refresh, identity::logout, identity::me, identity::jwks,
+        identity::register, identity::login, identity::refresh, identity::logout, identity::me, identity::delete_me, identity::jwks,
         identity::set_tier, export::export,
         api_keys::create, api_keys::list, api_keys::revoke,
         conversations::create, conversations::list, conversations::get, conversations::update, conversations::delete,

@@ -77,6 +77,55 @@ pub async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json
     Ok(Json(UserView::from(user.into_inner())))
 }
 
+/// Delete the caller's account and everything it owns: conversations and messages, API keys, sessions,
+/// budgets and ledger. Usage totals stay, anonymised. Only from a signed-in session (an access token),
+/// never with an API key. Safe to repeat if it fails part-way: each step is idempotent, and the account
+/// itself goes last.
+#[utoipa::path(delete, path = "/v1/me", tag = "identity", security(("bearer" = [])), responses(
+    (status = 204, description = "The account and its data are gone; its tokens and keys no longer work"),
+    (status = 401, body = Problem),
+    (status = 403, body = Problem, description = "Called with an API key"),
+))]
+pub async fn delete_me(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<StatusCode> {
+    if crate::auth::bearer_token(&headers).is_some_and(|credential| credential.starts_with("pk_")) {
+        let detail = "an account can be deleted only from a signed-in session, not with an API key";
+        return Err(ApiError::new(parley_platform::ErrorCode::Forbidden, detail));
+    }
+    let user_id = caller.user_id.to_string();
+    // What the other services hold first, the account last: a deletion that fails part-way leaves the
+    // caller signed in to try again.
+    let chat = parley_proto::chat::v1::EraseUserRequest { user_id: user_id.clone() };
+    state.backends.chat.clone().erase_user(chat).await?;
+    let quota = parley_proto::quota::v1::EraseUserRequest { user_id: user_id.clone() };
+    state.backends.quota.clone().erase_user(quota).await?;
+    let analytics = parley_proto::analytics::v1::EraseUserRequest { user_id: user_id.clone() };
+    state.backends.analytics.clone().erase_user(analytics).await?;
+    let deleted = state.backends.user.clone().delete_account(pb::DeleteAccountRequest { user_id }).await?.into_inner();
+    for api_key_id in deleted.revoked_api_key_ids {
+        state.api_keys.forget(&api_key_id);
+        let subject = state.names.api_key_revocations_subject();
+        if let Err(error) = state.nats.publish(subject, api_key_id.into_bytes().into()).await {
+            tracing::warn!(%error, "could not announce a deleted account's API key; other gateways drop it within 30 s");
+        }
+    }
+    let change = parley_platform::events::AccountChanged {
+        user_id: caller.user_id,
+        tier: String::new(),
+        role: String::new(),
+        deleted: true,
+    };
+    state.account_overrides.record(&change);
+    if let Err(error) = parley_platform::nats::announce_account_deleted(&state.nats, &state.names, caller.user_id).await
+    {
+        tracing::warn!(%error, "could not announce an account deletion; other gateways refuse its tokens when they expire");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// The public keys that verify access tokens, by `kid`.
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "identity", responses((status = 200, description = "A JWK set")))]
 pub async fn jwks(State(state): State<AppState>) -> Response {

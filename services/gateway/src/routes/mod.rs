@@ -35,7 +35,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/auth/login", post(identity::login))
         .route("/v1/auth/refresh", post(identity::refresh))
         .route("/v1/auth/logout", post(identity::logout))
-        .route("/v1/me", get(identity::me))
+        .route("/v1/me", get(identity::me).delete(identity::delete_me))
         .route("/v1/me/export", get(export::export))
         .route("/v1/api-keys", post(api_keys::create).get(api_keys::list))
         .route("/v1/api-keys/{id}", axum::routing::delete(api_keys::revoke))

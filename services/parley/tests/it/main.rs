@@ -11,6 +11,7 @@ mod cache;
 mod context;
 mod contract;
 mod degraded;
+mod deletion;
 mod embeddings;
 mod extremes;
 mod harness;

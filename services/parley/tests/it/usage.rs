@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::harness::{Session, TestPlatform, eventually, run_parley};
 
 /// Publishes a usage event as an agent would (with `msg_id` as the JetStream message id).
-async fn publish(t: &TestPlatform, event: &UsageEvent, msg_id: &str) {
+pub(crate) async fn publish(t: &TestPlatform, event: &UsageEvent, msg_id: &str) {
     let client = async_nats::connect(&t.config.nats.url).await.unwrap();
     let jetstream = async_nats::jetstream::new(client);
     let names = Names::new(&t.config.nats.prefix);
@@ -27,7 +27,7 @@ async fn publish(t: &TestPlatform, event: &UsageEvent, msg_id: &str) {
     jetstream.publish_with_headers(names.usage_subject(), headers, payload.into()).await.unwrap().await.unwrap();
 }
 
-fn event(user: &Session, model: &str, input: i64, output: i64, at: OffsetDateTime) -> UsageEvent {
+pub(crate) fn event(user: &Session, model: &str, input: i64, output: i64, at: OffsetDateTime) -> UsageEvent {
     UsageEvent {
         event_id: Uuid::now_v7(),
         user_id: Uuid::parse_str(&user.user_id).unwrap(),
