@@ -503,14 +503,19 @@ def render(work, redis_port, postgres):
     return [obj for obj in yaml.safe_load_all(rendered) if obj]
 
 
-def run_job(cluster, name):
-    """Runs a Job's container to completion, as a Helm hook would."""
-    job = cluster.by_kind["Job"][name]
+def run_job(cluster, name, kind="Job"):
+    """Runs a Job's container to completion, as a Helm hook would (or a CronJob's, as its schedule
+    would); its output."""
+    job = cluster.by_kind[kind][name]
+    if kind == "CronJob":
+        # The Job it would create: its template's spec under the CronJob's metadata.
+        job = {"metadata": job["metadata"], "spec": job["spec"]["jobTemplate"]["spec"]}
     container = job["spec"]["template"]["spec"]["containers"][0]
     env = cluster.container_env(job, container, "127.77.0.1", name)
     result = subprocess.run([cluster.parley, *container.get("args", [])], env=env, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
-        fail(f"Job {name} failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
+        fail(f"{kind} {name} failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
+    return result.stdout
 
 
 # ---- the checks ---------------------------------------------------------------------------------------
@@ -832,6 +837,12 @@ def main():
         analytics_outage(cluster, a, b)
         primary_outage(cluster, a, b, postgres, *durable)
         degraded(cluster, a, b, redis)
+        # The archive and retention CronJob, run once against the data the checks above left.
+        output = run_job(cluster, "parley-archive", kind="CronJob")
+        for schema in ("identity:", "chat:", "quota:", "analytics:"):
+            if schema not in output:
+                fail(f"the archive CronJob did not apply {schema[:-1]} retention: {output}")
+        log("archive CronJob: archived and applied every schema's retention")
         ok = True
     finally:
         cluster.stop()

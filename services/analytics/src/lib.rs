@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use retention::drop_old_usage_partitions;
+pub use retention::{AnalyticsPruned, drop_old_usage_partitions, prune};
 pub use service::AnalyticsService;
 
 /// The name this service reports in `grpc.health.v1`.

@@ -33,6 +33,34 @@ pub async fn drop_old_usage_partitions(
     Ok(dropped)
 }
 
+/// What retention removed from the analytics schema besides whole partitions.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AnalyticsPruned {
+    pub daily_rows: u64,
+    pub spend_days: u64,
+    pub cost_alerts: u64,
+    pub erased_users: u64,
+}
+
+/// Retention for the analytics schema's tables that are not partitioned: when `rollup_months` is set,
+/// the daily totals (per user and model, and overall spend) and the spend alerts of days before the
+/// month that many whole months before the current one; always, the record of an erased account a
+/// month after its erasure (its late usage events have long arrived by then).
+pub async fn prune(pool: &PgPool, rollup_months: Option<u32>) -> Result<AnalyticsPruned, sqlx::Error> {
+    use parley_platform::db::delete_in_batches;
+    let mut pruned = AnalyticsPruned::default();
+    if let Some(months) = rollup_months {
+        let months = i32::try_from(months).unwrap_or(i32::MAX);
+        let before = "day < (date_trunc('month', now() AT TIME ZONE 'UTC') - make_interval(months => $1))::date";
+        pruned.daily_rows = delete_in_batches(pool, "analytics.usage_daily", before, months).await?;
+        pruned.spend_days = delete_in_batches(pool, "analytics.spend_daily", before, months).await?;
+        pruned.cost_alerts = delete_in_batches(pool, "analytics.cost_alerts", before, months).await?;
+    }
+    let erased = "erased_at < now() - make_interval(days => $1)";
+    pruned.erased_users = delete_in_batches(pool, "analytics.erased_users", erased, 30).await?;
+    Ok(pruned)
+}
+
 /// The (year, month) of a month partition's name, `usage_events_YYYY_MM`; `None` for the default one.
 fn partition_month(name: &str) -> Option<(i32, u8)> {
     let rest = name.strip_prefix("usage_events_")?;

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use service::ChatService;
-pub use storage::{Archived, archive_idle};
+pub use storage::{Archived, ChatPruned, archive_idle, prune};
 
 /// The name this service reports in `grpc.health.v1`.
 pub const HEALTH_NAME: &str = "parley.chat.v1.ChatService";

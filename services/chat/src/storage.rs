@@ -583,6 +583,31 @@ pub struct Archived {
     pub messages: u64,
 }
 
+/// What retention removed from the chat schema.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ChatPruned {
+    pub idempotency_keys: u64,
+    pub conversations: u64,
+}
+
+/// Retention for the chat schema: idempotency keys past the 24 hours they are honoured, and, when
+/// `conversation_days` is set, conversations with no activity for that many days, with their messages
+/// (live and archived). The outbox prunes itself (the relay drops rows an hour after publishing them).
+pub async fn prune(pool: &PgPool, conversation_days: Option<u32>) -> Result<ChatPruned, sqlx::Error> {
+    use parley_platform::db::delete_in_batches;
+    let honoured_hours = 24_i32;
+    let condition = "created_at < now() - make_interval(hours => $1)";
+    let idempotency_keys = delete_in_batches(pool, "chat.idempotency_keys", condition, honoured_hours).await?;
+    let conversations = match conversation_days {
+        Some(days) => {
+            let condition = "updated_at < now() - make_interval(days => $1)";
+            delete_in_batches(pool, "chat.conversations", condition, i32::try_from(days).unwrap_or(i32::MAX)).await?
+        }
+        None => 0,
+    };
+    Ok(ChatPruned { idempotency_keys, conversations })
+}
+
 /// Moves the messages of conversations idle for `idle_days` (no reply in progress) to the archive
 /// table, `batch` conversations per transaction. Each conversation is locked as a send locks it, so a
 /// send racing the move waits and then lands in the hot table; reads see the messages in one table or

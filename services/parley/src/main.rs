@@ -38,7 +38,8 @@ enum Command {
     },
     /// Apply every schema's migrations, then exit.
     Migrate,
-    /// Move the messages of conversations idle for N days to the archive table (reads keep working).
+    /// Move the messages of conversations idle for N days to the archive table (reads keep working),
+    /// and delete what every schema keeps past its retention (the chart's CronJob runs it daily).
     Archive(ArchiveArgs),
     /// Validate the configuration, then exit.
     CheckConfig,
@@ -68,6 +69,21 @@ struct ArchiveArgs {
     /// daily rollups stay, so reports over whole days are unchanged). Unset: keep them all.
     #[arg(long)]
     usage_months: Option<u32>,
+    /// Delete the daily usage totals, daily spend and spend alerts of days before this many whole
+    /// months before the current one. Unset: keep them all.
+    #[arg(long)]
+    rollup_months: Option<u32>,
+    /// Delete audit-log entries older than this many days.
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..))]
+    audit_days: u32,
+    /// Delete quota ledger rows of days before this many whole months before the current one (budgets
+    /// need the current month only).
+    #[arg(long, default_value_t = 13, value_parser = clap::value_parser!(u32).range(1..))]
+    ledger_months: u32,
+    /// Delete conversations (with their messages) with no activity for this many days. Unset: keep
+    /// them all.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    conversation_days: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -173,6 +189,8 @@ async fn probe(url: &str, timeout: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Archives idle conversations and applies every schema's retention: one command, so that the chart's
+/// one CronJob keeps the whole database bounded.
 async fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
     let config = Config::load()?;
     let _telemetry = parley_platform::telemetry::init("parley-archive", &config.telemetry)?;
@@ -189,6 +207,26 @@ async fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
             .context("dropping old usage partitions failed")?;
         println!("dropped {} usage event partitions older than {months} months: {}", dropped.len(), dropped.join(", "));
     }
+    // Retention: what every service's schema holds that grows without bound.
+    let identity = parley_user::prune(&pool, args.audit_days).await.context("identity retention failed")?;
+    println!(
+        "identity: {} expired refresh tokens, {} audit entries older than {} days, {} retired signing keys deleted",
+        identity.refresh_tokens, identity.audit_entries, args.audit_days, identity.signing_keys
+    );
+    let chat = parley_chat::prune(&pool, args.conversation_days).await.context("chat retention failed")?;
+    println!(
+        "chat: {} idempotency keys past 24 hours, {} conversations idle for {} deleted",
+        chat.idempotency_keys,
+        chat.conversations,
+        args.conversation_days.map_or_else(|| "ever (kept)".to_owned(), |days| format!("{days} days"))
+    );
+    let ledger = parley_quota::prune(&pool, args.ledger_months).await.context("quota retention failed")?;
+    println!("quota: {ledger} ledger rows older than {} months deleted", args.ledger_months);
+    let analytics = parley_analytics::prune(&pool, args.rollup_months).await.context("analytics retention failed")?;
+    println!(
+        "analytics: {} daily totals, {} spend days, {} spend alerts, {} erased-account records deleted",
+        analytics.daily_rows, analytics.spend_days, analytics.cost_alerts, analytics.erased_users
+    );
     Ok(())
 }
 

@@ -29,6 +29,34 @@ pub async fn migrate_schema(
     migrator.run(pool).await
 }
 
+/// Rows one statement of [`delete_in_batches`] deletes at most.
+const DELETE_BATCH: i64 = 5_000;
+
+/// Deletes the rows of `table` that `condition` selects (with `$1` bound to `bound`), a few thousand
+/// per statement, so that retention on a large table never holds its locks or its WAL for long; the
+/// number of rows deleted. For tables that are not partitioned (it deletes by `ctid`).
+pub async fn delete_in_batches<T>(
+    pool: &PgPool,
+    table: &'static str,
+    condition: &'static str,
+    bound: T,
+) -> Result<u64, sqlx::Error>
+where
+    T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Clone + Send + Sync + 'static,
+{
+    let statement = format!(
+        "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE {condition} LIMIT {DELETE_BATCH}))"
+    );
+    let mut deleted = 0;
+    loop {
+        let batch = sqlx::query(sqlx::AssertSqlSafe(statement.clone())).bind(bound.clone()).execute(pool).await?;
+        deleted += batch.rows_affected();
+        if batch.rows_affected() < DELETE_BATCH as u64 {
+            return Ok(deleted);
+        }
+    }
+}
+
 /// Whether a database error means "the database is not reachable right now" (a 503) rather than a bug.
 pub fn is_unavailable(error: &sqlx::Error) -> bool {
     match error {

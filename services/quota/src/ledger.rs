@@ -90,6 +90,15 @@ async fn insert(pool: &PgPool, charges: &[&Charge]) -> Result<HashSet<String>, s
     Ok(inserted.into_iter().map(|(reference_id,)| reference_id).collect())
 }
 
+/// Retention for the quota schema: ledger rows of days before the first day of the month `months`
+/// whole months before the current one (budgets read the current day and month only; usage reports
+/// come from analytics). The number deleted.
+pub async fn prune(pool: &PgPool, months: u32) -> Result<u64, sqlx::Error> {
+    let months = i32::try_from(months).unwrap_or(i32::MAX);
+    let condition = "day < (date_trunc('month', now() AT TIME ZONE 'UTC') - make_interval(months => $1))::date";
+    parley_platform::db::delete_in_batches(pool, "quota.ledger", condition, months).await
+}
+
 #[cfg(test)]
 mod tests {
     use parley_platform::test_database::TestDatabase;

@@ -21,6 +21,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use ledger::prune;
 pub use service::QuotaService;
 
 /// The name this service reports in `grpc.health.v1`.

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use service::UserService;
+pub use storage::{IdentityPruned, prune};
 
 /// The name this service reports in `grpc.health.v1`.
 pub const HEALTH_NAME: &str = "parley.user.v1.UserService";

@@ -547,5 +547,28 @@ impl Storage {
     }
 }
 
+/// What retention removed from the identity schema.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdentityPruned {
+    pub refresh_tokens: u64,
+    pub audit_entries: u64,
+    pub signing_keys: u64,
+}
+
+/// Retention for the identity schema: refresh tokens a day past their expiry (until then a reused,
+/// rotated token still revokes its family), audit entries older than `audit_days`, and signing keys a
+/// month after they were retired (no token they signed is still alive by then).
+pub async fn prune(pool: &PgPool, audit_days: u32) -> Result<IdentityPruned, sqlx::Error> {
+    use parley_platform::db::delete_in_batches;
+    let days = |days: u32| i32::try_from(days).unwrap_or(i32::MAX);
+    let past = "expires_at < now() - make_interval(days => $1)";
+    let refresh_tokens = delete_in_batches(pool, "identity.refresh_tokens", past, 1).await?;
+    let older = "at < now() - make_interval(days => $1)";
+    let audit_entries = delete_in_batches(pool, "identity.audit_log", older, days(audit_days)).await?;
+    let retired = "retired_at < now() - make_interval(days => $1)";
+    let signing_keys = delete_in_batches(pool, "identity.signing_keys", retired, 30).await?;
+    Ok(IdentityPruned { refresh_tokens, audit_entries, signing_keys })
+}
+
 #[cfg(test)]
 mod tests;

@@ -113,3 +113,108 @@ async fn idle_conversations_are_archived_and_still_read_continued_and_deleted() 
     pool.close().await;
     t.stop().await;
 }
+
+/// Rows of `table` matching `condition` (this file's own constants).
+async fn count(pool: &sqlx::PgPool, table: &str, condition: &str) -> i64 {
+    let query = format!("SELECT count(*) FROM {table} WHERE {condition}");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(query)).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_what_is_past_it_in_every_schema_and_keeps_the_rest() {
+    let t = TestPlatform::start().await;
+    let session = t.register("keeper@example.com").await;
+    let old_conversation = t.create_conversation(&session, "old").await;
+    let recent_conversation = t.create_conversation(&session, "recent").await;
+    send(&t, &session, &recent_conversation, "Hello", "key-recent").await;
+    send(&t, &session, &old_conversation, "Hello from long ago", "key-old").await;
+    let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
+    let user_id = uuid::Uuid::parse_str(&session.user_id).unwrap();
+    crate::harness::eventually("the sends to be charged", std::time::Duration::from_secs(10), || async {
+        (count(&pool, "quota.ledger", "true").await >= 2).then_some(())
+    })
+    .await;
+
+    // Make some of everything old: past each table's retention, beside recent rows that must stay.
+    let statements = [
+        // A second session, then the first one's token expired two days ago.
+        "UPDATE identity.refresh_tokens SET expires_at = now() - interval '2 days'
+         WHERE id = (SELECT id FROM identity.refresh_tokens ORDER BY created_at LIMIT 1)",
+        "INSERT INTO identity.audit_log (id, at, event) VALUES (gen_random_uuid(), now() - interval '400 days', 'old')",
+        "CREATE TEMP TABLE retired AS SELECT * FROM identity.signing_keys LIMIT 1",
+        "UPDATE retired SET kid = 'retired-long-ago', retired_at = now() - interval '31 days'",
+        "INSERT INTO identity.signing_keys SELECT * FROM retired",
+        "UPDATE chat.idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'key-old'",
+        "INSERT INTO quota.ledger (reference_id, user_id, day, tokens)
+         SELECT 'long-ago', user_id, (now() - interval '15 months')::date, 5 FROM quota.ledger LIMIT 1",
+        "INSERT INTO analytics.usage_daily
+             (day, user_id, model, requests, input_tokens, output_tokens, cost_micros, cache_hits, failures)
+         VALUES ((now() - interval '30 months')::date, gen_random_uuid(), 'old-model', 1, 1, 1, 1, 0, 0)",
+        "INSERT INTO analytics.spend_daily (day, cost_micros) VALUES ((now() - interval '30 months')::date, 1)",
+        "INSERT INTO analytics.erased_users (user_id, erased_at) VALUES (gen_random_uuid(), now() - interval '31 days'),
+             (gen_random_uuid(), now())",
+    ];
+    let mut connection = pool.acquire().await.unwrap();
+    for statement in statements {
+        sqlx::query(statement).execute(&mut *connection).await.unwrap();
+    }
+    drop(connection);
+    let second = t
+        .http
+        .post(t.url("/v1/auth/login"))
+        .json(&json!({"email": "keeper@example.com", "password": "correct horse battery"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), StatusCode::OK);
+    sqlx::query("UPDATE chat.conversations SET updated_at = now() - interval '40 days' WHERE id = $1")
+        .bind(uuid::Uuid::parse_str(&old_conversation).unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let before = |table: &'static str| count(&pool, table, "true");
+    let (tokens, audit, keys, ledger) = (
+        before("identity.refresh_tokens").await,
+        before("identity.audit_log").await,
+        before("identity.signing_keys").await,
+        before("quota.ledger").await,
+    );
+
+    let output = run_parley(
+        &[("DATABASE_URL", &t.config.database.url)],
+        &[
+            "archive",
+            "--audit-days",
+            "365",
+            "--ledger-months",
+            "13",
+            "--rollup-months",
+            "24",
+            "--conversation-days",
+            "30",
+        ],
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(printed.contains("identity: 1 expired refresh tokens, 1 audit entries"), "{printed}");
+
+    // Exactly the old rows are gone...
+    assert_eq!(count(&pool, "identity.refresh_tokens", "true").await, tokens - 1);
+    assert_eq!(count(&pool, "identity.audit_log", "true").await, audit - 1);
+    assert_eq!(count(&pool, "identity.signing_keys", "true").await, keys - 1);
+    assert_eq!(count(&pool, "identity.signing_keys", "kid = 'retired-long-ago'").await, 0);
+    assert_eq!(count(&pool, "chat.idempotency_keys", "key = 'key-old'").await, 0);
+    assert_eq!(count(&pool, "chat.idempotency_keys", "key = 'key-recent'").await, 1);
+    assert_eq!(count(&pool, "quota.ledger", "true").await, ledger - 1);
+    assert_eq!(count(&pool, "quota.ledger", "reference_id = 'long-ago'").await, 0);
+    assert_eq!(count(&pool, "analytics.usage_daily", "model = 'old-model'").await, 0);
+    assert_eq!(count(&pool, "analytics.spend_daily", "day < now() - interval '29 months'").await, 0);
+    assert_eq!(count(&pool, "analytics.erased_users", "true").await, 1);
+    // ...the idle conversation with its messages, and nothing else of the user's.
+    let (status, _) = t.get(&session, &format!("/v1/conversations/{old_conversation}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let messages = all_messages(&t, &session, &recent_conversation).await;
+    assert_eq!(messages.len(), 2);
+    assert!(count(&pool, "analytics.usage_daily", &format!("user_id = '{user_id}'")).await > 0);
+    t.stop().await;
+}
