@@ -43,13 +43,7 @@ fn stored_reply(message: &chat_pb::Message) -> Option<StoredReply> {
 /// an event sent again, however much later, is the same row to analytics (whose key is the id and the
 /// time) and is counted once.
 fn usage_event(job: &AiJob, model: &str, outcome: &str, charged_tokens: i64) -> UsageEvent {
-    let occurred_at_ms = job.message_id.get_timestamp().map_or_else(
-        || (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
-        |stamp| {
-            let (secs, nanos) = stamp.to_unix();
-            secs as i64 * 1000 + i64::from(nanos / 1_000_000)
-        },
-    );
+    let occurred_at_ms = dated_by(job.message_id);
     UsageEvent {
         event_id: job.message_id,
         user_id: job.user_id,
@@ -57,6 +51,7 @@ fn usage_event(job: &AiJob, model: &str, outcome: &str, charged_tokens: i64) -> 
         message_id: job.message_id,
         model: model.to_owned(),
         provider: "unknown".to_owned(),
+        provider_model: String::new(),
         input_tokens: 0,
         output_tokens: 0,
         latency_ms: 0,
@@ -66,6 +61,17 @@ fn usage_event(job: &AiJob, model: &str, outcome: &str, charged_tokens: i64) -> 
         occurred_at_ms,
         settlement: Some(Settlement { reservation_id: job.reservation_id, tokens: charged_tokens }),
     }
+}
+
+/// The Unix milliseconds a UUIDv7 was made at (now, for an id that carries no time).
+fn dated_by(id: Uuid) -> i64 {
+    id.get_timestamp().map_or_else(
+        || (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+        |stamp| {
+            let (secs, nanos) = stamp.to_unix();
+            secs as i64 * 1000 + i64::from(nanos / 1_000_000)
+        },
+    )
 }
 
 /// What a call consumed before it failed: the prompt the model read and the part of the reply it had
@@ -111,7 +117,9 @@ impl Agent {
             finish_reason: None,
             tool_calls: Vec::new(),
         };
-        let answer = Answer { completion, provider: "cache".to_owned(), elapsed: Duration::ZERO, cache_hit: true };
+        let provider = "cache".to_owned();
+        let answer =
+            Answer { completion, provider, provider_model: String::new(), elapsed: Duration::ZERO, cache_hit: true };
         self.store(job, model, &answer).await
     }
 
@@ -159,6 +167,7 @@ impl Agent {
             if answer.cache_hit { 0 } else { answer.completion.input_tokens + answer.completion.output_tokens };
         let event = UsageEvent {
             provider: answer.provider.clone(),
+            provider_model: answer.provider_model.clone(),
             input_tokens: answer.completion.input_tokens,
             output_tokens: answer.completion.output_tokens,
             latency_ms: answer.elapsed.as_millis() as i64,
@@ -226,6 +235,34 @@ impl Agent {
     ) -> i64 {
         let counter = crate::context::TokenCounter::for_model(&self.config, model);
         prompt.iter().map(|message| i64::from(counter.count_message(message))).sum()
+    }
+
+    /// Reports a running summary's call in a usage event of its own (outcome `summary`, priced by the
+    /// summary model, dated and identified by `event_id`), whose charge quota takes against the day's
+    /// and the month's budgets: a summary is paid for like any call, once.
+    pub(crate) async fn report_summary(
+        &self,
+        job: &AiJob,
+        event_id: Uuid,
+        summary: &crate::summaries::Summary,
+    ) -> Result<(), AgentError> {
+        let answer = &summary.answer;
+        let (input_tokens, output_tokens) =
+            (answer.completion.input_tokens.max(0), answer.completion.output_tokens.max(0));
+        let charged = input_tokens + output_tokens;
+        let event = UsageEvent {
+            event_id,
+            message_id: event_id,
+            provider: answer.provider.clone(),
+            provider_model: answer.provider_model.clone(),
+            input_tokens,
+            output_tokens,
+            latency_ms: answer.elapsed.as_millis() as i64,
+            occurred_at_ms: dated_by(event_id),
+            settlement: Some(Settlement { reservation_id: None, tokens: charged }),
+            ..usage_event(job, &summary.model, "summary", charged)
+        };
+        self.publish_usage(&event).await
     }
 
     /// Reports a call that ended failed: a usage event with outcome `failed`, which carries what the

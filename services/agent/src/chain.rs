@@ -145,6 +145,8 @@ enum Piece {
 pub(crate) struct Answer {
     pub(crate) completion: Completion,
     pub(crate) provider: String,
+    /// The model at the provider (the chain entry's), which prices the call; empty for a cached reply.
+    pub(crate) provider_model: String,
     pub(crate) elapsed: Duration,
     pub(crate) cache_hit: bool,
 }
@@ -216,7 +218,8 @@ impl Agent {
         let sampling = Sampling { max_tokens: self.longest_reply(job), params: &job.sampling };
         let attempt = ChatAttempt { agent: self, provider, model, prompt, sampling, job, delta_index, sink };
         let (completion, elapsed) = self.with_retries(provider, model, attempt).await?;
-        Ok(Answer { completion, provider: provider.client.name.clone(), elapsed, cache_hit: false })
+        let (provider, provider_model) = (provider.client.name.clone(), model.to_owned());
+        Ok(Answer { completion, provider, provider_model, elapsed, cache_hit: false })
     }
 
     /// Runs `attempt` against one provider, retrying retryable failures with jittered exponential

@@ -194,8 +194,13 @@ impl AgentService for Completions {
             finish_reason: None,
             tool_calls: Vec::new(),
         };
-        let answer =
-            Answer { completion, provider: embeddings.provider, elapsed: embeddings.elapsed, cache_hit: false };
+        let answer = Answer {
+            completion,
+            provider: embeddings.provider,
+            provider_model: embeddings.provider_model,
+            elapsed: embeddings.elapsed,
+            cache_hit: false,
+        };
         let agent = self.agent.clone();
         let span =
             tracing::info_span!("agent.embeddings.accounting", service = "agent", embedding_id = %job.message_id);
@@ -306,5 +311,6 @@ fn cached_answer(reply: CachedReply) -> Answer {
         finish_reason: None,
         tool_calls: Vec::new(),
     };
-    Answer { completion, provider: "cache".to_owned(), elapsed: Duration::ZERO, cache_hit: true }
+    let provider = "cache".to_owned();
+    Answer { completion, provider, provider_model: String::new(), elapsed: Duration::ZERO, cache_hit: true }
 }

@@ -44,6 +44,7 @@ impl Attempt for EmbedAttempt<'_> {
 pub(crate) struct Embeddings {
     pub(crate) embedded: Embedded,
     pub(crate) provider: String,
+    pub(crate) provider_model: String,
     pub(crate) elapsed: Duration,
 }
 
@@ -65,7 +66,8 @@ impl Agent {
             let attempt = EmbedAttempt { provider, model: &target.model, inputs, options };
             match self.with_retries(provider, &target.model, attempt).await {
                 Ok((embedded, elapsed)) => {
-                    return Ok(Embeddings { embedded, provider: provider.client.name.clone(), elapsed });
+                    let (provider, provider_model) = (provider.client.name.clone(), target.model.clone());
+                    return Ok(Embeddings { embedded, provider, provider_model, elapsed });
                 }
                 Err(Failure { error, .. }) => {
                     let retryable = error.is_retryable();

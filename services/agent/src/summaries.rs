@@ -1,13 +1,37 @@
 //! Running summaries: when a thread no longer fits the model's window, the messages that fall out are
 //! folded into the conversation's summary by the summary model, stored in chat and charged to the user.
 
+use std::time::Instant;
+
 use parley_platform::events::AiJob;
 use parley_proto::chat::v1 as chat_pb;
-use parley_proto::quota::v1 as quota_pb;
+use uuid::Uuid;
 
+use crate::chain::Answer;
 use crate::context::{TokenCounter, compose, fit_prompt, summary_budget, summary_request};
 use crate::provider::Sampling;
 use crate::worker::Agent;
+
+/// A summary written by a model: its text, the call that wrote it, and the model it was asked of.
+pub(crate) struct Summary {
+    pub(crate) text: String,
+    pub(crate) answer: Answer,
+    pub(crate) model: String,
+}
+
+/// The usage event id of the summary that folded the thread up to message `until`: a UUIDv7 with that
+/// message's time and other random bits, so it is dated like the messages it summarises, differs from
+/// the message's own event (a reply's event id is its message id) and is the same for a redelivered
+/// job that folds the same messages again (one charge, one report).
+pub(crate) fn summary_event_id(until: Uuid) -> Uuid {
+    let mut bytes = *until.as_bytes();
+    // The last eight bytes hold the variant bits and 62 random bits: flip the random ones.
+    for (byte, tag) in bytes[8..].iter_mut().zip(*b"summary!") {
+        *byte ^= tag;
+    }
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    Uuid::from_bytes(bytes)
+}
 
 /// Longest running summary, in tokens: it bounds what every later prompt of a long thread carries.
 const SUMMARY_MAX_TOKENS: u32 = 400;
@@ -36,35 +60,31 @@ impl Agent {
         let refit = fit_prompt(system, None, &context.history, model.context_window, reserved + summary_room, &counter);
         let (dropped, kept) =
             context.history.split_at(refit.dropped.max(1).min(context.history.len().saturating_sub(1)));
-        let Some((summary, tokens)) =
-            self.summarize(context.summary.as_deref(), dropped, requested, model, summary_room).await
+        let Some(summary) = self.summarize(context.summary.as_deref(), dropped, requested, model, summary_room).await
         else {
             return fitted.prompt;
         };
         if let Some(until) = dropped.last() {
-            // The user pays for the summary call too, once per summary (a redelivered job that folds the
-            // same messages again is not charged twice).
-            let charge = quota_pb::ChargeRequest {
-                user_id: job.user_id.to_string(),
-                tokens,
-                reference_id: format!("summary:{}", until.id),
-            };
-            if let Err(status) = self.quota.clone().charge(charge).await {
-                tracing::warn!(code = ?status.code(), "could not charge the summary call");
+            // The user pays for the summary call too, reported like any call (analytics prices it, quota
+            // charges both budgets from the event), once per summary.
+            if let Ok(until_id) = Uuid::parse_str(&until.id)
+                && let Err(error) = self.report_summary(job, summary_event_id(until_id), &summary).await
+            {
+                tracing::warn!(%error, "could not report the summary call; it is not charged");
             }
             let request = chat_pb::UpdateSummaryRequest {
                 conversation_id: context.conversation_id.clone(),
-                summary: summary.clone(),
+                summary: summary.text.clone(),
                 until_message_id: until.id.clone(),
             };
             if let Err(status) = self.chat.clone().update_summary(request).await {
                 tracing::warn!(code = ?status.code(), "could not store the running summary");
             }
         }
-        compose(system, Some(&summary), kept)
+        compose(system, Some(&summary.text), kept)
     }
 
-    /// Folds `dropped` into the running summary with the summary model, with the tokens the call used;
+    /// Folds `dropped` into the running summary with the summary model, with the call that wrote it;
     /// `None` if no provider answered (the prompt then simply leaves those messages out).
     pub(crate) async fn summarize(
         &self,
@@ -73,7 +93,7 @@ impl Agent {
         requested: &str,
         model: &parley_platform::config::ModelConfig,
         max_tokens: u32,
-    ) -> Option<(String, i64)> {
+    ) -> Option<Summary> {
         let name = self
             .config
             .agent
@@ -94,12 +114,20 @@ impl Agent {
             }
             let key = provider.keys.pick();
             let secret = key.as_ref().map(|(_, secret)| secret.as_str());
+            let started = Instant::now();
             match provider.client.stream_chat(secret, &target.model, &request, sampling, &mut |_| {}).await {
-                Ok(completion) => {
+                Ok(mut completion) => {
                     provider.breaker.record_success();
                     metrics::counter!(crate::metrics::SUMMARIES, "model" => name.clone()).increment(1);
-                    let tokens = completion.input_tokens.max(0) + completion.output_tokens.max(0);
-                    return Some((completion.content, tokens));
+                    let text = std::mem::take(&mut completion.content);
+                    let answer = Answer {
+                        completion,
+                        provider: provider.client.name.clone(),
+                        provider_model: target.model.clone(),
+                        elapsed: started.elapsed(),
+                        cache_hit: false,
+                    };
+                    return Some(Summary { text, answer, model: name });
                 }
                 Err(error) => {
                     if error.is_provider_fault() {
@@ -112,5 +140,21 @@ impl Agent {
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_event_is_dated_like_its_message_yet_distinct_and_stable() {
+        let until = Uuid::now_v7();
+        let id = summary_event_id(until);
+        assert_ne!(id, until);
+        assert_eq!(id, summary_event_id(until), "the same summary, the same event");
+        assert_eq!(id.get_version_num(), 7);
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        assert_eq!(id.get_timestamp(), until.get_timestamp());
     }
 }

@@ -256,8 +256,13 @@ impl Agent {
                     finish_reason: None,
                     tool_calls: Vec::new(),
                 };
-                let answer =
-                    Answer { completion, provider: "unknown".to_owned(), cache_hit: false, elapsed: Duration::ZERO };
+                let answer = Answer {
+                    completion,
+                    provider: "unknown".to_owned(),
+                    provider_model: String::new(),
+                    cache_hit: false,
+                    elapsed: Duration::ZERO,
+                };
                 return self.account(job, &context.model, &answer).await.map_or(retry, |()| Outcome::Done);
             }
             Some(MessageStatus::Failed) => return Outcome::Done,

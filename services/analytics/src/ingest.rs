@@ -145,11 +145,7 @@ impl Ingester {
             .iter()
             .map(|event| {
                 // A reply served from the response cache cost no model tokens.
-                let cost = if event.cache_hit {
-                    0
-                } else {
-                    cost_micros(&self.config, &event.model, event.input_tokens, event.output_tokens)
-                };
+                let cost = if event.cache_hit { 0 } else { cost_micros(&self.config, event) };
                 // Checked when the event was read: an out-of-range time is a malformed event.
                 (*event, occurred_at(event).unwrap_or(OffsetDateTime::UNIX_EPOCH), cost)
             })
@@ -457,14 +453,26 @@ impl AlertPublisher {
 
 /// The price of a call in millionths of a US dollar, from the model's configured prices per million
 /// tokens. Priced at ingestion, so a later price change does not rewrite history.
-pub fn cost_micros(config: &Config, model: &str, input_tokens: i64, output_tokens: i64) -> i64 {
-    let Some(prices) = config.models.get(model) else {
+pub fn cost_micros(config: &Config, event: &UsageEvent) -> i64 {
+    let Some((input, output)) = prices(config, &event.model, &event.provider, &event.provider_model) else {
         return 0;
     };
     // USD per million tokens × tokens = micro-USD.
-    let micros =
-        prices.input_price_per_mtok * input_tokens as f64 + prices.output_price_per_mtok * output_tokens as f64;
-    micros.round() as i64
+    (input * event.input_tokens as f64 + output * event.output_tokens as f64).round() as i64
+}
+
+/// USD per million input and output tokens of a call of `model` that `provider`'s `provider_model`
+/// answered: that chain entry's own prices where it has them (a fallback to another vendor's model
+/// costs what that model costs), else the model's. `None` for a model not configured.
+pub fn prices(config: &Config, model: &str, provider: &str, provider_model: &str) -> Option<(f64, f64)> {
+    let configured = config.models.get(model)?;
+    let answered_by =
+        configured.chain.iter().find(|target| target.provider == provider && target.model == provider_model);
+    let own = |price: fn(&parley_platform::config::ModelTarget) -> Option<f64>| answered_by.and_then(price);
+    Some((
+        own(|target| target.input_price_per_mtok).unwrap_or(configured.input_price_per_mtok),
+        own(|target| target.output_price_per_mtok).unwrap_or(configured.output_price_per_mtok),
+    ))
 }
 
 #[cfg(test)]
@@ -472,12 +480,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cost_follows_the_price_table() {
-        let config = Config::default();
+    fn cost_follows_the_price_table_of_what_answered() {
+        let mut config = Config::default();
+        let priced = |model: &str, provider: &str, provider_model: &str, input: i64, output: i64| UsageEvent {
+            provider: provider.to_owned(),
+            provider_model: provider_model.to_owned(),
+            input_tokens: input,
+            output_tokens: output,
+            ..event(Uuid::nil(), model, 0, false)
+        };
         // parley-fake: $0.50 in, $1.50 out per million tokens.
-        assert_eq!(cost_micros(&config, "parley-fake", 1_000_000, 0), 500_000);
-        assert_eq!(cost_micros(&config, "parley-fake", 1000, 2000), 500 + 3000);
-        assert_eq!(cost_micros(&config, "unknown-model", 1000, 2000), 0);
+        assert_eq!(cost_micros(&config, &priced("parley-fake", "fake", "fake-echo", 1_000_000, 0)), 500_000);
+        assert_eq!(cost_micros(&config, &priced("parley-fake", "fake", "fake-echo", 1000, 2000)), 500 + 3000);
+        assert_eq!(cost_micros(&config, &priced("unknown-model", "fake", "fake-echo", 1000, 2000)), 0);
+        // A fallback entry with prices of its own: its tokens cost its prices, the input's only where
+        // it set one.
+        let mut fallback = parley_platform::config::ModelTarget::new("other", "other-model");
+        fallback.output_price_per_mtok = Some(10.0);
+        config.models.get_mut("parley-fake").unwrap().chain.push(fallback);
+        assert_eq!(cost_micros(&config, &priced("parley-fake", "other", "other-model", 1000, 2000)), 500 + 20_000);
+        // A cached reply names no provider model: the model's prices (and it is not charged anyway).
+        assert_eq!(cost_micros(&config, &priced("parley-fake", "cache", "", 1000, 2000)), 500 + 3000);
     }
 
     fn event(user_id: Uuid, model: &str, output_tokens: i64, cache_hit: bool) -> UsageEvent {
@@ -488,6 +511,7 @@ mod tests {
             message_id: Uuid::now_v7(),
             model: model.to_owned(),
             provider: "fake".to_owned(),
+            provider_model: "fake-echo".to_owned(),
             input_tokens: 1_000,
             output_tokens,
             latency_ms: 5,
@@ -526,7 +550,7 @@ mod tests {
         .fetch_all(&pool)
         .await
         .unwrap();
-        let priced = cost_micros(&config, "parley-fake", 1_000, 2_000);
+        let priced = cost_micros(&config, &first);
         assert_eq!(rollups, [("other".to_owned(), 1, 10, 0, 0), ("parley-fake".to_owned(), 2, 2_500, priced, 1)]);
         let (spent,): (i64,) =
             sqlx::query_as("SELECT cost_micros FROM analytics.spend_daily").fetch_one(&pool).await.unwrap();

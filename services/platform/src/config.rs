@@ -396,6 +396,20 @@ fn default_context_window() -> u32 {
 pub struct ModelTarget {
     pub provider: String,
     pub model: String,
+    /// USD per million input tokens when this entry answers, if it differs from the model's price (a
+    /// fallback to another vendor's model costs what that model costs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_price_per_mtok: Option<f64>,
+    /// USD per million output tokens when this entry answers, if it differs from the model's price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_price_per_mtok: Option<f64>,
+}
+
+impl ModelTarget {
+    /// `provider`'s `model`, at the price of the model whose chain it is in.
+    pub fn new(provider: impl Into<String>, model: impl Into<String>) -> Self {
+        Self { provider: provider.into(), model: model.into(), input_price_per_mtok: None, output_price_per_mtok: None }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -587,7 +601,7 @@ impl Default for Config {
             (
                 FAKE_MODEL.to_owned(),
                 ModelConfig {
-                    chain: vec![ModelTarget { provider: "fake".to_owned(), model: "fake-echo".to_owned() }],
+                    chain: vec![ModelTarget::new("fake", "fake-echo")],
                     context_window: 8192,
                     input_price_per_mtok: 0.5,
                     output_price_per_mtok: 1.5,
@@ -600,7 +614,7 @@ impl Default for Config {
             (
                 FAKE_EMBEDDINGS_MODEL.to_owned(),
                 ModelConfig {
-                    chain: vec![ModelTarget { provider: "fake".to_owned(), model: "fake-embed".to_owned() }],
+                    chain: vec![ModelTarget::new("fake", "fake-embed")],
                     context_window: 8192,
                     input_price_per_mtok: 0.02,
                     output_price_per_mtok: 0.0,
@@ -735,6 +749,8 @@ pub const NUMERIC_RANGES: &[NumericRange] = &[
     range("models.*.context_window", 1.0, 100_000_000.0),
     range("models.*.input_price_per_mtok", 0.0, 1_000_000.0),
     range("models.*.output_price_per_mtok", 0.0, 1_000_000.0),
+    range("models.*.chain.*.input_price_per_mtok", 0.0, 1_000_000.0),
+    range("models.*.chain.*.output_price_per_mtok", 0.0, 1_000_000.0),
     range("models.*.router.max_prompt_chars", 0.0, 100_000_000.0),
     range("models.*.router.max_messages", 0.0, 100_000.0),
     range("tiers.*.requests_per_minute", 1.0, 1_000_000_000.0),
@@ -794,6 +810,16 @@ impl Config {
                 (format!("models.{name}.input_price_per_mtok"), model.input_price_per_mtok),
                 (format!("models.{name}.output_price_per_mtok"), model.output_price_per_mtok),
             ]
+        }))
+        .chain(self.models.iter().flat_map(|(name, model)| {
+            model.chain.iter().enumerate().flat_map(move |(index, target)| {
+                [
+                    (format!("models.{name}.chain[{index}].input_price_per_mtok"), target.input_price_per_mtok),
+                    (format!("models.{name}.chain[{index}].output_price_per_mtok"), target.output_price_per_mtok),
+                ]
+                .into_iter()
+                .filter_map(|(path, price)| Some((path, price?)))
+            })
         }))
         .chain(
             self.analytics
@@ -1298,6 +1324,8 @@ mod tests {
         let mut config = Config::default();
         config.models.get_mut(FAKE_MODEL).unwrap().router =
             Some(RouterConfig { model: FAKE_MODEL.to_owned(), max_prompt_chars: 100, max_messages: 2 });
+        let target = &mut config.models.get_mut(FAKE_MODEL).unwrap().chain[0];
+        (target.input_price_per_mtok, target.output_price_per_mtok) = (Some(1.0), Some(2.0));
         let written = serde_json::to_value(&config).unwrap();
         let mut numbers = BTreeSet::new();
         numeric_leaves(&written, "", &mut numbers);

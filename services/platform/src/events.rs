@@ -63,12 +63,17 @@ pub struct UsageEvent {
     pub message_id: Uuid,
     pub model: String,
     pub provider: String,
+    /// The model at the provider that answered (the chain entry's `model`), which prices the call when
+    /// that entry has prices of its own. Empty for a cached reply.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider_model: String,
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub latency_ms: i64,
     pub time_to_first_token_ms: Option<i64>,
     pub cache_hit: bool,
-    /// "completed" or "failed".
+    /// "completed", "failed", or "summary" (a running summary's call, charged to the conversation's
+    /// owner).
     pub outcome: String,
     /// Unix milliseconds.
     pub occurred_at_ms: i64,

@@ -22,13 +22,18 @@ pub fn counter_key(prefix: &str, user_id: Uuid, day: Date) -> String {
 /// Counters outlive their day a little, so a charge settling just after midnight still finds yesterday's.
 pub const COUNTER_TTL_SECS: i64 = 2 * 24 * 3600;
 
-/// Adds to a counter only if it exists. A missing counter is rebuilt from the ledger on the next read,
-/// and the ledger already holds this charge, so creating it here would undercount.
+/// Adds to each counter (the day's, the month's) only if it exists. A missing counter is rebuilt from
+/// the ledger on the next read, and the ledger already holds this charge, so creating it here would
+/// undercount. Returns the first counter's new value, or -1 when it was missing.
 pub const CHARGE_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return redis.call('INCRBY', KEYS[1], ARGV[1])
+local counted = -1
+for index, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    local value = redis.call('INCRBY', key, ARGV[1])
+    if index == 1 then counted = value end
+  end
 end
-return -1
+return counted
 ";
 
 /// Share of the budget a user may spend while Redis is unreachable and the ledger answers instead.

@@ -94,9 +94,11 @@ impl QuotaService {
         let day = budget::current_day(OffsetDateTime::now_utc());
         let inserted = self.record_charge(reference_id, user_id, day, tokens).await?;
         if inserted {
-            let key = budget::counter_key(&self.config.redis.key_prefix, user_id, day);
+            // Both budgets: a charge counts against the day and the month.
+            let keys = self.keys(user_id, day);
             let mut redis = self.redis.clone();
-            let counted: Result<i64, _> = self.charge_script.key(&key).arg(tokens).invoke_async(&mut redis).await;
+            let counted: Result<i64, _> =
+                self.charge_script.key(&keys.day).key(&keys.month).arg(tokens).invoke_async(&mut redis).await;
             if let Err(error) = counted {
                 // The ledger has the charge; the counter is rebuilt from it when Redis answers again.
                 tracing::warn!(%error, "redis unavailable; charge recorded in the ledger only");

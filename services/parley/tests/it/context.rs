@@ -2,11 +2,13 @@
 //! running summary, stored with the conversation and reused, so replies keep coming and each prompt
 //! stays bounded however long the thread grows.
 
+use std::time::Duration;
+
 use parley::Service;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::harness::TestPlatform;
+use crate::harness::{TestPlatform, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thread_longer_than_the_window_gets_a_summary_and_still_answers() {
@@ -50,15 +52,26 @@ async fn a_thread_longer_than_the_window_gets_a_summary_and_still_answers() {
     assert!(thread_chars / 4 > 2 * 400, "the thread itself is over twice the window: {thread_chars} characters");
     assert!(input_tokens.iter().all(|tokens| *tokens <= 400), "{input_tokens:?}");
 
-    // The summary calls are charged to the user's budget, once per summary.
-    let (summary_charges, summary_tokens): (i64, Option<i64>) = sqlx::query_as(
-        "SELECT count(*), sum(tokens)::bigint FROM quota.ledger WHERE user_id = $1::uuid AND reference_id LIKE 'summary:%'",
-    )
-    .bind(&session.user_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert!(summary_charges >= 1 && summary_tokens.unwrap_or(0) > 0, "{summary_charges} charges");
+    // The summary calls are reported and charged like any call, once per summary: a priced usage event
+    // each (outcome "summary"), and its charge in the ledger under the event's id.
+    let summaries: Vec<(String, i64, i64, Option<i64>)> =
+        eventually("the summaries to be reported and charged", Duration::from_secs(10), || async {
+            let rows: Vec<(String, i64, i64, Option<i64>)> = sqlx::query_as(
+                "SELECT e.event_id::text, e.input_tokens + e.output_tokens, e.cost_micros, l.tokens
+                 FROM analytics.usage_events e LEFT JOIN quota.ledger l ON l.reference_id = e.event_id::text
+                 WHERE e.user_id = $1::uuid AND e.outcome = 'summary'",
+            )
+            .bind(&session.user_id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            (!rows.is_empty() && rows.iter().all(|(_, _, _, charged)| charged.is_some())).then_some(rows)
+        })
+        .await;
+    for (event_id, tokens, cost, charged) in &summaries {
+        assert!(*tokens > 0 && *cost > 0, "summary {event_id}: {tokens} tokens cost {cost}");
+        assert_eq!(charged, &Some(*tokens), "summary {event_id} charged what it used");
+    }
     pool.close().await;
     t.stop().await;
 }

@@ -24,7 +24,7 @@ async fn embeddings_fall_back_along_the_chain_and_are_charged_once() {
     let t = TestPlatform::start_with(
         |config| {
             add_provider(config, "flaky", ProviderKind::Openai, &flaky_url, &[]);
-            let target = |provider: &str| ModelTarget { provider: provider.to_owned(), model: "fake-embed".to_owned() };
+            let target = |provider: &str| ModelTarget::new(provider, "fake-embed");
             config.models.insert(
                 "embed-chain".to_owned(),
                 ModelConfig {

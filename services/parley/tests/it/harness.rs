@@ -334,10 +334,7 @@ pub fn add_provider(config: &mut Config, name: &str, kind: ProviderKind, url: &s
 
 /// A model whose chain is the given providers, in order (each serving "fake-echo").
 pub fn add_model(config: &mut Config, name: &str, providers: &[&str]) {
-    let chain = providers
-        .iter()
-        .map(|provider| ModelTarget { provider: (*provider).to_owned(), model: "fake-echo".to_owned() })
-        .collect();
+    let chain = providers.iter().map(|provider| ModelTarget::new(*provider, "fake-echo")).collect();
     config.models.insert(
         name.to_owned(),
         ModelConfig {

@@ -35,6 +35,7 @@ pub(crate) fn event(user: &Session, model: &str, input: i64, output: i64, at: Of
         message_id: Uuid::now_v7(),
         model: model.to_owned(),
         provider: "fake".to_owned(),
+        provider_model: "fake-echo".to_owned(),
         input_tokens: input,
         output_tokens: output,
         latency_ms: 120,
