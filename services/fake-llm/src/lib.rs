@@ -69,8 +69,25 @@ impl From<&FakeLlmConfig> for Knobs {
     }
 }
 
+/// The tokens the fake would bill, as a provider counts them: the prompt and the reply of every reply
+/// it sent whole (what its `usage` said), and of a stream it broke off, the prompt and the tokens sent
+/// before the break. Requests it refused (429, 500, 401) bill nothing.
+#[derive(Default)]
+struct Tally {
+    input: AtomicU64,
+    output: AtomicU64,
+}
+
+impl Tally {
+    fn bill(&self, input: u64, output: u64) {
+        self.input.fetch_add(input, Ordering::SeqCst);
+        self.output.fetch_add(output, Ordering::SeqCst);
+    }
+}
+
 struct Shared {
     knobs: Mutex<Knobs>,
+    tally: Arc<Tally>,
     /// The body of the last completion request, as it came (read only by tests, so not parsed here).
     last_body: Mutex<Option<Bytes>>,
     requests: AtomicU64,
@@ -94,6 +111,7 @@ impl FakeLlm {
             last_body: Mutex::new(None),
             requests: AtomicU64::new(0),
             random_state: AtomicU64::new(seed),
+            tally: Arc::default(),
         };
         Self { shared: Arc::new(shared) }
     }
@@ -105,6 +123,13 @@ impl FakeLlm {
     /// Completion requests received so far (either wire format).
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// The input and output tokens this fake would bill so far (see [`Tally`]): what a reconciliation
+    /// compares Parley's ledger with.
+    pub fn billed(&self) -> (u64, u64) {
+        let tally = &self.shared.tally;
+        (tally.input.load(Ordering::SeqCst), tally.output.load(Ordering::SeqCst))
     }
 
     /// The `temperature` of the last completion request (`None` when it had none).
@@ -396,6 +421,7 @@ async fn embeddings(State(fake): State<FakeLlm>, headers: HeaderMap, body: Bytes
         .collect();
     let prompt_tokens: u64 = inputs.iter().map(|text| estimate_tokens(text)).sum();
     wait_until(tokio::time::Instant::now() + knobs.time_to_first_token).await;
+    fake.shared.tally.bill(prompt_tokens, 0);
     Json(json!({
         "object": "list",
         "data": data,
@@ -479,6 +505,7 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: Bytes) -
         tool_call,
         logprobs: (request.logprobs == Some(true)).then(|| request.top_logprobs.unwrap_or(0)),
         knobs,
+        tally: fake.shared.tally.clone(),
     };
     if request.stream {
         let include_usage = request.stream_options.is_some_and(|options| options.include_usage);
@@ -486,6 +513,7 @@ async fn complete(fake: FakeLlm, wire: Wire, headers: &HeaderMap, body: Bytes) -
     } else {
         wait_until(tokio::time::Instant::now() + completion.knobs.time_to_first_token + completion.generation_time())
             .await;
+        completion.tally.bill(completion.prompt_tokens, completion.tokens.len() as u64);
         Json(completion.whole()).into_response()
     }
 }
@@ -505,6 +533,7 @@ struct Completion {
     /// Log probabilities were asked for, with this many alternatives a position (OpenAI's wire).
     logprobs: Option<u32>,
     knobs: Knobs,
+    tally: Arc<Tally>,
 }
 
 impl Completion {
@@ -754,6 +783,7 @@ fn stream_completion(completion: Completion, include_usage: bool) -> Response {
                         // An error in the body makes the server drop the connection mid-reply. It waits a
                         // moment first, so the tokens before it have reached the client, as they would
                         // have from a provider that broke off while generating.
+                        completion.tally.bill(completion.prompt_tokens, index as u64);
                         tokio::time::sleep(BREAK_OFF_DELAY).await;
                         return Some((Err(std::io::Error::other("fake stream failure")), Step::End));
                     }
@@ -763,6 +793,7 @@ fn stream_completion(completion: Completion, include_usage: bool) -> Response {
                     Some((Ok(completion.token_event(index)), Step::Token(index + 1)))
                 }
                 Step::Token(_) => {
+                    completion.tally.bill(completion.prompt_tokens, completion.tokens.len() as u64);
                     let mut closing = completion.closing(include_usage);
                     let first = closing.remove(0);
                     Some((Ok(first), Step::Closing(closing)))

@@ -24,6 +24,7 @@ mod pagination;
 mod parameters;
 mod quota;
 mod rate_limits;
+mod reconciliation;
 mod redelivery;
 mod replicas;
 mod resilience;

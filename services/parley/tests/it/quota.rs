@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::harness::{ALL_BUT_AGENT, TestPlatform, assert_problem, eventually, read};
 
-async fn ledger_total(t: &TestPlatform, user_id: &str) -> i64 {
+pub(crate) async fn ledger_total(t: &TestPlatform, user_id: &str) -> i64 {
     let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
     let (total,): (Option<i64>,) =
         sqlx::query_as("SELECT SUM(tokens)::bigint FROM quota.ledger WHERE user_id = $1::uuid")
