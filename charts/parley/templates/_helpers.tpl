@@ -106,6 +106,11 @@ agent: {serve: agent, grpc: true, http: false, calls: [chat, quota], backlog: {s
     secretKeyRef:
       name: {{ include "parley.keysSecret" . }}
       key: PARLEY_CURSOR_SECRET
+- name: PARLEY_CONTENT_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "parley.keysSecret" . }}
+      key: PARLEY_CONTENT_KEYS
 {{- end -}}
 
 {{/* OTEL_RESOURCE_ATTRIBUTES for one component. */}}

@@ -133,6 +133,7 @@ impl Agent {
                 output_tokens: answer.completion.output_tokens,
             }),
             model: model.to_owned(),
+            conversation_id: job.conversation_id.to_string(),
         };
         let stored = self.chat.clone().complete_message(request).await.map_err(ServiceError::from)?.into_inner();
         if !stored.changed {
@@ -322,6 +323,7 @@ impl Agent {
             code: code.to_owned(),
             detail: detail.to_owned(),
             partial_content,
+            conversation_id: job.conversation_id.to_string(),
         };
         self.chat.clone().fail_message(request).await.map_err(ServiceError::from)?;
         if let Ok(payload) = serde_json::to_vec(job) {

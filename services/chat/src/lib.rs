@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use service::ChatService;
-pub use storage::{Archived, ChatPruned, archive_idle, prune};
+pub use storage::{Archived, ChatPruned, Sealed, archive_idle, prune, seal_stored};
 
 /// The name this service reports in `grpc.health.v1`.
 pub const HEALTH_NAME: &str = "parley.chat.v1.ChatService";
@@ -69,7 +69,8 @@ pub async fn serve(
     let names = Names::new(&config.nats.prefix);
     let pool = marks.database().primary().clone();
     let relay = relay::OutboxRelay::new(pool, async_nats::jetstream::new(nats), names.clone());
-    let service = ChatService::new(config, marks, names, relay.queue());
+    let keyring = parley_platform::envelope::Keyring::new(&config.chat.content_keys)?;
+    let service = ChatService::new(config, marks, keyring, names, relay.queue());
     let routes = tonic::service::Routes::new(ChatServiceServer::new(service));
     let relay_task = tokio::spawn(relay.run(shutdown.clone()));
     let served = parley_platform::grpc::serve("chat", listener, routes, &[HEALTH_NAME], shutdown.clone()).await;

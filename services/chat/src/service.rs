@@ -29,9 +29,15 @@ pub struct ChatService {
 }
 
 impl ChatService {
-    pub fn new(config: Arc<Config>, marks: WriteMarks, names: Names, jobs: JobQueue) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        marks: WriteMarks,
+        keyring: parley_platform::envelope::Keyring,
+        names: Names,
+        jobs: JobQueue,
+    ) -> Self {
         let cursors = CursorCodec::new(&config.chat.cursor_secret);
-        Self { config, storage: Storage::new(marks), cursors, names, jobs }
+        Self { config, storage: Storage::new(marks, keyring), cursors, names, jobs }
     }
 
     fn check_model(&self, model: Option<&str>) -> Result<(), ChatError> {
@@ -401,9 +407,17 @@ impl pb::chat_service_server::ChatService for ChatService {
         let id = Uuid::parse_str(&request.message_id)
             .map_err(|_| ChatError::from(ServiceError::invalid_field("message_id", "must be a UUID")))?;
         let usage = request.usage.unwrap_or_default();
+        let conversation = Uuid::parse_str(&request.conversation_id).ok();
         let outcome = self
             .storage
-            .complete_message(id, &request.content, &request.model, usage.input_tokens, usage.output_tokens)
+            .complete_message(
+                id,
+                conversation,
+                &request.content,
+                &request.model,
+                usage.input_tokens,
+                usage.output_tokens,
+            )
             .await
             .map_err(ChatError::from)?;
         let (row, changed) = outcome.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
@@ -422,9 +436,10 @@ impl pb::chat_service_server::ChatService for ChatService {
         let request = request.into_inner();
         let id = Uuid::parse_str(&request.message_id)
             .map_err(|_| ChatError::from(ServiceError::invalid_field("message_id", "must be a UUID")))?;
+        let conversation = Uuid::parse_str(&request.conversation_id).ok();
         let outcome = self
             .storage
-            .fail_message(id, &request.code, &request.detail, request.partial_content.as_deref())
+            .fail_message(id, conversation, &request.code, &request.detail, request.partial_content.as_deref())
             .await
             .map_err(ChatError::from)?;
         let (row, changed) = outcome.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;

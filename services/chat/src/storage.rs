@@ -1,5 +1,9 @@
 //! Reads and writes of the `chat` schema.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use parley_platform::envelope::{DataKey, EnvelopeError, Field, Keyring};
 use parley_platform::events::{AiJob, CacheDirective};
 use parley_platform::message_status::MessageStatus;
 use parley_platform::replicas::{ReadFloor, WriteMarks};
@@ -20,6 +24,9 @@ pub struct ConversationRow {
     pub version: i64,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
+    /// Its data key, wrapped (none for a conversation made before content was sealed, until its next
+    /// write).
+    pub data_key: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -40,7 +47,8 @@ pub struct MessageRow {
     pub completed_at: Option<OffsetDateTime>,
 }
 
-const CONVERSATION_COLUMNS: &str = "id, user_id, title, model, system_prompt, version, created_at, updated_at";
+const CONVERSATION_COLUMNS: &str =
+    "id, user_id, title, model, system_prompt, version, created_at, updated_at, data_key";
 const MESSAGE_COLUMNS: &str = "id, conversation_id, user_id, role, content, status, model, input_tokens, \
                                output_tokens, error_code, error_detail, created_at, completed_at";
 
@@ -95,10 +103,52 @@ pub struct OutboxRow {
 }
 
 /// Writes go to the primary; a user's listings and lookups go to a replica that has their latest
-/// write, or to the primary.
+/// write, or to the primary. What users write (message content, titles, running summaries) is sealed
+/// with its conversation's data key on the way in and opened on the way out (`platform::envelope`):
+/// every method takes and returns plain text.
 #[derive(Clone)]
 pub struct Storage {
     marks: WriteMarks,
+    keys: Arc<DataKeys>,
+}
+
+/// Most unwrapped data keys a chat replica keeps; past it the cache starts over.
+const DATA_KEY_CACHE: usize = 10_000;
+
+/// The conversations' data keys, unwrapped on first use and kept in memory.
+struct DataKeys {
+    keyring: Keyring,
+    unwrapped: Mutex<HashMap<Uuid, Arc<DataKey>>>,
+}
+
+impl DataKeys {
+    fn cached(&self, conversation: Uuid) -> Option<Arc<DataKey>> {
+        self.unwrapped.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&conversation).cloned()
+    }
+
+    fn keep(&self, conversation: Uuid, key: DataKey) -> Arc<DataKey> {
+        let key = Arc::new(key);
+        let mut unwrapped = self.unwrapped.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if unwrapped.len() >= DATA_KEY_CACHE {
+            unwrapped.clear();
+        }
+        unwrapped.insert(conversation, key.clone());
+        key
+    }
+
+    /// The data key a wrapped key stands for, from the cache when it is there.
+    fn open(&self, conversation: Uuid, wrapped: &[u8]) -> Result<Arc<DataKey>, sqlx::Error> {
+        if let Some(key) = self.cached(conversation) {
+            return Ok(key);
+        }
+        Ok(self.keep(conversation, self.keyring.unwrap(conversation, wrapped).map_err(sealing_error)?))
+    }
+}
+
+/// A sealing failure as a database error (a stored value that does not open is corrupt data, or the
+/// key that wrapped it is missing from the configuration: the operator's to fix, a 500 to the client).
+fn sealing_error(error: EnvelopeError) -> sqlx::Error {
+    sqlx::Error::Decode(Box::new(error))
 }
 
 fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
@@ -106,8 +156,71 @@ fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
 }
 
 impl Storage {
-    pub fn new(marks: WriteMarks) -> Self {
-        Self { marks }
+    pub fn new(marks: WriteMarks, keyring: Keyring) -> Self {
+        Self { marks, keys: Arc::new(DataKeys { keyring, unwrapped: Mutex::default() }) }
+    }
+
+    /// The data key of `conversation`, made and stored first for a conversation made before content
+    /// was sealed; `None` when there is no such conversation.
+    async fn data_key(&self, conversation: Uuid) -> Result<Option<Arc<DataKey>>, sqlx::Error> {
+        if let Some(key) = self.keys.cached(conversation) {
+            return Ok(Some(key));
+        }
+        let stored: Option<(Option<Vec<u8>>,)> =
+            sqlx::query_as("SELECT data_key FROM chat.conversations WHERE id = $1")
+                .bind(conversation)
+                .fetch_optional(self.pool())
+                .await?;
+        match stored {
+            None => Ok(None),
+            Some((Some(wrapped),)) => self.keys.open(conversation, &wrapped).map(Some),
+            Some((None,)) => {
+                let (_, wrapped) = self.keys.keyring.new_data_key(conversation).map_err(sealing_error)?;
+                // Two writers at once: the first key stored is the conversation's.
+                let (stored,): (Vec<u8>,) = sqlx::query_as(
+                    "UPDATE chat.conversations SET data_key = COALESCE(data_key, $2) WHERE id = $1 RETURNING data_key",
+                )
+                .bind(conversation)
+                .bind(&wrapped)
+                .fetch_one(self.pool())
+                .await?;
+                self.keys.open(conversation, &stored).map(Some)
+            }
+        }
+    }
+
+    /// Drops the unwrapped data keys, as a restart would.
+    #[cfg(test)]
+    pub(crate) fn forget_data_keys(&self) {
+        self.keys.unwrapped.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+    }
+
+    /// `text` sealed for `field` of `conversation` (`None`: no such conversation).
+    async fn seal(&self, conversation: Uuid, field: Field, text: &str) -> Result<Option<String>, sqlx::Error> {
+        let Some(key) = self.data_key(conversation).await? else {
+            return Ok(None);
+        };
+        key.seal_text(field, text).map(Some).map_err(sealing_error)
+    }
+
+    /// Opens the content of messages read from the database.
+    async fn reveal_messages(&self, rows: &mut [MessageRow]) -> Result<(), sqlx::Error> {
+        for row in rows.iter_mut().filter(|row| parley_platform::envelope::is_sealed(&row.content)) {
+            let key = self.data_key(row.conversation_id).await?.ok_or(sqlx::Error::RowNotFound)?;
+            row.content = key.open_text(Field::Content, &row.content).map_err(sealing_error)?;
+        }
+        Ok(())
+    }
+
+    /// Opens the title of a conversation read from the database.
+    fn reveal_conversation(&self, row: &mut ConversationRow) -> Result<(), sqlx::Error> {
+        if let (Some(title), Some(wrapped)) = (&row.title, &row.data_key)
+            && parley_platform::envelope::is_sealed(title)
+        {
+            let key = self.keys.open(row.id, wrapped)?;
+            row.title = Some(key.open_text(Field::Title, title).map_err(sealing_error)?);
+        }
+        Ok(())
     }
 
     fn pool(&self) -> &PgPool {
@@ -180,18 +293,24 @@ impl Storage {
         model: &str,
         system_prompt: Option<&str>,
     ) -> Result<ConversationRow, sqlx::Error> {
-        let row = sqlx::query_as(sql(format!(
-            "INSERT INTO chat.conversations (id, user_id, title, model, system_prompt)
-             VALUES ($1, $2, $3, $4, $5) RETURNING {CONVERSATION_COLUMNS}"
+        let id = Uuid::now_v7();
+        let (key, wrapped) = self.keys.keyring.new_data_key(id).map_err(sealing_error)?;
+        let title = title.map(|title| key.seal_text(Field::Title, title)).transpose().map_err(sealing_error)?;
+        self.keys.keep(id, key);
+        let mut row = sqlx::query_as(sql(format!(
+            "INSERT INTO chat.conversations (id, user_id, title, model, system_prompt, data_key)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {CONVERSATION_COLUMNS}"
         )))
-        .bind(Uuid::now_v7())
+        .bind(id)
         .bind(user_id)
         .bind(title)
         .bind(model)
         .bind(system_prompt)
+        .bind(wrapped)
         .fetch_one(self.pool())
         .await?;
         self.wrote(user_id).await;
+        self.reveal_conversation(&mut row)?;
         Ok(row)
     }
 
@@ -203,7 +322,11 @@ impl Storage {
         id: Uuid,
     ) -> Result<Option<ConversationRow>, sqlx::Error> {
         let text = format!("SELECT {CONVERSATION_COLUMNS} FROM chat.conversations WHERE id = $1 AND user_id = $2");
-        self.owned_row(floor, text, id, user_id).await
+        let mut row: Option<ConversationRow> = self.owned_row(floor, text, id, user_id).await?;
+        if let Some(row) = &mut row {
+            self.reveal_conversation(row)?;
+        }
+        Ok(row)
     }
 
     /// A user's conversations, most recently updated first, after `after` (exclusive). Two statements,
@@ -226,7 +349,11 @@ impl Storage {
                  ORDER BY updated_at DESC, id DESC LIMIT $4"
             ),
         };
-        self.page(floor, text, user_id, after, limit).await
+        let mut rows: Vec<ConversationRow> = self.page(floor, text, user_id, after, limit).await?;
+        for row in &mut rows {
+            self.reveal_conversation(row)?;
+        }
+        Ok(rows)
     }
 
     pub async fn update_conversation(
@@ -236,6 +363,13 @@ impl Storage {
         expected_version: i64,
         changes: ConversationChanges<'_>,
     ) -> Result<UpdateOutcome, sqlx::Error> {
+        let title = match changes.title {
+            Some(title) => match self.seal(id, Field::Title, title).await? {
+                Some(sealed) => Some(sealed),
+                None => return Ok(UpdateOutcome::NotFound),
+            },
+            None => None,
+        };
         let updated: Option<ConversationRow> = sqlx::query_as(sql(format!(
             "UPDATE chat.conversations
              SET title = COALESCE($4, title), model = COALESCE($5, model),
@@ -246,13 +380,14 @@ impl Storage {
         .bind(id)
         .bind(user_id)
         .bind(expected_version)
-        .bind(changes.title)
+        .bind(title)
         .bind(changes.model)
         .bind(changes.system_prompt)
         .fetch_optional(self.pool())
         .await?;
-        if let Some(row) = updated {
+        if let Some(mut row) = updated {
             self.wrote(user_id).await;
+            self.reveal_conversation(&mut row)?;
             return Ok(UpdateOutcome::Updated(row));
         }
         Ok(match self.conversation(ReadFloor::Primary, user_id, id).await? {
@@ -299,6 +434,19 @@ impl Storage {
     /// idempotency key seen in the last 24 hours, stores nothing and returns the first exchange.
     /// `Ok(None)`: the user has no such conversation.
     pub async fn send(&self, exchange: NewExchange<'_>) -> Result<Option<SentExchange>, sqlx::Error> {
+        let Some(content) = self.seal(exchange.conversation_id, Field::Content, exchange.content).await? else {
+            return Ok(None);
+        };
+        let Some(mut sent) = self.store_exchange(NewExchange { content: &content, ..exchange }).await? else {
+            return Ok(None);
+        };
+        self.reveal_messages(std::slice::from_mut(&mut sent.user_message)).await?;
+        self.reveal_messages(std::slice::from_mut(&mut sent.assistant_message)).await?;
+        Ok(Some(sent))
+    }
+
+    /// [`Storage::send`] with the content sealed.
+    async fn store_exchange(&self, exchange: NewExchange<'_>) -> Result<Option<SentExchange>, sqlx::Error> {
         let Some(key) = exchange.idempotency_key else {
             // One statement, so one round trip and one commit.
             let sent = insert_exchange(self.pool(), &exchange).await?;
@@ -353,14 +501,19 @@ impl Storage {
         id: Uuid,
     ) -> Result<Option<MessageRow>, sqlx::Error> {
         let text = format!("SELECT {MESSAGE_COLUMNS} FROM chat.all_messages WHERE id = $1 AND user_id = $2");
-        self.owned_row(floor, text, id, user_id).await
+        let mut row: Option<MessageRow> = self.owned_row(floor, text, id, user_id).await?;
+        self.reveal_messages(row.as_mut_slice()).await?;
+        Ok(row)
     }
 
     pub async fn message(&self, id: Uuid) -> Result<Option<MessageRow>, sqlx::Error> {
-        sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.all_messages WHERE id = $1")))
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await
+        let mut row: Option<MessageRow> =
+            sqlx::query_as(sql(format!("SELECT {MESSAGE_COLUMNS} FROM chat.all_messages WHERE id = $1")))
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?;
+        self.reveal_messages(row.as_mut_slice()).await?;
+        Ok(row)
     }
 
     /// A conversation's messages, oldest first, after `after` (exclusive).
@@ -382,7 +535,9 @@ impl Storage {
                  ORDER BY created_at, id LIMIT $4"
             ),
         };
-        self.page(floor, text, conversation_id, after, limit).await
+        let mut rows: Vec<MessageRow> = self.page(floor, text, conversation_id, after, limit).await?;
+        self.reveal_messages(&mut rows).await?;
+        Ok(rows)
     }
 
     /// The finished messages before `message`, newest `limit` of them, returned oldest first.
@@ -408,6 +563,7 @@ impl Storage {
         .fetch_all(self.pool())
         .await?;
         rows.reverse();
+        self.reveal_messages(&mut rows).await?;
         Ok(rows)
     }
 
@@ -425,17 +581,19 @@ impl Storage {
         .bind(message_id)
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|row| {
-            let conversation = JobConversation {
-                model: row.conversation_model,
-                system_prompt: row.system_prompt,
-                summary: match (row.summary, row.summary_until_at, row.summary_until_id) {
-                    (Some(summary), Some(at), Some(id)) => Some((summary, Position { at, id })),
-                    _ => None,
-                },
-            };
-            (row.message, conversation)
-        }))
+        let Some(mut row) = row else {
+            return Ok(None);
+        };
+        self.reveal_messages(std::slice::from_mut(&mut row.message)).await?;
+        let summary = match (row.summary, row.summary_until_at, row.summary_until_id) {
+            (Some(summary), Some(at), Some(id)) => {
+                let key = self.data_key(row.message.conversation_id).await?.ok_or(sqlx::Error::RowNotFound)?;
+                Some((key.open_text(Field::Summary, &summary).map_err(sealing_error)?, Position { at, id }))
+            }
+            _ => None,
+        };
+        let conversation = JobConversation { model: row.conversation_model, system_prompt: row.system_prompt, summary };
+        Ok(Some((row.message, conversation)))
     }
 
     /// Replaces the running summary if the new one covers more; false when it does not.
@@ -445,6 +603,9 @@ impl Storage {
         summary: &str,
         until_message_id: Uuid,
     ) -> Result<bool, sqlx::Error> {
+        let Some(summary) = self.seal(conversation_id, Field::Summary, summary).await? else {
+            return Ok(false);
+        };
         let result = sqlx::query(
             "UPDATE chat.conversations c SET summary = $2, summary_until_at = m.created_at, summary_until_id = m.id
              FROM chat.all_messages m
@@ -452,7 +613,7 @@ impl Storage {
                AND (c.summary_until_at IS NULL OR (m.created_at, m.id) > (c.summary_until_at, c.summary_until_id))",
         )
         .bind(conversation_id)
-        .bind(summary)
+        .bind(&summary)
         .bind(until_message_id)
         .execute(self.pool())
         .await?;
@@ -464,20 +625,26 @@ impl Storage {
     pub async fn complete_message(
         &self,
         id: Uuid,
+        conversation: Option<Uuid>,
         content: &str,
         model: &str,
         input_tokens: i64,
         output_tokens: i64,
     ) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
+        let Some((conversation, content)) = self.seal_reply(id, conversation, content).await? else {
+            return Ok(None);
+        };
         let updated: Option<MessageRow> = sqlx::query_as(sql(finishing(
             "SET content = $2, model = $3, input_tokens = $4, output_tokens = $5, status = 'completed',
                  completed_at = now()",
+            6,
         )))
         .bind(id)
-        .bind(content)
+        .bind(&content)
         .bind(model)
         .bind(input_tokens)
         .bind(output_tokens)
+        .bind(conversation)
         .fetch_optional(self.pool())
         .await?;
         self.finished(id, updated).await
@@ -487,27 +654,65 @@ impl Storage {
     pub async fn fail_message(
         &self,
         id: Uuid,
+        conversation: Option<Uuid>,
         code: &str,
         detail: &str,
         partial_content: Option<&str>,
     ) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
+        // The partial text is sealed for the message's conversation; without one, the statement looks
+        // the message up by its id alone.
+        let (conversation, partial_content) = match partial_content {
+            Some(partial) => match self.seal_reply(id, conversation, partial).await? {
+                Some((conversation, sealed)) => (Some(conversation), Some(sealed)),
+                None => return Ok(None),
+            },
+            None => (conversation, None),
+        };
         let updated: Option<MessageRow> = sqlx::query_as(sql(finishing(
             "SET status = 'failed', error_code = $2, error_detail = $3, completed_at = now(),
                  content = COALESCE($4, content)",
+            5,
         )))
         .bind(id)
         .bind(code)
         .bind(detail)
-        .bind(partial_content)
+        .bind(partial_content.as_deref())
+        .bind(conversation)
         .fetch_optional(self.pool())
         .await?;
         self.finished(id, updated).await
     }
 
+    /// The conversation of reply `id` (`conversation` when the caller named it: the statement then
+    /// checks it), and `text` sealed for it; `None` when there is no such message.
+    async fn seal_reply(
+        &self,
+        id: Uuid,
+        conversation: Option<Uuid>,
+        text: &str,
+    ) -> Result<Option<(Uuid, String)>, sqlx::Error> {
+        let conversation = match conversation {
+            Some(conversation) => conversation,
+            None => {
+                let found: Option<(Uuid,)> =
+                    sqlx::query_as("SELECT conversation_id FROM chat.all_messages WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(self.pool())
+                        .await?;
+                match found {
+                    Some((conversation,)) => conversation,
+                    None => return Ok(None),
+                }
+            }
+        };
+        Ok(self.seal(conversation, Field::Content, text).await?.map(|sealed| (conversation, sealed)))
+    }
+
     async fn finished(&self, id: Uuid, updated: Option<MessageRow>) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
         match updated {
-            Some(row) => {
+            Some(mut row) => {
                 self.wrote(row.user_id).await;
+                self.reveal_messages(std::slice::from_mut(&mut row)).await?;
                 Ok(Some((row, true)))
             }
             None => Ok(self.message(id).await?.map(|row| (row, false))),
@@ -649,13 +854,15 @@ pub async fn archive_idle(pool: &PgPool, idle_days: u32, batch: i64) -> Result<A
     }
 }
 
-/// The statement that finishes a pending or streaming reply with `set` (binding its id as $1) and, in
-/// the same statement, marks its conversation active: one round trip and one commit. Returns the row.
-fn finishing(set: &str) -> String {
+/// The statement that finishes a pending or streaming reply with `set` (binding its id as $1, and as
+/// `$<conversation>` its conversation, or NULL for any) and, in the same statement, marks its
+/// conversation active: one round trip and one commit. Returns the row.
+fn finishing(set: &str, conversation: usize) -> String {
     format!(
         "WITH finished AS (
              UPDATE chat.messages {set}
              WHERE id = $1 AND role = 'assistant' AND status IN ('pending', 'streaming')
+               AND (${conversation}::uuid IS NULL OR conversation_id = ${conversation})
              RETURNING {MESSAGE_COLUMNS}),
          touched AS (
              UPDATE chat.conversations SET updated_at = now(), archived_at = NULL
@@ -775,3 +982,93 @@ async fn replay_exchange(
 
 #[cfg(test)]
 mod tests;
+
+/// What one `parley admin seal-content` run did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed {
+    /// Data keys wrapped again with the current key-encryption key.
+    pub rewrapped: u64,
+    /// Conversations that had no data key and got one.
+    pub keyed: u64,
+    /// Texts (message contents, titles, summaries) written before content was sealed, sealed now.
+    pub texts: u64,
+}
+
+/// A conversation as `seal_stored` reads it: id, wrapped data key, title, summary.
+type StoredConversation = (Uuid, Option<Vec<u8>>, Option<String>, Option<String>);
+
+/// Brings every conversation under the current key-encryption key, `batch` conversations per
+/// transaction: data keys wrapped by an older key are wrapped again (the texts they seal are not
+/// touched), conversations from before content was sealed get a data key, and their plain texts are
+/// sealed. Each conversation is locked as a send locks it. Safe to run again and to stop half-way.
+pub async fn seal_stored(pool: &PgPool, keyring: &Keyring, batch: i64) -> Result<Sealed, sqlx::Error> {
+    let mut done = Sealed::default();
+    let mut after = Uuid::nil();
+    loop {
+        let mut tx = pool.begin().await?;
+        let rows: Vec<StoredConversation> = sqlx::query_as(
+            "SELECT id, data_key, title, summary FROM chat.conversations WHERE id > $1 ORDER BY id LIMIT $2
+             FOR UPDATE",
+        )
+        .bind(after)
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = rows.last() else {
+            return Ok(done);
+        };
+        after = last.0;
+        for (id, wrapped, title, summary) in rows {
+            let (key, wrapped) = match wrapped {
+                Some(wrapped) => match keyring.rewrap(id, &wrapped).map_err(sealing_error)? {
+                    Some(rewrapped) => {
+                        done.rewrapped += 1;
+                        (keyring.unwrap(id, &rewrapped).map_err(sealing_error)?, rewrapped)
+                    }
+                    None => (keyring.unwrap(id, &wrapped).map_err(sealing_error)?, wrapped),
+                },
+                None => {
+                    done.keyed += 1;
+                    keyring.new_data_key(id).map_err(sealing_error)?
+                }
+            };
+            let mut seal = |field: Field, text: Option<String>| -> Result<Option<String>, sqlx::Error> {
+                match text {
+                    Some(text) if !text.is_empty() && !parley_platform::envelope::is_sealed(&text) => {
+                        done.texts += 1;
+                        key.seal_text(field, &text).map(Some).map_err(sealing_error)
+                    }
+                    other => Ok(other),
+                }
+            };
+            let (title, summary) = (seal(Field::Title, title)?, seal(Field::Summary, summary)?);
+            sqlx::query("UPDATE chat.conversations SET data_key = $2, title = $3, summary = $4 WHERE id = $1")
+                .bind(id)
+                .bind(&wrapped)
+                .bind(title)
+                .bind(summary)
+                .execute(&mut *tx)
+                .await?;
+            for table in ["chat.messages", "chat.archived_messages"] {
+                let plain: Vec<(Uuid, String)> = sqlx::query_as(sql(format!(
+                    "SELECT id, content FROM {table}
+                     WHERE conversation_id = $1 AND content <> '' AND left(content, 5) <> $2"
+                )))
+                .bind(id)
+                .bind(parley_platform::envelope::SEALED_PREFIX)
+                .fetch_all(&mut *tx)
+                .await?;
+                for (message, content) in plain {
+                    let sealed = key.seal_text(Field::Content, &content).map_err(sealing_error)?;
+                    sqlx::query(sql(format!("UPDATE {table} SET content = $2 WHERE id = $1")))
+                        .bind(message)
+                        .bind(sealed)
+                        .execute(&mut *tx)
+                        .await?;
+                    done.texts += 1;
+                }
+            }
+        }
+        tx.commit().await?;
+    }
+}

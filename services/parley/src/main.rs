@@ -122,6 +122,15 @@ enum AdminCommand {
         #[arg(long, default_value_t = 600)]
         activate_in_secs: u64,
     },
+    /// Bring stored content under the current content key (the first of PARLEY_CONTENT_KEYS): data keys
+    /// wrapped by an older key are wrapped again, and conversations from before content was sealed get
+    /// a data key and their texts sealed. Run it after adding a new key first in the list, and before
+    /// removing the old one. Safe to run again.
+    SealContent {
+        /// Conversations per transaction.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        batch: i64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -166,6 +175,9 @@ fn check_config() -> anyhow::Result<()> {
     }
     if config.chat.cursor_secret == parley_platform::config::ChatConfig::default().cursor_secret {
         println!("warning: PARLEY_CURSOR_SECRET is the development default; set your own in production");
+    }
+    if config.chat.content_keys == parley_platform::config::DEVELOPMENT_CONTENT_KEYS {
+        println!("warning: PARLEY_CONTENT_KEYS is the development default; set your own in production");
     }
     Ok(())
 }
@@ -337,11 +349,23 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
         .connect(&config.database.url)
         .await
         .context("failed to connect to postgres")?;
-    let users = parley_user::build(users_config, pool).await?;
+    let users = parley_user::build(users_config, pool.clone()).await?;
     let user = match command {
         AdminCommand::SetRole { email, role } => {
             let request = SetRoleRequest { email, user_id: String::new(), role, actor_id: String::new() };
             users.set_role(tonic::Request::new(request)).await
+        }
+        AdminCommand::SealContent { batch } => {
+            let keyring = parley_platform::envelope::Keyring::new(&config.chat.content_keys)?;
+            let sealed = parley_chat::seal_stored(&pool, &keyring, batch).await.context("sealing content failed")?;
+            println!(
+                "content keys: {} data keys wrapped again with {:?}, {} conversations given a data key, {} texts sealed",
+                sealed.rewrapped,
+                keyring.current(),
+                sealed.keyed,
+                sealed.texts
+            );
+            return Ok(());
         }
         AdminCommand::RotateSigningKey { activate_in_secs } => {
             let kid = users.rotate_signing_key(Duration::from_secs(activate_in_secs)).await?;

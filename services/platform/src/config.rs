@@ -26,6 +26,10 @@ pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
     ("PARLEY_SECRETS_KEY", "32 bytes, base64: encrypts stored secrets such as API keys' signing secrets"),
     ("PARLEY_CORS_ALLOWED_ORIGINS", "comma-separated origins browsers may call the API from"),
     ("PARLEY_CURSOR_SECRET", "key that makes pagination cursors tamper-evident (same on every replica)"),
+    (
+        "PARLEY_CONTENT_KEYS",
+        "key-encryption keys of message content and titles, `id:base64-32-bytes`, comma-separated, the current first",
+    ),
     ("PARLEY_NATS_PREFIX", "prefix of every JetStream stream and subject (default parley)"),
     ("PARLEY_REDIS_PREFIX", "prefix of every Redis key (default parley)"),
     ("PARLEY_DEFAULT_MODEL", "model used when a request names none"),
@@ -191,6 +195,9 @@ pub struct AuthConfig {
     pub secrets_key: String,
 }
 
+/// The development value of `chat.content_keys`; `parley check-config` warns when it is in use.
+pub const DEVELOPMENT_CONTENT_KEYS: &str = "dev:cGFybGV5LWRldmVsb3BtZW50LWNvbnRlbnQta2V5ISE=";
+
 /// The development value of `auth.secrets_key`; `parley check-config` warns when it is in use.
 pub const DEVELOPMENT_SECRETS_KEY: &str = "cGFybGV5LWRldmVsb3BtZW50LXNlY3JldHMta2V5ISE=";
 
@@ -198,6 +205,10 @@ pub const DEVELOPMENT_SECRETS_KEY: &str = "cGFybGV5LWRldmVsb3BtZW50LXNlY3JldHMta
 #[serde(deny_unknown_fields, default)]
 pub struct ChatConfig {
     pub cursor_secret: String,
+    /// The key-encryption keys that wrap each conversation's data key (`id:base64,...`, 32-byte keys,
+    /// the current one first; the others still open what they wrapped). The same on every chat replica.
+    /// The development default must be replaced in production.
+    pub content_keys: String,
     /// Longest accepted message, in characters.
     pub max_message_chars: usize,
     /// How many earlier messages an agent gets as context.
@@ -540,6 +551,7 @@ impl Default for ChatConfig {
     fn default() -> Self {
         Self {
             cursor_secret: "parley-development-cursor-secret".to_owned(),
+            content_keys: DEVELOPMENT_CONTENT_KEYS.to_owned(),
             max_message_chars: 100_000,
             history_limit: 50,
         }
@@ -955,6 +967,9 @@ impl Config {
         if let Some(v) = get("PARLEY_CURSOR_SECRET") {
             self.chat.cursor_secret = v;
         }
+        if let Some(v) = get("PARLEY_CONTENT_KEYS") {
+            self.chat.content_keys = v;
+        }
         if let Some(v) = get("PARLEY_NATS_PREFIX") {
             self.nats.prefix = v;
         }
@@ -1045,6 +1060,7 @@ impl Config {
         if self.chat.cursor_secret.len() < 16 {
             return Err(invalid("chat.cursor_secret", "must be at least 16 characters"));
         }
+        crate::envelope::parse_keys(&self.chat.content_keys).map_err(|why| invalid("chat.content_keys", why))?;
         if let Some(model) = &self.agent.summary_model
             && !self.serves_chat(model)
         {

@@ -11,6 +11,7 @@ pub mod balance;
 pub mod config;
 pub mod cursor;
 pub mod db;
+pub mod envelope;
 pub mod error;
 pub mod events;
 pub mod grpc;

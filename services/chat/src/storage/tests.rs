@@ -22,7 +22,8 @@ impl Fixture {
         let config = DatabaseConfig { url: database.url().to_owned(), ..DatabaseConfig::default() };
         let pools = Database::connect_lazy(&config).unwrap();
         crate::migrate(pools.primary()).await.unwrap();
-        let storage = Storage::new(WriteMarks::new(Arc::new(pools), None, "test"));
+        let keyring = Keyring::new(parley_platform::config::DEVELOPMENT_CONTENT_KEYS).unwrap();
+        let storage = Storage::new(WriteMarks::new(Arc::new(pools), None, "test"), keyring);
         Self { storage, _database: database }
     }
 
@@ -131,13 +132,127 @@ async fn a_reply_is_completed_once_and_its_job_context_reads_in_one_join() {
     assert!(context.summary.is_none());
     assert!(db.storage.job_context(Uuid::now_v7()).await.unwrap().is_none());
 
-    let (done, changed) = db.storage.complete_message(reply, "answer", "model-a", 5, 7).await.unwrap().unwrap();
+    let (done, changed) =
+        db.storage.complete_message(reply, Some(conversation.id), "answer", "model-a", 5, 7).await.unwrap().unwrap();
     assert!(changed);
     assert_eq!((done.status, done.content.as_str(), done.output_tokens), (MessageStatus::Completed, "answer", Some(7)));
-    let (again, changed) = db.storage.complete_message(reply, "other", "model-a", 1, 1).await.unwrap().unwrap();
+    let (again, changed) = db.storage.complete_message(reply, None, "other", "model-a", 1, 1).await.unwrap().unwrap();
     assert!(!changed);
     assert_eq!(again.content, "answer");
-    let (failed, changed) = db.storage.fail_message(reply, "x", "y", None).await.unwrap().unwrap();
+    let (failed, changed) = db.storage.fail_message(reply, None, "x", "y", None).await.unwrap().unwrap();
     assert!(!changed && failed.status == MessageStatus::Completed);
-    assert!(db.storage.complete_message(Uuid::now_v7(), "a", "m", 1, 1).await.unwrap().is_none());
+    assert!(db.storage.complete_message(Uuid::now_v7(), None, "a", "m", 1, 1).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn what_users_write_is_sealed_at_rest_and_read_back_plain() {
+    let db = Fixture::create().await;
+    let user = Uuid::now_v7();
+    let conversation = db.storage.create_conversation(user, Some("Secret plans"), "model-a", None).await.unwrap();
+    assert_eq!(conversation.title.as_deref(), Some("Secret plans"));
+    let sent = db.storage.send(exchange(user, conversation.id, "my private question")).await.unwrap().unwrap();
+    assert_eq!(sent.user_message.content, "my private question");
+    let reply = sent.assistant_message.id;
+    db.storage.complete_message(reply, Some(conversation.id), "a private answer", "model-a", 1, 1).await.unwrap();
+    assert!(db.storage.update_summary(conversation.id, "the private gist", reply).await.unwrap());
+
+    // At rest: sealed, the plain text nowhere.
+    let stored: Vec<(String,)> = sqlx::query_as(
+        "SELECT content FROM chat.messages UNION ALL SELECT title FROM chat.conversations
+         UNION ALL SELECT summary FROM chat.conversations",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), 4);
+    for (text,) in &stored {
+        assert!(parley_platform::envelope::is_sealed(text) && !text.contains("private") && !text.contains("Secret"));
+    }
+    // Read back: plain.
+    let read = db.storage.conversation(ReadFloor::Primary, user, conversation.id).await.unwrap().unwrap();
+    assert_eq!(read.title.as_deref(), Some("Secret plans"));
+    let listed = db.storage.list_messages(ReadFloor::Primary, conversation.id, None, 10).await.unwrap();
+    let contents: Vec<&str> = listed.iter().map(|message| message.content.as_str()).collect();
+    assert_eq!(contents, ["my private question", "a private answer"]);
+    let (_, context) = db.storage.job_context(reply).await.unwrap().unwrap();
+    assert_eq!(context.summary.unwrap().0, "the private gist");
+
+    // A conversation written before content was sealed (no data key, plain rows): read as it is,
+    // sealed from its next write on.
+    let conversation = db.storage.create_conversation(user, None, "model-a", None).await.unwrap();
+    let sent = db.storage.send(exchange(user, conversation.id, "soon plain")).await.unwrap().unwrap();
+    sqlx::query("UPDATE chat.conversations SET data_key = NULL, title = 'Old title' WHERE id = $1")
+        .bind(conversation.id)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE chat.messages SET content = 'old plain text' WHERE id = $1")
+        .bind(sent.user_message.id)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    db.storage.forget_data_keys();
+    let read = db.storage.conversation(ReadFloor::Primary, user, conversation.id).await.unwrap().unwrap();
+    assert_eq!(read.title.as_deref(), Some("Old title"));
+    let message = db.storage.message(sent.user_message.id).await.unwrap().unwrap();
+    assert_eq!(message.content, "old plain text");
+    db.storage.send(exchange(user, conversation.id, "new and sealed")).await.unwrap().unwrap();
+    let (key,): (Option<Vec<u8>>,) = sqlx::query_as("SELECT data_key FROM chat.conversations WHERE id = $1")
+        .bind(conversation.id)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(key.is_some(), "the conversation got a data key with its next write");
+    let listed = db.storage.list_messages(ReadFloor::Primary, conversation.id, None, 10).await.unwrap();
+    let contents: Vec<&str> = listed.iter().map(|message| message.content.as_str()).collect();
+    assert_eq!(contents, ["old plain text", "", "new and sealed", ""], "the replies are still pending");
+}
+
+#[tokio::test]
+async fn rotating_the_content_key_rewraps_data_keys_and_seals_what_was_plain() {
+    let old = "old:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let new = "new:AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    let db = Fixture::create().await;
+    let marks = db.storage.marks.clone();
+    let under_old = Storage::new(marks.clone(), Keyring::new(old).unwrap());
+    let user = Uuid::now_v7();
+    let sealed = under_old.create_conversation(user, Some("Under the old key"), "model-a", None).await.unwrap();
+    under_old.send(exchange(user, sealed.id, "sealed under old")).await.unwrap().unwrap();
+    // One from before content was sealed.
+    let plain = under_old.create_conversation(user, None, "model-a", None).await.unwrap();
+    under_old.send(exchange(user, plain.id, "was plain")).await.unwrap().unwrap();
+    sqlx::query("UPDATE chat.conversations SET data_key = NULL, title = 'Plain title' WHERE id = $1")
+        .bind(plain.id)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE chat.messages SET content = 'was plain' WHERE conversation_id = $1 AND role = 'user'")
+        .bind(plain.id)
+        .execute(db.pool())
+        .await
+        .unwrap();
+
+    // The new key first, the old one kept, while the stored keys are brought over.
+    let both = Keyring::new(&format!("{new},{old}")).unwrap();
+    let done = seal_stored(db.pool(), &both, 1).await.unwrap();
+    assert_eq!(done, Sealed { rewrapped: 1, keyed: 1, texts: 2 });
+    assert_eq!(seal_stored(db.pool(), &both, 1).await.unwrap(), Sealed::default(), "a second run has nothing to do");
+
+    // The old key gone: everything still reads, nothing is stored plain.
+    let under_new = Storage::new(marks, Keyring::new(new).unwrap());
+    for (conversation, title, content) in
+        [(sealed.id, "Under the old key", "sealed under old"), (plain.id, "Plain title", "was plain")]
+    {
+        let read = under_new.conversation(ReadFloor::Primary, user, conversation).await.unwrap().unwrap();
+        assert_eq!(read.title.as_deref(), Some(title));
+        let messages = under_new.list_messages(ReadFloor::Primary, conversation, None, 10).await.unwrap();
+        assert_eq!(messages[0].content, content);
+    }
+    let (plain_texts,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM chat.messages WHERE content <> '' AND left(content, 5) <> $1")
+            .bind(parley_platform::envelope::SEALED_PREFIX)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(plain_texts, 0);
 }

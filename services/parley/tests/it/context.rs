@@ -34,14 +34,20 @@ async fn a_thread_longer_than_the_window_gets_a_summary_and_still_answers() {
         input_tokens.push(reply["usage"]["input_tokens"].as_i64().unwrap());
     }
 
-    // A summary was written and stored with the conversation.
+    // A summary was written and stored with the conversation, sealed with its data key like what the
+    // user wrote.
     let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
-    let (summary,): (Option<String>,) = sqlx::query_as("SELECT summary FROM chat.conversations WHERE id = $1::uuid")
-        .bind(&conversation)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (summary, wrapped): (Option<String>, Vec<u8>) =
+        sqlx::query_as("SELECT summary, data_key FROM chat.conversations WHERE id = $1::uuid")
+            .bind(&conversation)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     let summary = summary.expect("a running summary");
+    assert!(parley_platform::envelope::is_sealed(&summary), "{summary}");
+    let keyring = parley_platform::envelope::Keyring::new(&t.config.chat.content_keys).unwrap();
+    let key = keyring.unwrap(uuid::Uuid::parse_str(&conversation).unwrap(), &wrapped).unwrap();
+    let summary = key.open_text(parley_platform::envelope::Field::Summary, &summary).unwrap();
     assert!(summary.contains("Current summary") || summary.contains("New messages"), "{summary}");
     assert!(t.fake.requests() > 8, "summaries were written by the model: {} calls", t.fake.requests());
 

@@ -68,6 +68,8 @@ async fn a_job_held_by_a_dead_agent_is_redelivered_and_answered_once() {
             content: "a second, different reply".to_owned(),
             usage: None,
             model: "parley-fake".to_owned(),
+            // Left for the chat service to look up, as an older agent would.
+            conversation_id: String::new(),
         })
         .await
         .unwrap()
