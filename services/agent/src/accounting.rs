@@ -63,6 +63,19 @@ fn usage_event(job: &AiJob, model: &str, outcome: &str, charged_tokens: i64) -> 
     }
 }
 
+/// The id of an event derived from `id` (a UUIDv7): the same time, other random bits (`id`'s XORed
+/// with `tag`), so it is dated like `id`, differs from it and from other tags' events, and is the same
+/// every time it is made (idempotent).
+pub(crate) fn derived_event_id(id: Uuid, tag: [u8; 8]) -> Uuid {
+    let mut bytes = *id.as_bytes();
+    // The last eight bytes hold the variant bits and 62 random bits: flip the random ones.
+    for (byte, tag) in bytes[8..].iter_mut().zip(tag) {
+        *byte ^= tag;
+    }
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    Uuid::from_bytes(bytes)
+}
+
 /// The Unix milliseconds a UUIDv7 was made at (now, for an id that carries no time).
 fn dated_by(id: Uuid) -> i64 {
     id.get_timestamp().map_or_else(
@@ -103,9 +116,10 @@ impl Agent {
         model: &str,
         reply: CachedReply,
         how: &'static str,
+        prompt_tokens: i64,
     ) -> Result<(), AgentError> {
         metrics::counter!(crate::metrics::LLM_CACHE_REQUESTS, "outcome" => how).increment(1);
-        let index = self.start_deltas(job.message_id, delivered).await;
+        let index = self.start_deltas(job, delivered, prompt_tokens).await;
         let subject = self.names.message_events_subject(job.message_id);
         let delta = MessageEvent::Delta { message_id: job.message_id, index, text: reply.content.clone() };
         self.publish_event(&subject, &delta).await;
@@ -262,6 +276,32 @@ impl Agent {
             occurred_at_ms: dated_by(event_id),
             settlement: Some(Settlement { reservation_id: None, tokens: charged }),
             ..usage_event(job, &summary.model, "summary", charged)
+        };
+        self.publish_usage(&event).await
+    }
+
+    /// Reports the attempt of delivery `attempt` that streamed part of a reply and died with its agent:
+    /// a `failed` usage event of its own (its id made from the message and the delivery, so reporting
+    /// it again counts once), charged what it consumed against the day and the month (the job's
+    /// reservation belongs to the attempt that answers).
+    pub(crate) async fn report_abandoned(
+        &self,
+        job: &AiJob,
+        attempt: i64,
+        consumed: Consumed,
+    ) -> Result<(), AgentError> {
+        let mut tag = *b"attempt\0";
+        tag[7] = u8::try_from(attempt.clamp(0, 255)).unwrap_or(u8::MAX);
+        let event_id = derived_event_id(job.message_id, tag);
+        let charged = consumed.input_tokens + consumed.output_tokens;
+        let event = UsageEvent {
+            event_id,
+            message_id: event_id,
+            input_tokens: consumed.input_tokens,
+            output_tokens: consumed.output_tokens,
+            occurred_at_ms: dated_by(event_id),
+            settlement: Some(Settlement { reservation_id: None, tokens: charged }),
+            ..usage_event(job, &job.model, "failed", charged)
         };
         self.publish_usage(&event).await
     }

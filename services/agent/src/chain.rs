@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream;
 use parley_platform::events::{AiJob, MessageEvent};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -185,7 +186,8 @@ impl Agent {
     ) -> Result<Answer, Failure> {
         let chain = self.config.models.get(model_name).map(|model| model.chain.as_slice()).unwrap_or_default();
         let mut last_error = ProviderError::Misconfigured(format!("model {model_name} has no usable provider"));
-        let mut delta_index = self.start_deltas(job.message_id, delivered).await;
+        let prompt_tokens = self.config.models.get(model_name).map_or(0, |model| self.prompt_tokens(model, prompt));
+        let mut delta_index = self.start_deltas(job, delivered, prompt_tokens).await;
         for target in chain {
             let Some(provider) = self.providers.get(&target.provider) else {
                 continue;
@@ -315,7 +317,12 @@ impl Agent {
     /// clients to drop the text they hold, and numbers its own deltas after the reset. Indices never
     /// repeat, so a client resuming by `Last-Event-ID` sees each event once, and the text it assembles
     /// equals the stored reply.
-    pub(crate) async fn start_deltas(&self, message_id: Uuid, delivered: i64) -> u64 {
+    ///
+    /// The attempt that streamed and died consumed tokens nobody charged: it is charged here, once (by
+    /// an event id made from the message and the delivery), the prompt (`prompt_tokens`) and the text
+    /// it streamed, read back from the events stream.
+    pub(crate) async fn start_deltas(&self, job: &AiJob, delivered: i64, prompt_tokens: i64) -> u64 {
+        let message_id = job.message_id;
         if delivered <= 1 {
             return 0;
         }
@@ -330,6 +337,15 @@ impl Agent {
         match last {
             Some(MessageEvent::Delta { index, .. }) => {
                 tracing::info!(after = index, "an earlier attempt streamed part of this reply; starting it again");
+                match abandoned_text(events, &subject).await {
+                    Some(streamed) => {
+                        let consumed = crate::accounting::Consumed::partial(prompt_tokens, &streamed);
+                        if let Err(error) = self.report_abandoned(job, delivered - 1, consumed).await {
+                            tracing::warn!(%error, "could not report the abandoned attempt; it is not charged");
+                        }
+                    }
+                    None => tracing::warn!("could not read back the abandoned attempt's text; it is not charged"),
+                }
                 self.publish_event(&subject, &MessageEvent::Reset { message_id, index: index + 1 }).await;
                 index + 2
             }
@@ -410,4 +426,29 @@ impl Agent {
             tracing::debug!(%error, "could not publish a message event");
         }
     }
+}
+
+/// The text a message's latest attempt streamed (its deltas after the last reset), read back from the
+/// events stream; `None` when it cannot be read in a few seconds.
+async fn abandoned_text(events: &jetstream::stream::Stream, subject: &str) -> Option<String> {
+    use futures::StreamExt;
+    let config = jetstream::consumer::pull::OrderedConfig {
+        filter_subject: subject.to_owned(),
+        deliver_policy: jetstream::consumer::DeliverPolicy::All,
+        ..Default::default()
+    };
+    let mut consumer = events.create_consumer(config).await.ok()?;
+    let mut pending = consumer.info().await.ok()?.num_pending;
+    let mut messages = consumer.messages().await.ok()?;
+    let mut text = String::new();
+    while pending > 0 {
+        let message = tokio::time::timeout(Duration::from_secs(2), messages.next()).await.ok()??.ok()?;
+        pending -= 1;
+        match serde_json::from_slice::<MessageEvent>(&message.payload) {
+            Ok(MessageEvent::Delta { text: delta, .. }) => text.push_str(&delta),
+            Ok(MessageEvent::Reset { .. }) => text.clear(),
+            _ => {}
+        }
+    }
+    Some(text)
 }

@@ -24,13 +24,7 @@ pub(crate) struct Summary {
 /// the message's own event (a reply's event id is its message id) and is the same for a redelivered
 /// job that folds the same messages again (one charge, one report).
 pub(crate) fn summary_event_id(until: Uuid) -> Uuid {
-    let mut bytes = *until.as_bytes();
-    // The last eight bytes hold the variant bits and 62 random bits: flip the random ones.
-    for (byte, tag) in bytes[8..].iter_mut().zip(*b"summary!") {
-        *byte ^= tag;
-    }
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    Uuid::from_bytes(bytes)
+    crate::accounting::derived_event_id(until, *b"summary!")
 }
 
 /// Longest running summary, in tokens: it bounds what every later prompt of a long thread carries.

@@ -293,7 +293,7 @@ impl Agent {
                 }
             },
             Generated::Cached(reply, how) => self
-                .answer_from_cache(job, delivered, &answering_model, reply, how)
+                .answer_from_cache(job, delivered, &answering_model, reply, how, self.prompt_tokens(model, &prompt))
                 .await
                 .map_or(retry, |()| Outcome::Done),
             // Clients have already seen part of a reply: another attempt would contradict it, so the

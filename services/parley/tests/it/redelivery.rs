@@ -131,6 +131,30 @@ async fn an_agent_killed_mid_stream_leaves_the_job_to_another_and_one_reply_is_s
     assert_eq!(replies.len(), 1);
     assert_eq!(replies[0]["status"], "completed");
     assert_eq!(t.fake.requests(), 2, "the dead agent's call and the new agent's call");
+
+    // Both calls consumed tokens and both are charged, once each: the new agent reports the dead one's
+    // attempt (its prompt and the text it streamed) as failed, beside its own reply.
+    let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
+    let charged: Vec<(String, i64, i64, String)> =
+        eventually("both attempts to be charged", Duration::from_secs(10), || async {
+            let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
+                "SELECT outcome, input_tokens, output_tokens, message_id::text FROM analytics.usage_events
+                 WHERE user_id = $1::uuid ORDER BY outcome",
+            )
+            .bind(&session.user_id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            let reported: i64 = rows.iter().map(|row| row.1 + row.2).sum();
+            let settled = crate::quota::ledger_total(&t, &session.user_id).await == reported;
+            (rows.len() >= 2 && settled).then_some(rows)
+        })
+        .await;
+    let outcomes: Vec<&str> = charged.iter().map(|row| row.0.as_str()).collect();
+    assert_eq!(outcomes, ["completed", "failed"], "{charged:?}");
+    let abandoned = &charged[1];
+    assert!(abandoned.1 > 0 && abandoned.2 > 0, "the abandoned attempt's prompt and streamed text: {charged:?}");
+    assert_ne!(abandoned.3, reply_id, "under an event id of its own");
     t.stop().await;
 }
 
