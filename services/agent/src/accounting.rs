@@ -280,18 +280,21 @@ impl Agent {
         self.publish_usage(&event).await
     }
 
-    /// Reports the attempt of delivery `attempt` that streamed part of a reply and died with its agent:
-    /// a `failed` usage event of its own (its id made from the message and the delivery, so reporting
-    /// it again counts once), charged what it consumed against the day and the month (the job's
-    /// reservation belongs to the attempt that answers).
+    /// Reports an attempt that streamed part of a reply, up to delta `last_index`, and died with its
+    /// agent: a `failed` usage event of its own (its id made from the message and that index, so an agent
+    /// that reports it and dies before resetting the reply does not get it charged twice), charged what
+    /// it consumed against the day and the month (the job's reservation belongs to the attempt that
+    /// answers).
     pub(crate) async fn report_abandoned(
         &self,
         job: &AiJob,
-        attempt: i64,
+        last_index: u64,
         consumed: Consumed,
     ) -> Result<(), AgentError> {
-        let mut tag = *b"attempt\0";
-        tag[7] = u8::try_from(attempt.clamp(0, 255)).unwrap_or(u8::MAX);
+        let mut tag = *b"abandon!";
+        for (byte, index) in tag.iter_mut().zip(last_index.to_le_bytes()) {
+            *byte ^= index;
+        }
         let event_id = derived_event_id(job.message_id, tag);
         let charged = consumed.input_tokens + consumed.output_tokens;
         let event = UsageEvent {

@@ -319,7 +319,7 @@ impl Agent {
     /// equals the stored reply.
     ///
     /// The attempt that streamed and died consumed tokens nobody charged: it is charged here, once (by
-    /// an event id made from the message and the delivery), the prompt (`prompt_tokens`) and the text
+    /// an event id made from the message and its last delta), the prompt (`prompt_tokens`) and the text
     /// it streamed, read back from the events stream.
     pub(crate) async fn start_deltas(&self, job: &AiJob, delivered: i64, prompt_tokens: i64) -> u64 {
         let message_id = job.message_id;
@@ -340,7 +340,7 @@ impl Agent {
                 match abandoned_text(events, &subject).await {
                     Some(streamed) => {
                         let consumed = crate::accounting::Consumed::partial(prompt_tokens, &streamed);
-                        if let Err(error) = self.report_abandoned(job, delivered - 1, consumed).await {
+                        if let Err(error) = self.report_abandoned(job, index, consumed).await {
                             tracing::warn!(%error, "could not report the abandoned attempt; it is not charged");
                         }
                     }

@@ -19,12 +19,12 @@ pub(crate) struct Summary {
     pub(crate) model: String,
 }
 
-/// The usage event id of the summary that folded the thread up to message `until`: a UUIDv7 with that
-/// message's time and other random bits, so it is dated like the messages it summarises, differs from
-/// the message's own event (a reply's event id is its message id) and is the same for a redelivered
-/// job that folds the same messages again (one charge, one report).
-pub(crate) fn summary_event_id(until: Uuid) -> Uuid {
-    crate::accounting::derived_event_id(until, *b"summary!")
+/// The usage event id of the summary a job's reply needed: a UUIDv7 with the reply's time (so the call
+/// is dated and priced when it was made) and other random bits, so it differs from the reply's own
+/// event (whose id is the reply's message id) and is the same for a redelivered job that folds the same
+/// messages again (one charge, one report).
+pub(crate) fn summary_event_id(reply: Uuid) -> Uuid {
+    crate::accounting::derived_event_id(reply, *b"summary!")
 }
 
 /// Longest running summary, in tokens: it bounds what every later prompt of a long thread carries.
@@ -61,9 +61,7 @@ impl Agent {
         if let Some(until) = dropped.last() {
             // The user pays for the summary call too, reported like any call (analytics prices it, quota
             // charges both budgets from the event), once per summary.
-            if let Ok(until_id) = Uuid::parse_str(&until.id)
-                && let Err(error) = self.report_summary(job, summary_event_id(until_id), &summary).await
-            {
+            if let Err(error) = self.report_summary(job, summary_event_id(job.message_id), &summary).await {
                 tracing::warn!(%error, "could not report the summary call; it is not charged");
             }
             let request = chat_pb::UpdateSummaryRequest {
@@ -142,13 +140,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_summary_event_is_dated_like_its_message_yet_distinct_and_stable() {
-        let until = Uuid::now_v7();
-        let id = summary_event_id(until);
-        assert_ne!(id, until);
-        assert_eq!(id, summary_event_id(until), "the same summary, the same event");
+    fn a_summary_event_is_dated_like_its_reply_yet_distinct_and_stable() {
+        let reply = Uuid::now_v7();
+        let id = summary_event_id(reply);
+        assert_ne!(id, reply);
+        assert_eq!(id, summary_event_id(reply), "the same summary, the same event");
         assert_eq!(id.get_version_num(), 7);
         assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
-        assert_eq!(id.get_timestamp(), until.get_timestamp());
+        assert_eq!(id.get_timestamp(), reply.get_timestamp());
     }
 }

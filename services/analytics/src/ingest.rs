@@ -333,7 +333,7 @@ impl Rollups {
         usage.output_tokens += event.output_tokens;
         usage.cost_micros += cost;
         usage.cache_hits += i64::from(event.cache_hit);
-        usage.failures += i64::from(event.outcome != "completed");
+        usage.failures += i64::from(event.outcome == "failed");
         if cost > 0 {
             *self.cost_by_day.entry(day).or_default() += cost;
             *self.cost_by_model.entry(event.model.clone()).or_default() += cost;

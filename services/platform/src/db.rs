@@ -45,7 +45,10 @@ where
     T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Clone + Send + Sync + 'static,
 {
     let statement = format!(
-        "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE {condition} LIMIT {DELETE_BATCH}))"
+        // The condition again on the outer delete: a row changed since the inner select (a conversation
+        // that just got a message) is checked as it is now.
+        "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE {condition} LIMIT {DELETE_BATCH}))
+           AND {condition}"
     );
     let mut deleted = 0;
     loop {

@@ -104,7 +104,17 @@ pub async fn delete_me(
     state.backends.quota.clone().erase_user(quota).await?;
     let analytics = parley_proto::analytics::v1::EraseUserRequest { user_id: user_id.clone() };
     state.backends.analytics.clone().erase_user(analytics).await?;
-    let deleted = state.backends.user.clone().delete_account(pb::DeleteAccountRequest { user_id }).await?.into_inner();
+    let deleted = state
+        .backends
+        .user
+        .clone()
+        .delete_account(pb::DeleteAccountRequest { user_id: user_id.clone() })
+        .await?
+        .into_inner();
+    // Once more, now that no new session can start: what another session or a cached key wrote in the
+    // meantime goes too.
+    let chat = parley_proto::chat::v1::EraseUserRequest { user_id };
+    state.backends.chat.clone().erase_user(chat).await?;
     for api_key_id in deleted.revoked_api_key_ids {
         state.api_keys.forget(&api_key_id);
         let subject = state.names.api_key_revocations_subject();

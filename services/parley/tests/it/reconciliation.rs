@@ -165,6 +165,15 @@ async fn the_ledger_and_the_usage_reports_add_up_to_the_upstreams_own_counts() {
     let ledger = crate::quota::ledger_total(&t, &session.user_id).await;
     assert_eq!(ledger, reported.0 + reported.1 + cut_in + cut_out);
 
+    // The daily totals count the two failures as failures, and the summaries not.
+    let (failures,): (Option<i64>,) =
+        sqlx::query_as("SELECT SUM(failures)::bigint FROM analytics.usage_daily WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(failures, Some(2));
+
     // The fallback calls were priced at the backup's prices.
     for (_, _, input, output, cost, _) in settled.iter().filter(|e| e.5 == "chained") {
         assert_eq!(*cost, ((3.0 * *input as f64) + (100.0 * *output as f64)).round() as i64);
