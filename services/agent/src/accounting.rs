@@ -22,7 +22,7 @@ use crate::worker::Agent;
 fn stored_reply(message: &chat_pb::Message) -> Option<StoredReply> {
     let nanos =
         |at| parley_platform::timestamps::from_proto(at).and_then(|at| i64::try_from(at.unix_timestamp_nanos()).ok());
-    if MessageStatus::parse(&message.status) != Some(MessageStatus::Completed) {
+    if MessageStatus::of(message) != Some(MessageStatus::Completed) {
         return None;
     }
     let usage = message.usage.unwrap_or_default();

@@ -242,7 +242,7 @@ impl Agent {
                 return retry;
             }
         };
-        let status = context.assistant_message.as_ref().and_then(|message| MessageStatus::parse(&message.status));
+        let status = context.assistant_message.as_ref().and_then(MessageStatus::of);
         match status {
             Some(MessageStatus::Completed) => {
                 tracing::info!("reply already stored (redelivered job); finishing its accounting");

@@ -139,6 +139,7 @@ fn message_to_proto(row: MessageRow) -> pb::Message {
         role: row.role,
         content: row.content,
         status: row.status.as_str().to_owned(),
+        state: pb::MessageState::from(row.status).into(),
         model: row.model,
         usage,
         created_at: Some(timestamps::to_proto(row.created_at)),

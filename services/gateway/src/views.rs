@@ -110,6 +110,9 @@ pub struct MessageView {
 
 impl From<chat_pb::Message> for MessageView {
     fn from(message: chat_pb::Message) -> Self {
+        // The API names the state (a state this version does not know keeps the name it came with).
+        let status = parley_platform::message_status::MessageStatus::of(&message)
+            .map_or_else(|| message.status.clone(), |status| status.as_str().to_owned());
         let error = match (message.error_code, message.error_detail) {
             (Some(code), detail) => Some(MessageErrorView { code, detail: detail.unwrap_or_default() }),
             _ => None,
@@ -124,7 +127,7 @@ impl From<chat_pb::Message> for MessageView {
             conversation_id: message.conversation_id,
             role: message.role,
             content: message.content,
-            status: message.status,
+            status,
             model: message.model,
             error,
         }

@@ -1,7 +1,10 @@
 //! Where a message stands. A user's message is stored completed; a reply is created pending, may be
-//! streaming, and ends completed or failed. Stored and carried by its lowercase name: the database's
-//! `status` column, the gRPC `Message.status` field, the API's `status`.
+//! streaming, and ends completed or failed. Stored by its lowercase name (the database's `status`
+//! column, the API's `status`), carried between services as the `MessageState` enum of the chat
+//! contract: both conversions are exhaustive matches, so a state added on either side and not handled
+//! is a compile error.
 
+use parley_proto::chat::v1 as chat_pb;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -37,9 +40,34 @@ impl MessageStatus {
     }
 }
 
-/// Whether the status named `text` is a finished one (an unknown name is not).
-pub fn is_finished(text: &str) -> bool {
-    MessageStatus::parse(text).is_some_and(MessageStatus::is_finished)
+impl From<MessageStatus> for chat_pb::MessageState {
+    fn from(status: MessageStatus) -> Self {
+        match status {
+            MessageStatus::Pending => chat_pb::MessageState::Pending,
+            MessageStatus::Streaming => chat_pb::MessageState::Streaming,
+            MessageStatus::Completed => chat_pb::MessageState::Completed,
+            MessageStatus::Failed => chat_pb::MessageState::Failed,
+        }
+    }
+}
+
+impl MessageStatus {
+    /// The state a chat contract's message carries: `state`, or from a chat service of the previous
+    /// release, which sends only the name in `status`. `None` when neither says.
+    pub fn of(message: &chat_pb::Message) -> Option<Self> {
+        match message.state() {
+            chat_pb::MessageState::Pending => Some(MessageStatus::Pending),
+            chat_pb::MessageState::Streaming => Some(MessageStatus::Streaming),
+            chat_pb::MessageState::Completed => Some(MessageStatus::Completed),
+            chat_pb::MessageState::Failed => Some(MessageStatus::Failed),
+            chat_pb::MessageState::Unspecified => Self::parse(&message.status),
+        }
+    }
+}
+
+/// Whether a chat contract's message is finished (one in a state this version does not know is not).
+pub fn is_finished(message: &chat_pb::Message) -> bool {
+    MessageStatus::of(message).is_some_and(MessageStatus::is_finished)
 }
 
 impl TryFrom<String> for MessageStatus {
@@ -68,6 +96,18 @@ mod tests {
         }
         let finished: Vec<_> = MessageStatus::ALL.into_iter().filter(|status| status.is_finished()).collect();
         assert_eq!(finished, [MessageStatus::Completed, MessageStatus::Failed]);
-        assert!(!is_finished("archived") && is_finished("failed"));
+    }
+
+    #[test]
+    fn the_contract_carries_the_state_and_older_senders_the_name() {
+        for status in MessageStatus::ALL {
+            let message = chat_pb::Message { state: chat_pb::MessageState::from(status).into(), ..Default::default() };
+            assert_eq!(MessageStatus::of(&message), Some(status));
+            let older = chat_pb::Message { status: status.as_str().to_owned(), ..Default::default() };
+            assert_eq!(MessageStatus::of(&older), Some(status));
+            assert_eq!(is_finished(&message), status.is_finished());
+        }
+        assert_eq!(MessageStatus::of(&chat_pb::Message { status: "archived".to_owned(), ..Default::default() }), None);
+        assert!(!is_finished(&chat_pb::Message::default()));
     }
 }

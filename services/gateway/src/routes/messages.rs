@@ -201,7 +201,7 @@ pub async fn send(
     }
     let wait = Duration::from_secs(state.config.http.message_wait_secs);
     let (assistant, waited) = wait_for_reply(&state, caller.user_id, assistant, wait).await;
-    let status = if is_finished(&assistant.status) { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let status = if is_finished(&assistant) { StatusCode::OK } else { StatusCode::ACCEPTED };
     let exchange = ExchangeView {
         user_message: sent.user_message.map(MessageView::from),
         assistant_message: Some(MessageView::from(assistant)),
@@ -221,7 +221,7 @@ pub async fn wait_for_reply(
     wait: Duration,
 ) -> (pb::Message, Duration) {
     let started = Instant::now();
-    if is_finished(&message.status) {
+    if is_finished(&message) {
         return (message, Duration::ZERO);
     }
     let Ok(message_id) = Uuid::parse_str(&message.id) else {
@@ -253,7 +253,7 @@ pub async fn wait_for_reply(
                 }
             }
         }
-        if is_finished(&latest.status) || tokio::time::Instant::now() >= deadline {
+        if is_finished(&latest) || tokio::time::Instant::now() >= deadline {
             return (latest, started.elapsed());
         }
         let next_poll = (tokio::time::Instant::now() + SAFETY_POLL).min(deadline);

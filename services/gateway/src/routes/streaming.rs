@@ -154,7 +154,7 @@ impl ReplyFeed {
     /// reply hub when it holds every event from there, else from the recorded events.
     pub async fn open(state: AppState, user_id: Uuid, assistant: &pb::Message, after: u64) -> Option<Self> {
         let message_id = Uuid::parse_str(&assistant.id).ok()?;
-        let finished = message_status::is_finished(&assistant.status);
+        let finished = message_status::is_finished(assistant);
         let watch = state.replies.watch(message_id, after, created_at(assistant));
         let from_hub = watch.is_some();
         let source = match watch {
@@ -262,6 +262,7 @@ pub fn stored_message(message_id: Uuid, reply: &StoredReply) -> pb::Message {
         role: "assistant".to_owned(),
         content: reply.content.clone(),
         status: MessageStatus::Completed.as_str().to_owned(),
+        state: pb::MessageState::Completed.into(),
         model: reply.model.clone(),
         usage: Some(pb::Usage { input_tokens: reply.input_tokens, output_tokens: reply.output_tokens }),
         created_at: at(reply.created_at_ns),
@@ -277,7 +278,7 @@ async fn finished_reply(state: &AppState, user_id: Uuid, message_id: Uuid) -> Op
     match state.backends.chat.clone().get_message(request).await {
         Ok(message) => {
             let message = message.into_inner();
-            message_status::is_finished(&message.status).then_some(message)
+            message_status::is_finished(&message).then_some(message)
         }
         Err(status) => {
             tracing::warn!(code = ?status.code(), "could not read the reply being streamed");
@@ -300,7 +301,7 @@ fn event_parts(feed: &ReplyFeed, item: ReplyItem) -> (&'static str, u64, serde_j
             ("message.delta", id, json!({"message_id": feed.message_id(), "index": index, "text": text}))
         }
         ReplyItem::Reset { index } => ("message.reset", id, json!({"message_id": feed.message_id(), "index": index})),
-        ReplyItem::Finished(message) if MessageStatus::parse(&message.status) == Some(MessageStatus::Completed) => {
+        ReplyItem::Finished(message) if MessageStatus::of(&message) == Some(MessageStatus::Completed) => {
             let view = serde_json::to_value(MessageView::from(*message)).unwrap_or_default();
             ("message.completed", id + 1, view)
         }

@@ -70,11 +70,18 @@ async fn counters_are_rebuilt_from_the_ledger_when_redis_loses_them() {
             t.post(&session, &format!("/v1/conversations/{conversation}/messages"), json!({"content": content})).await;
         assert_eq!(status, StatusCode::OK);
     }
-    let charged = eventually("the charges", Duration::from_secs(10), || async {
-        let total = ledger_total(&t, &session.user_id).await;
-        (total > 0).then_some(total)
+    // Both replies settled (their usage events are settled in batches, so one can land before the other).
+    let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
+    eventually("both charges", Duration::from_secs(10), || async {
+        let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM quota.ledger WHERE user_id = $1::uuid")
+            .bind(&session.user_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (rows == 2).then_some(())
     })
     .await;
+    let charged = ledger_total(&t, &session.user_id).await;
 
     // Redis loses every quota counter of this deployment.
     let client = redis::Client::open(t.config.redis.url.as_str()).unwrap();
