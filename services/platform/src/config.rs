@@ -7,50 +7,173 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-/// Every environment variable Parley reads, with what it sets. A test keeps the README's table in step.
-pub const ENVIRONMENT_VARIABLES: &[(&str, &str)] = &[
-    ("PARLEY_CONFIG", "path to the TOML file with structured settings (providers, models, tiers)"),
-    ("DATABASE_URL", "PostgreSQL primary, e.g. postgres://parley@127.0.0.1:5432/parley"),
-    ("DATABASE_REPLICA_URLS", "comma-separated PostgreSQL read replicas"),
-    ("REDIS_URL", "Redis, e.g. redis://127.0.0.1:6379"),
-    ("NATS_URL", "NATS with JetStream, e.g. nats://127.0.0.1:4222"),
-    ("PARLEY_HTTP_ADDR", "address the gateway's REST API listens on (default 127.0.0.1:8080)"),
-    ("PARLEY_GRPC_ADDR", "address a service's gRPC server listens on under `parley serve`"),
-    ("PARLEY_ADMIN_ADDR", "address of /healthz, /readyz and /metrics under `parley serve`"),
-    ("PARLEY_USER_URL", "gRPC address of the user service"),
-    ("PARLEY_CHAT_URL", "gRPC address of the chat service"),
-    ("PARLEY_QUOTA_URL", "gRPC address of the quota service"),
-    ("PARLEY_ANALYTICS_URL", "gRPC address of the analytics service"),
-    ("PARLEY_AGENT_URL", "gRPC address of the agents (stateless completions)"),
-    ("PARLEY_ADMIN_EMAILS", "comma-separated emails whose accounts have role admin"),
-    ("PARLEY_SECRETS_KEY", "32 bytes, base64: encrypts stored secrets such as API keys' signing secrets"),
-    ("PARLEY_CORS_ALLOWED_ORIGINS", "comma-separated origins browsers may call the API from"),
-    ("PARLEY_CURSOR_SECRET", "key that makes pagination cursors tamper-evident (same on every replica)"),
-    (
+/// One environment variable Parley reads: its name, what it sets (the README's table is checked against
+/// these), and how. The table is the mapping itself: [`Config::apply_env`] walks it, so a variable
+/// cannot be documented without being read, or read without being documented.
+pub struct EnvVar {
+    pub name: &'static str,
+    pub doc: &'static str,
+    /// `None` for the two read elsewhere: `PARLEY_CONFIG` (by [`Config::load`]) and provider keys (by
+    /// `Config::read_provider_keys`, for whatever variables the providers name).
+    set: Option<Setter>,
+}
+
+/// What a variable's value does to the configuration.
+type Setter = fn(&mut Config, String) -> Result<(), ConfigError>;
+
+const fn var(name: &'static str, doc: &'static str, set: Setter) -> EnvVar {
+    EnvVar { name, doc, set: Some(set) }
+}
+
+const fn documented(name: &'static str, doc: &'static str) -> EnvVar {
+    EnvVar { name, doc, set: None }
+}
+
+/// A whole number from variable `name`, or an error saying it must be a whole number of `what`.
+fn whole<T: std::str::FromStr>(name: &str, value: &str, what: &str) -> Result<T, ConfigError> {
+    value.trim().parse().map_err(|_| invalid(name, format!("must be a whole number of {what}")))
+}
+
+/// Every environment variable Parley reads, in the order they are applied.
+pub const ENVIRONMENT: &[EnvVar] = &[
+    documented("PARLEY_CONFIG", "path to the TOML file with structured settings (providers, models, tiers)"),
+    var("DATABASE_URL", "PostgreSQL primary, e.g. postgres://parley@127.0.0.1:5432/parley", |c, v| {
+        c.database.url = v;
+        Ok(())
+    }),
+    var("DATABASE_REPLICA_URLS", "comma-separated PostgreSQL read replicas", |c, v| {
+        c.database.replica_urls = split_list(&v);
+        Ok(())
+    }),
+    var("REDIS_URL", "Redis, e.g. redis://127.0.0.1:6379", |c, v| {
+        c.redis.url = v;
+        Ok(())
+    }),
+    var("NATS_URL", "NATS with JetStream, e.g. nats://127.0.0.1:4222", |c, v| {
+        c.nats.url = v;
+        Ok(())
+    }),
+    var("PARLEY_HTTP_ADDR", "address the gateway's REST API listens on (default 127.0.0.1:8080)", |c, v| {
+        c.http.addr = v;
+        Ok(())
+    }),
+    var("PARLEY_GRPC_ADDR", "address a service's gRPC server listens on under `parley serve`", |c, v| {
+        c.grpc.addr = v;
+        Ok(())
+    }),
+    var("PARLEY_ADMIN_ADDR", "address of /healthz, /readyz and /metrics under `parley serve`", |c, v| {
+        c.http.admin_addr = v;
+        Ok(())
+    }),
+    var("PARLEY_USER_URL", "gRPC address of the user service", |c, v| {
+        c.grpc.user_url = v;
+        Ok(())
+    }),
+    var("PARLEY_CHAT_URL", "gRPC address of the chat service", |c, v| {
+        c.grpc.chat_url = v;
+        Ok(())
+    }),
+    var("PARLEY_QUOTA_URL", "gRPC address of the quota service", |c, v| {
+        c.grpc.quota_url = v;
+        Ok(())
+    }),
+    var("PARLEY_ANALYTICS_URL", "gRPC address of the analytics service", |c, v| {
+        c.grpc.analytics_url = v;
+        Ok(())
+    }),
+    var("PARLEY_AGENT_URL", "gRPC address of the agents (stateless completions)", |c, v| {
+        c.grpc.agent_url = v;
+        Ok(())
+    }),
+    var("PARLEY_ADMIN_EMAILS", "comma-separated emails whose accounts have role admin", |c, v| {
+        c.auth.admin_emails = split_list(&v);
+        Ok(())
+    }),
+    var("PARLEY_SECRETS_KEY", "32 bytes, base64: encrypts stored secrets such as API keys' signing secrets", |c, v| {
+        c.auth.secrets_key = v;
+        Ok(())
+    }),
+    var("PARLEY_CORS_ALLOWED_ORIGINS", "comma-separated origins browsers may call the API from", |c, v| {
+        c.http.cors_allowed_origins = split_list(&v);
+        Ok(())
+    }),
+    var("PARLEY_CURSOR_SECRET", "key that makes pagination cursors tamper-evident (same on every replica)", |c, v| {
+        c.chat.cursor_secret = v;
+        Ok(())
+    }),
+    var(
         "PARLEY_CONTENT_KEYS",
         "key-encryption keys of message content and titles, `id:base64-32-bytes`, comma-separated, the current first",
+        |c, v| {
+            c.chat.content_keys = v;
+            Ok(())
+        },
     ),
-    ("PARLEY_NATS_PREFIX", "prefix of every JetStream stream and subject (default parley)"),
-    ("PARLEY_REDIS_PREFIX", "prefix of every Redis key (default parley)"),
-    ("PARLEY_DEFAULT_MODEL", "model used when a request names none"),
-    (
+    var("PARLEY_NATS_PREFIX", "prefix of every JetStream stream and subject (default parley)", |c, v| {
+        c.nats.prefix = v;
+        Ok(())
+    }),
+    var("PARLEY_REDIS_PREFIX", "prefix of every Redis key (default parley)", |c, v| {
+        c.redis.key_prefix = v;
+        Ok(())
+    }),
+    var("PARLEY_DEFAULT_MODEL", "model used when a request names none", |c, v| {
+        c.default_model = v;
+        Ok(())
+    }),
+    var(
         "PARLEY_FAKE_LLM_URL",
         "base URL (up to /v1) of a fake LLM served on its own, e.g. the chart's fake-llm Deployment: `fake` providers without a base URL use it",
+        |c, v| {
+            c.point_fake_providers_at(v.trim());
+            Ok(())
+        },
     ),
-    ("PARLEY_EXPECTED_GATEWAY_REPLICAS", "gateway replicas sharing a rate limit while Redis is unreachable"),
-    (
+    var(
+        "PARLEY_EXPECTED_GATEWAY_REPLICAS",
+        "gateway replicas sharing a rate limit while Redis is unreachable",
+        |c, v| {
+            c.http.expected_gateway_replicas = whole("PARLEY_EXPECTED_GATEWAY_REPLICAS", &v, "replicas")?;
+            Ok(())
+        },
+    ),
+    var(
         "PARLEY_TRUSTED_PROXY_HOPS",
         "proxies in front of the gateway whose X-Forwarded-For entries are trusted (default 0)",
+        |c, v| {
+            c.http.trusted_proxy_hops = whole("PARLEY_TRUSTED_PROXY_HOPS", &v, "proxies")?;
+            Ok(())
+        },
     ),
-    (
+    var(
         "PARLEY_AGENT_DRAIN_SECS",
         "on shutdown, seconds an agent lets its jobs in flight finish before handing them back (default 25)",
+        |c, v| {
+            c.agent.drain_secs = whole("PARLEY_AGENT_DRAIN_SECS", &v, "seconds")?;
+            Ok(())
+        },
     ),
-    ("PARLEY_LOG", "log filter, e.g. info or parley_chat=debug (default info)"),
-    ("PARLEY_LOG_FORMAT", "json (default) or pretty"),
-    ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTLP gRPC endpoint for traces; unset means no export"),
-    ("OTEL_SERVICE_NAME", "service name on exported spans (default parley-<service>)"),
-    ("OPENAI_API_KEY", "API key for providers configured with api_key_env = \"OPENAI_API_KEY\""),
+    var("PARLEY_LOG", "log filter, e.g. info or parley_chat=debug (default info)", |c, v| {
+        c.telemetry.log_filter = v;
+        Ok(())
+    }),
+    var("PARLEY_LOG_FORMAT", "json (default) or pretty", |c, v| {
+        c.telemetry.log_format = match v.as_str() {
+            "json" => LogFormat::Json,
+            "pretty" => LogFormat::Pretty,
+            other => return Err(invalid("PARLEY_LOG_FORMAT", format!("expected json or pretty, got {other:?}"))),
+        };
+        Ok(())
+    }),
+    var("OTEL_EXPORTER_OTLP_ENDPOINT", "OTLP gRPC endpoint for traces; unset means no export", |c, v| {
+        c.telemetry.otlp_endpoint = Some(v);
+        Ok(())
+    }),
+    var("OTEL_SERVICE_NAME", "service name on exported spans (default parley-<service>)", |c, v| {
+        c.telemetry.service_name = Some(v);
+        Ok(())
+    }),
+    documented("OPENAI_API_KEY", "API key for providers configured with api_key_env = \"OPENAI_API_KEY\""),
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -918,105 +1041,11 @@ impl Config {
 
     /// Applies environment overrides read through `lookup`, so tests need not touch the process env.
     pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
-        if let Some(v) = get("DATABASE_URL") {
-            self.database.url = v;
-        }
-        if let Some(v) = get("DATABASE_REPLICA_URLS") {
-            self.database.replica_urls = split_list(&v);
-        }
-        if let Some(v) = get("REDIS_URL") {
-            self.redis.url = v;
-        }
-        if let Some(v) = get("NATS_URL") {
-            self.nats.url = v;
-        }
-        if let Some(v) = get("PARLEY_HTTP_ADDR") {
-            self.http.addr = v;
-        }
-        if let Some(v) = get("PARLEY_GRPC_ADDR") {
-            self.grpc.addr = v;
-        }
-        if let Some(v) = get("PARLEY_ADMIN_ADDR") {
-            self.http.admin_addr = v;
-        }
-        if let Some(v) = get("PARLEY_USER_URL") {
-            self.grpc.user_url = v;
-        }
-        if let Some(v) = get("PARLEY_CHAT_URL") {
-            self.grpc.chat_url = v;
-        }
-        if let Some(v) = get("PARLEY_QUOTA_URL") {
-            self.grpc.quota_url = v;
-        }
-        if let Some(v) = get("PARLEY_ANALYTICS_URL") {
-            self.grpc.analytics_url = v;
-        }
-        if let Some(v) = get("PARLEY_AGENT_URL") {
-            self.grpc.agent_url = v;
-        }
-        if let Some(v) = get("PARLEY_ADMIN_EMAILS") {
-            self.auth.admin_emails = split_list(&v);
-        }
-        if let Some(v) = get("PARLEY_SECRETS_KEY") {
-            self.auth.secrets_key = v;
-        }
-        if let Some(v) = get("PARLEY_CORS_ALLOWED_ORIGINS") {
-            self.http.cors_allowed_origins = split_list(&v);
-        }
-        if let Some(v) = get("PARLEY_CURSOR_SECRET") {
-            self.chat.cursor_secret = v;
-        }
-        if let Some(v) = get("PARLEY_CONTENT_KEYS") {
-            self.chat.content_keys = v;
-        }
-        if let Some(v) = get("PARLEY_NATS_PREFIX") {
-            self.nats.prefix = v;
-        }
-        if let Some(v) = get("PARLEY_REDIS_PREFIX") {
-            self.redis.key_prefix = v;
-        }
-        if let Some(v) = get("PARLEY_DEFAULT_MODEL") {
-            self.default_model = v;
-        }
-        if let Some(v) = get("PARLEY_EXPECTED_GATEWAY_REPLICAS") {
-            self.http.expected_gateway_replicas = v
-                .trim()
-                .parse()
-                .map_err(|_| invalid("PARLEY_EXPECTED_GATEWAY_REPLICAS", "must be a whole number of replicas"))?;
-        }
-        if let Some(v) = get("PARLEY_FAKE_LLM_URL") {
-            self.point_fake_providers_at(v.trim());
-        }
-        if let Some(v) = get("PARLEY_TRUSTED_PROXY_HOPS") {
-            self.http.trusted_proxy_hops = v
-                .trim()
-                .parse()
-                .map_err(|_| invalid("PARLEY_TRUSTED_PROXY_HOPS", "must be a whole number of proxies"))?;
-        }
-        if let Some(v) = get("PARLEY_AGENT_DRAIN_SECS") {
-            self.agent.drain_secs = v
-                .trim()
-                .parse()
-                .map_err(|_| invalid("PARLEY_AGENT_DRAIN_SECS", "must be a whole number of seconds"))?;
-        }
-        if let Some(v) = get("PARLEY_LOG") {
-            self.telemetry.log_filter = v;
-        }
-        if let Some(v) = get("PARLEY_LOG_FORMAT") {
-            self.telemetry.log_format = match v.as_str() {
-                "json" => LogFormat::Json,
-                "pretty" => LogFormat::Pretty,
-                other => {
-                    return Err(invalid("PARLEY_LOG_FORMAT", format!("expected json or pretty, got {other:?}")));
-                }
-            };
-        }
-        if let Some(v) = get("OTEL_EXPORTER_OTLP_ENDPOINT") {
-            self.telemetry.otlp_endpoint = Some(v);
-        }
-        if let Some(v) = get("OTEL_SERVICE_NAME") {
-            self.telemetry.service_name = Some(v);
+        for variable in ENVIRONMENT {
+            let value = lookup(variable.name).filter(|value| !value.trim().is_empty());
+            if let (Some(set), Some(value)) = (variable.set, value) {
+                set(self, value)?;
+            }
         }
         Ok(())
     }
@@ -1230,7 +1259,7 @@ mod tests {
     #[test]
     fn the_readme_documents_every_environment_variable() {
         let readme = include_str!("../../../README.md");
-        for (name, _) in ENVIRONMENT_VARIABLES {
+        for name in ENVIRONMENT.iter().map(|variable| variable.name) {
             assert!(readme.contains(&format!("`{name}`")), "README.md does not document {name}");
         }
     }
