@@ -2,7 +2,8 @@
 //!
 //! A send hands its job to the relay as soon as the job is committed ([`JobQueue::publish`]), and the
 //! relay publishes it at once, without reading it back; its row is then marked published, together
-//! with the rows of the other jobs published meanwhile. The outbox is the safety net: a sweep
+//! with the rows of the other jobs published within `MARK_LINGER` (one statement and one commit for
+//! them all, not one per send at a trickle). The outbox is the safety net: a sweep
 //! publishes every row left unpublished for longer than [`SWEEP_GRACE`] (its send's replica died,
 //! NATS was down, the queue to the relay was full).
 //!
@@ -31,6 +32,9 @@ const SWEEP_GRACE: Duration = Duration::from_secs(2);
 /// Committed jobs waiting for the relay; past this, they wait for the sweep instead.
 const QUEUE: usize = 4096;
 const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// How long published jobs wait to be marked together: at a trickle of sends each mark would be a
+/// statement and a commit of its own (well inside `SWEEP_GRACE`, so the sweep does not take them).
+const MARK_LINGER: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Where a send hands the job it just committed.
@@ -72,6 +76,9 @@ impl OutboxRelay {
         let mut next_sweep = tokio::time::Instant::now();
         let mut last_purge = tokio::time::Instant::now();
         let mut committed = Vec::with_capacity(BATCH);
+        // Published, not yet marked; marked together once the first has waited MARK_LINGER.
+        let mut unmarked: Vec<Uuid> = Vec::new();
+        let mut mark_at = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -80,11 +87,22 @@ impl OutboxRelay {
                         break;
                     }
                     if stream_ready {
-                        self.publish_committed(std::mem::take(&mut committed)).await;
+                        let published = self.publish_committed(std::mem::take(&mut committed)).await;
+                        if unmarked.is_empty() {
+                            mark_at = tokio::time::Instant::now() + MARK_LINGER;
+                        }
+                        unmarked.extend(published);
+                        if unmarked.len() >= BATCH {
+                            self.mark(&mut unmarked).await;
+                        }
                     } else {
                         // The sweep publishes them once the stream is there.
                         committed.clear();
                     }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(mark_at), if !unmarked.is_empty() => {
+                    self.mark(&mut unmarked).await;
                     continue;
                 }
                 _ = tokio::time::sleep_until(next_sweep) => {}
@@ -119,12 +137,25 @@ impl OutboxRelay {
                 }
             }
         }
+        self.mark(&mut unmarked).await;
         tracing::debug!("outbox relay stopped");
     }
 
-    /// Publishes jobs just committed, then marks those JetStream took as published, in one statement.
-    /// A job that fails here stays unpublished for the sweep.
-    async fn publish_committed(&self, jobs: Vec<QueuedJob>) {
+    /// Marks published jobs as such, in one statement.
+    async fn mark(&self, published: &mut Vec<Uuid>) {
+        if published.is_empty() {
+            return;
+        }
+        if let Err(error) = Storage::mark_jobs_published(&self.pool, published).await {
+            // JetStream drops the sweep's second publish of these as duplicates.
+            tracing::warn!(%error, "could not mark published jobs; the sweep publishes them again");
+        }
+        published.clear();
+    }
+
+    /// Publishes jobs just committed; the ids of those JetStream took, to be marked published. A job
+    /// that fails here stays unpublished for the sweep.
+    async fn publish_committed(&self, jobs: Vec<QueuedJob>) -> Vec<Uuid> {
         let mut acks = Vec::with_capacity(jobs.len());
         for queued in &jobs {
             let payload = match serde_json::to_vec(&queued.job) {
@@ -153,14 +184,8 @@ impl OutboxRelay {
                 }
             }
         }
-        if published.is_empty() {
-            return;
-        }
         metrics::counter!(crate::metrics::OUTBOX_PUBLISHED).increment(published.len() as u64);
-        if let Err(error) = Storage::mark_jobs_published(&self.pool, &published).await {
-            // JetStream drops the sweep's second publish of these as duplicates.
-            tracing::warn!(%error, "could not mark published jobs; the sweep publishes them again");
-        }
+        published
     }
 
     /// Publishes one batch of rows left unpublished past the grace period; the number published.
