@@ -63,6 +63,19 @@ fn usage_event(job: &AiJob, model: &str, outcome: &str, charged_tokens: i64) -> 
     }
 }
 
+/// The usage event of a call a job made besides its reply (a summary, an abandoned attempt): dated and
+/// identified by `event_id` (derived, so reporting it again counts once), charged `charged_tokens`
+/// outside the job's reservation, which belongs to the reply.
+fn side_call_event(job: &AiJob, event_id: Uuid, model: &str, outcome: &str, charged_tokens: i64) -> UsageEvent {
+    UsageEvent {
+        event_id,
+        message_id: event_id,
+        occurred_at_ms: dated_by(event_id),
+        settlement: Some(Settlement { reservation_id: None, tokens: charged_tokens }),
+        ..usage_event(job, model, outcome, charged_tokens)
+    }
+}
+
 /// The id of an event derived from `id` (a UUIDv7): the same time, other random bits (`id`'s XORed
 /// with `tag`), so it is dated like `id`, differs from it and from other tags' events, and is the same
 /// every time it is made (idempotent).
@@ -266,16 +279,12 @@ impl Agent {
             (answer.completion.input_tokens.max(0), answer.completion.output_tokens.max(0));
         let charged = input_tokens + output_tokens;
         let event = UsageEvent {
-            event_id,
-            message_id: event_id,
             provider: answer.provider.clone(),
             provider_model: answer.provider_model.clone(),
             input_tokens,
             output_tokens,
             latency_ms: answer.elapsed.as_millis() as i64,
-            occurred_at_ms: dated_by(event_id),
-            settlement: Some(Settlement { reservation_id: None, tokens: charged }),
-            ..usage_event(job, &summary.model, "summary", charged)
+            ..side_call_event(job, event_id, &summary.model, "summary", charged)
         };
         self.publish_usage(&event).await
     }
@@ -298,13 +307,9 @@ impl Agent {
         let event_id = derived_event_id(job.message_id, tag);
         let charged = consumed.input_tokens + consumed.output_tokens;
         let event = UsageEvent {
-            event_id,
-            message_id: event_id,
             input_tokens: consumed.input_tokens,
             output_tokens: consumed.output_tokens,
-            occurred_at_ms: dated_by(event_id),
-            settlement: Some(Settlement { reservation_id: None, tokens: charged }),
-            ..usage_event(job, &job.model, "failed", charged)
+            ..side_call_event(job, event_id, &job.model, "failed", charged)
         };
         self.publish_usage(&event).await
     }
