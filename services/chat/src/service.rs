@@ -360,15 +360,14 @@ impl pb::chat_service_server::ChatService for ChatService {
         let request = request.into_inner();
         let id = Uuid::parse_str(&request.message_id)
             .map_err(|_| ChatError::from(ServiceError::invalid_field("message_id", "must be a UUID")))?;
-        let context = self.storage.job_context(id).await.map_err(ChatError::from)?;
-        let (message, conversation) = context.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
         let limit = match request.history_limit {
             0 => self.config.chat.history_limit,
             limit => limit,
         };
+        let context = self.storage.job_context(id, i64::from(limit)).await.map_err(ChatError::from)?;
+        let crate::storage::JobContext { message, conversation, history } =
+            context.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
         let summary = conversation.summary;
-        let after = summary.as_ref().map(|(_, position)| *position);
-        let history = self.storage.history_before(&message, after, i64::from(limit)).await.map_err(ChatError::from)?;
         let message_conversation = message.conversation_id;
         let model = message.model.clone().unwrap_or_else(|| conversation.model.clone());
         Ok(Response::new(pb::JobContext {

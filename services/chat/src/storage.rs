@@ -540,60 +540,61 @@ impl Storage {
         Ok(rows)
     }
 
-    /// The finished messages before `message`, newest `limit` of them, returned oldest first.
-    /// The finished messages before `message` and after `after` (the end of the running summary).
-    pub async fn history_before(
-        &self,
-        message: &MessageRow,
-        after: Option<Position>,
-        limit: i64,
-    ) -> Result<Vec<MessageRow>, sqlx::Error> {
-        let mut rows: Vec<MessageRow> = sqlx::query_as(sql(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM chat.all_messages
-             WHERE conversation_id = $1 AND (created_at, id) < ($2, $3) AND status = 'completed'
-               AND ($5::timestamptz IS NULL OR (created_at, id) > ($5, $6))
-             ORDER BY created_at DESC, id DESC LIMIT $4"
-        )))
-        .bind(message.conversation_id)
-        .bind(message.created_at)
-        .bind(message.id)
-        .bind(limit)
-        .bind(after.map(|position| position.at))
-        .bind(after.map(|position| position.id))
-        .fetch_all(self.pool())
-        .await?;
-        rows.reverse();
-        self.reveal_messages(&mut rows).await?;
-        Ok(rows)
-    }
-
-    /// What a job needs, in one read of the primary: its reply message, and of the conversation the
-    /// model, the system prompt and the running summary with the position it covers.
-    pub async fn job_context(&self, message_id: Uuid) -> Result<Option<(MessageRow, JobConversation)>, sqlx::Error> {
-        let message_columns = MESSAGE_COLUMNS.split(", ").map(|column| format!("m.{column}")).collect::<Vec<_>>();
-        let row: Option<JobContextRow> = sqlx::query_as(sql(format!(
-            "SELECT {}, c.model AS conversation_model, c.system_prompt, c.summary, c.summary_until_at,
-                    c.summary_until_id
-             FROM chat.all_messages m JOIN chat.conversations c ON c.id = m.conversation_id AND c.user_id = m.user_id
-             WHERE m.id = $1",
-            message_columns.join(", ")
+    /// What a job needs, in one statement on the primary: its reply message; of the conversation the
+    /// model, the system prompt and the running summary with the position it covers; and the newest
+    /// `history_limit` completed messages before the reply and after the summary, oldest first.
+    pub async fn job_context(&self, message_id: Uuid, history_limit: i64) -> Result<Option<JobContext>, sqlx::Error> {
+        let prefixed = |table: &str| {
+            MESSAGE_COLUMNS.split(", ").map(|column| format!("{table}.{column}")).collect::<Vec<_>>().join(", ")
+        };
+        let rows: Vec<JobContextRow> = sqlx::query_as(sql(format!(
+            "WITH target AS (
+                 SELECT {target}, c.model AS conversation_model, c.system_prompt, c.summary, c.summary_until_at,
+                        c.summary_until_id
+                 FROM chat.all_messages m
+                 JOIN chat.conversations c ON c.id = m.conversation_id AND c.user_id = m.user_id
+                 WHERE m.id = $1
+             )
+             SELECT t.*, false AS in_history FROM target t
+             UNION ALL
+             SELECT {history}, NULL, NULL, NULL, NULL, NULL, true
+             FROM target t CROSS JOIN LATERAL (
+                 SELECT {MESSAGE_COLUMNS} FROM chat.all_messages h
+                 WHERE h.conversation_id = t.conversation_id AND (h.created_at, h.id) < (t.created_at, t.id)
+                   AND h.status = 'completed'
+                   AND (t.summary_until_at IS NULL OR (h.created_at, h.id) > (t.summary_until_at, t.summary_until_id))
+                 ORDER BY h.created_at DESC, h.id DESC LIMIT $2
+             ) h",
+            target = prefixed("m"),
+            history = prefixed("h"),
         )))
         .bind(message_id)
-        .fetch_optional(self.pool())
+        .bind(history_limit)
+        .fetch_all(self.pool())
         .await?;
-        let Some(mut row) = row else {
+        let (mut history, mut target): (Vec<_>, Vec<_>) = rows.into_iter().partition(|row| row.in_history);
+        let Some(row) = target.pop() else {
             return Ok(None);
         };
-        self.reveal_messages(std::slice::from_mut(&mut row.message)).await?;
+        history.sort_by_key(|row| (row.message.created_at, row.message.id));
+        let mut messages: Vec<MessageRow> =
+            std::iter::once(row.message).chain(history.into_iter().map(|row| row.message)).collect();
+        self.reveal_messages(&mut messages).await?;
+        let mut messages = messages.into_iter();
+        let message = messages.next().ok_or(sqlx::Error::RowNotFound)?;
         let summary = match (row.summary, row.summary_until_at, row.summary_until_id) {
             (Some(summary), Some(at), Some(id)) => {
-                let key = self.data_key(row.message.conversation_id).await?.ok_or(sqlx::Error::RowNotFound)?;
+                let key = self.data_key(message.conversation_id).await?.ok_or(sqlx::Error::RowNotFound)?;
                 Some((key.open_text(Field::Summary, &summary).map_err(sealing_error)?, Position { at, id }))
             }
             _ => None,
         };
-        let conversation = JobConversation { model: row.conversation_model, system_prompt: row.system_prompt, summary };
-        Ok(Some((row.message, conversation)))
+        let conversation = JobConversation {
+            model: row.conversation_model.unwrap_or_default(),
+            system_prompt: row.system_prompt,
+            summary,
+        };
+        Ok(Some(JobContext { message, conversation, history: messages.collect() }))
     }
 
     /// Replaces the running summary if the new one covers more; false when it does not.
@@ -766,11 +767,21 @@ impl Storage {
 struct JobContextRow {
     #[sqlx(flatten)]
     message: MessageRow,
-    conversation_model: String,
+    /// Set on the reply's row; NULL on the history's.
+    conversation_model: Option<String>,
     system_prompt: Option<String>,
     summary: Option<String>,
     summary_until_at: Option<OffsetDateTime>,
     summary_until_id: Option<Uuid>,
+    in_history: bool,
+}
+
+/// What a job needs from chat: its reply message, the conversation, and the history to answer from.
+pub struct JobContext {
+    pub message: MessageRow,
+    pub conversation: JobConversation,
+    /// Oldest first.
+    pub history: Vec<MessageRow>,
 }
 
 /// A conversation as a job sees it.

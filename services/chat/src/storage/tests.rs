@@ -119,18 +119,24 @@ async fn a_repeated_idempotency_key_returns_the_first_exchange_and_queues_nothin
 }
 
 #[tokio::test]
-async fn a_reply_is_completed_once_and_its_job_context_reads_in_one_join() {
+async fn a_reply_is_completed_once_and_its_job_context_reads_in_one_statement() {
     let db = Fixture::create().await;
     let user = Uuid::now_v7();
     let conversation = db.storage.create_conversation(user, None, "model-a", Some("be brief")).await.unwrap();
     let sent = db.storage.send(exchange(user, conversation.id, "question")).await.unwrap().unwrap();
     let reply = sent.assistant_message.id;
 
-    let (message, context) = db.storage.job_context(reply).await.unwrap().unwrap();
-    assert_eq!((message.id, message.status), (reply, MessageStatus::Pending));
-    assert_eq!((context.model.as_str(), context.system_prompt.as_deref()), ("model-a", Some("be brief")));
-    assert!(context.summary.is_none());
-    assert!(db.storage.job_context(Uuid::now_v7()).await.unwrap().is_none());
+    let context = db.storage.job_context(reply, 10).await.unwrap().unwrap();
+    assert_eq!((context.message.id, context.message.status), (reply, MessageStatus::Pending));
+    let conversation_read = &context.conversation;
+    assert_eq!(
+        (conversation_read.model.as_str(), conversation_read.system_prompt.as_deref()),
+        ("model-a", Some("be brief"))
+    );
+    assert!(conversation_read.summary.is_none());
+    let history: Vec<&str> = context.history.iter().map(|message| message.content.as_str()).collect();
+    assert_eq!(history, ["question"]);
+    assert!(db.storage.job_context(Uuid::now_v7(), 10).await.unwrap().is_none());
 
     let (done, changed) =
         db.storage.complete_message(reply, Some(conversation.id), "answer", "model-a", 5, 7).await.unwrap().unwrap();
@@ -142,6 +148,20 @@ async fn a_reply_is_completed_once_and_its_job_context_reads_in_one_join() {
     let (failed, changed) = db.storage.fail_message(reply, None, "x", "y", None).await.unwrap().unwrap();
     assert!(!changed && failed.status == MessageStatus::Completed);
     assert!(db.storage.complete_message(Uuid::now_v7(), None, "a", "m", 1, 1).await.unwrap().is_none());
+
+    // The next reply's history: the finished messages before it, oldest first, within the limit and
+    // after the running summary; the pending reply itself and later messages are not in it.
+    let second = db.storage.send(exchange(user, conversation.id, "follow-up")).await.unwrap().unwrap();
+    db.storage.send(exchange(user, conversation.id, "later")).await.unwrap().unwrap();
+    let contents = |context: &JobContext| context.history.iter().map(|m| m.content.clone()).collect::<Vec<_>>();
+    let context = db.storage.job_context(second.assistant_message.id, 10).await.unwrap().unwrap();
+    assert_eq!(contents(&context), ["question", "answer", "follow-up"]);
+    let context = db.storage.job_context(second.assistant_message.id, 2).await.unwrap().unwrap();
+    assert_eq!(contents(&context), ["answer", "follow-up"]);
+    assert!(db.storage.update_summary(conversation.id, "asked a question", sent.user_message.id).await.unwrap());
+    let context = db.storage.job_context(second.assistant_message.id, 10).await.unwrap().unwrap();
+    assert_eq!(contents(&context), ["answer", "follow-up"]);
+    assert_eq!(context.conversation.summary.map(|(text, _)| text).as_deref(), Some("asked a question"));
 }
 
 #[tokio::test]
@@ -174,8 +194,8 @@ async fn what_users_write_is_sealed_at_rest_and_read_back_plain() {
     let listed = db.storage.list_messages(ReadFloor::Primary, conversation.id, None, 10).await.unwrap();
     let contents: Vec<&str> = listed.iter().map(|message| message.content.as_str()).collect();
     assert_eq!(contents, ["my private question", "a private answer"]);
-    let (_, context) = db.storage.job_context(reply).await.unwrap().unwrap();
-    assert_eq!(context.summary.unwrap().0, "the private gist");
+    let context = db.storage.job_context(reply, 10).await.unwrap().unwrap();
+    assert_eq!(context.conversation.summary.unwrap().0, "the private gist");
 
     // A conversation written before content was sealed (no data key, plain rows): read as it is,
     // sealed from its next write on.
