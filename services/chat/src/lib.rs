@@ -7,6 +7,7 @@
 
 pub mod metrics;
 pub mod relay;
+mod search;
 mod service;
 mod storage;
 

@@ -353,6 +353,56 @@ impl pb::chat_service_server::ChatService for ChatService {
         Ok(Response::new(pb::ListMessagesResponse { messages, next_cursor }))
     }
 
+    async fn search(&self, request: Request<pb::SearchRequest>) -> Result<Response<pb::SearchResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let floor = self.storage.floor(user_id).await;
+        let after = self
+            .cursors
+            .read_ranked(CursorKind::Search, request.cursor.as_deref())?
+            .map(|(rank, id)| crate::storage::SearchPosition { rank, id });
+        let limit = page_size(request.limit);
+        let hits = self
+            .storage
+            .search(floor, user_id, &request.query, after, i64::from(limit) + 1)
+            .await
+            .map_err(ChatError::from)?;
+        let Some(mut hits) = hits else {
+            let error = ServiceError::invalid_field("q", "has no words to search for (letters or digits)");
+            return Err(ChatError::from(error).into());
+        };
+        let mut next_cursor = None;
+        if hits.len() > limit as usize {
+            hits.truncate(limit as usize);
+            next_cursor = hits
+                .last()
+                .map(|hit| self.cursors.encode_ranked(CursorKind::Search, hit.position.rank, hit.position.id));
+        }
+        let hits = hits
+            .into_iter()
+            .map(|hit| {
+                let (role, message_id) = match hit.message {
+                    Some((role, _)) => (Some(role), Some(hit.position.id.to_string())),
+                    None => (None, None),
+                };
+                pb::SearchHit {
+                    conversation_id: hit.conversation_id.to_string(),
+                    conversation_title: hit.title,
+                    message_id,
+                    role,
+                    created_at: Some(timestamps::to_proto(hit.created_at)),
+                    rank: hit.position.rank,
+                    snippet: hit
+                        .snippet
+                        .into_iter()
+                        .map(|part| pb::SnippetPart { text: part.text, highlight: part.highlight })
+                        .collect(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::SearchResponse { hits, next_cursor }))
+    }
+
     async fn get_job_context(
         &self,
         request: Request<pb::GetJobContextRequest>,

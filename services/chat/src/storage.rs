@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use parley_platform::envelope::{DataKey, EnvelopeError, Field, Keyring};
+use parley_platform::envelope::{DataKey, EnvelopeError, Field, Keyring, SearchKey};
 use parley_platform::events::{AiJob, CacheDirective};
 use parley_platform::message_status::MessageStatus;
 use parley_platform::replicas::{ReadFloor, WriteMarks};
@@ -119,6 +119,8 @@ const DATA_KEY_CACHE: usize = 10_000;
 struct DataKeys {
     keyring: Keyring,
     unwrapped: Mutex<HashMap<Uuid, Arc<DataKey>>>,
+    /// The users' search keys, unwrapped on first use.
+    search: Mutex<HashMap<Uuid, Arc<SearchKey>>>,
 }
 
 impl DataKeys {
@@ -157,7 +159,7 @@ fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
 
 impl Storage {
     pub fn new(marks: WriteMarks, keyring: Keyring) -> Self {
-        Self { marks, keys: Arc::new(DataKeys { keyring, unwrapped: Mutex::default() }) }
+        Self { marks, keys: Arc::new(DataKeys { keyring, unwrapped: Mutex::default(), search: Mutex::default() }) }
     }
 
     /// The data key of `conversation`, made and stored first for a conversation made before content
@@ -189,10 +191,57 @@ impl Storage {
         }
     }
 
-    /// Drops the unwrapped data keys, as a restart would.
+    /// Drops the unwrapped data and search keys, as a restart would.
     #[cfg(test)]
     pub(crate) fn forget_data_keys(&self) {
         self.keys.unwrapped.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+        self.keys.search.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+    }
+
+    /// The search key of `user`, made and stored on first use when `create`; `None` when the user has
+    /// none and `create` is false (someone who never wrote has nothing to find).
+    async fn search_key(&self, user: Uuid, create: bool) -> Result<Option<Arc<SearchKey>>, sqlx::Error> {
+        let cache = || self.keys.search.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(key) = cache().get(&user) {
+            return Ok(Some(key.clone()));
+        }
+        let stored: Option<(Vec<u8>,)> = sqlx::query_as("SELECT wrapped FROM chat.search_keys WHERE user_id = $1")
+            .bind(user)
+            .fetch_optional(self.pool())
+            .await?;
+        let wrapped = match stored {
+            Some((wrapped,)) => wrapped,
+            None if !create => return Ok(None),
+            None => {
+                let (_, wrapped) = self.keys.keyring.new_search_key(user).map_err(sealing_error)?;
+                // Two writers at once: the first key stored is the user's.
+                let (stored,): (Vec<u8>,) = sqlx::query_as(
+                    "INSERT INTO chat.search_keys (user_id, wrapped) VALUES ($1, $2)
+                     ON CONFLICT (user_id) DO UPDATE SET wrapped = chat.search_keys.wrapped RETURNING wrapped",
+                )
+                .bind(user)
+                .bind(&wrapped)
+                .fetch_one(self.pool())
+                .await?;
+                stored
+            }
+        };
+        let key = Arc::new(self.keys.keyring.unwrap_search_key(user, &wrapped).map_err(sealing_error)?);
+        let mut cache = cache();
+        if cache.len() >= DATA_KEY_CACHE {
+            cache.clear();
+        }
+        cache.insert(user, key.clone());
+        Ok(Some(key))
+    }
+
+    /// The blind index terms of what `user` wrote (`None`: no words to index).
+    async fn search_terms(&self, user: Uuid, text: &str) -> Result<Option<String>, sqlx::Error> {
+        if crate::search::words(text).next().is_none() {
+            return Ok(None);
+        }
+        let key = self.search_key(user, true).await?.ok_or(sqlx::Error::RowNotFound)?;
+        Ok(crate::search::index_terms(&key, text))
     }
 
     /// `text` sealed for `field` of `conversation` (`None`: no such conversation).
@@ -295,11 +344,20 @@ impl Storage {
     ) -> Result<ConversationRow, sqlx::Error> {
         let id = Uuid::now_v7();
         let (key, wrapped) = self.keys.keyring.new_data_key(id).map_err(sealing_error)?;
+        let terms = match title {
+            Some(title) => self.search_terms(user_id, title).await?,
+            None => None,
+        };
         let title = title.map(|title| key.seal_text(Field::Title, title)).transpose().map_err(sealing_error)?;
         self.keys.keep(id, key);
         let mut row = sqlx::query_as(sql(format!(
-            "INSERT INTO chat.conversations (id, user_id, title, model, system_prompt, data_key)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {CONVERSATION_COLUMNS}"
+            "WITH created AS (
+                 INSERT INTO chat.conversations (id, user_id, title, model, system_prompt, data_key)
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING {CONVERSATION_COLUMNS}),
+             indexed AS (
+                 INSERT INTO chat.search_terms (item_id, conversation_id, user_id, terms)
+                 SELECT id, id, user_id, $7::tsvector FROM created WHERE $7::tsvector IS NOT NULL)
+             SELECT {CONVERSATION_COLUMNS} FROM created"
         )))
         .bind(id)
         .bind(user_id)
@@ -307,6 +365,7 @@ impl Storage {
         .bind(model)
         .bind(system_prompt)
         .bind(wrapped)
+        .bind(terms)
         .fetch_one(self.pool())
         .await?;
         self.wrote(user_id).await;
@@ -363,19 +422,29 @@ impl Storage {
         expected_version: i64,
         changes: ConversationChanges<'_>,
     ) -> Result<UpdateOutcome, sqlx::Error> {
-        let title = match changes.title {
+        let (title, terms) = match changes.title {
             Some(title) => match self.seal(id, Field::Title, title).await? {
-                Some(sealed) => Some(sealed),
+                Some(sealed) => (Some(sealed), self.search_terms(user_id, title).await?),
                 None => return Ok(UpdateOutcome::NotFound),
             },
-            None => None,
+            None => (None, None),
         };
+        // A new title replaces the title's search terms (and removes them when it has no words).
         let updated: Option<ConversationRow> = sqlx::query_as(sql(format!(
-            "UPDATE chat.conversations
-             SET title = COALESCE($4, title), model = COALESCE($5, model),
-                 system_prompt = COALESCE($6, system_prompt), version = version + 1, updated_at = now()
-             WHERE id = $1 AND user_id = $2 AND version = $3
-             RETURNING {CONVERSATION_COLUMNS}"
+            "WITH updated AS (
+                 UPDATE chat.conversations
+                 SET title = COALESCE($4, title), model = COALESCE($5, model),
+                     system_prompt = COALESCE($6, system_prompt), version = version + 1, updated_at = now()
+                 WHERE id = $1 AND user_id = $2 AND version = $3
+                 RETURNING {CONVERSATION_COLUMNS}),
+             unindexed AS (
+                 DELETE FROM chat.search_terms
+                 WHERE item_id = (SELECT id FROM updated) AND $4::text IS NOT NULL AND $7::tsvector IS NULL),
+             indexed AS (
+                 INSERT INTO chat.search_terms (item_id, conversation_id, user_id, terms)
+                 SELECT id, id, user_id, $7::tsvector FROM updated WHERE $7::tsvector IS NOT NULL
+                 ON CONFLICT (item_id) DO UPDATE SET terms = EXCLUDED.terms)
+             SELECT {CONVERSATION_COLUMNS} FROM updated"
         )))
         .bind(id)
         .bind(user_id)
@@ -383,6 +452,7 @@ impl Storage {
         .bind(title)
         .bind(changes.model)
         .bind(changes.system_prompt)
+        .bind(terms)
         .fetch_optional(self.pool())
         .await?;
         if let Some(mut row) = updated {
@@ -437,7 +507,9 @@ impl Storage {
         let Some(content) = self.seal(exchange.conversation_id, Field::Content, exchange.content).await? else {
             return Ok(None);
         };
-        let Some(mut sent) = self.store_exchange(NewExchange { content: &content, ..exchange }).await? else {
+        let terms = self.search_terms(exchange.user_id, exchange.content).await?;
+        let sealed = NewExchange { content: &content, ..exchange };
+        let Some(mut sent) = self.store_exchange(sealed, terms.as_deref()).await? else {
             return Ok(None);
         };
         self.reveal_messages(std::slice::from_mut(&mut sent.user_message)).await?;
@@ -445,11 +517,15 @@ impl Storage {
         Ok(Some(sent))
     }
 
-    /// [`Storage::send`] with the content sealed.
-    async fn store_exchange(&self, exchange: NewExchange<'_>) -> Result<Option<SentExchange>, sqlx::Error> {
+    /// [`Storage::send`] with the content sealed and its search terms made.
+    async fn store_exchange(
+        &self,
+        exchange: NewExchange<'_>,
+        terms: Option<&str>,
+    ) -> Result<Option<SentExchange>, sqlx::Error> {
         let Some(key) = exchange.idempotency_key else {
             // One statement, so one round trip and one commit.
-            let sent = insert_exchange(self.pool(), &exchange).await?;
+            let sent = insert_exchange(self.pool(), &exchange, terms).await?;
             if sent.is_some() {
                 self.wrote(exchange.user_id).await;
             }
@@ -471,7 +547,7 @@ impl Storage {
             tx.commit().await?;
             return Ok(Some(previous));
         }
-        let Some(sent) = insert_exchange(&mut *tx, &exchange).await? else {
+        let Some(sent) = insert_exchange(&mut *tx, &exchange, terms).await? else {
             return Ok(None);
         };
         sqlx::query(
@@ -538,6 +614,91 @@ impl Storage {
         let mut rows: Vec<MessageRow> = self.page(floor, text, conversation_id, after, limit).await?;
         self.reveal_messages(&mut rows).await?;
         Ok(rows)
+    }
+
+    /// One page of `user_id`'s messages and conversation titles that hold every word of `query`, best
+    /// first (by `ts_rank`, then newest id), after `after`; with each hit's snippet. `None` when the
+    /// query has no words to search for.
+    pub async fn search(
+        &self,
+        floor: ReadFloor,
+        user_id: Uuid,
+        query: &str,
+        after: Option<SearchPosition>,
+        limit: i64,
+    ) -> Result<Option<Vec<SearchHit>>, sqlx::Error> {
+        if crate::search::words_of_query(query).next().is_none() {
+            return Ok(None);
+        }
+        let Some(key) = self.search_key(user_id, false).await? else {
+            return Ok(Some(Vec::new()));
+        };
+        let Some(query) = crate::search::Query::parse(&key, query) else {
+            return Ok(None);
+        };
+        let tsquery = query.tsquery.clone();
+        let rows: Vec<SearchRow> = self
+            .marks
+            .database()
+            .read(floor, |pool| {
+                let tsquery = tsquery.clone();
+                async move {
+                    sqlx::query_as(
+                        "WITH hits AS (
+                             SELECT s.item_id, s.conversation_id, ts_rank(s.terms, q, 1) AS rank
+                             FROM chat.search_terms s, CAST($2 AS tsquery) q
+                             WHERE s.terms @@ q AND s.user_id = $1)
+                         SELECT h.item_id, h.conversation_id, h.rank, c.title, c.data_key, m.role, m.content,
+                                COALESCE(m.created_at, c.created_at) AS created_at
+                         FROM hits h
+                         JOIN chat.conversations c ON c.id = h.conversation_id AND c.user_id = $1
+                         LEFT JOIN chat.all_messages m ON m.id = h.item_id AND h.item_id <> h.conversation_id
+                         WHERE $3::real IS NULL OR (h.rank, h.item_id) < ($3, $4)
+                         ORDER BY h.rank DESC, h.item_id DESC
+                         LIMIT $5",
+                    )
+                    .bind(user_id)
+                    .bind(tsquery)
+                    .bind(after.map(|position| position.rank))
+                    .bind(after.map(|position| position.id))
+                    .bind(limit)
+                    .fetch_all(&pool)
+                    .await
+                }
+            })
+            .await?;
+        let mut hits = Vec::with_capacity(rows.len());
+        for row in rows {
+            let data_key = match &row.data_key {
+                Some(wrapped) => Some(self.keys.open(row.conversation_id, wrapped)?),
+                None => None,
+            };
+            let open = |field: Field, text: &str| match &data_key {
+                Some(key) => key.open_text(field, text).map_err(sealing_error),
+                None => Ok(text.to_owned()),
+            };
+            let title = row.title.as_deref().map(|title| open(Field::Title, title)).transpose()?;
+            let message = match (row.role, row.content) {
+                (Some(role), Some(content)) if row.item_id != row.conversation_id => {
+                    Some((role, open(Field::Content, &content)?))
+                }
+                _ => None,
+            };
+            let matched = match &message {
+                Some((_, content)) => content.as_str(),
+                None => title.as_deref().unwrap_or_default(),
+            };
+            let snippet = crate::search::snippet(matched, &query.words);
+            hits.push(SearchHit {
+                position: SearchPosition { rank: row.rank, id: row.item_id },
+                conversation_id: row.conversation_id,
+                title,
+                message,
+                created_at: row.created_at,
+                snippet,
+            });
+        }
+        Ok(Some(hits))
     }
 
     /// What a job needs, in one statement on the primary: its reply message; of the conversation the
@@ -648,7 +809,33 @@ impl Storage {
         .bind(conversation)
         .fetch_optional(self.pool())
         .await?;
-        self.finished(id, updated).await
+        let finished = self.finished(id, updated).await?;
+        if let Some((reply, _)) = &finished
+            && reply.status == MessageStatus::Completed
+        {
+            self.index_reply(reply).await?;
+        }
+        Ok(finished)
+    }
+
+    /// Puts a completed reply's words in the search index; again (after a failure between the reply's
+    /// store and this) changes nothing.
+    async fn index_reply(&self, reply: &MessageRow) -> Result<(), sqlx::Error> {
+        let Some(terms) = self.search_terms(reply.user_id, &reply.content).await? else {
+            return Ok(());
+        };
+        sqlx::query(
+            "INSERT INTO chat.search_terms (item_id, conversation_id, user_id, terms)
+             SELECT $1, $2, $3, $4::tsvector WHERE EXISTS (SELECT 1 FROM chat.conversations WHERE id = $2)
+             ON CONFLICT (item_id) DO NOTHING",
+        )
+        .bind(reply.id)
+        .bind(reply.conversation_id)
+        .bind(reply.user_id)
+        .bind(terms)
+        .execute(self.pool())
+        .await?;
+        Ok(())
     }
 
     /// Marks a pending or streaming assistant message failed; a finished message stays as it is.
@@ -776,6 +963,35 @@ struct JobContextRow {
     in_history: bool,
 }
 
+/// Where a search result stands in its ranking: the cursor of the page after it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SearchPosition {
+    pub rank: f32,
+    pub id: Uuid,
+}
+
+/// One search result: a message (its role and opened content) or, without one, a conversation's title.
+pub struct SearchHit {
+    pub position: SearchPosition,
+    pub conversation_id: Uuid,
+    pub title: Option<String>,
+    pub message: Option<(String, String)>,
+    pub created_at: OffsetDateTime,
+    pub snippet: Vec<crate::search::Part>,
+}
+
+#[derive(sqlx::FromRow)]
+struct SearchRow {
+    item_id: Uuid,
+    conversation_id: Uuid,
+    rank: f32,
+    title: Option<String>,
+    data_key: Option<Vec<u8>>,
+    role: Option<String>,
+    content: Option<String>,
+    created_at: OffsetDateTime,
+}
+
 /// What a job needs from chat: its reply message, the conversation, and the history to answer from.
 pub struct JobContext {
     pub message: MessageRow,
@@ -899,6 +1115,7 @@ pub struct Generation {
 async fn insert_exchange<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     exchange: &NewExchange<'_>,
+    terms: Option<&str>,
 ) -> Result<Option<SentExchange>, sqlx::Error> {
     let (user_message_id, assistant_message_id) = (Uuid::now_v7(), Uuid::now_v7());
     let job = AiJob {
@@ -933,7 +1150,10 @@ async fn insert_exchange<'e>(
              RETURNING {MESSAGE_COLUMNS}),
          job AS (
              INSERT INTO chat.outbox (job_id, subject, payload, traceparent)
-             SELECT $7, $8, jsonb_set($9, '{{model}}', to_jsonb(reply.model)), $10 FROM reply)
+             SELECT $7, $8, jsonb_set($9, '{{model}}', to_jsonb(reply.model)), $10 FROM reply),
+         indexed AS (
+             INSERT INTO chat.search_terms (item_id, conversation_id, user_id, terms)
+             SELECT id, conversation_id, user_id, $11::tsvector FROM question WHERE $11::tsvector IS NOT NULL)
          SELECT {MESSAGE_COLUMNS} FROM question UNION ALL SELECT {MESSAGE_COLUMNS} FROM reply"
     )))
     .bind(exchange.conversation_id)
@@ -946,6 +1166,7 @@ async fn insert_exchange<'e>(
     .bind(exchange.jobs_subject)
     .bind(sqlx::types::Json(&job))
     .bind(exchange.traceparent.as_deref())
+    .bind(terms)
     .fetch_all(executor)
     .await?;
     let mut rows = rows.into_iter();
@@ -1003,10 +1224,67 @@ pub struct Sealed {
     pub keyed: u64,
     /// Texts (message contents, titles, summaries) written before content was sealed, sealed now.
     pub texts: u64,
+    /// Search keys wrapped by an older key-encryption key, wrapped again.
+    pub search_keys: u64,
+    /// Messages and titles written before search existed, put in the search index now.
+    pub indexed: u64,
 }
 
-/// A conversation as `seal_stored` reads it: id, wrapped data key, title, summary.
-type StoredConversation = (Uuid, Option<Vec<u8>>, Option<String>, Option<String>);
+/// A conversation as `seal_stored` reads it: id, owner, wrapped data key, title, summary.
+type StoredConversation = (Uuid, Uuid, Option<Vec<u8>>, Option<String>, Option<String>);
+
+/// Wraps the search keys of users who hold no conversation (which [`seal_stored`] reached through
+/// their conversations) with the current key.
+async fn rewrap_search_keys(pool: &PgPool, keyring: &Keyring, done: &mut Sealed) -> Result<(), sqlx::Error> {
+    let keys: Vec<(Uuid, Vec<u8>)> =
+        sqlx::query_as("SELECT user_id, wrapped FROM chat.search_keys").fetch_all(pool).await?;
+    for (user, wrapped) in keys {
+        if let Some(rewrapped) = keyring.rewrap_search_key(user, &wrapped).map_err(sealing_error)? {
+            sqlx::query("UPDATE chat.search_keys SET wrapped = $2 WHERE user_id = $1 AND wrapped = $3")
+                .bind(user)
+                .bind(rewrapped)
+                .bind(wrapped)
+                .execute(pool)
+                .await?;
+            done.search_keys += 1;
+        }
+    }
+    Ok(())
+}
+
+/// The search key of `user` in `seal_stored`'s transaction: rewrapped with the current key first when
+/// an older one wrapped it, made when the user has none.
+async fn stored_search_key(
+    tx: &mut Transaction<'static, Postgres>,
+    keyring: &Keyring,
+    user: Uuid,
+    done: &mut Sealed,
+) -> Result<SearchKey, sqlx::Error> {
+    let stored: Option<(Vec<u8>,)> =
+        sqlx::query_as("SELECT wrapped FROM chat.search_keys WHERE user_id = $1 FOR UPDATE")
+            .bind(user)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let wrapped = match stored {
+        Some((wrapped,)) => match keyring.rewrap_search_key(user, &wrapped).map_err(sealing_error)? {
+            Some(rewrapped) => {
+                done.search_keys += 1;
+                rewrapped
+            }
+            None => return keyring.unwrap_search_key(user, &wrapped).map_err(sealing_error),
+        },
+        None => keyring.new_search_key(user).map_err(sealing_error)?.1,
+    };
+    sqlx::query(
+        "INSERT INTO chat.search_keys (user_id, wrapped) VALUES ($1, $2)
+         ON CONFLICT (user_id) DO UPDATE SET wrapped = EXCLUDED.wrapped",
+    )
+    .bind(user)
+    .bind(&wrapped)
+    .execute(&mut **tx)
+    .await?;
+    keyring.unwrap_search_key(user, &wrapped).map_err(sealing_error)
+}
 
 /// Brings every conversation under the current key-encryption key, `batch` conversations per
 /// transaction: data keys wrapped by an older key are wrapped again (the texts they seal are not
@@ -1018,18 +1296,21 @@ pub async fn seal_stored(pool: &PgPool, keyring: &Keyring, batch: i64) -> Result
     loop {
         let mut tx = pool.begin().await?;
         let rows: Vec<StoredConversation> = sqlx::query_as(
-            "SELECT id, data_key, title, summary FROM chat.conversations WHERE id > $1 ORDER BY id LIMIT $2
-             FOR UPDATE",
+            "SELECT id, user_id, data_key, title, summary FROM chat.conversations WHERE id > $1 ORDER BY id
+             LIMIT $2 FOR UPDATE",
         )
         .bind(after)
         .bind(batch)
         .fetch_all(&mut *tx)
         .await?;
         let Some(last) = rows.last() else {
+            tx.commit().await?;
+            rewrap_search_keys(pool, keyring, &mut done).await?;
             return Ok(done);
         };
         after = last.0;
-        for (id, wrapped, title, summary) in rows {
+        let mut search_keys: HashMap<Uuid, SearchKey> = HashMap::new();
+        for (id, user, wrapped, title, summary) in rows {
             let (key, wrapped) = match wrapped {
                 Some(wrapped) => match keyring.rewrap(id, &wrapped).map_err(sealing_error)? {
                     Some(rewrapped) => {
@@ -1051,6 +1332,10 @@ pub async fn seal_stored(pool: &PgPool, keyring: &Keyring, batch: i64) -> Result
                     }
                     other => Ok(other),
                 }
+            };
+            let plain_title = match &title {
+                Some(title) => Some(key.open_text(Field::Title, title).map_err(sealing_error)?),
+                None => None,
             };
             let (title, summary) = (seal(Field::Title, title)?, seal(Field::Summary, summary)?);
             sqlx::query("UPDATE chat.conversations SET data_key = $2, title = $3, summary = $4 WHERE id = $1")
@@ -1078,6 +1363,52 @@ pub async fn seal_stored(pool: &PgPool, keyring: &Keyring, batch: i64) -> Result
                         .await?;
                     done.texts += 1;
                 }
+            }
+            // What was written before search existed: the title and the finished messages with no terms.
+            let unindexed: Vec<(Uuid, String)> = sqlx::query_as(
+                "SELECT m.id, m.content FROM chat.all_messages m
+                 WHERE m.conversation_id = $1 AND m.status = 'completed' AND m.content <> ''
+                   AND NOT EXISTS (SELECT 1 FROM chat.search_terms s WHERE s.item_id = m.id)",
+            )
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let title_unindexed = match &plain_title {
+                Some(title) if !title.is_empty() => {
+                    let found: Option<(Uuid,)> =
+                        sqlx::query_as("SELECT item_id FROM chat.search_terms WHERE item_id = $1")
+                            .bind(id)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    found.is_none().then(|| (id, title.clone()))
+                }
+                _ => None,
+            };
+            let mut texts: Vec<(Uuid, String)> = title_unindexed.into_iter().collect();
+            for (message, content) in unindexed {
+                texts.push((message, key.open_text(Field::Content, &content).map_err(sealing_error)?));
+            }
+            let search_key = match search_keys.entry(user) {
+                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                std::collections::hash_map::Entry::Vacant(new) => {
+                    new.insert(stored_search_key(&mut tx, keyring, user, &mut done).await?)
+                }
+            };
+            for (item, text) in texts {
+                let Some(terms) = crate::search::index_terms(search_key, &text) else {
+                    continue;
+                };
+                sqlx::query(
+                    "INSERT INTO chat.search_terms (item_id, conversation_id, user_id, terms)
+                     VALUES ($1, $2, $3, $4::tsvector) ON CONFLICT (item_id) DO NOTHING",
+                )
+                .bind(item)
+                .bind(id)
+                .bind(user)
+                .bind(terms)
+                .execute(&mut *tx)
+                .await?;
+                done.indexed += 1;
             }
         }
         tx.commit().await?;

@@ -317,3 +317,44 @@ impl From<parley_proto::quota::v1::Budget> for BudgetView {
         }
     }
 }
+
+/// A piece of a search result's snippet.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SnippetPartView {
+    pub text: String,
+    /// True for the query's words.
+    pub highlight: bool,
+}
+
+/// A search result: a message, or a conversation whose title matched (`message_id` null).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SearchHitView {
+    pub conversation_id: String,
+    pub conversation_title: Option<String>,
+    pub message_id: Option<String>,
+    /// The message's role ("user" or "assistant"); null for a title.
+    pub role: Option<String>,
+    pub created_at: Option<String>,
+    /// Relevance: higher is better; results come best first.
+    pub rank: f32,
+    /// The matched text around its first match, in parts; the query's words have `highlight` true.
+    pub snippet: Vec<SnippetPartView>,
+}
+
+impl From<chat_pb::SearchHit> for SearchHitView {
+    fn from(hit: chat_pb::SearchHit) -> Self {
+        Self {
+            conversation_id: hit.conversation_id,
+            conversation_title: hit.conversation_title,
+            message_id: hit.message_id,
+            role: hit.role,
+            created_at: proto_to_rfc3339(hit.created_at.as_ref()),
+            rank: hit.rank,
+            snippet: hit
+                .snippet
+                .into_iter()
+                .map(|part| SnippetPartView { text: part.text, highlight: part.highlight })
+                .collect(),
+        }
+    }
+}

@@ -359,11 +359,14 @@ async fn admin(command: AdminCommand) -> anyhow::Result<()> {
             let keyring = parley_platform::envelope::Keyring::new(&config.chat.content_keys)?;
             let sealed = parley_chat::seal_stored(&pool, &keyring, batch).await.context("sealing content failed")?;
             println!(
-                "content keys: {} data keys wrapped again with {:?}, {} conversations given a data key, {} texts sealed",
+                "content keys: {} data keys and {} search keys wrapped again with {:?}, {} conversations given a data \
+                 key, {} texts sealed, {} texts put in the search index",
                 sealed.rewrapped,
+                sealed.search_keys,
                 keyring.current(),
                 sealed.keyed,
-                sealed.texts
+                sealed.texts,
+                sealed.indexed
             );
             return Ok(());
         }

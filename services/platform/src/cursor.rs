@@ -16,6 +16,8 @@ pub enum CursorKind {
     Messages = 2,
     ApiKeys = 3,
     Audit = 4,
+    /// Search results, whose position is a rank, not a time ([`CursorCodec::encode_ranked`]).
+    Search = 5,
 }
 
 /// Page sizes every list honours: the default when the client names none, and the most it may ask.
@@ -49,10 +51,35 @@ impl CursorCodec {
     }
 
     pub fn encode(&self, kind: CursorKind, position: Position) -> String {
+        self.encode_parts(kind, position.at.unix_timestamp_nanos(), position.id)
+    }
+
+    /// The cursor after a result of a ranked list (higher ranks first, then higher ids).
+    pub fn encode_ranked(&self, kind: CursorKind, rank: f32, id: Uuid) -> String {
+        self.encode_parts(kind, i128::from(rank.to_bits()), id)
+    }
+
+    /// The rank and id in a client's `cursor` for a ranked list, as [`CursorCodec::read`] does.
+    pub fn read_ranked(
+        &self,
+        kind: CursorKind,
+        cursor: Option<&str>,
+    ) -> Result<Option<(f32, Uuid)>, crate::ServiceError> {
+        match cursor.filter(|cursor| !cursor.is_empty()) {
+            None => Ok(None),
+            Some(cursor) => self
+                .decode_parts(kind, cursor)
+                .and_then(|(key, id)| Some((f32::from_bits(u32::try_from(key).ok()?), id)))
+                .map(Some)
+                .ok_or_else(|| crate::ServiceError::invalid_field("cursor", "is not a cursor this list issued")),
+        }
+    }
+
+    fn encode_parts(&self, kind: CursorKind, key: i128, id: Uuid) -> String {
         let mut bytes = Vec::with_capacity(PAYLOAD_LEN + 32);
         bytes.push(kind as u8);
-        bytes.extend_from_slice(&position.at.unix_timestamp_nanos().to_be_bytes());
-        bytes.extend_from_slice(position.id.as_bytes());
+        bytes.extend_from_slice(&key.to_be_bytes());
+        bytes.extend_from_slice(id.as_bytes());
         let tag = hmac::sign(&self.key, &bytes);
         bytes.extend_from_slice(tag.as_ref());
         URL_SAFE_NO_PAD.encode(bytes)
@@ -88,6 +115,11 @@ impl CursorCodec {
 
     /// The position in `cursor`, or `None` when it is malformed, forged or from another listing.
     pub fn decode(&self, kind: CursorKind, cursor: &str) -> Option<Position> {
+        let (nanos, id) = self.decode_parts(kind, cursor)?;
+        Some(Position { at: OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()?, id })
+    }
+
+    fn decode_parts(&self, kind: CursorKind, cursor: &str) -> Option<(i128, Uuid)> {
         let bytes = URL_SAFE_NO_PAD.decode(cursor).ok()?;
         if bytes.len() != PAYLOAD_LEN + 32 {
             return None;
@@ -97,10 +129,9 @@ impl CursorCodec {
         if payload[0] != kind as u8 {
             return None;
         }
-        let nanos = i128::from_be_bytes(payload[1..17].try_into().ok()?);
-        let at = OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()?;
+        let key = i128::from_be_bytes(payload[1..17].try_into().ok()?);
         let id = Uuid::from_slice(&payload[17..33]).ok()?;
-        Some(Position { at, id })
+        Some((key, id))
     }
 }
 
@@ -113,6 +144,16 @@ mod tests {
             at: OffsetDateTime::from_unix_timestamp_nanos(1_764_000_000_123_456_000).unwrap(),
             id: Uuid::now_v7(),
         }
+    }
+
+    #[test]
+    fn ranked_cursors_round_trip_and_stay_in_their_list() {
+        let codec = CursorCodec::new("a secret of sixteen+ chars");
+        let id = Uuid::now_v7();
+        let cursor = codec.encode_ranked(CursorKind::Search, 0.0607927, id);
+        assert_eq!(codec.read_ranked(CursorKind::Search, Some(&cursor)).unwrap(), Some((0.0607927, id)));
+        assert!(codec.read_ranked(CursorKind::Messages, Some(&cursor)).is_err());
+        assert!(codec.read(CursorKind::Search, Some(&codec.encode(CursorKind::Search, position()))).is_ok());
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! [`SEALED_PREFIX`], then base64 of a 12-byte nonce, the ciphertext and its tag. The associated data
 //! binds it to its conversation and its field, so a sealed text copied to another row or column does
 //! not open.
+//!
+//! Search works on sealed content through a blind index: each user has a search key (256 bits,
+//! wrapped like a data key, with the user's id and "search" as associated data), and a word is indexed
+//! and looked up as a keyed hash of it ([`SearchKey::blind`]), never as itself.
 
 use std::collections::HashMap;
 
@@ -147,15 +151,33 @@ impl Keyring {
     pub fn new_data_key(&self, conversation: Uuid) -> Result<(DataKey, Vec<u8>), EnvelopeError> {
         let mut bytes = [0u8; 32];
         SystemRandom::new().fill(&mut bytes).map_err(|_| EnvelopeError::Randomness)?;
-        let wrapped = self.wrap(conversation, &bytes)?;
+        let wrapped = self.wrap(conversation.as_bytes(), &bytes)?;
         Ok((DataKey { key: aead_key(&bytes)?, conversation }, wrapped))
     }
 
-    fn wrap(&self, conversation: Uuid, bytes: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+    /// A new search key for `user`, and its wrapped form to store.
+    pub fn new_search_key(&self, user: Uuid) -> Result<(SearchKey, Vec<u8>), EnvelopeError> {
+        let mut bytes = [0u8; 32];
+        SystemRandom::new().fill(&mut bytes).map_err(|_| EnvelopeError::Randomness)?;
+        let wrapped = self.wrap(&search_aad(user), &bytes)?;
+        Ok((SearchKey::new(&bytes), wrapped))
+    }
+
+    /// The search key of `user` from its wrapped form, whichever configured key wrapped it.
+    pub fn unwrap_search_key(&self, user: Uuid, wrapped: &[u8]) -> Result<SearchKey, EnvelopeError> {
+        Ok(SearchKey::new(&self.unwrap_bytes(&search_aad(user), wrapped)?))
+    }
+
+    /// A search key wrapped again with the current key; `None` when the current key wrapped it already.
+    pub fn rewrap_search_key(&self, user: Uuid, wrapped: &[u8]) -> Result<Option<Vec<u8>>, EnvelopeError> {
+        self.rewrap_bytes(&search_aad(user), wrapped)
+    }
+
+    fn wrap(&self, aad: &[u8], bytes: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
         let kek = &self.keys[&self.current];
         let mut wrapped = vec![self.current.len() as u8];
         wrapped.extend_from_slice(self.current.as_bytes());
-        wrapped.extend(seal(kek, conversation.as_bytes(), bytes)?);
+        wrapped.extend(seal(kek, aad, bytes)?);
         Ok(wrapped)
     }
 
@@ -170,24 +192,54 @@ impl Keyring {
         Ok((std::str::from_utf8(id).map_err(|_| EnvelopeError::Corrupt)?, sealed))
     }
 
-    fn unwrap_bytes(&self, conversation: Uuid, wrapped: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+    fn unwrap_bytes(&self, aad: &[u8], wrapped: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
         let (id, sealed) = Self::split(wrapped)?;
         let kek = self.keys.get(id).ok_or_else(|| EnvelopeError::UnknownKey(id.to_owned()))?;
-        open(kek, conversation.as_bytes(), sealed)
+        open(kek, aad, sealed)
+    }
+
+    fn rewrap_bytes(&self, aad: &[u8], wrapped: &[u8]) -> Result<Option<Vec<u8>>, EnvelopeError> {
+        if Self::split(wrapped)?.0 == self.current {
+            return Ok(None);
+        }
+        let bytes = self.unwrap_bytes(aad, wrapped)?;
+        Ok(Some(self.wrap(aad, &bytes)?))
     }
 
     /// The data key of `conversation` from its wrapped form, whichever configured key wrapped it.
     pub fn unwrap(&self, conversation: Uuid, wrapped: &[u8]) -> Result<DataKey, EnvelopeError> {
-        Ok(DataKey { key: aead_key(&self.unwrap_bytes(conversation, wrapped)?)?, conversation })
+        Ok(DataKey { key: aead_key(&self.unwrap_bytes(conversation.as_bytes(), wrapped)?)?, conversation })
     }
 
     /// `wrapped` wrapped again with the current key; `None` when the current key wrapped it already.
     pub fn rewrap(&self, conversation: Uuid, wrapped: &[u8]) -> Result<Option<Vec<u8>>, EnvelopeError> {
-        if Self::split(wrapped)?.0 == self.current {
-            return Ok(None);
-        }
-        let bytes = self.unwrap_bytes(conversation, wrapped)?;
-        Ok(Some(self.wrap(conversation, &bytes)?))
+        self.rewrap_bytes(conversation.as_bytes(), wrapped)
+    }
+}
+
+/// A search key's associated data: the user, and what the key is for (so that no data key could ever
+/// be unwrapped as one).
+fn search_aad(user: Uuid) -> Vec<u8> {
+    let mut aad = user.as_bytes().to_vec();
+    aad.extend_from_slice(b"search");
+    aad
+}
+
+/// One user's search key, unwrapped: it turns a word into the opaque term the index holds.
+pub struct SearchKey {
+    key: ring::hmac::Key,
+}
+
+impl SearchKey {
+    fn new(bytes: &[u8]) -> Self {
+        Self { key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bytes) }
+    }
+
+    /// The indexed form of `word` (already normalised): 64 bits of its keyed hash, in hex. Equal words
+    /// of one user give equal terms; nothing about the word can be read from it without the key.
+    pub fn blind(&self, word: &str) -> String {
+        let tag = ring::hmac::sign(&self.key, word.as_bytes());
+        hex::encode(&tag.as_ref()[..8])
     }
 }
 
@@ -269,6 +321,25 @@ mod tests {
         assert!(matches!(new_only.unwrap(conversation, &wrapped), Err(EnvelopeError::UnknownKey(_))));
         let key = new_only.unwrap(conversation, &rewrapped).unwrap();
         assert_eq!(key.open_text(Field::Summary, &sealed).unwrap(), "the gist");
+    }
+
+    #[test]
+    fn search_keys_blind_words_per_user_and_survive_rotation() {
+        let old = Keyring::new(OLD).unwrap();
+        let (ada, bob) = (Uuid::now_v7(), Uuid::now_v7());
+        let (key, wrapped) = old.new_search_key(ada).unwrap();
+        let (bobs, _) = old.new_search_key(bob).unwrap();
+        let term = key.blind("paris");
+        assert_eq!(term.len(), 16);
+        assert_eq!(key.blind("paris"), term, "equal words, equal terms");
+        assert_ne!(key.blind("london"), term);
+        assert_ne!(bobs.blind("paris"), term, "another user's key gives other terms");
+        assert!(old.unwrap(ada, &wrapped).is_err(), "a search key does not open as a data key");
+        assert!(old.unwrap_search_key(bob, &wrapped).is_err(), "nor as another user's");
+        let both = Keyring::new(&format!("{NEW},{OLD}")).unwrap();
+        let rewrapped = both.rewrap_search_key(ada, &wrapped).unwrap().expect("wrapped by the old key");
+        let reopened = Keyring::new(NEW).unwrap().unwrap_search_key(ada, &rewrapped).unwrap();
+        assert_eq!(reopened.blind("paris"), term, "rotation keeps the index valid");
     }
 
     #[test]

@@ -255,7 +255,8 @@ async fn rotating_the_content_key_rewraps_data_keys_and_seals_what_was_plain() {
     // The new key first, the old one kept, while the stored keys are brought over.
     let both = Keyring::new(&format!("{new},{old}")).unwrap();
     let done = seal_stored(db.pool(), &both, 1).await.unwrap();
-    assert_eq!(done, Sealed { rewrapped: 1, keyed: 1, texts: 2 });
+    // The user's search key is wrapped again too, and the title written behind the index's back is put in it.
+    assert_eq!(done, Sealed { rewrapped: 1, keyed: 1, texts: 2, search_keys: 1, indexed: 1 });
     assert_eq!(seal_stored(db.pool(), &both, 1).await.unwrap(), Sealed::default(), "a second run has nothing to do");
 
     // The old key gone: everything still reads, nothing is stored plain.
@@ -267,6 +268,11 @@ async fn rotating_the_content_key_rewraps_data_keys_and_seals_what_was_plain() {
         assert_eq!(read.title.as_deref(), Some(title));
         let messages = under_new.list_messages(ReadFloor::Primary, conversation, None, 10).await.unwrap();
         assert_eq!(messages[0].content, content);
+    }
+    // Search still finds everything by its words under the new key alone.
+    for (query, expected) in [("plain", 2), ("old", 2), ("title", 1)] {
+        let hits = under_new.search(ReadFloor::Primary, user, query, None, 10).await.unwrap().unwrap();
+        assert_eq!(hits.len(), expected, "{query}");
     }
     let (plain_texts,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM chat.messages WHERE content <> '' AND left(content, 5) <> $1")

@@ -7,7 +7,8 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes::{
-    anthropic, api_keys, audit, conversations, embeddings, export, identity, messages, openai, ops, streaming, usage,
+    anthropic, api_keys, audit, conversations, embeddings, export, identity, messages, openai, ops, search, streaming,
+    usage,
 };
 
 #[derive(OpenApi)]
@@ -20,6 +21,7 @@ use crate::routes::{
         api_keys::create, api_keys::list, api_keys::revoke,
         conversations::create, conversations::list, conversations::get, conversations::update, conversations::delete,
         messages::send, messages::list, messages::get, streaming::events, streaming::websocket,
+        search::search,
         usage::own, usage::admin, audit::list,
         openai::chat_completions, openai::models, embeddings::embeddings,
         anthropic::messages, anthropic::count_tokens,

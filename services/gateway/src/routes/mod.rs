@@ -11,6 +11,7 @@ pub mod identity;
 pub mod messages;
 pub mod openai;
 pub mod ops;
+pub mod search;
 pub mod streaming;
 pub mod usage;
 
@@ -46,6 +47,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/v1/conversations/{id}/messages", post(messages::send).get(messages::list))
         .route("/v1/messages/{id}", get(messages::get))
+        .route("/v1/search", get(search::search))
         .route("/v1/messages/{id}/events", get(streaming::events))
         .route("/v1/messages/{id}/ws", get(streaming::websocket))
         .route("/v1/chat/completions", post(openai::chat_completions))

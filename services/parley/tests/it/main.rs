@@ -28,6 +28,7 @@ mod reconciliation;
 mod redelivery;
 mod replicas;
 mod resilience;
+mod search;
 mod signing;
 mod streaming;
 mod tools;
