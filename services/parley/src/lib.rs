@@ -114,6 +114,32 @@ impl std::fmt::Display for Task {
 
 type Tasks = JoinSet<(Task, anyhow::Result<()>)>;
 
+/// Runs `work` as `task` of the platform: its result, or its panic as an error, comes back labelled
+/// with what it is.
+fn spawn_task(
+    tasks: &mut Tasks,
+    task: Task,
+    work: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) {
+    use futures::FutureExt;
+    tasks.spawn(async move {
+        let result = match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => Err(anyhow::anyhow!("panicked: {}", panic_message(panic.as_ref()))),
+        };
+        (task, result)
+    });
+}
+
+/// What a panic said, when it said it with a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// A service's server, until it stops.
 type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
 
@@ -179,9 +205,9 @@ impl Shared {
         let database = if services.iter().any(|service| service.uses_postgres()) {
             let database = Arc::new(Database::connect_lazy(&config.database).context("invalid database URL")?);
             let (monitored, stop) = (database.clone(), shutdown.child_token());
-            tasks.spawn(async move {
+            spawn_task(tasks, Task::DatabaseMonitor, async move {
                 monitored.monitor(stop).await;
-                (Task::DatabaseMonitor, Ok(()))
+                Ok(())
             });
             Some(database)
         } else {
@@ -298,17 +324,10 @@ impl Platform {
         let agent_listener = grpc_listeners.remove(&Service::Agent);
         for (service, listener) in grpc_listeners {
             let serving = serve_grpc(service, listener, &config, &shared, shutdown.child_token()).await?;
-            tasks.spawn(async move { (Task::Service(service), serving.await) });
+            spawn_task(&mut tasks, Task::Service(service), serving);
         }
         if let Some(providers) = shared.providers.clone() {
-            let nats = shared.nats()?;
-            let chat = ChatServiceClient::new(with_context(shared.channels.chat.clone()));
-            let quota = QuotaServiceClient::new(with_context(shared.channels.quota.clone()));
-            let (config, stop, redis) = (config.clone(), shutdown.child_token(), shared.redis.clone());
-            tasks.spawn(async move {
-                let run = parley_agent::run(config, providers, nats, redis, chat, quota, agent_listener, stop);
-                (Task::Service(Service::Agent), run.await)
-            });
+            start_agent(&config, providers, &shared, agent_listener, &mut tasks, &shutdown)?;
         }
         let http_addr = match services.contains(&Service::Gateway) {
             true => {
@@ -372,10 +391,28 @@ async fn start_fake_llm(
     let fake = parley_fake_llm::FakeLlm::from_config(&config.fake_llm);
     config.point_fake_providers_at(&format!("http://{addr}/v1"));
     let (server, stop) = (fake.clone(), shutdown.clone());
-    tasks.spawn(
-        async move { (Task::FakeLlm, parley_fake_llm::serve(server, listener, stop).await.map_err(Into::into)) },
-    );
+    spawn_task(tasks, Task::FakeLlm, async move {
+        parley_fake_llm::serve(server, listener, stop).await.map_err(Into::into)
+    });
     Ok((fake, addr))
+}
+
+/// Starts the agent: its job loop, and its completions served on `listener` beside it.
+fn start_agent(
+    config: &Arc<Config>,
+    providers: Arc<BTreeMap<String, parley_agent::ProviderHandle>>,
+    shared: &Shared,
+    listener: Option<TcpListener>,
+    tasks: &mut Tasks,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let nats = shared.nats()?;
+    let chat = ChatServiceClient::new(with_context(shared.channels.chat.clone()));
+    let quota = QuotaServiceClient::new(with_context(shared.channels.quota.clone()));
+    let (config, stop, redis) = (config.clone(), shutdown.child_token(), shared.redis.clone());
+    let run = parley_agent::run(config, providers, nats, redis, chat, quota, listener, stop);
+    spawn_task(tasks, Task::Service(Service::Agent), run);
+    Ok(())
 }
 
 /// Binds every gRPC listener first and tells the configuration where each service listens, so each
@@ -461,7 +498,7 @@ async fn start_gateway(
     };
     let state = parley_gateway::AppState::new(config.clone(), backends, shared.nats()?, readiness.clone());
     let stop = shutdown.child_token();
-    tasks.spawn(async move { (Task::Service(Service::Gateway), parley_gateway::serve(state, listener, stop).await) });
+    spawn_task(tasks, Task::Service(Service::Gateway), parley_gateway::serve(state, listener, stop));
     Ok(addr)
 }
 
@@ -478,9 +515,8 @@ async fn start_admin_server(
     let addr = listener.local_addr()?;
     let router = health::admin_router(readiness.clone());
     let stop = shutdown.child_token();
-    tasks.spawn(async move {
-        let result = parley_platform::net::serve_http(listener, router, stop.cancelled_owned()).await;
-        (Task::AdminServer, result.map_err(Into::into))
+    spawn_task(tasks, Task::AdminServer, async move {
+        parley_platform::net::serve_http(listener, router, stop.cancelled_owned()).await.map_err(Into::into)
     });
     Ok(addr)
 }
@@ -489,7 +525,8 @@ fn task_error(joined: Result<(Task, anyhow::Result<()>), tokio::task::JoinError>
     match joined {
         Ok((_, Ok(()))) => None,
         Ok((task, Err(error))) => Some(error.context(format!("{task} failed"))),
-        Err(error) => Some(anyhow::Error::from(error).context("a task of the platform panicked")),
+        // Every task catches its own panic (spawn_task); this is a task aborted from outside.
+        Err(error) => Some(anyhow::Error::from(error).context("a task of the platform was cancelled")),
     }
 }
 
@@ -505,5 +542,13 @@ mod tests {
         assert_eq!(failed(Task::AdminServer).as_deref(), Some("the admin server failed"));
         assert_eq!(failed(Task::Service(Service::Gateway)).as_deref(), Some("the api-gateway service failed"));
         assert!(task_error(Ok((Task::Service(Service::Chat), Ok(())))).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_is_named_too() {
+        let mut tasks = Tasks::new();
+        spawn_task(&mut tasks, Task::DatabaseMonitor, async { panic!("lost the plot") });
+        let error = task_error(tasks.join_next().await.unwrap()).unwrap();
+        assert_eq!(format!("{error:#}"), "the database monitor failed: panicked: lost the plot");
     }
 }

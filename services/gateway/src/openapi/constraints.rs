@@ -7,7 +7,7 @@
 use parley_platform::Config;
 use parley_platform::limits::{
     MAX_API_KEY_NAME_CHARS, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, MAX_IDEMPOTENCY_KEY_CHARS, MAX_PASSWORD_CHARS,
-    MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS, MIN_PASSWORD_CHARS,
+    MAX_SEARCH_QUERY_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS, MIN_PASSWORD_CHARS,
 };
 use parley_platform::sampling::{MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOOLS, MAX_USER_CHARS};
 use serde_json::{Value, json};
@@ -119,6 +119,14 @@ pub fn apply(document: &mut Value, config: &Config) {
         ("/v1/admin/audit", "get", "account", json!({"type": "string", "pattern": NO_NUL})),
         ("/v1/admin/audit", "get", "event", json!({"type": "string", "pattern": NO_NUL})),
         ("/v1/conversations", "get", "limit", or_empty(json!({"type": "integer", "minimum": 1, "maximum": 100}))),
+        // At least one word: a letter or a digit somewhere.
+        (
+            "/v1/search",
+            "get",
+            "q",
+            json!({"type": "string", "minLength": 1, "maxLength": MAX_SEARCH_QUERY_CHARS, "pattern": "^[^\\x00]*[^\\W_][^\\x00]*$"}),
+        ),
+        ("/v1/search", "get", "limit", or_empty(json!({"type": "integer", "minimum": 1, "maximum": 100}))),
         (
             "/v1/conversations/{id}/messages",
             "get",

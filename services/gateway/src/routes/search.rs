@@ -3,6 +3,7 @@
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use parley_platform::limits::MAX_SEARCH_QUERY_CHARS;
 use parley_proto::chat::v1 as pb;
 
 use super::{page_limit, query_rejection};
@@ -11,14 +12,11 @@ use crate::auth::Caller;
 use crate::problem::{ApiError, ApiResult, Problem};
 use crate::views::{Page, SearchHitView};
 
-/// Longest query accepted, in characters.
-pub const MAX_QUERY_CHARS: usize = 500;
-
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct SearchQuery {
     /// The words to find (all of them, whole words, any case), 1 to 500 characters.
-    #[param(min_length = 1, max_length = 500)]
+    #[param(required = true, min_length = 1, max_length = 500)]
     pub q: Option<String>,
     /// Page size, 1 to 100 (default 20).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
@@ -44,8 +42,8 @@ pub async fn search(
     if text.trim().is_empty() {
         return Err(ApiError::invalid_field("q", "is required: the words to search for"));
     }
-    if text.chars().count() > MAX_QUERY_CHARS {
-        return Err(ApiError::invalid_field("q", format!("must be at most {MAX_QUERY_CHARS} characters")));
+    if text.chars().count() > MAX_SEARCH_QUERY_CHARS {
+        return Err(ApiError::invalid_field("q", format!("must be at most {MAX_SEARCH_QUERY_CHARS} characters")));
     }
     let request = pb::SearchRequest {
         user_id: caller.user_id.to_string(),
