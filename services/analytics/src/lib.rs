@@ -4,6 +4,7 @@
 //!
 //! It must never lose an acknowledged event: a message is acknowledged only after its row is stored.
 
+mod feedback;
 mod ingest;
 pub mod metrics;
 mod retention;
@@ -70,7 +71,10 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let ingest_task = tokio::spawn(ingester.run(shutdown.clone()));
-    let routes = tonic::service::Routes::new(AnalyticsServiceServer::new(AnalyticsService::new(database)));
+    let routes = tonic::service::Routes::new(AnalyticsServiceServer::new(AnalyticsService::new(
+        database,
+        &config.chat.cursor_secret,
+    )));
     let served = parley_platform::grpc::serve("analytics", listener, routes, &[HEALTH_NAME], shutdown.clone()).await;
     shutdown.cancel();
     ingest_task.await?;

@@ -8,4 +8,6 @@ parley_platform::declare_metrics! {
         "Cost of stored usage in millionths of a US dollar, by model.";
     counter COST_ALERTS = "parley_analytics_cost_alerts_total" in Count:
         "Daily spend thresholds crossed, by scope (user, global).";
+    counter FEEDBACK = "parley_analytics_feedback_total" in Count:
+        "Ratings given to replies (a changed rating counts again), by model and rating (up, down).";
 }

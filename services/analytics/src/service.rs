@@ -13,12 +13,14 @@ use crate::AnalyticsError;
 
 #[derive(Clone)]
 pub struct AnalyticsService {
-    database: Arc<Database>,
+    pub(crate) database: Arc<Database>,
+    pub(crate) cursors: parley_platform::cursor::CursorCodec,
 }
 
 impl AnalyticsService {
-    pub fn new(database: Arc<Database>) -> Self {
-        Self { database }
+    /// `cursor_secret` signs the feedback export's cursors, as every list's (`chat.cursor_secret`).
+    pub fn new(database: Arc<Database>, cursor_secret: &str) -> Self {
+        Self { database, cursors: parley_platform::cursor::CursorCodec::new(cursor_secret) }
     }
 }
 
@@ -173,6 +175,36 @@ impl pb::analytics_service_server::AnalyticsService for AnalyticsService {
         tracing::info!(%user_id, "usage anonymised");
         Ok(Response::new(pb::EraseUserResponse {}))
     }
+
+    async fn set_feedback(&self, request: Request<pb::SetFeedbackRequest>) -> Result<Response<pb::Feedback>, Status> {
+        Ok(Response::new(self.set_feedback(request.into_inner()).await.map_err(AnalyticsError::from)?))
+    }
+
+    async fn get_feedback(&self, request: Request<pb::GetFeedbackRequest>) -> Result<Response<pb::Feedback>, Status> {
+        Ok(Response::new(self.get_feedback(request.into_inner()).await.map_err(AnalyticsError::from)?))
+    }
+
+    async fn remove_feedback(
+        &self,
+        request: Request<pb::GetFeedbackRequest>,
+    ) -> Result<Response<pb::RemoveFeedbackResponse>, Status> {
+        let removed = self.remove_feedback(request.into_inner()).await.map_err(AnalyticsError::from)?;
+        Ok(Response::new(pb::RemoveFeedbackResponse { removed }))
+    }
+
+    async fn list_feedback(
+        &self,
+        request: Request<pb::ListFeedbackRequest>,
+    ) -> Result<Response<pb::ListFeedbackResponse>, Status> {
+        Ok(Response::new(self.list_feedback(request.into_inner()).await.map_err(AnalyticsError::from)?))
+    }
+
+    async fn feedback_summary(
+        &self,
+        request: Request<pb::FeedbackSummaryRequest>,
+    ) -> Result<Response<pb::FeedbackSummaryResponse>, Status> {
+        Ok(Response::new(self.feedback_summary(request.into_inner()).await.map_err(AnalyticsError::from)?))
+    }
 }
 
 /// Ingestion and erasure exclude each other through this transaction-level advisory lock (ingestion
@@ -213,6 +245,8 @@ impl AnalyticsService {
         .execute(&mut *tx)
         .await?;
         sqlx::query("DELETE FROM analytics.usage_daily WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+        // Ratings carry the user's own words: erased, not anonymised.
+        sqlx::query("DELETE FROM analytics.feedback WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM analytics.cost_alerts WHERE scope = 'user' AND user_id = $1")
             .bind(user_id)
             .execute(&mut *tx)

@@ -1,7 +1,7 @@
 //! The JSON shapes of the public API (shared/API.md), and their conversions from the services' messages.
 
 use parley_platform::timestamps::proto_to_rfc3339;
-use parley_proto::{chat::v1 as chat_pb, user::v1 as user_pb};
+use parley_proto::{analytics::v1 as analytics_pb, chat::v1 as chat_pb, user::v1 as user_pb};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -356,5 +356,68 @@ impl From<chat_pb::SearchHit> for SearchHitView {
                 .map(|part| SnippetPartView { text: part.text, highlight: part.highlight })
                 .collect(),
         }
+    }
+}
+
+/// A rating of one of the model's replies.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackBody {
+    /// "up" or "down".
+    pub rating: String,
+    /// Why, in the user's words (up to 2,000 characters); absent or empty for none.
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeedbackView {
+    pub message_id: String,
+    pub conversation_id: String,
+    pub user_id: String,
+    /// The model that wrote the reply.
+    pub model: String,
+    /// "up" or "down".
+    pub rating: String,
+    pub comment: Option<String>,
+    pub created_at: Option<String>,
+    pub updated_at: Option<String>,
+}
+
+impl From<analytics_pb::Feedback> for FeedbackView {
+    fn from(feedback: analytics_pb::Feedback) -> Self {
+        let rating = match analytics_pb::Rating::try_from(feedback.rating) {
+            Ok(analytics_pb::Rating::Up) => "up",
+            Ok(analytics_pb::Rating::Down) => "down",
+            Ok(analytics_pb::Rating::Unspecified) | Err(_) => "unknown",
+        };
+        Self {
+            message_id: feedback.message_id,
+            conversation_id: feedback.conversation_id,
+            user_id: feedback.user_id,
+            model: feedback.model,
+            rating: rating.to_owned(),
+            comment: feedback.comment,
+            created_at: proto_to_rfc3339(feedback.created_at.as_ref()),
+            updated_at: proto_to_rfc3339(feedback.updated_at.as_ref()),
+        }
+    }
+}
+
+/// How a model's replies were rated.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SatisfactionView {
+    pub model: String,
+    pub up: i64,
+    pub down: i64,
+    /// The share of ratings that were up, 0 to 1.
+    pub satisfaction: f64,
+}
+
+impl From<analytics_pb::ModelSatisfaction> for SatisfactionView {
+    fn from(row: analytics_pb::ModelSatisfaction) -> Self {
+        let rated = row.up + row.down;
+        let satisfaction = if rated > 0 { row.up as f64 / rated as f64 } else { 0.0 };
+        Self { model: row.model, up: row.up, down: row.down, satisfaction }
     }
 }

@@ -18,6 +18,8 @@ pub enum CursorKind {
     Audit = 4,
     /// Search results, whose position is a rank, not a time ([`CursorCodec::encode_ranked`]).
     Search = 5,
+    /// The feedback export.
+    Feedback = 6,
 }
 
 /// Page sizes every list honours: the default when the client names none, and the most it may ask.

@@ -10,5 +10,7 @@ pub const MAX_API_KEY_NAME_CHARS: usize = 100;
 pub const MAX_TITLE_CHARS: usize = 200;
 /// Longest search query (`GET /v1/search?q=`), in characters.
 pub const MAX_SEARCH_QUERY_CHARS: usize = 500;
+/// Longest comment on a reply's rating, in characters.
+pub const MAX_FEEDBACK_COMMENT_CHARS: usize = 2_000;
 pub const MAX_SYSTEM_PROMPT_CHARS: usize = 32_000;
 pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;

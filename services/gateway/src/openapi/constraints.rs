@@ -6,8 +6,9 @@
 
 use parley_platform::Config;
 use parley_platform::limits::{
-    MAX_API_KEY_NAME_CHARS, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, MAX_IDEMPOTENCY_KEY_CHARS, MAX_PASSWORD_CHARS,
-    MAX_SEARCH_QUERY_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS, MIN_PASSWORD_CHARS,
+    MAX_API_KEY_NAME_CHARS, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, MAX_FEEDBACK_COMMENT_CHARS,
+    MAX_IDEMPOTENCY_KEY_CHARS, MAX_PASSWORD_CHARS, MAX_SEARCH_QUERY_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS,
+    MIN_PASSWORD_CHARS,
 };
 use parley_platform::sampling::{MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOOLS, MAX_USER_CHARS};
 use serde_json::{Value, json};
@@ -73,6 +74,8 @@ pub fn apply(document: &mut Value, config: &Config) {
         json!({"minLength": 1, "maxLength": max_message_chars, "pattern": NOT_BLANK}),
     );
     property("SendMessageBody", "model", json!({"enum": nullable(&chat_models)}));
+    property("FeedbackBody", "rating", json!({"enum": ["up", "down"]}));
+    property("FeedbackBody", "comment", json!({"maxLength": MAX_FEEDBACK_COMMENT_CHARS, "pattern": NO_NUL}));
     for (name, low, high) in [
         ("temperature", 0.0, 2.0),
         ("top_p", 0.0, 1.0),
@@ -119,6 +122,12 @@ pub fn apply(document: &mut Value, config: &Config) {
         ("/v1/admin/audit", "get", "account", json!({"type": "string", "pattern": NO_NUL})),
         ("/v1/admin/audit", "get", "event", json!({"type": "string", "pattern": NO_NUL})),
         ("/v1/conversations", "get", "limit", or_empty(json!({"type": "integer", "minimum": 1, "maximum": 100}))),
+        ("/v1/admin/feedback", "get", "from", time()),
+        ("/v1/admin/feedback", "get", "to", time()),
+        ("/v1/admin/feedback", "get", "model", json!({"type": "string", "pattern": NO_NUL})),
+        ("/v1/admin/feedback", "get", "limit", or_empty(json!({"type": "integer", "minimum": 1, "maximum": 100}))),
+        ("/v1/admin/feedback/summary", "get", "from", time()),
+        ("/v1/admin/feedback/summary", "get", "to", time()),
         // At least one word: a letter or a digit somewhere.
         (
             "/v1/search",

@@ -7,8 +7,8 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes::{
-    anthropic, api_keys, audit, conversations, embeddings, export, identity, messages, openai, ops, search, streaming,
-    usage,
+    anthropic, api_keys, audit, conversations, embeddings, export, feedback, identity, messages, openai, ops, search,
+    streaming, usage,
 };
 
 #[derive(OpenApi)]
@@ -21,7 +21,7 @@ use crate::routes::{
         api_keys::create, api_keys::list, api_keys::revoke,
         conversations::create, conversations::list, conversations::get, conversations::update, conversations::delete,
         messages::send, messages::list, messages::get, streaming::events, streaming::websocket,
-        search::search,
+        search::search, feedback::put, feedback::get, feedback::delete, feedback::export, feedback::summary,
         usage::own, usage::admin, audit::list,
         openai::chat_completions, openai::models, embeddings::embeddings,
         anthropic::messages, anthropic::count_tokens,

@@ -7,6 +7,7 @@ pub mod completion;
 pub mod conversations;
 pub mod embeddings;
 pub mod export;
+pub mod feedback;
 pub mod identity;
 pub mod messages;
 pub mod openai;
@@ -47,7 +48,10 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/v1/conversations/{id}/messages", post(messages::send).get(messages::list))
         .route("/v1/messages/{id}", get(messages::get))
+        .route("/v1/messages/{id}/feedback", get(feedback::get).put(feedback::put).delete(feedback::delete))
         .route("/v1/search", get(search::search))
+        .route("/v1/admin/feedback", get(feedback::export))
+        .route("/v1/admin/feedback/summary", get(feedback::summary))
         .route("/v1/messages/{id}/events", get(streaming::events))
         .route("/v1/messages/{id}/ws", get(streaming::websocket))
         .route("/v1/chat/completions", post(openai::chat_completions))

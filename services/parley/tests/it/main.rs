@@ -14,6 +14,7 @@ mod degraded;
 mod deletion;
 mod embeddings;
 mod extremes;
+mod feedback;
 mod harness;
 mod identity;
 mod isolation;
