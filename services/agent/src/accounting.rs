@@ -265,14 +265,15 @@ impl Agent {
         prompt.iter().map(|message| i64::from(counter.count_message(message))).sum()
     }
 
-    /// Reports a running summary's call in a usage event of its own (outcome `summary`, priced by the
-    /// summary model, dated and identified by `event_id`), whose charge quota takes against the day's
-    /// and the month's budgets: a summary is paid for like any call, once.
-    pub(crate) async fn report_summary(
+    /// Reports a side call (a running summary, a title) in a usage event of its own (outcome
+    /// `summary` or `title`, priced by the summary model, dated and identified by `event_id`), whose
+    /// charge quota takes against the day's and the month's budgets: it is paid for like any call, once.
+    pub(crate) async fn report_side_call(
         &self,
         job: &AiJob,
         event_id: Uuid,
-        summary: &crate::summaries::Summary,
+        summary: &crate::summaries::SideCall,
+        outcome: &'static str,
     ) -> Result<(), AgentError> {
         let answer = &summary.answer;
         let (input_tokens, output_tokens) =
@@ -284,7 +285,7 @@ impl Agent {
             input_tokens,
             output_tokens,
             latency_ms: answer.elapsed.as_millis() as i64,
-            ..side_call_event(job, event_id, &summary.model, "summary", charged)
+            ..side_call_event(job, event_id, &summary.model, outcome, charged)
         };
         self.publish_usage(&event).await
     }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod provider;
 mod resilience;
 mod summaries;
+mod titles;
 mod worker;
 
 use std::collections::BTreeMap;

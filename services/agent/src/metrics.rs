@@ -6,6 +6,7 @@ parley_platform::declare_metrics! {
         "Jobs finished by an agent, by outcome (done, retry, handed_back).";
     counter DEAD_JOBS = "parley_agent_dead_jobs_total" in Count: "Jobs moved to the dead-letter stream.";
     counter SUMMARIES = "parley_agent_summaries_total" in Count: "Running summaries written by a model, by model.";
+    counter TITLES = "parley_agent_titles_total" in Count: "Conversation titles generated and stored, by model.";
     counter UNACCOUNTED_COMPLETIONS = "parley_agent_unaccounted_completions_total" in Count:
         "Stateless completions whose settlement or usage event could not be delivered after retries.";
     counter LLM_REQUESTS = "parley_llm_requests_total" in Count:

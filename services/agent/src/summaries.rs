@@ -12,8 +12,9 @@ use crate::context::{TokenCounter, compose, fit_prompt, summary_budget, summary_
 use crate::provider::Sampling;
 use crate::worker::Agent;
 
-/// A summary written by a model: its text, the call that wrote it, and the model it was asked of.
-pub(crate) struct Summary {
+/// A text written by the cheap model on the side of a reply (a running summary, a title): its text,
+/// the call that wrote it, and the model it was asked of.
+pub(crate) struct SideCall {
     pub(crate) text: String,
     pub(crate) answer: Answer,
     pub(crate) model: String,
@@ -61,7 +62,8 @@ impl Agent {
         if let Some(until) = dropped.last() {
             // The user pays for the summary call too, reported like any call (analytics prices it, quota
             // charges both budgets from the event), once per summary.
-            if let Err(error) = self.report_summary(job, summary_event_id(job.message_id), &summary).await {
+            if let Err(error) = self.report_side_call(job, summary_event_id(job.message_id), &summary, "summary").await
+            {
                 tracing::warn!(%error, "could not report the summary call; it is not charged");
             }
             let request = chat_pb::UpdateSummaryRequest {
@@ -85,7 +87,23 @@ impl Agent {
         requested: &str,
         model: &parley_platform::config::ModelConfig,
         max_tokens: u32,
-    ) -> Option<Summary> {
+    ) -> Option<SideCall> {
+        let summary =
+            self.side_call(summary_request(previous, dropped), requested, model, max_tokens, "summary").await?;
+        metrics::counter!(crate::metrics::SUMMARIES, "model" => summary.model.clone()).increment(1);
+        Some(summary)
+    }
+
+    /// Asks the summary model (`agent.summary_model`, else `model`'s router target, else `requested`)
+    /// `request`, deterministically, across its chain; `None` if no provider answered.
+    pub(crate) async fn side_call(
+        &self,
+        request: Vec<crate::provider::PromptMessage>,
+        requested: &str,
+        model: &parley_platform::config::ModelConfig,
+        max_tokens: u32,
+        what: &'static str,
+    ) -> Option<SideCall> {
         let name = self
             .config
             .agent
@@ -94,7 +112,6 @@ impl Agent {
             .or_else(|| model.router.as_ref().map(|router| router.model.clone()))
             .unwrap_or_else(|| requested.to_owned());
         let summary_model = self.config.models.get(&name)?;
-        let request = summary_request(previous, dropped);
         let deterministic = parley_platform::sampling::Sampling { temperature: Some(0.0), ..Default::default() };
         let sampling = Sampling { max_tokens, params: &deterministic };
         for target in &summary_model.chain {
@@ -110,7 +127,6 @@ impl Agent {
             match provider.client.stream_chat(secret, &target.model, &request, sampling, &mut |_| {}).await {
                 Ok(mut completion) => {
                     provider.breaker.record_success();
-                    metrics::counter!(crate::metrics::SUMMARIES, "model" => name.clone()).increment(1);
                     let text = std::mem::take(&mut completion.content);
                     let answer = Answer {
                         completion,
@@ -119,7 +135,7 @@ impl Agent {
                         elapsed: started.elapsed(),
                         cache_hit: false,
                     };
-                    return Some(Summary { text, answer, model: name });
+                    return Some(SideCall { text, answer, model: name });
                 }
                 Err(error) => {
                     if error.is_provider_fault() {
@@ -127,7 +143,7 @@ impl Agent {
                     } else {
                         provider.breaker.record_success_if_probing();
                     }
-                    tracing::warn!(%error, provider = %target.provider, "summary call failed");
+                    tracing::warn!(%error, provider = %target.provider, call = what, "side call failed");
                 }
             }
         }

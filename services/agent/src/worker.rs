@@ -286,16 +286,26 @@ impl Agent {
         }
         match self.generate(job, delivered, &context.model, &answering_model, &prompt, DeltaSink::Subject).await {
             Generated::Fresh(answer) => match self.store(job, &answering_model, &answer).await {
-                Ok(()) => Outcome::Done,
+                Ok(()) => {
+                    self.title_first_exchange(job, &context, &answer.completion.content).await;
+                    Outcome::Done
+                }
                 Err(error) => {
                     tracing::warn!(%error, "could not store the reply; retrying the job");
                     retry
                 }
             },
-            Generated::Cached(reply, how) => self
-                .answer_from_cache(job, delivered, &answering_model, reply, how, self.prompt_tokens(model, &prompt))
-                .await
-                .map_or(retry, |()| Outcome::Done),
+            Generated::Cached(reply, how) => {
+                let text = reply.content.clone();
+                let prompt_tokens = self.prompt_tokens(model, &prompt);
+                match self.answer_from_cache(job, delivered, &answering_model, reply, how, prompt_tokens).await {
+                    Ok(()) => {
+                        self.title_first_exchange(job, &context, &text).await;
+                        Outcome::Done
+                    }
+                    Err(_) => retry,
+                }
+            }
             // Clients have already seen part of a reply: another attempt would contradict it, so the
             // message ends failed, keeping what was generated.
             Generated::Failed(Failure { error, streamed }) if !streamed.is_empty() => {

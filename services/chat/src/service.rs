@@ -428,7 +428,26 @@ impl pb::chat_service_server::ChatService for ChatService {
             history: history.into_iter().map(message_to_proto).collect(),
             summary: summary.map(|(text, _)| text),
             conversation_id: message_conversation.to_string(),
+            untitled: conversation.untitled,
         }))
+    }
+
+    async fn set_generated_title(
+        &self,
+        request: Request<pb::SetGeneratedTitleRequest>,
+    ) -> Result<Response<pb::SetGeneratedTitleResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let conversation_id = Uuid::parse_str(&request.conversation_id)
+            .map_err(|_| ChatError::from(ServiceError::invalid_field("conversation_id", "must be a UUID")))?;
+        let title = request.title.trim();
+        if title.is_empty() || title.chars().count() > parley_platform::limits::MAX_TITLE_CHARS {
+            let error = ServiceError::invalid_field("title", "must be 1 to 200 characters");
+            return Err(ChatError::from(error).into());
+        }
+        let changed =
+            self.storage.set_generated_title(user_id, conversation_id, title).await.map_err(ChatError::from)?;
+        Ok(Response::new(pb::SetGeneratedTitleResponse { changed }))
     }
 
     async fn update_summary(

@@ -711,14 +711,14 @@ impl Storage {
         let rows: Vec<JobContextRow> = sqlx::query_as(sql(format!(
             "WITH target AS (
                  SELECT {target}, c.model AS conversation_model, c.system_prompt, c.summary, c.summary_until_at,
-                        c.summary_until_id
+                        c.summary_until_id, c.title IS NULL AS untitled
                  FROM chat.all_messages m
                  JOIN chat.conversations c ON c.id = m.conversation_id AND c.user_id = m.user_id
                  WHERE m.id = $1
              )
              SELECT t.*, false AS in_history FROM target t
              UNION ALL
-             SELECT {history}, NULL, NULL, NULL, NULL, NULL, true
+             SELECT {history}, NULL, NULL, NULL, NULL, NULL, NULL, true
              FROM target t CROSS JOIN LATERAL (
                  SELECT {MESSAGE_COLUMNS} FROM chat.all_messages h
                  WHERE h.conversation_id = t.conversation_id AND (h.created_at, h.id) < (t.created_at, t.id)
@@ -754,8 +754,44 @@ impl Storage {
             model: row.conversation_model.unwrap_or_default(),
             system_prompt: row.system_prompt,
             summary,
+            untitled: row.untitled.unwrap_or(false),
         };
         Ok(Some(JobContext { message, conversation, history: messages.collect() }))
+    }
+
+    /// Gives `conversation_id` the generated `title` if it still has none (a title the user set
+    /// meanwhile wins); false when it did not change. The title goes into the search index with it.
+    pub async fn set_generated_title(
+        &self,
+        user_id: Uuid,
+        conversation_id: Uuid,
+        title: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let Some(sealed) = self.seal(conversation_id, Field::Title, title).await? else {
+            return Ok(false);
+        };
+        let terms = self.search_terms(user_id, title).await?;
+        let changed: Option<(Uuid,)> = sqlx::query_as(
+            "WITH titled AS (
+                 UPDATE chat.conversations SET title = $3, version = version + 1
+                 WHERE id = $1 AND user_id = $2 AND title IS NULL
+                 RETURNING id, user_id),
+             indexed AS (
+                 INSERT INTO chat.search_terms (item_id, conversation_id, user_id, terms)
+                 SELECT id, id, user_id, $4::tsvector FROM titled WHERE $4::tsvector IS NOT NULL
+                 ON CONFLICT (item_id) DO UPDATE SET terms = EXCLUDED.terms)
+             SELECT id FROM titled",
+        )
+        .bind(conversation_id)
+        .bind(user_id)
+        .bind(sealed)
+        .bind(terms)
+        .fetch_optional(self.pool())
+        .await?;
+        if changed.is_some() {
+            self.wrote(user_id).await;
+        }
+        Ok(changed.is_some())
     }
 
     /// Replaces the running summary if the new one covers more; false when it does not.
@@ -960,6 +996,7 @@ struct JobContextRow {
     summary: Option<String>,
     summary_until_at: Option<OffsetDateTime>,
     summary_until_id: Option<Uuid>,
+    untitled: Option<bool>,
     in_history: bool,
 }
 
@@ -1006,6 +1043,8 @@ pub struct JobConversation {
     pub system_prompt: Option<String>,
     /// The running summary and the position of the last message it covers.
     pub summary: Option<(String, Position)>,
+    /// No title yet.
+    pub untitled: bool,
 }
 
 /// What one `parley archive` run moved.

@@ -153,6 +153,18 @@ pub const ENVIRONMENT: &[EnvVar] = &[
             Ok(())
         },
     ),
+    var(
+        "PARLEY_AGENT_TITLES",
+        "true (default) or false: title a conversation created without one after its first exchange",
+        |c, v| {
+            c.agent.titles = match v.trim() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => return Err(invalid("PARLEY_AGENT_TITLES", "must be true or false")),
+            };
+            Ok(())
+        },
+    ),
     var("PARLEY_LOG", "log filter, e.g. info or parley_chat=debug (default info)", |c, v| {
         c.telemetry.log_filter = v;
         Ok(())
@@ -384,6 +396,9 @@ pub struct AgentConfig {
     /// The model that writes running summaries of long threads; by default a model's router target
     /// (its cheaper model), else the model itself.
     pub summary_model: Option<String>,
+    /// Whether a conversation created without a title gets one from the summary model after its first
+    /// exchange (a call charged to the user).
+    pub titles: bool,
     /// On shutdown, how long jobs in flight may run on before they are handed back to JetStream
     /// unfinished. Keep it below the pod's termination grace period.
     pub drain_secs: u64,
@@ -693,6 +708,7 @@ impl Default for AgentConfig {
             breaker: BreakerConfig::default(),
             cache: CacheConfig::default(),
             summary_model: None,
+            titles: true,
             drain_secs: 25,
         }
     }

@@ -72,8 +72,8 @@ pub struct UsageEvent {
     pub latency_ms: i64,
     pub time_to_first_token_ms: Option<i64>,
     pub cache_hit: bool,
-    /// "completed", "failed", or "summary" (a running summary's call, charged to the conversation's
-    /// owner).
+    /// "completed", "failed", "summary" (a running summary's call) or "title" (a generated title's
+    /// call); the last two are charged to the conversation's owner.
     pub outcome: String,
     /// Unix milliseconds.
     pub occurred_at_ms: i64,

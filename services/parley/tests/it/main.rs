@@ -32,6 +32,7 @@ mod resilience;
 mod search;
 mod signing;
 mod streaming;
+mod titles;
 mod tools;
 mod traces;
 mod usage;
