@@ -1,7 +1,7 @@
 """Every Grafana dashboard query, evaluated by a real Prometheus against a real Parley.
 
 Starts `parley dev` (against the local PostgreSQL with its streaming replica on 5433, Redis and
-NATS), drives some traffic through the public API (register, conversations, messages, a cached
+NATS), drives some traffic through the public API (register, conversations, messages, a rating, a cached
 reply, an OpenAI-compatible completion, usage), has Prometheus (Debian's package) scrape the
 gateway's /metrics every second, then runs each query of charts/parley/dashboards/*.json through
 Prometheus' HTTP API. A query that errors or returns no data fails the check.
@@ -52,7 +52,10 @@ def traffic(base, round_number):
     token = session["access_token"]
     conversation = call("POST", f"{base}/v1/conversations", {"title": "dashboards"}, token, expect=201)["id"]
     for content in ("Hello there", "Tell me about dashboards"):
-        call("POST", f"{base}/v1/conversations/{conversation}/messages", {"content": content}, token, expect=200)
+        exchange = call("POST", f"{base}/v1/conversations/{conversation}/messages", {"content": content}, token, expect=200)
+    # A rating of the last reply: the satisfaction panel's series.
+    reply = exchange["assistant_message"]["id"]
+    call("PUT", f"{base}/v1/messages/{reply}/feedback", {"rating": "up"}, token, expect=200)
     # The same deterministic prompt twice: the second answer comes from the response cache.
     for _ in range(2):
         call("POST", f"{base}/v1/chat/completions",
