@@ -34,6 +34,7 @@ fn stored_reply(message: &chat_pb::Message) -> Option<StoredReply> {
         output_tokens: usage.output_tokens,
         created_at_ns: nanos(message.created_at.as_ref()?)?,
         completed_at_ns: message.completed_at.as_ref().and_then(nanos),
+        parent_id: message.parent_id.as_deref().and_then(|id| Uuid::parse_str(id).ok()),
     })
 }
 

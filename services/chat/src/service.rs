@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::ChatError;
 use crate::relay::JobQueue;
 use crate::storage::{
-    ConversationChanges, ConversationRow, Generation, MessageRow, NewExchange, Storage, UpdateOutcome,
+    ConversationChanges, ConversationRow, Follows, Generation, MessageRow, NewExchange, Storage, UpdateOutcome,
 };
 use parley_platform::cursor::{CursorCodec, CursorKind, Position, page_size};
 use parley_platform::limits::{MAX_IDEMPOTENCY_KEY_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS};
@@ -50,6 +50,43 @@ impl ChatService {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Where a send goes: its conversation, and after which message (the active branch's last, the
+    /// edited question's parent, or the regenerated reply's question). An edit is of one of the user's
+    /// questions, a regeneration of one of their finished replies; other ids are not found, and a reply
+    /// still being written cannot be regenerated (409).
+    async fn placement(&self, user_id: Uuid, request: &pb::SendMessageRequest) -> Result<(Uuid, Follows), ChatError> {
+        let edited = match (&request.edit_of, &request.regenerate_of) {
+            (None, None) => {
+                let id = parse_id_or_not_found(&request.conversation_id)
+                    .ok_or_else(|| ServiceError::not_found("conversation"))?;
+                return Ok((id, Follows::ActiveBranch));
+            }
+            (Some(id), None) => (id, "user"),
+            (_, Some(id)) => (id, "assistant"),
+        };
+        let (id, role) = edited;
+        let message = match parse_id_or_not_found(id) {
+            Some(id) => self.storage.message_for_user(ReadFloor::Primary, user_id, id).await?,
+            None => None,
+        };
+        let message = message.ok_or_else(|| ServiceError::not_found("message"))?;
+        if message.role != role {
+            let detail =
+                if role == "user" { "only your own messages can be edited" } else { "only replies can be regenerated" };
+            return Err(ServiceError::invalid_field("id", detail).into());
+        }
+        if role == "user" {
+            return Ok((message.conversation_id, Follows::Parent(message.parent_id)));
+        }
+        if !message.status.is_finished() {
+            return Err(
+                ServiceError::new(ErrorCode::Conflict, "the reply is still being written; stop it or wait").into()
+            );
+        }
+        let question = message.parent_id.ok_or_else(|| ServiceError::not_found("message"))?;
+        Ok((message.conversation_id, Follows::Question(question)))
     }
 
     async fn owned_conversation(
@@ -146,6 +183,7 @@ fn message_to_proto(row: MessageRow) -> pb::Message {
         completed_at: row.completed_at.map(timestamps::to_proto),
         error_code: row.error_code,
         error_detail: row.error_detail,
+        parent_id: row.parent_id.map(|id| id.to_string()),
     }
 }
 
@@ -268,10 +306,10 @@ impl pb::chat_service_server::ChatService for ChatService {
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
-        let Some(conversation_id) = parse_id_or_not_found(&request.conversation_id) else {
-            return Err(ChatError::from(ServiceError::not_found("conversation")).into());
-        };
-        if request.content.trim().is_empty() {
+        let (conversation_id, follows) = self.placement(user_id, &request).await?;
+        if matches!(follows, Follows::Question(_)) {
+            // A regenerated reply has no new question.
+        } else if request.content.trim().is_empty() {
             return Err(ChatError::from(ServiceError::invalid_field("content", "must not be empty")).into());
         }
         bounded_text("content", Some(&request.content), self.config.chat.max_message_chars)?;
@@ -296,6 +334,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             jobs_subject: &jobs_subject,
             traceparent: telemetry::current_traceparent(),
             generation: generation(&request)?,
+            follows,
         };
         let Some(mut sent) = self.storage.send(exchange).await.map_err(ChatError::from)? else {
             return Err(ChatError::from(ServiceError::not_found("conversation")).into());
@@ -341,9 +380,10 @@ impl pb::chat_service_server::ChatService for ChatService {
         let conversation = self.owned_conversation(floor, user_id, &request.conversation_id).await?;
         let after = self.cursors.read(CursorKind::Messages, request.cursor.as_deref())?;
         let limit = page_size(request.limit);
+        let branch = (conversation.branched && !request.all_branches).then_some(conversation.active_leaf_id).flatten();
         let mut rows = self
             .storage
-            .list_messages(floor, conversation.id, after, i64::from(limit) + 1)
+            .list_messages(floor, conversation.id, branch, after, i64::from(limit) + 1)
             .await
             .map_err(ChatError::from)?;
         let next_cursor = self
@@ -401,6 +441,40 @@ impl pb::chat_service_server::ChatService for ChatService {
             })
             .collect();
         Ok(Response::new(pb::SearchResponse { hits, next_cursor }))
+    }
+
+    async fn list_siblings(
+        &self,
+        request: Request<pb::GetMessageRequest>,
+    ) -> Result<Response<pb::ListSiblingsResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let found = match parse_id_or_not_found(&request.message_id) {
+            Some(id) => {
+                let floor = self.storage.floor(user_id).await;
+                self.storage.siblings(floor, user_id, id).await.map_err(ChatError::from)?
+            }
+            None => None,
+        };
+        let (rows, active) = found.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
+        Ok(Response::new(pb::ListSiblingsResponse {
+            messages: rows.into_iter().map(message_to_proto).collect(),
+            active_id: active.map(|id| id.to_string()),
+        }))
+    }
+
+    async fn switch_branch(
+        &self,
+        request: Request<pb::SwitchBranchRequest>,
+    ) -> Result<Response<pb::Conversation>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let switched = match parse_id_or_not_found(&request.message_id) {
+            Some(id) => self.storage.switch_branch(user_id, id).await.map_err(ChatError::from)?,
+            None => None,
+        };
+        let conversation = switched.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
+        Ok(Response::new(conversation_to_proto(conversation)))
     }
 
     async fn get_job_context(

@@ -27,6 +27,10 @@ pub struct ConversationRow {
     /// Its data key, wrapped (none for a conversation made before content was sealed, until its next
     /// write).
     pub data_key: Option<Vec<u8>>,
+    /// The last message of the active branch.
+    pub active_leaf_id: Option<Uuid>,
+    /// Whether a message has a sibling: until then the active branch is every message in order.
+    pub branched: bool,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -45,12 +49,14 @@ pub struct MessageRow {
     pub error_detail: Option<String>,
     pub created_at: OffsetDateTime,
     pub completed_at: Option<OffsetDateTime>,
+    /// The message this one follows (none for a conversation's first).
+    pub parent_id: Option<Uuid>,
 }
 
 const CONVERSATION_COLUMNS: &str =
-    "id, user_id, title, model, system_prompt, version, created_at, updated_at, data_key";
+    "id, user_id, title, model, system_prompt, version, created_at, updated_at, data_key, active_leaf_id, branched";
 const MESSAGE_COLUMNS: &str = "id, conversation_id, user_id, role, content, status, model, input_tokens, \
-                               output_tokens, error_code, error_detail, created_at, completed_at";
+                               output_tokens, error_code, error_detail, created_at, completed_at, parent_id";
 
 /// What a send stored (or found, for a repeated idempotency key).
 pub struct SentExchange {
@@ -78,6 +84,19 @@ pub struct NewExchange<'a> {
     pub jobs_subject: &'a str,
     pub traceparent: Option<String>,
     pub generation: Generation,
+    pub follows: Follows,
+}
+
+/// Where an exchange goes in its conversation's tree of messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follows {
+    /// A new question after the active branch's last message.
+    ActiveBranch,
+    /// An edited question: a sibling of the question it edits, after that one's parent (none for a
+    /// conversation's first question).
+    Parent(Option<Uuid>),
+    /// A regenerated reply: a sibling of the previous replies to this question; no new question.
+    Question(Uuid),
 }
 
 /// What an update of a conversation found.
@@ -155,6 +174,11 @@ fn sealing_error(error: EnvelopeError) -> sqlx::Error {
 
 fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(text)
+}
+
+/// The message columns of `table` (an alias), for joins.
+fn prefixed_columns(table: &str) -> String {
+    MESSAGE_COLUMNS.split(", ").map(|column| format!("{table}.{column}")).collect::<Vec<_>>().join(", ")
 }
 
 impl Storage {
@@ -507,7 +531,10 @@ impl Storage {
         let Some(content) = self.seal(exchange.conversation_id, Field::Content, exchange.content).await? else {
             return Ok(None);
         };
-        let terms = self.search_terms(exchange.user_id, exchange.content).await?;
+        let terms = match exchange.follows {
+            Follows::Question(_) => None,
+            Follows::ActiveBranch | Follows::Parent(_) => self.search_terms(exchange.user_id, exchange.content).await?,
+        };
         let sealed = NewExchange { content: &content, ..exchange };
         let Some(mut sent) = self.store_exchange(sealed, terms.as_deref()).await? else {
             return Ok(None);
@@ -525,7 +552,10 @@ impl Storage {
     ) -> Result<Option<SentExchange>, sqlx::Error> {
         let Some(key) = exchange.idempotency_key else {
             // One statement, so one round trip and one commit.
-            let sent = insert_exchange(self.pool(), &exchange, terms).await?;
+            let sent = match exchange.follows {
+                Follows::Question(question) => insert_regeneration(self.pool(), &exchange, question).await?,
+                Follows::ActiveBranch | Follows::Parent(_) => insert_exchange(self.pool(), &exchange, terms).await?,
+            };
             if sent.is_some() {
                 self.wrote(exchange.user_id).await;
             }
@@ -547,7 +577,11 @@ impl Storage {
             tx.commit().await?;
             return Ok(Some(previous));
         }
-        let Some(sent) = insert_exchange(&mut *tx, &exchange, terms).await? else {
+        let inserted = match exchange.follows {
+            Follows::Question(question) => insert_regeneration(&mut *tx, &exchange, question).await?,
+            Follows::ActiveBranch | Follows::Parent(_) => insert_exchange(&mut *tx, &exchange, terms).await?,
+        };
+        let Some(sent) = inserted else {
             return Ok(None);
         };
         sqlx::query(
@@ -592,14 +626,46 @@ impl Storage {
         Ok(row)
     }
 
-    /// A conversation's messages, oldest first, after `after` (exclusive).
+    /// A conversation's messages, oldest first, after `after` (exclusive): every message, or with
+    /// `branch` (the active leaf of a conversation that has branched) those on the path from its first
+    /// message to that leaf.
     pub async fn list_messages(
         &self,
         floor: ReadFloor,
         conversation_id: Uuid,
+        branch: Option<Uuid>,
         after: Option<Position>,
         limit: i64,
     ) -> Result<Vec<MessageRow>, sqlx::Error> {
+        if let Some(leaf) = branch {
+            let after_clause = if after.is_some() { "WHERE (created_at, id) > ($2, $3)" } else { "" };
+            let limit_at = if after.is_some() { 4 } else { 2 };
+            let text = format!(
+                "WITH RECURSIVE path AS (
+                     SELECT {MESSAGE_COLUMNS} FROM chat.all_messages WHERE id = ${leaf_at} AND conversation_id = $1
+                     UNION ALL
+                     SELECT {parent} FROM chat.all_messages m JOIN path ON m.id = path.parent_id)
+                 SELECT {MESSAGE_COLUMNS} FROM path {after_clause} ORDER BY created_at, id LIMIT ${limit_at}",
+                leaf_at = limit_at + 1,
+                parent = prefixed_columns("m"),
+            );
+            let mut rows: Vec<MessageRow> = self
+                .marks
+                .database()
+                .read(floor, |pool| {
+                    let text = text.clone();
+                    async move {
+                        let mut query = sqlx::query_as(sql(text)).bind(conversation_id);
+                        if let Some(after) = after {
+                            query = query.bind(after.at).bind(after.id);
+                        }
+                        query.bind(limit).bind(leaf).fetch_all(&pool).await
+                    }
+                })
+                .await?;
+            self.reveal_messages(&mut rows).await?;
+            return Ok(rows);
+        }
         let text = match after {
             None => format!(
                 "SELECT {MESSAGE_COLUMNS} FROM chat.all_messages WHERE conversation_id = $1
@@ -705,27 +771,34 @@ impl Storage {
     /// model, the system prompt and the running summary with the position it covers; and the newest
     /// `history_limit` completed messages before the reply and after the summary, oldest first.
     pub async fn job_context(&self, message_id: Uuid, history_limit: i64) -> Result<Option<JobContext>, sqlx::Error> {
-        let prefixed = |table: &str| {
-            MESSAGE_COLUMNS.split(", ").map(|column| format!("{table}.{column}")).collect::<Vec<_>>().join(", ")
-        };
+        let prefixed = prefixed_columns;
         let rows: Vec<JobContextRow> = sqlx::query_as(sql(format!(
-            "WITH target AS (
+            "WITH RECURSIVE target AS (
                  SELECT {target}, c.model AS conversation_model, c.system_prompt, c.summary, c.summary_until_at,
-                        c.summary_until_id, c.title IS NULL AS untitled
+                        c.summary_until_id, c.title IS NULL AS untitled, c.branched
                  FROM chat.all_messages m
                  JOIN chat.conversations c ON c.id = m.conversation_id AND c.user_id = m.user_id
                  WHERE m.id = $1
+             ),
+             -- A branched conversation: the reply's ancestors, up to the summary's last message.
+             path AS (
+                 SELECT {history} FROM chat.all_messages h JOIN target t ON h.id = t.parent_id WHERE t.branched
+                 UNION ALL
+                 SELECT {history} FROM chat.all_messages h JOIN path p ON h.id = p.parent_id
+                 WHERE p.id IS DISTINCT FROM (SELECT summary_until_id FROM target)
              )
              SELECT t.*, false AS in_history FROM target t
              UNION ALL
-             SELECT {history}, NULL, NULL, NULL, NULL, NULL, NULL, true
+             SELECT {history}, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
              FROM target t CROSS JOIN LATERAL (
                  SELECT {MESSAGE_COLUMNS} FROM chat.all_messages h
                  WHERE h.conversation_id = t.conversation_id AND (h.created_at, h.id) < (t.created_at, t.id)
-                   AND h.status = 'completed'
+                   AND h.status = 'completed' AND NOT t.branched
                    AND (t.summary_until_at IS NULL OR (h.created_at, h.id) > (t.summary_until_at, t.summary_until_id))
                  ORDER BY h.created_at DESC, h.id DESC LIMIT $2
-             ) h",
+             ) h
+             UNION ALL
+             SELECT {MESSAGE_COLUMNS}, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true FROM path",
             target = prefixed("m"),
             history = prefixed("h"),
         )))
@@ -734,10 +807,23 @@ impl Storage {
         .fetch_all(self.pool())
         .await?;
         let (mut history, mut target): (Vec<_>, Vec<_>) = rows.into_iter().partition(|row| row.in_history);
-        let Some(row) = target.pop() else {
+        let Some(mut row) = target.pop() else {
             return Ok(None);
         };
         history.sort_by_key(|row| (row.message.created_at, row.message.id));
+        if row.branched == Some(true) {
+            // The path ends at the summary's last message when the summary covers this branch; else
+            // the summary was written for another branch and does not apply.
+            match history.iter().position(|entry| Some(entry.message.id) == row.summary_until_id) {
+                Some(until) => {
+                    history.drain(..=until);
+                }
+                None => row.summary = None,
+            }
+            history.retain(|entry| entry.message.status == MessageStatus::Completed);
+            let keep = usize::try_from(history_limit).unwrap_or(usize::MAX);
+            history.drain(..history.len().saturating_sub(keep));
+        }
         let mut messages: Vec<MessageRow> =
             std::iter::once(row.message).chain(history.into_iter().map(|row| row.message)).collect();
         self.reveal_messages(&mut messages).await?;
@@ -757,6 +843,117 @@ impl Storage {
             untitled: row.untitled.unwrap_or(false),
         };
         Ok(Some(JobContext { message, conversation, history: messages.collect() }))
+    }
+
+    /// The versions of one of a user's messages: the messages of its conversation with its parent and
+    /// its role (itself included), oldest first, and the one on the active branch, if any.
+    pub async fn siblings(
+        &self,
+        floor: ReadFloor,
+        user_id: Uuid,
+        message_id: Uuid,
+    ) -> Result<Option<(Vec<MessageRow>, Option<Uuid>)>, sqlx::Error> {
+        let Some(message) = self.message_for_user(floor, user_id, message_id).await? else {
+            return Ok(None);
+        };
+        let Some(conversation) = self.conversation(floor, user_id, message.conversation_id).await? else {
+            return Ok(None);
+        };
+        let text = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM chat.all_messages
+             WHERE conversation_id = $1 AND role = $2 AND parent_id IS NOT DISTINCT FROM $3
+             ORDER BY created_at, id"
+        );
+        let (conversation_id, role, parent) = (message.conversation_id, message.role.clone(), message.parent_id);
+        let mut rows: Vec<MessageRow> =
+            self.marks
+                .database()
+                .read(floor, |pool| {
+                    let (text, role) = (text.clone(), role.clone());
+                    async move {
+                        sqlx::query_as(sql(text)).bind(conversation_id).bind(role).bind(parent).fetch_all(&pool).await
+                    }
+                })
+                .await?;
+        self.reveal_messages(&mut rows).await?;
+        let active = match conversation.active_leaf_id {
+            Some(leaf) => {
+                let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+                self.on_path(floor, conversation_id, leaf, &ids).await?
+            }
+            None => None,
+        };
+        Ok(Some((rows, active)))
+    }
+
+    /// Which of `ids` lies on the path from the conversation's first message to `leaf`.
+    async fn on_path(
+        &self,
+        floor: ReadFloor,
+        conversation_id: Uuid,
+        leaf: Uuid,
+        ids: &[Uuid],
+    ) -> Result<Option<Uuid>, sqlx::Error> {
+        let ids = ids.to_vec();
+        self.marks
+            .database()
+            .read(floor, |pool| {
+                let ids = ids.clone();
+                async move {
+                    let found: Option<(Uuid,)> = sqlx::query_as(
+                        "WITH RECURSIVE path AS (
+                             SELECT id, parent_id FROM chat.all_messages WHERE id = $2 AND conversation_id = $1
+                             UNION ALL
+                             SELECT m.id, m.parent_id FROM chat.all_messages m JOIN path ON m.id = path.parent_id)
+                         SELECT id FROM path WHERE id = ANY($3) LIMIT 1",
+                    )
+                    .bind(conversation_id)
+                    .bind(leaf)
+                    .bind(ids)
+                    .fetch_optional(&pool)
+                    .await?;
+                    Ok(found.map(|(id,)| id))
+                }
+            })
+            .await
+    }
+
+    /// Makes the branch through `message_id` the conversation's active one: its leaf is reached from
+    /// the message by the newest child at every step. `None` when the user has no such message.
+    pub async fn switch_branch(&self, user_id: Uuid, message_id: Uuid) -> Result<Option<ConversationRow>, sqlx::Error> {
+        let Some(message) = self.message_for_user(ReadFloor::Primary, user_id, message_id).await? else {
+            return Ok(None);
+        };
+        let mut leaf = message.id;
+        // One step a query: a switch is rare, and a path is as deep as the thread below the message.
+        loop {
+            let child: Option<(Uuid,)> = sqlx::query_as(
+                "SELECT id FROM chat.all_messages WHERE parent_id = $1 AND conversation_id = $2
+                 ORDER BY created_at DESC, id DESC LIMIT 1",
+            )
+            .bind(leaf)
+            .bind(message.conversation_id)
+            .fetch_optional(self.pool())
+            .await?;
+            match child {
+                Some((child,)) => leaf = child,
+                None => break,
+            }
+        }
+        let mut row: Option<ConversationRow> = sqlx::query_as(sql(format!(
+            "UPDATE chat.conversations SET active_leaf_id = $3, version = version + 1
+             WHERE id = $1 AND user_id = $2 RETURNING {CONVERSATION_COLUMNS}"
+        )))
+        .bind(message.conversation_id)
+        .bind(user_id)
+        .bind(leaf)
+        .fetch_optional(self.pool())
+        .await?;
+        if let Some(row) = row.as_mut() {
+            self.wrote(user_id).await;
+            self.reveal_conversation(row)?;
+        }
+        Ok(row)
     }
 
     /// Gives `conversation_id` the generated `title` if it still has none (a title the user set
@@ -997,6 +1194,7 @@ struct JobContextRow {
     summary_until_at: Option<OffsetDateTime>,
     summary_until_id: Option<Uuid>,
     untitled: Option<bool>,
+    branched: Option<bool>,
     in_history: bool,
 }
 
@@ -1157,34 +1355,26 @@ async fn insert_exchange<'e>(
     terms: Option<&str>,
 ) -> Result<Option<SentExchange>, sqlx::Error> {
     let (user_message_id, assistant_message_id) = (Uuid::now_v7(), Uuid::now_v7());
-    let job = AiJob {
-        job_id: Uuid::now_v7(),
-        message_id: assistant_message_id,
-        conversation_id: exchange.conversation_id,
-        user_id: exchange.user_id,
-        // The conversation's model unless the send names one: set by the statement, which reads it.
-        model: String::new(),
-        tier: exchange.tier.to_owned(),
-        sampling: exchange.generation.sampling.clone(),
-        cache: exchange.generation.cache,
-        reservation_id: exchange.generation.reservation_id,
-        max_tokens: exchange.generation.max_tokens,
-    };
+    let job = reply_job(exchange, assistant_message_id);
     // The messages' times come from clock_timestamp() once the row lock is held, not from now() (the
     // statement's start), so they follow every message committed before them.
     let rows: Vec<MessageRow> = sqlx::query_as(sql(format!(
         "WITH conversation AS (
-             UPDATE chat.conversations SET updated_at = now(), archived_at = NULL
+             UPDATE chat.conversations SET updated_at = now(), archived_at = NULL,
+                 prior_leaf_id = active_leaf_id, active_leaf_id = $5, branched = branched OR $12
              WHERE id = $1 AND user_id = $2
-             RETURNING id, model),
+             RETURNING id, model, prior_leaf_id),
          question AS (
-             INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, created_at, completed_at)
-             SELECT $3, id, $2, 'user', $4, 'completed', clock_timestamp(), clock_timestamp() FROM conversation
+             INSERT INTO chat.messages
+                 (id, conversation_id, user_id, role, content, status, created_at, completed_at, parent_id)
+             SELECT $3, id, $2, 'user', $4, 'completed', clock_timestamp(), clock_timestamp(),
+                    CASE WHEN $12 THEN $13::uuid ELSE prior_leaf_id END
+             FROM conversation
              RETURNING {MESSAGE_COLUMNS}),
          reply AS (
-             INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, model, created_at)
+             INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, model, created_at, parent_id)
              SELECT $5, question.conversation_id, $2, 'assistant', '', 'pending', COALESCE($6, conversation.model),
-                    question.created_at + interval '1 microsecond'
+                    question.created_at + interval '1 microsecond', question.id
              FROM question, conversation
              RETURNING {MESSAGE_COLUMNS}),
          job AS (
@@ -1206,16 +1396,94 @@ async fn insert_exchange<'e>(
     .bind(sqlx::types::Json(&job))
     .bind(exchange.traceparent.as_deref())
     .bind(terms)
+    .bind(matches!(exchange.follows, Follows::Parent(_)))
+    .bind(match exchange.follows {
+        Follows::Parent(parent) => parent,
+        Follows::ActiveBranch | Follows::Question(_) => None,
+    })
     .fetch_all(executor)
     .await?;
+    Ok(stored_exchange(exchange, rows, user_message_id, job))
+}
+
+/// The job of a reply about to be stored.
+fn reply_job(exchange: &NewExchange<'_>, assistant_message_id: Uuid) -> AiJob {
+    AiJob {
+        job_id: Uuid::now_v7(),
+        message_id: assistant_message_id,
+        conversation_id: exchange.conversation_id,
+        user_id: exchange.user_id,
+        // The conversation's model unless the send names one: set by the statement, which reads it.
+        model: String::new(),
+        tier: exchange.tier.to_owned(),
+        sampling: exchange.generation.sampling.clone(),
+        cache: exchange.generation.cache,
+        reservation_id: exchange.generation.reservation_id,
+        max_tokens: exchange.generation.max_tokens,
+    }
+}
+
+/// The question and the reply an exchange's statement returned, with the reply's job; `None` when it
+/// stored nothing.
+fn stored_exchange(
+    exchange: &NewExchange<'_>,
+    rows: Vec<MessageRow>,
+    question_id: Uuid,
+    job: AiJob,
+) -> Option<SentExchange> {
     let mut rows = rows.into_iter();
     let (Some(first), Some(second)) = (rows.next(), rows.next()) else {
-        return Ok(None);
+        return None;
     };
-    let (user_message, assistant_message) = if first.id == user_message_id { (first, second) } else { (second, first) };
+    let (user_message, assistant_message) = if first.id == question_id { (first, second) } else { (second, first) };
     let job = AiJob { model: assistant_message.model.clone().unwrap_or_default(), ..job };
     let job = QueuedJob { job, subject: exchange.jobs_subject.to_owned(), traceparent: exchange.traceparent.clone() };
-    Ok(Some(SentExchange { user_message, assistant_message, replayed: false, job: Some(job) }))
+    Some(SentExchange { user_message, assistant_message, replayed: false, job: Some(job) })
+}
+
+/// Stores a regenerated reply in one statement: a new pending reply to `question` (a sibling of its
+/// earlier replies), which becomes the end of the conversation's active branch, and its job. `None`
+/// when the user has no such question in the conversation.
+async fn insert_regeneration<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    exchange: &NewExchange<'_>,
+    question: Uuid,
+) -> Result<Option<SentExchange>, sqlx::Error> {
+    let assistant_message_id = Uuid::now_v7();
+    let job = reply_job(exchange, assistant_message_id);
+    let rows: Vec<MessageRow> = sqlx::query_as(sql(format!(
+        "WITH question AS (
+             SELECT {MESSAGE_COLUMNS} FROM chat.all_messages
+             WHERE id = $3 AND conversation_id = $1 AND user_id = $2 AND role = 'user'),
+         conversation AS (
+             UPDATE chat.conversations SET updated_at = now(), archived_at = NULL,
+                 prior_leaf_id = active_leaf_id, active_leaf_id = $4, branched = true
+             WHERE id = $1 AND user_id = $2 AND EXISTS (SELECT 1 FROM question)
+             RETURNING id, model),
+         reply AS (
+             INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, model, created_at, parent_id)
+             SELECT $4, conversation.id, $2, 'assistant', '', 'pending', COALESCE($5, conversation.model),
+                    clock_timestamp(), $3
+             FROM conversation
+             RETURNING {MESSAGE_COLUMNS}),
+         job AS (
+             INSERT INTO chat.outbox (job_id, subject, payload, traceparent)
+             SELECT $6, $7, jsonb_set($8, '{{model}}', to_jsonb(reply.model)), $9 FROM reply)
+         SELECT {MESSAGE_COLUMNS} FROM question WHERE EXISTS (SELECT 1 FROM reply)
+         UNION ALL SELECT {MESSAGE_COLUMNS} FROM reply"
+    )))
+    .bind(exchange.conversation_id)
+    .bind(exchange.user_id)
+    .bind(question)
+    .bind(assistant_message_id)
+    .bind(exchange.model)
+    .bind(job.job_id)
+    .bind(exchange.jobs_subject)
+    .bind(sqlx::types::Json(&job))
+    .bind(exchange.traceparent.as_deref())
+    .fetch_all(executor)
+    .await?;
+    Ok(stored_exchange(exchange, rows, question, job))
 }
 
 async fn replay_exchange(

@@ -106,6 +106,9 @@ pub struct MessageView {
     /// Why the message failed, when its status is "failed".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<MessageErrorView>,
+    /// The message this one follows (null for a conversation's first); messages with one parent and
+    /// one role are versions of each other.
+    pub parent_id: Option<String>,
 }
 
 impl From<chat_pb::Message> for MessageView {
@@ -130,6 +133,7 @@ impl From<chat_pb::Message> for MessageView {
             status,
             model: message.model,
             error,
+            parent_id: message.parent_id,
         }
     }
 }
@@ -215,6 +219,54 @@ pub struct SendMessageBody {
     /// The longest reply, at least 1; at most the deployment's longest (`agent.max_output_tokens`).
     #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer")]
     pub max_tokens: Option<i64>,
+}
+
+/// How to answer again: another model, or other sampling, than the conversation's (all optional).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegenerateBody {
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Sampling temperature, 0 to 2.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling, 0 to 1.
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Asks the provider for a reproducible reply.
+    #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer")]
+    pub seed: Option<i64>,
+    /// The longest reply, at least 1; at most the deployment's longest (`agent.max_output_tokens`).
+    #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer")]
+    pub max_tokens: Option<i64>,
+}
+
+impl RegenerateBody {
+    /// As a send's body without content.
+    pub fn into_send(self) -> SendMessageBody {
+        SendMessageBody {
+            content: String::new(),
+            model: self.model,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            stop: None,
+            seed: self.seed,
+            presence_penalty: None,
+            frequency_penalty: None,
+            logit_bias: None,
+            response_format: None,
+            max_tokens: self.max_tokens,
+        }
+    }
+}
+
+/// The versions of a message, and the one on the active branch.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SiblingsView {
+    /// Oldest first, the message itself included.
+    pub data: Vec<MessageView>,
+    /// The version on the conversation's active branch (null when none of them is).
+    pub active_id: Option<String>,
 }
 
 impl SendMessageBody {

@@ -161,6 +161,9 @@ pub struct StoredReply {
     /// Unix nanoseconds.
     pub created_at_ns: i64,
     pub completed_at_ns: Option<i64>,
+    /// The question it answers (absent in events of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<Uuid>,
 }
 
 /// A user's tier or role changed: gateways apply them at once, ahead of the claims in tokens issued

@@ -55,6 +55,7 @@ fn exchange<'a>(user_id: Uuid, conversation_id: Uuid, content: &'a str) -> NewEx
         jobs_subject: "test.jobs.chat",
         traceparent: None,
         generation: Generation::default(),
+        follows: Follows::ActiveBranch,
     }
 }
 
@@ -191,7 +192,7 @@ async fn what_users_write_is_sealed_at_rest_and_read_back_plain() {
     // Read back: plain.
     let read = db.storage.conversation(ReadFloor::Primary, user, conversation.id).await.unwrap().unwrap();
     assert_eq!(read.title.as_deref(), Some("Secret plans"));
-    let listed = db.storage.list_messages(ReadFloor::Primary, conversation.id, None, 10).await.unwrap();
+    let listed = db.storage.list_messages(ReadFloor::Primary, conversation.id, None, None, 10).await.unwrap();
     let contents: Vec<&str> = listed.iter().map(|message| message.content.as_str()).collect();
     assert_eq!(contents, ["my private question", "a private answer"]);
     let context = db.storage.job_context(reply, 10).await.unwrap().unwrap();
@@ -223,7 +224,7 @@ async fn what_users_write_is_sealed_at_rest_and_read_back_plain() {
         .await
         .unwrap();
     assert!(key.is_some(), "the conversation got a data key with its next write");
-    let listed = db.storage.list_messages(ReadFloor::Primary, conversation.id, None, 10).await.unwrap();
+    let listed = db.storage.list_messages(ReadFloor::Primary, conversation.id, None, None, 10).await.unwrap();
     let contents: Vec<&str> = listed.iter().map(|message| message.content.as_str()).collect();
     assert_eq!(contents, ["old plain text", "", "new and sealed", ""], "the replies are still pending");
 }
@@ -266,7 +267,7 @@ async fn rotating_the_content_key_rewraps_data_keys_and_seals_what_was_plain() {
     {
         let read = under_new.conversation(ReadFloor::Primary, user, conversation).await.unwrap().unwrap();
         assert_eq!(read.title.as_deref(), Some(title));
-        let messages = under_new.list_messages(ReadFloor::Primary, conversation, None, 10).await.unwrap();
+        let messages = under_new.list_messages(ReadFloor::Primary, conversation, None, None, 10).await.unwrap();
         assert_eq!(messages[0].content, content);
     }
     // Search still finds everything by its words under the new key alone.
@@ -281,4 +282,54 @@ async fn rotating_the_content_key_rewraps_data_keys_and_seals_what_was_plain() {
             .await
             .unwrap();
     assert_eq!(plain_texts, 0);
+}
+
+#[tokio::test]
+async fn a_branched_reply_reads_its_own_path_and_a_summary_only_of_that_path() {
+    let db = Fixture::create().await;
+    let user = Uuid::now_v7();
+    let conversation = db.storage.create_conversation(user, None, "model-a", None).await.unwrap();
+    let answer = |sent: &SentExchange, text: &'static str| {
+        let (storage, reply) = (db.storage.clone(), sent.assistant_message.id);
+        async move { storage.complete_message(reply, None, text, "model-a", 1, 1).await.unwrap().unwrap() }
+    };
+    let first = db.storage.send(exchange(user, conversation.id, "q1")).await.unwrap().unwrap();
+    answer(&first, "a1").await;
+    let second = db.storage.send(exchange(user, conversation.id, "q2")).await.unwrap().unwrap();
+    answer(&second, "a2").await;
+    let contents = |context: &JobContext| context.history.iter().map(|m| m.content.clone()).collect::<Vec<_>>();
+
+    // A summary of the first exchange, then an edit of the second question: the edit's branch still
+    // holds the first exchange, so the summary applies to it.
+    assert!(db.storage.update_summary(conversation.id, "gist of q1", first.assistant_message.id).await.unwrap());
+    let edit = NewExchange {
+        follows: Follows::Parent(Some(first.assistant_message.id)),
+        ..exchange(user, conversation.id, "q2 edited")
+    };
+    let edited = db.storage.send(edit).await.unwrap().unwrap();
+    let context = db.storage.job_context(edited.assistant_message.id, 10).await.unwrap().unwrap();
+    assert_eq!(contents(&context), ["q2 edited"]);
+    assert_eq!(context.conversation.summary.map(|(text, _)| text).as_deref(), Some("gist of q1"));
+
+    // A summary that covers the edited branch does not apply to a regeneration on the old one.
+    answer(&edited, "a2 edited").await;
+    assert!(db.storage.update_summary(conversation.id, "gist of the edit", edited.assistant_message.id).await.unwrap());
+    let regenerate =
+        NewExchange { follows: Follows::Question(second.user_message.id), ..exchange(user, conversation.id, "") };
+    let again = db.storage.send(regenerate).await.unwrap().unwrap();
+    assert_eq!(again.user_message.id, second.user_message.id);
+    let context = db.storage.job_context(again.assistant_message.id, 10).await.unwrap().unwrap();
+    assert_eq!(contents(&context), ["q1", "a1", "q2"]);
+    assert!(context.conversation.summary.is_none());
+    let context = db.storage.job_context(again.assistant_message.id, 2).await.unwrap().unwrap();
+    assert_eq!(contents(&context), ["a1", "q2"]);
+
+    // The listing follows the active branch (the regeneration), the export's every message.
+    let conversation = db.storage.conversation(ReadFloor::Primary, user, conversation.id).await.unwrap().unwrap();
+    assert!(conversation.branched);
+    let branch = conversation.active_leaf_id;
+    let listed = db.storage.list_messages(ReadFloor::Primary, conversation.id, branch, None, 10).await.unwrap();
+    let listed: Vec<&str> = listed.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(listed, ["q1", "a1", "q2", ""]);
+    assert_eq!(db.storage.list_messages(ReadFloor::Primary, conversation.id, None, None, 10).await.unwrap().len(), 7);
 }

@@ -158,3 +158,35 @@ pub async fn delete(
     state.backends.chat.clone().delete_conversation(request).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// Which branch of a conversation to follow.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BranchBody {
+    /// A message of the branch (any version from `/v1/messages/{id}/siblings`); the branch continues
+    /// from it by the newest message at every step.
+    pub message_id: String,
+}
+
+/// Switch the conversation's active branch: listings and the model's context follow it from now on.
+/// Returns the conversation, whose version it bumps.
+#[utoipa::path(put, path = "/v1/conversations/{id}/branch", tag = "conversations", security(("bearer" = [])),
+    params(("id" = String, Path)), request_body = BranchBody, responses(
+    (status = 200, body = ConversationView, headers(("ETag" = String, description = "\"<version>\""))),
+    (status = 404, body = Problem),
+))]
+pub async fn switch_branch(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<BranchBody>,
+) -> ApiResult<Response> {
+    let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: body.message_id.clone() };
+    let message = state.backends.chat.clone().get_message(request).await?.into_inner();
+    if message.conversation_id != id {
+        return Err(ApiError::not_found("message"));
+    }
+    let request = pb::SwitchBranchRequest { user_id: caller.user_id.to_string(), message_id: body.message_id };
+    let conversation = state.backends.chat.clone().switch_branch(request).await?.into_inner();
+    Ok(with_etag(StatusCode::OK, conversation))
+}

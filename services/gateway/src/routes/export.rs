@@ -90,6 +90,8 @@ async fn all_messages(state: &AppState, user_id: &str, conversation_id: &str) ->
             conversation_id: conversation_id.to_owned(),
             limit: MAX_PAGE,
             cursor,
+            // Everything it holds: every branch's messages.
+            all_branches: true,
         };
         let page = state.backends.chat.clone().list_messages(request).await?.into_inner();
         messages.extend(page.messages.into_iter().map(MessageView::from));

@@ -26,7 +26,7 @@ use crate::auth::Caller;
 use crate::middleware::ModelWait;
 use crate::problem::{ApiError, ApiJson, ApiPath, ApiResult, Problem};
 use crate::replies::HubEvent;
-use crate::views::{ExchangeView, MessageView, Page, SendMessageBody};
+use crate::views::{ExchangeView, MessageView, Page, RegenerateBody, SendMessageBody, SiblingsView};
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// How often a waiting send re-reads the stored reply in case its completion event was lost.
@@ -132,6 +132,95 @@ pub async fn send(
     headers: HeaderMap,
     ApiJson(body): ApiJson<SendMessageBody>,
 ) -> ApiResult<Response> {
+    send_into(state, caller, conversation_id, headers, body, Placement::default()).await
+}
+
+/// Where an exchange goes in its conversation's tree: after the active branch (a send), or as a new
+/// version of a question (an edit) or of a reply (a regeneration).
+#[derive(Default)]
+struct Placement {
+    edit_of: Option<String>,
+    regenerate_of: Option<String>,
+}
+
+/// Edit one of your questions: a new version of it, a sibling after the same earlier message, with a
+/// new reply; the conversation's active branch moves to it (the old version and its replies stay, see
+/// `/v1/messages/{id}/siblings`). Answered as a send is.
+#[utoipa::path(post, path = "/v1/messages/{id}/edit", tag = "messages", security(("bearer" = [])),
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key within 24 h return the first result")),
+    request_body = SendMessageBody, responses(
+    (status = 200, description = "The reply is finished (or, with Accept: text/event-stream, the event stream)", body = ExchangeView),
+    (status = 202, description = "The reply is still pending after the wait", body = ExchangeView),
+    (status = 400, body = Problem),
+    (status = 404, body = Problem),
+    (status = 429, description = "Token budget exhausted (`quota_exceeded`)", body = Problem),
+))]
+pub async fn edit(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<SendMessageBody>,
+) -> ApiResult<Response> {
+    let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: id.clone() };
+    let edited = state.backends.chat.clone().get_message(request).await?.into_inner();
+    let placement = Placement { edit_of: Some(id), regenerate_of: None };
+    send_into(state, caller, edited.conversation_id, headers, body, placement).await
+}
+
+/// Answer a question again: a new version of one of the model's finished replies, a sibling after the
+/// same question; the conversation's active branch moves to it. The body may name another model and
+/// the sampling of a send (`{}` for the conversation's). Answered as a send is; 409 while the reply
+/// is still being written.
+#[utoipa::path(post, path = "/v1/messages/{id}/regenerate", tag = "messages", security(("bearer" = [])),
+    params(("id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key within 24 h return the first result")),
+    request_body = RegenerateBody, responses(
+    (status = 200, description = "The reply is finished (or, with Accept: text/event-stream, the event stream)", body = ExchangeView),
+    (status = 202, description = "The reply is still pending after the wait", body = ExchangeView),
+    (status = 400, body = Problem),
+    (status = 404, body = Problem),
+    (status = 409, body = Problem),
+    (status = 429, description = "Token budget exhausted (`quota_exceeded`)", body = Problem),
+))]
+pub async fn regenerate(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<RegenerateBody>,
+) -> ApiResult<Response> {
+    let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: id.clone() };
+    let reply = state.backends.chat.clone().get_message(request).await?.into_inner();
+    let body = SendMessageBody { content: String::new(), ..body.into_send() };
+    let placement = Placement { edit_of: None, regenerate_of: Some(id) };
+    send_into(state, caller, reply.conversation_id, headers, body, placement).await
+}
+
+/// The versions of a message (itself included, oldest first) and which one is on the conversation's
+/// active branch.
+#[utoipa::path(get, path = "/v1/messages/{id}/siblings", tag = "messages", security(("bearer" = [])),
+    params(("id" = String, Path)), responses((status = 200, body = SiblingsView), (status = 404, body = Problem)))]
+pub async fn siblings(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<SiblingsView>> {
+    let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: id };
+    let siblings = state.backends.chat.clone().list_siblings(request).await?.into_inner();
+    Ok(Json(SiblingsView {
+        data: siblings.messages.into_iter().map(MessageView::from).collect(),
+        active_id: siblings.active_id,
+    }))
+}
+
+async fn send_into(
+    state: AppState,
+    caller: Caller,
+    conversation_id: String,
+    headers: HeaderMap,
+    body: SendMessageBody,
+    placement: Placement,
+) -> ApiResult<Response> {
     let idempotency_key = match headers.get(IDEMPOTENCY_KEY) {
         None => None,
         // Printable ASCII, spaces inside included (HTTP has already trimmed the ends); no tabs.
@@ -174,6 +263,8 @@ pub async fn send(
         max_tokens: longest_reply,
         // Filled in once the budget is reserved, inside the task below.
         reservation_id: None,
+        edit_of: placement.edit_of,
+        regenerate_of: placement.regenerate_of,
     };
     let sending = {
         let (state, caller) = (state.clone(), caller.clone());
@@ -327,6 +418,7 @@ pub async fn list(
         conversation_id,
         limit: page_limit(query.limit.as_deref())?,
         cursor: query.cursor,
+        all_branches: false,
     };
     let page = state.backends.chat.clone().list_messages(request).await?.into_inner();
     Ok(Json(Page { data: page.messages.into_iter().map(MessageView::from).collect(), next_cursor: page.next_cursor }))

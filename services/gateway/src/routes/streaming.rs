@@ -269,6 +269,7 @@ pub fn stored_message(message_id: Uuid, reply: &StoredReply) -> pb::Message {
         completed_at: reply.completed_at_ns.and_then(at),
         error_code: None,
         error_detail: None,
+        parent_id: reply.parent_id.map(|id| id.to_string()),
     }
 }
 

@@ -189,6 +189,11 @@ impl TestPlatform {
         read(response).await
     }
 
+    pub async fn put(&self, session: &Session, path: &str, body: Value) -> (StatusCode, Value) {
+        let response = self.http.put(self.url(path)).bearer_auth(&session.token).json(&body).send().await.unwrap();
+        read(response).await
+    }
+
     pub async fn delete(&self, session: &Session, path: &str) -> StatusCode {
         self.http.delete(self.url(path)).bearer_auth(&session.token).send().await.unwrap().status()
     }

@@ -7,6 +7,7 @@
 mod anthropic;
 mod api_keys;
 mod archive;
+mod branches;
 mod cache;
 mod context;
 mod contract;
