@@ -173,6 +173,7 @@ pub struct BranchBody {
 #[utoipa::path(put, path = "/v1/conversations/{id}/branch", tag = "conversations", security(("bearer" = [])),
     params(("id" = String, Path)), request_body = BranchBody, responses(
     (status = 200, body = ConversationView, headers(("ETag" = String, description = "\"<version>\""))),
+    (status = 400, body = Problem),
     (status = 404, body = Problem),
 ))]
 pub async fn switch_branch(
@@ -181,10 +182,13 @@ pub async fn switch_branch(
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<BranchBody>,
 ) -> ApiResult<Response> {
+    // The conversation must be the caller's (404); the message one of its own (else the body is wrong).
+    let request = pb::GetConversationRequest { user_id: caller.user_id.to_string(), conversation_id: id.clone() };
+    state.backends.chat.clone().get_conversation(request).await?;
     let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: body.message_id.clone() };
-    let message = state.backends.chat.clone().get_message(request).await?.into_inner();
-    if message.conversation_id != id {
-        return Err(ApiError::not_found("message"));
+    let message = state.backends.chat.clone().get_message(request).await;
+    if message.map_or(true, |message| message.into_inner().conversation_id != id) {
+        return Err(ApiError::invalid_field("message_id", "names no message of this conversation"));
     }
     let request = pb::SwitchBranchRequest { user_id: caller.user_id.to_string(), message_id: body.message_id };
     let conversation = state.backends.chat.clone().switch_branch(request).await?.into_inner();

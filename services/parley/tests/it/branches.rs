@@ -141,7 +141,8 @@ async fn branching_refuses_what_it_cannot_do_and_retries_are_idempotent() {
     let (status, body) = t.post(&ada, &format!("/v1/messages/{reply}/regenerate"), json!({"colour": 1})).await;
     assert_problem(status, &body, 400, "invalid_request");
 
-    // Someone else's messages are not found; a message of another conversation does not switch this one.
+    // Someone else's messages and conversations are not found; a message of another conversation does not
+    // switch this one (a 400 naming it).
     let bob = t.register("bob-branch-errors@example.com").await;
     let (status, body) = t.post(&bob, &format!("/v1/messages/{reply}/regenerate"), json!({})).await;
     assert_problem(status, &body, 404, "not_found");
@@ -149,6 +150,9 @@ async fn branching_refuses_what_it_cannot_do_and_retries_are_idempotent() {
     assert_problem(status, &body, 404, "not_found");
     let other = t.create_conversation(&ada, "Other").await;
     let (status, body) = t.put(&ada, &format!("/v1/conversations/{other}/branch"), json!({"message_id": reply})).await;
+    assert_problem(status, &body, 400, "invalid_request");
+    assert_eq!(body["field"], "message_id");
+    let (status, body) = t.put(&bob, &format!("/v1/conversations/{other}/branch"), json!({"message_id": reply})).await;
     assert_problem(status, &body, 404, "not_found");
 
     // A retried regeneration with the same key answers with the first one and makes no second reply.
