@@ -710,18 +710,21 @@ impl Storage {
                 let tsquery = tsquery.clone();
                 async move {
                     sqlx::query_as(
+                        // The page is ranked and cut from the terms alone; only its rows are then
+                        // joined to their conversation and message (a common word matches thousands).
                         "WITH hits AS (
                              SELECT s.item_id, s.conversation_id, ts_rank(s.terms, q, 1) AS rank
                              FROM chat.search_terms s, CAST($2 AS tsquery) q
-                             WHERE s.terms @@ q AND s.user_id = $1)
+                             WHERE s.terms @@ q AND s.user_id = $1
+                               AND ($3::real IS NULL OR (ts_rank(s.terms, q, 1), s.item_id) < ($3, $4))
+                             ORDER BY rank DESC, s.item_id DESC
+                             LIMIT $5)
                          SELECT h.item_id, h.conversation_id, h.rank, c.title, c.data_key, m.role, m.content,
                                 COALESCE(m.created_at, c.created_at) AS created_at
                          FROM hits h
                          JOIN chat.conversations c ON c.id = h.conversation_id AND c.user_id = $1
                          LEFT JOIN chat.all_messages m ON m.id = h.item_id AND h.item_id <> h.conversation_id
-                         WHERE $3::real IS NULL OR (h.rank, h.item_id) < ($3, $4)
-                         ORDER BY h.rank DESC, h.item_id DESC
-                         LIMIT $5",
+                         ORDER BY h.rank DESC, h.item_id DESC",
                     )
                     .bind(user_id)
                     .bind(tsquery)
