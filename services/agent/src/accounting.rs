@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use parley_platform::ServiceError;
-use parley_platform::events::{AiJob, MessageEvent, Settlement, StoredReply, UsageEvent};
+use parley_platform::events::{AiJob, MessageEvent, Settlement, StoredReply, UsageEvent, UsageOutcome};
 use parley_platform::message_status::MessageStatus;
 use parley_platform::telemetry::{self, NatsHeaderCarrier};
 use parley_proto::chat::v1 as chat_pb;
@@ -43,7 +43,7 @@ fn stored_reply(message: &chat_pb::Message) -> Option<StoredReply> {
 /// (a UUIDv7 carries the millisecond it was made: when the request came), not by when it is sent, so
 /// an event sent again, however much later, is the same row to analytics (whose key is the id and the
 /// time) and is counted once.
-fn usage_event(job: &AiJob, model: &str, outcome: &str, charged_tokens: i64) -> UsageEvent {
+fn usage_event(job: &AiJob, model: &str, outcome: UsageOutcome, charged_tokens: i64) -> UsageEvent {
     let occurred_at_ms = dated_by(job.message_id);
     UsageEvent {
         event_id: job.message_id,
@@ -58,7 +58,7 @@ fn usage_event(job: &AiJob, model: &str, outcome: &str, charged_tokens: i64) -> 
         latency_ms: 0,
         time_to_first_token_ms: None,
         cache_hit: false,
-        outcome: outcome.to_owned(),
+        outcome,
         occurred_at_ms,
         settlement: Some(Settlement { reservation_id: job.reservation_id, tokens: charged_tokens }),
     }
@@ -67,7 +67,7 @@ fn usage_event(job: &AiJob, model: &str, outcome: &str, charged_tokens: i64) -> 
 /// The usage event of a call a job made besides its reply (a summary, an abandoned attempt): dated and
 /// identified by `event_id` (derived, so reporting it again counts once), charged `charged_tokens`
 /// outside the job's reservation, which belongs to the reply.
-fn side_call_event(job: &AiJob, event_id: Uuid, model: &str, outcome: &str, charged_tokens: i64) -> UsageEvent {
+fn side_call_event(job: &AiJob, event_id: Uuid, model: &str, outcome: UsageOutcome, charged_tokens: i64) -> UsageEvent {
     UsageEvent {
         event_id,
         message_id: event_id,
@@ -202,7 +202,7 @@ impl Agent {
             latency_ms: answer.elapsed.as_millis() as i64,
             time_to_first_token_ms: answer.completion.time_to_first_token.map(|ttft| ttft.as_millis() as i64),
             cache_hit: answer.cache_hit,
-            ..usage_event(job, model, "completed", tokens)
+            ..usage_event(job, model, UsageOutcome::Completed, tokens)
         };
         self.publish_usage(&event).await
     }
@@ -267,14 +267,14 @@ impl Agent {
     }
 
     /// Reports a side call (a running summary, a title) in a usage event of its own (outcome
-    /// `summary` or `title`, priced by the summary model, dated and identified by `event_id`), whose
+    /// [`UsageOutcome::Summary`] or [`UsageOutcome::Title`], priced by the summary model, dated and identified by `event_id`), whose
     /// charge quota takes against the day's and the month's budgets: it is paid for like any call, once.
     pub(crate) async fn report_side_call(
         &self,
         job: &AiJob,
         event_id: Uuid,
         summary: &crate::summaries::SideCall,
-        outcome: &'static str,
+        outcome: UsageOutcome,
     ) -> Result<(), AgentError> {
         let answer = &summary.answer;
         let (input_tokens, output_tokens) =
@@ -311,7 +311,7 @@ impl Agent {
         let event = UsageEvent {
             input_tokens: consumed.input_tokens,
             output_tokens: consumed.output_tokens,
-            ..side_call_event(job, event_id, &job.model, "failed", charged)
+            ..side_call_event(job, event_id, &job.model, UsageOutcome::Failed, charged)
         };
         self.publish_usage(&event).await
     }
@@ -324,7 +324,7 @@ impl Agent {
         let event = UsageEvent {
             input_tokens: consumed.input_tokens,
             output_tokens: consumed.output_tokens,
-            ..usage_event(job, &job.model, "failed", charged)
+            ..usage_event(job, &job.model, UsageOutcome::Failed, charged)
         };
         self.publish_usage(&event).await
     }
@@ -410,7 +410,7 @@ mod tests {
             reservation_id: None,
             max_tokens: None,
         };
-        let event = usage_event(&job, "m", "completed", 5);
+        let event = usage_event(&job, "m", UsageOutcome::Completed, 5);
         assert_eq!(event.event_id, job.message_id);
         assert_eq!(event.occurred_at_ms, 1_767_225_600_250, "dated by the id, not by the clock");
     }

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use parley_platform::events::AiJob;
+use parley_platform::events::{AiJob, UsageOutcome};
 use parley_proto::chat::v1 as chat_pb;
 use uuid::Uuid;
 
@@ -62,7 +62,8 @@ impl Agent {
         if let Some(until) = dropped.last() {
             // The user pays for the summary call too, reported like any call (analytics prices it, quota
             // charges both budgets from the event), once per summary.
-            if let Err(error) = self.report_side_call(job, summary_event_id(job.message_id), &summary, "summary").await
+            if let Err(error) =
+                self.report_side_call(job, summary_event_id(job.message_id), &summary, UsageOutcome::Summary).await
             {
                 tracing::warn!(%error, "could not report the summary call; it is not charged");
             }

@@ -2,7 +2,7 @@
 //! first exchange, stored in chat (unless the user titled it meanwhile) and charged to the user like
 //! any call.
 
-use parley_platform::events::AiJob;
+use parley_platform::events::{AiJob, UsageOutcome};
 use parley_proto::chat::v1 as chat_pb;
 use uuid::Uuid;
 
@@ -68,7 +68,8 @@ impl Agent {
         let Some(call) = self.side_call(request, &context.model, model, TITLE_MAX_TOKENS, "title").await else {
             return;
         };
-        if let Err(error) = self.report_side_call(job, title_event_id(job.message_id), &call, "title").await {
+        if let Err(error) = self.report_side_call(job, title_event_id(job.message_id), &call, UsageOutcome::Title).await
+        {
             tracing::warn!(%error, "could not report the title call; it is not charged");
         }
         let Some(title) = clean_title(&call.text) else {

@@ -333,7 +333,7 @@ impl Rollups {
         usage.output_tokens += event.output_tokens;
         usage.cost_micros += cost;
         usage.cache_hits += i64::from(event.cache_hit);
-        usage.failures += i64::from(event.outcome == "failed");
+        usage.failures += i64::from(event.outcome == parley_platform::events::UsageOutcome::Failed);
         if cost > 0 {
             *self.cost_by_day.entry(day).or_default() += cost;
             *self.cost_by_model.entry(event.model.clone()).or_default() += cost;
@@ -517,7 +517,7 @@ mod tests {
             latency_ms: 5,
             time_to_first_token_ms: None,
             cache_hit,
-            outcome: "completed".to_owned(),
+            outcome: parley_platform::events::UsageOutcome::Completed,
             occurred_at_ms: OffsetDateTime::now_utc().unix_timestamp() * 1000,
             settlement: None,
         }

@@ -54,6 +54,31 @@ impl AiJob {
     }
 }
 
+/// What a usage event reports, by its lowercase name on the wire and in `analytics.usage_events`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageOutcome {
+    /// A reply or a completion, answered whole.
+    Completed,
+    /// A call that ended failed; what it consumed is charged all the same.
+    Failed,
+    /// A running summary's call, charged to the conversation's owner.
+    Summary,
+    /// A generated title's call, charged to the conversation's owner.
+    Title,
+}
+
+impl UsageOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageOutcome::Completed => "completed",
+            UsageOutcome::Failed => "failed",
+            UsageOutcome::Summary => "summary",
+            UsageOutcome::Title => "title",
+        }
+    }
+}
+
 /// What an agent reports after a model call. Idempotent by `event_id` (the assistant message id).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct UsageEvent {
@@ -72,9 +97,7 @@ pub struct UsageEvent {
     pub latency_ms: i64,
     pub time_to_first_token_ms: Option<i64>,
     pub cache_hit: bool,
-    /// "completed", "failed", "summary" (a running summary's call) or "title" (a generated title's
-    /// call); the last two are charged to the conversation's owner.
-    pub outcome: String,
+    pub outcome: UsageOutcome,
     /// Unix milliseconds.
     pub occurred_at_ms: i64,
     /// What the quota service charges for this call, which it does on reading the event. Absent from
@@ -176,4 +199,24 @@ pub struct AccountChanged {
     /// The account was deleted: tokens issued to it stop working at once.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleted: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_outcomes_keep_their_wire_names() {
+        for (outcome, name) in [
+            (UsageOutcome::Completed, "completed"),
+            (UsageOutcome::Failed, "failed"),
+            (UsageOutcome::Summary, "summary"),
+            (UsageOutcome::Title, "title"),
+        ] {
+            assert_eq!(serde_json::to_value(outcome).unwrap(), serde_json::json!(name));
+            assert_eq!(serde_json::from_value::<UsageOutcome>(serde_json::json!(name)).unwrap(), outcome);
+            assert_eq!(outcome.as_str(), name);
+        }
+        assert!(serde_json::from_value::<UsageOutcome>(serde_json::json!("exploded")).is_err());
+    }
 }

@@ -41,7 +41,7 @@ pub(crate) fn event(user: &Session, model: &str, input: i64, output: i64, at: Of
         latency_ms: 120,
         time_to_first_token_ms: Some(20),
         cache_hit: false,
-        outcome: "completed".to_owned(),
+        outcome: parley_platform::events::UsageOutcome::Completed,
         occurred_at_ms: (at.unix_timestamp_nanos() / 1_000_000) as i64,
         settlement: None,
     }
