@@ -2,8 +2,10 @@
 metrics only through its declarations.
 
 Declarations are the entries of each crate's `declare_metrics!` table in `src/metrics.rs`. A
-query may use a histogram's `_bucket`, `_sum` and `_count` series. A metric macro (`counter!`,
-`gauge!`, `histogram!`) given a string literal anywhere else in `services/` is refused, so a typo cannot
+query may use a histogram's `_bucket`, `_sum` and `_count` series. The queries checked are the
+dashboards', the alert rules' and their unit tests', and the series the end-to-end tests read from
+`/metrics`. A metric macro (`counter!`, `gauge!`, `histogram!`) given a string literal anywhere else in
+`services/`, tests included and however the call is wrapped over lines, is refused, so a typo cannot
 quietly start a new series that no dashboard reads.
 
     python check-metric-names.py
@@ -17,6 +19,8 @@ import sys
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DECLARATION = re.compile(r'^\s*(?:counter|gauge|histogram) [A-Z0-9_]+ = "(parley_[a-z0-9_]+)"', re.MULTILINE)
 USE = re.compile(r"\bparley_[a-z0-9_]+")
+# A series an end-to-end test reads: `t.metric("parley_...")`, or through a `format!`.
+TEST_READ = re.compile(r'\.metric\(\s*&?(?:format!\(\s*)?"(parley_[a-z0-9_]+)')
 LITERAL_MACRO = re.compile(r'\b(counter|gauge|histogram)!\(\s*"')
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 
@@ -31,9 +35,12 @@ def declared():
 def queried():
     used = {}
     sources = glob.glob(os.path.join(ROOT, "charts", "parley", "dashboards", "*.json"))
-    sources += [os.path.join(ROOT, "charts", "parley", "rules", "parley-alerts.yaml")]
+    sources += glob.glob(os.path.join(ROOT, "charts", "parley", "rules", "*.yaml"))
     for path in sources:
         for name in USE.findall(open(path).read()):
+            used.setdefault(name, os.path.relpath(path, ROOT))
+    for path in glob.glob(os.path.join(ROOT, "services", "*", "tests", "**", "*.rs"), recursive=True):
+        for name in TEST_READ.findall(open(path).read()):
             used.setdefault(name, os.path.relpath(path, ROOT))
     return used
 
@@ -54,11 +61,12 @@ def main():
         if not known(name, names):
             problems.append(f"{where} queries {name}, which no services/*/src/metrics.rs declares")
     for path in glob.glob(os.path.join(ROOT, "services", "**", "*.rs"), recursive=True):
-        if path.endswith(os.sep + "metrics.rs") or os.sep + "tests" + os.sep in path:
+        if path.endswith(os.sep + "metrics.rs"):
             continue
-        for number, line in enumerate(open(path), start=1):
-            if LITERAL_MACRO.search(line):
-                problems.append(f"{os.path.relpath(path, ROOT)}:{number} names a metric by a literal; declare it in metrics.rs")
+        text = open(path).read()
+        for found in LITERAL_MACRO.finditer(text):
+            number = text.count("\n", 0, found.start()) + 1
+            problems.append(f"{os.path.relpath(path, ROOT)}:{number} names a metric by a literal; declare it in metrics.rs")
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
