@@ -14,6 +14,7 @@ mod pipeline;
 mod problem;
 mod replies;
 mod routes;
+mod timing;
 mod views;
 
 use std::sync::Arc;

@@ -16,9 +16,7 @@ use uuid::Uuid;
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
-/// Time a handler spent waiting on the model, reported as `llm;dur=` and left out of `gateway;dur=`.
-#[derive(Debug, Clone, Copy)]
-pub struct ModelWait(pub Duration);
+use crate::timing::ModelWait;
 
 /// A client's request id is kept when it is reasonable (1 to 128 of `[A-Za-z0-9._-]`); else a new one.
 fn request_id_from(request: &Request) -> String {

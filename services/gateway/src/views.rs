@@ -198,7 +198,7 @@ pub struct SendMessageBody {
     pub top_p: Option<f32>,
     /// Up to 4 sequences (a string or a list) that end the reply where the model writes them.
     #[serde(default)]
-    pub stop: Option<crate::routes::Stop>,
+    pub stop: Option<Stop>,
     /// Asks the provider for a reproducible reply.
     #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer")]
     pub seed: Option<i64>,
@@ -275,7 +275,7 @@ impl SendMessageBody {
         let sampling = parley_platform::sampling::Sampling {
             temperature: self.temperature,
             top_p: self.top_p,
-            stop: self.stop.clone().map(crate::routes::Stop::into_list).unwrap_or_default(),
+            stop: self.stop.clone().map(Stop::into_list).unwrap_or_default(),
             seed: self.seed,
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
@@ -471,5 +471,22 @@ impl From<analytics_pb::ModelSatisfaction> for SatisfactionView {
         let rated = row.up + row.down;
         let satisfaction = if rated > 0 { row.up as f64 / rated as f64 } else { 0.0 };
         Self { model: row.model, up: row.up, down: row.down, satisfaction }
+    }
+}
+
+/// OpenAI's `stop`: one sequence or a list of them.
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_list(self) -> Vec<String> {
+        match self {
+            Stop::One(sequence) => vec![sequence],
+            Stop::Many(sequences) => sequences,
+        }
     }
 }

@@ -29,8 +29,8 @@ use super::completion::{Prompt, collect, finish_reason};
 use super::streaming::{heartbeat, unbuffered};
 use crate::AppState;
 use crate::auth::Caller;
-use crate::middleware::ModelWait;
 use crate::problem::ApiError;
+use crate::timing::ModelWait;
 
 /// An error in Anthropic's wire shape.
 pub struct AnthropicError {

@@ -23,9 +23,9 @@ use uuid::Uuid;
 use super::{PageQuery, page_limit, query_rejection};
 use crate::AppState;
 use crate::auth::Caller;
-use crate::middleware::ModelWait;
 use crate::problem::{ApiError, ApiJson, ApiPath, ApiResult, Problem};
 use crate::replies::HubEvent;
+use crate::timing::ModelWait;
 use crate::views::{ExchangeView, MessageView, Page, RegenerateBody, SendMessageBody, SiblingsView};
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";

@@ -168,20 +168,3 @@ pub fn longest_reply(
         Some((param, _)) => Err(parley_platform::ServiceError::invalid_field(param, "must be at least 1")),
     }
 }
-
-/// OpenAI's `stop`: one sequence or a list of them.
-#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
-#[serde(untagged)]
-pub enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl Stop {
-    pub fn into_list(self) -> Vec<String> {
-        match self {
-            Stop::One(sequence) => vec![sequence],
-            Stop::Many(sequences) => sequences,
-        }
-    }
-}

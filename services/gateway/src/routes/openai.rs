@@ -28,8 +28,8 @@ use super::completion::{Collected, Prompt, collect, finish_reason};
 use super::streaming::{heartbeat, unbuffered};
 use crate::AppState;
 use crate::auth::Caller;
-use crate::middleware::ModelWait;
 use crate::problem::ApiError;
+use crate::timing::ModelWait;
 
 /// An error in OpenAI's wire shape.
 pub struct OpenAiError {
@@ -175,7 +175,7 @@ struct CompletionRequest {
     #[serde(default)]
     top_p: Option<f32>,
     #[serde(default)]
-    stop: Option<super::Stop>,
+    stop: Option<crate::views::Stop>,
     #[serde(default, deserialize_with = "parley_platform::json_int::optional_integer")]
     seed: Option<i64>,
     #[serde(default)]
@@ -275,7 +275,7 @@ impl CompletionRequest {
         let sampling = Sampling {
             temperature: self.temperature,
             top_p: self.top_p,
-            stop: self.stop.clone().map(super::Stop::into_list).unwrap_or_default(),
+            stop: self.stop.clone().map(crate::views::Stop::into_list).unwrap_or_default(),
             seed: self.seed,
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
