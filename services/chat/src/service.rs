@@ -57,7 +57,7 @@ impl ChatService {
     /// questions, a regeneration of one of their finished replies; other ids are not found, and a reply
     /// still being written cannot be regenerated (409).
     async fn placement(&self, user_id: Uuid, request: &pb::SendMessageRequest) -> Result<(Uuid, Follows), ChatError> {
-        let edited = match (&request.edit_of, &request.regenerate_of) {
+        let (id, role) = match (&request.edit_of, &request.regenerate_of) {
             (None, None) => {
                 let id = parse_id_or_not_found(&request.conversation_id)
                     .ok_or_else(|| ServiceError::not_found("conversation"))?;
@@ -66,15 +66,17 @@ impl ChatService {
             (Some(id), None) => (id, "user"),
             (_, Some(id)) => (id, "assistant"),
         };
-        let (id, role) = edited;
         let message = match parse_id_or_not_found(id) {
             Some(id) => self.storage.message_for_user(ReadFloor::Primary, user_id, id).await?,
             None => None,
         };
         let message = message.ok_or_else(|| ServiceError::not_found("message"))?;
         if message.role != role {
-            let detail =
-                if role == "user" { "only your own messages can be edited" } else { "only replies can be regenerated" };
+            let detail = if role == "user" {
+                "only questions can be edited; a reply is regenerated instead"
+            } else {
+                "only replies can be regenerated; a question is edited instead"
+            };
             return Err(ServiceError::invalid_field("id", detail).into());
         }
         if role == "user" {
@@ -307,9 +309,8 @@ impl pb::chat_service_server::ChatService for ChatService {
         let request = request.into_inner();
         let user_id = parse_user(&request.user_id)?;
         let (conversation_id, follows) = self.placement(user_id, &request).await?;
-        if matches!(follows, Follows::Question(_)) {
-            // A regenerated reply has no new question.
-        } else if request.content.trim().is_empty() {
+        // A regenerated reply has no new question, so no content.
+        if !matches!(follows, Follows::Question(_)) && request.content.trim().is_empty() {
             return Err(ChatError::from(ServiceError::invalid_field("content", "must not be empty")).into());
         }
         bounded_text("content", Some(&request.content), self.config.chat.max_message_chars)?;
