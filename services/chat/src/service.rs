@@ -422,15 +422,12 @@ impl pb::chat_service_server::ChatService for ChatService {
         let hits = hits
             .into_iter()
             .map(|hit| {
-                let (role, message_id) = match hit.message {
-                    Some((role, _)) => (Some(role), Some(hit.position.id.to_string())),
-                    None => (None, None),
-                };
+                let message_id = hit.role.is_some().then(|| hit.position.id.to_string());
                 pb::SearchHit {
                     conversation_id: hit.conversation_id.to_string(),
                     conversation_title: hit.title,
                     message_id,
-                    role,
+                    role: hit.role,
                     created_at: Some(timestamps::to_proto(hit.created_at)),
                     rank: hit.position.rank,
                     snippet: hit

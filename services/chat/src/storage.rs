@@ -552,10 +552,7 @@ impl Storage {
     ) -> Result<Option<SentExchange>, sqlx::Error> {
         let Some(key) = exchange.idempotency_key else {
             // One statement, so one round trip and one commit.
-            let sent = match exchange.follows {
-                Follows::Question(question) => insert_regeneration(self.pool(), &exchange, question).await?,
-                Follows::ActiveBranch | Follows::Parent(_) => insert_exchange(self.pool(), &exchange, terms).await?,
-            };
+            let sent = insert(self.pool(), &exchange, terms).await?;
             if sent.is_some() {
                 self.wrote(exchange.user_id).await;
             }
@@ -577,11 +574,7 @@ impl Storage {
             tx.commit().await?;
             return Ok(Some(previous));
         }
-        let inserted = match exchange.follows {
-            Follows::Question(question) => insert_regeneration(&mut *tx, &exchange, question).await?,
-            Follows::ActiveBranch | Follows::Parent(_) => insert_exchange(&mut *tx, &exchange, terms).await?,
-        };
-        let Some(sent) = inserted else {
+        let Some(sent) = insert(&mut *tx, &exchange, terms).await? else {
             return Ok(None);
         };
         sqlx::query(
@@ -747,22 +740,18 @@ impl Storage {
                 None => Ok(text.to_owned()),
             };
             let title = row.title.as_deref().map(|title| open(Field::Title, title)).transpose()?;
-            let message = match (row.role, row.content) {
+            // A message's hit is cut from its content, a title's from the title.
+            let (role, snippet) = match (row.role, row.content) {
                 (Some(role), Some(content)) if row.item_id != row.conversation_id => {
-                    Some((role, open(Field::Content, &content)?))
+                    (Some(role), crate::search::snippet(&open(Field::Content, &content)?, &query.words))
                 }
-                _ => None,
+                _ => (None, crate::search::snippet(title.as_deref().unwrap_or_default(), &query.words)),
             };
-            let matched = match &message {
-                Some((_, content)) => content.as_str(),
-                None => title.as_deref().unwrap_or_default(),
-            };
-            let snippet = crate::search::snippet(matched, &query.words);
             hits.push(SearchHit {
                 position: SearchPosition { rank: row.rank, id: row.item_id },
                 conversation_id: row.conversation_id,
                 title,
-                message,
+                role,
                 created_at: row.created_at,
                 snippet,
             });
@@ -880,6 +869,8 @@ impl Storage {
                 .await?;
         self.reveal_messages(&mut rows).await?;
         let active = match conversation.active_leaf_id {
+            // Never branched: the message is its only version, on the one branch there is.
+            _ if !conversation.branched => rows.first().map(|row| row.id),
             Some(leaf) => {
                 let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
                 self.on_path(floor, conversation_id, leaf, &ids).await?
@@ -1208,12 +1199,12 @@ pub struct SearchPosition {
     pub id: Uuid,
 }
 
-/// One search result: a message (its role and opened content) or, without one, a conversation's title.
+/// One search result: a message (with its role) or, without one, a conversation's title.
 pub struct SearchHit {
     pub position: SearchPosition,
     pub conversation_id: Uuid,
     pub title: Option<String>,
-    pub message: Option<(String, String)>,
+    pub role: Option<String>,
     pub created_at: OffsetDateTime,
     pub snippet: Vec<crate::search::Part>,
 }
@@ -1347,6 +1338,18 @@ pub struct Generation {
     pub reservation_id: Option<Uuid>,
     /// The longest reply the client asked for.
     pub max_tokens: Option<u32>,
+}
+
+/// Stores an exchange in one statement: a regenerated reply, or a question and its reply.
+async fn insert<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    exchange: &NewExchange<'_>,
+    terms: Option<&str>,
+) -> Result<Option<SentExchange>, sqlx::Error> {
+    match exchange.follows {
+        Follows::Question(question) => insert_regeneration(executor, exchange, question).await,
+        Follows::ActiveBranch | Follows::Parent(_) => insert_exchange(executor, exchange, terms).await,
+    }
 }
 
 /// Stores an exchange in one statement: marks the conversation active (which locks its row, so sends

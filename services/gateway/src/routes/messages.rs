@@ -132,15 +132,28 @@ pub async fn send(
     headers: HeaderMap,
     ApiJson(body): ApiJson<SendMessageBody>,
 ) -> ApiResult<Response> {
-    send_into(state, caller, conversation_id, headers, body, Placement::default()).await
+    send_into(state, caller, Target::Conversation(conversation_id), headers, body).await
 }
 
-/// Where an exchange goes in its conversation's tree: after the active branch (a send), or as a new
-/// version of a question (an edit) or of a reply (a regeneration).
-#[derive(Default)]
-struct Placement {
-    edit_of: Option<String>,
-    regenerate_of: Option<String>,
+/// Where an exchange goes in its conversation's tree: after the active branch of a conversation (a
+/// send), or as a new version of a question (an edit) or of a reply (a regeneration), whose
+/// conversation chat finds from the message.
+enum Target {
+    Conversation(String),
+    Edit(String),
+    Regenerate(String),
+}
+
+impl Target {
+    /// The conversation's id, read through the message for an edit or a regeneration.
+    async fn conversation_id(&self, state: &AppState, caller: &Caller) -> ApiResult<String> {
+        let message_id = match self {
+            Target::Conversation(id) => return Ok(id.clone()),
+            Target::Edit(id) | Target::Regenerate(id) => id.clone(),
+        };
+        let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id };
+        Ok(state.backends.chat.clone().get_message(request).await?.into_inner().conversation_id)
+    }
 }
 
 /// Edit one of your questions: a new version of it, a sibling after the same earlier message, with a
@@ -162,10 +175,7 @@ pub async fn edit(
     headers: HeaderMap,
     ApiJson(body): ApiJson<SendMessageBody>,
 ) -> ApiResult<Response> {
-    let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: id.clone() };
-    let edited = state.backends.chat.clone().get_message(request).await?.into_inner();
-    let placement = Placement { edit_of: Some(id), regenerate_of: None };
-    send_into(state, caller, edited.conversation_id, headers, body, placement).await
+    send_into(state, caller, Target::Edit(id), headers, body).await
 }
 
 /// Answer a question again: a new version of one of the model's finished replies, a sibling after the
@@ -189,11 +199,7 @@ pub async fn regenerate(
     headers: HeaderMap,
     ApiJson(body): ApiJson<RegenerateBody>,
 ) -> ApiResult<Response> {
-    let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: id.clone() };
-    let reply = state.backends.chat.clone().get_message(request).await?.into_inner();
-    let body = SendMessageBody { content: String::new(), ..body.into_send() };
-    let placement = Placement { edit_of: None, regenerate_of: Some(id) };
-    send_into(state, caller, reply.conversation_id, headers, body, placement).await
+    send_into(state, caller, Target::Regenerate(id), headers, body.into_send()).await
 }
 
 /// The versions of a message (itself included, oldest first) and which one is on the conversation's
@@ -216,10 +222,9 @@ pub async fn siblings(
 async fn send_into(
     state: AppState,
     caller: Caller,
-    conversation_id: String,
+    target: Target,
     headers: HeaderMap,
     body: SendMessageBody,
-    placement: Placement,
 ) -> ApiResult<Response> {
     let idempotency_key = match headers.get(IDEMPOTENCY_KEY) {
         None => None,
@@ -241,10 +246,8 @@ async fn send_into(
         let model = match &body.model {
             Some(model) => model.clone(),
             None => {
-                let request = pb::GetConversationRequest {
-                    user_id: caller.user_id.to_string(),
-                    conversation_id: conversation_id.clone(),
-                };
+                let conversation_id = target.conversation_id(&state, &caller).await?;
+                let request = pb::GetConversationRequest { user_id: caller.user_id.to_string(), conversation_id };
                 state.backends.chat.clone().get_conversation(request).await?.into_inner().model
             }
         };
@@ -252,6 +255,11 @@ async fn send_into(
     }
     let longest_reply = super::longest_reply(&state.config, body.max_tokens.map(|asked| ("max_tokens", asked)))?;
     let estimated_tokens = i64::from(parley_platform::tokens::estimate(&body.content)) + i64::from(longest_reply);
+    let (conversation_id, edit_of, regenerate_of) = match target {
+        Target::Conversation(id) => (id, None, None),
+        Target::Edit(id) => (String::new(), Some(id), None),
+        Target::Regenerate(id) => (String::new(), None, Some(id)),
+    };
     let request = pb::SendMessageRequest {
         user_id: caller.user_id.to_string(),
         conversation_id,
@@ -263,8 +271,8 @@ async fn send_into(
         max_tokens: longest_reply,
         // Filled in once the budget is reserved, inside the task below.
         reservation_id: None,
-        edit_of: placement.edit_of,
-        regenerate_of: placement.regenerate_of,
+        edit_of,
+        regenerate_of,
     };
     let sending = {
         let (state, caller) = (state.clone(), caller.clone());
