@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::ChatError;
 use crate::relay::JobQueue;
 use crate::storage::{
-    ConversationChanges, ConversationRow, Follows, Generation, MessageRow, NewExchange, Storage, UpdateOutcome,
+    ConversationChanges, ConversationRow, Follows, Generation, MessageRow, NewExchange, Storage, UpdateOutcome, Version,
 };
 use parley_platform::cursor::{CursorCodec, CursorKind, Position, page_size};
 use parley_platform::limits::{MAX_IDEMPOTENCY_KEY_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS};
@@ -186,6 +186,8 @@ fn message_to_proto(row: MessageRow) -> pb::Message {
         error_code: row.error_code,
         error_detail: row.error_detail,
         parent_id: row.parent_id.map(|id| id.to_string()),
+        branch: row.version.map(|version| version.branch),
+        branches: row.version.map(|version| version.branches),
     }
 }
 
@@ -340,6 +342,17 @@ impl pb::chat_service_server::ChatService for ChatService {
         let Some(mut sent) = self.storage.send(exchange).await.map_err(ChatError::from)? else {
             return Err(ChatError::from(ServiceError::not_found("conversation")).into());
         };
+        if follows == Follows::ActiveBranch && !sent.replayed {
+            // A new question goes after the active branch's leaf, which has no children: both messages
+            // are the only versions there are.
+            sent.user_message.version = Some(Version::ONLY);
+            sent.assistant_message.version = Some(Version::ONLY);
+        } else {
+            let floor = self.storage.floor(user_id).await;
+            let mut rows = [sent.user_message, sent.assistant_message];
+            self.storage.number_versions(floor, &mut rows).await.map_err(ChatError::from)?;
+            [sent.user_message, sent.assistant_message] = rows;
+        }
         if let Some(job) = sent.job.take() {
             self.jobs.publish(job);
             metrics::counter!(crate::metrics::MESSAGES_SENT).increment(1);
@@ -367,7 +380,9 @@ impl pb::chat_service_server::ChatService for ChatService {
             }
             None => None,
         };
-        let row = row.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
+        let mut row = row.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
+        let floor = self.storage.floor(user_id).await;
+        self.storage.number_versions(floor, std::slice::from_mut(&mut row)).await.map_err(ChatError::from)?;
         Ok(Response::new(message_to_proto(row)))
     }
 
@@ -387,6 +402,11 @@ impl pb::chat_service_server::ChatService for ChatService {
             .list_messages(floor, conversation.id, branch, after, i64::from(limit) + 1)
             .await
             .map_err(ChatError::from)?;
+        if conversation.branched {
+            self.storage.number_versions(floor, &mut rows).await.map_err(ChatError::from)?;
+        } else {
+            rows.iter_mut().for_each(|row| row.version = Some(Version::ONLY));
+        }
         let next_cursor = self
             .cursors
             .next_page(CursorKind::Messages, &mut rows, limit, |last| Position { at: last.created_at, id: last.id });

@@ -51,6 +51,23 @@ pub struct MessageRow {
     pub completed_at: Option<OffsetDateTime>,
     /// The message this one follows (none for a conversation's first).
     pub parent_id: Option<Uuid>,
+    /// Which version of its siblings this is, when it was asked for (`Storage::number_versions`).
+    #[sqlx(skip)]
+    pub version: Option<Version>,
+}
+
+/// A message's place among its versions (the messages with its parent and its role).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    /// 1 for the oldest version.
+    pub branch: u32,
+    /// How many versions there are.
+    pub branches: u32,
+}
+
+impl Version {
+    /// The only version there is.
+    pub const ONLY: Self = Self { branch: 1, branches: 1 };
 }
 
 const CONVERSATION_COLUMNS: &str =
@@ -837,6 +854,48 @@ impl Storage {
         Ok(Some(JobContext { message, conversation, history: messages.collect() }))
     }
 
+    /// Numbers each message among its versions (`MessageRow::version`), one statement per conversation.
+    pub async fn number_versions(&self, floor: ReadFloor, rows: &mut [MessageRow]) -> Result<(), sqlx::Error> {
+        let mut conversations: Vec<Uuid> = rows.iter().map(|row| row.conversation_id).collect();
+        conversations.sort_unstable();
+        conversations.dedup();
+        for conversation_id in conversations {
+            let ids: Vec<Uuid> =
+                rows.iter().filter(|row| row.conversation_id == conversation_id).map(|row| row.id).collect();
+            let numbers: Vec<(Uuid, i64, i64)> = self
+                .marks
+                .database()
+                .read(floor, |pool| {
+                    let ids = ids.clone();
+                    async move {
+                        sqlx::query_as(sql("SELECT id, branch, branches FROM (
+                                 SELECT s.id, row_number() OVER (PARTITION BY s.role, s.parent_id
+                                                                 ORDER BY s.created_at, s.id) AS branch,
+                                        count(*) OVER (PARTITION BY s.role, s.parent_id) AS branches
+                                 FROM chat.all_messages s
+                                 WHERE s.conversation_id = $1 AND EXISTS (
+                                     SELECT 1 FROM chat.all_messages t
+                                     WHERE t.conversation_id = $1 AND t.id = ANY($2) AND t.role = s.role
+                                       AND t.parent_id IS NOT DISTINCT FROM s.parent_id)) versions
+                             WHERE id = ANY($2)"
+                            .to_owned()))
+                        .bind(conversation_id)
+                        .bind(ids)
+                        .fetch_all(&pool)
+                        .await
+                    }
+                })
+                .await?;
+            for (id, branch, branches) in numbers {
+                if let Some(row) = rows.iter_mut().find(|row| row.id == id) {
+                    let count = |n: i64| u32::try_from(n).unwrap_or(u32::MAX);
+                    row.version = Some(Version { branch: count(branch), branches: count(branches) });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The versions of one of a user's messages: the messages of its conversation with its parent and
     /// its role (itself included), oldest first, and the one on the active branch, if any.
     pub async fn siblings(
@@ -868,6 +927,10 @@ impl Storage {
                 })
                 .await?;
         self.reveal_messages(&mut rows).await?;
+        let branches = u32::try_from(rows.len()).unwrap_or(u32::MAX);
+        for (branch, row) in (1..).zip(rows.iter_mut()) {
+            row.version = Some(Version { branch, branches });
+        }
         let active = match conversation.active_leaf_id {
             // Never branched: the message is its only version, on the one branch there is.
             _ if !conversation.branched => rows.first().map(|row| row.id),

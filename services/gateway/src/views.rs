@@ -109,6 +109,13 @@ pub struct MessageView {
     /// The message this one follows (null for a conversation's first); messages with one parent and
     /// one role are versions of each other.
     pub parent_id: Option<String>,
+    /// Which version of its siblings this message is (1 for the oldest; edits and regenerations add
+    /// versions); absent in stream events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branch: Option<u32>,
+    /// How many versions the message has (see `GET /v1/messages/{id}/siblings`); absent in stream events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branches: Option<u32>,
 }
 
 impl From<chat_pb::Message> for MessageView {
@@ -134,6 +141,8 @@ impl From<chat_pb::Message> for MessageView {
             model: message.model,
             error,
             parent_id: message.parent_id,
+            branch: message.branch,
+            branches: message.branches,
         }
     }
 }
@@ -382,7 +391,8 @@ pub struct SnippetPartView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SearchHitView {
     pub conversation_id: String,
-    pub conversation_title: Option<String>,
+    /// The conversation's title.
+    pub title: Option<String>,
     pub message_id: Option<String>,
     /// The message's role ("user" or "assistant"); null for a title.
     pub role: Option<String>,
@@ -397,7 +407,7 @@ impl From<chat_pb::SearchHit> for SearchHitView {
     fn from(hit: chat_pb::SearchHit) -> Self {
         Self {
             conversation_id: hit.conversation_id,
-            conversation_title: hit.conversation_title,
+            title: hit.conversation_title,
             message_id: hit.message_id,
             role: hit.role,
             created_at: proto_to_rfc3339(hit.created_at.as_ref()),

@@ -170,7 +170,7 @@ pub struct BranchBody {
 
 /// Switch the conversation's active branch: listings and the model's context follow it from now on.
 /// Returns the conversation, whose version it bumps.
-#[utoipa::path(put, path = "/v1/conversations/{id}/branch", tag = "conversations", security(("bearer" = [])),
+#[utoipa::path(put, path = "/v1/conversations/{id}/active-branch", tag = "conversations", security(("bearer" = [])),
     params(("id" = String, Path)), request_body = BranchBody, responses(
     (status = 200, body = ConversationView, headers(("ETag" = String, description = "\"<version>\""))),
     (status = 400, body = Problem),

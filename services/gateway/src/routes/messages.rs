@@ -360,8 +360,9 @@ pub async fn wait_for_reply(
         tokio::select! {
             _ = tokio::time::sleep_until(next_poll) => {}
             reply = ending.announced(message_id) => if let Some(reply) = reply {
-                // The end carried the reply as stored: no need to read it back.
-                latest = reply;
+                // The end carried the reply as stored: no need to read it back (its place among its
+                // versions is the one the send was given).
+                latest = pb::Message { branch: latest.branch, branches: latest.branches, ..reply };
                 read_now = false;
             },
         }

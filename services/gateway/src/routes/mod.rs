@@ -51,7 +51,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/messages/{id}/edit", post(messages::edit))
         .route("/v1/messages/{id}/regenerate", post(messages::regenerate))
         .route("/v1/messages/{id}/siblings", get(messages::siblings))
-        .route("/v1/conversations/{id}/branch", put(conversations::switch_branch))
+        .route("/v1/conversations/{id}/active-branch", put(conversations::switch_branch))
         .route("/v1/messages/{id}/feedback", get(feedback::get).put(feedback::put).delete(feedback::delete))
         .route("/v1/search", get(search::search))
         .route("/v1/admin/feedback", get(feedback::export))

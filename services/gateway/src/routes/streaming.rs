@@ -270,6 +270,8 @@ pub fn stored_message(message_id: Uuid, reply: &StoredReply) -> pb::Message {
         error_code: None,
         error_detail: None,
         parent_id: reply.parent_id.map(|id| id.to_string()),
+        branch: None,
+        branches: None,
     }
 }
 

@@ -81,13 +81,26 @@ async fn edits_and_regenerations_branch_and_the_conversation_follows_the_active_
     let versions: Vec<String> = siblings["data"].as_array().unwrap().iter().map(id).collect();
     assert_eq!(versions, [q2.clone(), q2e.clone()]);
     assert_eq!(siblings["active_id"], q2e.as_str());
+    // Every message says which of its versions it is.
+    let number = |message: &Value| (message["branch"].as_u64().unwrap(), message["branches"].as_u64().unwrap());
+    assert_eq!(number(&again["assistant_message"]), (2, 2));
+    assert_eq!(number(&edited["user_message"]), (2, 2));
+    assert_eq!(number(&edited["assistant_message"]), (1, 1));
+    let numbers: Vec<_> = siblings["data"].as_array().unwrap().iter().map(number).collect();
+    assert_eq!(numbers, [(1, 2), (2, 2)]);
+    let (_, page) = t.get(&ada, &format!("/v1/conversations/{conversation}/messages")).await;
+    let numbers: Vec<_> = page["data"].as_array().unwrap().iter().map(number).collect();
+    assert_eq!(numbers, [(1, 1), (1, 1), (2, 2), (1, 1)]);
+    let (_, old_question) = t.get(&ada, &format!("/v1/messages/{q2}")).await;
+    assert_eq!(number(&old_question), (1, 2));
+    assert_eq!(number(&first["user_message"]), (1, 1));
     let send_after_edit = send(&t, &ada, &conversation, "three").await;
     assert_eq!(shown(&t), ["one", "two, edited", "three"]);
     assert_eq!(send_after_edit["user_message"]["parent_id"], edited["assistant_message"]["id"]);
 
     // Switch back to the original question: its newest reply (the regenerated one) ends the branch.
     let (status, switched) =
-        t.put(&ada, &format!("/v1/conversations/{conversation}/branch"), json!({"message_id": q2})).await;
+        t.put(&ada, &format!("/v1/conversations/{conversation}/active-branch"), json!({"message_id": q2})).await;
     assert_eq!(status, StatusCode::OK, "{switched}");
     let listed = thread(&t, &ada, &conversation).await;
     assert_eq!(listed.len(), 4);
@@ -95,7 +108,8 @@ async fn edits_and_regenerations_branch_and_the_conversation_follows_the_active_
     let (_, siblings) = t.get(&ada, &format!("/v1/messages/{r2}/siblings")).await;
     assert_eq!(siblings["active_id"], r2b.as_str());
     // ... then to the first reply to it; the next question follows that one.
-    let (status, _) = t.put(&ada, &format!("/v1/conversations/{conversation}/branch"), json!({"message_id": r2})).await;
+    let (status, _) =
+        t.put(&ada, &format!("/v1/conversations/{conversation}/active-branch"), json!({"message_id": r2})).await;
     assert_eq!(status, StatusCode::OK);
     let next = send(&t, &ada, &conversation, "four").await;
     assert_eq!(next["user_message"]["parent_id"], r2.as_str());
@@ -149,10 +163,12 @@ async fn branching_refuses_what_it_cannot_do_and_retries_are_idempotent() {
     let (status, body) = t.get(&bob, &format!("/v1/messages/{reply}/siblings")).await;
     assert_problem(status, &body, 404, "not_found");
     let other = t.create_conversation(&ada, "Other").await;
-    let (status, body) = t.put(&ada, &format!("/v1/conversations/{other}/branch"), json!({"message_id": reply})).await;
+    let (status, body) =
+        t.put(&ada, &format!("/v1/conversations/{other}/active-branch"), json!({"message_id": reply})).await;
     assert_problem(status, &body, 400, "invalid_request");
     assert_eq!(body["field"], "message_id");
-    let (status, body) = t.put(&bob, &format!("/v1/conversations/{other}/branch"), json!({"message_id": reply})).await;
+    let (status, body) =
+        t.put(&bob, &format!("/v1/conversations/{other}/active-branch"), json!({"message_id": reply})).await;
     assert_problem(status, &body, 404, "not_found");
 
     // A retried regeneration with the same key answers with the first one and makes no second reply.

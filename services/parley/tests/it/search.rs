@@ -56,7 +56,7 @@ async fn messages_replies_and_titles_are_found_ranked_with_snippets() {
     assert_eq!(hits[0]["message_id"], asked["user_message"]["id"]);
     assert_eq!(hits[1]["message_id"], asked["assistant_message"]["id"]);
     assert_eq!(hits[0]["conversation_id"], trip.as_str());
-    assert_eq!(hits[0]["conversation_title"], "Walking holiday in the Pyrenees");
+    assert_eq!(hits[0]["title"], "Walking holiday in the Pyrenees");
     assert_eq!(hits[0]["role"], "user");
     assert_eq!(highlighted(&hits[0]), HashSet::from(["villages".to_owned()]));
     assert_eq!(snippet_text(&hits[0]), "Which Pyrenees villages are best for hiking in June?");
