@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use parley_platform::events::{AiJob, MessageEvent};
+use parley_platform::tokens;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -382,9 +383,13 @@ impl Agent {
             provider.client.stream_chat(key, model, prompt, sampling, &mut on_delta).await
         };
         let subject = self.names.message_events_subject(message_id);
+        // A conversation's reply can be stopped by its client; a completion ends when its caller hangs up.
+        let running = matches!(sink, DeltaSink::Subject).then(|| self.stops.run(message_id));
+        let input_tokens: i64 =
+            prompt.iter().map(|message| i64::from(tokens::estimate_message(&message.content))).sum();
+        // What clients saw: no retry may contradict it, and a failure is charged for it.
+        let mut streamed = String::new();
         let forward = async {
-            // What clients saw: no retry may contradict it, and a failure is charged for it.
-            let mut streamed = String::new();
             while let Some(piece) = received.recv().await {
                 match (piece, sink) {
                     (Piece::Text(text), DeltaSink::Subject) => {
@@ -413,9 +418,29 @@ impl Agent {
                 }
                 *delta_index += 1;
             }
-            streamed
         };
-        tokio::join!(call, forward)
+        let stopped = async {
+            match &running {
+                Some(running) => running.stopped().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            (result, ()) = async { tokio::join!(call, forward) } => (result, streamed),
+            () = stopped => {
+                // The provider's call ends here (its connection is dropped); what was streamed is the
+                // reply, charged by estimate since the provider reported no usage for it.
+                let completion = Completion {
+                    content: streamed.clone(),
+                    input_tokens,
+                    output_tokens: i64::from(tokens::estimate(&streamed)),
+                    time_to_first_token: None,
+                    finish_reason: Some("stop".to_owned()),
+                    tool_calls: Vec::new(),
+                };
+                (Ok(completion), streamed)
+            }
+        }
     }
 
     pub(crate) async fn publish_event(&self, subject: &str, event: &MessageEvent) {

@@ -15,6 +15,7 @@ mod embeddings;
 pub mod metrics;
 pub mod provider;
 mod resilience;
+mod stops;
 mod summaries;
 mod titles;
 mod worker;

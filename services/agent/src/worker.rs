@@ -50,6 +50,8 @@ pub struct Agent {
     /// Redis, when reachable at start: reservations are raised there first (quota's own script).
     pub(crate) redis: Option<redis::aio::ConnectionManager>,
     pub(crate) reserver: Arc<parley_quota::reserve::Reserver>,
+    /// The replies being generated here, which clients may stop.
+    pub(crate) stops: Arc<crate::stops::Stops>,
 }
 
 /// How a reply was had.
@@ -86,6 +88,7 @@ impl Agent {
             providers,
             events: Arc::new(tokio::sync::OnceCell::new()),
             cache,
+            stops: Arc::default(),
         }
     }
 
@@ -99,6 +102,8 @@ impl Agent {
         // Cancelled when the drain's time is up: the jobs still running are handed back.
         let hand_back = CancellationToken::new();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let stops = self.stops.clone().follow(self.nats.clone(), self.names.all_stops(), shutdown.child_token());
+        let stops = tokio::spawn(stops);
         'connect: while !shutdown.is_cancelled() {
             let messages = match self.subscribe(concurrency).await {
                 Ok(messages) => messages,
@@ -155,6 +160,7 @@ impl Agent {
             hand_back.cancel();
             while tasks.join_next().await.is_some() {}
         }
+        stops.abort();
         tracing::debug!("agent stopped");
     }
 

@@ -99,6 +99,16 @@ impl Names {
         format!("{}_EVENTS", self.stream_prefix)
     }
 
+    /// Core NATS subject on which a client's stop of a reply being generated reaches every agent.
+    pub fn stop_subject(&self, message_id: Uuid) -> String {
+        format!("{}.stops.{message_id}", self.prefix)
+    }
+
+    /// Every reply's stop: what each agent follows.
+    pub fn all_stops(&self) -> String {
+        format!("{}.stops.*", self.prefix)
+    }
+
     /// Every message's events: what the events stream records and what each gateway follows.
     pub fn all_message_events(&self) -> String {
         format!("{}.messages.>", self.prefix)

@@ -21,7 +21,7 @@ use crate::routes::{
         api_keys::create, api_keys::list, api_keys::revoke,
         conversations::create, conversations::list, conversations::get, conversations::update, conversations::delete,
         messages::send, messages::list, messages::get, streaming::events, streaming::websocket,
-        messages::edit, messages::regenerate, messages::siblings, conversations::switch_branch,
+        messages::edit, messages::regenerate, messages::stop, messages::siblings, conversations::switch_branch,
         search::search, feedback::put, feedback::get, feedback::delete, feedback::export, feedback::summary,
         usage::own, usage::admin, audit::list,
         openai::chat_completions, openai::models, embeddings::embeddings,

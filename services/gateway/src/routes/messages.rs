@@ -433,6 +433,34 @@ pub async fn list(
     Ok(Json(Page { data: page.messages.into_iter().map(MessageView::from).collect(), next_cursor: page.next_cursor }))
 }
 
+/// Stop a reply while it is generated: the model's call ends, and what was streamed so far becomes the
+/// finished reply, charged for what was generated. Answers 202 with the reply as it stands; the reply's
+/// stream ends with `message.completed`. A reply that has not started streaming may finish whole.
+#[utoipa::path(post, path = "/v1/messages/{id}/stop", tag = "messages", security(("bearer" = [])),
+    params(("id" = String, Path)), responses(
+    (status = 202, body = MessageView, description = "The stop was sent to the reply's agent"),
+    (status = 400, body = Problem, description = "The message is a question, not a reply"),
+    (status = 404, body = Problem),
+    (status = 409, body = Problem, description = "The reply has already finished"),
+))]
+pub async fn stop(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<String>) -> ApiResult<Response> {
+    let request = pb::GetMessageRequest { user_id: caller.user_id.to_string(), message_id: id };
+    let message = state.backends.chat.clone().get_message(request).await?.into_inner();
+    if message.role != "assistant" {
+        return Err(ApiError::invalid_field("id", "names a question; only a reply can be stopped"));
+    }
+    if is_finished(&message) {
+        return Err(ApiError::new(ErrorCode::Conflict, "the reply has already finished"));
+    }
+    let message_id = Uuid::parse_str(&message.id).map_err(|_| ApiError::new(ErrorCode::Internal, "bad message id"))?;
+    let subject = state.names.stop_subject(message_id);
+    if let Err(error) = state.nats.publish(subject, bytes::Bytes::new()).await {
+        tracing::warn!(%error, "could not announce a stop");
+        return Err(ApiError::new(ErrorCode::UpstreamUnavailable, "the stop could not be sent; try again"));
+    }
+    Ok((StatusCode::ACCEPTED, Json(MessageView::from(message))).into_response())
+}
+
 /// One message.
 #[utoipa::path(get, path = "/v1/messages/{id}", tag = "messages", security(("bearer" = [])),
     params(("id" = String, Path)), responses((status = 200, body = MessageView), (status = 404, body = Problem)))]

@@ -49,6 +49,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/conversations/{id}/messages", post(messages::send).get(messages::list))
         .route("/v1/messages/{id}", get(messages::get))
         .route("/v1/messages/{id}/edit", post(messages::edit))
+        .route("/v1/messages/{id}/stop", post(messages::stop))
         .route("/v1/messages/{id}/regenerate", post(messages::regenerate))
         .route("/v1/messages/{id}/siblings", get(messages::siblings))
         .route("/v1/conversations/{id}/active-branch", put(conversations::switch_branch))

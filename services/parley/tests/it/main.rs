@@ -32,6 +32,7 @@ mod replicas;
 mod resilience;
 mod search;
 mod signing;
+mod stop;
 mod streaming;
 mod titles;
 mod tools;
