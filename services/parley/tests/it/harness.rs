@@ -189,6 +189,18 @@ impl TestPlatform {
         read(response).await
     }
 
+    /// Sends a message asking for its reply as an event stream; the response is the open stream.
+    pub async fn send_streaming(&self, session: &Session, conversation: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/v1/conversations/{conversation}/messages")))
+            .bearer_auth(&session.token)
+            .header("accept", "text/event-stream")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn put(&self, session: &Session, path: &str, body: Value) -> (StatusCode, Value) {
         let response = self.http.put(self.url(path)).bearer_auth(&session.token).json(&body).send().await.unwrap();
         read(response).await

@@ -274,15 +274,7 @@ async fn stream_with_one_agent(email: &str, content: &str) -> Streaming {
     t.launch(&[Service::Agent]).await;
     let session = t.register(email).await;
     let conversation = t.create_conversation(&session, content).await;
-    let response = t
-        .http
-        .post(t.url(&format!("/v1/conversations/{conversation}/messages")))
-        .bearer_auth(&session.token)
-        .header("accept", "text/event-stream")
-        .json(&json!({"content": content}))
-        .send()
-        .await
-        .unwrap();
+    let response = t.send_streaming(&session, &conversation, json!({"content": content})).await;
     let mut reader = SseReader::new(response);
     assert_eq!(reader.next().await.unwrap().event, "message.created");
     let first = reader.next().await.unwrap();

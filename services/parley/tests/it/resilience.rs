@@ -161,15 +161,8 @@ async fn a_reply_that_breaks_off_mid_stream_fails_keeping_what_was_said() {
     t.fake.set_knobs(Knobs { fail_after_tokens: Some(3), ..t.fake.knobs() });
     let session = t.register("midstream@example.com").await;
     let conversation = t.create_conversation(&session, "mid-stream").await;
-    let response = t
-        .http
-        .post(t.url(&format!("/v1/conversations/{conversation}/messages")))
-        .bearer_auth(&session.token)
-        .header("accept", "text/event-stream")
-        .json(&json!({"content": "break please", "model": "breaks"}))
-        .send()
-        .await
-        .unwrap();
+    let response =
+        t.send_streaming(&session, &conversation, json!({"content": "break please", "model": "breaks"})).await;
     let mut reader = SseReader::new(response);
     let mut streamed = String::new();
     let last = loop {

@@ -14,15 +14,7 @@ async fn a_stopped_reply_keeps_what_was_streamed_and_is_charged_for_it() {
     let ada = t.register("ada-stop@example.com").await;
     let conversation = t.create_conversation(&ada, "Stop").await;
     let content = "tell me a very long story about a lighthouse keeper and the sea, with many chapters";
-    let response = t
-        .http
-        .post(t.url(&format!("/v1/conversations/{conversation}/messages")))
-        .bearer_auth(&ada.token)
-        .header("accept", "text/event-stream")
-        .json(&json!({"content": content}))
-        .send()
-        .await
-        .unwrap();
+    let response = t.send_streaming(&ada, &conversation, json!({"content": content})).await;
     let mut reader = SseReader::new(response);
     let created = reader.next().await.unwrap();
     assert_eq!(created.event, "message.created");

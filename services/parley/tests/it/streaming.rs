@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use parley::Service;
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::harness::{SseEvent, SseReader, TestPlatform, assert_problem, eventually};
 
@@ -36,15 +36,7 @@ async fn a_reply_streams_as_it_is_generated_and_a_dropped_client_resumes_where_i
     let prompt = "please stream this answer";
     let expected = parley_fake_llm::reply_for(prompt);
 
-    let response = t
-        .http
-        .post(t.url(&format!("/v1/conversations/{conversation}/messages")))
-        .bearer_auth(&session.token)
-        .header("accept", "text/event-stream")
-        .json(&json!({"content": prompt}))
-        .send()
-        .await
-        .unwrap();
+    let response = t.send_streaming(&session, &conversation, json!({"content": prompt})).await;
     let mut reader = SseReader::new(response);
     let created = reader.next().await.unwrap();
     assert_eq!(created.event, "message.created");
@@ -88,9 +80,13 @@ async fn a_reply_streams_as_it_is_generated_and_a_dropped_client_resumes_where_i
     assert_eq!(last.data["status"], "completed");
     assert!(last.data["usage"]["output_tokens"].as_i64().unwrap() > 0);
     // What the stream ends with is the reply as stored, field for field (the gateway takes it from the
-    // agent's `completed` event rather than reading it back).
-    let (_, stored) = t.get(&session, &format!("/v1/messages/{reply_id}")).await;
-    assert_eq!(last.data, stored);
+    // agent's `completed` event rather than reading it back), but for its place among its versions,
+    // which reads give and stream events do not.
+    let (_, mut stored) = t.get(&session, &format!("/v1/messages/{reply_id}")).await;
+    assert_eq!((stored["branch"].take(), stored["branches"].take()), (json!(1), json!(1)));
+    let stored: serde_json::Map<_, _> =
+        stored.as_object().unwrap().clone().into_iter().filter(|(_, v)| !v.is_null()).collect();
+    assert_eq!(last.data, Value::Object(stored));
 
     // After completion the endpoint replays the whole reply, on any gateway replica.
     let other_gateway = t.launch(&[Service::Gateway]).await.unwrap();
@@ -118,15 +114,7 @@ async fn a_gateway_relays_a_reply_sent_through_another_and_disconnects_cancel_no
     let conversation = t.create_conversation(&session, "relay").await;
 
     // Send through the first gateway and hang up at once.
-    let response = t
-        .http
-        .post(t.url(&format!("/v1/conversations/{conversation}/messages")))
-        .bearer_auth(&session.token)
-        .header("accept", "text/event-stream")
-        .json(&json!({"content": "relay me"}))
-        .send()
-        .await
-        .unwrap();
+    let response = t.send_streaming(&session, &conversation, json!({"content": "relay me"})).await;
     let mut reader = SseReader::new(response);
     assert_eq!(reader.next().await.unwrap().event, "message.created");
     drop(reader);
@@ -234,15 +222,7 @@ async fn an_idle_stream_carries_heartbeats() {
     .await;
     let session = t.register("heartbeat@example.com").await;
     let conversation = t.create_conversation(&session, "quiet").await;
-    let response = t
-        .http
-        .post(t.url(&format!("/v1/conversations/{conversation}/messages")))
-        .bearer_auth(&session.token)
-        .header("accept", "text/event-stream")
-        .json(&json!({"content": "take a moment"}))
-        .send()
-        .await
-        .unwrap();
+    let response = t.send_streaming(&session, &conversation, json!({"content": "take a moment"})).await;
     assert_eq!(response.headers()["x-accel-buffering"], "no");
     // While the model thinks, the stream stays alive with comment lines.
     let mut body = response.bytes_stream();
