@@ -90,6 +90,19 @@ PY
   echo "$layer_version" >"$tools/.kubectl-layer"
 fi
 
+# Chromium (Debian's package) for the web client's Playwright tests; Playwright itself comes with the
+# web client's packages (scripts/build-web.sh) and downloads no browser.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "error: chromium is needed for the browser tests; install with: sudo apt-get install -y chromium" >&2
+    exit 1
+  fi
+fi
+
 # promtool and prometheus (Debian's package) check the alert rules and evaluate the dashboards.
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then

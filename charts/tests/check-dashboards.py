@@ -24,9 +24,8 @@ import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from testkit import free_port, wait_for  # noqa: E402
+from testkit import free_port, parley_dev, wait_for  # noqa: E402
 DATABASE = "parley_dashboards"
-PRIMARY = "postgres://postgres@127.0.0.1:5432"
 REPLICA = "postgres://postgres@127.0.0.1:5433"
 
 
@@ -80,97 +79,74 @@ def main():
     parser.add_argument("--parley", default=os.path.join(ROOT, "target/debug/parley"))
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="parley-dashboards-")
-    processes = []
-    try:
-        subprocess.run(["psql", f"{PRIMARY}/postgres", "-qc", f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"],
-                       check=True, capture_output=True)
-        http_port, fake_port, prometheus_port = free_port(), free_port(), free_port()
-        config = os.path.join(work, "parley.toml")
-        with open(config, "w") as f:
-            f.write(f'[fake_llm]\naddr = "127.0.0.1:{fake_port}"\n\n[database]\nreplica_check_interval_ms = 200\n')
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PARLEY_", "DATABASE_", "OTEL_"))}
-        env.update({
-            "PARLEY_CONFIG": config,
-            "DATABASE_URL": f"{PRIMARY}/{DATABASE}",
-            "DATABASE_REPLICA_URLS": f"{REPLICA}/{DATABASE}",
-            "PARLEY_HTTP_ADDR": f"127.0.0.1:{http_port}",
-            "PARLEY_NATS_PREFIX": "parleydash",
-            "PARLEY_REDIS_PREFIX": "parleydash",
-            "PARLEY_LOG": "warn",
-        })
-        log = open(os.path.join(work, "parley.log"), "w")
-        processes.append(subprocess.Popen([args.parley, "dev"], env=env, stdout=log, stderr=log))
-        base = f"http://127.0.0.1:{http_port}"
-        wait_for("parley dev to be ready", lambda: urllib.request.urlopen(f"{base}/readyz", timeout=2).status == 200)
+    settings = "\n[database]\nreplica_check_interval_ms = 200\n"
+    replicas = {"DATABASE_REPLICA_URLS": f"{REPLICA}/{DATABASE}"}
+    prometheus_process = None
+    with parley_dev(args.parley, DATABASE, settings, replicas) as (base, log_path):
+        http_port, prometheus_port = base.rsplit(":", 1)[1], free_port()
+        try:
+            scrape = os.path.join(work, "prometheus.yml")
+            with open(scrape, "w") as f:
+                f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+                        "scrape_configs:\n  - job_name: parley\n    static_configs:\n"
+                        f"      - targets: ['127.0.0.1:{http_port}']\n")
+            prometheus_process = subprocess.Popen(
+                ["prometheus", f"--config.file={scrape}", f"--storage.tsdb.path={work}/tsdb",
+                 f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+                stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "prometheus.log"), "w"))
+            prometheus = f"http://127.0.0.1:{prometheus_port}"
 
-        scrape = os.path.join(work, "prometheus.yml")
-        with open(scrape, "w") as f:
-            f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                    "scrape_configs:\n  - job_name: parley\n    static_configs:\n"
-                    f"      - targets: ['127.0.0.1:{http_port}']\n")
-        processes.append(subprocess.Popen(
-            ["prometheus", f"--config.file={scrape}", f"--storage.tsdb.path={work}/tsdb",
-             f"--web.listen-address=127.0.0.1:{prometheus_port}"],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "prometheus.log"), "w")))
-        prometheus = f"http://127.0.0.1:{prometheus_port}"
+            def query(expr):
+                url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+                try:
+                    with urllib.request.urlopen(url, timeout=10) as response:
+                        return json.load(response)
+                except urllib.error.HTTPError as error:
+                    return json.load(error)
 
-        def query(expr):
-            url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-            try:
-                with urllib.request.urlopen(url, timeout=10) as response:
-                    return json.load(response)
-            except urllib.error.HTTPError as error:
-                return json.load(error)
+            def scrapes():
+                result = query('count_over_time(up{job="parley"}[10m])')["data"]["result"]
+                return int(result[0]["value"][1]) if result else 0
 
-        def scrapes():
-            result = query('count_over_time(up{job="parley"}[10m])')["data"]["result"]
-            return int(result[0]["value"][1]) if result else 0
+            wait_for("Prometheus to scrape Parley", lambda: scrapes() > 0)
+            # Traffic while Prometheus watches, each round in a scrape of its own, so rates and quantiles
+            # have increases to work on.
+            for round_number in range(3):
+                traffic(base, round_number)
+                seen = scrapes()
+                wait_for("the next scrape", lambda: scrapes() > seen)
 
-        wait_for("Prometheus to scrape Parley", lambda: scrapes() > 0)
-        # Traffic while Prometheus watches, each round in a scrape of its own, so rates and quantiles
-        # have increases to work on.
-        for round_number in range(3):
-            traffic(base, round_number)
-            seen = scrapes()
-            wait_for("the next scrape", lambda: scrapes() > seen)
+            def evaluate():
+                failures = []
+                for dashboard, title, expr in queries():
+                    answer = query(expr)
+                    if answer.get("status") != "success":
+                        failures.append(f"{dashboard} / {title}: {answer.get('error')}\n    {expr}")
+                        continue
+                    values = [sample["value"][1] for sample in answer["data"]["result"]]
+                    if not values or all(value == "NaN" for value in values):
+                        failures.append(f"{dashboard} / {title}: no data\n    {expr}")
+                return failures
 
-        def evaluate():
-            failures = []
-            for dashboard, title, expr in queries():
-                answer = query(expr)
-                if answer.get("status") != "success":
-                    failures.append(f"{dashboard} / {title}: {answer.get('error')}\n    {expr}")
-                    continue
-                values = [sample["value"][1] for sample in answer["data"]["result"]]
-                if not values or all(value == "NaN" for value in values):
-                    failures.append(f"{dashboard} / {title}: no data\n    {expr}")
-            return failures
-
-        # Gauges sampled every few seconds (replica lag, JetStream backlogs) may need a moment more:
-        # every query must answer with data within the deadline.
-        failures = evaluate()
-        deadline = time.monotonic() + 30
-        while failures and time.monotonic() < deadline:
-            seen = scrapes()
-            wait_for("the next scrape", lambda: scrapes() > seen)
+            # Gauges sampled every few seconds (replica lag, JetStream backlogs) may need a moment more:
+            # every query must answer with data within the deadline.
             failures = evaluate()
-        count = len(list(queries()))
-        for failure in failures:
-            print(f"  dashboard query failed: {failure}")
-        print(f"{count} dashboard queries evaluated, {len(failures)} failed")
-        if failures:
-            print(f"(logs in {work})")
-            sys.exit(1)
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        subprocess.run(["psql", f"{PRIMARY}/postgres", "-qc", f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"],
-                       capture_output=True)
+            deadline = time.monotonic() + 30
+            while failures and time.monotonic() < deadline:
+                seen = scrapes()
+                wait_for("the next scrape", lambda: scrapes() > seen)
+                failures = evaluate()
+            count = len(list(queries()))
+            for failure in failures:
+                print(f"  dashboard query failed: {failure}")
+            print(f"{count} dashboard queries evaluated, {len(failures)} failed")
+            if failures:
+                print(f"(logs: {log_path}, {work})")
+                sys.exit(1)
+        finally:
+            if prometheus_process:
+                prometheus_process.terminate()
+                prometheus_process.wait(timeout=15)
     shutil.rmtree(work, ignore_errors=True)
 
 

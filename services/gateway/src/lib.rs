@@ -14,6 +14,7 @@ mod pipeline;
 mod problem;
 mod replies;
 mod routes;
+mod status;
 mod timing;
 mod views;
 
@@ -75,6 +76,8 @@ pub struct Shared {
     replies: Arc<replies::ReplyHub>,
     /// Cancelled when the gateway shuts down: open event streams end so clients reconnect elsewhere.
     shutdown: CancellationToken,
+    /// Recent requests and the last status answer, for the public status page.
+    status: status::StatusBoard,
     /// Work that outlives a request whose client hung up (a send reaching chat); waited for at shutdown.
     tasks: tokio_util::task::TaskTracker,
 }
@@ -109,6 +112,7 @@ impl AppState {
             events_stream: Arc::new(tokio::sync::OnceCell::new()),
             replies: Arc::new(replies::ReplyHub::new()),
             shutdown: CancellationToken::new(),
+            status: status::StatusBoard::default(),
             tasks: tokio_util::task::TaskTracker::new(),
         }))
     }

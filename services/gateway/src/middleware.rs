@@ -191,6 +191,9 @@ pub async fn observe(State(state): State<crate::AppState>, request: Request, nex
             .insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000; includeSubDomains"));
     }
 
+    if route.starts_with("/v1/") {
+        state.status.record(status >= 500);
+    }
     let labels = [("method", method.to_string()), ("route", route), ("status", status.to_string())];
     metrics::counter!(crate::metrics::HTTP_REQUESTS, &labels).increment(1);
     metrics::histogram!(crate::metrics::HTTP_REQUEST_DURATION, &labels[..2]).record(gateway_time.as_secs_f64());

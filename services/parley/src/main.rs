@@ -283,6 +283,7 @@ fn print_walkthrough(base: &str, model: &str, served_by: &str) {
     println!(
         r#"
 Parley is running: all six services in this process, each on its own gRPC port.
+  web client   {base}/   (status page at {base}/status)
   REST API     {base}   (OpenAPI at {base}/openapi.json)
   health       {base}/healthz  {base}/readyz
   metrics      {base}/metrics

@@ -145,6 +145,10 @@ pub const ENVIRONMENT: &[EnvVar] = &[
             Ok(())
         },
     ),
+    var("PARLEY_WEB_DIR", "directory of the built web client served at / and /status (default web/dist)", |c, v| {
+        c.http.web_dir = v;
+        Ok(())
+    }),
     var(
         "PARLEY_AGENT_DRAIN_SECS",
         "on shutdown, seconds an agent lets its jobs in flight finish before handing them back (default 25)",
@@ -300,6 +304,9 @@ pub struct HttpConfig {
     /// Proxies in front of the gateway that append to X-Forwarded-For (an ingress: 1). The client
     /// address is the entry this many places from the right; 0 uses the TCP peer.
     pub trusted_proxy_hops: usize,
+    /// The built web client (`web/dist`: `index.html`, `status.html`, `assets/`), served at `/` and
+    /// `/status`; when it is missing those pages answer 404 and the API is unaffected.
+    pub web_dir: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -653,6 +660,7 @@ impl Default for HttpConfig {
             cors_allowed_origins: Vec::new(),
             hsts: false,
             trusted_proxy_hops: 0,
+            web_dir: "web/dist".to_owned(),
         }
     }
 }

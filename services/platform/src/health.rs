@@ -92,6 +92,19 @@ impl Readiness {
         self
     }
 
+    /// Runs every check concurrently: each one's name, whether readiness needs it, and whether it
+    /// passed (the public status page's view, which names no failure).
+    pub async fn check_each(&self) -> Vec<(String, bool, bool)> {
+        let (_, report) = self.check().await;
+        self.checks
+            .iter()
+            .map(|(name, need, _)| {
+                let passed = report.get(name).is_some_and(|outcome| outcome == "ok");
+                (name.clone(), *need == Need::Required, passed)
+            })
+            .collect()
+    }
+
     /// Runs every check concurrently; the map holds "ok" or the failure for each.
     pub async fn check(&self) -> (ReadyState, BTreeMap<String, String>) {
         let runs = self.checks.iter().map(|(name, need, check)| {

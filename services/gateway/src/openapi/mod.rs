@@ -8,14 +8,14 @@ use utoipa::{Modify, OpenApi};
 
 use crate::routes::{
     anthropic, api_keys, audit, conversations, embeddings, export, feedback, identity, messages, openai, ops, search,
-    streaming, usage,
+    streaming, usage, web,
 };
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Parley API", description = "Parley's public REST API (v1)."),
     paths(
-        ops::healthz, ops::readyz, ops::metrics, ops::openapi,
+        ops::healthz, ops::readyz, ops::metrics, ops::openapi, ops::status, web::index, web::status_page, web::asset,
         identity::register, identity::login, identity::refresh, identity::logout, identity::me, identity::delete_me, identity::jwks,
         identity::set_tier, export::export,
         api_keys::create, api_keys::list, api_keys::revoke,
@@ -36,7 +36,8 @@ use crate::routes::{
         (name = "admin", description = "Operator endpoints (role admin)"),
         (name = "openai", description = "OpenAI-compatible Chat Completions and Embeddings"),
         (name = "anthropic", description = "Anthropic-compatible Messages"),
-        (name = "operations", description = "Health, readiness, metrics"),
+        (name = "operations", description = "Health, readiness, metrics, status"),
+        (name = "web", description = "The web client and the public status page"),
     )
 )]
 struct ApiDoc;

@@ -15,6 +15,7 @@ pub mod ops;
 pub mod search;
 pub mod streaming;
 pub mod usage;
+pub mod web;
 
 use std::net::SocketAddr;
 
@@ -32,6 +33,10 @@ pub fn routes() -> Router<AppState> {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        .route("/", get(web::index))
+        .route("/status", get(web::status_page))
+        .route("/assets/{*path}", get(web::asset))
+        .route("/v1/status", get(ops::status))
         .route("/.well-known/jwks.json", get(identity::jwks))
         .route("/v1/auth/register", post(identity::register))
         .route("/v1/auth/login", post(identity::login))

@@ -23,6 +23,15 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     state.readiness.response().await
 }
 
+/// The platform's state for the public status page: each component and the recent error rate. No
+/// credentials needed; nothing secret or per user.
+#[utoipa::path(get, path = "/v1/status", tag = "operations", responses(
+    (status = 200, body = crate::status::StatusView, description = "Each component's state and the recent error rate"),
+))]
+pub async fn status(State(state): State<AppState>) -> Response {
+    Json(state.status.view(&state).await).into_response()
+}
+
 /// Prometheus metrics, text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Metrics", content_type = "text/plain")))]
 pub async fn metrics() -> Response {

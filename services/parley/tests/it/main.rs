@@ -38,3 +38,4 @@ mod titles;
 mod tools;
 mod traces;
 mod usage;
+mod web;

@@ -1,0 +1,339 @@
+// One conversation: its active branch, replies streamed as they are written, stop, edit, regenerate,
+// versions to switch between, and feedback on replies. A new conversation is created by its first send.
+import { useEffect, useRef, useState } from 'preact/hooks';
+import { api, allPages, idempotencyKey } from './api.js';
+import { readEvents } from './sse.js';
+import { renderMarkdown } from './markdown.js';
+
+const finished = (message) => message.status === 'completed' || message.status === 'failed';
+
+function Versions({ message, onSwitch, disabled }) {
+  if (!message.branches || message.branches < 2) return null;
+  return (
+    <span class="versions" role="group" aria-label="Versions">
+      <button aria-label="Previous version" disabled={disabled || message.branch <= 1} onClick={() => onSwitch(message, -1)}>
+        ‹
+      </button>
+      <span>
+        {message.branch} / {message.branches}
+      </span>
+      <button
+        aria-label="Next version"
+        disabled={disabled || message.branch >= message.branches}
+        onClick={() => onSwitch(message, 1)}
+      >
+        ›
+      </button>
+    </span>
+  );
+}
+
+function Message({ message, busy, rating, actions }) {
+  const [editing, setEditing] = useState(false);
+  const [draft, setDraft] = useState(message.content);
+  const mine = message.role === 'user';
+  return (
+    <article class={`message ${message.role}`} aria-label={mine ? 'You' : 'Reply'} data-status={message.status}>
+      <header>
+        <span class="who">{mine ? 'You' : message.model || 'Assistant'}</span>
+        <Versions message={message} onSwitch={actions.switchVersion} disabled={busy} />
+      </header>
+      {editing ? (
+        <form
+          class="edit"
+          onSubmit={(event) => {
+            event.preventDefault();
+            setEditing(false);
+            actions.edit(message, draft);
+          }}
+        >
+          <label>
+            Edit your message
+            <textarea value={draft} onInput={(event) => setDraft(event.currentTarget.value)} rows={3} />
+          </label>
+          <div class="row">
+            <button type="submit" disabled={!draft.trim()}>
+              Save and send
+            </button>
+            <button type="button" class="secondary" onClick={() => setEditing(false)}>
+              Cancel
+            </button>
+          </div>
+        </form>
+      ) : mine ? (
+        <p class="plain">{message.content}</p>
+      ) : (
+        // A model's reply is untrusted: renderMarkdown sanitises it.
+        <div class="markdown" dangerouslySetInnerHTML={{ __html: renderMarkdown(message.content) }} />
+      )}
+      {message.status === 'failed' && (
+        <p class="error">The reply failed{message.error?.detail ? `: ${message.error.detail}` : '.'}</p>
+      )}
+      {message.id && finished(message) && !editing && (
+        <footer class="actions">
+          {mine ? (
+            <button class="secondary" disabled={busy} onClick={() => setEditing(true)}>
+              Edit
+            </button>
+          ) : (
+            <>
+              <button class="secondary" disabled={busy} onClick={() => actions.regenerate(message)}>
+                Regenerate
+              </button>
+              {message.status === 'completed' && (
+                <>
+                  <button
+                    class="secondary"
+                    aria-label="Good reply"
+                    aria-pressed={rating === 'up'}
+                    onClick={() => actions.rate(message, 'up')}
+                  >
+                    Good
+                  </button>
+                  <button
+                    class="secondary"
+                    aria-label="Bad reply"
+                    aria-pressed={rating === 'down'}
+                    onClick={() => actions.rate(message, 'down')}
+                  >
+                    Bad
+                  </button>
+                </>
+              )}
+            </>
+          )}
+        </footer>
+      )}
+    </article>
+  );
+}
+
+export function Chat({ conversationId, onListChanged }) {
+  const [conversation, setConversation] = useState(null);
+  const [messages, setMessages] = useState([]);
+  const [streaming, setStreaming] = useState(null); // {messageId} while a reply streams
+  const [draft, setDraft] = useState('');
+  const [error, setError] = useState(null);
+  const [ratings, setRatings] = useState({});
+  const aborter = useRef(null);
+  const titleTimer = useRef(null);
+  const bottom = useRef(null);
+
+  const load = async () => {
+    if (!conversationId) return;
+    try {
+      const [found, thread] = await Promise.all([
+        api('GET', `/v1/conversations/${conversationId}`),
+        allPages(`/v1/conversations/${conversationId}/messages`),
+      ]);
+      setConversation(found);
+      setMessages(thread);
+      if (!found.title && thread.length) awaitTitle(3);
+    } catch (failure) {
+      setError(failure);
+    }
+  };
+  // A conversation is titled by the model shortly after its first exchange: look again a few times.
+  const awaitTitle = (tries) => {
+    titleTimer.current = setTimeout(async () => {
+      try {
+        const found = await api('GET', `/v1/conversations/${conversationId}`);
+        setConversation(found);
+        if (found.title) onListChanged();
+        else if (tries > 1) awaitTitle(tries - 1);
+      } catch {
+        // The title can wait for the next visit.
+      }
+    }, 1500);
+  };
+  useEffect(() => {
+    load();
+    return () => {
+      aborter.current?.abort();
+      clearTimeout(titleTimer.current);
+    };
+  }, [conversationId]);
+  useEffect(() => bottom.current?.scrollIntoView?.({ block: 'end' }), [messages]);
+
+  // Replaces the message with `id` (or the pending reply) and keeps the rest.
+  const upsert = (message) =>
+    setMessages((current) => {
+      const at = current.findIndex((m) => m.id === message.id || (m.pending && message.role === 'assistant'));
+      if (at < 0) return [...current, message];
+      const next = current.slice();
+      next[at] = message;
+      return next;
+    });
+
+  /** Reads a reply's event stream into the thread; resumes from the last event if the stream breaks. */
+  const follow = async (response, signal) => {
+    let replyId = null;
+    let lastEventId = null;
+    let text = '';
+    for (let attempt = 0; attempt < 4; attempt++) {
+      for await (const event of readEvents(response)) {
+        lastEventId = event.id ?? lastEventId;
+        const data = JSON.parse(event.data);
+        if (event.event === 'message.created') {
+          // The question (new, or the one a regeneration answers again), then room for its reply.
+          setMessages((current) => {
+            const rest = current.filter((m) => m.id !== data.id && !m.pending);
+            return [...rest, data, { id: null, role: 'assistant', content: '', status: 'pending', pending: true }];
+          });
+        } else if (event.event === 'message.delta') {
+          replyId = data.message_id;
+          text += data.text;
+          setStreaming({ messageId: replyId });
+          upsert({ id: replyId, role: 'assistant', content: text, status: 'streaming', pending: true });
+        } else if (event.event === 'message.reset') {
+          text = '';
+        } else if (event.event === 'message.completed') {
+          upsert(data);
+          return data;
+        } else if (event.event === 'message.failed') {
+          upsert({ id: data.message_id, role: 'assistant', content: text, status: 'failed', error: data });
+          return null;
+        }
+      }
+      if (!replyId || signal.aborted) break;
+      const headers = { accept: 'text/event-stream', ...(lastEventId ? { 'last-event-id': lastEventId } : {}) };
+      response = await api('GET', `/v1/messages/${replyId}/events`, undefined, { headers, raw: true, signal });
+    }
+    return null;
+  };
+
+  /** Posts to `path` asking for an event stream, then follows it; `before` trims the thread first. */
+  const stream = async (path, body, before) => {
+    setError(null);
+    const controller = new AbortController();
+    aborter.current = controller;
+    setStreaming({ messageId: null });
+    try {
+      let id = conversationId;
+      if (!id) {
+        const created = await api('POST', '/v1/conversations', {});
+        id = created.id;
+        path = `/v1/conversations/${id}/messages`;
+      }
+      before?.();
+      const headers = { accept: 'text/event-stream', 'idempotency-key': idempotencyKey() };
+      const response = await api('POST', path, body, { headers, raw: true, signal: controller.signal });
+      await follow(response, controller.signal);
+      onListChanged();
+      if (!conversationId) {
+        // Show the new conversation (which then waits for its title).
+        window.location.hash = `#/c/${id}`;
+      } else {
+        await load();
+      }
+    } catch (failure) {
+      if (failure.name !== 'AbortError') {
+        setError(failure);
+        setMessages((current) => current.filter((m) => !(m.pending && !m.content)));
+      }
+    } finally {
+      setStreaming(null);
+    }
+  };
+
+  const send = (event) => {
+    event?.preventDefault();
+    const content = draft.trim();
+    if (!content || streaming) return;
+    setDraft('');
+    stream(`/v1/conversations/${conversationId}/messages`, { content });
+  };
+
+  const cut = (message, keep) => () =>
+    setMessages((current) => current.slice(0, current.findIndex((m) => m.id === message.id) + (keep ? 1 : 0)));
+
+  const actions = {
+    edit: (message, content) => stream(`/v1/messages/${message.id}/edit`, { content }, cut(message, false)),
+    regenerate: (message) => {
+      const question = messages.findIndex((m) => m.id === message.id) - 1;
+      stream(`/v1/messages/${message.id}/regenerate`, {}, cut(messages[question] ?? message, true));
+    },
+    switchVersion: async (message, step) => {
+      try {
+        const siblings = await api('GET', `/v1/messages/${message.id}/siblings`);
+        const target = siblings.data[message.branch - 1 + step];
+        if (!target) return;
+        await api('PUT', `/v1/conversations/${conversationId}/active-branch`, { message_id: target.id });
+        await load();
+      } catch (failure) {
+        setError(failure);
+      }
+    },
+    rate: async (message, rating) => {
+      try {
+        if (ratings[message.id] === rating) {
+          await api('DELETE', `/v1/messages/${message.id}/feedback`);
+          setRatings({ ...ratings, [message.id]: null });
+        } else {
+          await api('PUT', `/v1/messages/${message.id}/feedback`, { rating });
+          setRatings({ ...ratings, [message.id]: rating });
+        }
+      } catch (failure) {
+        setError(failure);
+      }
+    },
+  };
+
+  const stop = async () => {
+    if (!streaming?.messageId) return;
+    try {
+      await api('POST', `/v1/messages/${streaming.messageId}/stop`, {});
+    } catch (failure) {
+      // A reply that finished meanwhile cannot be stopped: nothing to say.
+      if (failure.status !== 409) setError(failure);
+    }
+  };
+
+  return (
+    <section class="chat" aria-label="Conversation">
+      <h1 class="title">{conversation?.title || (conversationId ? 'Untitled' : 'New conversation')}</h1>
+      <div class="thread" role="log" aria-live="polite" aria-busy={streaming ? 'true' : 'false'}>
+        {messages.length === 0 && !conversationId && <p class="hint">Ask anything to start a conversation.</p>}
+        {messages.map((message, i) => (
+          <Message
+            key={message.id ?? `pending-${i}`}
+            message={message}
+            busy={!!streaming}
+            rating={ratings[message.id]}
+            actions={actions}
+          />
+        ))}
+        <div ref={bottom} />
+      </div>
+      {error && (
+        <p class="error" role="alert">
+          {error.message}
+        </p>
+      )}
+      <form class="composer" onSubmit={send}>
+        <label for="composer" class="visually-hidden">
+          Message
+        </label>
+        <textarea
+          id="composer"
+          rows={2}
+          placeholder="Message Parley (Enter to send, Shift+Enter for a new line)"
+          value={draft}
+          onInput={(event) => setDraft(event.currentTarget.value)}
+          onKeyDown={(event) => {
+            if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) send(event);
+          }}
+        />
+        {streaming ? (
+          <button type="button" onClick={stop} disabled={!streaming.messageId}>
+            Stop
+          </button>
+        ) : (
+          <button type="submit" disabled={!draft.trim()}>
+            Send
+          </button>
+        )}
+      </form>
+    </section>
+  );
+}
