@@ -122,6 +122,8 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.http.body_limit_bytes;
     routes::routes()
+        // The document that describes the routes is served beside them, not among them.
+        .route("/openapi.json", axum::routing::get(openapi::serve))
         // Identity, limits and signatures, in that order (`pipeline`); budgets are the handlers'.
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), pipeline::admit))
         .route_layer(axum::middleware::from_fn(middleware::label_route))
@@ -209,4 +211,60 @@ pub async fn serve(state: AppState, listener: TcpListener, shutdown: Cancellatio
     account_changes.await?;
     served?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// The gateway's top-level modules and the others each one names (`crate::x`, or `super::x` from
+    /// inside `routes/`), read from the source.
+    fn module_imports() -> BTreeMap<String, BTreeSet<String>> {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut imports: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut files = vec![src.clone()];
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).unwrap().map(|entry| entry.unwrap().path()));
+                continue;
+            }
+            let relative = path.strip_prefix(&src).unwrap();
+            let module = relative.components().next().unwrap().as_os_str().to_str().unwrap().trim_end_matches(".rs");
+            if module == "lib" {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let named = imports.entry(module.to_owned()).or_default();
+            for (prefix, inside) in [("crate::", None), ("super::", Some("routes"))] {
+                if inside.is_some_and(|inside| inside != module) {
+                    continue;
+                }
+                for piece in text.split(prefix).skip(1) {
+                    let name: String = piece.chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+                    let target = if prefix == "super::" { "routes".to_owned() } else { name };
+                    if !target.is_empty() && target != module {
+                        named.insert(target);
+                    }
+                }
+            }
+        }
+        imports
+    }
+
+    #[test]
+    fn no_two_gateway_modules_import_each_other_even_around_a_circle() {
+        let imports = module_imports();
+        assert!(imports["routes"].contains("pipeline"), "the reading of the source found imports: {imports:?}");
+        for start in imports.keys() {
+            // Everything `start` reaches; reaching itself is a cycle.
+            let mut seen = BTreeSet::new();
+            let mut next: Vec<&String> = imports[start].iter().collect();
+            while let Some(module) = next.pop() {
+                assert_ne!(module, start, "{start} imports a module that imports it back: {imports:?}");
+                if seen.insert(module.clone()) {
+                    next.extend(imports.get(module).into_iter().flatten());
+                }
+            }
+        }
+    }
 }

@@ -12,15 +12,20 @@
 //!    route per caller, by tier. `RateLimit-*` headers go on every limited response; 429 past it.
 //! 3. **Signatures**: a request made with an API key that requires signing (or that carries a
 //!    signature) must be signed, fresh and not replayed, or it is 401.
-//! 4. **Budgets**: token reservations, in the handlers that spend tokens (only they know the estimate).
+//! 4. **Budgets**: token reservations ([`reserve_budget`], [`release_budget`]), called by the handlers
+//!    that spend tokens, since only they know the estimate.
 //!
 //! A request that fails a step is answered there; the later steps do not run.
 
-use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use parley_platform::ErrorCode;
+use parley_platform::{ErrorCode, ServiceError};
+use parley_proto::quota::v1 as quota_pb;
+use uuid::Uuid;
 
 use crate::AppState;
 use crate::auth::{Caller, KeyGrant, bearer_token};
@@ -58,7 +63,7 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
         .or_else(|| (route == QUERY_CREDENTIAL_ROUTE).then(|| query_credential(request.uri())).flatten());
     let mut grant = None;
     let hops = state.config.http.trusted_proxy_hops;
-    let client_ip = |request: &Request| crate::routes::client_ip(request.headers(), request.extensions(), hops);
+    let client_ip = |request: &Request| client_ip(request.headers(), request.extensions(), hops);
     let identity = match credential.as_deref() {
         None => Identity::Anonymous,
         Some(key) if key.starts_with("pk_") => {
@@ -210,5 +215,100 @@ impl FromRequestParts<AppState> for Caller {
             Some(Identity::Refused(error)) => Err(ApiError(error.clone())),
             Some(Identity::Anonymous) | None => Err(ApiError::unauthorized("missing bearer credentials")),
         }
+    }
+}
+
+/// The client's address: the TCP peer, or, behind `http.trusted_proxy_hops` proxies, the
+/// `X-Forwarded-For` entry that many places from the right (entries further left can be forged).
+pub struct ClientIp(pub String);
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(client_ip(&parts.headers, &parts.extensions, state.config.http.trusted_proxy_hops)))
+    }
+}
+
+pub fn client_ip(headers: &axum::http::HeaderMap, extensions: &axum::http::Extensions, hops: usize) -> String {
+    let peer = extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string()).unwrap_or_default();
+    if hops == 0 {
+        return peer;
+    }
+    let forwarded: Vec<String> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|entry| entry.trim().to_owned())
+        .filter(|entry| !entry.is_empty())
+        .collect();
+    // The nearest proxy appended the address it saw; with `hops` proxies the client is hops-1 further left.
+    forwarded.len().checked_sub(hops).and_then(|index| forwarded.get(index).cloned()).unwrap_or(peer)
+}
+
+// 4. Budgets.
+
+/// Holds the estimated tokens of a request against the caller's budgets: the reservation id, or 429
+/// `quota_exceeded` with `Retry-After` until the window that refused it resets.
+pub async fn reserve_budget(state: &AppState, caller: &Caller, estimated_tokens: i64) -> Result<String, ApiError> {
+    let reservation_id = Uuid::now_v7().to_string();
+    let reservation = match reserve_in_redis(state, caller, &reservation_id, estimated_tokens).await {
+        Some(reservation) => reservation,
+        // Only the quota service can decide (counters to rebuild from the ledger, Redis unreachable):
+        // the same reservation id, so a reservation the script made before timing out is not doubled.
+        None => state
+            .backends
+            .quota
+            .clone()
+            .reserve(quota_pb::ReserveRequest {
+                user_id: caller.user_id.to_string(),
+                tier: caller.tier.clone(),
+                reservation_id: reservation_id.clone(),
+                tokens: estimated_tokens,
+            })
+            .await?
+            .into_inner(),
+    };
+    if reservation.granted {
+        return Ok(reservation_id);
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let retry_after = (reservation.retry_at - now).max(1) as u64;
+    let detail = match reservation.budget.and_then(|budget| budget.day) {
+        Some(day) => format!("token budget exhausted ({} of {} used today)", day.used + day.reserved, day.limit),
+        None => "token budget exhausted".to_owned(),
+    };
+    Err(ServiceError::new(ErrorCode::QuotaExceeded, detail).retry_after(retry_after).into())
+}
+
+/// The reservation as quota's script decides it in Redis, run from here (no gRPC round trip to quota);
+/// `None` when only the quota service can decide.
+async fn reserve_in_redis(
+    state: &AppState,
+    caller: &Caller,
+    reservation_id: &str,
+    tokens: i64,
+) -> Option<quota_pb::Reservation> {
+    let mut redis = state.limiter.connection().await?;
+    match state.reserver.reserve_quickly(&mut redis, caller.user_id, &caller.tier, reservation_id, tokens).await {
+        Ok(reservation) => reservation,
+        Err(_) => {
+            // The next use reconnects; meanwhile the quota service decides.
+            state.limiter.forget_connection().await;
+            None
+        }
+    }
+}
+
+/// Gives back a reservation whose request queued no job.
+pub async fn release_budget(state: &AppState, caller: &Caller, reservation_id: &str) {
+    let request = quota_pb::SettleRequest {
+        user_id: caller.user_id.to_string(),
+        reservation_id: reservation_id.to_owned(),
+        tokens: 0,
+    };
+    if let Err(status) = state.backends.quota.clone().settle(request).await {
+        tracing::warn!(code = ?status.code(), "could not release a reservation; it expires by itself");
     }
 }

@@ -15,7 +15,7 @@ use crate::routes::{
 #[openapi(
     info(title = "Parley API", description = "Parley's public REST API (v1)."),
     paths(
-        ops::healthz, ops::readyz, ops::metrics, ops::openapi, ops::status, web::index, web::status_page, web::asset,
+        ops::healthz, ops::readyz, ops::metrics, serve, ops::status, web::index, web::status_page, web::asset,
         identity::register, identity::login, identity::refresh, identity::logout, identity::me, identity::delete_me, identity::jwks,
         identity::set_tier, export::export,
         api_keys::create, api_keys::list, api_keys::revoke,
@@ -126,6 +126,14 @@ impl Modify for ErrorResponses {
 /// The document as generated from the handlers and types alone.
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "The OpenAPI 3.1 document")))]
+pub async fn serve(
+    axum::extract::State(state): axum::extract::State<crate::AppState>,
+) -> axum::Json<serde_json::Value> {
+    axum::Json(served_document(&state.config))
 }
 
 /// The document served at `/openapi.json`: the generated one with this deployment's rules (lengths,

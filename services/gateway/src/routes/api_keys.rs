@@ -11,9 +11,10 @@ use parley_proto::user::v1 as pb;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ClientIp, PageQuery, page_limit, query_rejection};
+use super::{PageQuery, page_limit, query_rejection};
 use crate::AppState;
 use crate::auth::Caller;
+use crate::pipeline::ClientIp;
 use crate::problem::{ApiJson, ApiPath, ApiResult, Problem};
 use crate::views::Page;
 

@@ -11,9 +11,10 @@ use parley_proto::chat::v1 as pb;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::messages::{finish_even_if_abandoned, release_budget, reserve_budget};
+use super::messages::finish_even_if_abandoned;
 use crate::AppState;
 use crate::auth::Caller;
+use crate::pipeline::{release_budget, reserve_budget};
 use crate::problem::ApiError;
 
 /// When every provider failed: how long a client should wait before trying again.

@@ -7,9 +7,9 @@ use axum::response::{IntoResponse, Response};
 use parley_proto::user::v1 as pb;
 use serde_json::json;
 
-use super::ClientIp;
 use crate::AppState;
 use crate::auth::Caller;
+use crate::pipeline::ClientIp;
 use crate::problem::{ApiError, ApiJson, ApiPath, ApiResult, Problem};
 use crate::views::{AuthView, LoginBody, RefreshBody, RegisterBody, TierBody, UserView};
 

@@ -17,12 +17,12 @@ use parley_platform::events::MessageEvent;
 use parley_platform::message_status::is_finished;
 use parley_platform::{ErrorCode, ServiceError};
 use parley_proto::chat::v1 as pb;
-use parley_proto::quota::v1 as quota_pb;
 use uuid::Uuid;
 
 use super::{PageQuery, page_limit, query_rejection};
 use crate::AppState;
 use crate::auth::Caller;
+use crate::pipeline::{release_budget, reserve_budget};
 use crate::problem::{ApiError, ApiJson, ApiPath, ApiResult, Problem};
 use crate::replies::HubEvent;
 use crate::timing::ModelWait;
@@ -31,58 +31,6 @@ use crate::views::{ExchangeView, MessageView, Page, RegenerateBody, SendMessageB
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// How often a waiting send re-reads the stored reply in case its completion event was lost.
 const SAFETY_POLL: Duration = Duration::from_secs(2);
-
-/// Holds the estimated tokens of a request against the caller's budgets: the reservation id, or 429
-/// `quota_exceeded` with `Retry-After` until the window that refused it resets.
-pub async fn reserve_budget(state: &AppState, caller: &Caller, estimated_tokens: i64) -> Result<String, ApiError> {
-    let reservation_id = Uuid::now_v7().to_string();
-    let reservation = match reserve_in_redis(state, caller, &reservation_id, estimated_tokens).await {
-        Some(reservation) => reservation,
-        // Only the quota service can decide (counters to rebuild from the ledger, Redis unreachable):
-        // the same reservation id, so a reservation the script made before timing out is not doubled.
-        None => state
-            .backends
-            .quota
-            .clone()
-            .reserve(quota_pb::ReserveRequest {
-                user_id: caller.user_id.to_string(),
-                tier: caller.tier.clone(),
-                reservation_id: reservation_id.clone(),
-                tokens: estimated_tokens,
-            })
-            .await?
-            .into_inner(),
-    };
-    if reservation.granted {
-        return Ok(reservation_id);
-    }
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let retry_after = (reservation.retry_at - now).max(1) as u64;
-    let detail = match reservation.budget.and_then(|budget| budget.day) {
-        Some(day) => format!("token budget exhausted ({} of {} used today)", day.used + day.reserved, day.limit),
-        None => "token budget exhausted".to_owned(),
-    };
-    Err(ServiceError::new(ErrorCode::QuotaExceeded, detail).retry_after(retry_after).into())
-}
-
-/// The reservation as quota's script decides it in Redis, run from here (no gRPC round trip to quota);
-/// `None` when only the quota service can decide.
-async fn reserve_in_redis(
-    state: &AppState,
-    caller: &Caller,
-    reservation_id: &str,
-    tokens: i64,
-) -> Option<quota_pb::Reservation> {
-    let mut redis = state.limiter.connection().await?;
-    match state.reserver.reserve_quickly(&mut redis, caller.user_id, &caller.tier, reservation_id, tokens).await {
-        Ok(reservation) => reservation,
-        Err(_) => {
-            // The next use reconnects; meanwhile the quota service decides.
-            state.limiter.forget_connection().await;
-            None
-        }
-    }
-}
 
 /// Runs `work` to its end even if the client hangs up meanwhile (which drops the handler): a send
 /// that reached chat is not cut off mid-transaction, and a reservation it took is released when
@@ -100,18 +48,6 @@ where
         tracing::error!(%error, "a send's task failed");
         ApiError(ServiceError::internal())
     })?
-}
-
-/// Gives back a reservation whose request queued no job.
-pub async fn release_budget(state: &AppState, caller: &Caller, reservation_id: &str) {
-    let request = quota_pb::SettleRequest {
-        user_id: caller.user_id.to_string(),
-        reservation_id: reservation_id.to_owned(),
-        tokens: 0,
-    };
-    if let Err(status) = state.backends.quota.clone().settle(request).await {
-        tracing::warn!(code = ?status.code(), "could not release a reservation; it expires by itself");
-    }
 }
 
 /// Send a message and get the assistant's reply: streamed as server-sent events with

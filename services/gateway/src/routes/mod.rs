@@ -17,11 +17,7 @@ pub mod streaming;
 pub mod usage;
 pub mod web;
 
-use std::net::SocketAddr;
-
 use axum::Router;
-use axum::extract::{ConnectInfo, FromRequestParts};
-use axum::http::request::Parts;
 use axum::routing::{get, post, put};
 
 use crate::AppState;
@@ -32,7 +28,6 @@ pub fn routes() -> Router<AppState> {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .route("/openapi.json", get(ops::openapi))
         .route("/", get(web::index))
         .route("/status", get(web::status_page))
         .route("/assets/{*path}", get(web::asset))
@@ -73,35 +68,6 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/admin/usage", get(usage::admin))
         .route("/v1/admin/audit", get(audit::list))
         .route("/v1/admin/users/{id}/tier", put(identity::set_tier))
-}
-
-/// The client's address: the TCP peer, or, behind `http.trusted_proxy_hops` proxies, the
-/// `X-Forwarded-For` entry that many places from the right (entries further left can be forged).
-pub struct ClientIp(pub String);
-
-impl FromRequestParts<AppState> for ClientIp {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        Ok(ClientIp(client_ip(&parts.headers, &parts.extensions, state.config.http.trusted_proxy_hops)))
-    }
-}
-
-pub fn client_ip(headers: &axum::http::HeaderMap, extensions: &axum::http::Extensions, hops: usize) -> String {
-    let peer = extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string()).unwrap_or_default();
-    if hops == 0 {
-        return peer;
-    }
-    let forwarded: Vec<String> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(|entry| entry.trim().to_owned())
-        .filter(|entry| !entry.is_empty())
-        .collect();
-    // The nearest proxy appended the address it saw; with `hops` proxies the client is hops-1 further left.
-    forwarded.len().checked_sub(hops).and_then(|index| forwarded.get(index).cloned()).unwrap_or(peer)
 }
 
 /// `?limit=` for lists: 1 to 100, 20 when absent.

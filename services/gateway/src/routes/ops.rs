@@ -38,12 +38,6 @@ pub async fn metrics() -> Response {
     parley_platform::health::metrics().await
 }
 
-/// This document.
-#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "The OpenAPI 3.1 document")))]
-pub async fn openapi(State(state): State<AppState>) -> Response {
-    Json(crate::openapi::served_document(&state.config)).into_response()
-}
-
 pub async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such route")
 }
