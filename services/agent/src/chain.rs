@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use parley_platform::events::{AiJob, MessageEvent};
+use parley_platform::finish::FinishReason;
 use parley_platform::tokens;
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -435,7 +436,7 @@ impl Agent {
                     input_tokens,
                     output_tokens: i64::from(tokens::estimate(&streamed)),
                     time_to_first_token: None,
-                    finish_reason: Some("stop".to_owned()),
+                    finish_reason: Some(FinishReason::Stop),
                     tool_calls: Vec::new(),
                 };
                 (Ok(completion), streamed)

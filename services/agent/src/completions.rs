@@ -260,7 +260,12 @@ impl Agent {
             input_tokens: answer.completion.input_tokens,
             output_tokens: answer.completion.output_tokens,
             model: answering_model.clone(),
-            finish_reason: answer.completion.finish_reason.clone().unwrap_or_default(),
+            finish_reason: answer
+                .completion
+                .finish_reason
+                .as_ref()
+                .map(|reason| reason.as_openai().to_owned())
+                .unwrap_or_default(),
             tool_calls: answer
                 .completion
                 .tool_calls

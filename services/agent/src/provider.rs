@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use parley_platform::config::{ProviderConfig, ProviderKind};
+use parley_platform::finish::FinishReason;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Value, json};
 
@@ -96,7 +97,7 @@ pub struct Completion {
     pub time_to_first_token: Option<Duration>,
     /// Why the model stopped, in OpenAI's words (`stop`, `length`, `tool_calls`, `content_filter`),
     /// when the provider said.
-    pub finish_reason: Option<String>,
+    pub finish_reason: Option<FinishReason>,
     /// The tools the reply called.
     pub tool_calls: Vec<ToolCall>,
 }
@@ -473,7 +474,7 @@ struct StreamState {
     input_tokens: Option<i64>,
     output_tokens: Option<i64>,
     time_to_first_token: Option<Duration>,
-    finish_reason: Option<String>,
+    finish_reason: Option<FinishReason>,
     finished: bool,
     tool_calls: Vec<ToolCall>,
     /// Anthropic: the content block index of each tool call, in order.
@@ -507,7 +508,7 @@ impl StreamState {
             self.output_tokens = usage.get("completion_tokens").and_then(Value::as_i64);
         }
         if let Some(reason) = value.pointer("/choices/0/finish_reason").and_then(Value::as_str) {
-            self.finish_reason = Some(reason.to_owned());
+            self.finish_reason = Some(FinishReason::from_openai(reason));
         }
         if let Some(calls) = value.pointer("/choices/0/delta/tool_calls").and_then(Value::as_array) {
             let pieces = calls
@@ -557,7 +558,7 @@ impl StreamState {
                     self.output_tokens = Some(output);
                 }
                 if let Some(reason) = value.pointer("/delta/stop_reason").and_then(Value::as_str) {
-                    self.finish_reason = Some(openai_finish_reason(reason).to_owned());
+                    self.finish_reason = Some(FinishReason::from_anthropic(reason));
                 }
                 Ok(Pieces::None)
             }
@@ -635,17 +636,6 @@ fn read_embeddings(body: &[u8], inputs: &[String]) -> Result<Embedded, ProviderE
     let estimated = || inputs.iter().map(|input| i64::from(parley_platform::tokens::estimate(input))).sum();
     let input_tokens = response.usage.map_or_else(estimated, |usage| usage.prompt_tokens);
     Ok(Embedded { vectors, input_tokens })
-}
-
-/// An Anthropic `stop_reason` in OpenAI's words.
-fn openai_finish_reason(stop_reason: &str) -> &str {
-    match stop_reason {
-        "end_turn" | "stop_sequence" => "stop",
-        "max_tokens" => "length",
-        "tool_use" => "tool_calls",
-        "refusal" => "content_filter",
-        other => other,
-    }
 }
 
 /// Anthropic takes the system prompt apart, and turns that alternate between user and assistant,

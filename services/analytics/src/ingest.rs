@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use parley_platform::Config;
-use parley_platform::events::{CostAlert, UsageEvent};
+use parley_platform::events::{AlertScope, CostAlert, UsageEvent};
 use parley_platform::nats::Names;
 use sqlx::PgPool;
 use time::{Date, OffsetDateTime};
@@ -222,8 +222,8 @@ impl Ingester {
                 .increment(cost.unsigned_abs());
         }
         for (scope, user_id) in raised {
-            tracing::warn!(scope, %user_id, "daily spend threshold crossed");
-            metrics::counter!(crate::metrics::COST_ALERTS, "scope" => scope).increment(1);
+            tracing::warn!(scope = scope.as_str(), %user_id, "daily spend threshold crossed");
+            metrics::counter!(crate::metrics::COST_ALERTS, "scope" => scope.as_str()).increment(1);
             self.wake_alerts.notify_one();
         }
         Ok(stored)
@@ -235,7 +235,7 @@ impl Ingester {
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
         rollups: &Rollups,
-    ) -> Result<Vec<(&'static str, Uuid)>, sqlx::Error> {
+    ) -> Result<Vec<(AlertScope, Uuid)>, sqlx::Error> {
         let analytics = &self.config.analytics;
         let mut raised = Vec::new();
         // Spend only rises with a priced call: free events leave the alert state alone.
@@ -266,8 +266,8 @@ impl Ingester {
             .await?;
             let checks = spent_by_user
                 .into_iter()
-                .map(|(user_id, spent)| ("user", user_id, spent, &analytics.user_daily_spend_alerts_usd))
-                .chain([("global", Uuid::nil(), global, &analytics.global_daily_spend_alerts_usd)]);
+                .map(|(user_id, spent)| (AlertScope::User, user_id, spent, &analytics.user_daily_spend_alerts_usd))
+                .chain([(AlertScope::Global, Uuid::nil(), global, &analytics.global_daily_spend_alerts_usd)]);
             for (scope, user_id, spent, thresholds) in checks {
                 for threshold in thresholds.iter().map(|usd| usd_to_micros(*usd)).filter(|&t| spent >= t) {
                     let inserted = sqlx::query(
@@ -275,7 +275,7 @@ impl Ingester {
                          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
                     )
                     .bind(day)
-                    .bind(scope)
+                    .bind(scope.as_str())
                     .bind(user_id)
                     .bind(threshold)
                     .bind(Uuid::now_v7())
@@ -393,7 +393,8 @@ pub struct AlertPublisher {
 struct AlertRow {
     alert_id: Uuid,
     day: time::Date,
-    scope: String,
+    #[sqlx(try_from = "String")]
+    scope: AlertScope,
     user_id: Uuid,
     threshold_micros: i64,
     spent_micros: i64,
@@ -429,7 +430,7 @@ impl AlertPublisher {
         for alert in alerts {
             let payload = CostAlert {
                 alert_id: alert.alert_id,
-                user_id: (alert.scope == "user").then_some(alert.user_id),
+                user_id: (alert.scope == AlertScope::User).then_some(alert.user_id),
                 scope: alert.scope,
                 day: alert.day.to_string(),
                 threshold_usd: alert.threshold_micros as f64 / 1_000_000.0,

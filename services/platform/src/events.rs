@@ -119,8 +119,8 @@ pub struct Settlement {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CostAlert {
     pub alert_id: Uuid,
-    /// "user" (one user's spend) or "global" (everyone's).
-    pub scope: String,
+    /// Whose spend crossed the threshold.
+    pub scope: AlertScope,
     /// The user, for scope "user".
     pub user_id: Option<Uuid>,
     /// The UTC day, YYYY-MM-DD.
@@ -130,6 +130,38 @@ pub struct CostAlert {
     pub spent_usd: f64,
     /// Unix milliseconds.
     pub raised_at_ms: i64,
+}
+
+/// Whose daily spend a cost alert is about, by its lowercase name on the wire, in
+/// `analytics.cost_alerts` and in the `scope` label of `parley_analytics_cost_alerts_total`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertScope {
+    /// One user's spend.
+    User,
+    /// Everyone's spend.
+    Global,
+}
+
+impl AlertScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertScope::User => "user",
+            AlertScope::Global => "global",
+        }
+    }
+}
+
+impl TryFrom<String> for AlertScope {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        match text.as_str() {
+            "user" => Ok(AlertScope::User),
+            "global" => Ok(AlertScope::Global),
+            _ => Err(format!("unknown alert scope {text:?}")),
+        }
+    }
 }
 
 /// Live progress of one assistant message, on its own core NATS subject. Gateways relay these to

@@ -14,6 +14,7 @@ pub mod db;
 pub mod envelope;
 pub mod error;
 pub mod events;
+pub mod finish;
 pub mod grpc;
 pub mod health;
 pub mod json_int;

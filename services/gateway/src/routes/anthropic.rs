@@ -534,12 +534,7 @@ pub async fn count_tokens(
 
 /// An Anthropic stop reason for how the model stopped.
 fn stop_reason(done: &agent_pb::CompleteDone) -> &'static str {
-    match finish_reason(done) {
-        "length" => "max_tokens",
-        "tool_calls" => "tool_use",
-        "content_filter" => "refusal",
-        _ => "end_turn",
-    }
+    finish_reason(done).as_anthropic()
 }
 
 fn tool_use_block(call: &pb::ToolCall) -> Value {

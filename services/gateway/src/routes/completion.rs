@@ -4,6 +4,7 @@
 //! request into a [`Prompt`] and writes the reply in its own shape; everything between is here, once.
 
 use axum::http::HeaderMap;
+use parley_platform::finish::FinishReason;
 use parley_platform::sampling::Sampling;
 use parley_platform::{ErrorCode, ServiceError};
 use parley_proto::agent::v1 as agent_pb;
@@ -139,11 +140,11 @@ pub fn ended_early() -> ServiceError {
 
 /// Why the model stopped, in OpenAI's words, as the provider said (`stop` when it did not;
 /// `tool_calls` when it called tools and said nothing).
-pub fn finish_reason(done: &agent_pb::CompleteDone) -> &str {
+pub fn finish_reason(done: &agent_pb::CompleteDone) -> FinishReason {
     match done.finish_reason.as_str() {
-        "" if !done.tool_calls.is_empty() => "tool_calls",
-        "" => "stop",
-        said => said,
+        "" if !done.tool_calls.is_empty() => FinishReason::ToolCalls,
+        "" => FinishReason::Stop,
+        said => FinishReason::from_openai(said),
     }
 }
 

@@ -515,7 +515,7 @@ fn completion(chunk: &Chunk, collected: &Collected, wants_logprobs: bool) -> Val
             "index": 0,
             "message": message,
             "logprobs": logprobs,
-            "finish_reason": finish_reason(done),
+            "finish_reason": finish_reason(done).as_openai(),
         }],
         "usage": usage_of(done),
     })
@@ -609,8 +609,10 @@ fn stream(
                         rest.push(chunk.with(json!([]), Some(usage_of(&done))));
                     }
                     rest.push(Event::default().data("[DONE]"));
-                    let finish =
-                        chunk.with(json!([{"index": 0, "delta": {}, "finish_reason": finish_reason(&done)}]), None);
+                    let finish = chunk.with(
+                        json!([{"index": 0, "delta": {}, "finish_reason": finish_reason(&done).as_openai()}]),
+                        None,
+                    );
                     Some((Ok(finish), (reply, chunk, Phase::Closing(rest))))
                 }
                 Ok(Some(_)) => Some((Ok(Event::default().comment("")), (reply, chunk, Phase::Streaming { first }))),

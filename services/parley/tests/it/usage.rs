@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use parley::Service;
-use parley_platform::events::{CostAlert, Settlement, UsageEvent};
+use parley_platform::events::{AlertScope, CostAlert, Settlement, UsageEvent};
 use parley_platform::nats::Names;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -219,8 +219,10 @@ async fn a_daily_spend_alert_fires_once_per_threshold() {
         let message = tokio::time::timeout(Duration::from_secs(15), alerts.next()).await.unwrap().unwrap();
         received.push(serde_json::from_slice::<CostAlert>(&message.payload).unwrap());
     }
-    let mut scopes: Vec<(String, Option<String>)> =
-        received.iter().map(|alert| (alert.scope.clone(), alert.user_id.map(|id| id.to_string()))).collect();
+    let mut scopes: Vec<(String, Option<String>)> = received
+        .iter()
+        .map(|alert| (alert.scope.as_str().to_owned(), alert.user_id.map(|id| id.to_string())))
+        .collect();
     scopes.sort();
     let mut expected = vec![
         ("global".to_owned(), None),
@@ -229,7 +231,7 @@ async fn a_daily_spend_alert_fires_once_per_threshold() {
     ];
     expected.sort();
     assert_eq!(scopes, expected, "{received:?}");
-    let global = received.iter().find(|alert| alert.scope == "global").unwrap();
+    let global = received.iter().find(|alert| alert.scope == AlertScope::Global).unwrap();
     assert_eq!(global.day, now.date().to_string());
     assert!((global.threshold_usd - 0.02).abs() < 1e-12 && global.spent_usd >= 0.02, "{global:?}");
 
