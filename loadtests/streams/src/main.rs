@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
+use parley_platform::sse::{Event, events};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -322,17 +323,15 @@ async fn follow(
         return Err(Failure::new(format!("http_{}", status.as_u16()), body));
     }
     let _open = OpenStream::enter(shared);
-    let mut parser = SseParser::default();
-    let mut body = response.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|error| Failure::new("body_error", error))?;
-        for event in parser.push(&chunk) {
-            match meaning(shared.args.mode, &event) {
-                Meaning::Token => progress.token(started),
-                Meaning::Done => return Ok(()),
-                Meaning::Failed(detail) => return Err(Failure::new("stream_error", detail)),
-                Meaning::Other => {}
-            }
+    #[allow(clippy::disallowed_methods, reason = "the body is read through sse::events")]
+    let mut events = std::pin::pin!(events(response.bytes_stream()));
+    while let Some(event) = events.next().await {
+        let event = event.map_err(|error| Failure::new("body_error", error))?;
+        match meaning(shared.args.mode, &event) {
+            Meaning::Token => progress.token(started),
+            Meaning::Done => return Ok(()),
+            Meaning::Failed(detail) => return Err(Failure::new("stream_error", detail)),
+            Meaning::Other => {}
         }
     }
     Err(Failure::new("incomplete", "the stream ended before its final event"))
@@ -348,7 +347,7 @@ fn send_error_kind(error: &reqwest::Error) -> &'static str {
     }
 }
 
-fn meaning(mode: Mode, event: &SseEvent) -> Meaning {
+fn meaning(mode: Mode, event: &Event) -> Meaning {
     match mode {
         Mode::Openai => {
             if event.data.trim() == "[DONE]" {
@@ -363,47 +362,12 @@ fn meaning(mode: Mode, event: &SseEvent) -> Meaning {
             let content = chunk.pointer("/choices/0/delta/content").and_then(Value::as_str);
             if content.is_some_and(|text| !text.is_empty()) { Meaning::Token } else { Meaning::Other }
         }
-        Mode::Conversation => match event.name.as_str() {
+        Mode::Conversation => match event.event.as_deref().unwrap_or("message") {
             "message.delta" => Meaning::Token,
             "message.completed" => Meaning::Done,
             "message.failed" => Meaning::Failed(event.data.clone()),
             _ => Meaning::Other,
         },
-    }
-}
-
-struct SseEvent {
-    name: String,
-    data: String,
-}
-
-/// Splits a byte stream into server-sent events (blank-line separated; comments dropped).
-#[derive(Default)]
-struct SseParser {
-    buffer: Vec<u8>,
-}
-
-impl SseParser {
-    fn push(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
-        self.buffer.extend(bytes.iter().copied().filter(|byte| *byte != b'\r'));
-        let mut events = Vec::new();
-        while let Some(end) = self.buffer.windows(2).position(|pair| pair == b"\n\n") {
-            let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&block[..end]);
-            let mut name = String::from("message");
-            let mut data: Vec<&str> = Vec::new();
-            for line in text.lines() {
-                if let Some(value) = line.strip_prefix("event:") {
-                    name = value.trim().to_owned();
-                } else if let Some(value) = line.strip_prefix("data:") {
-                    data.push(value.strip_prefix(' ').unwrap_or(value));
-                }
-            }
-            if !data.is_empty() || name != "message" {
-                events.push(SseEvent { name, data: data.join("\n") });
-            }
-        }
-        events
     }
 }
 
@@ -535,23 +499,21 @@ async fn nats_cleanup(args: NatsCleanupArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    fn data(data: &str) -> Event {
+        Event { data: data.to_owned(), ..Event::default() }
+    }
+
     #[test]
-    fn events_split_across_chunks_are_joined() {
-        let mut parser = SseParser::default();
-        assert!(parser.push(b"event: message.delta\ndata: {\"te").is_empty());
-        let events = parser.push(b"xt\":\"hi\"}\n\n: heartbeat\n\ndata: [DONE]\r\n\r\n");
-        assert_eq!(events.len(), 2);
-        assert_eq!(events[0].name, "message.delta");
-        assert_eq!(events[0].data, "{\"text\":\"hi\"}");
-        assert!(matches!(meaning(Mode::Openai, &events[1]), Meaning::Done));
+    fn events_mean_tokens_ends_and_failures() {
+        let delta = Event { event: Some("message.delta".to_owned()), ..data(r#"{"text":"hi"}"#) };
+        assert!(matches!(meaning(Mode::Conversation, &delta), Meaning::Token));
+        assert!(matches!(meaning(Mode::Openai, &data("[DONE]")), Meaning::Done));
     }
 
     #[test]
     fn openai_chunks_with_text_are_tokens() {
-        let token = SseEvent { name: "message".to_owned(), data: r#"{"choices":[{"delta":{"content":"a"}}]}"#.into() };
-        assert!(matches!(meaning(Mode::Openai, &token), Meaning::Token));
-        let usage = SseEvent { name: "message".to_owned(), data: r#"{"choices":[],"usage":{}}"#.into() };
-        assert!(matches!(meaning(Mode::Openai, &usage), Meaning::Other));
+        assert!(matches!(meaning(Mode::Openai, &data(r#"{"choices":[{"delta":{"content":"a"}}]}"#)), Meaning::Token));
+        assert!(matches!(meaning(Mode::Openai, &data(r#"{"choices":[],"usage":{}}"#)), Meaning::Other));
     }
 
     #[test]

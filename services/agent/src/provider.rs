@@ -349,28 +349,22 @@ impl HttpProvider {
             return Err(status_error(response).await);
         }
         let mut state = StreamState::default();
-        let mut events = parley_platform::sse::Decoder::default();
-        let mut bytes = response.bytes_stream();
+        // (A stream may end on an event without the blank line after it: `events` gives it too.)
+        #[allow(clippy::disallowed_methods, reason = "the body is read through sse::events")]
+        let mut events = std::pin::pin!(parley_platform::sse::events(response.bytes_stream()));
         loop {
             let next = if state.time_to_first_token.is_none() {
-                match tokio::time::timeout_at(first_token_deadline, bytes.next()).await {
+                match tokio::time::timeout_at(first_token_deadline, events.next()).await {
                     Ok(next) => next,
                     Err(_) => return Err(first_token_timeout),
                 }
             } else {
-                bytes.next().await
+                events.next().await
             };
-            let Some(chunk) = next else {
+            let Some(event) = next else {
                 break;
             };
-            let chunk = chunk.map_err(|error| ProviderError::Transport(without_url(&error)))?;
-            events.push(&chunk);
-            while let Some(event) = events.next_event() {
-                self.read_event(&event.data, &mut state, started, on_delta)?;
-            }
-        }
-        // A stream may end on an event without the blank line after it.
-        if let Some(event) = events.finish() {
+            let event = event.map_err(|error| ProviderError::Transport(without_url(&error)))?;
             self.read_event(&event.data, &mut state, started, on_delta)?;
         }
         if self.wire == Wire::Anthropic && !state.finished {

@@ -202,9 +202,9 @@ pub fn tokens_of(reply: &str) -> Vec<String> {
         .collect()
 }
 
-/// Rough token count of a prompt (about four characters a token), as providers report usage.
+/// A prompt's tokens as the fake reports them: Parley's own estimate, at least one, as providers count.
 pub fn estimate_tokens(text: &str) -> u64 {
-    (text.chars().count() as u64).div_ceil(4).max(1)
+    u64::from(parley_platform::tokens::estimate(text)).max(1)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,6 +11,29 @@ pub struct Event {
     pub data: String,
 }
 
+/// The events of a byte stream (a response's body), the last one even when the stream ends without
+/// its blank line. An error of the byte stream is the last item.
+pub fn events<S, B, E>(bytes: S) -> impl futures::Stream<Item = Result<Event, E>>
+where
+    S: futures::Stream<Item = Result<B, E>> + Unpin,
+    B: AsRef<[u8]>,
+{
+    use futures::StreamExt;
+    futures::stream::unfold(Some((bytes, Decoder::default())), |state| async move {
+        let (mut bytes, mut decoder) = state?;
+        loop {
+            if let Some(event) = decoder.next_event() {
+                return Some((Ok(event), Some((bytes, decoder))));
+            }
+            match bytes.next().await {
+                Some(Ok(chunk)) => decoder.push(chunk.as_ref()),
+                Some(Err(error)) => return Some((Err(error), None)),
+                None => return decoder.finish().map(|event| (Ok(event), None)),
+            }
+        }
+    })
+}
+
 /// Turns pieces of a stream into events.
 #[derive(Debug, Default)]
 pub struct Decoder {
@@ -113,6 +136,20 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_byte_stream_becomes_its_events_with_the_last_unterminated_one() {
+        use futures::StreamExt;
+        let pieces: Vec<Result<&[u8], ()>> =
+            vec![Ok(b"event: a\r\ndata: 1\r"), Ok(b"\n\r\n: comment\n\ndata: 2\ndata: 3"), Ok(b"\n")];
+        let read: Vec<_> = events(futures::stream::iter(pieces)).collect().await;
+        let data: Vec<String> = read.into_iter().map(|event| event.unwrap().data).collect();
+        assert_eq!(data, ["1", "2\n3"]);
+        let broken: Vec<Result<&[u8], &str>> = vec![Ok(b"data: 1\n\n"), Err("reset"), Ok(b"data: 2\n\n")];
+        let items: Vec<_> = events(futures::stream::iter(broken)).collect().await;
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[1], Err("reset"));
+    }
 
     fn all(pieces: &[&[u8]]) -> Vec<Event> {
         let mut decoder = Decoder::default();

@@ -286,8 +286,7 @@ pub struct SseEvent {
 
 /// Reads server-sent events from a streaming response.
 pub struct SseReader {
-    bytes: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
-    decoder: parley_platform::sse::Decoder,
+    events: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<parley_platform::sse::Event>> + Send>>,
 }
 
 impl SseReader {
@@ -295,28 +294,19 @@ impl SseReader {
         assert_eq!(response.status(), StatusCode::OK);
         let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
         assert!(content_type.starts_with("text/event-stream"), "{content_type}");
-        Self { bytes: Box::pin(response.bytes_stream()), decoder: Default::default() }
+        #[allow(clippy::disallowed_methods, reason = "the body is read through sse::events")]
+        let bytes = response.bytes_stream();
+        Self { events: Box::pin(parley_platform::sse::events(bytes)) }
     }
 
     /// The next event with data (comments such as heartbeats are skipped); `None` when the stream ends.
     pub async fn next(&mut self) -> Option<SseEvent> {
         use futures::StreamExt;
         loop {
-            let event = match self.decoder.next_event() {
-                Some(event) => event,
-                None => {
-                    let chunk = tokio::time::timeout(Duration::from_secs(30), self.bytes.next())
-                        .await
-                        .expect("an event within 30 s");
-                    match chunk {
-                        Some(chunk) => {
-                            self.decoder.push(&chunk.unwrap());
-                            continue;
-                        }
-                        None => self.decoder.finish()?,
-                    }
-                }
-            };
+            let event = tokio::time::timeout(Duration::from_secs(30), self.events.next())
+                .await
+                .expect("an event within 30 s")?
+                .unwrap();
             if event.data.is_empty() {
                 continue;
             }

@@ -225,6 +225,7 @@ async fn an_idle_stream_carries_heartbeats() {
     let response = t.send_streaming(&session, &conversation, json!({"content": "take a moment"})).await;
     assert_eq!(response.headers()["x-accel-buffering"], "no");
     // While the model thinks, the stream stays alive with comment lines.
+    #[allow(clippy::disallowed_methods, reason = "the raw body, to see the comment lines events skip")]
     let mut body = response.bytes_stream();
     let mut seen = String::new();
     while !seen.contains("keep-alive") {
