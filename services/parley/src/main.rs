@@ -43,6 +43,9 @@ enum Command {
     Archive(ArchiveArgs),
     /// Validate the configuration, then exit.
     CheckConfig,
+    /// Print every setting: its path, the variable that sets it, and its value as loaded (secrets
+    /// hidden).
+    Settings,
     /// GET a URL and succeed only on a 2xx answer: a readiness check for images without a shell.
     Probe {
         /// For example http://parley-gateway/readyz.
@@ -154,6 +157,7 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::CheckConfig => check_config(),
+        Command::Settings => settings(),
         Command::Probe { url, timeout_secs } => probe(&url, Duration::from_secs(timeout_secs)).await,
         Command::Migrate => migrate().await,
         Command::Archive(args) => archive(args).await,
@@ -178,6 +182,28 @@ fn check_config() -> anyhow::Result<()> {
     }
     if config.chat.content_keys == parley_platform::config::DEVELOPMENT_CONTENT_KEYS {
         println!("warning: PARLEY_CONTENT_KEYS is the development default; set your own in production");
+    }
+    Ok(())
+}
+
+fn settings() -> anyhow::Result<()> {
+    let config = Config::load()?;
+    for (path, value) in config.settings()? {
+        let last = path.rsplit('.').next().unwrap_or_default();
+        let secret = last.contains("secret") || last.contains("keys");
+        let shown = match value {
+            _ if secret => "(hidden)".to_owned(),
+            serde_json::Value::Null => "(unset)".to_owned(),
+            // A URL with a password in it shows the rest.
+            serde_json::Value::String(text) => match text.split_once("://").zip(text.rfind('@')) {
+                Some(((scheme, _), at)) if text[..at].contains(':') && text[..at].len() > scheme.len() + 3 => {
+                    format!("{scheme}://(hidden){}", &text[at..])
+                }
+                _ => text,
+            },
+            other => other.to_string(),
+        };
+        println!("{path}  {}  {shown}", Config::variable_for(&path));
     }
     Ok(())
 }

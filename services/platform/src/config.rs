@@ -1,5 +1,7 @@
 //! Configuration: built-in defaults, then the TOML file named by `PARLEY_CONFIG`, then environment
-//! variables. Unknown keys are errors, and [`Config::validate`] names the field that is wrong.
+//! variables: any setting by its path (`PARLEY__HTTP__BODY_LIMIT_BYTES` is `http.body_limit_bytes`,
+//! [`Config::apply_env_paths`]), then the named variables of [`ENVIRONMENT`]. Unknown keys are errors,
+//! and [`Config::validate`] names the field that is wrong.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -218,6 +220,84 @@ pub struct Config {
     pub provider_keys: ProviderKeys,
 }
 
+impl Default for Config {
+    fn default() -> Self {
+        let providers = BTreeMap::from([(
+            "fake".to_owned(),
+            ProviderConfig {
+                kind: ProviderKind::Fake,
+                base_url: String::new(),
+                api_key_env: None,
+                api_key_envs: Vec::new(),
+            },
+        )]);
+        let models = BTreeMap::from([
+            (
+                FAKE_MODEL.to_owned(),
+                ModelConfig {
+                    chain: vec![ModelTarget::new("fake", "fake-echo")],
+                    context_window: 8192,
+                    input_price_per_mtok: 0.5,
+                    output_price_per_mtok: 1.5,
+                    router: None,
+                    // The fake counts the images it is shown.
+                    vision: true,
+                    kind: ModelKind::Chat,
+                },
+            ),
+            (
+                FAKE_EMBEDDINGS_MODEL.to_owned(),
+                ModelConfig {
+                    chain: vec![ModelTarget::new("fake", "fake-embed")],
+                    context_window: 8192,
+                    input_price_per_mtok: 0.02,
+                    output_price_per_mtok: 0.0,
+                    router: None,
+                    vision: false,
+                    kind: ModelKind::Embeddings,
+                },
+            ),
+        ]);
+        let tiers = BTreeMap::from([
+            (
+                "free".to_owned(),
+                TierConfig { requests_per_minute: 20, tokens_per_day: 50_000, tokens_per_month: Some(1_000_000) },
+            ),
+            (
+                "pro".to_owned(),
+                TierConfig { requests_per_minute: 120, tokens_per_day: 1_000_000, tokens_per_month: Some(20_000_000) },
+            ),
+            (
+                "enterprise".to_owned(),
+                TierConfig {
+                    requests_per_minute: 600,
+                    tokens_per_day: 20_000_000,
+                    tokens_per_month: Some(400_000_000),
+                },
+            ),
+        ]);
+        Self {
+            database: DatabaseConfig::default(),
+            redis: RedisConfig::default(),
+            nats: NatsConfig::default(),
+            http: HttpConfig::default(),
+            grpc: GrpcConfig::default(),
+            auth: AuthConfig::default(),
+            chat: ChatConfig::default(),
+            quota: QuotaConfig::default(),
+            analytics: AnalyticsConfig::default(),
+            agent: AgentConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            fake_llm: FakeLlmConfig::default(),
+            default_model: FAKE_MODEL.to_owned(),
+            models,
+            providers,
+            tiers,
+            provider_keys: ProviderKeys::default(),
+        }
+    }
+}
+
 /// API keys by the name of the variable that holds them. Its `Debug` shows the names only.
 #[derive(Clone, Default)]
 pub struct ProviderKeys(BTreeMap<String, String>);
@@ -257,12 +337,52 @@ pub struct DatabaseConfig {
     pub replica_check_interval_ms: u64,
 }
 
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/parley".to_owned(),
+            replica_urls: Vec::new(),
+            max_connections: 10,
+            acquire_timeout_ms: 3_000,
+            replica_max_connections: 10,
+            replica_acquire_timeout_ms: 500,
+            replica_max_lag_ms: 5_000,
+            replica_check_interval_ms: 1_000,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// What can be checked of this section alone (the field named by its path).
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_url("database.url", &self.url, &["postgres", "postgresql"])?;
+        for (index, url) in self.replica_urls.iter().enumerate() {
+            check_url(&format!("database.replica_urls[{index}]"), url, &["postgres", "postgresql"])?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     pub url: String,
     /// Every key starts with `<prefix>:`, so several deployments (or tests) can share one Redis.
     pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self { url: "redis://127.0.0.1:6379".to_owned(), key_prefix: "parley".to_owned() }
+    }
+}
+
+impl RedisConfig {
+    /// What can be checked of this section alone (the field named by its path).
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_url("redis.url", &self.url, &["redis", "rediss"])?;
+        check_name("redis.key_prefix", &self.key_prefix)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -277,6 +397,26 @@ pub struct NatsConfig {
     pub job_max_deliver: i64,
     /// Size cap of the stream that records replies' events for replay.
     pub events_max_bytes: i64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            prefix: "parley".to_owned(),
+            job_ack_wait_secs: 30,
+            job_max_deliver: 5,
+            events_max_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+impl NatsConfig {
+    /// What can be checked of this section alone (the field named by its path).
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_url("nats.url", &self.url, &["nats", "tls"])?;
+        check_name("nats.prefix", &self.prefix)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -309,6 +449,40 @@ pub struct HttpConfig {
     pub web_dir: String,
 }
 
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:8080".to_owned(),
+            body_limit_bytes: 1024 * 1024,
+            message_wait_secs: 60,
+            admin_addr: "0.0.0.0:9090".to_owned(),
+            stream_heartbeat_secs: 15,
+            ip_requests_per_minute: 30,
+            expected_gateway_replicas: 1,
+            request_timeout_secs: 75,
+            cors_allowed_origins: Vec::new(),
+            hsts: false,
+            trusted_proxy_hops: 0,
+            web_dir: "web/dist".to_owned(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// What can be checked of this section alone (the field named by its path).
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_socket_addr("http.addr", &self.addr)?;
+        check_socket_addr("http.admin_addr", &self.admin_addr)?;
+        if self.request_timeout_secs <= self.message_wait_secs {
+            return Err(invalid("http.request_timeout_secs", "must be longer than http.message_wait_secs"));
+        }
+        for (index, origin) in self.cors_allowed_origins.iter().enumerate() {
+            check_url(&format!("http.cors_allowed_origins[{index}]"), origin, &["http", "https"])?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrpcConfig {
@@ -318,6 +492,36 @@ pub struct GrpcConfig {
     pub quota_url: String,
     pub analytics_url: String,
     pub agent_url: String,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:50051".to_owned(),
+            user_url: "http://parley-user:50051".to_owned(),
+            chat_url: "http://parley-chat:50051".to_owned(),
+            quota_url: "http://parley-quota:50051".to_owned(),
+            analytics_url: "http://parley-analytics:50051".to_owned(),
+            agent_url: "http://parley-agent:50051".to_owned(),
+        }
+    }
+}
+
+impl GrpcConfig {
+    /// What can be checked of this section alone (the field named by its path).
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_socket_addr("grpc.addr", &self.addr)?;
+        for (field, url) in [
+            ("grpc.user_url", &self.user_url),
+            ("grpc.chat_url", &self.chat_url),
+            ("grpc.quota_url", &self.quota_url),
+            ("grpc.analytics_url", &self.analytics_url),
+            ("grpc.agent_url", &self.agent_url),
+        ] {
+            check_url(field, url, &["http", "https"])?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -335,6 +539,33 @@ pub struct AuthConfig {
     /// 32 bytes, base64: the key that encrypts stored secrets (API keys' signing secrets). The same on
     /// every user-service replica. The development default must be replaced in production.
     pub secrets_key: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "parley".to_owned(),
+            audience: "parley-api".to_owned(),
+            access_token_ttl_secs: 15 * 60,
+            refresh_token_ttl_secs: 30 * 24 * 3600,
+            admin_emails: Vec::new(),
+            max_failed_logins: 10,
+            jwks_refresh_secs: 300,
+            secrets_key: DEVELOPMENT_SECRETS_KEY.to_owned(),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// What can be checked of this section alone (the field named by its path).
+    fn validate(&self) -> Result<(), ConfigError> {
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(self.secrets_key.trim());
+        if decoded.map(|bytes| bytes.len()) != Ok(32) {
+            return Err(invalid("auth.secrets_key", "must be 32 bytes, base64-encoded (openssl rand -base64 32)"));
+        }
+        Ok(())
+    }
 }
 
 /// The development value of `chat.content_keys`; `parley check-config` warns when it is in use.
@@ -355,6 +586,28 @@ pub struct ChatConfig {
     pub max_message_chars: usize,
     /// How many earlier messages an agent gets as context.
     pub history_limit: u32,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            cursor_secret: "parley-development-cursor-secret".to_owned(),
+            content_keys: DEVELOPMENT_CONTENT_KEYS.to_owned(),
+            max_message_chars: 100_000,
+            history_limit: 50,
+        }
+    }
+}
+
+impl ChatConfig {
+    /// What can be checked of this section alone (the field named by its path).
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.cursor_secret.len() < 16 {
+            return Err(invalid("chat.cursor_secret", "must be at least 16 characters"));
+        }
+        crate::envelope::parse_keys(&self.content_keys).map_err(|why| invalid("chat.content_keys", why))?;
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -411,6 +664,24 @@ pub struct AgentConfig {
     pub drain_secs: u64,
 }
 
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 1024,
+            connect_timeout_ms: 5_000,
+            time_to_first_token_timeout_ms: 30_000,
+            request_timeout_secs: 120,
+            max_output_tokens: 1024,
+            retry: RetryConfig::default(),
+            breaker: BreakerConfig::default(),
+            cache: CacheConfig::default(),
+            summary_model: None,
+            titles: true,
+            drain_secs: 25,
+        }
+    }
+}
+
 /// The response cache: exact matches of deterministic requests, in Redis behind an in-process LRU.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -440,6 +711,12 @@ pub struct RetryConfig {
     pub max_elapsed_ms: u64,
 }
 
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { max_attempts: 3, base_delay_ms: 200, max_delay_ms: 5_000, max_elapsed_ms: 15_000 }
+    }
+}
+
 /// A circuit breaker per provider: open after `failure_threshold` consecutive failures, half-open (one
 /// probe) after `cool_down_secs`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -447,12 +724,6 @@ pub struct RetryConfig {
 pub struct BreakerConfig {
     pub failure_threshold: u32,
     pub cool_down_secs: u64,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        Self { max_attempts: 3, base_delay_ms: 200, max_delay_ms: 5_000, max_elapsed_ms: 15_000 }
-    }
 }
 
 impl Default for BreakerConfig {
@@ -470,6 +741,12 @@ pub struct TelemetryConfig {
     pub service_name: Option<String>,
     pub log_filter: String,
     pub log_format: LogFormat,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { otlp_endpoint: None, service_name: None, log_filter: "info".to_owned(), log_format: LogFormat::Json }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -490,6 +767,18 @@ pub struct FakeLlmConfig {
     pub error_rate: f64,
     /// Fraction of requests answered 429 with `Retry-After`.
     pub rate_limit_rate: f64,
+}
+
+impl Default for FakeLlmConfig {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:0".to_owned(),
+            time_to_first_token_ms: 50,
+            tokens_per_second: 200.0,
+            error_rate: 0.0,
+            rate_limit_rate: 0.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -613,215 +902,10 @@ pub struct TierConfig {
     pub tokens_per_month: Option<i64>,
 }
 
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self {
-            url: "postgres://postgres@127.0.0.1:5432/parley".to_owned(),
-            replica_urls: Vec::new(),
-            max_connections: 10,
-            acquire_timeout_ms: 3_000,
-            replica_max_connections: 10,
-            replica_acquire_timeout_ms: 500,
-            replica_max_lag_ms: 5_000,
-            replica_check_interval_ms: 1_000,
-        }
-    }
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        Self { url: "redis://127.0.0.1:6379".to_owned(), key_prefix: "parley".to_owned() }
-    }
-}
-
-impl Default for NatsConfig {
-    fn default() -> Self {
-        Self {
-            url: "nats://127.0.0.1:4222".to_owned(),
-            prefix: "parley".to_owned(),
-            job_ack_wait_secs: 30,
-            job_max_deliver: 5,
-            events_max_bytes: 1024 * 1024 * 1024,
-        }
-    }
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            addr: "127.0.0.1:8080".to_owned(),
-            body_limit_bytes: 1024 * 1024,
-            message_wait_secs: 60,
-            admin_addr: "0.0.0.0:9090".to_owned(),
-            stream_heartbeat_secs: 15,
-            ip_requests_per_minute: 30,
-            expected_gateway_replicas: 1,
-            request_timeout_secs: 75,
-            cors_allowed_origins: Vec::new(),
-            hsts: false,
-            trusted_proxy_hops: 0,
-            web_dir: "web/dist".to_owned(),
-        }
-    }
-}
-
-impl Default for GrpcConfig {
-    fn default() -> Self {
-        Self {
-            addr: "0.0.0.0:50051".to_owned(),
-            user_url: "http://parley-user:50051".to_owned(),
-            chat_url: "http://parley-chat:50051".to_owned(),
-            quota_url: "http://parley-quota:50051".to_owned(),
-            analytics_url: "http://parley-analytics:50051".to_owned(),
-            agent_url: "http://parley-agent:50051".to_owned(),
-        }
-    }
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        Self {
-            issuer: "parley".to_owned(),
-            audience: "parley-api".to_owned(),
-            access_token_ttl_secs: 15 * 60,
-            refresh_token_ttl_secs: 30 * 24 * 3600,
-            admin_emails: Vec::new(),
-            max_failed_logins: 10,
-            jwks_refresh_secs: 300,
-            secrets_key: DEVELOPMENT_SECRETS_KEY.to_owned(),
-        }
-    }
-}
-
-impl Default for ChatConfig {
-    fn default() -> Self {
-        Self {
-            cursor_secret: "parley-development-cursor-secret".to_owned(),
-            content_keys: DEVELOPMENT_CONTENT_KEYS.to_owned(),
-            max_message_chars: 100_000,
-            history_limit: 50,
-        }
-    }
-}
-
-impl Default for AgentConfig {
-    fn default() -> Self {
-        Self {
-            concurrency: 1024,
-            connect_timeout_ms: 5_000,
-            time_to_first_token_timeout_ms: 30_000,
-            request_timeout_secs: 120,
-            max_output_tokens: 1024,
-            retry: RetryConfig::default(),
-            breaker: BreakerConfig::default(),
-            cache: CacheConfig::default(),
-            summary_model: None,
-            titles: true,
-            drain_secs: 25,
-        }
-    }
-}
-
-impl Default for TelemetryConfig {
-    fn default() -> Self {
-        Self { otlp_endpoint: None, service_name: None, log_filter: "info".to_owned(), log_format: LogFormat::Json }
-    }
-}
-
-impl Default for FakeLlmConfig {
-    fn default() -> Self {
-        Self {
-            addr: "127.0.0.1:0".to_owned(),
-            time_to_first_token_ms: 50,
-            tokens_per_second: 200.0,
-            error_rate: 0.0,
-            rate_limit_rate: 0.0,
-        }
-    }
-}
-
 /// The model every fresh install has: answered by the built-in fake LLM, so Parley runs offline.
 pub const FAKE_MODEL: &str = "parley-fake";
 /// The fake provider's embeddings model.
 pub const FAKE_EMBEDDINGS_MODEL: &str = "parley-fake-embed";
-
-impl Default for Config {
-    fn default() -> Self {
-        let providers = BTreeMap::from([(
-            "fake".to_owned(),
-            ProviderConfig {
-                kind: ProviderKind::Fake,
-                base_url: String::new(),
-                api_key_env: None,
-                api_key_envs: Vec::new(),
-            },
-        )]);
-        let models = BTreeMap::from([
-            (
-                FAKE_MODEL.to_owned(),
-                ModelConfig {
-                    chain: vec![ModelTarget::new("fake", "fake-echo")],
-                    context_window: 8192,
-                    input_price_per_mtok: 0.5,
-                    output_price_per_mtok: 1.5,
-                    router: None,
-                    // The fake counts the images it is shown.
-                    vision: true,
-                    kind: ModelKind::Chat,
-                },
-            ),
-            (
-                FAKE_EMBEDDINGS_MODEL.to_owned(),
-                ModelConfig {
-                    chain: vec![ModelTarget::new("fake", "fake-embed")],
-                    context_window: 8192,
-                    input_price_per_mtok: 0.02,
-                    output_price_per_mtok: 0.0,
-                    router: None,
-                    vision: false,
-                    kind: ModelKind::Embeddings,
-                },
-            ),
-        ]);
-        let tiers = BTreeMap::from([
-            (
-                "free".to_owned(),
-                TierConfig { requests_per_minute: 20, tokens_per_day: 50_000, tokens_per_month: Some(1_000_000) },
-            ),
-            (
-                "pro".to_owned(),
-                TierConfig { requests_per_minute: 120, tokens_per_day: 1_000_000, tokens_per_month: Some(20_000_000) },
-            ),
-            (
-                "enterprise".to_owned(),
-                TierConfig {
-                    requests_per_minute: 600,
-                    tokens_per_day: 20_000_000,
-                    tokens_per_month: Some(400_000_000),
-                },
-            ),
-        ]);
-        Self {
-            database: DatabaseConfig::default(),
-            redis: RedisConfig::default(),
-            nats: NatsConfig::default(),
-            http: HttpConfig::default(),
-            grpc: GrpcConfig::default(),
-            auth: AuthConfig::default(),
-            chat: ChatConfig::default(),
-            quota: QuotaConfig::default(),
-            analytics: AnalyticsConfig::default(),
-            agent: AgentConfig::default(),
-            telemetry: TelemetryConfig::default(),
-            fake_llm: FakeLlmConfig::default(),
-            default_model: FAKE_MODEL.to_owned(),
-            models,
-            providers,
-            tiers,
-            provider_keys: ProviderKeys::default(),
-        }
-    }
-}
 
 /// A configuration that cannot be used, naming the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -1012,8 +1096,88 @@ impl Config {
     }
 }
 
+/// The prefix of the variables that set any setting by its path.
+pub const PATH_PREFIX: &str = "PARLEY__";
+
+/// A variable's value as a TOML value (`8080`, `true`, `0.5`, `["a", "b"]`, `"quoted"`), else as the
+/// string it is, so that a bare word or an address needs no quotes.
+fn toml_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("value = {raw}"))
+        .ok()
+        .and_then(|mut table| table.remove("value"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
 impl Config {
-    /// Defaults, then the file named by `PARLEY_CONFIG` (if set), then the environment; validated.
+    /// Every setting's path and value, in the order of the configuration: what `parley settings`
+    /// prints. A setting at `a.b` is set from the environment with `PARLEY__A__B`.
+    /// (`null` for an optional setting that is not set.)
+    pub fn settings(&self) -> Result<Vec<(String, serde_json::Value)>, ConfigError> {
+        fn walk(prefix: &str, value: &serde_json::Value, into: &mut Vec<(String, serde_json::Value)>) {
+            match value {
+                serde_json::Value::Object(fields) if !fields.is_empty() => {
+                    for (key, value) in fields {
+                        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                        walk(&path, value, into);
+                    }
+                }
+                leaf => into.push((prefix.to_owned(), leaf.clone())),
+            }
+        }
+        let tree = serde_json::to_value(self).map_err(|error| invalid("configuration", error.to_string()))?;
+        let mut settings = Vec::new();
+        walk("", &tree, &mut settings);
+        Ok(settings)
+    }
+
+    /// The variable that sets the setting at `path`.
+    pub fn variable_for(path: &str) -> String {
+        format!("{PATH_PREFIX}{}", path.replace('.', "__").to_uppercase())
+    }
+
+    /// Applies the `PARLEY__<SECTION>__<FIELD>` variables among `variables`: each sets the setting at
+    /// its path (lowercased; `__` between the parts, so `PARLEY__TIERS__FREE__REQUESTS_PER_MINUTE` is
+    /// `tiers.free.requests_per_minute`) to its value read as TOML, or as a string when it is not TOML.
+    /// Each is applied over the configuration so far, so one setting of a tier or a model keeps the
+    /// rest of it; a variable that names no setting, or whose value does not fit, is an error naming it.
+    pub fn apply_env_paths(
+        &mut self,
+        variables: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        let mut variables: Vec<(String, String)> =
+            variables.into_iter().filter(|(name, _)| name.starts_with(PATH_PREFIX)).collect();
+        if variables.is_empty() {
+            return Ok(());
+        }
+        variables.sort();
+        let provider_keys = std::mem::take(&mut self.provider_keys);
+        let mut tree = toml::Table::try_from(&*self).map_err(|error| invalid("configuration", error.to_string()))?;
+        for (name, raw) in variables {
+            let path: Vec<String> = name[PATH_PREFIX.len()..].split("__").map(str::to_lowercase).collect();
+            let Some((leaf, parents)) = path.split_last().filter(|_| path.iter().all(|part| !part.is_empty())) else {
+                return Err(invalid(&name, "names no setting: PARLEY__<SECTION>__<FIELD>, e.g. PARLEY__HTTP__ADDR"));
+            };
+            let mut table = &mut tree;
+            for part in parents {
+                let entry = table.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                table = entry
+                    .as_table_mut()
+                    .ok_or_else(|| invalid(&name, format!("{part} is a setting, not a section")))?;
+            }
+            table.insert(leaf.clone(), toml_value(&raw));
+            // Each variable is checked as it is applied, so an error names the one that caused it.
+            let applied: Result<Config, _> = tree.clone().try_into();
+            applied.map_err(|error: toml::de::Error| invalid(&name, error.message().trim().to_owned()))?;
+        }
+        *self = tree.try_into().map_err(|error: toml::de::Error| invalid("configuration", error.to_string()))?;
+        self.provider_keys = provider_keys;
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Defaults, then the file named by `PARLEY_CONFIG` (if set), then the environment (settings by
+    /// path, then the named variables); validated.
     pub fn load() -> Result<Self, ConfigError> {
         // The one place the process environment is read (clippy.toml's disallowed-methods).
         #[allow(clippy::disallowed_methods)]
@@ -1022,6 +1186,8 @@ impl Config {
             Some(path) if !path.is_empty() => Self::from_file(Path::new(&path))?,
             _ => Self::default(),
         };
+        #[allow(clippy::disallowed_methods)]
+        config.apply_env_paths(std::env::vars())?;
         config.apply_env(lookup)?;
         config.validate()?;
         config.read_provider_keys(lookup);
@@ -1077,43 +1243,13 @@ impl Config {
     /// Checks everything that can be checked without connecting anywhere.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.check_numeric_ranges()?;
-        check_url("database.url", &self.database.url, &["postgres", "postgresql"])?;
-        for (index, url) in self.database.replica_urls.iter().enumerate() {
-            check_url(&format!("database.replica_urls[{index}]"), url, &["postgres", "postgresql"])?;
-        }
-        check_url("redis.url", &self.redis.url, &["redis", "rediss"])?;
-        check_url("nats.url", &self.nats.url, &["nats", "tls"])?;
-        check_name("nats.prefix", &self.nats.prefix)?;
-        check_name("redis.key_prefix", &self.redis.key_prefix)?;
-        check_socket_addr("http.addr", &self.http.addr)?;
-        check_socket_addr("http.admin_addr", &self.http.admin_addr)?;
-        check_socket_addr("grpc.addr", &self.grpc.addr)?;
-        for (field, url) in [
-            ("grpc.user_url", &self.grpc.user_url),
-            ("grpc.chat_url", &self.grpc.chat_url),
-            ("grpc.quota_url", &self.grpc.quota_url),
-            ("grpc.analytics_url", &self.grpc.analytics_url),
-            ("grpc.agent_url", &self.grpc.agent_url),
-        ] {
-            check_url(field, url, &["http", "https"])?;
-        }
-        if self.http.request_timeout_secs <= self.http.message_wait_secs {
-            return Err(invalid("http.request_timeout_secs", "must be longer than http.message_wait_secs"));
-        }
-        for (index, origin) in self.http.cors_allowed_origins.iter().enumerate() {
-            check_url(&format!("http.cors_allowed_origins[{index}]"), origin, &["http", "https"])?;
-        }
-        {
-            use base64::Engine;
-            let decoded = base64::engine::general_purpose::STANDARD.decode(self.auth.secrets_key.trim());
-            if decoded.map(|bytes| bytes.len()) != Ok(32) {
-                return Err(invalid("auth.secrets_key", "must be 32 bytes, base64-encoded (openssl rand -base64 32)"));
-            }
-        }
-        if self.chat.cursor_secret.len() < 16 {
-            return Err(invalid("chat.cursor_secret", "must be at least 16 characters"));
-        }
-        crate::envelope::parse_keys(&self.chat.content_keys).map_err(|why| invalid("chat.content_keys", why))?;
+        self.database.validate()?;
+        self.redis.validate()?;
+        self.nats.validate()?;
+        self.http.validate()?;
+        self.grpc.validate()?;
+        self.auth.validate()?;
+        self.chat.validate()?;
         if let Some(model) = &self.agent.summary_model
             && !self.serves_chat(model)
         {
@@ -1248,6 +1384,87 @@ mod tests {
         match error {
             ConfigError::Invalid { field, .. } => field,
             other => panic!("expected an invalid field, got {other}"),
+        }
+    }
+
+    /// A JSON value as TOML text, as someone would write it in a variable.
+    fn toml_text(value: &serde_json::Value) -> String {
+        match value {
+            serde_json::Value::Array(items) => {
+                format!("[{}]", items.iter().map(toml_text).collect::<Vec<_>>().join(", "))
+            }
+            serde_json::Value::Object(fields) => {
+                let fields: Vec<String> = fields
+                    .iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| format!("{k:?} = {}", toml_text(v)))
+                    .collect();
+                format!("{{{}}}", fields.join(", "))
+            }
+            other => other.to_string(),
+        }
+    }
+
+    fn with_paths(variables: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        config.apply_env_paths(variables.iter().map(|(name, value)| (name.to_string(), value.to_string())))?;
+        Ok(config)
+    }
+
+    #[test]
+    fn every_setting_is_settable_from_the_environment_by_its_path() {
+        let defaults = Config::default();
+        let settings = defaults.settings().unwrap();
+        assert!(settings.len() > 100, "{} settings", settings.len());
+        let as_json = |config: &Config| serde_json::to_value(config).unwrap();
+        for (path, value) in settings {
+            if value.is_null() {
+                continue;
+            }
+            // The default written back (a string quoted, as TOML) changes nothing and is accepted.
+            let written = toml_text(&value);
+            let config = with_paths(&[(&Config::variable_for(&path), &written)])
+                .unwrap_or_else(|error| panic!("{path} = {written}: {error}"));
+            assert_eq!(as_json(&config), as_json(&defaults), "{path}");
+        }
+        // An unset option is settable too.
+        let config = with_paths(&[("PARLEY__TELEMETRY__OTLP_ENDPOINT", "http://collector:4317")]).unwrap();
+        assert_eq!(config.telemetry.otlp_endpoint.as_deref(), Some("http://collector:4317"));
+    }
+
+    #[test]
+    fn settings_by_path_take_toml_values_or_bare_strings_and_keep_the_rest_of_their_section() {
+        let config = with_paths(&[
+            ("PARLEY__HTTP__BODY_LIMIT_BYTES", "2048"),
+            ("PARLEY__HTTP__HSTS", "true"),
+            ("PARLEY__HTTP__CORS_ALLOWED_ORIGINS", r#"["https://chat.example.com"]"#),
+            ("PARLEY__AUTH__ISSUER", "parley-test"),
+            ("PARLEY__TIERS__FREE__REQUESTS_PER_MINUTE", "7"),
+            ("PARLEY_HTTP_ADDR", "not a path variable, ignored here"),
+        ])
+        .unwrap();
+        assert_eq!(config.http.body_limit_bytes, 2048);
+        assert!(config.http.hsts);
+        assert_eq!(config.http.cors_allowed_origins, ["https://chat.example.com"]);
+        assert_eq!(config.auth.issuer, "parley-test");
+        let free = &config.tiers["free"];
+        assert_eq!(free.requests_per_minute, 7);
+        assert_eq!(free.tokens_per_day, Config::default().tiers["free"].tokens_per_day);
+        assert_eq!(config.http.addr, Config::default().http.addr);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_path_variable_that_names_no_setting_or_does_not_fit_is_refused_by_name() {
+        for (name, value) in [
+            ("PARLEY__HTTP__NO_SUCH_SETTING", "1"),
+            ("PARLEY__HTTP__BODY_LIMIT_BYTES", "lots"),
+            ("PARLEY__HTTP__ADDR__PORT", "80"),
+            ("PARLEY__", "1"),
+            ("PARLEY__HTTP____ADDR", "x"),
+        ] {
+            let error = with_paths(&[(name, value)]).unwrap_err();
+            assert_eq!(field_of(error), name);
         }
     }
 
