@@ -186,3 +186,83 @@ impl AnalyticsService {
         Ok(pb::FeedbackSummaryResponse { models })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use parley_platform::config::DatabaseConfig;
+    use parley_platform::replicas::Database;
+    use parley_platform::test_database::TestDatabase;
+
+    use super::*;
+
+    fn rating(
+        message: Uuid,
+        user: Uuid,
+        model: &str,
+        rating: pb::Rating,
+        comment: Option<&str>,
+    ) -> pb::SetFeedbackRequest {
+        pb::SetFeedbackRequest {
+            message_id: message.to_string(),
+            user_id: user.to_string(),
+            conversation_id: Uuid::now_v7().to_string(),
+            model: model.to_owned(),
+            rating: rating as i32,
+            comment: comment.map(str::to_owned),
+        }
+    }
+
+    fn key(message: Uuid, user: Uuid) -> pb::GetFeedbackRequest {
+        pb::GetFeedbackRequest { message_id: message.to_string(), user_id: user.to_string() }
+    }
+
+    #[tokio::test]
+    async fn ratings_are_set_changed_kept_from_others_exported_newest_first_and_summed_per_model() {
+        let database = TestDatabase::create("parley_analytics_feedback").await.unwrap();
+        let config = DatabaseConfig { url: database.url().to_owned(), ..DatabaseConfig::default() };
+        let pools = Database::connect_lazy(&config).unwrap();
+        crate::migrate(pools.primary()).await.unwrap();
+        let service = AnalyticsService::new(Arc::new(pools), "a cursor secret for tests");
+        let (ada, bob) = (Uuid::now_v7(), Uuid::now_v7());
+        let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+
+        service.set_feedback(rating(first, ada, "model-a", pb::Rating::Up, None)).await.unwrap();
+        let changed =
+            service.set_feedback(rating(first, ada, "model-a", pb::Rating::Down, Some("too long"))).await.unwrap();
+        assert_eq!((changed.rating, changed.comment.as_deref()), (pb::Rating::Down as i32, Some("too long")));
+        // Another user cannot take over (or change) a rating of the same reply.
+        let taken = service.set_feedback(rating(first, bob, "model-a", pb::Rating::Up, None)).await.unwrap_err();
+        assert_eq!(taken.code, parley_platform::ErrorCode::NotFound);
+        assert_eq!(service.get_feedback(key(first, ada)).await.unwrap().rating, pb::Rating::Down as i32);
+        assert_eq!(service.get_feedback(key(first, bob)).await.unwrap_err().code, parley_platform::ErrorCode::NotFound);
+        service.set_feedback(rating(second, ada, "model-b", pb::Rating::Up, None)).await.unwrap();
+        let unnamed = service.set_feedback(rating(Uuid::now_v7(), ada, "model-b", pb::Rating::Unspecified, None)).await;
+        assert_eq!(unnamed.unwrap_err().code, parley_platform::ErrorCode::InvalidRequest);
+
+        let summary = service.feedback_summary(pb::FeedbackSummaryRequest::default()).await.unwrap();
+        let per_model: Vec<(&str, i64, i64)> =
+            summary.models.iter().map(|model| (model.model.as_str(), model.up, model.down)).collect();
+        assert_eq!(per_model, [("model-a", 0, 1), ("model-b", 1, 0)]);
+
+        // The export, newest change first, a page at a time; one model's alone.
+        let page = |cursor: Option<String>, model: Option<&str>| pb::ListFeedbackRequest {
+            limit: 1,
+            cursor,
+            model: model.map(str::to_owned),
+            ..Default::default()
+        };
+        let one = service.list_feedback(page(None, None)).await.unwrap();
+        assert_eq!(one.feedback[0].message_id, second.to_string());
+        let two = service.list_feedback(page(one.next_cursor.clone(), None)).await.unwrap();
+        assert_eq!(two.feedback[0].message_id, first.to_string());
+        assert_eq!(two.next_cursor, None);
+        let of_a = service.list_feedback(page(None, Some("model-a"))).await.unwrap();
+        assert_eq!((of_a.feedback.len(), of_a.next_cursor), (1, None));
+
+        assert!(service.remove_feedback(key(first, ada)).await.unwrap());
+        assert!(!service.remove_feedback(key(first, ada)).await.unwrap());
+        assert_eq!(service.get_feedback(key(first, ada)).await.unwrap_err().code, parley_platform::ErrorCode::NotFound);
+    }
+}

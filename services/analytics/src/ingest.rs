@@ -140,7 +140,7 @@ impl Ingester {
     /// Stores events with their rollups and any alert they raise, in one transaction; the number
     /// stored (a redelivered event is already there and counts nothing). Raised alerts are published
     /// after the commit.
-    async fn store(&self, events: &[&UsageEvent]) -> Result<usize, sqlx::Error> {
+    pub(crate) async fn store(&self, events: &[&UsageEvent]) -> Result<usize, sqlx::Error> {
         let priced: Vec<(&UsageEvent, OffsetDateTime, i64)> = events
             .iter()
             .map(|event| {
@@ -476,6 +476,28 @@ pub fn prices(config: &Config, model: &str, provider: &str, provider_model: &str
     ))
 }
 
+/// A completed call of `model` by `user_id` at `at` (1,000 tokens in, 10 out, from the fake), for tests.
+#[cfg(test)]
+pub(crate) fn sample_event(user_id: Uuid, model: &str, at: OffsetDateTime) -> UsageEvent {
+    UsageEvent {
+        event_id: Uuid::now_v7(),
+        user_id,
+        conversation_id: Uuid::now_v7(),
+        message_id: Uuid::now_v7(),
+        model: model.to_owned(),
+        provider: "fake".to_owned(),
+        provider_model: "fake-echo".to_owned(),
+        input_tokens: 1_000,
+        output_tokens: 10,
+        latency_ms: 5,
+        time_to_first_token_ms: None,
+        cache_hit: false,
+        outcome: parley_platform::events::UsageOutcome::Completed,
+        occurred_at_ms: i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX),
+        settlement: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,23 +527,7 @@ mod tests {
     }
 
     fn event(user_id: Uuid, model: &str, output_tokens: i64, cache_hit: bool) -> UsageEvent {
-        UsageEvent {
-            event_id: Uuid::now_v7(),
-            user_id,
-            conversation_id: Uuid::now_v7(),
-            message_id: Uuid::now_v7(),
-            model: model.to_owned(),
-            provider: "fake".to_owned(),
-            provider_model: "fake-echo".to_owned(),
-            input_tokens: 1_000,
-            output_tokens,
-            latency_ms: 5,
-            time_to_first_token_ms: None,
-            cache_hit,
-            outcome: parley_platform::events::UsageOutcome::Completed,
-            occurred_at_ms: OffsetDateTime::now_utc().unix_timestamp() * 1000,
-            settlement: None,
-        }
+        UsageEvent { output_tokens, cache_hit, ..sample_event(user_id, model, OffsetDateTime::now_utc()) }
     }
 
     /// A batch with a repeated event, two models and a cache hit: each new event counts once in the

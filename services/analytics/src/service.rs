@@ -277,4 +277,46 @@ mod tests {
         assert_eq!(within.head, (datetime!(2026-11-01 10:00 UTC), datetime!(2026-11-01 12:00 UTC)));
         assert_eq!(within.days.0, within.days.1);
     }
+
+    /// Whole days come from the daily rollups and the partial days at either end from the raw events,
+    /// so each call in the range counts once, whatever the grouping, and none outside it.
+    #[tokio::test]
+    async fn a_report_counts_each_call_in_its_range_once_from_rollups_and_events() {
+        let database = parley_platform::test_database::TestDatabase::create("parley_analytics_report").await.unwrap();
+        let config = Arc::new(parley_platform::Config::default());
+        let pools = Database::connect_lazy(&parley_platform::config::DatabaseConfig {
+            url: database.url().to_owned(),
+            ..Default::default()
+        })
+        .unwrap();
+        crate::migrate(pools.primary()).await.unwrap();
+        let nats = parley_platform::nats::connect(&config.nats, "analytics-report-test").await.unwrap();
+        let ingester =
+            crate::ingest::Ingester::new(config.clone(), pools.primary().clone(), async_nats::jetstream::new(nats));
+        let (ada, bob) = (Uuid::now_v7(), Uuid::now_v7());
+        let sample = crate::ingest::sample_event;
+        let calls = [
+            sample(ada, "model-a", datetime!(2026-11-01 10:00 UTC)), // before the range
+            sample(ada, "model-a", datetime!(2026-11-01 14:00 UTC)), // its first, partial day
+            sample(ada, "model-b", datetime!(2026-11-02 09:00 UTC)), // a whole day
+            sample(bob, "model-a", datetime!(2026-11-02 23:59 UTC)), // a whole day, another user
+            sample(ada, "model-a", datetime!(2026-11-03 05:00 UTC)), // its last, partial day
+            sample(ada, "model-a", datetime!(2026-11-03 07:00 UTC)), // after the range
+        ];
+        assert_eq!(ingester.store(&calls.iter().collect::<Vec<_>>()).await.unwrap(), calls.len());
+        let service = AnalyticsService::new(Arc::new(pools), "a cursor secret for tests");
+        let (from, to) = (datetime!(2026-11-01 12:00 UTC), datetime!(2026-11-03 06:00 UTC));
+        let requests = |rows: Vec<Row>| rows.into_iter().map(|row| (row.key, row.requests)).collect::<Vec<_>>();
+
+        let by_day = requests(service.report(pb::GroupBy::Day, from, to, None).await.unwrap());
+        assert_eq!(by_day, [("2026-11-01".to_owned(), 1), ("2026-11-02".to_owned(), 2), ("2026-11-03".to_owned(), 1)]);
+        let by_model = requests(service.report(pb::GroupBy::Model, from, to, Some(ada)).await.unwrap());
+        assert_eq!(by_model, [("model-a".to_owned(), 2), ("model-b".to_owned(), 1)]);
+        let by_user = requests(service.report(pb::GroupBy::User, from, to, None).await.unwrap());
+        let mut expected = [(ada.to_string(), 3), (bob.to_string(), 1)];
+        expected.sort();
+        assert_eq!(by_user, expected);
+        let tokens = service.report(pb::GroupBy::Model, from, to, Some(bob)).await.unwrap();
+        assert_eq!((tokens[0].input_tokens, tokens[0].output_tokens), (1_000, 10));
+    }
 }

@@ -333,3 +333,52 @@ async fn a_branched_reply_reads_its_own_path_and_a_summary_only_of_that_path() {
     assert_eq!(listed, ["q1", "a1", "q2", ""]);
     assert_eq!(db.storage.list_messages(ReadFloor::Primary, conversation.id, None, None, 10).await.unwrap().len(), 7);
 }
+
+#[tokio::test]
+async fn the_outbox_hands_an_unpublished_job_to_one_relay_and_forgets_it_once_published() {
+    let db = Fixture::create().await;
+    let user = Uuid::now_v7();
+    let conversation = db.storage.create_conversation(user, None, "model-a", None).await.unwrap();
+    let (first, second) = (
+        db.storage.send(exchange(user, conversation.id, "one")).await.unwrap().unwrap(),
+        db.storage.send(exchange(user, conversation.id, "two")).await.unwrap().unwrap(),
+    );
+    let job_of = |sent: &SentExchange| sent.job.as_ref().unwrap().job.job_id;
+    let grace = std::time::Duration::ZERO;
+
+    // A fresh job is left to the relay that published it for `grace`.
+    let mut tx = db.pool().begin().await.unwrap();
+    assert!(Storage::lock_unpublished(&mut tx, 10, std::time::Duration::from_secs(60)).await.unwrap().is_empty());
+    tx.rollback().await.unwrap();
+
+    // One sweeping relay holds both rows; a second one sweeping meanwhile gets neither.
+    let mut holder = db.pool().begin().await.unwrap();
+    let held = Storage::lock_unpublished(&mut holder, 10, grace).await.unwrap();
+    assert_eq!(held.iter().map(|row| row.job_id).collect::<Vec<_>>(), [job_of(&first), job_of(&second)]);
+    assert_eq!(held[0].subject, "test.jobs.chat");
+    let mut other = db.pool().begin().await.unwrap();
+    assert!(Storage::lock_unpublished(&mut other, 10, grace).await.unwrap().is_empty());
+    other.rollback().await.unwrap();
+    Storage::mark_published(&mut holder, &[held[0].id]).await.unwrap();
+    holder.commit().await.unwrap();
+
+    // The published one is not handed out again; the other is, until marked by its job id.
+    let mut tx = db.pool().begin().await.unwrap();
+    let left = Storage::lock_unpublished(&mut tx, 10, grace).await.unwrap();
+    assert_eq!(left.iter().map(|row| row.job_id).collect::<Vec<_>>(), [job_of(&second)]);
+    tx.rollback().await.unwrap();
+    Storage::mark_jobs_published(db.pool(), &[job_of(&second)]).await.unwrap();
+    let mut tx = db.pool().begin().await.unwrap();
+    assert!(Storage::lock_unpublished(&mut tx, 10, grace).await.unwrap().is_empty());
+    tx.rollback().await.unwrap();
+
+    // Published rows stay for JetStream's dedup window (an hour), then go.
+    assert_eq!(Storage::purge_published(db.pool()).await.unwrap(), 0);
+    sqlx::query("UPDATE chat.outbox SET published_at = now() - interval '2 hours' WHERE job_id = $1")
+        .bind(job_of(&first))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(Storage::purge_published(db.pool()).await.unwrap(), 1);
+    assert_eq!(db.outbox().await.iter().map(|job| job.job_id).collect::<Vec<_>>(), [job_of(&second)]);
+}

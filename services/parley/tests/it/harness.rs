@@ -23,6 +23,7 @@ pub struct TestPlatform {
     platforms: Vec<Platform>,
     /// Dropped with the platform, also when a test panics.
     _database: TestDatabase,
+    _brokers: TestBrokers,
 }
 
 pub struct Session {
@@ -74,6 +75,12 @@ impl TestPlatform {
         let platform = Platform::launch(config, options).await.unwrap();
         let fake = platform.fake_llm.as_ref().unwrap().0.clone();
         let config = (*platform.config).clone();
+        let brokers = TestBrokers {
+            nats_url: config.nats.url.clone(),
+            nats_prefix: config.nats.prefix.clone(),
+            redis_url: config.redis.url.clone(),
+            redis_prefix: config.redis.key_prefix.clone(),
+        };
         let test = TestPlatform {
             base,
             http: reqwest::Client::new(),
@@ -81,6 +88,7 @@ impl TestPlatform {
             fake,
             platforms: vec![platform],
             _database: database,
+            _brokers: brokers,
         };
         if services.contains(&Service::User) {
             test.wait_until_ready().await;
@@ -216,19 +224,48 @@ impl TestPlatform {
         body["id"].as_str().unwrap().to_owned()
     }
 
-    /// Stops every service and removes the test's database and streams.
+    /// Stops every service gracefully; the test's database, streams and Redis keys go when it is
+    /// dropped (as they do when a test panics).
     pub async fn stop(mut self) {
         for platform in self.platforms.drain(..).rev() {
             platform.stop().await.unwrap();
         }
-        if let Ok(client) = async_nats::connect(&self.config.nats.url).await {
-            let jetstream = async_nats::jetstream::new(client);
-            let names = parley_platform::nats::Names::new(&self.config.nats.prefix);
-            for stream in names.all_streams() {
-                let _ = jetstream.delete_stream(stream).await;
-            }
-        }
-        // The database goes with `self.database`.
+    }
+}
+
+/// The test's JetStream streams and Redis keys (all under its private prefixes), removed when the
+/// platform is dropped, also when a test panics, so that a failing test leaves nothing behind.
+struct TestBrokers {
+    nats_url: String,
+    nats_prefix: String,
+    redis_url: String,
+    redis_prefix: String,
+}
+
+impl Drop for TestBrokers {
+    fn drop(&mut self) {
+        let (nats_url, redis_url) = (self.nats_url.clone(), self.redis_url.clone());
+        let (names, pattern) =
+            (parley_platform::nats::Names::new(&self.nats_prefix), format!("{}:*", self.redis_prefix));
+        // A runtime of its own: the test's may be gone or unwinding.
+        let removed = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async {
+                if let Ok(client) = async_nats::connect(&nats_url).await {
+                    let jetstream = async_nats::jetstream::new(client);
+                    for stream in names.all_streams() {
+                        let _absent_is_fine = jetstream.delete_stream(stream).await;
+                    }
+                }
+                let mut redis = redis::Client::open(redis_url).ok()?.get_multiplexed_async_connection().await.ok()?;
+                let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await.ok()?;
+                if !keys.is_empty() {
+                    let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
+                }
+                Some(())
+            })
+        });
+        let _best_effort = removed.join();
     }
 }
 
