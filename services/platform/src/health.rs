@@ -95,18 +95,12 @@ impl Readiness {
     /// Runs every check concurrently: each one's name, whether readiness needs it, and whether it
     /// passed (the public status page's view, which names no failure).
     pub async fn check_each(&self) -> Vec<(String, bool, bool)> {
-        let (_, report) = self.check().await;
-        self.checks
-            .iter()
-            .map(|(name, need, _)| {
-                let passed = report.get(name).is_some_and(|outcome| outcome == "ok");
-                (name.clone(), *need == Need::Required, passed)
-            })
-            .collect()
+        let outcomes = self.run_checks().await;
+        outcomes.into_iter().map(|(name, need, outcome)| (name, need == Need::Required, outcome.is_ok())).collect()
     }
 
-    /// Runs every check concurrently; the map holds "ok" or the failure for each.
-    pub async fn check(&self) -> (ReadyState, BTreeMap<String, String>) {
+    /// Runs every check concurrently, each within `CHECK_TIMEOUT`.
+    async fn run_checks(&self) -> Vec<(String, Need, Result<(), String>)> {
         let runs = self.checks.iter().map(|(name, need, check)| {
             let check = check.clone();
             async move {
@@ -118,7 +112,12 @@ impl Readiness {
                 (name.clone(), *need, outcome)
             }
         });
-        let outcomes = futures::future::join_all(runs).await;
+        futures::future::join_all(runs).await
+    }
+
+    /// Runs every check concurrently; the map holds "ok" or the failure for each.
+    pub async fn check(&self) -> (ReadyState, BTreeMap<String, String>) {
+        let outcomes = self.run_checks().await;
         let failing = |wanted: Need| outcomes.iter().any(|(_, need, outcome)| *need == wanted && outcome.is_err());
         let state = if failing(Need::Required) {
             ReadyState::NotReady
