@@ -334,3 +334,62 @@ impl pb::quota_service_server::QuotaService for QuotaService {
         Ok(Response::new(pb::ChargeResponse { charged }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use parley_platform::test_database::TestDatabase;
+    use time::macros::date;
+
+    use super::*;
+
+    /// The ledger's totals (by day, by calendar month) that budgets fall back on without Redis, and an
+    /// account's erasure, which takes its ledger and its Redis keys and nobody else's.
+    #[tokio::test]
+    async fn ledger_totals_count_a_day_and_a_month_and_erasure_takes_only_the_account() {
+        let database = TestDatabase::create("parley_quota_service").await.unwrap();
+        let pool = PgPool::connect(database.url()).await.unwrap();
+        crate::migrate(&pool).await.unwrap();
+        let mut config = Config::default();
+        config.redis.key_prefix = format!("quota-test-{}", Uuid::now_v7().simple());
+        let client = redis::Client::open(config.redis.url.as_str()).unwrap();
+        let redis = ConnectionManager::new(client).await.unwrap();
+        let service = QuotaService::new(Arc::new(config.clone()), pool.clone(), redis.clone());
+        let (ada, bob) = (Uuid::now_v7(), Uuid::now_v7());
+        let charges = [
+            ("a1", ada, date!(2026 - 10 - 31), 1_000),
+            ("a2", ada, date!(2026 - 11 - 01), 200),
+            ("a3", ada, date!(2026 - 11 - 01), 30),
+            ("a4", ada, date!(2026 - 11 - 28), 4),
+            ("b1", bob, date!(2026 - 11 - 01), 50_000),
+        ];
+        for (reference, user, day, tokens) in charges {
+            assert!(service.record_charge(reference, user, day, tokens).await.unwrap());
+        }
+        assert!(!service.record_charge("a2", ada, date!(2026 - 11 - 01), 200).await.unwrap(), "recorded once");
+        assert_eq!(service.ledger_total(ada, date!(2026 - 11 - 01)).await.unwrap(), 230);
+        assert_eq!(service.ledger_month_total(ada, date!(2026 - 11 - 15)).await.unwrap(), 234);
+        assert_eq!(service.ledger_month_total(ada, date!(2026 - 10 - 01)).await.unwrap(), 1_000);
+        assert_eq!(service.ledger_total(Uuid::now_v7(), date!(2026 - 11 - 01)).await.unwrap(), 0);
+        let budget = service.degraded_budget(ada, "free", date!(2026 - 11 - 01)).await.unwrap();
+        assert!(budget.degraded);
+        assert_eq!(budget.day.unwrap().used, 230);
+
+        let prefix = &config.redis.key_prefix;
+        let mut connection = redis.clone();
+        for user in [ada, bob] {
+            let _: () = redis::cmd("SET")
+                .arg(format!("{prefix}:quota:{user}:day"))
+                .arg(1)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+        }
+        service.erase(ada).await.unwrap();
+        let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM quota.ledger").fetch_one(&pool).await.unwrap();
+        assert_eq!(left, 1, "only bob's charge is left");
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.unwrap();
+        assert_eq!(keys, [format!("{prefix}:quota:{bob}:day")]);
+        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut connection).await.unwrap();
+    }
+}
