@@ -361,6 +361,16 @@ impl DatabaseConfig {
         }
         Ok(())
     }
+
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[
+        range("database.max_connections", 1.0, 1_000.0),
+        range("database.acquire_timeout_ms", 100.0, 10.0 * MINUTE_SECS * 1e3),
+        range("database.replica_max_connections", 1.0, 1_000.0),
+        range("database.replica_acquire_timeout_ms", 1.0, 10.0 * MINUTE_SECS * 1e3),
+        range("database.replica_max_lag_ms", 0.0, DAY_SECS * 1e3),
+        range("database.replica_check_interval_ms", 10.0, HOUR_SECS * 1e3),
+    ];
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -417,6 +427,13 @@ impl NatsConfig {
         check_url("nats.url", &self.url, &["nats", "tls"])?;
         check_name("nats.prefix", &self.prefix)
     }
+
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[
+        range("nats.job_ack_wait_secs", 1.0, DAY_SECS),
+        range("nats.job_max_deliver", 1.0, 1_000.0),
+        range("nats.events_max_bytes", 1_048_576.0, 16.0 * GIB),
+    ];
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -481,6 +498,17 @@ impl HttpConfig {
         }
         Ok(())
     }
+
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[
+        range("http.body_limit_bytes", 1_024.0, 100.0 * 1_048_576.0),
+        range("http.message_wait_secs", 0.0, HOUR_SECS),
+        range("http.stream_heartbeat_secs", 1.0, HOUR_SECS),
+        range("http.ip_requests_per_minute", 1.0, 100_000_000.0),
+        range("http.expected_gateway_replicas", 1.0, 1_000.0),
+        range("http.request_timeout_secs", 1.0, DAY_SECS),
+        range("http.trusted_proxy_hops", 0.0, 16.0),
+    ];
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -566,6 +594,14 @@ impl AuthConfig {
         }
         Ok(())
     }
+
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[
+        range("auth.access_token_ttl_secs", 1.0, 7.0 * DAY_SECS),
+        range("auth.refresh_token_ttl_secs", 1.0, 10.0 * YEAR_SECS),
+        range("auth.max_failed_logins", 1.0, 1_000_000.0),
+        range("auth.jwks_refresh_secs", 1.0, DAY_SECS),
+    ];
 }
 
 /// The development value of `chat.content_keys`; `parley check-config` warns when it is in use.
@@ -608,6 +644,10 @@ impl ChatConfig {
         crate::envelope::parse_keys(&self.content_keys).map_err(|why| invalid("chat.content_keys", why))?;
         Ok(())
     }
+
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] =
+        &[range("chat.max_message_chars", 1.0, 1_000_000.0), range("chat.history_limit", 1.0, 10_000.0)];
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -623,6 +663,11 @@ impl Default for QuotaConfig {
     }
 }
 
+impl QuotaConfig {
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[range("quota.reservation_ttl_secs", 1.0, 7.0 * DAY_SECS)];
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AnalyticsConfig {
@@ -636,6 +681,14 @@ impl Default for AnalyticsConfig {
     fn default() -> Self {
         Self { user_daily_spend_alerts_usd: vec![10.0], global_daily_spend_alerts_usd: vec![1_000.0] }
     }
+}
+
+impl AnalyticsConfig {
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[
+        range("analytics.user_daily_spend_alerts_usd.*", 0.01, 1e9),
+        range("analytics.global_daily_spend_alerts_usd.*", 0.01, 1e9),
+    ];
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -682,6 +735,18 @@ impl Default for AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[
+        range("agent.concurrency", 1.0, 100_000.0),
+        range("agent.connect_timeout_ms", 1.0, 10.0 * MINUTE_SECS * 1e3),
+        range("agent.time_to_first_token_timeout_ms", 1.0, HOUR_SECS * 1e3),
+        range("agent.request_timeout_secs", 1.0, DAY_SECS),
+        range("agent.max_output_tokens", 1.0, 1_000_000.0),
+        range("agent.drain_secs", 0.0, HOUR_SECS),
+    ];
+}
+
 /// The response cache: exact matches of deterministic requests, in Redis behind an in-process LRU.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -696,6 +761,12 @@ impl Default for CacheConfig {
     fn default() -> Self {
         Self { enabled: true, ttl_secs: 24 * 3600, local_entries: 1024 }
     }
+}
+
+impl CacheConfig {
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] =
+        &[range("agent.cache.ttl_secs", 1.0, YEAR_SECS), range("agent.cache.local_entries", 0.0, 10_000_000.0)];
 }
 
 /// Retries of one provider before the chain moves on: exponential backoff with full jitter, on
@@ -717,6 +788,16 @@ impl Default for RetryConfig {
     }
 }
 
+impl RetryConfig {
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[
+        range("agent.retry.max_attempts", 1.0, 100.0),
+        range("agent.retry.base_delay_ms", 0.0, 10.0 * MINUTE_SECS * 1e3),
+        range("agent.retry.max_delay_ms", 0.0, HOUR_SECS * 1e3),
+        range("agent.retry.max_elapsed_ms", 0.0, DAY_SECS * 1e3),
+    ];
+}
+
 /// A circuit breaker per provider: open after `failure_threshold` consecutive failures, half-open (one
 /// probe) after `cool_down_secs`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -730,6 +811,14 @@ impl Default for BreakerConfig {
     fn default() -> Self {
         Self { failure_threshold: 5, cool_down_secs: 30 }
     }
+}
+
+impl BreakerConfig {
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[
+        range("agent.breaker.failure_threshold", 1.0, 10_000.0),
+        range("agent.breaker.cool_down_secs", 1.0, DAY_SECS),
+    ];
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -781,6 +870,16 @@ impl Default for FakeLlmConfig {
     }
 }
 
+impl FakeLlmConfig {
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[
+        range("fake_llm.time_to_first_token_ms", 0.0, HOUR_SECS * 1e3),
+        range("fake_llm.tokens_per_second", 0.01, 1e12),
+        range("fake_llm.error_rate", 0.0, 1.0),
+        range("fake_llm.rate_limit_rate", 0.0, 1.0),
+    ];
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -806,6 +905,15 @@ pub struct ModelConfig {
     pub kind: ModelKind,
 }
 
+impl ModelConfig {
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[
+        range("models.*.context_window", 1.0, 100_000_000.0),
+        range("models.*.input_price_per_mtok", 0.0, 1_000_000.0),
+        range("models.*.output_price_per_mtok", 0.0, 1_000_000.0),
+    ];
+}
+
 /// What a model makes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -826,6 +934,14 @@ pub struct RouterConfig {
     pub max_prompt_chars: usize,
     #[serde(default = "default_router_messages")]
     pub max_messages: usize,
+}
+
+impl RouterConfig {
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[
+        range("models.*.router.max_prompt_chars", 0.0, 100_000_000.0),
+        range("models.*.router.max_messages", 0.0, 100_000.0),
+    ];
 }
 
 fn default_router_messages() -> usize {
@@ -855,6 +971,12 @@ impl ModelTarget {
     pub fn new(provider: impl Into<String>, model: impl Into<String>) -> Self {
         Self { provider: provider.into(), model: model.into(), input_price_per_mtok: None, output_price_per_mtok: None }
     }
+
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[
+        range("models.*.chain.*.input_price_per_mtok", 0.0, 1_000_000.0),
+        range("models.*.chain.*.output_price_per_mtok", 0.0, 1_000_000.0),
+    ];
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -902,6 +1024,15 @@ pub struct TierConfig {
     pub tokens_per_month: Option<i64>,
 }
 
+impl TierConfig {
+    /// The ranges of this section's numbers, by their paths in the configuration.
+    pub const RANGES: &'static [NumericRange] = &[
+        range("tiers.*.requests_per_minute", 1.0, 1_000_000_000.0),
+        range("tiers.*.tokens_per_day", 0.0, 1e15),
+        range("tiers.*.tokens_per_month", 0.0, 1e15),
+    ];
+}
+
 /// The model every fresh install has: answered by the built-in fake LLM, so Parley runs offline.
 pub const FAKE_MODEL: &str = "parley-fake";
 /// The fake provider's embeddings model.
@@ -945,61 +1076,29 @@ const GIB: f64 = 1_073_741_824.0;
 /// start-up). The ranges are wider than any deployment needs and narrow enough that every duration,
 /// share and product the services derive from them stays in range: whatever `check-config` accepts
 /// runs. A numeric setting missing from this table fails a test.
-pub const NUMERIC_RANGES: &[NumericRange] = &[
-    range("database.max_connections", 1.0, 1_000.0),
-    range("database.acquire_timeout_ms", 100.0, 10.0 * MINUTE_SECS * 1e3),
-    range("database.replica_max_connections", 1.0, 1_000.0),
-    range("database.replica_acquire_timeout_ms", 1.0, 10.0 * MINUTE_SECS * 1e3),
-    range("database.replica_max_lag_ms", 0.0, DAY_SECS * 1e3),
-    range("database.replica_check_interval_ms", 10.0, HOUR_SECS * 1e3),
-    range("nats.job_ack_wait_secs", 1.0, DAY_SECS),
-    range("nats.job_max_deliver", 1.0, 1_000.0),
-    range("nats.events_max_bytes", 1_048_576.0, 16.0 * GIB),
-    range("http.body_limit_bytes", 1_024.0, 100.0 * 1_048_576.0),
-    range("http.message_wait_secs", 0.0, HOUR_SECS),
-    range("http.stream_heartbeat_secs", 1.0, HOUR_SECS),
-    range("http.ip_requests_per_minute", 1.0, 100_000_000.0),
-    range("http.expected_gateway_replicas", 1.0, 1_000.0),
-    range("http.request_timeout_secs", 1.0, DAY_SECS),
-    range("http.trusted_proxy_hops", 0.0, 16.0),
-    range("auth.access_token_ttl_secs", 1.0, 7.0 * DAY_SECS),
-    range("auth.refresh_token_ttl_secs", 1.0, 10.0 * YEAR_SECS),
-    range("auth.max_failed_logins", 1.0, 1_000_000.0),
-    range("auth.jwks_refresh_secs", 1.0, DAY_SECS),
-    range("chat.max_message_chars", 1.0, 1_000_000.0),
-    range("chat.history_limit", 1.0, 10_000.0),
-    range("quota.reservation_ttl_secs", 1.0, 7.0 * DAY_SECS),
-    range("analytics.user_daily_spend_alerts_usd.*", 0.01, 1e9),
-    range("analytics.global_daily_spend_alerts_usd.*", 0.01, 1e9),
-    range("agent.concurrency", 1.0, 100_000.0),
-    range("agent.connect_timeout_ms", 1.0, 10.0 * MINUTE_SECS * 1e3),
-    range("agent.time_to_first_token_timeout_ms", 1.0, HOUR_SECS * 1e3),
-    range("agent.request_timeout_secs", 1.0, DAY_SECS),
-    range("agent.max_output_tokens", 1.0, 1_000_000.0),
-    range("agent.drain_secs", 0.0, HOUR_SECS),
-    range("agent.retry.max_attempts", 1.0, 100.0),
-    range("agent.retry.base_delay_ms", 0.0, 10.0 * MINUTE_SECS * 1e3),
-    range("agent.retry.max_delay_ms", 0.0, HOUR_SECS * 1e3),
-    range("agent.retry.max_elapsed_ms", 0.0, DAY_SECS * 1e3),
-    range("agent.breaker.failure_threshold", 1.0, 10_000.0),
-    range("agent.breaker.cool_down_secs", 1.0, DAY_SECS),
-    range("agent.cache.ttl_secs", 1.0, YEAR_SECS),
-    range("agent.cache.local_entries", 0.0, 10_000_000.0),
-    range("fake_llm.time_to_first_token_ms", 0.0, HOUR_SECS * 1e3),
-    range("fake_llm.tokens_per_second", 0.01, 1e12),
-    range("fake_llm.error_rate", 0.0, 1.0),
-    range("fake_llm.rate_limit_rate", 0.0, 1.0),
-    range("models.*.context_window", 1.0, 100_000_000.0),
-    range("models.*.input_price_per_mtok", 0.0, 1_000_000.0),
-    range("models.*.output_price_per_mtok", 0.0, 1_000_000.0),
-    range("models.*.chain.*.input_price_per_mtok", 0.0, 1_000_000.0),
-    range("models.*.chain.*.output_price_per_mtok", 0.0, 1_000_000.0),
-    range("models.*.router.max_prompt_chars", 0.0, 100_000_000.0),
-    range("models.*.router.max_messages", 0.0, 100_000.0),
-    range("tiers.*.requests_per_minute", 1.0, 1_000_000_000.0),
-    range("tiers.*.tokens_per_day", 0.0, 1e15),
-    range("tiers.*.tokens_per_month", 0.0, 1e15),
-];
+/// Every numeric setting's range: each section's own (its `RANGES`, beside its struct).
+pub fn numeric_ranges() -> impl Iterator<Item = &'static NumericRange> {
+    [
+        DatabaseConfig::RANGES,
+        NatsConfig::RANGES,
+        HttpConfig::RANGES,
+        AuthConfig::RANGES,
+        ChatConfig::RANGES,
+        QuotaConfig::RANGES,
+        AnalyticsConfig::RANGES,
+        AgentConfig::RANGES,
+        RetryConfig::RANGES,
+        BreakerConfig::RANGES,
+        CacheConfig::RANGES,
+        FakeLlmConfig::RANGES,
+        ModelConfig::RANGES,
+        ModelTarget::RANGES,
+        RouterConfig::RANGES,
+        TierConfig::RANGES,
+    ]
+    .into_iter()
+    .flatten()
+}
 
 /// The numbers at `path` (its `*` segments expanded) in a configuration written as JSON, each with its
 /// own path; absent settings (an empty map, `None`) give none.
@@ -1036,7 +1135,7 @@ fn bound_text(bound: f64) -> String {
 }
 
 impl Config {
-    /// Checks every numeric setting against [`NUMERIC_RANGES`].
+    /// Checks every numeric setting against its range ([`numeric_ranges`]).
     fn check_numeric_ranges(&self) -> Result<(), ConfigError> {
         let written = serde_json::to_value(self).map_err(|error| invalid("configuration", error.to_string()))?;
         // JSON has no NaN or infinity (they are written as null), so the fractional settings are
@@ -1083,7 +1182,7 @@ impl Config {
                 return Err(invalid(path, "must be a finite number"));
             }
         }
-        for range in NUMERIC_RANGES {
+        for range in numeric_ranges() {
             for (path, value) in numbers_at(&written, range.path) {
                 let number = value.as_f64().unwrap_or(f64::NAN);
                 if !(range.min..=range.max).contains(&number) {
@@ -1615,14 +1714,13 @@ mod tests {
         let written = serde_json::to_value(&config).unwrap();
         let mut numbers = BTreeSet::new();
         numeric_leaves(&written, "", &mut numbers);
-        let ranged: BTreeSet<String> = NUMERIC_RANGES
-            .iter()
+        let ranged: BTreeSet<String> = numeric_ranges()
             .flat_map(|range| numbers_at(&written, range.path).into_iter().map(|(path, _)| path))
             .collect();
         let unranged: Vec<&String> = numbers.difference(&ranged).collect();
-        assert!(unranged.is_empty(), "numeric settings without a range in NUMERIC_RANGES: {unranged:?}");
+        assert!(unranged.is_empty(), "numeric settings without a range in their section's RANGES: {unranged:?}");
         assert!(numbers.len() > 50, "the walk found only {numbers:?}");
-        for range in NUMERIC_RANGES {
+        for range in numeric_ranges() {
             assert!(range.min <= range.max, "{range:?}");
             assert!(!numbers_at(&written, range.path).is_empty(), "{} names no setting", range.path);
         }
