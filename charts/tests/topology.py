@@ -56,6 +56,20 @@ from testkit import free_port, wait_for  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 HELM = os.path.join(ROOT, ".tools", "bin", "helm")
+# Where the image keeps what the Dockerfile copies into it, here: the built web client.
+IMAGE_PATHS = {"/usr/share/parley/web": os.path.join(ROOT, "web", "dist")}
+
+
+def image_env():
+    """The environment the image sets (the Dockerfile's ENV lines), its paths mapped to the build here:
+    a container starts with it, and the manifest's env comes on top."""
+    env = {}
+    with open(os.path.join(ROOT, "Dockerfile")) as dockerfile:
+        for line in dockerfile:
+            match = re.match(r"^ENV\s+([A-Za-z_][A-Za-z0-9_]*)=(\S+)\s*$", line)
+            if match:
+                env[match.group(1)] = IMAGE_PATHS.get(match.group(2), match.group(2))
+    return env
 NATS = ("127.0.0.1", 4222)
 PREFIX = "topology"
 # Replicas per Deployment, beyond the dev values' one.
@@ -341,7 +355,7 @@ class Cluster:
         fail(f"Secret {name} has no key {key}")
 
     def container_env(self, deployment, container, ip, pod_name):
-        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **image_env()}
         mounts = self.materialise_volumes(deployment, container, pod_name)
         valid = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
         for source in container.get("envFrom") or []:
@@ -586,6 +600,17 @@ def journey(cluster, a, b):
         fail(f"resumed on the other gateway: {rest.text!r}")
     log("journey: JSON, SSE, OpenAI SDK, and a stream resumed on the other gateway")
 
+    # The web client and the status page, from the image, on both gateways.
+    for gateway in (a, b):
+        for page in ("/", "/status"):
+            request = urllib.request.Request(gateway + page)
+            with urllib.request.urlopen(request, timeout=10) as response:
+                if response.status != 200 or not response.headers["content-type"].startswith("text/html"):
+                    fail(f"{gateway}{page}: {response.status} {response.headers['content-type']}")
+        wait_for(f"{gateway}'s status page to show every component operational",
+                 lambda: call(gateway, "GET", "/v1/status", expect=200)[1]["status"] == "operational", timeout=30)
+    log("journey: the web client and the status page on both gateways, every component operational")
+
 
 def chat_calls(cluster):
     return {r.name: r.metric("parley_grpc_server_requests_total") for r in cluster.of("chat") if r.ready}
@@ -752,7 +777,12 @@ def degraded(cluster, a, b, redis):
         _, ready = call(replica.url("admin"), "GET", "/readyz", expect=200)
         if ready.get("status") != "degraded" or ready["checks"].get("redis") == "ok":
             fail(f"{replica.name}'s /readyz without Redis: {ready}")
-    log("degraded: Redis stopped; sends answered, every replica ready, /readyz says degraded where Redis is used")
+    def shows_cache_degraded():
+        status = call(a, "GET", "/v1/status", expect=200)[1]
+        states = {component["id"]: component["status"] for component in status["components"]}
+        return status["status"] == "degraded" and states["cache"] == "degraded" and states["conversations"] == "operational"
+    wait_for("the status page to show the cache degraded", shows_cache_degraded, timeout=30)
+    log("degraded: Redis stopped; sends answered, every replica ready, /readyz and the status page say degraded")
     return token, thread
 
 
