@@ -129,6 +129,8 @@ export function Chat({ conversationId, onListChanged }) {
       setConversation(found);
       setMessages(thread);
       if (!found.title && thread.length) awaitTitle(3);
+      const last = thread[thread.length - 1];
+      if (last?.role === 'assistant' && !finished(last) && !aborter.current) resume(last);
     } catch (failure) {
       setError(failure);
     }
@@ -165,41 +167,70 @@ export function Chat({ conversationId, onListChanged }) {
       return next;
     });
 
-  /** Reads a reply's event stream into the thread; resumes from the last event if the stream breaks. */
-  const follow = async (response, signal) => {
-    let replyId = null;
-    let lastEventId = null;
-    let text = '';
-    for (let attempt = 0; attempt < 4; attempt++) {
-      for await (const event of readEvents(response)) {
-        lastEventId = event.id ?? lastEventId;
-        const data = JSON.parse(event.data);
-        if (event.event === 'message.created') {
-          // The question (new, or the one a regeneration answers again), then room for its reply.
-          setMessages((current) => {
-            const rest = current.filter((m) => m.id !== data.id && !m.pending);
-            return [...rest, data, { id: null, role: 'assistant', content: '', status: 'pending', pending: true }];
-          });
-        } else if (event.event === 'message.delta') {
-          replyId = data.message_id;
-          text += data.text;
-          setStreaming({ messageId: replyId });
-          upsert({ id: replyId, role: 'assistant', content: text, status: 'streaming', pending: true });
-        } else if (event.event === 'message.reset') {
-          text = '';
-        } else if (event.event === 'message.completed') {
-          upsert(data);
-          return data;
-        } else if (event.event === 'message.failed') {
-          upsert({ id: data.message_id, role: 'assistant', content: text, status: 'failed', error: data });
-          return null;
-        }
-      }
-      if (!replyId || signal.aborted) break;
-      const headers = { accept: 'text/event-stream', ...(lastEventId ? { 'last-event-id': lastEventId } : {}) };
-      response = await api('GET', `/v1/messages/${replyId}/events`, undefined, { headers, raw: true, signal });
+  /** Applies one event of a reply's stream to the thread; the finished reply (or null when it failed) at its end. */
+  const apply = (event, reply) => {
+    const data = JSON.parse(event.data);
+    if (event.event === 'message.created') {
+      // The question (new, or the one a regeneration answers again), then room for its reply.
+      setMessages((current) => {
+        const rest = current.filter((m) => m.id !== data.id && !m.pending);
+        return [...rest, data, { id: null, role: 'assistant', content: '', status: 'pending', pending: true }];
+      });
+    } else if (event.event === 'message.delta') {
+      reply.id = data.message_id;
+      reply.text += data.text;
+      setStreaming({ messageId: reply.id });
+      upsert({ id: reply.id, role: 'assistant', content: reply.text, status: 'streaming', pending: true });
+    } else if (event.event === 'message.reset') {
+      reply.text = '';
+    } else if (event.event === 'message.completed') {
+      upsert(data);
+      return { done: data };
+    } else if (event.event === 'message.failed') {
+      upsert({ id: data.message_id, role: 'assistant', content: reply.text, status: 'failed', error: data });
+      return { done: null };
     }
     return null;
+  };
+
+  /**
+   * Reads a reply's event stream into the thread. If the stream ends early or the connection breaks,
+   * it resumes from the last event it saw (`Last-Event-ID`), a few times.
+   */
+  const follow = async (response, signal, reply = { id: null, text: '' }) => {
+    let lastEventId = null;
+    for (let attempt = 0; attempt < 4; attempt++) {
+      try {
+        for await (const event of readEvents(response)) {
+          lastEventId = event.id ?? lastEventId;
+          const ended = apply(event, reply);
+          if (ended) return ended.done;
+        }
+      } catch (broken) {
+        if (signal.aborted || !reply.id) throw broken;
+      }
+      if (!reply.id || signal.aborted) break;
+      const headers = { accept: 'text/event-stream', ...(lastEventId ? { 'last-event-id': lastEventId } : {}) };
+      response = await api('GET', `/v1/messages/${reply.id}/events`, undefined, { headers, raw: true, signal });
+    }
+    return null;
+  };
+
+  /** A reply still being written when the thread was loaded (a reload mid-stream): follow it to its end. */
+  const resume = async (message) => {
+    const controller = new AbortController();
+    aborter.current = controller;
+    setStreaming({ messageId: message.id });
+    try {
+      const headers = { accept: 'text/event-stream' };
+      const events = `/v1/messages/${message.id}/events`;
+      const response = await api('GET', events, undefined, { headers, raw: true, signal: controller.signal });
+      await follow(response, controller.signal, { id: message.id, text: '' });
+    } catch (failure) {
+      if (failure.name !== 'AbortError') setError(failure);
+    } finally {
+      setStreaming(null);
+    }
   };
 
   /** Posts to `path` asking for an event stream, then follows it; `before` trims the thread first. */
@@ -226,11 +257,15 @@ export function Chat({ conversationId, onListChanged }) {
       } else {
         await load();
       }
+      return true;
     } catch (failure) {
       if (failure.name !== 'AbortError') {
         setError(failure);
         setMessages((current) => current.filter((m) => !(m.pending && !m.content)));
+        // An edit or a regeneration trimmed the thread first: show it as stored again.
+        if (before && conversationId) load();
       }
+      return false;
     } finally {
       setStreaming(null);
     }
@@ -241,7 +276,10 @@ export function Chat({ conversationId, onListChanged }) {
     const content = draft.trim();
     if (!content || streaming) return;
     setDraft('');
-    stream(`/v1/conversations/${conversationId}/messages`, { content });
+    // A refused send (a limit, a network failure) gives the text back to edit and send again.
+    stream(`/v1/conversations/${conversationId}/messages`, { content }).then((sent) => {
+      if (!sent) setDraft((current) => current || content);
+    });
   };
 
   const cut = (message, keep) => () =>

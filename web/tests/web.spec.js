@@ -72,6 +72,26 @@ test('sign up, watch a reply stream, reload and see the thread, and find it by s
   await expect(page.locator('article.message.user')).toHaveText(new RegExp(question));
 });
 
+test('a reload while a reply streams picks the reply up where it is and follows it to its end', async ({ page }, testInfo) => {
+  await signUp(page, testInfo, 'reload');
+  const first = await send(page, 'hello');
+  await expect(first).toHaveAttribute('data-status', 'completed');
+  const long = 'Please write a long story about a lighthouse keeper, the sea, the storms and the ships that pass by';
+  const reply = await send(page, long);
+  await expect(reply).toHaveAttribute('data-status', 'streaming');
+  await page.reload();
+  const resumed = page.locator('article.message.assistant').last();
+  await expect(resumed).toHaveAttribute('data-status', 'completed');
+  await expect(resumed.locator('.markdown')).toHaveText(`You said: ${long}. This is Parley's fake model, answering offline.`);
+  // The text is kept when a send is refused (here: too long), to fix and send again.
+  const composer = page.getByLabel('Message', { exact: true });
+  const tooLong = 'x'.repeat(100_001);
+  await composer.fill(tooLong);
+  await composer.press('Enter');
+  await expect(page.getByRole('alert')).toContainText('content');
+  await expect(composer).toHaveValue(tooLong);
+});
+
 test('replies render Markdown with highlighted code, sanitised', async ({ page }, testInfo) => {
   await signUp(page, testInfo, 'markdown');
   // The fake model quotes the question, so the reply carries this Markdown back.

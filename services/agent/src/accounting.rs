@@ -144,6 +144,7 @@ impl Agent {
             time_to_first_token: None,
             finish_reason: None,
             tool_calls: Vec::new(),
+            stopped: false,
         };
         let provider = "cache".to_owned();
         let answer =

@@ -384,10 +384,9 @@ impl Agent {
             provider.client.stream_chat(key, model, prompt, sampling, &mut on_delta).await
         };
         let subject = self.names.message_events_subject(message_id);
-        // A conversation's reply can be stopped by its client; a completion ends when its caller hangs up.
-        let running = matches!(sink, DeltaSink::Subject).then(|| self.stops.run(message_id));
-        let input_tokens: i64 =
-            prompt.iter().map(|message| i64::from(tokens::estimate_message(&message.content))).sum();
+        // A conversation's reply can be stopped by its client (its job registered it); a completion
+        // ends when its caller hangs up.
+        let stop = matches!(sink, DeltaSink::Subject).then(|| self.stops.token(message_id)).flatten();
         // What clients saw: no retry may contradict it, and a failure is charged for it.
         let mut streamed = String::new();
         let forward = async {
@@ -421,8 +420,8 @@ impl Agent {
             }
         };
         let stopped = async {
-            match &running {
-                Some(running) => running.stopped().await,
+            match &stop {
+                Some(stop) => stop.cancelled().await,
                 None => std::future::pending().await,
             }
         };
@@ -430,14 +429,16 @@ impl Agent {
             (result, ()) = async { tokio::join!(call, forward) } => (result, streamed),
             () = stopped => {
                 // The provider's call ends here (its connection is dropped); what was streamed is the
-                // reply, charged by estimate since the provider reported no usage for it.
+                // reply. The provider reported no usage for it: the output is estimated here, and
+                // the job counts the prompt as it counts any.
                 let completion = Completion {
                     content: streamed.clone(),
-                    input_tokens,
+                    input_tokens: 0,
                     output_tokens: i64::from(tokens::estimate(&streamed)),
                     time_to_first_token: None,
                     finish_reason: Some(FinishReason::Stop),
                     tool_calls: Vec::new(),
+                    stopped: true,
                 };
                 (Ok(completion), streamed)
             }

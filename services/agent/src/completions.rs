@@ -193,6 +193,7 @@ impl AgentService for Completions {
             time_to_first_token: None,
             finish_reason: None,
             tool_calls: Vec::new(),
+            stopped: false,
         };
         let answer = Answer {
             completion,
@@ -315,6 +316,7 @@ fn cached_answer(reply: CachedReply) -> Answer {
         time_to_first_token: None,
         finish_reason: None,
         tool_calls: Vec::new(),
+        stopped: false,
     };
     let provider = "cache".to_owned();
     Answer { completion, provider, provider_model: String::new(), elapsed: Duration::ZERO, cache_hit: true }

@@ -86,7 +86,15 @@ pub fn fit_prompt(
         budget = budget.saturating_sub(counter.count(&message.content));
     }
     let mut kept = Vec::new();
-    for message in history.iter().rev() {
+    // The messages before the window are those from index `dropped` down.
+    let mut dropped = history.len();
+    for (index, message) in history.iter().enumerate().rev() {
+        // An empty message (a reply stopped before its first word) says nothing, and some
+        // providers refuse an empty turn: it stays in the window without being sent.
+        if message.content.trim().is_empty() {
+            dropped = index;
+            continue;
+        }
         let cost = counter.count(&message.content);
         // The newest message is the question being answered: it is always sent.
         if cost > budget && !kept.is_empty() {
@@ -94,9 +102,9 @@ pub fn fit_prompt(
         }
         budget = budget.saturating_sub(cost);
         kept.push(PromptMessage::new(message.role.clone(), message.content.clone()));
+        dropped = index;
     }
     kept.reverse();
-    let dropped = history.len() - kept.len();
     Fitted { prompt: head.into_iter().chain(kept).collect(), dropped }
 }
 
@@ -105,7 +113,10 @@ pub fn compose(system_prompt: Option<&str>, summary: Option<&str>, messages: &[p
     let system =
         system_prompt.filter(|prompt| !prompt.trim().is_empty()).map(|prompt| PromptMessage::new("system", prompt));
     let summary = summary.filter(|summary| !summary.trim().is_empty()).map(summary_message);
-    let messages = messages.iter().map(|message| PromptMessage::new(message.role.clone(), message.content.clone()));
+    let messages = messages
+        .iter()
+        .filter(|message| !message.content.trim().is_empty())
+        .map(|message| PromptMessage::new(message.role.clone(), message.content.clone()));
     system.into_iter().chain(summary).chain(messages).collect()
 }
 
@@ -150,6 +161,22 @@ mod tests {
         assert!(fitted.prompt[1].content.contains("they talked"));
         assert_eq!(fitted.prompt.last().map(|m| m.content.as_str()), Some("newest question"));
         assert_eq!(fitted.dropped, 1, "the oldest message does not fit");
+    }
+
+    #[test]
+    fn an_empty_reply_is_not_sent_and_does_not_move_the_window() {
+        let history = vec![
+            message("user", "first"),
+            message("assistant", ""),
+            message("user", "second"),
+            message("assistant", "an answer"),
+            message("user", "third"),
+        ];
+        let fitted = fit_prompt(None, None, &history, 10_000, 100, &TokenCounter::Estimate);
+        let sent: Vec<&str> = fitted.prompt.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(sent, ["first", "second", "an answer", "third"]);
+        assert_eq!(fitted.dropped, 0);
+        assert_eq!(compose(None, None, &history).len(), 4);
     }
 
     #[test]

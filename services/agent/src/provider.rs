@@ -100,6 +100,9 @@ pub struct Completion {
     pub finish_reason: Option<FinishReason>,
     /// The tools the reply called.
     pub tool_calls: Vec<ToolCall>,
+    /// The client stopped the reply: this is the part written before the stop (never cached, never
+    /// shared with a request waiting on the same call).
+    pub stopped: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -392,6 +395,7 @@ impl HttpProvider {
             time_to_first_token: state.time_to_first_token,
             finish_reason: state.finish_reason,
             tool_calls: state.tool_calls,
+            stopped: false,
         })
     }
 

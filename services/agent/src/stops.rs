@@ -9,47 +9,52 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// The replies this agent is generating, each with the token that stops it.
+/// The replies this agent is generating, each with the token that stops it and the number of the
+/// run that registered it.
 #[derive(Default)]
 pub(crate) struct Stops {
-    running: Mutex<HashMap<Uuid, CancellationToken>>,
+    running: Mutex<HashMap<Uuid, (u64, CancellationToken)>>,
+    runs: std::sync::atomic::AtomicU64,
 }
 
-/// A reply being generated; dropping it forgets the reply.
+/// A reply's job, from before its first provider call to its end (retries and fallbacks included);
+/// dropping it forgets the reply.
 pub(crate) struct Running {
     stops: Arc<Stops>,
     message_id: Uuid,
-    token: CancellationToken,
-}
-
-impl Running {
-    /// Resolves when a client stops the reply.
-    pub(crate) async fn stopped(&self) {
-        self.token.cancelled().await;
-    }
+    run: u64,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.stops.lock().remove(&self.message_id);
+        let mut running = self.stops.lock();
+        // A later run of the same reply (a redelivery) keeps its own entry.
+        if running.get(&self.message_id).is_some_and(|(run, _)| *run == self.run) {
+            running.remove(&self.message_id);
+        }
     }
 }
 
 impl Stops {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, CancellationToken>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (u64, CancellationToken)>> {
         self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Registers a reply this agent is about to generate.
     pub(crate) fn run(self: &Arc<Self>, message_id: Uuid) -> Running {
-        let token = CancellationToken::new();
-        self.lock().insert(message_id, token.clone());
-        Running { stops: self.clone(), message_id, token }
+        let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().insert(message_id, (run, CancellationToken::new()));
+        Running { stops: self.clone(), message_id, run }
+    }
+
+    /// The token that a stop of the reply cancels, while its job runs here.
+    pub(crate) fn token(&self, message_id: Uuid) -> Option<CancellationToken> {
+        self.lock().get(&message_id).map(|(_, token)| token.clone())
     }
 
     /// Stops the reply, if this agent is generating it.
     pub(crate) fn stop(&self, message_id: Uuid) -> bool {
-        self.lock().get(&message_id).map(CancellationToken::cancel).is_some()
+        self.lock().get(&message_id).map(|(_, token)| token.cancel()).is_some()
     }
 
     /// Follows the stops announced on `subjects` (`<prefix>.stops.*`) until `shutdown`, resubscribing
@@ -99,8 +104,12 @@ mod tests {
         assert!(!stops.stop(id), "nothing runs yet");
         let running = stops.run(id);
         assert!(stops.stop(id));
-        assert!(running.token.is_cancelled());
+        assert!(stops.token(id).unwrap().is_cancelled());
+        // A redelivered job's run replaces the first; the first ending does not forget the second.
+        let again = stops.run(id);
         drop(running);
+        assert!(!stops.token(id).unwrap().is_cancelled());
+        drop(again);
         assert!(!stops.stop(id), "a finished reply is forgotten");
     }
 }

@@ -261,6 +261,7 @@ impl Agent {
                     time_to_first_token: None,
                     finish_reason: None,
                     tool_calls: Vec::new(),
+                    stopped: false,
                 };
                 let answer = Answer {
                     completion,
@@ -290,17 +291,16 @@ impl Agent {
                 .await
                 .map_or(retry, |()| Outcome::Done);
         }
+        // From here to the reply's end, whatever provider or retry is on, a client may stop it.
+        let _running = self.stops.run(job.message_id);
         match self.generate(job, delivered, &context.model, &answering_model, &prompt, DeltaSink::Subject).await {
-            Generated::Fresh(answer) => match self.store(job, &answering_model, &answer).await {
-                Ok(()) => {
-                    self.title_first_exchange(job, &context, &answer.completion.content).await;
-                    Outcome::Done
+            Generated::Fresh(mut answer) => {
+                if answer.completion.stopped {
+                    // Charged like any reply: the prompt as this agent counts it.
+                    answer.completion.input_tokens = self.prompt_tokens(model, &prompt);
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "could not store the reply; retrying the job");
-                    retry
-                }
-            },
+                self.finish_fresh(job, &context, &answering_model, &answer, retry).await
+            }
             Generated::Cached(reply, how) => {
                 let text = reply.content.clone();
                 let prompt_tokens = self.prompt_tokens(model, &prompt);
@@ -336,6 +336,27 @@ impl Agent {
         }
     }
 
+    /// Stores a reply the model wrote, then titles the conversation after its first exchange.
+    async fn finish_fresh(
+        &self,
+        job: &AiJob,
+        context: &chat_pb::JobContext,
+        answering_model: &str,
+        answer: &Answer,
+        retry: Outcome,
+    ) -> Outcome {
+        match self.store(job, answering_model, answer).await {
+            Ok(()) => {
+                self.title_first_exchange(job, context, &answer.completion.content).await;
+                Outcome::Done
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not store the reply; retrying the job");
+                retry
+            }
+        }
+    }
+
     /// A reply to `prompt`: from the response cache when the request allows it, else from the model's
     /// provider chain (identical cacheable requests in flight sharing one call), else, when every
     /// provider failed, a cached answer to the same prompt (fail-open) unless the client said no-store.
@@ -360,7 +381,9 @@ impl Agent {
         let outcome = if cacheable {
             let call = || async {
                 let result = self.call_chain(job, delivered, answering_model, prompt, sink).await;
-                let reply = result.as_ref().ok().map(|answer| CachedReply::from(&answer.completion));
+                // A reply its client stopped is theirs alone: requests waiting on it call for their own.
+                let whole = result.as_ref().ok().filter(|answer| !answer.completion.stopped);
+                let reply = whole.map(|answer| CachedReply::from(&answer.completion));
                 (result, reply)
             };
             match self.cache.coalesce(&cache_key, call).await {
@@ -377,7 +400,7 @@ impl Agent {
         };
         match outcome {
             Ok(answer) => {
-                if cacheable && job.cache.write {
+                if cacheable && job.cache.write && !answer.completion.stopped {
                     self.cache.put(&cache_key, &CachedReply::from(&answer.completion)).await;
                 }
                 Generated::Fresh(answer)

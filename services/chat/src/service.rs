@@ -167,6 +167,16 @@ fn conversation_to_proto(row: ConversationRow) -> pb::Conversation {
     }
 }
 
+impl ChatService {
+    /// Numbers `rows` among their versions. What was stored or read stands without the numbers: a
+    /// failure here leaves them out (the fields are optional) rather than failing the call.
+    async fn number_versions(&self, floor: parley_platform::replicas::ReadFloor, rows: &mut [MessageRow]) {
+        if let Err(error) = self.storage.number_versions(floor, rows).await {
+            tracing::warn!(%error, "could not number messages among their versions");
+        }
+    }
+}
+
 fn message_to_proto(row: MessageRow) -> pb::Message {
     let usage = match (row.input_tokens, row.output_tokens) {
         (Some(input_tokens), Some(output_tokens)) => Some(pb::Usage { input_tokens, output_tokens }),
@@ -342,6 +352,10 @@ impl pb::chat_service_server::ChatService for ChatService {
         let Some(mut sent) = self.storage.send(exchange).await.map_err(ChatError::from)? else {
             return Err(ChatError::from(ServiceError::not_found("conversation")).into());
         };
+        if let Some(job) = sent.job.take() {
+            self.jobs.publish(job);
+            metrics::counter!(crate::metrics::MESSAGES_SENT).increment(1);
+        }
         if follows == Follows::ActiveBranch && !sent.replayed {
             // A new question goes after the active branch's leaf, which has no children: both messages
             // are the only versions there are.
@@ -350,12 +364,8 @@ impl pb::chat_service_server::ChatService for ChatService {
         } else {
             let floor = self.storage.floor(user_id).await;
             let mut rows = [sent.user_message, sent.assistant_message];
-            self.storage.number_versions(floor, &mut rows).await.map_err(ChatError::from)?;
+            self.number_versions(floor, &mut rows).await;
             [sent.user_message, sent.assistant_message] = rows;
-        }
-        if let Some(job) = sent.job.take() {
-            self.jobs.publish(job);
-            metrics::counter!(crate::metrics::MESSAGES_SENT).increment(1);
         }
         tracing::info!(
             %conversation_id,
@@ -382,7 +392,7 @@ impl pb::chat_service_server::ChatService for ChatService {
         };
         let mut row = row.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
         let floor = self.storage.floor(user_id).await;
-        self.storage.number_versions(floor, std::slice::from_mut(&mut row)).await.map_err(ChatError::from)?;
+        self.number_versions(floor, std::slice::from_mut(&mut row)).await;
         Ok(Response::new(message_to_proto(row)))
     }
 
@@ -403,7 +413,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             .await
             .map_err(ChatError::from)?;
         if conversation.branched {
-            self.storage.number_versions(floor, &mut rows).await.map_err(ChatError::from)?;
+            self.number_versions(floor, &mut rows).await;
         } else {
             rows.iter_mut().for_each(|row| row.version = Some(Version::ONLY));
         }

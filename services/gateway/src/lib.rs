@@ -235,18 +235,25 @@ mod tests {
             }
             let text = std::fs::read_to_string(&path).unwrap();
             let named = imports.entry(module.to_owned()).or_default();
-            for (prefix, inside) in [("crate::", None), ("super::", Some("routes"))] {
-                if inside.is_some_and(|inside| inside != module) {
-                    continue;
-                }
-                for piece in text.split(prefix).skip(1) {
-                    let name: String = piece.chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
-                    let target = if prefix == "super::" { "routes".to_owned() } else { name };
-                    if !target.is_empty() && target != module {
-                        named.insert(target);
+            // `super::` inside `routes/` (but not in `routes/mod.rs`, whose parent is the crate) is
+            // `routes`.
+            let in_routes = module == "routes" && relative.components().count() > 1 && !relative.ends_with("mod.rs");
+            let word =
+                |piece: &str| -> String { piece.chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect() };
+            for piece in text.split("crate::").skip(1) {
+                // `crate::{a, b::c}` names several.
+                let names: Vec<String> = match piece.strip_prefix('{') {
+                    Some(list) => {
+                        list.split('}').next().unwrap_or_default().split(',').map(|name| word(name.trim())).collect()
                     }
-                }
+                    None => vec![word(piece)],
+                };
+                named.extend(names.into_iter().filter(|name| !name.is_empty() && name != module));
             }
+            if in_routes && text.contains("super::") {
+                named.insert("routes".to_owned());
+            }
+            named.remove(module);
         }
         imports
     }

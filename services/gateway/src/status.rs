@@ -52,7 +52,8 @@ pub struct StatusView {
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ComponentView {
-    /// Stable identifier: api, accounts, conversations, quotas, usage, messaging, cache, replies.
+    /// Stable identifier: api, database, accounts, conversations, quotas, usage, messaging, cache,
+    /// replies (a check this page has no name for keeps its own).
     pub id: String,
     /// What it is to a user.
     pub name: String,
@@ -158,7 +159,8 @@ impl StatusBoard {
 
 /// Whether agents are taking jobs, from the jobs consumer they share: one waiting for work or busy
 /// with some is operational; none with jobs queued is an outage; none and nothing queued is degraded
-/// (the next message would wait).
+/// (the next message would wait). Jobs that agents which died were holding count as busy until their
+/// acknowledgement wait passes (`nats.job_ack_wait_secs`), so an outage shows that much late.
 async fn replies_status(state: &AppState) -> &'static str {
     let jetstream = async_nats::jetstream::new(state.nats.clone());
     let info = async {

@@ -187,22 +187,28 @@ fn check_config() -> anyhow::Result<()> {
 }
 
 fn settings() -> anyhow::Result<()> {
+    /// A value as printed: a URL's password hidden, in lists too.
+    fn shown(value: &serde_json::Value) -> String {
+        match value {
+            serde_json::Value::Null => "(unset)".to_owned(),
+            serde_json::Value::String(text) => without_password(text),
+            serde_json::Value::Array(items) => format!("[{}]", items.iter().map(shown).collect::<Vec<_>>().join(", ")),
+            other => other.to_string(),
+        }
+    }
+    fn without_password(text: &str) -> String {
+        match text.split_once("://").zip(text.rfind('@')) {
+            Some(((scheme, _), at)) if at > scheme.len() + 3 && text[scheme.len() + 3..at].contains(':') => {
+                format!("{scheme}://(hidden){}", &text[at..])
+            }
+            _ => text.to_owned(),
+        }
+    }
     let config = Config::load()?;
     for (path, value) in config.settings()? {
         let last = path.rsplit('.').next().unwrap_or_default();
         let secret = last.contains("secret") || last.contains("keys");
-        let shown = match value {
-            _ if secret => "(hidden)".to_owned(),
-            serde_json::Value::Null => "(unset)".to_owned(),
-            // A URL with a password in it shows the rest.
-            serde_json::Value::String(text) => match text.split_once("://").zip(text.rfind('@')) {
-                Some(((scheme, _), at)) if text[..at].contains(':') && text[..at].len() > scheme.len() + 3 => {
-                    format!("{scheme}://(hidden){}", &text[at..])
-                }
-                _ => text,
-            },
-            other => other.to_string(),
-        };
+        let shown = if secret { "(hidden)".to_owned() } else { shown(&value) };
         println!("{path}  {}  {shown}", Config::variable_for(&path));
     }
     Ok(())

@@ -1198,6 +1198,22 @@ impl Config {
 /// The prefix of the variables that set any setting by its path.
 pub const PATH_PREFIX: &str = "PARLEY__";
 
+/// Sets `leaf` in the table at `parents` (made where missing) to `value`; an existing key is matched
+/// whatever its case (a model named `GPT-4o`).
+fn set_at(tree: &mut toml::Table, parents: &[String], leaf: &str, value: toml::Value) -> Result<(), String> {
+    fn key_in(table: &toml::Table, part: &str) -> String {
+        table.keys().find(|key| key.eq_ignore_ascii_case(part)).cloned().unwrap_or_else(|| part.to_owned())
+    }
+    let mut table = tree;
+    for part in parents {
+        let key = key_in(table, part);
+        let entry = table.entry(key).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| format!("{part} is a setting, not a section"))?;
+    }
+    table.insert(key_in(table, leaf), value);
+    Ok(())
+}
+
 /// A variable's value as a TOML value (`8080`, `true`, `0.5`, `["a", "b"]`, `"quoted"`), else as the
 /// string it is, so that a bare word or an address needs no quotes.
 fn toml_value(raw: &str) -> toml::Value {
@@ -1208,8 +1224,8 @@ fn toml_value(raw: &str) -> toml::Value {
 }
 
 impl Config {
-    /// Every setting's path and value, in the order of the configuration: what `parley settings`
-    /// prints. A setting at `a.b` is set from the environment with `PARLEY__A__B`.
+    /// Every setting's path and value, sorted by path: what `parley settings` prints. A setting at
+    /// `a.b` is set from the environment with `PARLEY__A__B`.
     /// (`null` for an optional setting that is not set.)
     pub fn settings(&self) -> Result<Vec<(String, serde_json::Value)>, ConfigError> {
         fn walk(prefix: &str, value: &serde_json::Value, into: &mut Vec<(String, serde_json::Value)>) {
@@ -1235,16 +1251,20 @@ impl Config {
     }
 
     /// Applies the `PARLEY__<SECTION>__<FIELD>` variables among `variables`: each sets the setting at
-    /// its path (lowercased; `__` between the parts, so `PARLEY__TIERS__FREE__REQUESTS_PER_MINUTE` is
-    /// `tiers.free.requests_per_minute`) to its value read as TOML, or as a string when it is not TOML.
-    /// Each is applied over the configuration so far, so one setting of a tier or a model keeps the
-    /// rest of it; a variable that names no setting, or whose value does not fit, is an error naming it.
+    /// its path (`__` between the parts, any case: `PARLEY__TIERS__FREE__REQUESTS_PER_MINUTE` is
+    /// `tiers.free.requests_per_minute`, and a map's entry is found whatever the case of its name) to
+    /// its value read as TOML, or as the string it is when that does not fit (so `0x10` can be a
+    /// prefix and `1234` a secret). An empty value is no value, as for the named variables. Each is
+    /// applied over the configuration so far, so one setting of a tier or a model keeps the rest of
+    /// it; a variable that names no setting, or whose value does not fit, is an error naming it.
     pub fn apply_env_paths(
         &mut self,
         variables: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(), ConfigError> {
-        let mut variables: Vec<(String, String)> =
-            variables.into_iter().filter(|(name, _)| name.starts_with(PATH_PREFIX)).collect();
+        let mut variables: Vec<(String, String)> = variables
+            .into_iter()
+            .filter(|(name, value)| name.starts_with(PATH_PREFIX) && !value.trim().is_empty())
+            .collect();
         if variables.is_empty() {
             return Ok(());
         }
@@ -1256,17 +1276,16 @@ impl Config {
             let Some((leaf, parents)) = path.split_last().filter(|_| path.iter().all(|part| !part.is_empty())) else {
                 return Err(invalid(&name, "names no setting: PARLEY__<SECTION>__<FIELD>, e.g. PARLEY__HTTP__ADDR"));
             };
-            let mut table = &mut tree;
-            for part in parents {
-                let entry = table.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                table = entry
-                    .as_table_mut()
-                    .ok_or_else(|| invalid(&name, format!("{part} is a setting, not a section")))?;
+            // Each variable is checked as it is applied, so an error names the one that caused it; a
+            // value that does not fit as TOML is tried as the string it is.
+            let fits = |tree: &mut toml::Table, value: toml::Value| -> Result<(), ConfigError> {
+                set_at(tree, parents, leaf, value).map_err(|why| invalid(&name, why))?;
+                let applied: Result<Config, toml::de::Error> = tree.clone().try_into();
+                applied.map(|_| ()).map_err(|error| invalid(&name, error.message().trim().to_owned()))
+            };
+            if fits(&mut tree, toml_value(&raw)).is_err() {
+                fits(&mut tree, toml::Value::String(raw.clone()))?;
             }
-            table.insert(leaf.clone(), toml_value(&raw));
-            // Each variable is checked as it is applied, so an error names the one that caused it.
-            let applied: Result<Config, _> = tree.clone().try_into();
-            applied.map_err(|error: toml::de::Error| invalid(&name, error.message().trim().to_owned()))?;
         }
         *self = tree.try_into().map_err(|error: toml::de::Error| invalid("configuration", error.to_string()))?;
         self.provider_keys = provider_keys;
@@ -1285,8 +1304,11 @@ impl Config {
             Some(path) if !path.is_empty() => Self::from_file(Path::new(&path))?,
             _ => Self::default(),
         };
+        // (`vars_os`: a variable that is not UTF-8, which `vars` would panic on, cannot be one of ours.)
         #[allow(clippy::disallowed_methods)]
-        config.apply_env_paths(std::env::vars())?;
+        let variables =
+            std::env::vars_os().filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)));
+        config.apply_env_paths(variables)?;
         config.apply_env(lookup)?;
         config.validate()?;
         config.read_provider_keys(lookup);
@@ -1551,6 +1573,27 @@ mod tests {
         assert_eq!(free.tokens_per_day, Config::default().tiers["free"].tokens_per_day);
         assert_eq!(config.http.addr, Config::default().http.addr);
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_value_that_only_looks_like_toml_is_the_string_it_is_and_map_entries_are_found_in_any_case() {
+        let config = with_paths(&[
+            ("PARLEY__AUTH__ISSUER", "1234"),
+            ("PARLEY__NATS__PREFIX", "0x10"),
+            ("PARLEY__CHAT__CURSOR_SECRET", "2026-01-01"),
+            ("PARLEY__HTTP__ADDR", ""),
+        ])
+        .unwrap();
+        assert_eq!((config.auth.issuer.as_str(), config.nats.prefix.as_str()), ("1234", "0x10"));
+        assert_eq!(config.chat.cursor_secret, "2026-01-01");
+        assert_eq!(config.http.addr, Config::default().http.addr, "an empty value is no value");
+
+        let mut config = Config::default();
+        let model = config.models[FAKE_MODEL].clone();
+        config.models.insert("GPT-4o".to_owned(), model);
+        config.apply_env_paths([("PARLEY__MODELS__GPT-4O__CONTEXT_WINDOW".to_owned(), "1000".to_owned())]).unwrap();
+        assert_eq!(config.models["GPT-4o"].context_window, 1000);
+        assert!(!config.models.contains_key("gpt-4o"));
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub async fn asset(State(state): State<AppState>, request: Request) -> ApiResult
     let root = std::path::Path::new(&state.config.http.web_dir);
     // ServeDir resolves the request's path under the root and refuses `..` and the like.
     let Ok(response) = tower_http::services::ServeDir::new(root).oneshot(request).await;
-    if response.status() != StatusCode::OK && response.status() != StatusCode::NOT_MODIFIED {
+    if !found(response.status()) {
         return Err(ApiError::new(ErrorCode::NotFound, "no such file"));
     }
     let mut response = response.into_response();
@@ -54,11 +54,19 @@ pub async fn asset(State(state): State<AppState>, request: Request) -> ApiResult
     Ok(response)
 }
 
+/// Whether the file was there: served whole, in part (a range), not again (the browser holds it), or
+/// in no part the range asked for.
+fn found(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::OK | StatusCode::PARTIAL_CONTENT | StatusCode::NOT_MODIFIED | StatusCode::RANGE_NOT_SATISFIABLE
+    )
+}
+
 async fn page(state: &AppState, file: &str, request: Request) -> ApiResult<Response> {
     let path = std::path::Path::new(&state.config.http.web_dir).join(file);
     let Ok(response) = ServeFile::new(path).oneshot(request).await;
-    // A page the browser holds already is 304, and as good as found.
-    if response.status() != StatusCode::OK && response.status() != StatusCode::NOT_MODIFIED {
+    if !found(response.status()) {
         let detail = "the web client is not built on this gateway (make web, or set PARLEY_WEB_DIR)";
         return Err(ApiError::new(ErrorCode::NotFound, detail));
     }

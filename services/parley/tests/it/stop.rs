@@ -14,7 +14,8 @@ async fn a_stopped_reply_keeps_what_was_streamed_and_is_charged_for_it() {
     let ada = t.register("ada-stop@example.com").await;
     let conversation = t.create_conversation(&ada, "Stop").await;
     let content = "tell me a very long story about a lighthouse keeper and the sea, with many chapters";
-    let response = t.send_streaming(&ada, &conversation, json!({"content": content})).await;
+    // Temperature 0: a reply the response cache would keep, and hand to the same request after.
+    let response = t.send_streaming(&ada, &conversation, json!({"content": content, "temperature": 0})).await;
     let mut reader = SseReader::new(response);
     let created = reader.next().await.unwrap();
     assert_eq!(created.event, "message.created");
@@ -51,6 +52,14 @@ async fn a_stopped_reply_keeps_what_was_streamed_and_is_charged_for_it() {
         })
         .await;
     assert_eq!(usage["totals"]["output_tokens"], completed["usage"]["output_tokens"], "{usage}");
+
+    // The cut-off reply was the stopping client's alone: the same request after gets a whole reply.
+    let other = t.create_conversation(&ada, "Stop, again").await;
+    let (status, again) = t
+        .post(&ada, &format!("/v1/conversations/{other}/messages"), json!({"content": content, "temperature": 0}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["assistant_message"]["content"], whole.as_str());
 
     // A finished reply, a question and someone else's reply cannot be stopped.
     let (status, body) = t.post(&ada, &format!("/v1/messages/{reply}/stop"), json!({})).await;

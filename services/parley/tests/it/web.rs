@@ -9,6 +9,18 @@ use serde_json::Value;
 
 use crate::harness::{TestPlatform, assert_problem, read};
 
+/// GET `path` exactly as written on the request line; the whole answer as text.
+async fn raw_get(base: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_serves_the_built_web_client_and_the_status_page() {
     let web = std::env::temp_dir().join(format!("parley-web-{}", uuid::Uuid::now_v7()));
@@ -37,12 +49,20 @@ async fn the_gateway_serves_the_built_web_client_and_the_status_page() {
     assert_eq!(response.status(), StatusCode::OK);
     assert!(response.headers()["cache-control"].to_str().unwrap().contains("immutable"));
     assert!(response.headers()["content-type"].to_str().unwrap().contains("javascript"));
-    // Only what is under assets/, and nothing above the web directory.
+    // Only what is under assets/, and nothing above the web directory, whatever the request line says
+    // (sent as written: an HTTP client would tidy the dots away first).
     for path in ["/assets/missing.js", "/assets/../secret.txt", "/assets/%2e%2e/secret.txt", "/assets/..%2fsecret.txt"]
     {
-        let (status, body) = read(t.http.get(t.url(path)).send().await.unwrap()).await;
-        assert_problem(status, &body, 404, "not_found");
+        let answer = raw_get(&t.base, path).await;
+        assert!(answer.starts_with("HTTP/1.1 404"), "{path}: {answer}");
+        assert!(!answer.contains("outside assets"), "{path}: {answer}");
     }
+    let (status, body) = read(t.http.get(t.url("/assets/missing.js")).send().await.unwrap()).await;
+    assert_problem(status, &body, 404, "not_found");
+    // A range of an asset is served as one.
+    let part = t.http.get(t.url("/assets/app-1a2b.js")).header("range", "bytes=0-6").send().await.unwrap();
+    assert_eq!(part.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.text().await.unwrap(), "console");
 
     // The status page's facts, for anyone: every component up once the agent is pulling jobs (an
     // answer is kept for 5 seconds).
