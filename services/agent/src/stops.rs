@@ -57,8 +57,8 @@ impl Stops {
         self.lock().get(&message_id).map(|(_, token)| token.cancel()).is_some()
     }
 
-    /// Follows the stops announced on `subjects` (`<prefix>.stops.*`) until `shutdown`, resubscribing
-    /// when the subscription ends.
+    /// Follows the stops announced on `subjects` (`<prefix>.stops.*`) until `shutdown` (or until its
+    /// task is aborted), resubscribing when the subscription ends.
     pub(crate) async fn follow(
         self: Arc<Self>,
         nats: async_nats::Client,

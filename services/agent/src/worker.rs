@@ -102,7 +102,8 @@ impl Agent {
         // Cancelled when the drain's time is up: the jobs still running are handed back.
         let hand_back = CancellationToken::new();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        let stops = self.stops.clone().follow(self.nats.clone(), self.names.all_stops(), shutdown.child_token());
+        // Followed until every job has ended (the drain included), when the task is aborted below.
+        let stops = self.stops.clone().follow(self.nats.clone(), self.names.all_stops(), CancellationToken::new());
         let stops = tokio::spawn(stops);
         'connect: while !shutdown.is_cancelled() {
             let messages = match self.subscribe(concurrency).await {
