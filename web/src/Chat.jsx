@@ -317,6 +317,31 @@ export function Chat({ conversationId, onListChanged }) {
     },
   };
 
+  // Renamed with the version it was read at (If-Match): a change made elsewhere meanwhile is refused.
+  const rename = async () => {
+    const title = window.prompt('New title', conversation.title ?? '');
+    if (title === null || !title.trim()) return;
+    try {
+      const headers = { 'if-match': `"${conversation.version}"` };
+      setConversation(await api('PATCH', `/v1/conversations/${conversationId}`, { title: title.trim() }, { headers }));
+      onListChanged();
+    } catch (failure) {
+      setError(failure);
+      if (failure.status === 412) load();
+    }
+  };
+
+  const remove = async () => {
+    if (!window.confirm('Delete this conversation and all its messages?')) return;
+    try {
+      await api('DELETE', `/v1/conversations/${conversationId}`);
+      onListChanged();
+      window.location.hash = '#/';
+    } catch (failure) {
+      setError(failure);
+    }
+  };
+
   const stop = async () => {
     if (!streaming?.messageId) return;
     try {
@@ -329,7 +354,19 @@ export function Chat({ conversationId, onListChanged }) {
 
   return (
     <section class="chat" aria-label="Conversation">
-      <h1 class="title">{conversation?.title || (conversationId ? 'Untitled' : 'New conversation')}</h1>
+      <header class="chat-header">
+        <h1 class="title">{conversation?.title || (conversationId ? 'Untitled' : 'New conversation')}</h1>
+        {conversation && (
+          <div class="row">
+            <button class="secondary" onClick={rename} disabled={!!streaming}>
+              Rename
+            </button>
+            <button class="secondary" onClick={remove} disabled={!!streaming}>
+              Delete
+            </button>
+          </div>
+        )}
+      </header>
       <div class="thread" role="log" aria-live="polite" aria-busy={streaming ? 'true' : 'false'}>
         {messages.length === 0 && !conversationId && <p class="hint">Ask anything to start a conversation.</p>}
         {messages.map((message, i) => (

@@ -153,6 +153,24 @@ test('stop, regenerate, switch versions, edit, and rate a reply', async ({ page,
   expect((await feedback.json()).rating).toBe('up');
 });
 
+test('a conversation is renamed and deleted', async ({ page }, testInfo) => {
+  await signUp(page, testInfo, 'rename');
+  const reply = await send(page, 'something to keep');
+  await expect(reply).toHaveAttribute('data-status', 'completed');
+  page.once('dialog', (dialog) => dialog.accept('Kept things'));
+  await page.getByRole('button', { name: 'Rename' }).click();
+  await expect(page.getByRole('heading', { level: 1 })).toHaveText('Kept things');
+  await openSidebar(page);
+  await expect(page.getByRole('complementary').getByRole('link', { name: 'Kept things' })).toBeVisible();
+  const menu = page.getByRole('button', { name: 'Conversations' });
+  if (await menu.isVisible()) await menu.click();
+  page.once('dialog', (dialog) => dialog.accept());
+  await page.getByRole('button', { name: 'Delete' }).click();
+  await expect(page.getByRole('heading', { level: 1 })).toHaveText('New conversation');
+  await openSidebar(page);
+  await expect(page.getByRole('complementary').getByRole('link', { name: 'Kept things' })).toHaveCount(0);
+});
+
 test('usage and API keys', async ({ page }, testInfo) => {
   await signUp(page, testInfo, 'keys');
   const reply = await send(page, 'count me');
