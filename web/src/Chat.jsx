@@ -7,6 +7,12 @@ import { renderMarkdown } from './markdown.js';
 
 const finished = (message) => message.status === 'completed' || message.status === 'failed';
 
+/** The ratings a reply can be given, and the word on each button. */
+const RATINGS = [
+  ['up', 'Good'],
+  ['down', 'Bad'],
+];
+
 function Versions({ message, onSwitch, disabled }) {
   if (!message.branches || message.branches < 2) return null;
   return (
@@ -82,22 +88,17 @@ function Message({ message, busy, rating, actions }) {
               </button>
               {message.status === 'completed' && (
                 <>
-                  <button
-                    class="secondary"
-                    aria-label="Good reply"
-                    aria-pressed={rating === 'up'}
-                    onClick={() => actions.rate(message, 'up')}
-                  >
-                    Good
-                  </button>
-                  <button
-                    class="secondary"
-                    aria-label="Bad reply"
-                    aria-pressed={rating === 'down'}
-                    onClick={() => actions.rate(message, 'down')}
-                  >
-                    Bad
-                  </button>
+                  {RATINGS.map(([value, word]) => (
+                    <button
+                      key={value}
+                      class="secondary"
+                      aria-label={`${word} reply`}
+                      aria-pressed={rating === value}
+                      onClick={() => actions.rate(message, value)}
+                    >
+                      {word}
+                    </button>
+                  ))}
                 </>
               )}
             </>
