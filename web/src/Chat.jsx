@@ -251,11 +251,12 @@ export function Chat({ conversationId, onListChanged }) {
       const headers = { accept: 'text/event-stream', 'idempotency-key': idempotencyKey() };
       const response = await api('POST', path, body, { headers, raw: true, signal: controller.signal });
       await follow(response, controller.signal);
-      onListChanged();
       if (!conversationId) {
-        // Show the new conversation (which then waits for its title).
+        // Show the new conversation (which then waits for its title) and list it.
+        onListChanged();
         window.location.hash = `#/c/${id}`;
-      } else {
+      } else if (before) {
+        // An edit or a regeneration made new versions: the thread as stored, with their numbers.
         await load();
       }
       return true;

@@ -220,16 +220,6 @@ impl RateLimiter {
         slot.1 = Some(Instant::now());
     }
 
-    /// Whether this gateway's Redis answers a PING now (the status page's view of the limits' store).
-    pub async fn reachable(&self) -> bool {
-        let Some(mut connection) = self.connection().await else {
-            return false;
-        };
-        let command = redis::cmd("PING");
-        let ping = command.query_async::<String>(&mut connection);
-        matches!(tokio::time::timeout(REDIS_TIMEOUT, ping).await, Ok(Ok(_)))
-    }
-
     /// True the first time `token` is seen (within [`SIGNATURE_MEMORY`]), on any replica: a `SET NX` in
     /// Redis, or this replica's memory while Redis is unreachable.
     pub async fn first_use(&self, token: &str) -> bool {

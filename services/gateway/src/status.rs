@@ -128,16 +128,6 @@ impl StatusBoard {
             };
             components.push(ComponentView { id: id.to_owned(), name: name.to_owned(), status });
         }
-        // A gateway on its own holds no Redis connection of the platform's (its limits keep their
-        // own), so its readiness names none: the limits' store stands for it.
-        if !components.iter().any(|component| component.id == "cache") {
-            let status = if state.limiter.reachable().await { "operational" } else { "degraded" };
-            components.push(ComponentView {
-                id: "cache".to_owned(),
-                name: "Rate limits and caches".to_owned(),
-                status,
-            });
-        }
         components.push(ComponentView {
             id: "replies".to_owned(),
             name: "AI replies".to_owned(),

@@ -218,11 +218,13 @@ impl Shared {
         } else {
             None
         };
-        let redis = if needs(&[Service::Quota, Service::Agent, Service::Chat]) {
+        let redis = if needs(&[Service::Quota, Service::Agent, Service::Chat, Service::Gateway]) {
             match parley_platform::redis_pool::connect(&config.redis.url).await {
                 Ok(connection) => Some(connection),
-                // The agent only caches in Redis and chat only keeps write marks there: both can start
-                // without it (a local cache; reads from the primary). Quota cannot.
+                // The agent only caches in Redis, chat only keeps write marks there, and the gateway
+                // only reports it in its readiness (its rate limits keep a connection of their own):
+                // they can start without it (a local cache; reads from the primary; local limits).
+                // Quota cannot.
                 Err(error) if !needs(&[Service::Quota]) => {
                     tracing::warn!(%error, "redis unavailable; caches are local and reads go to the primary");
                     None
