@@ -6,13 +6,30 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
+/// A pooled connection idle for longer than this is pinged before it is handed out; one used more
+/// recently has just proved itself (and sqlx pings every connection as it comes back to the pool).
+pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 /// A pool that connects on first use, so a service starts (and reports not-ready) while the database
 /// is down instead of crashing.
+///
+/// A connection is checked with a round trip before use only when it has been idle for
+/// [`PING_AFTER_IDLE`], not on every acquire (sqlx's default): on a busy path that check was a third
+/// of the round trips to PostgreSQL, one more wait before every statement.
 pub fn pool_with(url: &str, max_connections: u32, acquire_timeout_ms: u64) -> Result<PgPool, sqlx::Error> {
     let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.log_statements(tracing::log::LevelFilter::Debug);
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_millis(acquire_timeout_ms))
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_AFTER_IDLE {
+                    connection.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(options))
 }
 
