@@ -163,6 +163,7 @@ impl Agent {
             }),
             model: model.to_owned(),
             conversation_id: job.conversation_id.to_string(),
+            user_id: job.user_id.to_string(),
         };
         let stored = self.chat.clone().complete_message(request).await.map_err(ServiceError::from)?.into_inner();
         if !stored.changed {

@@ -136,6 +136,9 @@ pub(crate) enum DeltaSink<'a> {
     Caller(&'a mpsc::UnboundedSender<Result<parley_proto::agent::v1::CompleteEvent, tonic::Status>>),
 }
 
+/// A delta event carries the text already waiting up to about this many bytes.
+const COALESCED_DELTA_BYTES: usize = 4096;
+
 /// A piece of a reply on its way from the provider call to where it goes.
 enum Piece {
     Text(String),
@@ -392,7 +395,17 @@ impl Agent {
         let forward = async {
             while let Some(piece) = received.recv().await {
                 match (piece, sink) {
-                    (Piece::Text(text), DeltaSink::Subject) => {
+                    (Piece::Text(mut text), DeltaSink::Subject) => {
+                        // Text the provider has already sent behind this piece goes out in the same
+                        // event: one message for NATS, the events stream and every stream to carry
+                        // instead of one per token, and not a moment later than it would have.
+                        while text.len() < COALESCED_DELTA_BYTES
+                            && let Ok(piece) = received.try_recv()
+                        {
+                            if let Piece::Text(more) = piece {
+                                text.push_str(&more);
+                            }
+                        }
                         streamed.push_str(&text);
                         let event = MessageEvent::Delta { message_id, index: *delta_index, text };
                         self.publish_event(&subject, &event).await;

@@ -579,11 +579,13 @@ impl pb::chat_service_server::ChatService for ChatService {
             .map_err(|_| ChatError::from(ServiceError::invalid_field("message_id", "must be a UUID")))?;
         let usage = request.usage.unwrap_or_default();
         let conversation = Uuid::parse_str(&request.conversation_id).ok();
+        let owner = Uuid::parse_str(&request.user_id).ok();
         let outcome = self
             .storage
             .complete_message(
                 id,
                 conversation,
+                owner,
                 &request.content,
                 &request.model,
                 usage.input_tokens,

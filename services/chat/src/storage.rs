@@ -1073,16 +1073,24 @@ impl Storage {
     }
 
     /// Completes a pending or streaming assistant message. `Ok((row, false))` when it was already
-    /// finished: the stored reply is never replaced.
+    /// finished: the stored reply is never replaced. With the reply's `owner` given, its words go into
+    /// the search index in the same statement (one commit); else, or when the reply turns out to be
+    /// someone else's, in a second one.
+    #[allow(clippy::too_many_arguments)]
     pub async fn complete_message(
         &self,
         id: Uuid,
         conversation: Option<Uuid>,
+        owner: Option<Uuid>,
         content: &str,
         model: &str,
         input_tokens: i64,
         output_tokens: i64,
     ) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
+        let terms = match owner {
+            Some(owner) => self.search_terms(owner, content).await?,
+            None => None,
+        };
         let Some((conversation, content)) = self.seal_reply(id, conversation, content).await? else {
             return Ok(None);
         };
@@ -1090,6 +1098,7 @@ impl Storage {
             "SET content = $2, model = $3, input_tokens = $4, output_tokens = $5, status = 'completed',
                  completed_at = now()",
             6,
+            Some((7, 8)),
         )))
         .bind(id)
         .bind(&content)
@@ -1097,11 +1106,15 @@ impl Storage {
         .bind(input_tokens)
         .bind(output_tokens)
         .bind(conversation)
+        .bind(owner)
+        .bind(terms)
         .fetch_optional(self.pool())
         .await?;
+        let indexed = updated.as_ref().is_some_and(|row| Some(row.user_id) == owner);
         let finished = self.finished(id, updated).await?;
         if let Some((reply, _)) = &finished
             && reply.status == MessageStatus::Completed
+            && !indexed
         {
             self.index_reply(reply).await?;
         }
@@ -1150,6 +1163,7 @@ impl Storage {
             "SET status = 'failed', error_code = $2, error_detail = $3, completed_at = now(),
                  content = COALESCE($4, content)",
             5,
+            None,
         )))
         .bind(id)
         .bind(code)
@@ -1377,8 +1391,19 @@ pub async fn archive_idle(pool: &PgPool, idle_days: u32, batch: i64) -> Result<A
 
 /// The statement that finishes a pending or streaming reply with `set` (binding its id as $1, and as
 /// `$<conversation>` its conversation, or NULL for any) and, in the same statement, marks its
-/// conversation active: one round trip and one commit. Returns the row.
-fn finishing(set: &str, conversation: usize) -> String {
+/// conversation active and, with `index` = (owner, terms), puts the reply's search terms in the index
+/// when the reply is the owner's: one round trip and one commit. Returns the row.
+fn finishing(set: &str, conversation: usize, index: Option<(usize, usize)>) -> String {
+    let indexed = match index {
+        Some((owner, terms)) => format!(
+            ", indexed AS (
+                 INSERT INTO chat.search_terms (item_id, conversation_id, user_id, terms)
+                 SELECT id, conversation_id, user_id, ${terms}::tsvector FROM finished
+                 WHERE user_id = ${owner}::uuid AND status = 'completed' AND ${terms}::tsvector IS NOT NULL
+                 ON CONFLICT (item_id) DO NOTHING)"
+        ),
+        None => String::new(),
+    };
     format!(
         "WITH finished AS (
              UPDATE chat.messages {set}
@@ -1387,7 +1412,7 @@ fn finishing(set: &str, conversation: usize) -> String {
              RETURNING {MESSAGE_COLUMNS}),
          touched AS (
              UPDATE chat.conversations SET updated_at = now(), archived_at = NULL
-             WHERE id = (SELECT conversation_id FROM finished))
+             WHERE id = (SELECT conversation_id FROM finished)){indexed}
          SELECT {MESSAGE_COLUMNS} FROM finished"
     )
 }

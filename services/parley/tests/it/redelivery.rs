@@ -70,6 +70,7 @@ async fn a_job_held_by_a_dead_agent_is_redelivered_and_answered_once() {
             model: "parley-fake".to_owned(),
             // Left for the chat service to look up, as an older agent would.
             conversation_id: String::new(),
+            user_id: String::new(),
         })
         .await
         .unwrap()
