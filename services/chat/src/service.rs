@@ -14,7 +14,8 @@ use uuid::Uuid;
 use crate::ChatError;
 use crate::relay::JobQueue;
 use crate::storage::{
-    ConversationChanges, ConversationRow, Follows, Generation, MessageRow, NewExchange, Storage, UpdateOutcome, Version,
+    CompletedReply, ConversationChanges, ConversationRow, Follows, Generation, MessageRow, NewExchange, Storage,
+    UpdateOutcome, Version,
 };
 use parley_platform::cursor::{CursorCodec, CursorKind, Position, page_size};
 use parley_platform::limits::{MAX_IDEMPOTENCY_KEY_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS};
@@ -578,21 +579,16 @@ impl pb::chat_service_server::ChatService for ChatService {
         let id = Uuid::parse_str(&request.message_id)
             .map_err(|_| ChatError::from(ServiceError::invalid_field("message_id", "must be a UUID")))?;
         let usage = request.usage.unwrap_or_default();
-        let conversation = Uuid::parse_str(&request.conversation_id).ok();
-        let owner = Uuid::parse_str(&request.user_id).ok();
-        let outcome = self
-            .storage
-            .complete_message(
-                id,
-                conversation,
-                owner,
-                &request.content,
-                &request.model,
-                usage.input_tokens,
-                usage.output_tokens,
-            )
-            .await
-            .map_err(ChatError::from)?;
+        let reply = CompletedReply {
+            id,
+            conversation: Uuid::parse_str(&request.conversation_id).ok(),
+            owner: Uuid::parse_str(&request.user_id).ok(),
+            content: &request.content,
+            model: &request.model,
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+        };
+        let outcome = self.storage.complete_message(reply).await.map_err(ChatError::from)?;
         let (row, changed) = outcome.ok_or_else(|| ChatError::from(ServiceError::not_found("message")))?;
         if changed {
             metrics::counter!(crate::metrics::MESSAGES_COMPLETED).increment(1);

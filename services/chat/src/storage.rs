@@ -1073,20 +1073,11 @@ impl Storage {
     }
 
     /// Completes a pending or streaming assistant message. `Ok((row, false))` when it was already
-    /// finished: the stored reply is never replaced. With the reply's `owner` given, its words go into
+    /// finished: the stored reply is never replaced. With the reply's owner given, its words go into
     /// the search index in the same statement (one commit); else, or when the reply turns out to be
     /// someone else's, in a second one.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn complete_message(
-        &self,
-        id: Uuid,
-        conversation: Option<Uuid>,
-        owner: Option<Uuid>,
-        content: &str,
-        model: &str,
-        input_tokens: i64,
-        output_tokens: i64,
-    ) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
+    pub async fn complete_message(&self, reply: CompletedReply<'_>) -> Result<Option<(MessageRow, bool)>, sqlx::Error> {
+        let CompletedReply { id, conversation, owner, content, model, input_tokens, output_tokens } = reply;
         let terms = match owner {
             Some(owner) => self.search_terms(owner, content).await?,
             None => None,
@@ -1415,6 +1406,19 @@ fn finishing(set: &str, conversation: usize, index: Option<(usize, usize)>) -> S
              WHERE id = (SELECT conversation_id FROM finished)){indexed}
          SELECT {MESSAGE_COLUMNS} FROM finished"
     )
+}
+
+/// A reply as the model finished it, to be stored ([`Storage::complete_message`]).
+pub struct CompletedReply<'a> {
+    pub id: Uuid,
+    /// Its conversation, whose data key seals it (looked up when `None`; checked when given).
+    pub conversation: Option<Uuid>,
+    /// Its owner, whose search key indexes it in the statement that stores it.
+    pub owner: Option<Uuid>,
+    pub content: &'a str,
+    pub model: &'a str,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
 }
 
 /// How a reply is to be generated: carried on its job.

@@ -184,17 +184,88 @@ pub struct KeyGrant {
     pub signing_secret: Option<String>,
 }
 
+/// The answer to a question about one key that another request is asking the user service, shared
+/// with every request that waits for it; `Err` when that request gave up before asking (it was over its
+/// address's limit, or its client hung up).
+type SharedAnswer =
+    futures::future::Shared<tokio::sync::oneshot::Receiver<Result<KeyGrant, parley_platform::ServiceError>>>;
+
 /// API keys verified by the user service, briefly remembered by the hash of the key; and keys it did
 /// not know, remembered so that an invented key costs the user service one call, not one per request.
+/// Requests that need the same key verified at the same moment (a burst on a new key, or on one whose
+/// entry just expired) wait for one question to the user service rather than each asking.
 pub struct ApiKeyCache {
     user: UserServiceClient<ClientChannel>,
     entries: std::sync::Mutex<HashMap<Vec<u8>, CachedKey>>,
     unknown: std::sync::Mutex<HashMap<Vec<u8>, Instant>>,
+    asking: std::sync::Mutex<HashMap<Vec<u8>, (u64, SharedAnswer)>>,
+    next_question: std::sync::atomic::AtomicU64,
+}
+
+/// What a request does about a key that is not freshly verified ([`ApiKeyCache::check`]).
+pub enum KeyCheck<'a> {
+    /// Wait for the answer another request is getting.
+    Wait(SharedAnswer),
+    /// Ask the user service, for every request that waits meanwhile.
+    Ask(Question<'a>),
+}
+
+/// The one question under way about a key; dropped unasked, it lets the waiting requests ask again.
+pub struct Question<'a> {
+    cache: &'a ApiKeyCache,
+    hash: Vec<u8>,
+    id: u64,
+    answer: Option<tokio::sync::oneshot::Sender<Result<KeyGrant, parley_platform::ServiceError>>>,
+    /// The key was verified here before (its entry expired): it is not a guess.
+    pub known: bool,
+}
+
+impl Question<'_> {
+    /// Asks the user service about `key` and hands the answer to every request waiting for it.
+    pub async fn ask(mut self, key: &str) -> Result<KeyGrant, ApiError> {
+        let answer = self.cache.verify_with_user_service(key).await;
+        if let Some(waiting) = self.answer.take() {
+            let _nobody_waits =
+                waiting.send(answer.as_ref().map(Clone::clone).map_err(|ApiError(error)| error.clone()));
+        }
+        answer
+    }
+}
+
+impl Drop for Question<'_> {
+    fn drop(&mut self) {
+        let mut asking = self.cache.asking.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if asking.get(&self.hash).is_some_and(|(id, _)| *id == self.id) {
+            asking.remove(&self.hash);
+        }
+    }
 }
 
 impl ApiKeyCache {
     pub fn new(user: UserServiceClient<ClientChannel>) -> Self {
-        Self { user, entries: std::sync::Mutex::new(HashMap::new()), unknown: std::sync::Mutex::new(HashMap::new()) }
+        Self {
+            user,
+            entries: std::sync::Mutex::new(HashMap::new()),
+            unknown: std::sync::Mutex::new(HashMap::new()),
+            asking: std::sync::Mutex::new(HashMap::new()),
+            next_question: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// For a key not freshly verified: wait for the question another request is asking about it, or ask
+    /// it (then `known` says whether this gateway verified the key before).
+    pub fn check(&self, key: &str) -> KeyCheck<'_> {
+        let hash = ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref().to_vec();
+        let mut asking = self.asking.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, answer)) = asking.get(&hash) {
+            return KeyCheck::Wait(answer.clone());
+        }
+        let (answer, waiting) = tokio::sync::oneshot::channel();
+        let id = self.next_question.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        asking.insert(hash.clone(), (id, futures::FutureExt::shared(waiting)));
+        drop(asking);
+        let known = self.lock().contains_key(&hash);
+        KeyCheck::Ask(Question { cache: self, hash, id, answer: Some(answer), known })
     }
 
     fn unknown(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Instant>> {

@@ -6,8 +6,9 @@
 //!    the `access_token` query parameter; either way every later step applies to it alike. A request
 //!    without one is anonymous; one whose credential is refused is answered 401 by any handler that
 //!    needs a caller (the [`Caller`] extractor), and passes to the handlers that do not (login). An API
-//!    key this gateway has not verified lately is first limited per client address, since verifying it
-//!    costs the user service a call (so guessing keys is slow).
+//!    key this gateway has never verified is first limited per client address, since verifying it
+//!    costs the user service a call (so guessing keys is slow); requests that need one key verified at
+//!    once wait for one call ([`key_grant`]).
 //! 2. **Limits**: the unauthenticated routes (register, login, refresh) per client address; every other
 //!    route per caller, by tier. `RateLimit-*` headers go on every limited response; 429 past it.
 //! 3. **Signatures**: a request made with an API key that requires signing (or that carries a
@@ -28,7 +29,7 @@ use parley_proto::quota::v1 as quota_pb;
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::auth::{Caller, KeyGrant, bearer_token};
+use crate::auth::{Caller, KeyCheck, KeyGrant, bearer_token};
 use crate::limits::Decision;
 use crate::problem::ApiError;
 
@@ -67,23 +68,12 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
     let identity = match credential.as_deref() {
         None => Identity::Anonymous,
         Some(key) if key.starts_with("pk_") => {
-            let found = match state.api_keys.cached(key) {
-                Some(found) => Ok(found),
-                None => {
-                    // A key this gateway has not verified lately costs the user service a call: those
-                    // are limited per client address, like the unauthenticated routes, so guessing keys
-                    // is slow.
-                    let limit = state.config.http.ip_requests_per_minute;
-                    let limited_key = format!("key-lookup:{}", client_ip(&request));
-                    let decision = state.limiter.check(&limited_key, limit).await;
-                    if !decision.allowed {
-                        metrics::counter!(crate::metrics::RATELIMIT_REJECTIONS, "scope" => "key_lookup").increment(1);
-                        let message =
-                            "too many unverified API keys from this address; retry after the time in Retry-After";
-                        return limited(ApiError::new(ErrorCode::RateLimited, message), decision);
-                    }
-                    state.api_keys.verify_with_user_service(key).await
-                }
+            // The headers and extensions, not the request (whose body is not `Sync`), across the awaits.
+            let (headers, extensions) = (request.headers(), request.extensions());
+            let address = || self::client_ip(headers, extensions, hops);
+            let found = match key_grant(&state, key, address).await {
+                Ok(found) => found,
+                Err(limited) => return limited,
             };
             match found {
                 Ok(found) => {
@@ -137,6 +127,43 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
     };
 
     with_limit_headers(next.run(request).await, decision)
+}
+
+/// What API key `key` grants: as verified lately, else from the answer another request is getting
+/// about it, else from the user service. A key this gateway has never verified costs the user service
+/// a call, so it is first limited per client address (`client`), like the unauthenticated routes, so
+/// guessing keys is slow; one it verified before, whose entry expired, is no guess. `Err`: the 429 to
+/// answer.
+async fn key_grant(
+    state: &AppState,
+    key: &str,
+    client: impl Fn() -> String,
+) -> Result<Result<KeyGrant, ApiError>, Response> {
+    loop {
+        if let Some(found) = state.api_keys.cached(key) {
+            return Ok(Ok(found));
+        }
+        match state.api_keys.check(key) {
+            // If the request asking gave up without asking, the question is open again.
+            KeyCheck::Wait(answer) => match answer.await {
+                Ok(answer) => return Ok(answer.map_err(ApiError)),
+                Err(_) => continue,
+            },
+            KeyCheck::Ask(question) => {
+                if !question.known {
+                    let limited_key = format!("key-lookup:{}", client());
+                    let decision = state.limiter.check(&limited_key, state.config.http.ip_requests_per_minute).await;
+                    if !decision.allowed {
+                        metrics::counter!(crate::metrics::RATELIMIT_REJECTIONS, "scope" => "key_lookup").increment(1);
+                        let message =
+                            "too many unverified API keys from this address; retry after the time in Retry-After";
+                        return Err(limited(ApiError::new(ErrorCode::RateLimited, message), decision));
+                    }
+                }
+                return Ok(question.ask(key).await);
+            }
+        }
+    }
 }
 
 /// The `access_token` query parameter, when there is a non-empty one.

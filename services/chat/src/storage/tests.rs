@@ -10,6 +10,11 @@ use parley_platform::test_database::TestDatabase;
 
 use super::*;
 
+/// Reply `id` finished with `content` by model-a, its conversation and owner left for chat to find.
+fn completed(id: Uuid, content: &str) -> CompletedReply<'_> {
+    CompletedReply { id, conversation: None, owner: None, content, model: "model-a", input_tokens: 1, output_tokens: 1 }
+}
+
 /// A fresh database with the chat schema, and the storage on it.
 struct Fixture {
     storage: Storage,
@@ -139,24 +144,25 @@ async fn a_reply_is_completed_once_and_its_job_context_reads_in_one_statement() 
     assert_eq!(history, ["question"]);
     assert!(db.storage.job_context(Uuid::now_v7(), 10).await.unwrap().is_none());
 
-    let (done, changed) = db
-        .storage
-        .complete_message(reply, Some(conversation.id), Some(user), "answer", "model-a", 5, 7)
-        .await
-        .unwrap()
-        .unwrap();
+    let answer = CompletedReply {
+        conversation: Some(conversation.id),
+        owner: Some(user),
+        input_tokens: 5,
+        output_tokens: 7,
+        ..completed(reply, "answer")
+    };
+    let (done, changed) = db.storage.complete_message(answer).await.unwrap().unwrap();
     assert!(changed);
     assert_eq!((done.status, done.content.as_str(), done.output_tokens), (MessageStatus::Completed, "answer", Some(7)));
     // Indexed by the statement that stored it.
     let hits = db.storage.search(ReadFloor::Primary, user, "answer", None, 10).await.unwrap().unwrap();
     assert_eq!(hits.iter().map(|hit| hit.position.id).collect::<Vec<_>>(), [reply]);
-    let (again, changed) =
-        db.storage.complete_message(reply, None, None, "other", "model-a", 1, 1).await.unwrap().unwrap();
+    let (again, changed) = db.storage.complete_message(completed(reply, "other")).await.unwrap().unwrap();
     assert!(!changed);
     assert_eq!(again.content, "answer");
     let (failed, changed) = db.storage.fail_message(reply, None, "x", "y", None).await.unwrap().unwrap();
     assert!(!changed && failed.status == MessageStatus::Completed);
-    assert!(db.storage.complete_message(Uuid::now_v7(), None, None, "a", "m", 1, 1).await.unwrap().is_none());
+    assert!(db.storage.complete_message(completed(Uuid::now_v7(), "a")).await.unwrap().is_none());
 
     // The next reply's history: the finished messages before it, oldest first, within the limit and
     // after the running summary; the pending reply itself and later messages are not in it.
@@ -182,10 +188,12 @@ async fn what_users_write_is_sealed_at_rest_and_read_back_plain() {
     let sent = db.storage.send(exchange(user, conversation.id, "my private question")).await.unwrap().unwrap();
     assert_eq!(sent.user_message.content, "my private question");
     let reply = sent.assistant_message.id;
-    db.storage
-        .complete_message(reply, Some(conversation.id), Some(user), "a private answer", "model-a", 1, 1)
-        .await
-        .unwrap();
+    let answer = CompletedReply {
+        conversation: Some(conversation.id),
+        owner: Some(user),
+        ..completed(reply, "a private answer")
+    };
+    db.storage.complete_message(answer).await.unwrap();
     assert!(db.storage.update_summary(conversation.id, "the private gist", reply).await.unwrap());
 
     // At rest: sealed, the plain text nowhere.
@@ -303,7 +311,7 @@ async fn a_branched_reply_reads_its_own_path_and_a_summary_only_of_that_path() {
     let answer = |sent: &SentExchange, text: &'static str| {
         let (storage, reply) = (db.storage.clone(), sent.assistant_message.id);
         // Without its owner: chat looks the conversation up and indexes the reply in a second statement.
-        async move { storage.complete_message(reply, None, None, text, "model-a", 1, 1).await.unwrap().unwrap() }
+        async move { storage.complete_message(completed(reply, text)).await.unwrap().unwrap() }
     };
     let first = db.storage.send(exchange(user, conversation.id, "q1")).await.unwrap().unwrap();
     answer(&first, "a1").await;

@@ -122,3 +122,20 @@ async fn guessing_keys_is_limited_per_client_address_before_the_user_service() {
     assert_eq!(me(key).await.unwrap().status(), StatusCode::OK);
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_a_new_key_asks_the_user_service_once_and_is_never_refused_for_it() {
+    // Fewer lookups a minute per address than the burst has requests.
+    let t = TestPlatform::start_with(|config| config.http.ip_requests_per_minute = 3, &Service::ALL).await;
+    let session = t.register("keys-burst@example.com").await;
+    let (_, created) = t.post(&session, "/v1/api-keys", json!({"name": "busy client"})).await;
+    let key = created["key"].as_str().unwrap().to_owned();
+
+    let before = verify_calls(&t).await;
+    let burst = (0..40).map(|_| t.http.get(t.url("/v1/me")).bearer_auth(key.clone()).send());
+    let statuses: Vec<StatusCode> =
+        futures::future::join_all(burst).await.into_iter().map(|response| response.unwrap().status()).collect();
+    assert!(statuses.iter().all(|status| *status == StatusCode::OK), "{statuses:?}");
+    assert_eq!(verify_calls(&t).await - before, 1.0, "the requests waited for one question");
+    t.stop().await;
+}
