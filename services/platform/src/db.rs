@@ -7,8 +7,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 /// A pooled connection idle for longer than this is pinged before it is handed out; one used more
-/// recently has just proved itself (and sqlx pings every connection as it comes back to the pool).
-pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+/// recently has just proved itself (sqlx pings every connection as it comes back to the pool). Shorter
+/// than any restart or failover of PostgreSQL, so a connection that an outage broke while it sat idle
+/// is always checked before its next statement; long enough that a busy pool's connections, reused
+/// within milliseconds, are not.
+pub const PING_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// A pool that connects on first use, so a service starts (and reports not-ready) while the database
 /// is down instead of crashing.
