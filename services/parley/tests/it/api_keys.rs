@@ -99,13 +99,20 @@ async fn an_invented_key_costs_the_user_service_one_call() {
     t.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn guessing_keys_is_limited_per_client_address_before_the_user_service() {
+/// A platform whose client addresses may have 3 unverified API keys looked up a minute, and a new key
+/// of a new user, not used yet.
+async fn with_three_lookups_a_minute(email: &str) -> (TestPlatform, String) {
     let t = TestPlatform::start_with(|config| config.http.ip_requests_per_minute = 3, &Service::ALL).await;
-    // A real key, verified once (that lookup counts against the address too).
-    let session = t.register("keys-guessed@example.com").await;
+    let session = t.register(email).await;
     let (_, created) = t.post(&session, "/v1/api-keys", json!({"name": "real"})).await;
     let key = created["key"].as_str().unwrap().to_owned();
+    (t, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_keys_is_limited_per_client_address_before_the_user_service() {
+    let (t, key) = with_three_lookups_a_minute("keys-guessed@example.com").await;
+    // A real key, verified once (that lookup counts against the address too).
     let me = |credential: String| t.http.get(t.url("/v1/me")).bearer_auth(credential).send();
     assert_eq!(me(key.clone()).await.unwrap().status(), StatusCode::OK);
 
@@ -126,10 +133,7 @@ async fn guessing_keys_is_limited_per_client_address_before_the_user_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_on_a_new_key_asks_the_user_service_once_and_is_never_refused_for_it() {
     // Fewer lookups a minute per address than the burst has requests.
-    let t = TestPlatform::start_with(|config| config.http.ip_requests_per_minute = 3, &Service::ALL).await;
-    let session = t.register("keys-burst@example.com").await;
-    let (_, created) = t.post(&session, "/v1/api-keys", json!({"name": "busy client"})).await;
-    let key = created["key"].as_str().unwrap().to_owned();
+    let (t, key) = with_three_lookups_a_minute("keys-burst@example.com").await;
 
     let before = verify_calls(&t).await;
     let burst = (0..40).map(|_| t.http.get(t.url("/v1/me")).bearer_auth(key.clone()).send());
