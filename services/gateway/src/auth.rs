@@ -143,11 +143,10 @@ impl Caller {
 }
 
 impl Caller {
-    /// The caller a bearer credential stands for.
+    /// The caller an access token stands for. (API keys go through `pipeline::key_grant`, which
+    /// limits unverified ones per client address and shares one verification among concurrent
+    /// requests.)
     pub async fn from_token(state: &AppState, token: &str) -> Result<Self, ApiError> {
-        if token.starts_with("pk_") {
-            return state.api_keys.verify(token).await;
-        }
         let Some(claims) = state.keys.verify(token).await else {
             return Err(ApiError::unauthorized("invalid or expired access token"));
         };
@@ -276,10 +275,6 @@ impl ApiKeyCache {
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub async fn verify(&self, key: &str) -> Result<Caller, ApiError> {
-        Ok(self.lookup(key).await?.caller)
-    }
-
     /// What `key` grants, if it was verified lately: then nothing needs asking.
     pub fn cached(&self, key: &str) -> Option<KeyGrant> {
         let hash = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
@@ -289,16 +284,8 @@ impl ApiKeyCache {
             .map(|entry| entry.grant.clone())
     }
 
-    /// What `key` grants: from the cache, else from the user service.
-    pub async fn lookup(&self, key: &str) -> Result<KeyGrant, ApiError> {
-        if let Some(grant) = self.cached(key) {
-            return Ok(grant);
-        }
-        self.verify_with_user_service(key).await
-    }
-
     /// Asks the user service about `key` (or remembers it refused it), and caches what it grants.
-    pub async fn verify_with_user_service(&self, key: &str) -> Result<KeyGrant, ApiError> {
+    async fn verify_with_user_service(&self, key: &str) -> Result<KeyGrant, ApiError> {
         let hash = ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref().to_vec();
         if self.unknown().get(&hash).is_some_and(|seen| seen.elapsed() < UNKNOWN_KEY_TTL) {
             return Err(ApiError::unauthorized("invalid API key"));
