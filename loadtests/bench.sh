@@ -53,6 +53,8 @@
 #                            connections split between them, and a cell adds their requests up and
 #                            reports the worse of their percentiles
 #   BENCH_DB [parley_loadtest], BENCH_PORT [18080], FAKE_PORT [18089], SLOW_FAKE_PORT [18090]
+#   BENCH_PREFIX [parleybench]  the run's NATS and Redis prefix; with its own BENCH_DB and ports, two runs
+#                            (two builds, PIN=0) can share the machine at once, each seeing the same noise
 #   BENCH_LOG [info]         Parley's log filter (its logs go to a file)
 #   CARGO [cargo]            the cargo command, e.g. "flock /tmp/parley-cargo.lock cargo"
 #   LABEL                    a name for this run in the report, e.g. "before"
@@ -90,7 +92,7 @@ fake_port="${FAKE_PORT:-18089}"
 slow_port="${SLOW_FAKE_PORT:-18090}"
 log_filter="${BENCH_LOG:-info}"
 read -ra cargo <<<"${CARGO:-cargo}"
-prefix="parleybench"
+prefix="${BENCH_PREFIX:-parleybench}"
 server="postgres://postgres@127.0.0.1:5432"
 base="http://127.0.0.1:$port"
 fast_upstream="http://127.0.0.1:$fake_port/v1"
@@ -109,7 +111,7 @@ stamp=$(date -u +%Y%m%dT%H%M%SZ)
 work=$(mktemp -d "/tmp/parley-bench.$stamp.XXXXXX")
 results_dir="$root/loadtests/results"
 mkdir -p "$results_dir"
-results="$results_dir/$stamp.md"
+results="$results_dir/$stamp${BENCH_PREFIX:+-$BENCH_PREFIX}.md"
 
 say() { printf '\n== %s\n' "$*" >&2; }
 note() { printf '   %s\n' "$*" >&2; }

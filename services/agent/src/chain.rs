@@ -393,27 +393,45 @@ impl Agent {
         // What clients saw: no retry may contradict it, and a failure is charged for it.
         let mut streamed = String::new();
         let forward = async {
-            while let Some(piece) = received.recv().await {
+            // A piece taken while merging text that is not text: it goes out next, in its turn.
+            let mut held = None;
+            loop {
+                let piece = match held.take() {
+                    Some(piece) => piece,
+                    None => match received.recv().await {
+                        Some(piece) => piece,
+                        None => break,
+                    },
+                };
                 match (piece, sink) {
-                    (Piece::Text(mut text), DeltaSink::Subject) => {
+                    (Piece::Text(mut text), _) => {
                         // Text the provider has already sent behind this piece goes out in the same
-                        // event: one message for NATS, the events stream and every stream to carry
-                        // instead of one per token, and not a moment later than it would have.
+                        // event: one message for NATS, the events stream, the gRPC call and every
+                        // stream to carry instead of one per token, and not a moment later than it
+                        // would have. A fast model's reply comes in a few events; a slow one's as
+                        // it is written.
                         while text.len() < COALESCED_DELTA_BYTES
                             && let Ok(piece) = received.try_recv()
                         {
-                            if let Piece::Text(more) = piece {
-                                text.push_str(&more);
+                            match piece {
+                                Piece::Text(more) => text.push_str(&more),
+                                other => {
+                                    held = Some(other);
+                                    break;
+                                }
                             }
                         }
                         streamed.push_str(&text);
-                        let event = MessageEvent::Delta { message_id, index: *delta_index, text };
-                        self.publish_event(&subject, &event).await;
-                    }
-                    (Piece::Text(text), DeltaSink::Caller(caller)) => {
-                        streamed.push_str(&text);
-                        // A caller that hung up cancels nothing: the reply is finished and charged.
-                        let _caller_gone = caller.send(Ok(crate::completions::delta(text)));
+                        match sink {
+                            DeltaSink::Subject => {
+                                let event = MessageEvent::Delta { message_id, index: *delta_index, text };
+                                self.publish_event(&subject, &event).await;
+                            }
+                            // A caller that hung up cancels nothing: the reply is finished and charged.
+                            DeltaSink::Caller(caller) => {
+                                let _caller_gone = caller.send(Ok(crate::completions::delta(text)));
+                            }
+                        }
                     }
                     (Piece::Tool(tool), DeltaSink::Caller(caller)) => {
                         streamed.push_str(&tool.name);

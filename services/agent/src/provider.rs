@@ -2,6 +2,7 @@
 //! OpenRouter, vLLM, Ollama, llama.cpp's server, Together, Groq and Parley's fake LLM) and Anthropic's
 //! Messages API.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -411,15 +412,33 @@ impl HttpProvider {
         if data == "[DONE]" || data.is_empty() {
             return Ok(());
         }
-        let value: Value = serde_json::from_str(data).map_err(|error| ProviderError::Protocol(error.to_string()))?;
-        let pieces = match self.wire {
-            Wire::OpenAi => state.read_openai(&value)?,
-            Wire::Anthropic => state.read_anthropic(&value)?,
-        };
-        let logprobs = value
-            .pointer("/choices/0/logprobs/content")
-            .and_then(Value::as_array)
-            .filter(|entries| !entries.is_empty());
+        let protocol = |error: serde_json::Error| ProviderError::Protocol(error.to_string());
+        match self.wire {
+            Wire::OpenAi => {
+                let chunk: OpenAiChunk<'_> = serde_json::from_str(data).map_err(protocol)?;
+                let pieces = state.read_openai(&chunk)?;
+                state.pass_on(pieces, chunk.logprobs(), started, on_delta);
+            }
+            Wire::Anthropic => {
+                let value: Value = serde_json::from_str(data).map_err(protocol)?;
+                let pieces = state.read_anthropic(&value)?;
+                state.pass_on(pieces, None, started, on_delta);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StreamState {
+    /// Adds an event's pieces to the reply so far and passes them on, then its log probabilities.
+    fn pass_on(
+        &mut self,
+        pieces: Pieces<'_>,
+        logprobs: Option<&[Value]>,
+        started: Instant,
+        on_delta: &mut (dyn FnMut(Delta<'_>) + Send),
+    ) {
+        let state = self;
         match pieces {
             Pieces::None => {}
             Pieces::Text(text) => {
@@ -445,7 +464,70 @@ impl HttpProvider {
         if let Some(entries) = logprobs {
             on_delta(Delta::Logprobs(entries));
         }
-        Ok(())
+    }
+}
+
+/// One event of an OpenAI chat completion stream, as far as Parley reads it: borrowed from the event's
+/// text where no escape forces a copy. (Read into typed fields rather than a `serde_json::Value`: a
+/// fast reply's events are most of the agent's parsing.)
+#[derive(Deserialize)]
+struct OpenAiChunk<'a> {
+    #[serde(default)]
+    error: Option<Value>,
+    /// Once a stream, and read as leniently as any JSON: token counts that are not integers count as none.
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(borrow, default)]
+    choices: Option<Vec<OpenAiChoice<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiChoice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<OpenAiDelta<'a>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+    #[serde(default)]
+    logprobs: Option<OpenAiLogprobs>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiDelta<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<OpenAiToolCall<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiToolCall<'a> {
+    #[serde(default)]
+    index: Option<u32>,
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    function: Option<OpenAiFunction<'a>>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiFunction<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct OpenAiLogprobs {
+    #[serde(default)]
+    content: Option<Vec<Value>>,
+}
+
+impl OpenAiChunk<'_> {
+    /// The first choice's `logprobs.content` entries, when there are any.
+    fn logprobs(&self) -> Option<&[Value]> {
+        let entries = self.choices.as_deref()?.first()?.logprobs.as_ref()?.content.as_deref()?;
+        (!entries.is_empty()).then_some(entries)
     }
 }
 
@@ -495,32 +577,41 @@ impl StreamState {
         call.arguments.push_str(piece.arguments);
     }
 
-    fn read_openai<'v>(&mut self, value: &'v Value) -> Result<Pieces<'v>, ProviderError> {
-        if let Some(error) = value.get("error") {
+    fn read_openai<'v>(&mut self, chunk: &'v OpenAiChunk<'_>) -> Result<Pieces<'v>, ProviderError> {
+        if let Some(error) = &chunk.error {
             return Err(ProviderError::Stream(
                 error.get("message").and_then(Value::as_str).unwrap_or("error").to_owned(),
             ));
         }
-        if let Some(usage) = value.get("usage").filter(|usage| !usage.is_null()) {
+        if let Some(usage) = chunk.usage.as_ref().filter(|usage| !usage.is_null()) {
             self.input_tokens = usage.get("prompt_tokens").and_then(Value::as_i64);
             self.output_tokens = usage.get("completion_tokens").and_then(Value::as_i64);
         }
-        if let Some(reason) = value.pointer("/choices/0/finish_reason").and_then(Value::as_str) {
+        let Some(choice) = chunk.choices.as_deref().and_then(<[_]>::first) else {
+            return Ok(Pieces::None);
+        };
+        if let Some(reason) = &choice.finish_reason {
             self.finish_reason = Some(FinishReason::from_openai(reason));
         }
-        if let Some(calls) = value.pointer("/choices/0/delta/tool_calls").and_then(Value::as_array) {
+        let Some(delta) = &choice.delta else {
+            return Ok(Pieces::None);
+        };
+        if let Some(calls) = &delta.tool_calls {
             let pieces = calls
                 .iter()
-                .map(|call| ToolPiece {
-                    index: call.get("index").and_then(Value::as_u64).unwrap_or(0) as u32,
-                    id: call.get("id").and_then(Value::as_str),
-                    name: call.pointer("/function/name").and_then(Value::as_str),
-                    arguments: call.pointer("/function/arguments").and_then(Value::as_str).unwrap_or_default(),
+                .map(|call| {
+                    let function = call.function.as_ref();
+                    ToolPiece {
+                        index: call.index.unwrap_or(0),
+                        id: call.id.as_deref(),
+                        name: function.and_then(|function| function.name.as_deref()),
+                        arguments: function.and_then(|function| function.arguments.as_deref()).unwrap_or_default(),
+                    }
                 })
                 .collect();
             return Ok(Pieces::Tools(pieces));
         }
-        Ok(value.pointer("/choices/0/delta/content").and_then(Value::as_str).map_or(Pieces::None, Pieces::Text))
+        Ok(delta.content.as_deref().map_or(Pieces::None, Pieces::Text))
     }
 
     fn read_anthropic<'v>(&mut self, value: &'v Value) -> Result<Pieces<'v>, ProviderError> {
@@ -851,9 +942,13 @@ mod tests {
         let mut state = StreamState::default();
         let first = json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
             "function": {"name": "lookup", "arguments": ""}}]}}]});
+        let first = serde_json::to_string(&first).unwrap();
+        let first: OpenAiChunk<'_> = serde_json::from_str(&first).unwrap();
         let Pieces::Tools(pieces) = state.read_openai(&first).unwrap() else { panic!("a tool call") };
         assert_eq!(pieces, vec![ToolPiece { index: 0, id: Some("call_1"), name: Some("lookup"), arguments: "" }]);
         let more = json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}}]});
+        let more = serde_json::to_string(&more).unwrap();
+        let more: OpenAiChunk<'_> = serde_json::from_str(&more).unwrap();
         let Pieces::Tools(pieces) = state.read_openai(&more).unwrap() else { panic!("arguments") };
         assert_eq!(pieces[0].arguments, "{}");
         let message = PromptMessage {
