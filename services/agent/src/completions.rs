@@ -221,9 +221,20 @@ impl AgentService for Completions {
             let detail = "the token budget does not cover this prompt and the longest reply";
             return Err(ServiceError::new(parley_platform::ErrorCode::QuotaExceeded, detail).into());
         }
-        let (events, received) = mpsc::unbounded_channel();
+        let (events, mut received) = mpsc::unbounded_channel();
         let span = tracing::info_span!("agent.completion", service = "agent", completion_id = %job.message_id);
         self.tasks.spawn(async move { agent.complete(job, answering_model, prompt, events).await }.instrument(span));
+        if request.get_ref().whole {
+            // Everything at once when it is done: one write for the call instead of one per event.
+            let whole = futures::stream::once(async move {
+                let mut events = Vec::new();
+                while let Some(event) = received.recv().await {
+                    events.push(event);
+                }
+                futures::stream::iter(merge_deltas(events))
+            });
+            return Ok(Response::new(Box::pin(futures::StreamExt::flatten(whole))));
+        }
         let stream = futures::stream::unfold(received, |mut received| async move {
             received.recv().await.map(|event| (event, received))
         });
@@ -303,6 +314,22 @@ impl Agent {
     }
 }
 
+/// `events` with each run of consecutive deltas as one delta.
+fn merge_deltas(events: Vec<Result<pb::CompleteEvent, Status>>) -> Vec<Result<pb::CompleteEvent, Status>> {
+    let mut merged: Vec<Result<pb::CompleteEvent, Status>> = Vec::with_capacity(events.len());
+    for event in events {
+        if let (Ok(pb::CompleteEvent { event: Some(pb::complete_event::Event::Delta(more)) }), Some(Ok(last))) =
+            (&event, merged.last_mut())
+            && let Some(pb::complete_event::Event::Delta(text)) = &mut last.event
+        {
+            text.push_str(more);
+            continue;
+        }
+        merged.push(event);
+    }
+    merged
+}
+
 pub(crate) fn delta(text: String) -> pb::CompleteEvent {
     pb::CompleteEvent { event: Some(pb::complete_event::Event::Delta(text)) }
 }
@@ -320,4 +347,33 @@ fn cached_answer(reply: CachedReply) -> Answer {
     };
     let provider = "cache".to_owned();
     Answer { completion, provider, provider_model: String::new(), elapsed: Duration::ZERO, cache_hit: true }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(event: pb::complete_event::Event) -> Result<pb::CompleteEvent, Status> {
+        Ok(pb::CompleteEvent { event: Some(event) })
+    }
+
+    #[test]
+    fn a_whole_reply_merges_runs_of_deltas_and_keeps_everything_else_in_order() {
+        use pb::complete_event::Event::{Delta, Done, Logprobs};
+        let events = vec![
+            event(Delta("Hel".into())),
+            event(Delta("lo".into())),
+            event(Logprobs("[1]".into())),
+            event(Delta(" there".into())),
+            event(Done(pb::CompleteDone::default())),
+            Err(Status::unavailable("gone")),
+        ];
+        let merged: Vec<_> = merge_deltas(events).into_iter().map(|event| event.map(|event| event.event)).collect();
+        assert_eq!(merged.len(), 5);
+        assert_eq!(merged[0].as_ref().unwrap(), &Some(Delta("Hello".into())));
+        assert_eq!(merged[1].as_ref().unwrap(), &Some(Logprobs("[1]".into())));
+        assert_eq!(merged[2].as_ref().unwrap(), &Some(Delta(" there".into())));
+        assert_eq!(merged[3].as_ref().unwrap(), &Some(Done(pb::CompleteDone::default())));
+        assert_eq!(merged[4].as_ref().unwrap_err().code(), tonic::Code::Unavailable);
+    }
 }

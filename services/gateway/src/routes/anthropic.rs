@@ -455,7 +455,8 @@ fn read_request(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Anthropi
             format!("with the system prompt, must total at most {limit} characters"),
         ));
     }
-    let prompt = Prompt { model: request.model, messages, sampling, longest_reply, images };
+    let whole = !request.stream;
+    let prompt = Prompt { model: request.model, messages, sampling, longest_reply, images, whole };
     Ok((prompt, request.stream))
 }
 

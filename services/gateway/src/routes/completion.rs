@@ -30,6 +30,9 @@ pub struct Prompt {
     pub longest_reply: u32,
     /// How many images the messages carry (each is estimated at a fixed number of tokens).
     pub images: u32,
+    /// Whether the client reads the reply only once it is whole (no `stream`): the agent then sends
+    /// it in one piece.
+    pub whole: bool,
 }
 
 /// A prompt's tokens, counted as the agent counts a prompt without a tokenizer (so that the agent need
@@ -69,6 +72,7 @@ pub async fn start(
         reservation_id: String::new(),
         reserved_tokens: estimated_tokens,
         max_tokens: prompt.longest_reply,
+        whole: prompt.whole,
     };
     let reply = with_reservation(state, caller, estimated_tokens, move |state, reservation_id| async move {
         let call = agent_pb::CompleteRequest { reservation_id, ..call };

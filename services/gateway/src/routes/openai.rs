@@ -455,7 +455,8 @@ pub async fn chat_completions(
     let asked = request.max_completion_tokens.map(|asked| ("max_completion_tokens", asked)).or(older);
     let longest_reply = super::longest_reply(&state.config, asked)?;
     let wants_logprobs = sampling.wants_logprobs();
-    let prompt = Prompt { model: request.model.clone(), messages, sampling, longest_reply, images };
+    let whole = !request.stream;
+    let prompt = Prompt { model: request.model.clone(), messages, sampling, longest_reply, images, whole };
     let started = super::completion::start(&state, &caller, &headers, prompt).await?;
     let reply = started.reply;
     let completion_id = started.id;
