@@ -209,6 +209,13 @@ for bin in "$parley_bin" "$streams_bin" "$fake_bin"; do
 done
 note "parley: $parley_bin${PARLEY_BIN:+ (given)}"
 [ "$fake_bin" = "$parley_bin" ] || note "upstream: $fake_bin fake-llm"
+# A standby streaming from this PostgreSQL (the replica tests leave one: scripts/test-replica.sh)
+# replays every write the run makes, on the same two cores, and its processes count as PostgreSQL's.
+standbys=$(psql "$server/postgres" -Atc "SELECT count(*) FROM pg_stat_replication" 2>/dev/null || echo 0)
+if [ "${standbys:-0}" -gt 0 ]; then
+  note "warning: $standbys standby(s) replicate this PostgreSQL and replay every write of the run;"
+  note "         stop the test replica first (scripts/test-replica.sh stop) for figures without one"
+fi
 
 # Every stream is a socket in the load generator and in Parley (and one to the upstream for each job).
 ulimit -n 65535 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
