@@ -258,6 +258,8 @@ impl Agent {
                 let detail = format!("the model could not answer: {error}");
                 let error = ServiceError::new(parley_platform::ErrorCode::UpstreamUnavailable, detail).retry_after(5);
                 let _caller_gone = events.send(Err(error.into()));
+                // The caller's call ends here (a whole reply's events go when the channel closes).
+                drop(events);
                 // Charged what the model consumed before it broke off (nothing if it never started), the
                 // rest of the reservation given back at once.
                 let input_tokens =

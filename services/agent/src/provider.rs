@@ -438,20 +438,19 @@ impl StreamState {
         started: Instant,
         on_delta: &mut (dyn FnMut(Delta<'_>) + Send),
     ) {
-        let state = self;
         match pieces {
             Pieces::None => {}
             Pieces::Text(text) => {
                 if !text.is_empty() {
-                    state.time_to_first_token.get_or_insert_with(|| started.elapsed());
-                    state.content.push_str(text);
+                    self.time_to_first_token.get_or_insert_with(|| started.elapsed());
+                    self.content.push_str(text);
                     on_delta(Delta::Text(text));
                 }
             }
             Pieces::Tools(pieces) => {
                 for piece in pieces {
-                    state.time_to_first_token.get_or_insert_with(|| started.elapsed());
-                    state.add_tool_piece(&piece);
+                    self.time_to_first_token.get_or_insert_with(|| started.elapsed());
+                    self.add_tool_piece(&piece);
                     on_delta(Delta::ToolCall {
                         index: piece.index,
                         id: piece.id.unwrap_or_default(),

@@ -52,8 +52,13 @@ async fn deleting_an_account_erases_it_everywhere_and_keeps_usage_totals_anonymo
     let bobs = t.create_conversation(&bob, "theirs").await;
     let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
     // Both calls settled and counted, so that there is something to erase and to keep.
+    // The total is read once both events are in: analytics writes an event and its daily total in one
+    // transaction, so read after the count it includes both (read before, it could miss the second).
     let counted: i64 = eventually("Ada's usage to be counted", Duration::from_secs(10), || async {
         let ledger = rows(&pool, "quota.ledger", "user_id", ada_id).await;
+        if ledger != 2 || rows(&pool, "analytics.usage_events", "user_id", ada_id).await != 2 {
+            return None;
+        }
         let (tokens,): (Option<i64>,) = sqlx::query_as(
             "SELECT SUM(input_tokens + output_tokens)::bigint FROM analytics.usage_daily WHERE user_id = $1",
         )
@@ -61,7 +66,7 @@ async fn deleting_an_account_erases_it_everywhere_and_keeps_usage_totals_anonymo
         .fetch_one(&pool)
         .await
         .unwrap();
-        (ledger == 2 && rows(&pool, "analytics.usage_events", "user_id", ada_id).await == 2).then_some(tokens?)
+        tokens
     })
     .await;
     let anonymous_before = anonymous_tokens(&pool).await;
