@@ -411,6 +411,7 @@ mod tests {
             cache: parley_platform::events::CacheDirective { read: true, write: true },
             reservation_id: None,
             max_tokens: None,
+            context: None,
         };
         let event = usage_event(&job, "m", UsageOutcome::Completed, 5);
         assert_eq!(event.event_id, job.message_id);

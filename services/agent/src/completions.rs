@@ -129,6 +129,7 @@ impl Completions {
             cache: CacheDirective { read: !options.skip_cache_read, write: !options.skip_cache_write },
             reservation_id: Some(uuid("reservation_id", &request.reservation_id)?),
             max_tokens: (request.max_tokens > 0).then_some(request.max_tokens),
+            context: None,
         };
         Ok((job, prompt))
     }
@@ -159,6 +160,7 @@ impl Completions {
             cache: CacheDirective { read: false, write: false },
             reservation_id: Some(uuid("reservation_id", &request.reservation_id)?),
             max_tokens: None,
+            context: None,
         })
     }
 }

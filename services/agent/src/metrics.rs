@@ -5,6 +5,8 @@ parley_platform::declare_metrics! {
     counter JOBS = "parley_agent_jobs_total" in Count:
         "Jobs finished by an agent, by outcome (done, retry, handed_back).";
     counter DEAD_JOBS = "parley_agent_dead_jobs_total" in Count: "Jobs moved to the dead-letter stream.";
+    counter JOB_CONTEXTS = "parley_agent_job_contexts_total" in Count:
+        "Contexts of reply jobs, by source (carried in the job, asked of chat).";
     counter SUMMARIES = "parley_agent_summaries_total" in Count: "Running summaries written by a model, by model.";
     counter TITLES = "parley_agent_titles_total" in Count: "Conversation titles generated and stored, by model.";
     counter UNACCOUNTED_COMPLETIONS = "parley_agent_unaccounted_completions_total" in Count:

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use parley_platform::backoff::Backoff;
-use parley_platform::events::AiJob;
+use parley_platform::events::{AiJob, JobContext};
 use parley_platform::grpc::ClientChannel;
 use parley_platform::message_status::MessageStatus;
 use parley_platform::nats::Names;
@@ -179,7 +179,7 @@ impl Agent {
     /// Runs one job, keeping it alive with progress acks, and acks or naks it by the outcome; hands it
     /// back unfinished (nak) when `hand_back` is cancelled.
     async fn handle(&self, message: jetstream::Message, hand_back: CancellationToken) {
-        let job: AiJob = match serde_json::from_slice(&message.payload) {
+        let mut job: AiJob = match serde_json::from_slice(&message.payload) {
             Ok(job) => job,
             Err(error) => {
                 tracing::error!(%error, "a malformed job goes to the dead-letter stream");
@@ -190,6 +190,8 @@ impl Agent {
             }
         };
         let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+        // Taken out, so that nothing the job is passed to (the dead-letter stream) keeps its text.
+        let carried = job.context.take();
         let span = tracing::info_span!(
             "agent.job",
             service = "agent",
@@ -203,7 +205,7 @@ impl Agent {
         }
         span.record("trace_id", telemetry::trace_id_of(&span));
         async {
-            let work = self.run_job(&job, delivered);
+            let work = self.run_job(&job, delivered, carried);
             tokio::pin!(work);
             // The first progress ack is one period away. (Not `interval()` and a first `tick().await`:
             // a timer due now still waits for the timer wheel's next millisecond, on every job.)
@@ -234,20 +236,11 @@ impl Agent {
         .await;
     }
 
-    async fn run_job(&self, job: &AiJob, delivered: i64) -> Outcome {
+    async fn run_job(&self, job: &AiJob, delivered: i64, carried: Option<JobContext>) -> Outcome {
         let retry = Outcome::Retry(retry_delay(delivered));
-        let request = chat_pb::GetJobContextRequest { message_id: job.message_id.to_string(), history_limit: 0 };
-        let context = match self.chat.clone().get_job_context(request).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => {
-                let error = ServiceError::from(status);
-                if error.code == ErrorCode::NotFound {
-                    tracing::info!("the message is gone (conversation deleted); dropping the job");
-                    return Outcome::Done;
-                }
-                tracing::warn!(%error, "could not load the job's context");
-                return retry;
-            }
+        let context = match self.context(job, delivered, carried).await {
+            Ok(context) => context,
+            Err(outcome) => return outcome,
         };
         let status = context.assistant_message.as_ref().and_then(MessageStatus::of);
         match status {
@@ -337,6 +330,36 @@ impl Agent {
         }
     }
 
+    /// The job's context: on its first run the one it carries, if any (chat publishes a job with its
+    /// context only before anything else can have published it, so its reply is still pending), else
+    /// chat's, which also tells whether a redelivered job's reply is stored already. `Err`: the job
+    /// ends with this outcome.
+    async fn context(
+        &self,
+        job: &AiJob,
+        delivered: i64,
+        carried: Option<JobContext>,
+    ) -> Result<chat_pb::JobContext, Outcome> {
+        if let Some(carried) = carried.filter(|_| delivered == 1) {
+            metrics::counter!(crate::metrics::JOB_CONTEXTS, "source" => "carried").increment(1);
+            return Ok(carried_context(job, carried));
+        }
+        metrics::counter!(crate::metrics::JOB_CONTEXTS, "source" => "asked").increment(1);
+        let request = chat_pb::GetJobContextRequest { message_id: job.message_id.to_string(), history_limit: 0 };
+        match self.chat.clone().get_job_context(request).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => {
+                let error = ServiceError::from(status);
+                if error.code == ErrorCode::NotFound {
+                    tracing::info!("the message is gone (conversation deleted); dropping the job");
+                    return Err(Outcome::Done);
+                }
+                tracing::warn!(%error, "could not load the job's context");
+                Err(Outcome::Retry(retry_delay(delivered)))
+            }
+        }
+    }
+
     /// Stores a reply the model wrote, then titles the conversation after its first exchange.
     async fn finish_fresh(
         &self,
@@ -420,6 +443,31 @@ impl Agent {
                 Generated::Failed(failure)
             }
         }
+    }
+}
+
+/// A carried context as chat's `GetJobContext` would answer it for a reply still pending (which it
+/// leaves out: no reply means pending).
+fn carried_context(job: &AiJob, carried: JobContext) -> chat_pb::JobContext {
+    let history = carried
+        .history
+        .into_iter()
+        .map(|message| chat_pb::Message {
+            id: message.id.to_string(),
+            role: message.role,
+            content: message.content,
+            ..Default::default()
+        })
+        .collect();
+    chat_pb::JobContext {
+        assistant_message: None,
+        user_id: job.user_id.to_string(),
+        model: job.model.clone(),
+        system_prompt: carried.system_prompt,
+        history,
+        summary: carried.summary,
+        conversation_id: job.conversation_id.to_string(),
+        untitled: carried.untitled,
     }
 }
 

@@ -1,7 +1,8 @@
 //! The outbox relay: publishes AI jobs written by [`crate::storage::Storage::send`] to JetStream.
 //!
-//! A send hands its job to the relay as soon as the job is committed ([`JobQueue::publish`]), and the
-//! relay publishes it at once, without reading it back; its row is then marked published, together
+//! A send hands its job to the relay as soon as the job is committed and its context read
+//! ([`JobQueue::publish`]), and the relay publishes it at once, without reading it back, carrying that
+//! context when it is small (the outbox row never holds it); its row is then marked published, together
 //! with the rows of the other jobs published within `MARK_LINGER` (one statement and one commit for
 //! them all, not one per send at a trickle). The outbox is the safety net: a sweep
 //! publishes every row left unpublished for longer than [`SWEEP_GRACE`] (its send's replica died,
@@ -36,6 +37,8 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// statement and a commit of its own (well inside `SWEEP_GRACE`, so the sweep does not take them).
 const MARK_LINGER: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Largest job payload that carries its context (a quarter of NATS's default `max_payload`).
+const MAX_CARRIED_PAYLOAD: usize = 256 * 1024;
 
 /// Where a send hands the job it just committed.
 #[derive(Clone)]
@@ -157,8 +160,8 @@ impl OutboxRelay {
     /// that fails here stays unpublished for the sweep.
     async fn publish_committed(&self, jobs: Vec<QueuedJob>) -> Vec<Uuid> {
         let mut acks = Vec::with_capacity(jobs.len());
-        for queued in &jobs {
-            let payload = match serde_json::to_vec(&queued.job) {
+        for mut queued in jobs {
+            let payload = match payload(&mut queued) {
                 Ok(payload) => payload,
                 Err(error) => {
                     tracing::error!(%error, "could not encode a job; the sweep publishes its stored row");
@@ -223,6 +226,22 @@ impl OutboxRelay {
     }
 }
 
+/// A committed job's payload, with the context it carries when that is still safe and small: a job
+/// published later than the sweep may have published it could run a second time with a context read
+/// before its first run stored the reply, and a payload past `MAX_CARRIED_PAYLOAD` would be refused by
+/// NATS (`max_payload`) or fill the jobs stream. Without a context the agent asks chat for it.
+fn payload(queued: &mut QueuedJob) -> serde_json::Result<Vec<u8>> {
+    if queued.committed.elapsed() >= SWEEP_GRACE {
+        queued.job.context = None;
+    }
+    let payload = serde_json::to_vec(&queued.job)?;
+    if payload.len() <= MAX_CARRIED_PAYLOAD || queued.job.context.is_none() {
+        return Ok(payload);
+    }
+    queued.job.context = None;
+    serde_json::to_vec(&queued.job)
+}
+
 /// A job's headers: its id, which JetStream deduplicates on, and the trace of the send that queued it.
 fn job_headers(job_id: Uuid, traceparent: Option<&str>) -> async_nats::HeaderMap {
     let mut headers = async_nats::HeaderMap::new();
@@ -232,4 +251,58 @@ fn job_headers(job_id: Uuid, traceparent: Option<&str>) -> async_nats::HeaderMap
         None => parley_platform::telemetry::inject_current(&mut NatsHeaderCarrier(&mut headers)),
     }
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use parley_platform::events::{AiJob, CacheDirective, ContextMessage, JobContext};
+
+    use super::*;
+
+    fn queued(content: &str, committed: std::time::Instant) -> QueuedJob {
+        let id = Uuid::now_v7();
+        let message = ContextMessage { id, role: "user".to_owned(), content: content.to_owned() };
+        let job = AiJob {
+            job_id: id,
+            message_id: id,
+            conversation_id: id,
+            user_id: id,
+            model: "parley-fake".to_owned(),
+            tier: "free".to_owned(),
+            sampling: Default::default(),
+            cache: CacheDirective::default(),
+            reservation_id: None,
+            max_tokens: None,
+            context: Some(JobContext { history: vec![message], ..JobContext::default() }),
+        };
+        QueuedJob { job, subject: "jobs".to_owned(), traceparent: None, committed }
+    }
+
+    fn sent(queued: &mut QueuedJob) -> AiJob {
+        serde_json::from_slice(&payload(queued).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_job_published_at_once_carries_its_context() {
+        let mut job = queued("What is tea?", std::time::Instant::now());
+        let context = sent(&mut job).context.expect("a context");
+        assert_eq!(context.history[0].content, "What is tea?");
+    }
+
+    #[test]
+    fn a_job_published_past_the_sweeps_grace_carries_none() {
+        let Some(committed) = std::time::Instant::now().checked_sub(SWEEP_GRACE) else { return };
+        let mut job = queued("What is tea?", committed);
+        assert_eq!(sent(&mut job).context, None, "the sweep may have published it already");
+    }
+
+    #[test]
+    fn a_context_too_large_to_carry_is_left_out() {
+        let mut job = queued(&"tea ".repeat(MAX_CARRIED_PAYLOAD / 4), std::time::Instant::now());
+        let payload = payload(&mut job).unwrap();
+        assert!(payload.len() < 1024, "{} bytes", payload.len());
+        let sent: AiJob = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(sent.context, None);
+        assert_eq!(sent.message_id, job.job.message_id, "the job itself goes");
+    }
 }

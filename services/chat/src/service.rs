@@ -9,13 +9,14 @@ use parley_platform::{Config, ErrorCode, ServiceError, telemetry, timestamps};
 use parley_proto::chat::v1 as pb;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::ChatError;
 use crate::relay::JobQueue;
 use crate::storage::{
-    CompletedReply, ConversationChanges, ConversationRow, Follows, Generation, MessageRow, NewExchange, Storage,
-    UpdateOutcome, Version,
+    CompletedReply, ConversationChanges, ConversationRow, Follows, Generation, MessageRow, NewExchange, QueuedJob,
+    Storage, UpdateOutcome, Version,
 };
 use parley_platform::cursor::{CursorCodec, CursorKind, Position, page_size};
 use parley_platform::limits::{MAX_IDEMPOTENCY_KEY_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS};
@@ -90,6 +91,21 @@ impl ChatService {
         }
         let question = message.parent_id.ok_or_else(|| ServiceError::not_found("message"))?;
         Ok((message.conversation_id, Follows::Question(question)))
+    }
+
+    /// Hands a committed job to the relay once its context is read, off the send's path, so that the
+    /// job's first run need not ask for it; without it when the read fails.
+    fn publish_with_context(&self, mut job: QueuedJob) {
+        let (storage, jobs) = (self.storage.clone(), self.jobs.clone());
+        let history_limit = i64::from(self.config.chat.history_limit);
+        let publish = async move {
+            match storage.carried_context(job.job.message_id, history_limit).await {
+                Ok(context) => job.job.context = context,
+                Err(error) => tracing::warn!(%error, "could not read the job's context; the agent will ask for it"),
+            }
+            jobs.publish(job);
+        };
+        tokio::spawn(publish.in_current_span());
     }
 
     async fn owned_conversation(
@@ -354,7 +370,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             return Err(ChatError::from(ServiceError::not_found("conversation")).into());
         };
         if let Some(job) = sent.job.take() {
-            self.jobs.publish(job);
+            self.publish_with_context(job);
             metrics::counter!(crate::metrics::MESSAGES_SENT).increment(1);
         }
         if follows == Follows::ActiveBranch && !sent.replayed {

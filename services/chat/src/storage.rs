@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use parley_platform::envelope::{DataKey, EnvelopeError, Field, Keyring, SearchKey};
-use parley_platform::events::{AiJob, CacheDirective};
+use parley_platform::events::{self, AiJob, CacheDirective};
 use parley_platform::message_status::MessageStatus;
 use parley_platform::replicas::{ReadFloor, WriteMarks};
 use parley_platform::sampling::Sampling;
@@ -84,11 +84,14 @@ pub struct SentExchange {
     pub job: Option<QueuedJob>,
 }
 
-/// A job as stored in the outbox.
+/// A job as stored in the outbox, on its way to the relay.
 pub struct QueuedJob {
     pub job: AiJob,
     pub subject: String,
     pub traceparent: Option<String>,
+    /// When its send committed: a job the relay publishes later than the sweep might have carries no
+    /// context.
+    pub committed: std::time::Instant,
 }
 
 pub struct NewExchange<'a> {
@@ -854,6 +857,28 @@ impl Storage {
         Ok(Some(JobContext { message, conversation, history: messages.collect() }))
     }
 
+    /// What the job of the reply `message_id` needs of its conversation, as a job carries it; `None`
+    /// when the reply is gone.
+    pub async fn carried_context(
+        &self,
+        message_id: Uuid,
+        history_limit: i64,
+    ) -> Result<Option<events::JobContext>, sqlx::Error> {
+        let Some(JobContext { conversation, history, .. }) = self.job_context(message_id, history_limit).await? else {
+            return Ok(None);
+        };
+        let history = history
+            .into_iter()
+            .map(|message| events::ContextMessage { id: message.id, role: message.role, content: message.content })
+            .collect();
+        Ok(Some(events::JobContext {
+            system_prompt: conversation.system_prompt,
+            summary: conversation.summary.map(|(text, _)| text),
+            untitled: conversation.untitled,
+            history,
+        }))
+    }
+
     /// Numbers each message among its versions (`MessageRow::version`), one statement per conversation.
     pub async fn number_versions(&self, floor: ReadFloor, rows: &mut [MessageRow]) -> Result<(), sqlx::Error> {
         let mut conversations: Vec<Uuid> = rows.iter().map(|row| row.conversation_id).collect();
@@ -1518,6 +1543,7 @@ fn reply_job(exchange: &NewExchange<'_>, assistant_message_id: Uuid) -> AiJob {
         cache: exchange.generation.cache,
         reservation_id: exchange.generation.reservation_id,
         max_tokens: exchange.generation.max_tokens,
+        context: None,
     }
 }
 
@@ -1535,7 +1561,12 @@ fn stored_exchange(
     };
     let (user_message, assistant_message) = if first.id == question_id { (first, second) } else { (second, first) };
     let job = AiJob { model: assistant_message.model.clone().unwrap_or_default(), ..job };
-    let job = QueuedJob { job, subject: exchange.jobs_subject.to_owned(), traceparent: exchange.traceparent.clone() };
+    let job = QueuedJob {
+        job,
+        subject: exchange.jobs_subject.to_owned(),
+        traceparent: exchange.traceparent.clone(),
+        committed: std::time::Instant::now(),
+    };
     Some(SentExchange { user_message, assistant_message, replayed: false, job: Some(job) })
 }
 

@@ -24,6 +24,33 @@ pub struct AiJob {
     /// The longest reply the client asked for, below the configured longest (`agent.max_output_tokens`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
+    /// What the reply needs of its conversation, read by chat right after the send and carried when
+    /// small, so that the job's first run need not ask chat for it. Never stored in the outbox: a job
+    /// the sweep publishes, or one published late, carries none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<JobContext>,
+}
+
+/// A reply job's context as carried in the job: the conversation's system prompt and running summary,
+/// and the completed messages the reply follows (oldest first, after the summary), in plain text.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct JobContext {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// The conversation has no title yet.
+    #[serde(default)]
+    pub untitled: bool,
+    pub history: Vec<ContextMessage>,
+}
+
+/// One message of a carried context.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ContextMessage {
+    pub id: Uuid,
+    pub role: String,
+    pub content: String,
 }
 
 /// What the client allowed the response cache to do with this job.

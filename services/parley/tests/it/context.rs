@@ -81,3 +81,46 @@ async fn a_thread_longer_than_the_window_gets_a_summary_and_still_answers() {
     pool.close().await;
     t.stop().await;
 }
+
+/// A reply's job carries what the reply needs of its conversation, read right after the send, so its
+/// run asks chat for nothing; the model sees the system prompt and the thread all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_job_carries_its_context_so_the_agent_asks_for_none() {
+    let t = TestPlatform::start().await;
+    let session = t.register("carried@example.com").await;
+    let (status, conversation) = t
+        .post(&session, "/v1/conversations", json!({"title": "tea", "system_prompt": "Answer like a tea merchant."}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{conversation}");
+    let messages = format!("/v1/conversations/{}/messages", conversation["id"].as_str().unwrap());
+    for question in ["Which tea is green?", "And which is black?"] {
+        let (status, exchange) = t.post(&session, &messages, json!({"content": question})).await;
+        assert_eq!(status, StatusCode::OK, "{exchange}");
+        assert_eq!(exchange["assistant_message"]["content"], parley_fake_llm::reply_for(question));
+    }
+
+    let prompt = t.fake.last_body().expect("the model was called")["messages"].clone();
+    let sent: Vec<(&str, &str)> = prompt
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|message| (message["role"].as_str().unwrap(), message["content"].as_str().unwrap()))
+        .collect();
+    let first_reply = parley_fake_llm::reply_for("Which tea is green?");
+    assert_eq!(
+        sent,
+        [
+            ("system", "Answer like a tea merchant."),
+            ("user", "Which tea is green?"),
+            ("assistant", first_reply.as_str()),
+            ("user", "And which is black?"),
+        ]
+    );
+    let carried = eventually("both jobs to be counted", Duration::from_secs(5), || async {
+        t.metric("parley_agent_job_contexts_total{source=\"carried\"}").await.filter(|count| *count >= 2.0)
+    })
+    .await;
+    assert_eq!(carried, 2.0);
+    assert_eq!(t.metric("parley_agent_job_contexts_total{source=\"asked\"}").await, None);
+    t.stop().await;
+}

@@ -44,6 +44,8 @@ async fn a_job_held_by_a_dead_agent_is_redelivered_and_answered_once() {
     let taken = batch.next().await.expect("the job was published").unwrap();
     let job: AiJob = serde_json::from_slice(&taken.payload).unwrap();
     assert_eq!(job.message_id.to_string(), reply_id);
+    let carried = job.context.expect("a job published at once carries its context");
+    assert_eq!(carried.history.last().map(|message| message.content.as_str()), Some("anyone there?"));
     drop(taken);
     drop(batch);
 
@@ -59,6 +61,9 @@ async fn a_job_held_by_a_dead_agent_is_redelivered_and_answered_once() {
     let assistants = messages["data"].as_array().unwrap().iter().filter(|m| m["role"] == "assistant").count();
     assert_eq!(assistants, 1, "exactly one stored reply");
     assert_eq!(t.fake.requests(), 1, "only the living agent called the model");
+    // A redelivered job asks chat for its context, which says whether its reply is stored already.
+    assert_eq!(t.metric("parley_agent_job_contexts_total{source=\"asked\"}").await, Some(1.0));
+    assert_eq!(t.metric("parley_agent_job_contexts_total{source=\"carried\"}").await, None);
 
     // Completing an already completed message changes nothing.
     let mut chat = ChatServiceClient::connect(t.config.grpc.chat_url.clone()).await.unwrap();

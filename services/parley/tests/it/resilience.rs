@@ -241,11 +241,17 @@ async fn a_job_that_keeps_failing_ends_failed_and_dead_lettered() {
         (dead_jobs(&t).await == 1).then_some(())
     })
     .await;
-
-    // A job that cannot even be read goes straight to the dead-letter stream.
+    // It is kept 14 days, without the conversation's text the job carried to its agent.
     let client = async_nats::connect(&t.config.nats.url).await.unwrap();
     let jetstream = async_nats::jetstream::new(client);
     let names = parley_platform::nats::Names::new(&t.config.nats.prefix);
+    let dead = jetstream.get_stream(names.dead_jobs_stream()).await.unwrap().get_raw_message(1).await.unwrap();
+    let job: parley_platform::events::AiJob = serde_json::from_slice(&dead.payload).unwrap();
+    assert_eq!(job.message_id.to_string(), reply_id);
+    assert_eq!(job.context, None);
+    assert!(!String::from_utf8_lossy(&dead.payload).contains("never answered"));
+
+    // A job that cannot even be read goes straight to the dead-letter stream.
     jetstream.publish(names.jobs_subject(), "{not a job".into()).await.unwrap().await.unwrap();
     eventually("the poison job in the dead-letter stream", Duration::from_secs(10), || async {
         (dead_jobs(&t).await == 2).then_some(())
