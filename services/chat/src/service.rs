@@ -15,11 +15,12 @@ use uuid::Uuid;
 use crate::ChatError;
 use crate::relay::JobQueue;
 use crate::storage::{
-    CompletedReply, ConversationChanges, ConversationRow, Follows, Generation, MessageRow, NewExchange, QueuedJob,
-    Storage, UpdateOutcome, Version,
+    CompletedReply, ConversationChanges, ConversationRow, Follows, Generation, HistoryMessage, MessageRow, NewExchange,
+    QueuedJob, Storage, UpdateOutcome, Version,
 };
 use parley_platform::cursor::{CursorCodec, CursorKind, Position, page_size};
 use parley_platform::limits::{MAX_IDEMPOTENCY_KEY_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS};
+use parley_platform::message_status::MessageStatus;
 
 #[derive(Clone)]
 pub struct ChatService {
@@ -191,6 +192,20 @@ impl ChatService {
         if let Err(error) = self.storage.number_versions(floor, rows).await {
             tracing::warn!(%error, "could not number messages among their versions");
         }
+    }
+}
+
+/// A completed message of a job's history, with what a prompt takes of it.
+fn history_to_proto(conversation_id: Uuid, entry: HistoryMessage) -> pb::Message {
+    pb::Message {
+        id: entry.id.to_string(),
+        conversation_id: conversation_id.to_string(),
+        role: entry.role,
+        content: entry.content,
+        status: MessageStatus::Completed.as_str().to_owned(),
+        state: pb::MessageState::from(MessageStatus::Completed).into(),
+        created_at: Some(timestamps::to_proto(entry.created_at)),
+        ..Default::default()
     }
 }
 
@@ -544,7 +559,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             assistant_message: Some(message_to_proto(message)),
             model,
             system_prompt: conversation.system_prompt,
-            history: history.into_iter().map(message_to_proto).collect(),
+            history: history.into_iter().map(|entry| history_to_proto(message_conversation, entry)).collect(),
             summary: summary.map(|(text, _)| text),
             conversation_id: message_conversation.to_string(),
             untitled: conversation.untitled,

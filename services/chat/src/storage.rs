@@ -1,14 +1,14 @@
 //! Reads and writes of the `chat` schema.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use parley_platform::envelope::{DataKey, EnvelopeError, Field, Keyring, SearchKey};
 use parley_platform::events::{self, AiJob, CacheDirective};
 use parley_platform::message_status::MessageStatus;
 use parley_platform::replicas::{ReadFloor, WriteMarks};
 use parley_platform::sampling::Sampling;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{FromRow, PgPool, Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -783,68 +783,62 @@ impl Storage {
     /// model, the system prompt and the running summary with the position it covers; and the newest
     /// `history_limit` completed messages before the reply and after the summary, oldest first.
     pub async fn job_context(&self, message_id: Uuid, history_limit: i64) -> Result<Option<JobContext>, sqlx::Error> {
-        let prefixed = prefixed_columns;
-        let rows: Vec<JobContextRow> = sqlx::query_as(sql(format!(
-            "WITH RECURSIVE target AS (
-                 SELECT {target}, c.model AS conversation_model, c.system_prompt, c.summary, c.summary_until_at,
-                        c.summary_until_id, c.title IS NULL AS untitled, c.branched
-                 FROM chat.all_messages m
-                 JOIN chat.conversations c ON c.id = m.conversation_id AND c.user_id = m.user_id
-                 WHERE m.id = $1
-             ),
-             -- A branched conversation: the reply's ancestors, up to the summary's last message.
-             path AS (
-                 SELECT {history} FROM chat.all_messages h JOIN target t ON h.id = t.parent_id WHERE t.branched
-                 UNION ALL
-                 SELECT {history} FROM chat.all_messages h JOIN path p ON h.id = p.parent_id
-                 WHERE p.id IS DISTINCT FROM (SELECT summary_until_id FROM target)
-             )
-             SELECT t.*, false AS in_history FROM target t
-             UNION ALL
-             SELECT {history}, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
-             FROM target t CROSS JOIN LATERAL (
-                 SELECT {MESSAGE_COLUMNS} FROM chat.all_messages h
-                 WHERE h.conversation_id = t.conversation_id AND (h.created_at, h.id) < (t.created_at, t.id)
-                   AND h.status = 'completed' AND NOT t.branched
-                   AND (t.summary_until_at IS NULL OR (h.created_at, h.id) > (t.summary_until_at, t.summary_until_id))
-                 ORDER BY h.created_at DESC, h.id DESC LIMIT $2
-             ) h
-             UNION ALL
-             SELECT {MESSAGE_COLUMNS}, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true FROM path",
-            target = prefixed("m"),
-            history = prefixed("h"),
-        )))
-        .bind(message_id)
-        .bind(history_limit)
-        .fetch_all(self.pool())
-        .await?;
-        let (mut history, mut target): (Vec<_>, Vec<_>) = rows.into_iter().partition(|row| row.in_history);
-        let Some(mut row) = target.pop() else {
+        let rows =
+            sqlx::query(JOB_CONTEXT.as_str()).bind(message_id).bind(history_limit).fetch_all(self.pool()).await?;
+        let mut target = None;
+        let mut history = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.try_get(0)? {
+                // By position: a history row carries its first six columns only (`JOB_CONTEXT`).
+                let completed: bool = row.try_get(5)?;
+                let message = HistoryMessage {
+                    id: row.try_get(1)?,
+                    role: row.try_get(2)?,
+                    content: row.try_get(3)?,
+                    created_at: row.try_get(4)?,
+                };
+                history.push((message, completed));
+            } else {
+                target = Some(JobContextRow::from_row(row)?);
+            }
+        }
+        let Some(mut row) = target else {
             return Ok(None);
         };
-        history.sort_by_key(|row| (row.message.created_at, row.message.id));
+        history.sort_by_key(|(message, _)| (message.created_at, message.id));
         if row.branched == Some(true) {
             // The path ends at the summary's last message when the summary covers this branch; else
             // the summary was written for another branch and does not apply.
-            match history.iter().position(|entry| Some(entry.message.id) == row.summary_until_id) {
+            match history.iter().position(|(message, _)| Some(message.id) == row.summary_until_id) {
                 Some(until) => {
                     history.drain(..=until);
                 }
                 None => row.summary = None,
             }
-            history.retain(|entry| entry.message.status == MessageStatus::Completed);
+            history.retain(|(_, completed)| *completed);
             let keep = usize::try_from(history_limit).unwrap_or(usize::MAX);
             history.drain(..history.len().saturating_sub(keep));
         }
-        let mut messages: Vec<MessageRow> =
-            std::iter::once(row.message).chain(history.into_iter().map(|row| row.message)).collect();
-        self.reveal_messages(&mut messages).await?;
-        let mut messages = messages.into_iter();
-        let message = messages.next().ok_or(sqlx::Error::RowNotFound)?;
+        let mut message = row.message;
+        self.reveal_messages(std::slice::from_mut(&mut message)).await?;
+        let mut history: Vec<HistoryMessage> = history.into_iter().map(|(message, _)| message).collect();
+        let sealed = |text: &str| parley_platform::envelope::is_sealed(text);
+        let key = match row.summary.as_deref().is_some_and(sealed) || history.iter().any(|m| sealed(&m.content)) {
+            true => Some(self.data_key(message.conversation_id).await?.ok_or(sqlx::Error::RowNotFound)?),
+            false => None,
+        };
+        if let Some(key) = &key {
+            for entry in history.iter_mut().filter(|entry| sealed(&entry.content)) {
+                entry.content = key.open_text(Field::Content, &entry.content).map_err(sealing_error)?;
+            }
+        }
         let summary = match (row.summary, row.summary_until_at, row.summary_until_id) {
             (Some(summary), Some(at), Some(id)) => {
-                let key = self.data_key(message.conversation_id).await?.ok_or(sqlx::Error::RowNotFound)?;
-                Some((key.open_text(Field::Summary, &summary).map_err(sealing_error)?, Position { at, id }))
+                let text = match &key {
+                    Some(key) if sealed(&summary) => key.open_text(Field::Summary, &summary).map_err(sealing_error)?,
+                    _ => summary,
+                };
+                Some((text, Position { at, id }))
             }
             _ => None,
         };
@@ -854,7 +848,7 @@ impl Storage {
             summary,
             untitled: row.untitled.unwrap_or(false),
         };
-        Ok(Some(JobContext { message, conversation, history: messages.collect() }))
+        Ok(Some(JobContext { message, conversation, history }))
     }
 
     /// What the job of the reply `message_id` needs of its conversation, as a job carries it; `None`
@@ -869,7 +863,7 @@ impl Storage {
         };
         let history = history
             .into_iter()
-            .map(|message| events::ContextMessage { id: message.id, role: message.role, content: message.content })
+            .map(|HistoryMessage { id, role, content, .. }| events::ContextMessage { id, role, content })
             .collect();
         Ok(Some(events::JobContext {
             system_prompt: conversation.system_prompt,
@@ -1274,7 +1268,6 @@ impl Storage {
 struct JobContextRow {
     #[sqlx(flatten)]
     message: MessageRow,
-    /// Set on the reply's row; NULL on the history's.
     conversation_model: Option<String>,
     system_prompt: Option<String>,
     summary: Option<String>,
@@ -1282,8 +1275,50 @@ struct JobContextRow {
     summary_until_id: Option<Uuid>,
     untitled: Option<bool>,
     branched: Option<bool>,
-    in_history: bool,
 }
+
+/// The statement of [`Storage::job_context`]: the reply's row (`in_history` false), read by name, then
+/// the history's rows, whose only columns are the first six (`in_history`, id, role, content,
+/// created_at, completed), read by position; the history is up to `history.limit` rows of every job.
+static JOB_CONTEXT: LazyLock<String> = LazyLock::new(|| {
+    let absent = ["NULL"; 17].join(", ");
+    format!(
+        "WITH RECURSIVE target AS (
+             SELECT {target}, c.model AS conversation_model, c.system_prompt, c.summary, c.summary_until_at,
+                    c.summary_until_id, c.title IS NULL AS untitled, c.branched
+             FROM chat.all_messages m
+             JOIN chat.conversations c ON c.id = m.conversation_id AND c.user_id = m.user_id
+             WHERE m.id = $1
+         ),
+         -- A branched conversation: the reply's ancestors, up to the summary's last message.
+         path AS (
+             SELECT {walked} FROM chat.all_messages h JOIN target t ON h.id = t.parent_id WHERE t.branched
+             UNION ALL
+             SELECT {walked} FROM chat.all_messages h JOIN path p ON h.id = p.parent_id
+             WHERE p.id IS DISTINCT FROM (SELECT summary_until_id FROM target)
+         )
+         SELECT false AS in_history, id, role, content, created_at, status = 'completed' AS completed,
+                conversation_id, user_id, status, model, input_tokens, output_tokens, error_code, error_detail,
+                completed_at, parent_id, conversation_model, system_prompt, summary, summary_until_at,
+                summary_until_id, untitled, branched
+         FROM target
+         UNION ALL
+         SELECT true, h.id, h.role, h.content, h.created_at, true, {absent}
+         FROM target t CROSS JOIN LATERAL (
+             SELECT id, role, content, created_at FROM chat.all_messages h
+             WHERE h.conversation_id = t.conversation_id AND (h.created_at, h.id) < (t.created_at, t.id)
+               AND h.status = 'completed' AND NOT t.branched
+               AND (t.summary_until_at IS NULL OR (h.created_at, h.id) > (t.summary_until_at, t.summary_until_id))
+             ORDER BY h.created_at DESC, h.id DESC LIMIT $2
+         ) h
+         UNION ALL
+         SELECT true, id, role, content, created_at, status = 'completed', {absent} FROM path",
+        target = prefixed_columns("m"),
+        walked = ["id", "role", "content", "created_at", "status", "parent_id"]
+            .map(|column| format!("h.{column}"))
+            .join(", "),
+    )
+});
 
 /// Where a search result stands in its ranking: the cursor of the page after it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -1318,8 +1353,17 @@ struct SearchRow {
 pub struct JobContext {
     pub message: MessageRow,
     pub conversation: JobConversation,
-    /// Oldest first.
-    pub history: Vec<MessageRow>,
+    /// Oldest first; every one completed.
+    pub history: Vec<HistoryMessage>,
+}
+
+/// A message of a job's history: what a prompt takes of it.
+#[derive(Debug, Clone)]
+pub struct HistoryMessage {
+    pub id: Uuid,
+    pub role: String,
+    pub content: String,
+    pub created_at: OffsetDateTime,
 }
 
 /// A conversation as a job sees it.
@@ -1481,7 +1525,33 @@ async fn insert_exchange<'e>(
     let job = reply_job(exchange, assistant_message_id);
     // The messages' times come from clock_timestamp() once the row lock is held, not from now() (the
     // statement's start), so they follow every message committed before them.
-    let rows: Vec<MessageRow> = sqlx::query_as(sql(format!(
+    let rows: Vec<MessageRow> = sqlx::query_as(INSERT_EXCHANGE.as_str())
+        .bind(exchange.conversation_id)
+        .bind(exchange.user_id)
+        .bind(user_message_id)
+        .bind(exchange.content)
+        .bind(assistant_message_id)
+        .bind(exchange.model)
+        .bind(job.job_id)
+        .bind(exchange.jobs_subject)
+        .bind(sqlx::types::Json(&job))
+        .bind(exchange.traceparent.as_deref())
+        .bind(terms)
+        .bind(matches!(exchange.follows, Follows::Parent(_)))
+        .bind(match exchange.follows {
+            Follows::Parent(parent) => parent,
+            Follows::ActiveBranch | Follows::Question(_) => None,
+        })
+        .fetch_all(executor)
+        .await?;
+    Ok(stored_exchange(exchange, rows, user_message_id, job))
+}
+
+/// The statement of [`insert_exchange`]: $1 conversation, $2 user, $3 question id, $4 its content
+/// (sealed), $5 reply id, $6 model, $7 job id, $8 subject, $9 job, $10 traceparent, $11 search terms,
+/// $12 whether the question is an edit (placed after $13, its parent, not after the active leaf).
+static INSERT_EXCHANGE: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "WITH conversation AS (
              UPDATE chat.conversations SET updated_at = now(), archived_at = NULL,
                  prior_leaf_id = active_leaf_id, active_leaf_id = $5, branched = branched OR $12
@@ -1507,27 +1577,34 @@ async fn insert_exchange<'e>(
              INSERT INTO chat.search_terms (item_id, conversation_id, user_id, terms)
              SELECT id, conversation_id, user_id, $11::tsvector FROM question WHERE $11::tsvector IS NOT NULL)
          SELECT {MESSAGE_COLUMNS} FROM question UNION ALL SELECT {MESSAGE_COLUMNS} FROM reply"
-    )))
-    .bind(exchange.conversation_id)
-    .bind(exchange.user_id)
-    .bind(user_message_id)
-    .bind(exchange.content)
-    .bind(assistant_message_id)
-    .bind(exchange.model)
-    .bind(job.job_id)
-    .bind(exchange.jobs_subject)
-    .bind(sqlx::types::Json(&job))
-    .bind(exchange.traceparent.as_deref())
-    .bind(terms)
-    .bind(matches!(exchange.follows, Follows::Parent(_)))
-    .bind(match exchange.follows {
-        Follows::Parent(parent) => parent,
-        Follows::ActiveBranch | Follows::Question(_) => None,
-    })
-    .fetch_all(executor)
-    .await?;
-    Ok(stored_exchange(exchange, rows, user_message_id, job))
-}
+    )
+});
+
+/// The statement of [`insert_regeneration`]: $1 conversation, $2 user, $3 question, $4 reply id,
+/// $5 model, $6 job id, $7 subject, $8 job, $9 traceparent.
+static INSERT_REGENERATION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH question AS (
+             SELECT {MESSAGE_COLUMNS} FROM chat.all_messages
+             WHERE id = $3 AND conversation_id = $1 AND user_id = $2 AND role = 'user'),
+         conversation AS (
+             UPDATE chat.conversations SET updated_at = now(), archived_at = NULL,
+                 prior_leaf_id = active_leaf_id, active_leaf_id = $4, branched = true
+             WHERE id = $1 AND user_id = $2 AND EXISTS (SELECT 1 FROM question)
+             RETURNING id, model),
+         reply AS (
+             INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, model, created_at, parent_id)
+             SELECT $4, conversation.id, $2, 'assistant', '', 'pending', COALESCE($5, conversation.model),
+                    clock_timestamp(), $3
+             FROM conversation
+             RETURNING {MESSAGE_COLUMNS}),
+         job AS (
+             INSERT INTO chat.outbox (job_id, subject, payload, traceparent)
+             SELECT $6, $7, jsonb_set($8, '{{model}}', to_jsonb(reply.model)), $9 FROM reply)
+         SELECT {MESSAGE_COLUMNS} FROM question WHERE EXISTS (SELECT 1 FROM reply)
+         UNION ALL SELECT {MESSAGE_COLUMNS} FROM reply"
+    )
+});
 
 /// The job of a reply about to be stored.
 fn reply_job(exchange: &NewExchange<'_>, assistant_message_id: Uuid) -> AiJob {
@@ -1580,38 +1657,18 @@ async fn insert_regeneration<'e>(
 ) -> Result<Option<SentExchange>, sqlx::Error> {
     let assistant_message_id = Uuid::now_v7();
     let job = reply_job(exchange, assistant_message_id);
-    let rows: Vec<MessageRow> = sqlx::query_as(sql(format!(
-        "WITH question AS (
-             SELECT {MESSAGE_COLUMNS} FROM chat.all_messages
-             WHERE id = $3 AND conversation_id = $1 AND user_id = $2 AND role = 'user'),
-         conversation AS (
-             UPDATE chat.conversations SET updated_at = now(), archived_at = NULL,
-                 prior_leaf_id = active_leaf_id, active_leaf_id = $4, branched = true
-             WHERE id = $1 AND user_id = $2 AND EXISTS (SELECT 1 FROM question)
-             RETURNING id, model),
-         reply AS (
-             INSERT INTO chat.messages (id, conversation_id, user_id, role, content, status, model, created_at, parent_id)
-             SELECT $4, conversation.id, $2, 'assistant', '', 'pending', COALESCE($5, conversation.model),
-                    clock_timestamp(), $3
-             FROM conversation
-             RETURNING {MESSAGE_COLUMNS}),
-         job AS (
-             INSERT INTO chat.outbox (job_id, subject, payload, traceparent)
-             SELECT $6, $7, jsonb_set($8, '{{model}}', to_jsonb(reply.model)), $9 FROM reply)
-         SELECT {MESSAGE_COLUMNS} FROM question WHERE EXISTS (SELECT 1 FROM reply)
-         UNION ALL SELECT {MESSAGE_COLUMNS} FROM reply"
-    )))
-    .bind(exchange.conversation_id)
-    .bind(exchange.user_id)
-    .bind(question)
-    .bind(assistant_message_id)
-    .bind(exchange.model)
-    .bind(job.job_id)
-    .bind(exchange.jobs_subject)
-    .bind(sqlx::types::Json(&job))
-    .bind(exchange.traceparent.as_deref())
-    .fetch_all(executor)
-    .await?;
+    let rows: Vec<MessageRow> = sqlx::query_as(INSERT_REGENERATION.as_str())
+        .bind(exchange.conversation_id)
+        .bind(exchange.user_id)
+        .bind(question)
+        .bind(assistant_message_id)
+        .bind(exchange.model)
+        .bind(job.job_id)
+        .bind(exchange.jobs_subject)
+        .bind(sqlx::types::Json(&job))
+        .bind(exchange.traceparent.as_deref())
+        .fetch_all(executor)
+        .await?;
     Ok(stored_exchange(exchange, rows, question, job))
 }
 
