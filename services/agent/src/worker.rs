@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use parley_platform::backoff::Backoff;
-use parley_platform::events::{AiJob, JobContext};
+use parley_platform::events::{AiJob, CarriedContext};
 use parley_platform::grpc::ClientChannel;
 use parley_platform::message_status::MessageStatus;
 use parley_platform::nats::Names;
@@ -236,7 +236,7 @@ impl Agent {
         .await;
     }
 
-    async fn run_job(&self, job: &AiJob, delivered: i64, carried: Option<JobContext>) -> Outcome {
+    async fn run_job(&self, job: &AiJob, delivered: i64, carried: Option<CarriedContext>) -> Outcome {
         let retry = Outcome::Retry(retry_delay(delivered));
         let context = match self.context(job, delivered, carried).await {
             Ok(context) => context,
@@ -338,7 +338,7 @@ impl Agent {
         &self,
         job: &AiJob,
         delivered: i64,
-        carried: Option<JobContext>,
+        carried: Option<CarriedContext>,
     ) -> Result<chat_pb::JobContext, Outcome> {
         if let Some(carried) = carried.filter(|_| delivered == 1) {
             metrics::counter!(crate::metrics::JOB_CONTEXTS, "source" => "carried").increment(1);
@@ -448,7 +448,7 @@ impl Agent {
 
 /// A carried context as chat's `GetJobContext` would answer it for a reply still pending (which it
 /// leaves out: no reply means pending).
-fn carried_context(job: &AiJob, carried: JobContext) -> chat_pb::JobContext {
+fn carried_context(job: &AiJob, carried: CarriedContext) -> chat_pb::JobContext {
     let history = carried
         .history
         .into_iter()

@@ -255,7 +255,7 @@ fn job_headers(job_id: Uuid, traceparent: Option<&str>) -> async_nats::HeaderMap
 
 #[cfg(test)]
 mod tests {
-    use parley_platform::events::{AiJob, CacheDirective, ContextMessage, JobContext};
+    use parley_platform::events::{AiJob, CacheDirective, CarriedContext, ContextMessage};
 
     use super::*;
 
@@ -273,7 +273,7 @@ mod tests {
             cache: CacheDirective::default(),
             reservation_id: None,
             max_tokens: None,
-            context: Some(JobContext { history: vec![message], ..JobContext::default() }),
+            context: Some(CarriedContext { history: vec![message], ..CarriedContext::default() }),
         };
         QueuedJob { job, subject: "jobs".to_owned(), traceparent: None, committed }
     }

@@ -857,7 +857,7 @@ impl Storage {
         &self,
         message_id: Uuid,
         history_limit: i64,
-    ) -> Result<Option<events::JobContext>, sqlx::Error> {
+    ) -> Result<Option<events::CarriedContext>, sqlx::Error> {
         let Some(JobContext { conversation, history, .. }) = self.job_context(message_id, history_limit).await? else {
             return Ok(None);
         };
@@ -865,7 +865,7 @@ impl Storage {
             .into_iter()
             .map(|HistoryMessage { id, role, content, .. }| events::ContextMessage { id, role, content })
             .collect();
-        Ok(Some(events::JobContext {
+        Ok(Some(events::CarriedContext {
             system_prompt: conversation.system_prompt,
             summary: conversation.summary.map(|(text, _)| text),
             untitled: conversation.untitled,

@@ -26,15 +26,15 @@ pub struct AiJob {
     pub max_tokens: Option<u32>,
     /// What the reply needs of its conversation, read by chat right after the send and carried when
     /// small, so that the job's first run need not ask chat for it. Never stored in the outbox: a job
-    /// the sweep publishes, or one published late, carries none.
+    /// the sweep publishes, one published late or one too large to carry has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub context: Option<JobContext>,
+    pub context: Option<CarriedContext>,
 }
 
 /// A reply job's context as carried in the job: the conversation's system prompt and running summary,
 /// and the completed messages the reply follows (oldest first, after the summary), in plain text.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct JobContext {
+pub struct CarriedContext {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_prompt: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
