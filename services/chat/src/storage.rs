@@ -822,24 +822,20 @@ impl Storage {
         let mut message = row.message;
         self.reveal_messages(std::slice::from_mut(&mut message)).await?;
         let mut history: Vec<HistoryMessage> = history.into_iter().map(|(message, _)| message).collect();
-        let sealed = |text: &str| parley_platform::envelope::is_sealed(text);
-        let key = match row.summary.as_deref().is_some_and(sealed) || history.iter().any(|m| sealed(&m.content)) {
-            true => Some(self.data_key(message.conversation_id).await?.ok_or(sqlx::Error::RowNotFound)?),
-            false => None,
-        };
-        if let Some(key) = &key {
-            for entry in history.iter_mut().filter(|entry| sealed(&entry.content)) {
+        // Every text here is the reply's conversation's: one data key opens them all.
+        let is_sealed = parley_platform::envelope::is_sealed;
+        let sealed = row.summary.as_deref().is_some_and(is_sealed) || history.iter().any(|m| is_sealed(&m.content));
+        if sealed {
+            let key = self.data_key(message.conversation_id).await?.ok_or(sqlx::Error::RowNotFound)?;
+            for entry in history.iter_mut().filter(|entry| is_sealed(&entry.content)) {
                 entry.content = key.open_text(Field::Content, &entry.content).map_err(sealing_error)?;
+            }
+            if let Some(summary) = &mut row.summary {
+                *summary = key.open_text(Field::Summary, summary).map_err(sealing_error)?;
             }
         }
         let summary = match (row.summary, row.summary_until_at, row.summary_until_id) {
-            (Some(summary), Some(at), Some(id)) => {
-                let text = match &key {
-                    Some(key) if sealed(&summary) => key.open_text(Field::Summary, &summary).map_err(sealing_error)?,
-                    _ => summary,
-                };
-                Some((text, Position { at, id }))
-            }
+            (Some(summary), Some(at), Some(id)) => Some((summary, Position { at, id })),
             _ => None,
         };
         let conversation = JobConversation {
