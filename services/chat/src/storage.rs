@@ -1275,7 +1275,8 @@ struct JobContextRow {
 
 /// The statement of [`Storage::job_context`]: the reply's row (`in_history` false), read by name, then
 /// the history's rows, whose only columns are the first six (`in_history`, id, role, content,
-/// created_at, completed), read by position; the history is up to `history.limit` rows of every job.
+/// created_at, completed), read by position: up to `chat.history_limit` of them on every job, they carry
+/// only what a prompt takes.
 static JOB_CONTEXT: LazyLock<String> = LazyLock::new(|| {
     let absent = ["NULL"; 17].join(", ");
     format!(
