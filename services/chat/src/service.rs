@@ -94,9 +94,14 @@ impl ChatService {
         Ok((message.conversation_id, Follows::Question(question)))
     }
 
-    /// Hands a committed job to the relay once its context is read, off the send's path, so that the
-    /// job's first run need not ask for it; without it when the read fails.
+    /// Hands a committed job to the relay with its context, so that the job's first run need not ask
+    /// for it: at once when the send's statement read it, else once it is read, off the send's path
+    /// (without it when that read fails).
     fn publish_with_context(&self, mut job: QueuedJob) {
+        if job.job.context.is_some() {
+            self.jobs.publish(job);
+            return;
+        }
         let (storage, jobs) = (self.storage.clone(), self.jobs.clone());
         let history_limit = i64::from(self.config.chat.history_limit);
         let publish = async move {
@@ -380,6 +385,7 @@ impl pb::chat_service_server::ChatService for ChatService {
             traceparent: telemetry::current_traceparent(),
             generation: generation(&request)?,
             follows,
+            history_limit: i64::from(self.config.chat.history_limit),
         };
         let Some(mut sent) = self.storage.send(exchange).await.map_err(ChatError::from)? else {
             return Err(ChatError::from(ServiceError::not_found("conversation")).into());

@@ -105,6 +105,8 @@ pub struct NewExchange<'a> {
     pub traceparent: Option<String>,
     pub generation: Generation,
     pub follows: Follows,
+    /// How many messages a job's context takes (`chat.history_limit`), the question included.
+    pub history_limit: i64,
 }
 
 /// Where an exchange goes in its conversation's tree of messages.
@@ -561,6 +563,18 @@ impl Storage {
         };
         self.reveal_messages(std::slice::from_mut(&mut sent.user_message)).await?;
         self.reveal_messages(std::slice::from_mut(&mut sent.assistant_message)).await?;
+        if let Some(context) = sent.job.as_mut().and_then(|queued| queued.job.context.as_mut()) {
+            let key = self.data_key(sent.user_message.conversation_id).await?.ok_or(sqlx::Error::RowNotFound)?;
+            for entry in &mut context.history {
+                entry.content = key.open_text(Field::Content, &entry.content).map_err(sealing_error)?;
+            }
+            if let Some(summary) = &mut context.summary {
+                *summary = key.open_text(Field::Summary, summary).map_err(sealing_error)?;
+            }
+            let question = &sent.user_message;
+            let (id, role, content) = (question.id, question.role.clone(), question.content.clone());
+            context.history.push(events::ContextMessage { id, role, content });
+        }
         Ok(Some(sent))
     }
 
@@ -1260,6 +1274,43 @@ impl Storage {
     }
 }
 
+/// A row of the send's statement (`INSERT_EXCHANGE`): the question or the reply; on the reply's, the
+/// job's context as the statement read it, its texts as stored (sealed), the question not among them.
+#[derive(sqlx::FromRow)]
+struct ExchangeRow {
+    #[sqlx(flatten)]
+    message: MessageRow,
+    /// Whether the statement could read the context (`None` on the question's row).
+    context_read: Option<bool>,
+    system_prompt: Option<String>,
+    summary: Option<String>,
+    untitled: Option<bool>,
+    history_ids: Option<Vec<Uuid>>,
+    history_roles: Option<Vec<String>>,
+    history_contents: Option<Vec<String>>,
+}
+
+impl ExchangeRow {
+    /// The context the statement read, taken out of the row.
+    fn take_context(&mut self) -> events::CarriedContext {
+        let ids = self.history_ids.take().unwrap_or_default();
+        let roles = self.history_roles.take().unwrap_or_default();
+        let contents = self.history_contents.take().unwrap_or_default();
+        let history = ids
+            .into_iter()
+            .zip(roles)
+            .zip(contents)
+            .map(|((id, role), content)| events::ContextMessage { id, role, content })
+            .collect();
+        events::CarriedContext {
+            system_prompt: self.system_prompt.take(),
+            summary: self.summary.take(),
+            untitled: self.untitled.unwrap_or(false),
+            history,
+        }
+    }
+}
+
 #[derive(sqlx::FromRow)]
 struct JobContextRow {
     #[sqlx(flatten)]
@@ -1522,7 +1573,7 @@ async fn insert_exchange<'e>(
     let job = reply_job(exchange, assistant_message_id);
     // The messages' times come from clock_timestamp() once the row lock is held, not from now() (the
     // statement's start), so they follow every message committed before them.
-    let rows: Vec<MessageRow> = sqlx::query_as(INSERT_EXCHANGE.as_str())
+    let rows: Vec<ExchangeRow> = sqlx::query_as(INSERT_EXCHANGE.as_str())
         .bind(exchange.conversation_id)
         .bind(exchange.user_id)
         .bind(user_message_id)
@@ -1539,21 +1590,33 @@ async fn insert_exchange<'e>(
             Follows::Parent(parent) => parent,
             Follows::ActiveBranch | Follows::Question(_) => None,
         })
+        .bind((exchange.history_limit - 1).max(0))
         .fetch_all(executor)
         .await?;
-    Ok(stored_exchange(exchange, rows, user_message_id, job))
+    let mut context = None;
+    let mut messages = Vec::with_capacity(rows.len());
+    for mut row in rows {
+        if row.context_read == Some(true) {
+            context = Some(row.take_context());
+        }
+        messages.push(row.message);
+    }
+    Ok(stored_exchange(exchange, messages, user_message_id, job, context))
 }
 
 /// The statement of [`insert_exchange`]: $1 conversation, $2 user, $3 question id, $4 its content
 /// (sealed), $5 reply id, $6 model, $7 job id, $8 subject, $9 job, $10 traceparent, $11 search terms,
-/// $12 whether the question is an edit (placed after $13, its parent, not after the active leaf).
+/// $12 whether the question is an edit (placed after $13, its parent, not after the active leaf), $14 how
+/// many messages before the question the job's context takes. The reply's row also carries that
+/// context as the statement read it (`ExchangeRow`).
 static INSERT_EXCHANGE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH conversation AS (
              UPDATE chat.conversations SET updated_at = now(), archived_at = NULL,
                  prior_leaf_id = active_leaf_id, active_leaf_id = $5, branched = branched OR $12
              WHERE id = $1 AND user_id = $2
-             RETURNING id, model, prior_leaf_id),
+             RETURNING id, model, prior_leaf_id, branched, system_prompt, summary, summary_until_at,
+                       summary_until_id, title IS NULL AS untitled),
          question AS (
              INSERT INTO chat.messages
                  (id, conversation_id, user_id, role, content, status, created_at, completed_at, parent_id)
@@ -1572,8 +1635,33 @@ static INSERT_EXCHANGE: LazyLock<String> = LazyLock::new(|| {
              SELECT $7, $8, jsonb_set($9, '{{model}}', to_jsonb(reply.model)), $10 FROM reply),
          indexed AS (
              INSERT INTO chat.search_terms (item_id, conversation_id, user_id, terms)
-             SELECT id, conversation_id, user_id, $11::tsvector FROM question WHERE $11::tsvector IS NOT NULL)
-         SELECT {MESSAGE_COLUMNS} FROM question UNION ALL SELECT {MESSAGE_COLUMNS} FROM reply"
+             SELECT id, conversation_id, user_id, $11::tsvector FROM question WHERE $11::tsvector IS NOT NULL),
+         -- The job's context is read here when this statement's snapshot holds the whole thread: the
+         -- conversation has not branched and its newest message is the leaf this send follows (a send
+         -- into it that committed while this one waited for the row lock is missing from the snapshot).
+         context AS (
+             SELECT c.*, NOT c.branched AND c.prior_leaf_id IS NOT DISTINCT FROM (
+                 SELECT id FROM chat.all_messages WHERE conversation_id = c.id
+                 ORDER BY created_at DESC, id DESC LIMIT 1) AS context_read
+             FROM conversation c),
+         history AS (
+             SELECT array_agg(h.id ORDER BY h.created_at, h.id) AS ids,
+                    array_agg(h.role ORDER BY h.created_at, h.id) AS roles,
+                    array_agg(h.content ORDER BY h.created_at, h.id) AS contents
+             FROM context c CROSS JOIN LATERAL (
+                 SELECT id, role, content, created_at FROM chat.all_messages h
+                 WHERE h.conversation_id = c.id AND h.status = 'completed' AND c.context_read
+                   AND (c.summary_until_at IS NULL OR (h.created_at, h.id) > (c.summary_until_at, c.summary_until_id))
+                 ORDER BY h.created_at DESC, h.id DESC LIMIT $14
+             ) h)
+         SELECT {MESSAGE_COLUMNS}, NULL::boolean AS context_read, NULL::text AS system_prompt, NULL::text AS summary,
+                NULL::boolean AS untitled, NULL::uuid[] AS history_ids, NULL::text[] AS history_roles,
+                NULL::text[] AS history_contents
+         FROM question
+         UNION ALL
+         SELECT {reply}, c.context_read, c.system_prompt, c.summary, c.untitled, h.ids, h.roles, h.contents
+         FROM reply, context c, history h",
+        reply = prefixed_columns("reply"),
     )
 });
 
@@ -1628,13 +1716,14 @@ fn stored_exchange(
     rows: Vec<MessageRow>,
     question_id: Uuid,
     job: AiJob,
+    context: Option<events::CarriedContext>,
 ) -> Option<SentExchange> {
     let mut rows = rows.into_iter();
     let (Some(first), Some(second)) = (rows.next(), rows.next()) else {
         return None;
     };
     let (user_message, assistant_message) = if first.id == question_id { (first, second) } else { (second, first) };
-    let job = AiJob { model: assistant_message.model.clone().unwrap_or_default(), ..job };
+    let job = AiJob { model: assistant_message.model.clone().unwrap_or_default(), context, ..job };
     let job = QueuedJob {
         job,
         subject: exchange.jobs_subject.to_owned(),
@@ -1666,7 +1755,7 @@ async fn insert_regeneration<'e>(
         .bind(exchange.traceparent.as_deref())
         .fetch_all(executor)
         .await?;
-    Ok(stored_exchange(exchange, rows, question, job))
+    Ok(stored_exchange(exchange, rows, question, job, None))
 }
 
 async fn replay_exchange(

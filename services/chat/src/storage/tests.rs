@@ -61,6 +61,7 @@ fn exchange<'a>(user_id: Uuid, conversation_id: Uuid, content: &'a str) -> NewEx
         traceparent: None,
         generation: Generation::default(),
         follows: Follows::ActiveBranch,
+        history_limit: 10,
     }
 }
 
@@ -403,4 +404,38 @@ async fn the_outbox_hands_an_unpublished_job_to_one_relay_and_forgets_it_once_pu
         .unwrap();
     assert_eq!(Storage::purge_published(db.pool()).await.unwrap(), 1);
     assert_eq!(db.outbox().await.iter().map(|job| job.job_id).collect::<Vec<_>>(), [job_of(&second)]);
+}
+
+/// The send's statement reads its job's context with the exchange, as `job_context` would after the
+/// commit; when its snapshot misses a send into the same conversation that committed while it waited
+/// for the conversation's lock, it reads none (chat then reads it after the commit).
+#[tokio::test]
+async fn a_send_reads_its_jobs_context_unless_its_snapshot_misses_a_concurrent_send() {
+    let db = Fixture::create().await;
+    let user = Uuid::now_v7();
+    let conversation = db.storage.create_conversation(user, None, "model-a", Some("be brief")).await.unwrap();
+    let first = db.storage.send(exchange(user, conversation.id, "first")).await.unwrap().unwrap();
+    db.storage.complete_message(completed(first.assistant_message.id, "an answer")).await.unwrap();
+    let second = db.storage.send(exchange(user, conversation.id, "second")).await.unwrap().unwrap();
+    let carried = second.job.as_ref().and_then(|queued| queued.job.context.clone()).expect("read by the send");
+    let contents: Vec<&str> = carried.history.iter().map(|message| message.content.as_str()).collect();
+    assert_eq!(contents, ["first", "an answer", "second"]);
+    assert_eq!(carried.system_prompt.as_deref(), Some("be brief"));
+    let read_later = db.storage.carried_context(second.assistant_message.id, 10).await.unwrap();
+    assert_eq!(Some(&carried), read_later.as_ref(), "the same context as read after the commit");
+    assert!(db.outbox().await.iter().all(|job| job.context.is_none()), "the outbox never holds a context");
+
+    // Another send holds the conversation's row lock; this one waits for it, its snapshot taken before.
+    let mut other = db.pool().begin().await.unwrap();
+    let elsewhere = exchange(user, conversation.id, "from another tab");
+    insert(&mut *other, &elsewhere, None).await.unwrap().expect("stored");
+    let storage = db.storage.clone();
+    let waiting = tokio::spawn(async move { storage.send(exchange(user, conversation.id, "third")).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    other.commit().await.unwrap();
+    let third = waiting.await.unwrap().unwrap().unwrap();
+    assert_eq!(third.job.as_ref().map(|queued| queued.job.context.is_none()), Some(true));
+    let read_later = db.storage.carried_context(third.assistant_message.id, 10).await.unwrap().unwrap();
+    let contents: Vec<&str> = read_later.history.iter().map(|message| message.content.as_str()).collect();
+    assert_eq!(contents, ["first", "an answer", "second", "from another tab", "third"]);
 }
