@@ -1659,7 +1659,8 @@ static INSERT_EXCHANGE: LazyLock<String> = LazyLock::new(|| {
                 NULL::text[] AS history_contents
          FROM question
          UNION ALL
-         SELECT {reply}, c.context_read, c.system_prompt, c.summary, c.untitled, h.ids, h.roles, h.contents
+         SELECT {reply}, c.context_read, c.system_prompt,
+                CASE WHEN c.summary_until_id IS NOT NULL THEN c.summary END, c.untitled, h.ids, h.roles, h.contents
          FROM reply, context c, history h",
         reply = prefixed_columns("reply"),
     )
