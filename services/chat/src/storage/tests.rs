@@ -431,7 +431,21 @@ async fn a_send_reads_its_jobs_context_unless_its_snapshot_misses_a_concurrent_s
     insert(&mut *other, &elsewhere, None).await.unwrap().expect("stored");
     let storage = db.storage.clone();
     let waiting = tokio::spawn(async move { storage.send(exchange(user, conversation.id, "third")).await });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Committed only once the waiting send's statement is blocked on the lock (its snapshot taken).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the second send never waited for the lock");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     other.commit().await.unwrap();
     let third = waiting.await.unwrap().unwrap().unwrap();
     assert_eq!(third.job.as_ref().map(|queued| queued.job.context.is_none()), Some(true));
