@@ -7,7 +7,7 @@ use std::time::Duration;
 use parley_platform::ServiceError;
 use parley_platform::events::{AiJob, MessageEvent, Settlement, StoredReply, UsageEvent, UsageOutcome};
 use parley_platform::message_status::MessageStatus;
-use parley_platform::telemetry::{self, NatsHeaderCarrier};
+use parley_platform::telemetry;
 use parley_proto::chat::v1 as chat_pb;
 use parley_proto::quota::v1 as quota_pb;
 use uuid::Uuid;
@@ -61,6 +61,7 @@ fn usage_event(job: &AiJob, model: &str, outcome: UsageOutcome, charged_tokens: 
         outcome,
         occurred_at_ms,
         settlement: Some(Settlement { reservation_id: job.reservation_id, tokens: charged_tokens }),
+        traceparent: None,
     }
 }
 
@@ -206,7 +207,7 @@ impl Agent {
             cache_hit: answer.cache_hit,
             ..usage_event(job, model, UsageOutcome::Completed, tokens)
         };
-        self.publish_usage(&event).await
+        self.publish_usage(event).await
     }
 
     /// Raises the job's reservation to what this call can cost at most (the prompt as counted, plus the
@@ -290,7 +291,7 @@ impl Agent {
             latency_ms: answer.elapsed.as_millis() as i64,
             ..side_call_event(job, event_id, &summary.model, outcome, charged)
         };
-        self.publish_usage(&event).await
+        self.publish_usage(event).await
     }
 
     /// Reports an attempt that streamed part of a reply, up to delta `last_index`, and died with its
@@ -315,7 +316,7 @@ impl Agent {
             output_tokens: consumed.output_tokens,
             ..side_call_event(job, event_id, &job.model, UsageOutcome::Failed, charged)
         };
-        self.publish_usage(&event).await
+        self.publish_usage(event).await
     }
 
     /// Reports a call that ended failed: a usage event with outcome `failed`, which carries what the
@@ -328,21 +329,14 @@ impl Agent {
             output_tokens: consumed.output_tokens,
             ..usage_event(job, &job.model, UsageOutcome::Failed, charged)
         };
-        self.publish_usage(&event).await
+        self.publish_usage(event).await
     }
 
-    pub(crate) async fn publish_usage(&self, event: &UsageEvent) -> Result<(), AgentError> {
-        let payload = serde_json::to_vec(event).map_err(|error| AgentError::Nats(error.to_string()))?;
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.event_id.to_string().as_str());
-        telemetry::inject_current(&mut NatsHeaderCarrier(&mut headers));
-        let ack = self
-            .jetstream
-            .publish_with_headers(self.names.usage_subject(), headers, payload.into())
-            .await
-            .map_err(|error| AgentError::Nats(error.to_string()))?;
-        ack.await.map_err(|error| AgentError::Nats(error.to_string()))?;
-        Ok(())
+    /// Publishes a usage event with the current trace context (with others of this agent's, when
+    /// they come together: [`crate::usage`]), returning once it is stored.
+    pub(crate) async fn publish_usage(&self, event: UsageEvent) -> Result<(), AgentError> {
+        let event = UsageEvent { traceparent: telemetry::current_traceparent(), ..event };
+        self.usage.publish(event).await
     }
 
     /// Keeps a job that was given up on in the dead-letter stream, with the reason in a header.

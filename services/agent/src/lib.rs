@@ -18,6 +18,7 @@ mod resilience;
 mod stops;
 mod summaries;
 mod titles;
+mod usage;
 mod worker;
 
 use std::collections::BTreeMap;

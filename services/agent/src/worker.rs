@@ -52,6 +52,8 @@ pub struct Agent {
     pub(crate) reserver: Arc<parley_quota::reserve::Reserver>,
     /// The replies being generated here, which clients may stop.
     pub(crate) stops: Arc<crate::stops::Stops>,
+    /// Where usage events go to be published (together, when they come together).
+    pub(crate) usage: crate::usage::UsagePublisher,
 }
 
 /// How a reply was had.
@@ -76,7 +78,10 @@ impl Agent {
         let jetstream = jetstream::new(nats.clone());
         let cache = Arc::new(ResponseCache::new(&config.agent.cache, redis.clone(), &config.redis.key_prefix));
         let reserver = Arc::new(parley_quota::reserve::Reserver::new(config.clone()));
+        let usage =
+            crate::usage::UsagePublisher::start(jetstream.clone(), names.usage_subject(), config.agent.usage_batch);
         Self {
+            usage,
             redis,
             reserver,
             config,

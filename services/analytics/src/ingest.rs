@@ -64,8 +64,8 @@ impl Ingester {
         while let Some((messages, interrupted)) = parley_platform::nats::next_delivered(&mut batches, shutdown).await? {
             let mut received = Vec::with_capacity(messages.len());
             for message in messages {
-                if let Some(event) = self.read(&message).await? {
-                    received.push((message, event));
+                if let Some(events) = self.read(&message).await? {
+                    received.push((message, events));
                 }
             }
             self.ingest(received).await?;
@@ -76,49 +76,69 @@ impl Ingester {
         Ok(())
     }
 
-    /// The event a message carries, with the span that joins it to its reply's trace; `None` (and the
-    /// message terminated) when it is malformed.
+    /// The events a message carries, each with the span that joins it to its reply's trace; `None` (and
+    /// the message terminated) when it is unreadable. An event of a message that carries several, whose
+    /// time is out of range, is dropped alone: the others are stored.
     async fn read(
         &self,
         message: &jetstream::Message,
-    ) -> Result<Option<(UsageEvent, tracing::Span)>, async_nats::Error> {
-        let event = serde_json::from_slice::<UsageEvent>(&message.payload).map_err(|error| error.to_string()).and_then(
-            |event| match occurred_at(&event) {
-                Some(_) => Ok(event),
-                None => Err("occurred_at_ms is out of range".to_owned()),
-            },
-        );
-        let event = match event {
-            Ok(event) => event,
+    ) -> Result<Option<Vec<(UsageEvent, tracing::Span)>>, async_nats::Error> {
+        let events = match parley_platform::events::usage_events(&message.payload) {
+            Ok(events) => events,
             Err(error) => {
                 tracing::error!(%error, "dropping a malformed usage event");
                 message.ack_with(AckKind::Term).await?;
                 return Ok(None);
             }
         };
-        // The span lasts from the event's arrival until its batch is stored.
-        let span = tracing::info_span!(
-            "analytics.ingest",
-            service = "analytics",
-            event_id = %event.event_id,
-            trace_id = tracing::field::Empty,
-        );
-        if let Some(headers) = &message.headers {
-            parley_platform::telemetry::set_parent_from(&span, &parley_platform::telemetry::NatsHeaderReader(headers));
+        let (events, malformed): (Vec<UsageEvent>, Vec<UsageEvent>) =
+            events.into_iter().partition(|event| occurred_at(event).is_some());
+        for event in &malformed {
+            tracing::error!(event_id = %event.event_id, "dropping a malformed usage event: occurred_at_ms is out of range");
         }
-        span.record("trace_id", parley_platform::telemetry::trace_id_of(&span));
-        Ok(Some((event, span)))
+        if events.is_empty() {
+            message.ack_with(AckKind::Term).await?;
+            return Ok(None);
+        }
+        let spanned = events
+            .into_iter()
+            .map(|event| {
+                // The span lasts from the event's arrival until its batch is stored.
+                let span = tracing::info_span!(
+                    "analytics.ingest",
+                    service = "analytics",
+                    event_id = %event.event_id,
+                    trace_id = tracing::field::Empty,
+                );
+                match (&event.traceparent, &message.headers) {
+                    (Some(traceparent), _) => {
+                        let carrier =
+                            std::collections::HashMap::from([("traceparent".to_owned(), traceparent.clone())]);
+                        parley_platform::telemetry::set_parent_from(&span, &carrier);
+                    }
+                    (None, Some(headers)) => parley_platform::telemetry::set_parent_from(
+                        &span,
+                        &parley_platform::telemetry::NatsHeaderReader(headers),
+                    ),
+                    (None, None) => {}
+                }
+                span.record("trace_id", parley_platform::telemetry::trace_id_of(&span));
+                (event, span)
+            })
+            .collect();
+        Ok(Some(spanned))
     }
 
     /// Stores a batch and acknowledges each of its messages, or hands them all back for a retry.
     async fn ingest(
         &self,
-        received: Vec<(jetstream::Message, (UsageEvent, tracing::Span))>,
+        received: Vec<(jetstream::Message, Vec<(UsageEvent, tracing::Span)>)>,
     ) -> Result<(), async_nats::Error> {
         if received.is_empty() {
             return Ok(());
         }
-        let events: Vec<&UsageEvent> = received.iter().map(|(_, (event, _))| event).collect();
+        let events: Vec<&UsageEvent> =
+            received.iter().flat_map(|(_, events)| events.iter().map(|(event, _)| event)).collect();
         let span = tracing::info_span!("analytics.ingest_batch", service = "analytics", events = events.len());
         match self.store(&events).instrument(span).await {
             Ok(inserted) => {
@@ -128,7 +148,7 @@ impl Ingester {
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, events = received.len(), "could not store usage events; will retry");
+                tracing::warn!(%error, events = events.len(), "could not store usage events; will retry");
                 for (message, _) in &received {
                     message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await?;
                 }
@@ -495,6 +515,7 @@ pub(crate) fn sample_event(user_id: Uuid, model: &str, at: OffsetDateTime) -> Us
         outcome: parley_platform::events::UsageOutcome::Completed,
         occurred_at_ms: i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX),
         settlement: None,
+        traceparent: None,
     }
 }
 

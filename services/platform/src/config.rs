@@ -715,6 +715,10 @@ pub struct AgentConfig {
     /// On shutdown, how long jobs in flight may run on before they are handed back to JetStream
     /// unfinished. Keep it below the pod's termination grace period.
     pub drain_secs: u64,
+    /// Most usage events an agent publishes in one message of the usage stream (those reported within
+    /// a few milliseconds of one another go together). 1 publishes each alone, which is what quota and
+    /// analytics before batched usage messages read: keep it at 1 until they run this version.
+    pub usage_batch: usize,
 }
 
 impl Default for AgentConfig {
@@ -731,6 +735,7 @@ impl Default for AgentConfig {
             summary_model: None,
             titles: true,
             drain_secs: 25,
+            usage_batch: 64,
         }
     }
 }
@@ -744,6 +749,7 @@ impl AgentConfig {
         range("agent.request_timeout_secs", 1.0, DAY_SECS),
         range("agent.max_output_tokens", 1.0, 1_000_000.0),
         range("agent.drain_secs", 0.0, HOUR_SECS),
+        range("agent.usage_batch", 1.0, 1000.0),
     ];
 }
 

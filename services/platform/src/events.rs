@@ -107,6 +107,9 @@ impl UsageOutcome {
 }
 
 /// What an agent reports after a model call. Idempotent by `event_id` (the assistant message id).
+///
+/// A message of the usage stream carries one event (a JSON object) or several (a JSON array of them,
+/// published together by one agent); [`usage_events`] reads either.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct UsageEvent {
     pub event_id: Uuid,
@@ -131,6 +134,18 @@ pub struct UsageEvent {
     /// events whose agent settled with quota itself (older agents): those are charged already.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settlement: Option<Settlement>,
+    /// The W3C `traceparent` of the call reported, so a consumer joins the event to its trace when
+    /// the event shares its message (and the message's headers) with others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+/// The usage events one message of the usage stream carries: one (a JSON object) or several (an array).
+pub fn usage_events(payload: &[u8]) -> Result<Vec<UsageEvent>, serde_json::Error> {
+    match payload.iter().find(|byte| !byte.is_ascii_whitespace()) {
+        Some(b'[') => serde_json::from_slice(payload),
+        _ => serde_json::from_slice(payload).map(|event| vec![event]),
+    }
 }
 
 /// The charge a usage event carries to the quota service: `tokens` against the budget reservation
@@ -277,5 +292,36 @@ mod tests {
             assert_eq!(outcome.as_str(), name);
         }
         assert!(serde_json::from_value::<UsageOutcome>(serde_json::json!("exploded")).is_err());
+    }
+
+    #[test]
+    fn a_usage_message_carries_one_event_or_an_array_of_them() {
+        let event = UsageEvent {
+            event_id: Uuid::now_v7(),
+            user_id: Uuid::now_v7(),
+            conversation_id: Uuid::nil(),
+            message_id: Uuid::now_v7(),
+            model: "m".to_owned(),
+            provider: "p".to_owned(),
+            provider_model: String::new(),
+            input_tokens: 1,
+            output_tokens: 2,
+            latency_ms: 3,
+            time_to_first_token_ms: None,
+            cache_hit: false,
+            outcome: UsageOutcome::Completed,
+            occurred_at_ms: 4,
+            settlement: Some(Settlement { reservation_id: None, tokens: 3 }),
+            traceparent: None,
+        };
+        let one = serde_json::to_vec(&event).unwrap();
+        assert_eq!(usage_events(&one).unwrap(), std::slice::from_ref(&event));
+        assert!(!String::from_utf8_lossy(&one).contains("traceparent"), "absent, as older agents sent it");
+        let two = format!(" \n{}", serde_json::to_string(&[&event, &event]).unwrap());
+        assert_eq!(usage_events(two.as_bytes()).unwrap(), [event.clone(), event]);
+        assert!(usage_events(b"[]").unwrap().is_empty());
+        for unreadable in [&b""[..], b"{not json", b"[{\"event_id\": 1}]", b"7"] {
+            assert!(usage_events(unreadable).is_err(), "{}", String::from_utf8_lossy(unreadable));
+        }
     }
 }

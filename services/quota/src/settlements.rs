@@ -3,8 +3,8 @@
 //! carries and the rest of it released. The charge needs no call of its own on the way, and a call is
 //! charged exactly when it is reported. The events that arrive together (within `nats::BATCH_LINGER`
 //! of each other) are settled concurrently (the ledger writes the charges in one statement, Redis
-//! pipelines the scripts), each message acknowledged once its settlement is stored and handed back for
-//! a retry when it could not be.
+//! pipelines the scripts), each message (which may carry several events) acknowledged once its
+//! settlements are stored and handed back for a retry when one could not be.
 
 use std::time::Duration;
 
@@ -66,10 +66,30 @@ impl Settlements {
         Ok(())
     }
 
-    /// Settles the charge one message carries, if it carries one.
+    /// Settles the charges a message carries (one event's, or each of several events'). One that
+    /// could not be stored hands the whole message back: settling an event again changes nothing.
     async fn settle(&self, message: &jetstream::Message) -> Result<(), Failure> {
-        let event: UsageEvent =
-            serde_json::from_slice(&message.payload).map_err(|error| Failure::Malformed(error.to_string()))?;
+        let events = parley_platform::events::usage_events(&message.payload)
+            .map_err(|error| Failure::Malformed(error.to_string()))?;
+        let settled = futures::future::join_all(events.iter().map(|event| self.settle_event(event))).await;
+        let mut outcome = Ok(());
+        for (event, result) in events.iter().zip(settled) {
+            match result {
+                Ok(()) => {}
+                // A message of one event is dropped whole (the caller logs it); of several, the
+                // malformed event alone.
+                Err(Failure::Malformed(error)) if events.len() > 1 => {
+                    tracing::error!(%error, event_id = %event.event_id, "dropping a malformed usage event");
+                }
+                Err(failure) if outcome.is_ok() => outcome = Err(failure),
+                Err(_) => {}
+            }
+        }
+        outcome
+    }
+
+    /// Settles the charge one event carries, if it carries one.
+    async fn settle_event(&self, event: &UsageEvent) -> Result<(), Failure> {
         let Some(settlement) = event.settlement else {
             // Charged by its agent already (agents before settlements rode on the event).
             return Ok(());

@@ -44,6 +44,7 @@ pub(crate) fn event(user: &Session, model: &str, input: i64, output: i64, at: Of
         outcome: parley_platform::events::UsageOutcome::Completed,
         occurred_at_ms: (at.unix_timestamp_nanos() / 1_000_000) as i64,
         settlement: None,
+        traceparent: None,
     }
 }
 
@@ -289,5 +290,59 @@ async fn quota_settles_the_charge_a_usage_event_carries_once() {
     })
     .await;
     assert_eq!(budget().await, (30, 0));
+    t.stop().await;
+}
+
+/// Several usage events in one message, as a busy agent publishes them, are each charged by quota and
+/// each stored by analytics; an event one of them cannot take is dropped alone, the others kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_events_that_share_a_message_are_each_charged_and_stored() {
+    let t = TestPlatform::start().await;
+    let user = t.register("batched@example.com").await;
+    let user_id = Uuid::parse_str(&user.user_id).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let mut events: Vec<UsageEvent> = (1..=3)
+        .map(|n| UsageEvent {
+            settlement: Some(Settlement { reservation_id: None, tokens: 3 * n }),
+            ..event(&user, "parley-fake", n, 2 * n, now)
+        })
+        .collect();
+    // Quota cannot charge negative tokens (analytics stores the event); analytics cannot date an event
+    // this far out (it carries no charge).
+    events.push(UsageEvent {
+        settlement: Some(Settlement { reservation_id: None, tokens: -5 }),
+        ..event(&user, "parley-fake", 1, 1, now)
+    });
+    events.push(UsageEvent { occurred_at_ms: i64::MAX, ..event(&user, "parley-fake", 1, 1, now) });
+
+    let client = async_nats::connect(&t.config.nats.url).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let names = Names::new(&t.config.nats.prefix);
+    parley_platform::nats::ensure_usage_stream(&jetstream, &names).await.unwrap();
+    let payload = serde_json::to_vec(&events).unwrap();
+    jetstream.publish(names.usage_subject(), payload.into()).await.unwrap().await.unwrap();
+
+    let pool = sqlx::PgPool::connect(&t.config.database.url).await.unwrap();
+    let stored: Vec<(Uuid,)> =
+        eventually("analytics to store the message's events", Duration::from_secs(10), || async {
+            let stored: Vec<(Uuid,)> =
+                sqlx::query_as("SELECT event_id FROM analytics.usage_events WHERE user_id = $1 ORDER BY event_id")
+                    .bind(user_id)
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            (stored.len() == 4).then_some(stored)
+        })
+        .await;
+    let mut expected: Vec<Uuid> = events[..4].iter().map(|event| event.event_id).collect();
+    expected.sort();
+    assert_eq!(stored.into_iter().map(|(id,)| id).collect::<Vec<_>>(), expected);
+    eventually("quota to charge the three charges it can take", Duration::from_secs(10), || async {
+        let (status, usage) = t.get(&user, "/v1/usage").await;
+        assert_eq!(status, StatusCode::OK, "{usage}");
+        (usage["budget"]["day"]["used"].as_i64() == Some(3 + 6 + 9)).then_some(())
+    })
+    .await;
+    pool.close().await;
     t.stop().await;
 }
