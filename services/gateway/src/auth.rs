@@ -134,6 +134,9 @@ pub struct Caller {
     pub user_id: Uuid,
     pub role: String,
     pub tier: String,
+    /// The request's rate limit, when it waits to be decided with the request's budget reservation
+    /// (`pipeline::reserve_budget`).
+    pub(crate) rate_limit: Option<crate::pipeline::DeferredLimit>,
 }
 
 impl Caller {
@@ -153,7 +156,7 @@ impl Caller {
         let Ok(user_id) = Uuid::parse_str(&claims.sub) else {
             return Err(ApiError::unauthorized("invalid access token"));
         };
-        let mut caller = Caller { user_id, role: claims.role, tier: claims.tier };
+        let mut caller = Caller { user_id, role: claims.role, tier: claims.tier, rate_limit: None };
         if !state.account_overrides.apply(&mut caller) {
             return Err(ApiError::unauthorized("this account was deleted"));
         }
@@ -307,7 +310,7 @@ impl ApiKeyCache {
             }
         };
         let user_id = Uuid::parse_str(&verified.user_id).map_err(|_| ApiError::unauthorized("invalid API key"))?;
-        let caller = Caller { user_id, role: verified.role, tier: verified.tier };
+        let caller = Caller { user_id, role: verified.role, tier: verified.tier, rate_limit: None };
         let grant =
             KeyGrant { caller, require_signature: verified.require_signature, signing_secret: verified.signing_secret };
         let mut entries = self.lock();

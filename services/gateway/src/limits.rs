@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue};
+use parley_quota::reserve::ReserveRequest;
 use tokio::sync::Mutex as AsyncMutex;
 
 /// The window every limit is per, in microseconds: microseconds, not milliseconds, so the emission
@@ -19,23 +20,38 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often to try reconnecting to a Redis that was down.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
-/// GCRA in one step. KEYS[1]: the limited key. ARGV[1]: emission interval in µs (period / limit).
-/// ARGV[2]: period in µs. Uses Redis's clock, so replicas' clocks do not matter. Returns
-/// {allowed, remaining, reset_us, retry_after_us}. (Microsecond times since the epoch stay well inside
-/// the 2^53 that Lua's numbers hold exactly.)
-const GCRA_SCRIPT: &str = r"
-local interval = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-if new_tat - now > period then
-  return {0, 0, tat - now, new_tat - period - now}
+/// GCRA in one step, as a Lua function: `gcra(key, interval, period)` with the emission interval
+/// (period / limit) and the period in µs. Uses Redis's clock, so replicas' clocks do not matter.
+/// Returns {allowed, remaining, reset_us, retry_after_us}. (Microsecond times since the epoch stay well
+/// inside the 2^53 that Lua's numbers hold exactly.)
+const GCRA_FUNCTION: &str = r"
+local function gcra(key, interval, period)
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  if new_tat - now > period then
+    return {0, 0, tat - now, new_tat - period - now}
+  end
+  redis.call('SET', key, new_tat, 'PX', math.ceil((new_tat - now) / 1000))
+  return {1, math.floor((period - (new_tat - now)) / interval), new_tat - now, 0}
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000))
-return {1, math.floor((period - (new_tat - now)) / interval), new_tat - now, 0}
+";
+
+/// A limit alone. KEYS[1]: the limited key; ARGV[1], ARGV[2]: the interval and the period.
+const GCRA_CALL: &str = "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))";
+
+/// A limit, then, when it allows the request, a budget reservation (quota's script): one round trip
+/// for both. KEYS[1] to KEYS[5] and ARGV[1] to ARGV[5] are the reservation's
+/// (`parley_quota::reserve::ReserveRequest::invocation`), KEYS[6] the limited key, ARGV[6] and ARGV[7]
+/// the limit's interval and period. Returns the limit's four numbers, then the reservation's four
+/// ({-2, 0, 0, 0} when the limit refused the request and nothing was reserved).
+const LIMIT_THEN_RESERVE: &str = r"
+local limit = gcra(KEYS[6], tonumber(ARGV[6]), tonumber(ARGV[7]))
+if limit[1] == 0 then return {limit[1], limit[2], limit[3], limit[4], -2, 0, 0, 0} end
+local reserved = reserve()
+return {limit[1], limit[2], limit[3], limit[4], reserved[1], reserved[2], reserved[3], reserved[4]}
 ";
 
 /// One limiting decision, and the headers it puts on the response.
@@ -162,6 +178,8 @@ pub struct RateLimiter {
     client: Option<String>,
     connection: AsyncMutex<(Option<redis::aio::ConnectionManager>, Option<Instant>)>,
     script: redis::Script,
+    /// The limit and a budget reservation in one script ([`RateLimiter::check_and_reserve`]).
+    with_reservation: redis::Script,
     prefix: String,
     replicas: u32,
     started: Instant,
@@ -182,7 +200,11 @@ impl RateLimiter {
         Self {
             client,
             connection: AsyncMutex::new((None, None)),
-            script: redis::Script::new(GCRA_SCRIPT),
+            script: redis::Script::new(&format!("{GCRA_FUNCTION}{GCRA_CALL}")),
+            with_reservation: redis::Script::new(&format!(
+                "{GCRA_FUNCTION}{}{LIMIT_THEN_RESERVE}",
+                parley_quota::reserve::reserve_function()
+            )),
             prefix: prefix.to_owned(),
             replicas: expected_replicas.max(1),
             started: Instant::now(),
@@ -244,27 +266,59 @@ impl RateLimiter {
     pub async fn check(&self, key: &str, limit: u32) -> Decision {
         let limit = limit.max(1);
         if let Some(mut connection) = self.connection().await {
-            let mut invocation = self.script.key(format!("{}:rl:{key}", self.prefix));
+            let mut invocation = self.script.key(self.redis_key(key));
             invocation.arg(emission_interval(limit)).arg(PERIOD_US);
             let call = invocation.invoke_async::<(i64, i64, i64, i64)>(&mut connection);
-            match tokio::time::timeout(REDIS_TIMEOUT, call).await {
-                Ok(Ok((allowed, remaining, reset_us, retry_us))) => {
-                    if self.degraded.swap(false, std::sync::atomic::Ordering::Relaxed) {
-                        tracing::info!("redis answers again: rate limits are shared across replicas again");
-                    }
-                    return Decision {
-                        allowed: allowed == 1,
-                        limit,
-                        remaining: remaining.max(0) as u32,
-                        reset_secs: ceil_secs(reset_us),
-                        retry_after_secs: ceil_secs(retry_us),
-                    };
-                }
-                Ok(Err(error)) => tracing::debug!(%error, "rate limit script failed"),
-                Err(_) => tracing::debug!("rate limit script timed out"),
+            if let Some(said) = self.answered(tokio::time::timeout(REDIS_TIMEOUT, call).await).await {
+                return redis_decision(limit, said);
             }
-            self.forget_connection().await;
         }
+        self.decide_locally(key, limit)
+    }
+
+    /// [`RateLimiter::check`] and, when the limit allows the request, the budget reservation
+    /// `reservation`, in one Redis round trip (one script). The reservation's answer is `None` when
+    /// the limit refused the request (nothing was reserved). `None` in all when Redis did not answer:
+    /// the caller then decides each alone (the limit falls back to memory, the quota service reserves).
+    pub async fn check_and_reserve(
+        &self,
+        key: &str,
+        limit: u32,
+        reservation: &ReserveRequest,
+    ) -> Option<(Decision, Option<(i64, i64, i64, i64)>)> {
+        let limit = limit.max(1);
+        let mut connection = self.connection().await?;
+        let mut invocation = reservation.invocation(&self.with_reservation);
+        invocation.key(self.redis_key(key)).arg(emission_interval(limit)).arg(PERIOD_US);
+        let call = invocation.invoke_async::<(i64, i64, i64, i64, i64, i64, i64, i64)>(&mut connection);
+        let said = self.answered(tokio::time::timeout(REDIS_TIMEOUT, call).await).await?;
+        let (allowed, remaining, reset_us, retry_us, granted, day_used, month_used, held) = said;
+        let decision = redis_decision(limit, (allowed, remaining, reset_us, retry_us));
+        Some((decision, decision.allowed.then_some((granted, day_used, month_used, held))))
+    }
+
+    fn redis_key(&self, key: &str) -> String {
+        format!("{}:rl:{key}", self.prefix)
+    }
+
+    /// What a script said, or `None` (and the connection dropped) when it failed or took too long.
+    async fn answered<T>(&self, outcome: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>) -> Option<T> {
+        match outcome {
+            Ok(Ok(said)) => {
+                if self.degraded.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::info!("redis answers again: rate limits are shared across replicas again");
+                }
+                return Some(said);
+            }
+            Ok(Err(error)) => tracing::debug!(%error, "rate limit script failed"),
+            Err(_) => tracing::debug!("rate limit script timed out"),
+        }
+        self.forget_connection().await;
+        None
+    }
+
+    /// The decision this replica takes alone while Redis is unreachable: its share of the limit.
+    fn decide_locally(&self, key: &str, limit: u32) -> Decision {
         if !self.degraded.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(
                 replicas = self.replicas,
@@ -276,6 +330,17 @@ impl RateLimiter {
         let now_us = self.started.elapsed().as_micros() as u64;
         let mut local = self.local.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         local.decide(key, share, now_us)
+    }
+}
+
+/// The decision the GCRA function returned: {allowed, remaining, reset_us, retry_after_us}.
+fn redis_decision(limit: u32, (allowed, remaining, reset_us, retry_us): (i64, i64, i64, i64)) -> Decision {
+    Decision {
+        allowed: allowed == 1,
+        limit,
+        remaining: remaining.max(0) as u32,
+        reset_secs: ceil_secs(reset_us),
+        retry_after_secs: ceil_secs(retry_us),
     }
 }
 

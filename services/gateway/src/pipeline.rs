@@ -10,7 +10,10 @@
 //!    costs the user service a call (so guessing keys is slow); requests that need one key verified at
 //!    once wait for one call ([`key_grant`]).
 //! 2. **Limits**: the unauthenticated routes (register, login, refresh) per client address; every other
-//!    route per caller, by tier. `RateLimit-*` headers go on every limited response; 429 past it.
+//!    route per caller, by tier. `RateLimit-*` headers go on every limited response; 429 past it. On
+//!    the routes that spend tokens the caller's limit is decided with the budget reservation, in the
+//!    same Redis round trip ([`reserve_budget`]); a request that the handler refuses before it reserves
+//!    (a bad body, say) is limited once the handler has answered, and answered 429 past the limit.
 //! 3. **Signatures**: a request made with an API key that requires signing (or that carries a
 //!    signature) must be signed, fresh and not replayed, or it is 401.
 //! 4. **Budgets**: token reservations ([`reserve_budget`], [`release_budget`]), called by the handlers
@@ -26,6 +29,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use parley_platform::{ErrorCode, ServiceError};
 use parley_proto::quota::v1 as quota_pb;
+use parley_quota::reserve::{ReserveRequest, Reserved};
 use uuid::Uuid;
 
 use crate::AppState;
@@ -35,6 +39,17 @@ use crate::problem::ApiError;
 
 /// The unauthenticated routes, limited per client address.
 const PER_IP_ROUTES: [&str; 3] = ["/v1/auth/register", "/v1/auth/login", "/v1/auth/refresh"];
+
+/// The routes (all `POST`) whose handlers reserve a budget before anything they do has an effect:
+/// their rate limit waits for the reservation, so that both take one Redis round trip.
+const LIMITED_WITH_RESERVATION: [&str; 6] = [
+    "/v1/chat/completions",
+    "/v1/messages",
+    "/v1/embeddings",
+    "/v1/conversations/{id}/messages",
+    "/v1/messages/{id}/edit",
+    "/v1/messages/{id}/regenerate",
+];
 
 /// The route whose credential may come in the query string (browsers cannot set headers on a
 /// WebSocket handshake).
@@ -65,7 +80,7 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
     let mut grant = None;
     let hops = state.config.http.trusted_proxy_hops;
     let client_ip = |request: &Request| client_ip(request.headers(), request.extensions(), hops);
-    let identity = match credential.as_deref() {
+    let mut identity = match credential.as_deref() {
         None => Identity::Anonymous,
         Some(key) if key.starts_with("pk_") => {
             // The headers and extensions, not the request (whose body is not `Sync`), across the awaits.
@@ -100,19 +115,28 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
             return limited(ApiError::new(ErrorCode::RateLimited, message), decision);
         }
         Some(decision)
-    } else if let Identity::Caller(caller) = &identity {
+    } else if let Identity::Caller(caller) = &mut identity {
         let tier = state.config.tier(&caller.tier).or_else(|| state.config.tier(parley_platform::config::DEFAULT_TIER));
-        let limit = tier.map_or(1, |tier| tier.requests_per_minute);
-        let decision = state.limiter.check(&format!("user:{}", caller.user_id), limit).await;
-        if !decision.allowed {
-            metrics::counter!(crate::metrics::RATELIMIT_REJECTIONS, "scope" => "user", "tier" => caller.tier.clone())
-                .increment(1);
-            let message = format!("more than {limit} requests a minute; retry after the time in Retry-After");
-            return limited(ApiError::new(ErrorCode::RateLimited, message), decision);
+        let limit = UserLimit {
+            key: format!("user:{}", caller.user_id),
+            limit: tier.map_or(1, |tier| tier.requests_per_minute),
+            tier: caller.tier.clone(),
+        };
+        if request.method() == axum::http::Method::POST && LIMITED_WITH_RESERVATION.contains(&route.as_str()) {
+            caller.rate_limit = Some(DeferredLimit(std::sync::Arc::new((limit, std::sync::OnceLock::new()))));
+            None
+        } else {
+            match limit.check(&state).await {
+                Ok(decision) => Some(decision),
+                Err(limited) => return limited,
+            }
         }
-        Some(decision)
     } else {
         None
+    };
+    let deferred = match &identity {
+        Identity::Caller(caller) => caller.rate_limit.clone(),
+        _ => None,
     };
     request.extensions_mut().insert(identity);
 
@@ -121,12 +145,81 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
     let request = match grant {
         Some(grant) if grant.require_signature || signed => match check_signature(&state, &grant, request).await {
             Ok(request) => request,
-            Err(refused) => return with_limit_headers(refused, decision),
+            Err(refused) => return answered(&state, refused, decision, deferred).await,
         },
         _ => request,
     };
 
-    with_limit_headers(next.run(request).await, decision)
+    let response = next.run(request).await;
+    answered(&state, response, decision, deferred).await
+}
+
+/// `response` with the rate limit's headers, once the limit is decided: a limit the handler did not
+/// decide with a reservation is decided now (the request counts), and past it the answer is 429.
+async fn answered(
+    state: &AppState,
+    response: Response,
+    decision: Option<Decision>,
+    deferred: Option<DeferredLimit>,
+) -> Response {
+    let decision = match deferred {
+        None => decision,
+        Some(deferred) => match deferred.0.1.get() {
+            Some(decided) => Some(*decided),
+            None => match deferred.0.0.check(state).await {
+                Ok(decided) => Some(decided),
+                Err(limited) => return limited,
+            },
+        },
+    };
+    with_limit_headers(response, decision)
+}
+
+/// A caller's rate limit: the key it is kept under, its requests a minute, and the caller's tier.
+#[derive(Debug)]
+struct UserLimit {
+    key: String,
+    limit: u32,
+    tier: String,
+}
+
+impl UserLimit {
+    /// Decides the limit alone; `Err`: the 429 to answer.
+    async fn check(&self, state: &AppState) -> Result<Decision, Response> {
+        let decision = state.limiter.check(&self.key, self.limit).await;
+        match self.refusal(decision) {
+            None => Ok(decision),
+            Some(error) => Err(limited(error, decision)),
+        }
+    }
+
+    /// The error for a request `decision` refuses (counted), if it does.
+    fn refusal(&self, decision: Decision) -> Option<ApiError> {
+        if decision.allowed {
+            return None;
+        }
+        metrics::counter!(crate::metrics::RATELIMIT_REJECTIONS, "scope" => "user", "tier" => self.tier.clone())
+            .increment(1);
+        let message = format!("more than {} requests a minute; retry after the time in Retry-After", self.limit);
+        Some(ApiError::new(ErrorCode::RateLimited, message))
+    }
+}
+
+/// A rate limit that waits to be decided with the request's budget reservation ([`reserve_budget`]),
+/// and the decision once it is taken (which [`admit`] writes on the response).
+#[derive(Debug, Clone)]
+pub struct DeferredLimit(std::sync::Arc<(UserLimit, std::sync::OnceLock<Decision>)>);
+
+impl DeferredLimit {
+    /// Keeps `decision`; the 429 to answer when it refuses the request.
+    fn decide(&self, decision: Decision) -> Result<(), ApiError> {
+        let (limit, decided) = &*self.0;
+        let _first = decided.set(decision);
+        match limit.refusal(decision) {
+            None => Ok(()),
+            Some(error) => Err(ApiError(error.0.retry_after(decision.retry_after_secs.max(1)))),
+        }
+    }
 }
 
 /// What API key `key` grants: as verified lately, else from the answer another request is getting
@@ -277,14 +370,35 @@ pub fn client_ip(headers: &axum::http::HeaderMap, extensions: &axum::http::Exten
 // 4. Budgets.
 
 /// Holds the estimated tokens of a request against the caller's budgets: the reservation id, or 429
-/// `quota_exceeded` with `Retry-After` until the window that refused it resets.
+/// `quota_exceeded` with `Retry-After` until the window that refused it resets. The caller's rate
+/// limit, when it waits for this ([`DeferredLimit`]), is decided first, in the same Redis round trip:
+/// 429 `rate_limited` past it, and nothing reserved.
 pub async fn reserve_budget(state: &AppState, caller: &Caller, estimated_tokens: i64) -> Result<String, ApiError> {
     let reservation_id = Uuid::now_v7().to_string();
-    let reservation = match reserve_in_redis(state, caller, &reservation_id, estimated_tokens).await {
-        Some(reservation) => reservation,
+    let request = state.reserver.request(caller.user_id, &caller.tier, &reservation_id, estimated_tokens);
+    let deferred = caller.rate_limit.as_ref().filter(|deferred| deferred.0.1.get().is_none());
+    let in_redis = match deferred {
+        Some(deferred) => {
+            let limit = &deferred.0.0;
+            match state.limiter.check_and_reserve(&limit.key, limit.limit, &request).await {
+                Some((decision, said)) => {
+                    deferred.decide(decision)?;
+                    said.map(|said| request.decide(said))
+                }
+                // Redis did not answer: the limit as it decides alone, the reservation by the quota service.
+                None => {
+                    deferred.decide(state.limiter.check(&limit.key, limit.limit).await)?;
+                    None
+                }
+            }
+        }
+        None => reserve_in_redis(state, request).await,
+    };
+    let reservation = match in_redis {
+        Some(Reserved::Decided(reservation)) => reservation,
         // Only the quota service can decide (counters to rebuild from the ledger, Redis unreachable):
         // the same reservation id, so a reservation the script made before timing out is not doubled.
-        None => state
+        Some(Reserved::CountersMissing) | None => state
             .backends
             .quota
             .clone()
@@ -310,16 +424,11 @@ pub async fn reserve_budget(state: &AppState, caller: &Caller, estimated_tokens:
 }
 
 /// The reservation as quota's script decides it in Redis, run from here (no gRPC round trip to quota);
-/// `None` when only the quota service can decide.
-async fn reserve_in_redis(
-    state: &AppState,
-    caller: &Caller,
-    reservation_id: &str,
-    tokens: i64,
-) -> Option<quota_pb::Reservation> {
+/// `None` when Redis did not answer in time.
+async fn reserve_in_redis(state: &AppState, request: ReserveRequest) -> Option<Reserved> {
     let mut redis = state.limiter.connection().await?;
-    match state.reserver.reserve_quickly(&mut redis, caller.user_id, &caller.tier, reservation_id, tokens).await {
-        Ok(reservation) => reservation,
+    match state.reserver.reserve_requested(&mut redis, request).await {
+        Ok(reserved) => Some(reserved),
         Err(_) => {
             // The next use reconnects; meanwhile the quota service decides.
             state.limiter.forget_connection().await;

@@ -58,6 +58,65 @@ pub struct Reserver {
     script: redis::Script,
 }
 
+/// One reservation's keys and arguments, and how to read what the script said of it.
+pub struct ReserveRequest {
+    keys: Keys,
+    tier: String,
+    reservation_id: String,
+    tokens: i64,
+    day_limit: i64,
+    month_limit: Option<i64>,
+    ttl_ms: u64,
+    now: OffsetDateTime,
+    day: Date,
+}
+
+impl ReserveRequest {
+    /// `script` with this reservation's keys (KEYS[1] to KEYS[5]) and arguments (ARGV[1] to ARGV[5]), the
+    /// ones [`RESERVE_SCRIPT`](budget::RESERVE_SCRIPT) reads; a script that embeds it
+    /// ([`reserve_function`]) takes its own keys and arguments after them.
+    pub fn invocation<'a>(&self, script: &'a redis::Script) -> redis::ScriptInvocation<'a> {
+        let mut invocation = self.keys.invocation(script);
+        invocation
+            .arg(&self.reservation_id)
+            .arg(self.tokens)
+            .arg(self.day_limit)
+            .arg(self.month_limit.unwrap_or(-1))
+            .arg(self.ttl_ms);
+        invocation
+    }
+
+    /// What the script's {granted, day used, month used, held} mean for this reservation. Refusals
+    /// are counted in `parley_quota_rejections_total`.
+    pub fn decide(self, (granted, day_used, month_used, held): (i64, i64, i64, i64)) -> Reserved {
+        if granted == -1 {
+            return Reserved::CountersMissing;
+        }
+        let day_window = window(self.day_limit, day_used, held, budget::window_end(self.now));
+        let month_window = self.month_limit.map(|limit| window(limit, month_used, held, month_end(self.day)));
+        let retry_at = match &month_window {
+            Some(month) if month.used + month.reserved + self.tokens > month.limit => month.resets_at,
+            _ => day_window.resets_at,
+        };
+        let reservation = pb::Reservation {
+            granted: granted == 1,
+            budget: Some(pb::Budget { day: Some(day_window), month: month_window, degraded: false }),
+            retry_at,
+        };
+        if !reservation.granted {
+            count_rejection(&self.tier);
+        }
+        Reserved::Decided(reservation)
+    }
+}
+
+/// [`RESERVE_SCRIPT`](budget::RESERVE_SCRIPT) as a Lua function, `reserve()`, for a script that runs
+/// checks of its own around it in the same round trip (the gateway's rate limit): it reads KEYS[1] to
+/// KEYS[5] and ARGV[1] to ARGV[5] ([`ReserveRequest::invocation`]) and returns the script's answer.
+pub fn reserve_function() -> String {
+    format!("local function reserve()\n{}\nend\n", budget::RESERVE_SCRIPT)
+}
+
 impl Reserver {
     pub fn new(config: Arc<Config>) -> Self {
         Self { config, script: redis::Script::new(budget::RESERVE_SCRIPT) }
@@ -73,33 +132,27 @@ impl Reserver {
         reservation_id: &str,
         tokens: i64,
     ) -> Result<Reserved, redis::RedisError> {
+        let request = self.request(user_id, tier, reservation_id, tokens);
+        let said = request.invocation(&self.script).invoke_async::<(i64, i64, i64, i64)>(redis).await?;
+        Ok(request.decide(said))
+    }
+
+    /// A reservation to make with [`RESERVE_SCRIPT`](budget::RESERVE_SCRIPT), or with a script that
+    /// runs it after checks of its caller's own ([`ReserveRequest::invocation`]).
+    pub fn request(&self, user_id: Uuid, tier: &str, reservation_id: &str, tokens: i64) -> ReserveRequest {
         let now = OffsetDateTime::now_utc();
         let day = budget::current_day(now);
-        let keys = self.keys(user_id, day);
-        let day_limit = self.daily_limit(tier);
-        let month_limit = self.monthly_limit(tier);
-        let ttl_ms = self.config.quota.reservation_ttl_secs.max(1) * 1000;
-        let mut invocation = keys.invocation(&self.script);
-        invocation.arg(reservation_id).arg(tokens).arg(day_limit).arg(month_limit.unwrap_or(-1)).arg(ttl_ms);
-        let (granted, day_used, month_used, held) = invocation.invoke_async::<(i64, i64, i64, i64)>(redis).await?;
-        if granted == -1 {
-            return Ok(Reserved::CountersMissing);
+        ReserveRequest {
+            keys: self.keys(user_id, day),
+            tier: tier.to_owned(),
+            reservation_id: reservation_id.to_owned(),
+            tokens,
+            day_limit: self.daily_limit(tier),
+            month_limit: self.monthly_limit(tier),
+            ttl_ms: self.config.quota.reservation_ttl_secs.max(1) * 1000,
+            now,
+            day,
         }
-        let day_window = window(day_limit, day_used, held, budget::window_end(now));
-        let month_window = month_limit.map(|limit| window(limit, month_used, held, month_end(day)));
-        let retry_at = match &month_window {
-            Some(month) if month.used + month.reserved + tokens > month.limit => month.resets_at,
-            _ => day_window.resets_at,
-        };
-        let reservation = pb::Reservation {
-            granted: granted == 1,
-            budget: Some(pb::Budget { day: Some(day_window), month: month_window, degraded: false }),
-            retry_at,
-        };
-        if !reservation.granted {
-            count_rejection(tier);
-        }
-        Ok(Reserved::Decided(reservation))
     }
 
     /// [`Reserver::reserve`] for a caller outside the quota service, which asks the quota service
@@ -114,9 +167,22 @@ impl Reserver {
         reservation_id: &str,
         tokens: i64,
     ) -> Result<Option<pb::Reservation>, RedisFailed> {
-        match tokio::time::timeout(QUICKLY, self.reserve(redis, user_id, tier, reservation_id, tokens)).await {
-            Ok(Ok(Reserved::Decided(reservation))) => Ok(Some(reservation)),
-            Ok(Ok(Reserved::CountersMissing)) => Ok(None),
+        match self.reserve_requested(redis, self.request(user_id, tier, reservation_id, tokens)).await? {
+            Reserved::Decided(reservation) => Ok(Some(reservation)),
+            Reserved::CountersMissing => Ok(None),
+        }
+    }
+
+    /// [`Reserver::reserve`] of a prepared request, for a caller outside the quota service: `Err` when
+    /// Redis failed or took longer than [`QUICKLY`].
+    pub async fn reserve_requested(
+        &self,
+        redis: &mut ConnectionManager,
+        request: ReserveRequest,
+    ) -> Result<Reserved, RedisFailed> {
+        let invocation = request.invocation(&self.script);
+        match tokio::time::timeout(QUICKLY, invocation.invoke_async::<(i64, i64, i64, i64)>(redis)).await {
+            Ok(Ok(said)) => Ok(request.decide(said)),
             Ok(Err(_)) | Err(_) => Err(RedisFailed),
         }
     }
@@ -236,5 +302,25 @@ mod tests {
             .query_async(&mut redis)
             .await
             .unwrap();
+    }
+
+    /// The reservation embedded in a script of the caller's (as the gateway embeds it after its rate
+    /// limit) answers as the script alone does, from the same keys and arguments.
+    #[tokio::test]
+    async fn the_reservation_as_a_function_answers_as_its_script_does() {
+        let (reserver, mut redis, keys, user) = reserver().await;
+        let embedded = redis::Script::new(&format!("{}return reserve()", reserve_function()));
+        let request = reserver.request(user, "free", "embedded", 40);
+        let said: (i64, i64, i64, i64) = request.invocation(&embedded).invoke_async(&mut redis).await.unwrap();
+        match request.decide(said) {
+            Reserved::Decided(reservation) => assert_eq!(reservation.budget.unwrap().day.unwrap().reserved, 40),
+            Reserved::CountersMissing => panic!("the counters were set"),
+        }
+        assert_eq!(reserve(&reserver, &mut redis, user, "alone", 2).await, 42);
+        assert_eq!(held(&keys, &mut redis).await, 42);
+        // Without counters, it says so.
+        let missing = reserver.request(Uuid::now_v7(), "free", "embedded", 1);
+        let said: (i64, i64, i64, i64) = missing.invocation(&embedded).invoke_async(&mut redis).await.unwrap();
+        assert!(matches!(missing.decide(said), Reserved::CountersMissing));
     }
 }

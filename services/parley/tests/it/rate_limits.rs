@@ -193,3 +193,71 @@ async fn behind_a_proxy_each_client_address_has_its_own_limit_and_cannot_be_spoo
     assert_eq!(login("203.0.113.2").await.unwrap().status(), StatusCode::UNAUTHORIZED);
     t.stop().await;
 }
+
+/// On the routes that spend tokens a caller's limit is decided with the budget reservation, in one
+/// Redis round trip: still one count a request, across gateways; a request past the limit is refused
+/// before anything is reserved, in the route's own error shape; one the handler refuses before it
+/// reserves (a bad body) counts too, and past the limit is told 429 rather than 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_decided_with_the_reservation_counts_each_request_once() {
+    let mut t =
+        TestPlatform::start_with(|config| config.tiers.get_mut("free").unwrap().requests_per_minute = 6, &Service::ALL)
+            .await;
+    let second = t.launch(&[Service::Gateway]).await.unwrap();
+    let session = t.register("spends@example.com").await;
+    let gateways = [t.base.clone(), second];
+    let complete = |gateway: usize, body: serde_json::Value| {
+        t.http.post(format!("{}/v1/chat/completions", gateways[gateway])).bearer_auth(&session.token).json(&body).send()
+    };
+    let hello = json!({"model": "parley-fake", "messages": [{"role": "user", "content": "hi"}]});
+    let remaining =
+        |response: &reqwest::Response| response.headers()["ratelimit-remaining"].to_str().unwrap().to_owned();
+
+    let bad = complete(0, json!({"model": "parley-fake"})).await.unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(remaining(&bad), "5", "a refused body counts");
+    let conversation = t.create_conversation(&session, "limited").await;
+    for (attempt, left) in ["3", "2", "1"].into_iter().enumerate() {
+        let response = complete(attempt % 2, hello.clone()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(remaining(&response), left);
+        assert_eq!(response.headers()["ratelimit-limit"], "6");
+    }
+    let send = |body: serde_json::Value| {
+        t.http
+            .post(format!("{}/v1/conversations/{conversation}/messages", gateways[1]))
+            .bearer_auth(&session.token)
+            .json(&body)
+            .send()
+    };
+    let sent = send(json!({"content": "hello"})).await.unwrap();
+    assert!(sent.status().is_success(), "{}", sent.status());
+    assert_eq!(remaining(&sent), "0");
+
+    // Past the limit: refused in OpenAI's shape with Retry-After, and nothing is reserved.
+    let refused = complete(0, hello.clone()).await.unwrap();
+    assert_eq!(refused.headers()["ratelimit-remaining"], "0");
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after));
+    let (status, body) = read(refused).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    let held = format!("{}:quota:{}:reserved", t.config.redis.key_prefix, session.user_id);
+    let client = redis::Client::open(t.config.redis.url.as_str()).unwrap();
+    let redis = client.get_multiplexed_async_connection().await.unwrap();
+    eventually("the settled reservations to be released", Duration::from_secs(10), || {
+        let (mut redis, held) = (redis.clone(), held.clone());
+        async move {
+            let held: i64 = redis::cmd("HLEN").arg(&held).query_async(&mut redis).await.unwrap();
+            (held == 0).then_some(())
+        }
+    })
+    .await;
+    // A bad body past the limit is told the limit; so is a conversation message (as a problem).
+    let bad = complete(1, json!({"model": "parley-fake"})).await.unwrap();
+    assert_eq!(bad.status(), StatusCode::TOO_MANY_REQUESTS);
+    let (status, body) = read(send(json!({"content": "again"})).await.unwrap()).await;
+    assert_problem(status, &body, 429, "rate_limited");
+    t.stop().await;
+}
