@@ -12,8 +12,9 @@
 //! 2. **Limits**: the unauthenticated routes (register, login, refresh) per client address; every other
 //!    route per caller, by tier. `RateLimit-*` headers go on every limited response; 429 past it. On
 //!    the routes that spend tokens the caller's limit is decided with the budget reservation, in the
-//!    same Redis round trip ([`reserve_budget`]); a request that the handler refuses before it reserves
-//!    (a bad body, say) is limited once the handler has answered, and answered 429 past the limit.
+//!    same Redis round trip ([`reserve_budget`]), unless its signature is checked; a request that the
+//!    handler refuses before it reserves (a bad body, say) is limited once the handler has answered, and
+//!    answered 429 past the limit.
 //! 3. **Signatures**: a request made with an API key that requires signing (or that carries a
 //!    signature) must be signed, fresh and not replayed, or it is 401.
 //! 4. **Budgets**: token reservations ([`reserve_budget`], [`release_budget`]), called by the handlers
@@ -122,7 +123,14 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
             limit: tier.map_or(1, |tier| tier.requests_per_minute),
             tier: caller.tier.clone(),
         };
-        if request.method() == axum::http::Method::POST && LIMITED_WITH_RESERVATION.contains(&route.as_str()) {
+        // A request whose signature is checked is limited first, as on every other route: a request
+        // past the limit must not use up its signature (the replay check records it).
+        let signature_checked = request.headers().contains_key("x-parley-signature")
+            || grant.as_ref().is_some_and(|grant| grant.require_signature);
+        if request.method() == axum::http::Method::POST
+            && !signature_checked
+            && LIMITED_WITH_RESERVATION.contains(&route.as_str())
+        {
             caller.rate_limit = Some(DeferredLimit(std::sync::Arc::new((limit, std::sync::OnceLock::new()))));
             None
         } else {

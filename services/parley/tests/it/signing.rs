@@ -1,11 +1,13 @@
 //! HMAC request signing per API key, exactly as the API specifies: required for keys created with
 //! `require_signature`, refused when missing, wrong, stale or replayed (on any gateway).
 
+use std::time::Duration;
+
 use parley::Service;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::harness::{TestPlatform, assert_problem, read};
+use crate::harness::{TestPlatform, assert_problem, eventually, read};
 
 /// The two signing headers for a request, signed at `timestamp`.
 fn sign(secret: &str, timestamp: i64, method: &str, path_and_query: &str, body: &[u8]) -> (String, String) {
@@ -123,5 +125,58 @@ async fn the_rate_limit_applies_before_the_signature_check() {
     assert!(response.headers().contains_key("retry-after"));
     let (status, body) = read(response).await;
     assert_problem(status, &body, 429, "rate_limited");
+    t.stop().await;
+}
+
+/// On a route that spends tokens, where an unsigned caller's limit waits to be decided with the budget
+/// reservation, a signed request is still limited before its signature is checked: one refused for
+/// the limit has not used up its signature in the replay check, and succeeds once the limit allows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_request_past_the_limit_keeps_its_signature_for_its_retry() {
+    // 30 a minute: a burst of 30, then one every two seconds.
+    let t = TestPlatform::start_with(
+        |config| {
+            for tier in config.tiers.values_mut() {
+                tier.requests_per_minute = 30;
+            }
+        },
+        &Service::ALL,
+    )
+    .await;
+    let session = t.register("retried@example.com").await;
+    let (status, created) =
+        t.post(&session, "/v1/api-keys", json!({"name": "signed", "require_signature": true})).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["key"].as_str().unwrap().to_owned();
+    let secret = created["signing_secret"].as_str().unwrap().to_owned();
+    let body =
+        serde_json::to_vec(&json!({"model": "parley-fake", "messages": [{"role": "user", "content": "hi"}]})).unwrap();
+    let (timestamp, signature) =
+        sign(&secret, time::OffsetDateTime::now_utc().unix_timestamp(), "POST", "/v1/chat/completions", &body);
+    let signed = || {
+        t.http
+            .post(t.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .header("x-parley-timestamp", &timestamp)
+            .header("x-parley-signature", &signature)
+            .body(body.clone())
+            .send()
+    };
+    // The rest of the allowance, used up by the same user's other requests.
+    for _ in 0..40 {
+        let response = t.http.get(t.url("/v1/me")).bearer_auth(&session.token).send().await.unwrap();
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            break;
+        }
+    }
+    let refused = signed().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let answered = eventually("the limit to allow the signed request again", Duration::from_secs(10), || async {
+        let response = signed().await.unwrap();
+        (response.status() != StatusCode::TOO_MANY_REQUESTS).then_some(response.status())
+    })
+    .await;
+    assert_eq!(answered, StatusCode::OK, "refusals for the limit left the signature unused");
     t.stop().await;
 }
