@@ -136,7 +136,7 @@ pub struct Caller {
     pub tier: String,
     /// The request's rate limit, when it waits to be decided with the request's budget reservation
     /// (`pipeline::reserve_budget`).
-    pub(crate) rate_limit: Option<crate::pipeline::DeferredLimit>,
+    pub(crate) rate_limit: Option<crate::limits::DeferredLimit>,
 }
 
 impl Caller {

@@ -86,6 +86,40 @@ fn emission_interval(limit: u32) -> u64 {
     (PERIOD_US / u64::from(limit.max(1))).max(1)
 }
 
+/// A caller's rate limit: the key it is kept under, its requests a minute, and the caller's tier.
+#[derive(Debug)]
+pub struct UserLimit {
+    pub key: String,
+    pub limit: u32,
+    pub tier: String,
+}
+
+/// A caller's rate limit that waits to be decided with the request's budget reservation
+/// (`pipeline::reserve_budget`), and the decision once it is taken (which `pipeline::admit` writes on
+/// the response).
+#[derive(Debug, Clone)]
+pub struct DeferredLimit(std::sync::Arc<(UserLimit, std::sync::OnceLock<Decision>)>);
+
+impl DeferredLimit {
+    pub fn new(limit: UserLimit) -> Self {
+        Self(std::sync::Arc::new((limit, std::sync::OnceLock::new())))
+    }
+
+    pub fn limit(&self) -> &UserLimit {
+        &self.0.0
+    }
+
+    /// The decision, once taken.
+    pub fn decided(&self) -> Option<Decision> {
+        self.0.1.get().copied()
+    }
+
+    /// Keeps the decision (the first one taken).
+    pub fn keep(&self, decision: Decision) {
+        let _first = self.0.1.set(decision);
+    }
+}
+
 /// GCRA on a map in this process's memory.
 fn local_decision(tats: &mut HashMap<String, u64>, key: &str, limit: u32, now_us: u64) -> Decision {
     let interval = emission_interval(limit);

@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use crate::AppState;
 use crate::auth::{Caller, KeyCheck, KeyGrant, bearer_token};
-use crate::limits::Decision;
+use crate::limits::{Decision, DeferredLimit, UserLimit};
 use crate::problem::ApiError;
 
 /// The unauthenticated routes, limited per client address.
@@ -131,7 +131,7 @@ pub async fn admit(State(state): State<AppState>, mut request: Request, next: Ne
             && !signature_checked
             && LIMITED_WITH_RESERVATION.contains(&route.as_str())
         {
-            caller.rate_limit = Some(DeferredLimit(std::sync::Arc::new((limit, std::sync::OnceLock::new()))));
+            caller.rate_limit = Some(DeferredLimit::new(limit));
             None
         } else {
             match limit.check(&state).await {
@@ -172,23 +172,15 @@ async fn answered(
 ) -> Response {
     let decision = match deferred {
         None => decision,
-        Some(deferred) => match deferred.0.1.get() {
-            Some(decided) => Some(*decided),
-            None => match deferred.0.0.check(state).await {
+        Some(deferred) => match deferred.decided() {
+            Some(decided) => Some(decided),
+            None => match deferred.limit().check(state).await {
                 Ok(decided) => Some(decided),
                 Err(limited) => return limited,
             },
         },
     };
     with_limit_headers(response, decision)
-}
-
-/// A caller's rate limit: the key it is kept under, its requests a minute, and the caller's tier.
-#[derive(Debug)]
-struct UserLimit {
-    key: String,
-    limit: u32,
-    tier: String,
 }
 
 impl UserLimit {
@@ -213,20 +205,13 @@ impl UserLimit {
     }
 }
 
-/// A rate limit that waits to be decided with the request's budget reservation ([`reserve_budget`]),
-/// and the decision once it is taken (which [`admit`] writes on the response).
-#[derive(Debug, Clone)]
-pub struct DeferredLimit(std::sync::Arc<(UserLimit, std::sync::OnceLock<Decision>)>);
-
-impl DeferredLimit {
-    /// Keeps `decision`; the 429 to answer when it refuses the request.
-    fn decide(&self, decision: Decision) -> Result<(), ApiError> {
-        let (limit, decided) = &*self.0;
-        let _first = decided.set(decision);
-        match limit.refusal(decision) {
-            None => Ok(()),
-            Some(error) => Err(ApiError(error.0.retry_after(decision.retry_after_secs.max(1)))),
-        }
+/// Keeps `decision` of a limit that waited for the reservation; the 429 to answer when it refuses the
+/// request.
+fn decide(deferred: &DeferredLimit, decision: Decision) -> Result<(), ApiError> {
+    deferred.keep(decision);
+    match deferred.limit().refusal(decision) {
+        None => Ok(()),
+        Some(error) => Err(ApiError(error.0.retry_after(decision.retry_after_secs.max(1)))),
     }
 }
 
@@ -384,18 +369,18 @@ pub fn client_ip(headers: &axum::http::HeaderMap, extensions: &axum::http::Exten
 pub async fn reserve_budget(state: &AppState, caller: &Caller, estimated_tokens: i64) -> Result<String, ApiError> {
     let reservation_id = Uuid::now_v7().to_string();
     let request = state.reserver.request(caller.user_id, &caller.tier, &reservation_id, estimated_tokens);
-    let deferred = caller.rate_limit.as_ref().filter(|deferred| deferred.0.1.get().is_none());
+    let deferred = caller.rate_limit.as_ref().filter(|deferred| deferred.decided().is_none());
     let in_redis = match deferred {
         Some(deferred) => {
-            let limit = &deferred.0.0;
+            let limit = deferred.limit();
             match state.limiter.check_and_reserve(&limit.key, limit.limit, &request).await {
                 Some((decision, said)) => {
-                    deferred.decide(decision)?;
+                    decide(deferred, decision)?;
                     said.map(|said| request.decide(said))
                 }
                 // Redis did not answer: the limit as it decides alone, the reservation by the quota service.
                 None => {
-                    deferred.decide(state.limiter.check(&limit.key, limit.limit).await)?;
+                    decide(deferred, state.limiter.check(&limit.key, limit.limit).await)?;
                     None
                 }
             }
