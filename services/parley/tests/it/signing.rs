@@ -7,7 +7,7 @@ use parley::Service;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::harness::{TestPlatform, assert_problem, eventually, read};
+use crate::harness::{Session, TestPlatform, assert_problem, eventually, read};
 
 /// The two signing headers for a request, signed at `timestamp`.
 fn sign(secret: &str, timestamp: i64, method: &str, path_and_query: &str, body: &[u8]) -> (String, String) {
@@ -95,25 +95,34 @@ async fn keys_that_require_signatures_refuse_unsigned_stale_wrong_and_replayed_r
     t.stop().await;
 }
 
-/// The gateway's steps run in a fixed order: identity, limits, then signatures. A caller past their
-/// rate limit is told 429 with `Retry-After` before any signature is looked at, so retrying unsigned
-/// requests cannot be used to probe the signature check faster than the limit allows.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_rate_limit_applies_before_the_signature_check() {
+/// A platform whose every tier allows `per_minute` requests, a user, and an API key of theirs that
+/// requires signatures (creating it is one of the user's requests): the platform, the user's session,
+/// the key and its signing secret.
+async fn limited_signing_key(per_minute: u32, email: &str) -> (TestPlatform, Session, String, String) {
     let t = TestPlatform::start_with(
         |config| {
             for tier in config.tiers.values_mut() {
-                tier.requests_per_minute = 2;
+                tier.requests_per_minute = per_minute;
             }
         },
         &Service::ALL,
     )
     .await;
-    let session = t.register("ordered@example.com").await;
+    let session = t.register(email).await;
     let (status, created) =
         t.post(&session, "/v1/api-keys", json!({"name": "signed", "require_signature": true})).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let key = created["key"].as_str().unwrap().to_owned();
+    let secret = created["signing_secret"].as_str().unwrap().to_owned();
+    (t, session, key, secret)
+}
+
+/// The gateway's steps run in a fixed order: identity, limits, then signatures. A caller past their
+/// rate limit is told 429 with `Retry-After` before any signature is looked at, so retrying unsigned
+/// requests cannot be used to probe the signature check faster than the limit allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_applies_before_the_signature_check() {
+    let (t, _, key, _) = limited_signing_key(2, "ordered@example.com").await;
 
     // The limit is the user's: creating the key used one of the two, the first unsigned request the
     // other (refused for its missing signature, with the limit's headers), the next one is 429.
@@ -134,21 +143,7 @@ async fn the_rate_limit_applies_before_the_signature_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_request_past_the_limit_keeps_its_signature_for_its_retry() {
     // 30 a minute: a burst of 30, then one every two seconds.
-    let t = TestPlatform::start_with(
-        |config| {
-            for tier in config.tiers.values_mut() {
-                tier.requests_per_minute = 30;
-            }
-        },
-        &Service::ALL,
-    )
-    .await;
-    let session = t.register("retried@example.com").await;
-    let (status, created) =
-        t.post(&session, "/v1/api-keys", json!({"name": "signed", "require_signature": true})).await;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
-    let key = created["key"].as_str().unwrap().to_owned();
-    let secret = created["signing_secret"].as_str().unwrap().to_owned();
+    let (t, session, key, secret) = limited_signing_key(30, "retried@example.com").await;
     let body =
         serde_json::to_vec(&json!({"model": "parley-fake", "messages": [{"role": "user", "content": "hi"}]})).unwrap();
     let (timestamp, signature) =
