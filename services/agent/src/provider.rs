@@ -197,6 +197,25 @@ pub struct HttpProvider {
 
 const ANTHROPIC_VERSION: &str = "2023-06-01";
 
+/// The body of an OpenAI chat completion call, written straight from what the call holds (the prompt is
+/// not copied into a JSON tree first). The sampling parameters' JSON names are OpenAI's own: they go
+/// into the body as they are.
+#[derive(serde::Serialize)]
+struct OpenAiRequest<'a> {
+    model: &'a str,
+    messages: &'a [PromptMessage],
+    stream: bool,
+    stream_options: StreamOptions,
+    max_tokens: u32,
+    #[serde(flatten)]
+    params: &'a parley_platform::sampling::Sampling,
+}
+
+#[derive(serde::Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
 impl HttpProvider {
     pub fn new(
         name: &str,
@@ -280,13 +299,14 @@ impl HttpProvider {
     ) -> reqwest::RequestBuilder {
         match self.wire {
             Wire::OpenAi => {
-                // The parameters' JSON names are OpenAI's own: they go into the body as they are.
-                let mut body = serde_json::to_value(sampling.params).unwrap_or_else(|_| json!({}));
-                body["model"] = json!(model);
-                body["messages"] = json!(messages);
-                body["stream"] = json!(true);
-                body["stream_options"] = json!({"include_usage": true});
-                body["max_tokens"] = json!(sampling.max_tokens);
+                let body = OpenAiRequest {
+                    model,
+                    messages,
+                    stream: true,
+                    stream_options: StreamOptions { include_usage: true },
+                    max_tokens: sampling.max_tokens,
+                    params: sampling.params,
+                };
                 let request = self.http.post(format!("{}/chat/completions", self.base_url)).json(&body);
                 match key {
                     Some(key) => request.bearer_auth(key),
@@ -867,6 +887,44 @@ mod tests {
         assert!(status(502).is_provider_fault());
         assert!(ProviderError::FirstTokenTimeout(Duration::from_secs(1)).is_retryable());
         assert!(!ProviderError::Protocol("x".into()).is_retryable());
+    }
+
+    #[test]
+    fn an_openai_call_carries_the_prompt_the_longest_reply_and_every_sampling_parameter() {
+        let params = parley_platform::sampling::Sampling {
+            temperature: Some(0.5),
+            stop: vec!["end".to_owned()],
+            user: Some("someone".to_owned()),
+            ..Default::default()
+        };
+        let messages = [PromptMessage {
+            role: "user".to_owned(),
+            content: "hi".to_owned(),
+            parts: Vec::new(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }];
+        let body = OpenAiRequest {
+            model: "m",
+            messages: &messages,
+            stream: true,
+            stream_options: StreamOptions { include_usage: true },
+            max_tokens: 7,
+            params: &params,
+        };
+        assert_eq!(
+            serde_json::to_value(&body).unwrap(),
+            json!({
+                "model": "m",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": true,
+                "stream_options": {"include_usage": true},
+                "max_tokens": 7,
+                "temperature": 0.5,
+                "stop": ["end"],
+                "user": "someone",
+            })
+        );
     }
 
     #[test]
