@@ -112,9 +112,7 @@ impl Ingester {
                 );
                 match (&event.traceparent, &message.headers) {
                     (Some(traceparent), _) => {
-                        let carrier =
-                            std::collections::HashMap::from([("traceparent".to_owned(), traceparent.clone())]);
-                        parley_platform::telemetry::set_parent_from(&span, &carrier);
+                        parley_platform::telemetry::set_parent_from_traceparent(&span, traceparent)
                     }
                     (None, Some(headers)) => parley_platform::telemetry::set_parent_from(
                         &span,

@@ -308,6 +308,25 @@ pub fn current_traceparent() -> Option<String> {
     carrier.remove("traceparent")
 }
 
+/// Makes `span` a child of the trace context in a plain `traceparent` string (what
+/// [`current_traceparent`] wrote), when it is a valid one.
+pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
+    set_parent_from(span, &Traceparent(traceparent));
+}
+
+/// A `traceparent` string as a carrier of its own.
+struct Traceparent<'a>(&'a str);
+
+impl Extractor for Traceparent<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == "traceparent").then_some(self.0)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent"]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +353,9 @@ mod tests {
             assert_eq!(parts[2].len(), 16);
 
             // A request arriving with that context joins its trace, and so do its children.
+            let stored = tracing::info_span!("stored");
+            set_parent_from_traceparent(&stored, &traceparent);
+            assert_eq!(trace_id_of(&stored), trace, "from the plain string too");
             let carrier = std::collections::HashMap::from([("traceparent".to_owned(), traceparent)]);
             let served = tracing::info_span!("served");
             set_parent_from(&served, &carrier);
@@ -345,6 +367,8 @@ mod tests {
             let lone = tracing::info_span!("lone");
             let own = trace_id_of(&lone);
             set_parent_from(&lone, &std::collections::HashMap::from([("traceparent".to_owned(), "junk".to_owned())]));
+            assert_eq!(trace_id_of(&lone), own);
+            set_parent_from_traceparent(&lone, "junk");
             assert_eq!(trace_id_of(&lone), own);
         });
     }

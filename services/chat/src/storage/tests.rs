@@ -433,7 +433,9 @@ async fn a_send_reads_its_jobs_context_unless_its_snapshot_misses_a_concurrent_s
     let waiting = tokio::spawn(async move { storage.send(exchange(user, conversation.id, "third")).await });
     // Committed only once the waiting send's statement is blocked on the lock (its snapshot taken).
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut poll = tokio::time::interval(std::time::Duration::from_millis(5));
     loop {
+        poll.tick().await;
         let (waiting,): (i64,) = sqlx::query_as(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
         )
@@ -444,7 +446,6 @@ async fn a_send_reads_its_jobs_context_unless_its_snapshot_misses_a_concurrent_s
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "the second send never waited for the lock");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     other.commit().await.unwrap();
     let third = waiting.await.unwrap().unwrap().unwrap();
