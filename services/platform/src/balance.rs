@@ -3,12 +3,13 @@
 //! One HTTP/2 connection to a Kubernetes Service's virtual IP pins every call of a client to the one
 //! replica that connection landed on: replicas the autoscaler adds get none of the calls of the clients
 //! already running. So a Parley client resolves the service's name itself (a headless Service answers
-//! with one address per ready pod), keeps one lazily connected channel per address, hands calls to them
+//! with one address per ready pod), keeps one lazily opened connection per address, hands calls to them
 //! in turn, and resolves the name again every few seconds: a new address is used from the next call, a
 //! vanished one is dropped (its calls in flight finish). An address whose connection just failed is
 //! passed over for a few seconds while another answers. A target given as an IP address is one replica
 //! and is never resolved; a comma-separated list of targets (`http://10.0.0.5:50051,http://10.0.0.6:50051`,
-//! for hosts without cluster DNS) is every replica they name together.
+//! for hosts without cluster DNS) is every replica they name together. Each replica's calls share one
+//! HTTP/2 connection ([`crate::replica_connection`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -17,8 +18,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use tonic::transport::{Channel, Endpoint};
-use tower::ServiceExt;
+
+use crate::replica_connection::ReplicaConnection;
 
 /// How often a name is resolved again.
 const REFRESH: Duration = Duration::from_secs(5);
@@ -27,8 +28,13 @@ const FIRST_ADDRESSES_WAIT: Duration = Duration::from_secs(2);
 /// How long an address whose connection failed is passed over.
 const PASS_OVER: Duration = Duration::from_secs(3);
 
-/// How each replica's channel is built from its URL.
-pub type Connect = fn(String) -> Result<Channel, tonic::transport::Error>;
+/// A gRPC target that cannot be called.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid gRPC target {target}: {reason}")]
+pub struct InvalidTarget {
+    target: String,
+    reason: String,
+}
 
 /// A client channel over every address of one gRPC target (`http://name:port`). Cheap to clone; the
 /// clones share the replicas.
@@ -40,10 +46,8 @@ pub struct Balanced {
 struct Shared {
     /// The target as configured, for messages.
     target: String,
-    scheme: String,
     /// Each target's host (a name or an IP address) and port.
     hosts: Vec<(String, u16)>,
-    connect: Connect,
     replicas: tokio::sync::watch::Sender<Arc<[Arc<Replica>]>>,
     next: AtomicUsize,
     /// Whether the name is being resolved (started by the first call, which runs inside the runtime).
@@ -53,33 +57,33 @@ struct Shared {
 
 struct Replica {
     addr: SocketAddr,
-    channel: Channel,
+    connection: ReplicaConnection,
     /// Milliseconds after the epoch until which this replica is passed over; 0 when it is not.
     passed_over_until: AtomicU64,
 }
 
 impl Balanced {
-    /// A channel to every replica behind `url` (one target, or several separated by commas). Nothing
+    /// A channel to every replica behind `url` (one target, or several separated by commas), each an
+    /// `http://host:port` URL: Parley's services speak gRPC over plain HTTP/2 to one another. Nothing
     /// connects or resolves until the first call.
-    pub fn new(url: &str, connect: Connect) -> Result<Self, tonic::transport::Error> {
-        let mut scheme = None;
+    pub fn new(url: &str) -> Result<Self, InvalidTarget> {
         let mut hosts = Vec::new();
         for target in url.split(',').map(str::trim) {
-            // Validates each URL exactly as a single channel would.
-            let endpoint = Endpoint::from_shared(target.to_owned())?;
-            let uri = endpoint.uri();
-            let target_scheme = uri.scheme_str().unwrap_or("http").to_owned();
+            let invalid = |reason: &str| InvalidTarget { target: target.to_owned(), reason: reason.to_owned() };
+            let uri: http::Uri = target.parse().map_err(|error: http::uri::InvalidUri| invalid(&error.to_string()))?;
+            if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
+                return Err(invalid("the URL must start with http:// (gRPC between services is plain HTTP/2)"));
+            }
             let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
-            let port = uri.port_u16().unwrap_or(if target_scheme == "https" { 443 } else { 80 });
-            scheme.get_or_insert(target_scheme);
-            hosts.push((host, port));
+            if host.is_empty() {
+                return Err(invalid("the URL names no host"));
+            }
+            hosts.push((host, uri.port_u16().unwrap_or(80)));
         }
         let (replicas, _) = tokio::sync::watch::channel::<Arc<[Arc<Replica>]>>(Arc::from(Vec::new()));
         let shared = Arc::new(Shared {
             target: url.to_owned(),
-            scheme: scheme.unwrap_or_else(|| "http".to_owned()),
             hosts,
-            connect,
             replicas,
             next: AtomicUsize::new(0),
             resolving: AtomicBool::new(false),
@@ -93,7 +97,7 @@ impl Balanced {
         if let Some(addresses) = addresses {
             // Addresses only: nothing to resolve, ever.
             shared.resolving.store(true, Ordering::Relaxed);
-            shared.update(addresses)?;
+            shared.update(addresses);
         }
         Ok(Self { shared })
     }
@@ -109,28 +113,29 @@ impl Shared {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
     }
 
-    /// Takes a resolution's addresses: keeps the channels of the addresses still there, adds the new.
-    fn update(&self, mut addresses: Vec<SocketAddr>) -> Result<(), tonic::transport::Error> {
+    /// Takes a resolution's addresses: keeps the connections of the addresses still there, adds the new.
+    fn update(&self, mut addresses: Vec<SocketAddr>) {
         addresses.sort();
         addresses.dedup();
         let current = self.replicas.borrow().clone();
         if current.iter().map(|replica| replica.addr).eq(addresses.iter().copied()) {
-            return Ok(());
+            return;
         }
         let mut replicas = Vec::with_capacity(addresses.len());
         for addr in addresses {
             match current.iter().find(|replica| replica.addr == addr) {
                 Some(kept) => replicas.push(kept.clone()),
-                None => {
-                    let channel = (self.connect)(format!("{}://{addr}", self.scheme))?;
-                    replicas.push(Arc::new(Replica { addr, channel, passed_over_until: AtomicU64::new(0) }));
-                }
+                None => match ReplicaConnection::new(addr) {
+                    Ok(connection) => {
+                        replicas.push(Arc::new(Replica { addr, connection, passed_over_until: AtomicU64::new(0) }));
+                    }
+                    Err(error) => tracing::warn!(target = %self.target, %addr, %error, "cannot address a replica"),
+                },
             }
         }
         let addresses: Vec<String> = replicas.iter().map(|replica| replica.addr.to_string()).collect();
         tracing::info!(target = %self.target, ?addresses, "gRPC replicas changed");
         self.replicas.send_replace(replicas.into());
-        Ok(())
     }
 
     /// The next replica in turn, passing over those whose connection just failed unless all did.
@@ -180,8 +185,8 @@ async fn resolve(weak: Weak<Shared>) {
             Ok(addresses) => {
                 if addresses.is_empty() {
                     tracing::warn!(target = %shared.target, "the name resolved to no address; keeping the last");
-                } else if let Err(error) = shared.update(addresses) {
-                    tracing::warn!(target = %shared.target, %error, "cannot build a channel for a replica");
+                } else {
+                    shared.update(addresses);
                 }
                 warned = false;
             }
@@ -222,12 +227,12 @@ impl tower::Service<http::Request<tonic::body::Body>> for Balanced {
                     shared.pick().ok_or_else(|| tonic::Status::unavailable("no replica"))?
                 }
             };
-            let response = replica.channel.clone().oneshot(request).await;
+            let response = replica.connection.call(request).await;
             if response.is_err() {
                 let until = shared.now_ms() + u64::try_from(PASS_OVER.as_millis()).unwrap_or(u64::MAX);
                 replica.passed_over_until.store(until, Ordering::Relaxed);
             }
-            response.map_err(Into::into)
+            response
         })
     }
 }
@@ -236,31 +241,27 @@ impl tower::Service<http::Request<tonic::body::Body>> for Balanced {
 mod tests {
     use super::*;
 
-    fn lazy(url: String) -> Result<Channel, tonic::transport::Error> {
-        Ok(Endpoint::from_shared(url)?.connect_lazy())
-    }
-
     #[tokio::test]
     async fn an_ip_target_is_one_replica_without_resolving() {
-        let balanced = Balanced::new("http://127.0.0.1:50051", lazy).unwrap();
+        let balanced = Balanced::new("http://127.0.0.1:50051").unwrap();
         assert_eq!(balanced.addresses(), ["127.0.0.1:50051".parse::<SocketAddr>().unwrap()]);
-        let v6 = Balanced::new("http://[::1]:7000", lazy).unwrap();
+        let v6 = Balanced::new("http://[::1]:7000").unwrap();
         assert_eq!(v6.addresses(), ["[::1]:7000".parse::<SocketAddr>().unwrap()]);
     }
 
     #[tokio::test]
     async fn replicas_are_taken_in_turn_and_one_that_failed_is_passed_over() {
-        let balanced = Balanced::new("http://parley-chat:50051", lazy).unwrap();
+        let balanced = Balanced::new("http://parley-chat:50051").unwrap();
         let shared = &balanced.shared;
         let a: SocketAddr = "10.0.0.1:50051".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:50051".parse().unwrap();
-        shared.update(vec![b, a]).unwrap();
+        shared.update(vec![b, a]);
         let picks: Vec<SocketAddr> = (0..4).map(|_| shared.pick().unwrap().addr).collect();
         assert_eq!(picks, [a, b, a, b]);
-        // A resolution that keeps `a` keeps its channel; `b` goes, `c` comes.
+        // A resolution that keeps `a` keeps its connection; `b` goes, `c` comes.
         let kept = shared.pick().unwrap();
         let c: SocketAddr = "10.0.0.3:50051".parse().unwrap();
-        shared.update(vec![a, c]).unwrap();
+        shared.update(vec![a, c]);
         let now = shared.replicas.borrow().clone();
         assert!(Arc::ptr_eq(&now[0], &kept) || Arc::ptr_eq(&now[1], &kept));
         assert_eq!(balanced.addresses(), [a, c]);
@@ -274,15 +275,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_list_of_addresses_is_every_replica_it_names() {
-        let balanced = Balanced::new("http://127.0.0.2:7000, http://127.0.0.1:7000", lazy).unwrap();
+        let balanced = Balanced::new("http://127.0.0.2:7000, http://127.0.0.1:7000").unwrap();
         let expected: Vec<SocketAddr> = vec!["127.0.0.1:7000".parse().unwrap(), "127.0.0.2:7000".parse().unwrap()];
         assert_eq!(balanced.addresses(), expected);
-        assert!(Balanced::new("http://127.0.0.1:7000,not a url", lazy).is_err());
+        assert!(Balanced::new("http://127.0.0.1:7000,not a url").is_err());
+        assert!(Balanced::new("https://127.0.0.1:7000").is_err(), "no TLS between services");
+        assert!(Balanced::new("127.0.0.1:7000").is_err(), "a scheme is required");
     }
 
     #[tokio::test]
     async fn a_name_is_resolved_on_first_use() {
-        let balanced = Balanced::new("http://localhost:50051", lazy).unwrap();
+        let balanced = Balanced::new("http://localhost:50051").unwrap();
         assert!(balanced.addresses().is_empty(), "nothing resolves before the first call");
         balanced.shared.start_resolving();
         let mut replicas = balanced.shared.replicas.subscribe();
@@ -292,7 +295,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_to_a_name_with_no_address_fails_unavailable() {
-        let mut balanced = Balanced::new("http://parley-nowhere.invalid:50051", lazy).unwrap();
+        let mut balanced = Balanced::new("http://parley-nowhere.invalid:50051").unwrap();
         let request = http::Request::new(tonic::body::Body::empty());
         let error = tower::Service::call(&mut balanced, request).await.unwrap_err();
         let status = error.downcast::<tonic::Status>().unwrap();

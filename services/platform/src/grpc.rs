@@ -3,16 +3,15 @@
 //! records metrics, serves `grpc.health.v1` and stops gracefully.
 
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 
-use crate::balance::Balanced;
+use crate::balance::{Balanced, InvalidTarget};
 use crate::telemetry;
 
 tokio::task_local! {
@@ -42,19 +41,8 @@ pub type ClientChannel = InterceptedService<Balanced, PropagateContext>;
 /// A channel to every replica of the service at `url`, connecting on first use and reconnecting by
 /// itself, so services can start in any order; calls are spread over the replicas
 /// ([`crate::balance`]).
-pub fn lazy_channel(url: &str) -> Result<Balanced, tonic::transport::Error> {
-    Balanced::new(url, replica_channel)
-}
-
-/// One replica's channel.
-fn replica_channel(url: String) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(url)?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(30))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+pub fn lazy_channel(url: &str) -> Result<Balanced, InvalidTarget> {
+    Balanced::new(url)
 }
 
 pub fn with_context(channel: Balanced) -> ClientChannel {

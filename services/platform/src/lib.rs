@@ -26,6 +26,7 @@ pub mod nats;
 pub mod net;
 pub mod prompt;
 pub mod redis_pool;
+pub mod replica_connection;
 pub mod replicas;
 pub mod sampling;
 pub mod shutdown;
