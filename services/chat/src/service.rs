@@ -15,8 +15,8 @@ use uuid::Uuid;
 use crate::ChatError;
 use crate::relay::JobQueue;
 use crate::storage::{
-    CompletedReply, ConversationChanges, ConversationRow, Follows, Generation, HistoryMessage, MessageRow, NewExchange,
-    QueuedJob, Storage, UpdateOutcome, Version,
+    CompletedReply, CompletionFilter, ConversationChanges, ConversationRow, Follows, Generation, HistoryMessage,
+    MessageRow, NewExchange, NewStoredCompletion, QueuedJob, Storage, StoredCompletionRow, UpdateOutcome, Version,
 };
 use parley_platform::cursor::{CursorCodec, CursorKind, Position, page_size};
 use parley_platform::limits::{MAX_IDEMPOTENCY_KEY_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS};
@@ -190,6 +190,44 @@ fn conversation_to_proto(row: ConversationRow) -> pb::Conversation {
     }
 }
 
+fn stored_completion_to_proto(row: StoredCompletionRow) -> pb::StoredCompletion {
+    pb::StoredCompletion {
+        id: row.id.to_string(),
+        user_id: row.user_id.to_string(),
+        model: row.model,
+        metadata: row.metadata.0.to_string(),
+        completion: row.completion,
+        messages: row.messages,
+        created_at: Some(timestamps::to_proto(row.created_at)),
+    }
+}
+
+/// A metadata object: a JSON object of strings (`""`: none).
+fn metadata(text: &str) -> Result<serde_json::Value, ChatError> {
+    if text.is_empty() {
+        return Ok(serde_json::Value::Object(serde_json::Map::new()));
+    }
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(map)) if map.values().all(serde_json::Value::is_string) => {
+            Ok(serde_json::Value::Object(map))
+        }
+        _ => Err(ServiceError::invalid_field("metadata", "must be a JSON object of strings").into()),
+    }
+}
+
+/// The JSON text `field` must be: an object (a completion) or an array (messages).
+fn json_of_kind(field: &'static str, text: &str, object: bool) -> Result<(), ChatError> {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(_)) if object => Ok(()),
+        Ok(serde_json::Value::Array(_)) if !object => Ok(()),
+        _ => Err(ServiceError::invalid_field(
+            field,
+            if object { "must be a JSON object" } else { "must be a JSON array" },
+        )
+        .into()),
+    }
+}
+
 impl ChatService {
     /// Numbers `rows` among their versions. What was stored or read stands without the numbers: a
     /// failure here leaves them out (the fields are optional) rather than failing the call.
@@ -349,6 +387,96 @@ impl pb::chat_service_server::ChatService for ChatService {
         let conversations = self.storage.erase_user(user_id).await.map_err(ChatError::from)?;
         tracing::info!(%user_id, conversations, "user's conversations erased");
         Ok(Response::new(pb::EraseUserResponse { conversations }))
+    }
+
+    async fn store_completion(
+        &self,
+        request: Request<pb::StoredCompletion>,
+    ) -> Result<Response<pb::StoreCompletionResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let id = Uuid::parse_str(&request.id)
+            .map_err(|_| ChatError::from(ServiceError::invalid_field("id", "must be a UUID")))?;
+        let metadata = metadata(&request.metadata)?;
+        json_of_kind("completion", &request.completion, true)?;
+        json_of_kind("messages", &request.messages, false)?;
+        let new = NewStoredCompletion {
+            id,
+            user_id,
+            model: &request.model,
+            metadata: &metadata,
+            completion: &request.completion,
+            messages: &request.messages,
+        };
+        self.storage.store_completion(new).await.map_err(ChatError::from)?;
+        Ok(Response::new(pb::StoreCompletionResponse {}))
+    }
+
+    async fn get_stored_completion(
+        &self,
+        request: Request<pb::StoredCompletionRequest>,
+    ) -> Result<Response<pb::StoredCompletion>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let row = match parse_id_or_not_found(&request.id) {
+            Some(id) => {
+                let floor = self.storage.floor(user_id).await;
+                self.storage.stored_completion(floor, user_id, id).await.map_err(ChatError::from)?
+            }
+            None => None,
+        };
+        let row = row.ok_or_else(|| ChatError::from(ServiceError::not_found("completion")))?;
+        Ok(Response::new(stored_completion_to_proto(row)))
+    }
+
+    async fn list_stored_completions(
+        &self,
+        request: Request<pb::ListStoredCompletionsRequest>,
+    ) -> Result<Response<pb::ListStoredCompletionsResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let metadata = metadata(&request.metadata)?;
+        if !(1..=100).contains(&request.limit) {
+            return Err(ChatError::from(ServiceError::invalid_field("limit", "must be between 1 and 100")).into());
+        }
+        // An `after` that names no completion of this user still orders: ids are compared, not looked up.
+        let after = match request.after.as_deref() {
+            Some(after) => Some(
+                Uuid::parse_str(after)
+                    .map_err(|_| ChatError::from(ServiceError::invalid_field("after", "must be a completion id")))?,
+            ),
+            None => None,
+        };
+        let limit = i64::from(request.limit);
+        let filter = CompletionFilter {
+            after,
+            limit,
+            descending: request.descending,
+            model: request.model.as_deref(),
+            metadata: &metadata,
+        };
+        let floor = self.storage.floor(user_id).await;
+        let mut rows = self.storage.list_stored_completions(floor, user_id, filter).await.map_err(ChatError::from)?;
+        let has_more = rows.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+        rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let data = rows.into_iter().map(stored_completion_to_proto).collect();
+        Ok(Response::new(pb::ListStoredCompletionsResponse { data, has_more }))
+    }
+
+    async fn delete_stored_completion(
+        &self,
+        request: Request<pb::StoredCompletionRequest>,
+    ) -> Result<Response<pb::DeleteStoredCompletionResponse>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let deleted = match parse_id_or_not_found(&request.id) {
+            Some(id) => self.storage.delete_stored_completion(user_id, id).await.map_err(ChatError::from)?,
+            None => false,
+        };
+        if !deleted {
+            return Err(ChatError::from(ServiceError::not_found("completion")).into());
+        }
+        Ok(Response::new(pb::DeleteStoredCompletionResponse {}))
     }
 
     async fn send_message(

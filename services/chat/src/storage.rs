@@ -513,7 +513,7 @@ impl Storage {
     }
 
     /// Erases everything of a deleted account, in one transaction: its conversations (their messages,
-    /// live and archived, go with them), its idempotency keys and its jobs not yet relayed (a job
+    /// live and archived, go with them), its stored completions, its idempotency keys and its jobs not yet relayed (a job
     /// already relayed finds its message gone and is dropped). The number of conversations erased.
     pub async fn erase_user(&self, user_id: Uuid) -> Result<u64, sqlx::Error> {
         let mut tx = self.pool().begin().await?;
@@ -523,6 +523,7 @@ impl Storage {
             .await?
             .rows_affected();
         sqlx::query("DELETE FROM chat.idempotency_keys WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM chat.stored_completions WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM chat.outbox WHERE payload->>'user_id' = $1")
             .bind(user_id.to_string())
             .execute(&mut *tx)
@@ -1436,24 +1437,29 @@ pub struct Archived {
 pub struct ChatPruned {
     pub idempotency_keys: u64,
     pub conversations: u64,
+    /// Stored completions made more than `conversation_days` ago.
+    pub stored_completions: u64,
 }
 
 /// Retention for the chat schema: idempotency keys past the 24 hours they are honoured, and, when
 /// `conversation_days` is set, conversations with no activity for that many days, with their messages
-/// (live and archived). The outbox prunes itself (the relay drops rows an hour after publishing them).
+/// (live and archived), and stored completions made that long ago. The outbox prunes itself (the relay drops rows an hour after publishing them).
 pub async fn prune(pool: &PgPool, conversation_days: Option<u32>) -> Result<ChatPruned, sqlx::Error> {
     use parley_platform::db::delete_in_batches;
     let honoured_hours = 24_i32;
     let condition = "created_at < now() - make_interval(hours => $1)";
     let idempotency_keys = delete_in_batches(pool, "chat.idempotency_keys", condition, honoured_hours).await?;
-    let conversations = match conversation_days {
+    let (conversations, stored_completions) = match conversation_days {
         Some(days) => {
+            let days = i32::try_from(days).unwrap_or(i32::MAX);
             let condition = "updated_at < now() - make_interval(days => $1)";
-            delete_in_batches(pool, "chat.conversations", condition, i32::try_from(days).unwrap_or(i32::MAX)).await?
+            let conversations = delete_in_batches(pool, "chat.conversations", condition, days).await?;
+            let condition = "created_at < now() - make_interval(days => $1)";
+            (conversations, delete_in_batches(pool, "chat.stored_completions", condition, days).await?)
         }
-        None => 0,
+        None => (0, 0),
     };
-    Ok(ChatPruned { idempotency_keys, conversations })
+    Ok(ChatPruned { idempotency_keys, conversations, stored_completions })
 }
 
 /// Moves the messages of conversations idle for `idle_days` (no reply in progress) to the archive
@@ -1792,8 +1798,11 @@ async fn replay_exchange(
     })
 }
 
+mod completions;
 #[cfg(test)]
 mod tests;
+
+pub use completions::{CompletionFilter, NewStoredCompletion, StoredCompletionRow};
 
 /// What one `parley admin seal-content` run did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -1886,6 +1895,7 @@ pub async fn seal_stored(pool: &PgPool, keyring: &Keyring, batch: i64) -> Result
         let Some(last) = rows.last() else {
             tx.commit().await?;
             rewrap_search_keys(pool, keyring, &mut done).await?;
+            completions::rewrap_completion_keys(pool, keyring, &mut done).await?;
             return Ok(done);
         };
         after = last.0;

@@ -12,6 +12,8 @@ parley_platform::declare_metrics! {
         "Requests refused by a rate limit, by scope (ip, user) and tier.";
     counter RATELIMIT_FALLBACK_DECISIONS = "parley_ratelimit_fallback_decisions_total" in Count:
         "Rate-limit decisions taken locally because Redis was unreachable.";
+    counter COMPLETIONS_NOT_STORED = "parley_gateway_completions_not_stored_total" in Count:
+        "Completions asked to be stored (OpenAI's store: true) that chat could not keep; the client got them.";
     gauge REPLIES_FOLLOWED = "parley_gateway_replies_followed" in Count:
         "Replies this gateway is following on its one NATS subscription (open streams and waiting sends).";
 }

@@ -75,8 +75,11 @@ enum Dialect {
 /// the layers before the handler too (401, 429, 413, 405, a deadline's 503), which are written as
 /// problems: rewritten here, their status and headers kept.
 pub async fn foreign_errors(request: Request, next: Next) -> Response {
-    let dialect = match request.uri().path() {
+    let path = request.uri().path();
+    let dialect = match path {
         "/v1/chat/completions" | "/v1/models" | "/v1/embeddings" => Some(Dialect::OpenAi),
+        // The stored completions.
+        _ if path.starts_with("/v1/chat/completions/") => Some(Dialect::OpenAi),
         "/v1/messages" | "/v1/messages/count_tokens" => Some(Dialect::Anthropic),
         _ => None,
     };

@@ -83,8 +83,8 @@ struct ArchiveArgs {
     /// need the current month only).
     #[arg(long, default_value_t = 13, value_parser = clap::value_parser!(u32).range(1..))]
     ledger_months: u32,
-    /// Delete conversations (with their messages) with no activity for this many days. Unset: keep
-    /// them all.
+    /// Delete conversations (with their messages) with no activity for this many days, and stored
+    /// completions made that long ago. Unset: keep them all.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     conversation_days: Option<u32>,
 }
@@ -259,10 +259,11 @@ async fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
     );
     let chat = parley_chat::prune(&pool, args.conversation_days).await.context("chat retention failed")?;
     println!(
-        "chat: {} idempotency keys past 24 hours, {} conversations idle for {} deleted",
+        "chat: {} idempotency keys past 24 hours, {} conversations idle for {days} and {} stored completions older than {days} deleted",
         chat.idempotency_keys,
         chat.conversations,
-        args.conversation_days.map_or_else(|| "ever (kept)".to_owned(), |days| format!("{days} days"))
+        chat.stored_completions,
+        days = args.conversation_days.map_or_else(|| "ever (kept)".to_owned(), |days| format!("{days} days"))
     );
     let ledger = parley_quota::prune(&pool, args.ledger_months).await.context("quota retention failed")?;
     println!("quota: {ledger} ledger rows older than {} months deleted", args.ledger_months);

@@ -31,6 +31,10 @@ pub enum Field {
     Content,
     Title,
     Summary,
+    /// A stored completion's `chat.completion` object.
+    Completion,
+    /// A stored completion's request messages.
+    Prompt,
 }
 
 impl Field {
@@ -39,6 +43,8 @@ impl Field {
             Field::Content => b"content",
             Field::Title => b"title",
             Field::Summary => b"summary",
+            Field::Completion => b"completion",
+            Field::Prompt => b"prompt",
         }
     }
 }

@@ -305,6 +305,46 @@ async fn rotating_the_content_key_rewraps_data_keys_and_seals_what_was_plain() {
 }
 
 #[tokio::test]
+async fn a_stored_completion_reads_back_under_a_rotated_key_and_is_sealed_at_rest() {
+    let old = "old:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let new = "new:AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    let db = Fixture::create().await;
+    let marks = db.storage.marks.clone();
+    let under_old = Storage::new(marks.clone(), Keyring::new(old).unwrap());
+    let (id, user) = (Uuid::now_v7(), Uuid::now_v7());
+    let metadata = serde_json::json!({"team": "search"});
+    let completion = r#"{"id":"chatcmpl-x","choices":[{"message":{"content":"the kept reply"}}]}"#;
+    let messages = r#"[{"role":"user","content":"the kept question"}]"#;
+    let new_completion = |completion| NewStoredCompletion {
+        id,
+        user_id: user,
+        model: "model-a",
+        metadata: &metadata,
+        completion,
+        messages,
+    };
+    under_old.store_completion(new_completion(completion)).await.unwrap();
+    // Storing the same id again changes nothing.
+    under_old.store_completion(new_completion(r#"{"other":true}"#)).await.unwrap();
+    let (sealed_completion, sealed_messages): (String, String) =
+        sqlx::query_as("SELECT completion, messages FROM chat.stored_completions WHERE id = $1")
+            .bind(id)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert!(!sealed_completion.contains("kept reply") && !sealed_messages.contains("kept question"));
+
+    let both = Keyring::new(&format!("{new},{old}")).unwrap();
+    assert_eq!(seal_stored(db.pool(), &both, 10).await.unwrap().rewrapped, 1);
+    let under_new = Storage::new(marks, Keyring::new(new).unwrap());
+    let read = under_new.stored_completion(ReadFloor::Primary, user, id).await.unwrap().unwrap();
+    assert_eq!((read.completion.as_str(), read.messages.as_str()), (completion, messages));
+    assert_eq!(read.metadata.0, metadata);
+    // Someone else's is not there.
+    assert!(under_new.stored_completion(ReadFloor::Primary, Uuid::now_v7(), id).await.unwrap().is_none());
+}
+
+#[tokio::test]
 async fn a_branched_reply_reads_its_own_path_and_a_summary_only_of_that_path() {
     let db = Fixture::create().await;
     let user = Uuid::now_v7();

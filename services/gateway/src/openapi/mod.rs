@@ -8,7 +8,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::routes::{
     anthropic, api_keys, audit, conversations, embeddings, export, feedback, identity, messages, openai, ops, search,
-    streaming, usage, web,
+    stored_completions, streaming, usage, web,
 };
 
 #[derive(OpenApi)]
@@ -25,6 +25,7 @@ use crate::routes::{
         search::search, feedback::put, feedback::get, feedback::delete, feedback::export, feedback::summary,
         usage::own, usage::admin, audit::list,
         openai::chat_completions, openai::models, embeddings::embeddings,
+        stored_completions::list, stored_completions::get, stored_completions::messages, stored_completions::delete,
         anthropic::messages, anthropic::count_tokens,
     ),
     modifiers(&BearerAuth, &ErrorResponses),

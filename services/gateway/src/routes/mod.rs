@@ -13,6 +13,7 @@ pub mod messages;
 pub mod openai;
 pub mod ops;
 pub mod search;
+pub mod stored_completions;
 pub mod streaming;
 pub mod usage;
 pub mod web;
@@ -59,7 +60,9 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/admin/feedback/summary", get(feedback::summary))
         .route("/v1/messages/{id}/events", get(streaming::events))
         .route("/v1/messages/{id}/ws", get(streaming::websocket))
-        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/chat/completions", post(openai::chat_completions).get(stored_completions::list))
+        .route("/v1/chat/completions/{id}", get(stored_completions::get).delete(stored_completions::delete))
+        .route("/v1/chat/completions/{id}/messages", get(stored_completions::messages))
         .route("/v1/models", get(openai::models))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/messages", post(anthropic::messages))

@@ -25,6 +25,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::completion::{Collected, Prompt, collect, finish_reason};
+use super::stored_completions::Keep;
 use super::streaming::{heartbeat, unbuffered};
 use crate::AppState;
 use crate::auth::Caller;
@@ -32,6 +33,7 @@ use crate::problem::ApiError;
 use crate::timing::ModelWait;
 
 /// An error in OpenAI's wire shape.
+#[derive(Debug)]
 pub struct OpenAiError {
     status: StatusCode,
     message: String,
@@ -54,6 +56,11 @@ impl OpenAiError {
     /// A 400 naming the parameter at fault.
     pub(super) fn invalid_param(param: &str, message: impl Into<String>) -> Self {
         Self { param: Some(param.to_owned()), ..Self::invalid(message) }
+    }
+
+    #[cfg(test)]
+    pub(super) fn param(&self) -> Option<&str> {
+        self.param.as_deref()
     }
 }
 
@@ -191,12 +198,11 @@ struct CompletionRequest {
     safety_identifier: Option<String>,
     #[serde(default)]
     response_format: Option<ResponseFormat>,
-    /// Stored completions: only `false` (the default) is served.
+    /// Keep the completion, to be read back with `GET /v1/chat/completions/{id}` ([`stored_completions`]).
     #[serde(default)]
     store: Option<bool>,
-    /// Accepted and not used: OpenAI keeps it only with stored completions.
+    /// Up to 16 string pairs kept with a stored completion; listings filter on them.
     #[serde(default)]
-    #[allow(dead_code)]
     metadata: Option<Value>,
     /// Accepted and not used: there is one service tier.
     #[serde(default)]
@@ -239,8 +245,7 @@ struct CompletionRequest {
 
 impl CompletionRequest {
     /// The first parameter that asks for something this gateway does not do, and why; a parameter
-    /// that asks for nothing (`functions: []`, `function_call: "none"`, `store: false`,
-    /// `modalities: ["text"]`) passes.
+    /// that asks for nothing (`functions: []`, `function_call: "none"`, `modalities: ["text"]`) passes.
     fn refused(&self) -> Option<(&'static str, &'static str)> {
         let given = |value: &Option<Value>| value.as_ref().is_some_and(|value| !value.is_null());
         // Given, and not an empty list.
@@ -264,7 +269,6 @@ impl CompletionRequest {
             ("reasoning_effort", given(&self.reasoning_effort), "reasoning effort is not available on this gateway"),
             ("web_search_options", given(&self.web_search_options), "web search is not available"),
             ("verbosity", given(&self.verbosity), "verbosity is not available on this gateway"),
-            ("store", self.store == Some(true), "stored completions are not available; omit store or set it to false"),
         ]
         .into_iter()
         .find_map(|(param, asked, why)| asked.then_some((param, why)))
@@ -412,8 +416,10 @@ pub async fn chat_completions(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> OpenAiResult<Response> {
     let caller = caller?;
+    let raw = body.as_ref().ok().cloned();
     let request: CompletionRequest = json_body(&headers, body)?;
     check_model(&state, &request.model, "chat replies")?;
+    let metadata = super::stored_completions::metadata(request.metadata.as_ref())?;
     if request.n.is_some_and(|n| n != 1) {
         return Err(OpenAiError::invalid_param("n", "n: only one choice (n = 1) is served"));
     }
@@ -457,6 +463,19 @@ pub async fn chat_completions(
     let wants_logprobs = sampling.wants_logprobs();
     let whole = !request.stream;
     let prompt = Prompt { model: request.model.clone(), messages, sampling, longest_reply, images, whole };
+    let keep = match (request.store, raw) {
+        (Some(true), Some(raw)) => {
+            // The messages as the client sent them, unknown fields and all, to be kept with the completion.
+            #[derive(Deserialize)]
+            struct Sent {
+                messages: Value,
+            }
+            let sent: Sent = serde_json::from_slice(&raw).map_err(|error| OpenAiError::invalid(error.to_string()))?;
+            let model = request.model.clone();
+            Some(Keep { state: state.clone(), user_id: caller.user_id, model, metadata, messages: sent.messages })
+        }
+        _ => None,
+    };
     let started = super::completion::start(&state, &caller, &headers, prompt).await?;
     let reply = started.reply;
     let completion_id = started.id;
@@ -468,12 +487,25 @@ pub async fn chat_completions(
     if request.stream {
         let include_usage = request.stream_options.is_some_and(|options| options.include_usage);
         let heartbeat_interval = Duration::from_secs(state.config.http.stream_heartbeat_secs);
-        return Ok(stream(reply, chunk, include_usage, heartbeat_interval));
+        let keep = keep.map(|keep| Kept {
+            keep,
+            id: completion_id,
+            wants_logprobs,
+            content: String::new(),
+            logprobs: Vec::new(),
+        });
+        return Ok(stream(reply, chunk, include_usage, heartbeat_interval, keep));
     }
     let started = std::time::Instant::now();
     let wait = Duration::from_secs(state.config.http.message_wait_secs);
     let mut response = match tokio::time::timeout(wait, collect(reply)).await {
-        Ok(Ok(collected)) => Json(completion(&chunk, &collected, wants_logprobs)).into_response(),
+        Ok(Ok(collected)) => {
+            let completion = completion(&chunk, &collected, wants_logprobs);
+            if let Some(keep) = &keep {
+                keep.store(completion_id, &completion).await;
+            }
+            Json(completion).into_response()
+        }
         Ok(Err(status)) => OpenAiError::from(status).into_response(),
         Err(_) => {
             OpenAiError::new(StatusCode::GATEWAY_TIMEOUT, "api_error", "timeout", "the model did not finish in time")
@@ -545,6 +577,15 @@ impl Chunk {
     }
 }
 
+/// A streamed completion to be kept once whole, and what it has said so far.
+struct Kept {
+    keep: Keep,
+    id: uuid::Uuid,
+    wants_logprobs: bool,
+    content: String,
+    logprobs: Vec<Value>,
+}
+
 /// Where a streamed completion stands.
 enum Phase {
     Streaming {
@@ -560,9 +601,10 @@ fn stream(
     chunk: Chunk,
     include_usage: bool,
     heartbeat_interval: Duration,
+    kept: Option<Kept>,
 ) -> Response {
-    let state = (reply, chunk, Phase::Streaming { first: true });
-    let events = futures::stream::unfold(state, move |(mut reply, chunk, phase)| async move {
+    let state = (reply, chunk, Phase::Streaming { first: true }, kept);
+    let events = futures::stream::unfold(state, move |(mut reply, chunk, phase, mut kept)| async move {
         match phase {
             Phase::Done => None,
             Phase::Closing(mut rest) => {
@@ -571,22 +613,28 @@ fn stream(
                 }
                 let event = rest.remove(0);
                 let phase = if rest.is_empty() { Phase::Done } else { Phase::Closing(rest) };
-                Some((Ok::<_, Infallible>(event), (reply, chunk, phase)))
+                Some((Ok::<_, Infallible>(event), (reply, chunk, phase, kept)))
             }
             Phase::Streaming { first } => match reply.message().await {
                 Ok(Some(agent_pb::CompleteEvent { event: Some(agent_pb::complete_event::Event::Delta(text)) })) => {
+                    if let Some(kept) = &mut kept {
+                        kept.content.push_str(&text);
+                    }
                     let delta =
                         if first { json!({"role": "assistant", "content": text}) } else { json!({"content": text}) };
                     let event = chunk.with(json!([{"index": 0, "delta": delta, "finish_reason": null}]), None);
-                    Some((Ok(event), (reply, chunk, Phase::Streaming { first: false })))
+                    Some((Ok(event), (reply, chunk, Phase::Streaming { first: false }, kept)))
                 }
                 Ok(Some(agent_pb::CompleteEvent {
                     event: Some(agent_pb::complete_event::Event::Logprobs(entries)),
                 })) => {
                     let entries: Value = serde_json::from_str(&entries).unwrap_or_else(|_| json!([]));
+                    if let (Some(kept), Value::Array(list)) = (&mut kept, &entries) {
+                        kept.logprobs.extend(list.iter().cloned());
+                    }
                     let choice =
                         json!([{"index": 0, "delta": {}, "logprobs": {"content": entries}, "finish_reason": null}]);
-                    Some((Ok(chunk.with(choice, None)), (reply, chunk, Phase::Streaming { first })))
+                    Some((Ok(chunk.with(choice, None)), (reply, chunk, Phase::Streaming { first }, kept)))
                 }
                 Ok(Some(agent_pb::CompleteEvent { event: Some(agent_pb::complete_event::Event::ToolCall(call)) })) => {
                     let mut piece = json!({"index": call.index, "function": {"arguments": call.arguments}});
@@ -602,9 +650,15 @@ fn stream(
                         delta["role"] = json!("assistant");
                     }
                     let event = chunk.with(json!([{"index": 0, "delta": delta, "finish_reason": null}]), None);
-                    Some((Ok(event), (reply, chunk, Phase::Streaming { first: false })))
+                    Some((Ok(event), (reply, chunk, Phase::Streaming { first: false }, kept)))
                 }
                 Ok(Some(agent_pb::CompleteEvent { event: Some(agent_pb::complete_event::Event::Done(done)) })) => {
+                    // Kept before the stream ends, so a read after `[DONE]` finds it.
+                    if let Some(kept) = kept.take() {
+                        let Kept { keep, id, wants_logprobs, content, logprobs } = kept;
+                        let whole = Collected { content, logprobs, done: done.clone() };
+                        keep.store(id, &completion(&chunk, &whole, wants_logprobs)).await;
+                    }
                     let mut rest = Vec::new();
                     if include_usage {
                         rest.push(chunk.with(json!([]), Some(usage_of(&done))));
@@ -614,9 +668,11 @@ fn stream(
                         json!([{"index": 0, "delta": {}, "finish_reason": finish_reason(&done).as_openai()}]),
                         None,
                     );
-                    Some((Ok(finish), (reply, chunk, Phase::Closing(rest))))
+                    Some((Ok(finish), (reply, chunk, Phase::Closing(rest), kept)))
                 }
-                Ok(Some(_)) => Some((Ok(Event::default().comment("")), (reply, chunk, Phase::Streaming { first }))),
+                Ok(Some(_)) => {
+                    Some((Ok(Event::default().comment("")), (reply, chunk, Phase::Streaming { first }, kept)))
+                }
                 outcome => {
                     let detail = match outcome {
                         Err(status) => ServiceError::from(status).message,
@@ -625,7 +681,7 @@ fn stream(
                     let error =
                         json!({"error": {"message": detail, "type": "api_error", "code": "upstream_unavailable"}});
                     let rest = vec![Event::default().data("[DONE]")];
-                    Some((Ok(Event::default().data(error.to_string())), (reply, chunk, Phase::Closing(rest))))
+                    Some((Ok(Event::default().data(error.to_string())), (reply, chunk, Phase::Closing(rest), kept)))
                 }
             },
         }

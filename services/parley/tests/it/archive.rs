@@ -151,6 +151,9 @@ async fn retention_deletes_what_is_past_it_in_every_schema_and_keeps_the_rest() 
              (day, user_id, model, requests, input_tokens, output_tokens, cost_micros, cache_hits, failures)
          VALUES ((now() - interval '30 months')::date, gen_random_uuid(), 'old-model', 1, 1, 1, 1, 0, 0)",
         "INSERT INTO analytics.spend_daily (day, cost_micros) VALUES ((now() - interval '30 months')::date, 1)",
+        "INSERT INTO chat.stored_completions (id, user_id, model, data_key, completion, messages, created_at)
+         VALUES (gen_random_uuid(), gen_random_uuid(), 'kept-long-ago', '\\x00', '', '[]', now() - interval '40 days'),
+                (gen_random_uuid(), gen_random_uuid(), 'kept-lately', '\\x00', '', '[]', now() - interval '20 days')",
         "INSERT INTO analytics.erased_users (user_id, erased_at) VALUES (gen_random_uuid(), now() - interval '31 days'),
              (gen_random_uuid(), now())",
     ];
@@ -210,6 +213,9 @@ async fn retention_deletes_what_is_past_it_in_every_schema_and_keeps_the_rest() 
     assert_eq!(count(&pool, "analytics.usage_daily", "model = 'old-model'").await, 0);
     assert_eq!(count(&pool, "analytics.spend_daily", "day < now() - interval '29 months'").await, 0);
     assert_eq!(count(&pool, "analytics.erased_users", "true").await, 1);
+    assert!(printed.contains("and 1 stored completions older than 30 days deleted"), "{printed}");
+    assert_eq!(count(&pool, "chat.stored_completions", "model = 'kept-long-ago'").await, 0);
+    assert_eq!(count(&pool, "chat.stored_completions", "model = 'kept-lately'").await, 1);
     // ...the idle conversation with its messages, and nothing else of the user's.
     let (status, _) = t.get(&session, &format!("/v1/conversations/{old_conversation}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -38,7 +38,7 @@ async fn deleting_an_account_erases_it_everywhere_and_keeps_usage_totals_anonymo
     let ada_id = Uuid::parse_str(&ada.user_id).unwrap();
     let bob = t.register("bob@example.com").await;
 
-    // Ada uses everything: a conversation with a reply, an API key, an OpenAI completion.
+    // Ada uses everything: a conversation with a reply, an API key, a stored OpenAI completion.
     let (status, created) = t.post(&ada, "/v1/api-keys", json!({"name": "laptop"})).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let key = created["key"].as_str().unwrap().to_owned();
@@ -46,7 +46,7 @@ async fn deleting_an_account_erases_it_everywhere_and_keeps_usage_totals_anonymo
     let (status, sent) =
         t.post(&ada, &format!("/v1/conversations/{conversation}/messages"), json!({"content": "Hello there"})).await;
     assert_eq!(status, StatusCode::OK, "{sent}");
-    let completion = json!({"model": "parley-fake", "messages": [{"role": "user", "content": "Hi"}]});
+    let completion = json!({"model": "parley-fake", "messages": [{"role": "user", "content": "Hi"}], "store": true});
     let response = t.http.post(t.url("/v1/chat/completions")).bearer_auth(&key).json(&completion).send().await;
     assert_eq!(response.unwrap().status(), StatusCode::OK);
     let bobs = t.create_conversation(&bob, "theirs").await;
@@ -70,6 +70,7 @@ async fn deleting_an_account_erases_it_everywhere_and_keeps_usage_totals_anonymo
     })
     .await;
     let anonymous_before = anonymous_tokens(&pool).await;
+    assert_eq!(rows(&pool, "chat.stored_completions", "user_id", ada_id).await, 1);
 
     // Not with an API key: a leaked key must not be able to end the account.
     let response = t.http.delete(t.url("/v1/me")).bearer_auth(&key).send().await.unwrap();
@@ -117,6 +118,7 @@ async fn deleting_an_account_erases_it_everywhere_and_keeps_usage_totals_anonymo
         ("chat.conversations", "user_id"),
         ("chat.messages", "user_id"),
         ("chat.idempotency_keys", "user_id"),
+        ("chat.stored_completions", "user_id"),
         ("quota.ledger", "user_id"),
         ("analytics.usage_events", "user_id"),
         ("analytics.usage_daily", "user_id"),

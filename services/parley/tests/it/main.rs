@@ -33,6 +33,7 @@ mod resilience;
 mod search;
 mod signing;
 mod stop;
+mod stored_completions;
 mod streaming;
 mod titles;
 mod tools;
