@@ -5,7 +5,8 @@
 //! A completion is stateless: after the rate limit and the budget reservation the gateway calls an
 //! agent directly (`parley.agent.v1.AgentService/Complete`), which runs the model's provider chain and
 //! streams the reply back; the agent settles the tokens and reports usage once the reply is whole.
-//! Nothing is stored on the way. Errors here use
+//! Nothing is stored on the way; a completion made with `store: true` is kept once it is whole
+//! ([`super::stored_completions`]). Errors here use
 //! OpenAI's shape, `{"error": {"message", "type", "code"}}`, instead of problem+json.
 
 use std::convert::Infallible;
@@ -198,7 +199,7 @@ struct CompletionRequest {
     safety_identifier: Option<String>,
     #[serde(default)]
     response_format: Option<ResponseFormat>,
-    /// Keep the completion, to be read back with `GET /v1/chat/completions/{id}` ([`stored_completions`]).
+    /// Keep the completion, to be read back with `GET /v1/chat/completions/{id}` ([`super::stored_completions`]).
     #[serde(default)]
     store: Option<bool>,
     /// Up to 16 string pairs kept with a stored completion; listings filter on them.
@@ -498,7 +499,9 @@ pub async fn chat_completions(
     }
     let started = std::time::Instant::now();
     let wait = Duration::from_secs(state.config.http.message_wait_secs);
-    let mut response = match tokio::time::timeout(wait, collect(reply)).await {
+    let outcome = tokio::time::timeout(wait, collect(reply)).await;
+    let waited = started.elapsed();
+    let mut response = match outcome {
         Ok(Ok(collected)) => {
             let completion = completion(&chunk, &collected, wants_logprobs);
             if let Some(keep) = &keep {
@@ -512,7 +515,7 @@ pub async fn chat_completions(
                 .into_response()
         }
     };
-    response.extensions_mut().insert(ModelWait(started.elapsed()));
+    response.extensions_mut().insert(ModelWait(waited));
     Ok(response)
 }
 

@@ -176,7 +176,7 @@ async fn bad_or_unavailable_parameters_are_refused_by_name() {
         ("tool_choice", json!("required")),
         ("functions", json!([{"name": "f"}])),
         ("top_logprobs", json!(2)),
-        ("store", json!(true)),
+        ("metadata", json!({"k": 1})),
         ("modalities", json!(["text", "audio"])),
         ("verbosity", json!("low")),
         ("no_such_parameter", json!(1)),
