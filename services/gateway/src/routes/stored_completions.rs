@@ -187,8 +187,8 @@ fn list_query(raw: Option<&str>, with_filters: bool) -> OpenAiResult<ListQuery> 
 #[utoipa::path(get, path = "/v1/chat/completions", tag = "openai", security(("bearer" = [])),
     params(
         ("after" = Option<String>, Query, description = "The last id of the previous page"),
-        ("limit" = Option<u32>, Query, description = "1 to 100 (default 20)"),
-        ("order" = Option<String>, Query, description = "asc (oldest first, the default) or desc"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1 to 100 (default 20)"),
+        ("order" = Option<String>, Query, pattern = "^(asc|desc)$", description = "asc (oldest first, the default) or desc"),
         ("model" = Option<String>, Query, description = "Only completions of this model"),
     ),
     responses(
@@ -234,8 +234,8 @@ fn page(data: Vec<Value>, has_more: bool) -> Value {
     params(
         ("id" = String, Path, description = "The completion's id (`chatcmpl-…`)"),
         ("after" = Option<String>, Query, description = "The last message id of the previous page"),
-        ("limit" = Option<u32>, Query, description = "1 to 100 (default 20)"),
-        ("order" = Option<String>, Query, description = "asc (the default) or desc"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1 to 100 (default 20)"),
+        ("order" = Option<String>, Query, pattern = "^(asc|desc)$", description = "asc (the default) or desc"),
     ),
     responses(
         (status = 200, description = "An OpenAI list of the request's messages, each with an id"),
