@@ -208,10 +208,15 @@ fn metadata(text: &str) -> Result<serde_json::Value, ChatError> {
         return Ok(serde_json::Value::Object(serde_json::Map::new()));
     }
     match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(serde_json::Value::Object(map)) if map.values().all(serde_json::Value::is_string) => {
+        // No NUL: PostgreSQL's jsonb cannot hold it.
+        Ok(serde_json::Value::Object(map))
+            if map
+                .iter()
+                .all(|(key, value)| !key.contains('\0') && value.as_str().is_some_and(|text| !text.contains('\0'))) =>
+        {
             Ok(serde_json::Value::Object(map))
         }
-        _ => Err(ServiceError::invalid_field("metadata", "must be a JSON object of strings").into()),
+        _ => Err(ServiceError::invalid_field("metadata", "must be a JSON object of strings without NUL").into()),
     }
 }
 
@@ -461,6 +466,21 @@ impl pb::chat_service_server::ChatService for ChatService {
         rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         let data = rows.into_iter().map(stored_completion_to_proto).collect();
         Ok(Response::new(pb::ListStoredCompletionsResponse { data, has_more }))
+    }
+
+    async fn update_stored_completion(
+        &self,
+        request: Request<pb::UpdateStoredCompletionRequest>,
+    ) -> Result<Response<pb::StoredCompletion>, Status> {
+        let request = request.into_inner();
+        let user_id = parse_user(&request.user_id)?;
+        let metadata = metadata(&request.metadata)?;
+        let row = match parse_id_or_not_found(&request.id) {
+            Some(id) => self.storage.update_stored_completion(user_id, id, &metadata).await.map_err(ChatError::from)?,
+            None => None,
+        };
+        let row = row.ok_or_else(|| ChatError::from(ServiceError::not_found("completion")))?;
+        Ok(Response::new(stored_completion_to_proto(row)))
     }
 
     async fn delete_stored_completion(

@@ -116,6 +116,29 @@ impl Storage {
         rows.into_iter().map(|row| self.open_completion(row)).collect()
     }
 
+    /// Replaces the metadata of one of `user_id`'s stored completions; `None` when there is no such
+    /// completion.
+    pub async fn update_stored_completion(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        metadata: &serde_json::Value,
+    ) -> Result<Option<StoredCompletionRow>, sqlx::Error> {
+        let text = format!(
+            "UPDATE chat.stored_completions SET metadata = $3 WHERE id = $1 AND user_id = $2 RETURNING {COLUMNS}"
+        );
+        let row: Option<StoredCompletionRow> = sqlx::query_as(sql(text))
+            .bind(id)
+            .bind(user_id)
+            .bind(sqlx::types::Json(metadata))
+            .fetch_optional(self.pool())
+            .await?;
+        if row.is_some() {
+            self.wrote(user_id).await;
+        }
+        row.map(|row| self.open_completion(row)).transpose()
+    }
+
     /// Deletes one of `user_id`'s stored completions; false when there is no such completion.
     pub async fn delete_stored_completion(&self, user_id: Uuid, id: Uuid) -> Result<bool, sqlx::Error> {
         let deleted = sqlx::query("DELETE FROM chat.stored_completions WHERE id = $1 AND user_id = $2")

@@ -155,6 +155,11 @@ pub fn apply(document: &mut Value, config: &Config) {
         "required": false,
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ConversationBody"}}},
     });
+    // A stored completion's update carries its new metadata and nothing else.
+    let update = json!({"type": "object", "required": ["metadata"], "additionalProperties": false,
+        "properties": {"metadata": metadata()}});
+    document["paths"]["/v1/chat/completions/{id}"]["post"]["requestBody"] =
+        json!({"required": true, "content": {"application/json": {"schema": update}}});
     for (path, rules) in [
         ("/v1/chat/completions", chat_completion(&chat_models, max_message_chars)),
         ("/v1/messages", anthropic_message(&chat_models, max_message_chars, true)),
@@ -291,7 +296,20 @@ fn chat_completion(models: &[&String], max_chars: u64) -> Value {
             "user": {"type": ["string", "null"], "maxLength": MAX_USER_CHARS, "pattern": NO_NUL},
             "n": {"enum": [1, null]},
             "response_format": response_format(),
+            "store": {"type": ["boolean", "null"]},
+            "metadata": metadata(),
         },
+    })
+}
+
+/// OpenAI's `metadata` of a stored completion: up to 16 string pairs, keys of at most 64 characters,
+/// values of at most 512, no NUL (PostgreSQL's jsonb cannot hold it).
+fn metadata() -> Value {
+    json!({
+        "type": ["object", "null"],
+        "maxProperties": 16,
+        "propertyNames": {"maxLength": 64, "pattern": NO_NUL},
+        "additionalProperties": {"type": "string", "maxLength": 512, "pattern": NO_NUL},
     })
 }
 

@@ -61,7 +61,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/messages/{id}/events", get(streaming::events))
         .route("/v1/messages/{id}/ws", get(streaming::websocket))
         .route("/v1/chat/completions", post(openai::chat_completions).get(stored_completions::list))
-        .route("/v1/chat/completions/{id}", get(stored_completions::get).delete(stored_completions::delete))
+        .route(
+            "/v1/chat/completions/{id}",
+            get(stored_completions::get).post(stored_completions::update).delete(stored_completions::delete),
+        )
         .route("/v1/chat/completions/{id}/messages", get(stored_completions::messages))
         .route("/v1/models", get(openai::models))
         .route("/v1/embeddings", post(embeddings::embeddings))

@@ -1,7 +1,8 @@
 //! OpenAI's stored completions: a completion made with `store: true` is kept, with its request's
 //! messages and the client's `metadata`, and read back with `GET /v1/chat/completions/{id}`, listed with
-//! `GET /v1/chat/completions`, its messages read with `GET /v1/chat/completions/{id}/messages`, and
-//! deleted with `DELETE /v1/chat/completions/{id}`, in OpenAI's shapes. Chat keeps them (sealed, like
+//! `GET /v1/chat/completions`, its messages read with `GET /v1/chat/completions/{id}/messages`, its
+//! metadata replaced with `POST /v1/chat/completions/{id}`, and deleted with
+//! `DELETE /v1/chat/completions/{id}`, in OpenAI's shapes. Chat keeps them (sealed, like
 //! what users write in conversations); a completion made without `store` is never written anywhere.
 //!
 //! A stored completion is kept before its response is sent (streamed: before `[DONE]`), so a read right
@@ -11,8 +12,11 @@
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use parley_platform::ServiceError;
 use parley_proto::chat::v1 as pb;
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
@@ -29,7 +33,7 @@ const LONGEST_VALUE: usize = 512;
 const ID_PREFIX: &str = "chatcmpl-";
 
 /// `metadata` of a request, checked: up to 16 string values under keys of up to 64 characters, values
-/// of up to 512. Absent or null is none.
+/// of up to 512, no NUL anywhere (PostgreSQL's jsonb cannot hold it). Absent or null is none.
 pub(super) fn metadata(given: Option<&Value>) -> OpenAiResult<Map<String, Value>> {
     let invalid = |why: &str| OpenAiError::invalid_param("metadata", format!("metadata: {why}"));
     let map = match given {
@@ -41,6 +45,9 @@ pub(super) fn metadata(given: Option<&Value>) -> OpenAiResult<Map<String, Value>
         return Err(invalid(&format!("at most {MOST_PAIRS} pairs")));
     }
     for (key, value) in map {
+        if key.contains('\0') || value.as_str().is_some_and(|text| text.contains('\0')) {
+            return Err(invalid("keys and values must not contain NUL"));
+        }
         if key.chars().count() > LONGEST_KEY {
             return Err(invalid(&format!("the key {key:?} is longer than {LONGEST_KEY} characters")));
         }
@@ -66,14 +73,12 @@ pub(super) struct Keep {
 impl Keep {
     /// Keeps `completion` (a `chat.completion` object) under `id`; a failure is logged and counted.
     pub(super) async fn store(&self, id: Uuid, completion: &Value) {
-        let mut stored = completion.clone();
-        stored["metadata"] = Value::Object(self.metadata.clone());
         let request = pb::StoredCompletion {
             id: id.to_string(),
             user_id: self.user_id.to_string(),
             model: self.model.clone(),
             metadata: Value::Object(self.metadata.clone()).to_string(),
-            completion: stored.to_string(),
+            completion: completion.to_string(),
             messages: self.messages.to_string(),
             created_at: None,
         };
@@ -115,9 +120,16 @@ async fn owned(state: &AppState, caller: &Caller, id: &str) -> OpenAiResult<pb::
     found.map(tonic::Response::into_inner).map_err(|status| chat_error(id, status))
 }
 
-/// A stored completion as OpenAI shows it: the completion object, with its metadata.
-fn shown(stored: &pb::StoredCompletion) -> OpenAiResult<Value> {
-    serde_json::from_str(&stored.completion).map_err(|_| OpenAiError::from(parley_platform::ServiceError::internal()))
+/// A stored completion as OpenAI shows it: the completion object as it was returned, with its metadata
+/// as it is now.
+pub(super) fn shown(stored: &pb::StoredCompletion) -> Result<Value, ServiceError> {
+    let mut completion: Value = serde_json::from_str(&stored.completion).map_err(|_| ServiceError::internal())?;
+    let metadata: Value = serde_json::from_str(&stored.metadata).map_err(|_| ServiceError::internal())?;
+    let Value::Object(fields) = &mut completion else {
+        return Err(ServiceError::internal());
+    };
+    fields.insert("metadata".to_owned(), metadata);
+    Ok(completion)
 }
 
 /// Get a stored completion (OpenAI wire format).
@@ -134,6 +146,43 @@ pub async fn get(
 ) -> OpenAiResult<Json<Value>> {
     let caller = caller?;
     let stored = owned(&state, &caller, &id).await?;
+    Ok(Json(shown(&stored)?))
+}
+
+/// What `POST /v1/chat/completions/{id}` changes: the metadata, all of it (null clears it).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Update {
+    metadata: Value,
+}
+
+/// Replace a stored completion's metadata (OpenAI wire format).
+#[utoipa::path(post, path = "/v1/chat/completions/{id}", tag = "openai", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The completion's id (`chatcmpl-…`)")),
+    request_body(content = Object, description = "{\"metadata\": {...}}: up to 16 string pairs, or null to clear them"),
+    responses(
+        (status = 200, description = "The chat.completion object with its new metadata"),
+        (status = 400, description = "A body that is not {metadata} (OpenAI error shape, param named)"),
+        (status = 404, description = "No stored completion of the caller's has this id (OpenAI error shape)"),
+    ))]
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Result<Caller, ApiError>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> OpenAiResult<Json<Value>> {
+    let caller = caller?;
+    let update: Update = super::openai::json_body(&headers, body)?;
+    let metadata = metadata(Some(&update.metadata))?;
+    let named = named(&caller, &id)?;
+    let request = pb::UpdateStoredCompletionRequest {
+        user_id: named.user_id,
+        id: named.id,
+        metadata: Value::Object(metadata).to_string(),
+    };
+    let updated = state.backends.chat.clone().update_stored_completion(request).await;
+    let stored = updated.map_err(|status| chat_error(&id, status))?.into_inner();
     Ok(Json(shown(&stored)?))
 }
 
@@ -219,7 +268,7 @@ pub async fn list(
         metadata: Value::Object(query.metadata).to_string(),
     };
     let listed = state.backends.chat.clone().list_stored_completions(request).await?.into_inner();
-    let data = listed.data.iter().map(shown).collect::<OpenAiResult<Vec<_>>>()?;
+    let data = listed.data.iter().map(shown).collect::<Result<Vec<_>, ServiceError>>()?;
     Ok(Json(page(data, listed.has_more)))
 }
 
@@ -311,6 +360,7 @@ mod tests {
             Value::Object(many),
             json!({"k".repeat(65): "v"}),
             json!({"k": "v".repeat(513)}),
+            json!({"k": "a\u{0}b"}),
         ] {
             let error = metadata(Some(&bad)).expect_err("refused");
             assert_eq!(error.param(), Some("metadata"), "{bad}");

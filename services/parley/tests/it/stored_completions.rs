@@ -1,6 +1,6 @@
 //! OpenAI's stored completions through the public API: a completion made with `store: true`, whole or
 //! streamed, is read back, listed (in order, a page at a time, filtered by model and metadata), its
-//! request's messages read, and deleted; one made without `store` is kept nowhere; another user sees
+//! request's messages read, its metadata replaced, exported with the account, and deleted; one made without `store` is kept nowhere; another user sees
 //! none of them; the texts are sealed at rest.
 
 use reqwest::StatusCode;
@@ -114,6 +114,33 @@ async fn stored_completions_are_read_listed_and_deleted_and_only_those_asked_for
     let last = format!("{first_id}-1");
     assert_eq!((ids(&sent), &sent["has_more"]), (vec![last.as_str()], &json!(true)));
 
+    // Its metadata replaced, all of it: read and filtered on as it is now.
+    let path = format!("/v1/chat/completions/{first_id}");
+    let (status, updated) = t.post(&ada, &path, json!({"metadata": {"team": "ads", "round": "2"}})).await;
+    assert_eq!(status, StatusCode::OK, "{updated}");
+    assert_eq!((&updated["id"], &updated["metadata"]), (&json!(first_id), &json!({"team": "ads", "round": "2"})));
+    let (_, stored) = t.get(&ada, &path).await;
+    assert_eq!(stored["metadata"], json!({"team": "ads", "round": "2"}));
+    assert_eq!(stored["choices"], first["choices"]);
+    let (_, page) = t.get(&ada, "/v1/chat/completions?metadata[team]=ads").await;
+    assert_eq!(ids(&page), [first_id.as_str(), second_id.as_str()]);
+    let (_, page) = t.get(&ada, "/v1/chat/completions?metadata[team]=ads&metadata[round]=2").await;
+    assert_eq!(ids(&page), [first_id.as_str()]);
+    for bad in [json!({"metadata": {"n": 1}}), json!({"metadata": {"k": "v"}, "colour": "red"}), json!({})] {
+        let (status, error) = t.post(&ada, &path, bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {error}");
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+    }
+
+    // The account's export carries them, oldest first, with the messages they were asked with.
+    let (status, export) = t.get(&ada, "/v1/me/export").await;
+    assert_eq!(status, StatusCode::OK, "{export}");
+    let exported = export["stored_completions"].as_array().unwrap();
+    let exported_ids: Vec<&str> = exported.iter().map(|item| item["completion"]["id"].as_str().unwrap()).collect();
+    assert_eq!(exported_ids, [first_id.as_str(), second_id.as_str()]);
+    assert_eq!(exported[0]["messages"], messages);
+    assert_eq!(exported[0]["completion"]["metadata"]["team"], "ads");
+
     // Someone else's are not there for Bob, in any way.
     let (status, body) = t.get(&bob, &format!("/v1/chat/completions/{first_id}")).await;
     assert_openai_not_found(status, &body);
@@ -121,6 +148,10 @@ async fn stored_completions_are_read_listed_and_deleted_and_only_those_asked_for
     assert_openai_not_found(status, &body);
     let (_, list) = t.get(&bob, "/v1/chat/completions").await;
     assert!(ids(&list).is_empty());
+    let (status, body) = t.post(&bob, &path, json!({"metadata": {"team": "bob's"}})).await;
+    assert_openai_not_found(status, &body);
+    let (_, export) = t.get(&bob, "/v1/me/export").await;
+    assert_eq!(export["stored_completions"], json!([]));
     let response = t.http.delete(t.url(&format!("/v1/chat/completions/{first_id}"))).bearer_auth(&bob.token);
     let (status, body) = read(response.send().await.unwrap()).await;
     assert_openai_not_found(status, &body);
@@ -155,7 +186,9 @@ async fn bad_stored_completion_requests_are_refused_naming_the_parameter() {
     let ada = t.register("ada@example.com").await;
     let messages = json!([{"role": "user", "content": "hi"}]);
     let many: serde_json::Map<String, Value> = (0..17).map(|n| (format!("k{n}"), json!("v"))).collect();
-    for metadata in [json!({"n": 1}), json!("team"), Value::Object(many), json!({"k": "v".repeat(513)})] {
+    for metadata in
+        [json!({"n": 1}), json!("team"), Value::Object(many), json!({"k": "v".repeat(513)}), json!({"k": "a\u{0}b"})]
+    {
         let body = json!({"model": "parley-fake", "messages": messages, "store": true, "metadata": metadata});
         let (status, error) = t.post(&ada, "/v1/chat/completions", body).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");

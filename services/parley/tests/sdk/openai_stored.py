@@ -45,6 +45,10 @@ check(tagged == [kept.id], f"list by metadata: {tagged}")
 newest = client.chat.completions.list(order="desc", limit=1)
 check([c.id for c in newest.data] == [streamed_id] and newest.has_more, f"newest first: {newest}")
 
+updated = client.chat.completions.update(kept.id, metadata={"suite": "sdk", "round": "2"})
+check(updated.metadata == {"suite": "sdk", "round": "2"}, f"update: {updated.metadata}")
+check(client.chat.completions.retrieve(kept.id).metadata["round"] == "2", "updated metadata reads back")
+
 sent = [m.content for m in client.chat.completions.messages.list(kept.id)]
 check(sent == ["You are terse.", "hello from the sdk"], f"messages: {sent}")
 
