@@ -72,7 +72,9 @@ pub async fn serve(
     let relay = relay::OutboxRelay::new(pool, async_nats::jetstream::new(nats), names.clone());
     let keyring = parley_platform::envelope::Keyring::new(&config.chat.content_keys)?;
     let service = ChatService::new(config, marks, keyring, names, relay.queue());
-    let routes = tonic::service::Routes::new(ChatServiceServer::new(service));
+    let server =
+        ChatServiceServer::new(service).max_decoding_message_size(parley_platform::grpc::MAX_CHAT_MESSAGE_BYTES);
+    let routes = tonic::service::Routes::new(server);
     let relay_task = tokio::spawn(relay.run(shutdown.clone()));
     let served = parley_platform::grpc::serve("chat", listener, routes, &[HEALTH_NAME], shutdown.clone()).await;
     shutdown.cancel();

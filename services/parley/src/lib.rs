@@ -493,7 +493,8 @@ async fn start_gateway(
     let channels = &shared.channels;
     let backends = parley_gateway::Backends {
         user: UserServiceClient::new(with_context(channels.user.clone())),
-        chat: ChatServiceClient::new(with_context(channels.chat.clone())),
+        chat: ChatServiceClient::new(with_context(channels.chat.clone()))
+            .max_decoding_message_size(parley_platform::grpc::MAX_CHAT_MESSAGE_BYTES),
         quota: QuotaServiceClient::new(with_context(channels.quota.clone())),
         analytics: AnalyticsServiceClient::new(with_context(channels.analytics.clone())),
         agent: AgentServiceClient::new(with_context(channels.agent.clone())),

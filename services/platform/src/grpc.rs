@@ -21,6 +21,11 @@ tokio::task_local! {
 
 const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// The largest message a chat call carries between the gateway and chat (tonic's default is 4 MiB): a
+/// stored completion with its request, which the gateway's body limit allows up to 100 MiB, or a page
+/// of a hundred long replies.
+pub const MAX_CHAT_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
+
 /// Adds the current trace context and request id to every outgoing call.
 #[derive(Clone, Copy, Default)]
 pub struct PropagateContext;

@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::uri::{Authority, Scheme};
 use hyper::client::conn::http2::{Builder, SendRequest};
@@ -33,13 +33,16 @@ pub struct ReplicaConnection {
     sender: Mutex<Option<SendRequest<Body>>>,
     /// Held while a connection is being opened, so that calls arriving meanwhile wait for that one.
     opening: tokio::sync::Mutex<()>,
+    /// The last attempt to open the connection that failed: when it gave up, and why.
+    failed: Mutex<Option<(Instant, tonic::Code, String)>>,
 }
 
 impl ReplicaConnection {
     /// A connection to `addr`, not yet open.
     pub fn new(addr: SocketAddr) -> Result<Self, http::uri::InvalidUri> {
         let authority = Authority::try_from(addr.to_string())?;
-        Ok(Self { addr, authority, sender: Mutex::new(None), opening: tokio::sync::Mutex::new(()) })
+        let (sender, opening, failed) = (Mutex::new(None), tokio::sync::Mutex::new(()), Mutex::new(None));
+        Ok(Self { addr, authority, sender, opening, failed })
     }
 
     /// Sends `request` (a path-only URI, as tonic's generated clients make) and returns its response
@@ -53,24 +56,38 @@ impl ReplicaConnection {
         Ok(response.map(Body::new))
     }
 
-    /// The open connection's sender, opening the connection first if there is none.
+    /// The open connection's sender, opening the connection first if there is none. Calls that arrive
+    /// while an attempt is under way wait for it and share its outcome: when it fails, they fail with it
+    /// rather than each trying again in turn (which, with a replica that does not answer, would make the
+    /// last of them wait a connect timeout for every call before it).
     async fn sender(&self) -> Result<SendRequest<Body>, tonic::Status> {
         if let Some(sender) = self.open_sender() {
             return Ok(sender);
         }
+        let asked = Instant::now();
         let _opening = self.opening.lock().await;
-        // Another call may have opened it while this one waited.
+        // Another call may have opened it while this one waited, or failed to.
         if let Some(sender) = self.open_sender() {
             return Ok(sender);
         }
-        let sender = self.open().await?;
-        *self.sender.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sender.clone());
-        Ok(sender)
+        // An attempt failed while this call waited for it: its answer is this call's too.
+        if let Some((_, code, message)) = lock(&self.failed).as_ref().filter(|(gave_up, ..)| *gave_up >= asked) {
+            return Err(tonic::Status::new(*code, message.clone()));
+        }
+        match self.open().await {
+            Ok(sender) => {
+                *lock(&self.sender) = Some(sender.clone());
+                Ok(sender)
+            }
+            Err(status) => {
+                *lock(&self.failed) = Some((Instant::now(), status.code(), status.message().to_owned()));
+                Err(status)
+            }
+        }
     }
 
     fn open_sender(&self) -> Option<SendRequest<Body>> {
-        let sender = self.sender.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        sender.as_ref().filter(|sender| !sender.is_closed()).cloned()
+        lock(&self.sender).as_ref().filter(|sender| !sender.is_closed()).cloned()
     }
 
     async fn open(&self) -> Result<SendRequest<Body>, tonic::Status> {
@@ -107,17 +124,23 @@ impl ReplicaConnection {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
     use futures::StreamExt;
     use tokio_util::sync::CancellationToken;
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
 
+    use super::CONNECT_TIMEOUT;
     use crate::balance::Balanced;
 
     /// A real gRPC server (health only) on `addr`, counting the connections it accepts.
@@ -183,6 +206,37 @@ mod tests {
         }
         check(&mut client).await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// Calls that queue behind an attempt to reach a replica that does not answer fail with that
+    /// attempt, within one connect timeout, instead of each trying in turn.
+    #[tokio::test]
+    async fn calls_waiting_on_a_replica_that_does_not_answer_fail_together() {
+        // A listener that never accepts, its queue full: a new connection's SYN goes unanswered.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await
+            {
+                queued.push(stream);
+            }
+        }
+        let client = HealthClient::new(Balanced::new(&format!("http://{addr}")).unwrap());
+        let started = tokio::time::Instant::now();
+        let calls = (0..4).map(|_| {
+            let mut client = client.clone();
+            async move { check(&mut client).await }
+        });
+        for outcome in futures::future::join_all(calls).await {
+            assert_eq!(outcome.unwrap_err().code(), tonic::Code::Unavailable);
+        }
+        // One connect timeout for all of them (trying in turn: four).
+        assert!(started.elapsed() < 2 * CONNECT_TIMEOUT, "{:?}", started.elapsed());
+        drop(queued);
     }
 
     #[tokio::test]

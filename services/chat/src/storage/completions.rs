@@ -45,6 +45,9 @@ pub struct CompletionFilter<'a> {
 }
 
 const COLUMNS: &str = "id, user_id, model, metadata, data_key, completion, messages, created_at";
+/// A listing's columns: the messages stay behind (read one completion for them), so a page of a
+/// hundred completions does not carry a hundred prompts.
+const LISTED_COLUMNS: &str = "id, user_id, model, metadata, data_key, completion, '' AS messages, created_at";
 
 impl Storage {
     /// Keeps a completion; keeping the same id again changes nothing.
@@ -81,7 +84,8 @@ impl Storage {
         row.map(|row| self.open_completion(row)).transpose()
     }
 
-    /// A page of `user_id`'s stored completions in id order, and one more when there is one.
+    /// A page of `user_id`'s stored completions in id order, and one more when there is one, without
+    /// their messages.
     pub async fn list_stored_completions(
         &self,
         floor: ReadFloor,
@@ -90,7 +94,7 @@ impl Storage {
     ) -> Result<Vec<StoredCompletionRow>, sqlx::Error> {
         let (beyond, order) = if filter.descending { ("<", "DESC") } else { (">", "ASC") };
         let text = format!(
-            "SELECT {COLUMNS} FROM chat.stored_completions
+            "SELECT {LISTED_COLUMNS} FROM chat.stored_completions
              WHERE user_id = $1 AND ($2::uuid IS NULL OR id {beyond} $2) AND ($3::text IS NULL OR model = $3)
                AND metadata @> $4
              ORDER BY id {order} LIMIT $5"
@@ -158,7 +162,9 @@ impl Storage {
     fn open_completion(&self, mut row: StoredCompletionRow) -> Result<StoredCompletionRow, sqlx::Error> {
         let key = self.keys.keyring.unwrap(row.id, &row.data_key).map_err(sealing_error)?;
         row.completion = key.open_text(Field::Completion, &row.completion).map_err(sealing_error)?;
-        row.messages = key.open_text(Field::Prompt, &row.messages).map_err(sealing_error)?;
+        if !row.messages.is_empty() {
+            row.messages = key.open_text(Field::Prompt, &row.messages).map_err(sealing_error)?;
+        }
         Ok(row)
     }
 }

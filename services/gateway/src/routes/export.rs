@@ -131,8 +131,11 @@ async fn all_stored_completions(state: &AppState, user_id: &str) -> ApiResult<Ve
         };
         let page = state.backends.chat.clone().list_stored_completions(request).await?.into_inner();
         after = page.data.last().map(|stored| stored.id.clone());
-        for stored in &page.data {
-            let completion = super::stored_completions::shown(stored)?;
+        for listed in &page.data {
+            // A listing leaves the messages behind: each completion is read whole.
+            let request = chat_pb::StoredCompletionRequest { user_id: user_id.to_owned(), id: listed.id.clone() };
+            let stored = state.backends.chat.clone().get_stored_completion(request).await?.into_inner();
+            let completion = super::stored_completions::shown(&stored)?;
             let messages = serde_json::from_str(&stored.messages).map_err(|_| ServiceError::internal())?;
             completions.push(ExportedCompletionView { completion, messages });
         }

@@ -218,7 +218,12 @@ fn list_query(raw: Option<&str>, with_filters: bool) -> OpenAiResult<ListQuery> 
                     _ => return Err(OpenAiError::invalid_param("order", "order: must be asc or desc")),
                 };
             }
-            "model" if with_filters => query.model = Some(value),
+            "model" if with_filters => {
+                if value.contains('\0') {
+                    return Err(OpenAiError::invalid_param("model", "model: must not contain NUL"));
+                }
+                query.model = Some(value);
+            }
             key if with_filters && key.starts_with("metadata[") && key.ends_with(']') => {
                 let key = &key["metadata[".len()..key.len() - 1];
                 query.metadata.insert(key.to_owned(), Value::String(value));
@@ -373,9 +378,13 @@ mod tests {
             list_query(Some("after=chatcmpl-x&limit=5&order=desc&model=m&metadata%5Bteam%5D=search"), true).unwrap();
         assert_eq!((query.after.as_deref(), query.limit, query.descending), (Some("chatcmpl-x"), 5, true));
         assert_eq!((query.model.as_deref(), query.metadata["team"].as_str()), (Some("m"), Some("search")));
-        for (raw, param) in
-            [("limit=0", "limit"), ("limit=x", "limit"), ("order=up", "order"), ("colour=red", "colour")]
-        {
+        for (raw, param) in [
+            ("limit=0", "limit"),
+            ("limit=x", "limit"),
+            ("order=up", "order"),
+            ("colour=red", "colour"),
+            ("model=a%00", "model"),
+        ] {
             assert_eq!(list_query(Some(raw), true).expect_err("refused").param(), Some(param), "{raw}");
         }
         assert_eq!(list_query(Some("model=m"), false).expect_err("refused").param(), Some("model"));
