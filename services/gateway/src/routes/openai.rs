@@ -488,12 +488,8 @@ pub async fn chat_completions(
     if request.stream {
         let include_usage = request.stream_options.is_some_and(|options| options.include_usage);
         let heartbeat_interval = Duration::from_secs(state.config.http.stream_heartbeat_secs);
-        let keep = keep.map(|keep| Kept {
-            keep,
-            id: completion_id,
-            wants_logprobs,
-            content: String::new(),
-            logprobs: Vec::new(),
+        let keep = keep.map(|keep| {
+            Box::new(Kept { keep, id: completion_id, wants_logprobs, content: String::new(), logprobs: Vec::new() })
         });
         return Ok(stream(reply, chunk, include_usage, heartbeat_interval, keep));
     }
@@ -505,7 +501,8 @@ pub async fn chat_completions(
         Ok(Ok(collected)) => {
             let completion = completion(&chunk, &collected, wants_logprobs);
             if let Some(keep) = &keep {
-                keep.store(completion_id, &completion).await;
+                // Boxed, so that the call's future does not widen every completion's own.
+                Box::pin(keep.store(completion_id, &completion)).await;
             }
             Json(completion).into_response()
         }
@@ -589,6 +586,15 @@ struct Kept {
     logprobs: Vec<Value>,
 }
 
+impl Kept {
+    /// Keeps the streamed completion, whole now that `done` has come.
+    async fn store(self: Box<Self>, chunk: &Chunk, done: agent_pb::CompleteDone) {
+        let Kept { keep, id, wants_logprobs, content, logprobs } = *self;
+        let whole = Collected { content, logprobs, done };
+        keep.store(id, &completion(chunk, &whole, wants_logprobs)).await;
+    }
+}
+
 /// Where a streamed completion stands.
 enum Phase {
     Streaming {
@@ -604,7 +610,7 @@ fn stream(
     chunk: Chunk,
     include_usage: bool,
     heartbeat_interval: Duration,
-    kept: Option<Kept>,
+    kept: Option<Box<Kept>>,
 ) -> Response {
     let state = (reply, chunk, Phase::Streaming { first: true }, kept);
     let events = futures::stream::unfold(state, move |(mut reply, chunk, phase, mut kept)| async move {
@@ -658,9 +664,9 @@ fn stream(
                 Ok(Some(agent_pb::CompleteEvent { event: Some(agent_pb::complete_event::Event::Done(done)) })) => {
                     // Kept before the stream ends, so a read after `[DONE]` finds it.
                     if let Some(kept) = kept.take() {
-                        let Kept { keep, id, wants_logprobs, content, logprobs } = kept;
-                        let whole = Collected { content, logprobs, done: done.clone() };
-                        keep.store(id, &completion(&chunk, &whole, wants_logprobs)).await;
+                        // Boxed: held across this await, the store's future would otherwise be part of
+                        // every open stream's state, kept or not.
+                        Box::pin(kept.store(&chunk, done.clone())).await;
                     }
                     let mut rest = Vec::new();
                     if include_usage {
