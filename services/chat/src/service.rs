@@ -202,22 +202,16 @@ fn stored_completion_to_proto(row: StoredCompletionRow) -> pb::StoredCompletion 
     }
 }
 
-/// A metadata object: a JSON object of strings (`""`: none).
+/// A metadata object as JSON text (`""`: none), checked as the gateway checks it
+/// ([`parley_platform::limits::metadata`]).
 fn metadata(text: &str) -> Result<serde_json::Value, ChatError> {
-    if text.is_empty() {
-        return Ok(serde_json::Value::Object(serde_json::Map::new()));
-    }
-    match serde_json::from_str::<serde_json::Value>(text) {
-        // No NUL: PostgreSQL's jsonb cannot hold it.
-        Ok(serde_json::Value::Object(map))
-            if map
-                .iter()
-                .all(|(key, value)| !key.contains('\0') && value.as_str().is_some_and(|text| !text.contains('\0'))) =>
-        {
-            Ok(serde_json::Value::Object(map))
-        }
-        _ => Err(ServiceError::invalid_field("metadata", "must be a JSON object of strings without NUL").into()),
-    }
+    let value = match text {
+        "" => serde_json::Value::Null,
+        text => serde_json::from_str(text)
+            .map_err(|_| ServiceError::invalid_field("metadata", "must be a JSON object of strings"))?,
+    };
+    let map = parley_platform::limits::metadata(&value).map_err(|why| ServiceError::invalid_field("metadata", why))?;
+    Ok(serde_json::Value::Object(map))
 }
 
 /// The JSON text `field` must be: an object (a completion) or an array (messages).

@@ -7,8 +7,8 @@
 use parley_platform::Config;
 use parley_platform::limits::{
     MAX_API_KEY_NAME_CHARS, MAX_DISPLAY_NAME_CHARS, MAX_EMAIL_CHARS, MAX_FEEDBACK_COMMENT_CHARS,
-    MAX_IDEMPOTENCY_KEY_CHARS, MAX_PASSWORD_CHARS, MAX_SEARCH_QUERY_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS,
-    MIN_PASSWORD_CHARS,
+    MAX_IDEMPOTENCY_KEY_CHARS, MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS,
+    MAX_PASSWORD_CHARS, MAX_SEARCH_QUERY_CHARS, MAX_SYSTEM_PROMPT_CHARS, MAX_TITLE_CHARS, MIN_PASSWORD_CHARS,
 };
 use parley_platform::sampling::{MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOOLS, MAX_USER_CHARS};
 use serde_json::{Value, json};
@@ -307,9 +307,9 @@ fn chat_completion(models: &[&String], max_chars: u64) -> Value {
 fn metadata() -> Value {
     json!({
         "type": ["object", "null"],
-        "maxProperties": 16,
-        "propertyNames": {"maxLength": 64, "pattern": NO_NUL},
-        "additionalProperties": {"type": "string", "maxLength": 512, "pattern": NO_NUL},
+        "maxProperties": MAX_METADATA_PAIRS,
+        "propertyNames": {"maxLength": MAX_METADATA_KEY_CHARS, "pattern": NO_NUL},
+        "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE_CHARS, "pattern": NO_NUL},
     })
 }
 

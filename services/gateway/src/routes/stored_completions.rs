@@ -25,39 +25,14 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::problem::ApiError;
 
-/// OpenAI's limits on `metadata`: pairs, key length, value length (characters).
-const MOST_PAIRS: usize = 16;
-const LONGEST_KEY: usize = 64;
-const LONGEST_VALUE: usize = 512;
 /// OpenAI's completion ids: this prefix, then (here) a UUID.
 const ID_PREFIX: &str = "chatcmpl-";
 
-/// `metadata` of a request, checked: up to 16 string values under keys of up to 64 characters, values
-/// of up to 512, no NUL anywhere (PostgreSQL's jsonb cannot hold it). Absent or null is none.
+/// `metadata` of a request, checked ([`parley_platform::limits::metadata`]): absent is none, and what
+/// is wrong is a 400 naming `metadata`.
 pub(super) fn metadata(given: Option<&Value>) -> OpenAiResult<Map<String, Value>> {
-    let invalid = |why: &str| OpenAiError::invalid_param("metadata", format!("metadata: {why}"));
-    let map = match given {
-        None | Some(Value::Null) => return Ok(Map::new()),
-        Some(Value::Object(map)) => map,
-        Some(_) => return Err(invalid("must be an object of strings")),
-    };
-    if map.len() > MOST_PAIRS {
-        return Err(invalid(&format!("at most {MOST_PAIRS} pairs")));
-    }
-    for (key, value) in map {
-        if key.contains('\0') || value.as_str().is_some_and(|text| text.contains('\0')) {
-            return Err(invalid("keys and values must not contain NUL"));
-        }
-        if key.chars().count() > LONGEST_KEY {
-            return Err(invalid(&format!("the key {key:?} is longer than {LONGEST_KEY} characters")));
-        }
-        match value.as_str() {
-            Some(text) if text.chars().count() <= LONGEST_VALUE => {}
-            Some(_) => return Err(invalid(&format!("the value of {key:?} is longer than {LONGEST_VALUE} characters"))),
-            None => return Err(invalid(&format!("the value of {key:?} must be a string"))),
-        }
-    }
-    Ok(map.clone())
+    parley_platform::limits::metadata(given.unwrap_or(&Value::Null))
+        .map_err(|why| OpenAiError::invalid_param("metadata", format!("metadata: {why}")))
 }
 
 /// What keeping one completion needs besides the completion itself.
@@ -305,7 +280,7 @@ pub async fn messages(
     let query = list_query(raw.as_deref(), false)?;
     let stored = owned(&state, &caller, &id).await?;
     let Ok(Value::Array(sent)) = serde_json::from_str::<Value>(&stored.messages) else {
-        return Err(parley_platform::ServiceError::internal().into());
+        return Err(ServiceError::internal().into());
     };
     // Each message's id is the completion's and its place in the request.
     let mut messages: Vec<Value> = sent
